@@ -1,0 +1,189 @@
+package capture
+
+import (
+	"encoding/hex"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgtype"
+
+	"github.com/tidemark/tidemark/pipeline"
+)
+
+// decoder turns pgoutput tuples (text format) into pipeline values. It is
+// used by one goroutine.
+type decoder struct {
+	types *pgtype.Map
+}
+
+func newDecoder() *decoder { return &decoder{types: pgtype.NewMap()} }
+
+// relation converts a Relation message into the pipeline's shape.
+func relationFromMessage(m *pglogrepl.RelationMessage) *pipeline.Relation {
+	r := &pipeline.Relation{
+		OID: m.RelationID, Schema: m.Namespace, Table: m.RelationName,
+		ReplicaIdentity: m.ReplicaIdentity,
+		Columns:         make([]pipeline.Column, len(m.Columns)),
+	}
+	for i, c := range m.Columns {
+		r.Columns[i] = pipeline.Column{Name: c.Name, TypeOID: c.DataType, Key: c.Flags&1 == 1}
+	}
+	return r
+}
+
+// DecodeError names the table, column and type of a value that could not be
+// decoded.
+type DecodeError struct {
+	Table, Column string
+	TypeOID       uint32
+	Err           error
+}
+
+func (e *DecodeError) Error() string {
+	return fmt.Sprintf("decoding %s.%s (type oid %d): %v", e.Table, e.Column, e.TypeOID, e.Err)
+}
+
+func (e *DecodeError) Unwrap() error { return e.Err }
+
+// tuple decodes td against rel. keyOnly marks the non-key columns of an
+// old-key image ('K') as absent.
+func (d *decoder) tuple(rel *pipeline.Relation, td *pglogrepl.TupleData, keyOnly bool) (pipeline.Tuple, error) {
+	if td == nil {
+		return nil, nil
+	}
+	if len(td.Columns) != len(rel.Columns) {
+		return nil, fmt.Errorf("tuple for %s has %d columns, relation has %d", rel.QualifiedName(), len(td.Columns), len(rel.Columns))
+	}
+	out := make(pipeline.Tuple, len(td.Columns))
+	for i, c := range td.Columns {
+		col := &rel.Columns[i]
+		switch c.DataType {
+		case pglogrepl.TupleDataTypeNull:
+			if keyOnly && !col.Key {
+				out[i].Absent = true
+			}
+		case pglogrepl.TupleDataTypeToast:
+			out[i].Unchanged = true
+		case pglogrepl.TupleDataTypeText:
+			v, err := d.value(col.TypeOID, c.Data)
+			if err != nil {
+				return nil, &DecodeError{Table: rel.QualifiedName(), Column: col.Name, TypeOID: col.TypeOID, Err: err}
+			}
+			out[i].Value = v
+		default:
+			return nil, &DecodeError{Table: rel.QualifiedName(), Column: col.Name, TypeOID: col.TypeOID,
+				Err: fmt.Errorf("unsupported tuple data kind %q", c.DataType)}
+		}
+	}
+	return out, nil
+}
+
+// value decodes one value in Postgres' text output format.
+func (d *decoder) value(oid uint32, data []byte) (any, error) {
+	switch oid {
+	case pgtype.BoolOID:
+		return len(data) > 0 && data[0] == 't', nil
+	case pgtype.Int2OID, pgtype.Int4OID, pgtype.Int8OID, pgtype.OIDOID, pgtype.XIDOID:
+		return strconv.ParseInt(string(data), 10, 64)
+	case pgtype.Float4OID:
+		f, err := strconv.ParseFloat(string(data), 32)
+		return float32(f), err
+	case pgtype.Float8OID:
+		return strconv.ParseFloat(string(data), 64)
+	case pgtype.NumericOID:
+		return pipeline.Decimal(data), nil
+	case pgtype.TextOID, pgtype.VarcharOID, pgtype.BPCharOID, pgtype.NameOID, pgtype.UUIDOID:
+		return string(data), nil
+	case pgtype.JSONOID, pgtype.JSONBOID:
+		return pipeline.JSON(append([]byte(nil), data...)), nil
+	case pgtype.ByteaOID:
+		if len(data) >= 2 && data[0] == '\\' && data[1] == 'x' {
+			b := make([]byte, hex.DecodedLen(len(data)-2))
+			_, err := hex.Decode(b, data[2:])
+			return b, err
+		}
+	}
+	t, ok := d.types.TypeForOID(oid)
+	if !ok {
+		// Enums, domains over unknown types, extension types: their text.
+		return string(data), nil
+	}
+	switch codec := t.Codec.(type) {
+	case *pgtype.ArrayCodec:
+		if !knownElement(codec.ElementType.OID) {
+			return string(data), nil
+		}
+		v, err := codec.DecodeValue(d.types, oid, pgtype.TextFormatCode, data)
+		if err != nil {
+			return nil, err
+		}
+		return normalize(v, codec.ElementType.OID)
+	case *pgtype.TimestamptzCodec, *pgtype.TimestampCodec, pgtype.DateCodec, *pgtype.ByteaCodec, pgtype.ByteaCodec:
+		v, err := t.Codec.DecodeValue(d.types, oid, pgtype.TextFormatCode, data)
+		if err != nil {
+			return nil, err
+		}
+		return normalize(v, oid)
+	}
+	return string(data), nil
+}
+
+func knownElement(oid uint32) bool {
+	switch oid {
+	case pgtype.BoolOID, pgtype.Int2OID, pgtype.Int4OID, pgtype.Int8OID, pgtype.Float4OID, pgtype.Float8OID,
+		pgtype.NumericOID, pgtype.TextOID, pgtype.VarcharOID, pgtype.BPCharOID, pgtype.NameOID, pgtype.UUIDOID,
+		pgtype.TimestamptzOID, pgtype.TimestampOID, pgtype.DateOID, pgtype.ByteaOID:
+		return true
+	}
+	return false
+}
+
+// normalize maps pgx's decoded values onto the pipeline's value set.
+func normalize(v any, oid uint32) (any, error) {
+	switch x := v.(type) {
+	case nil, bool, int64, string, []byte:
+		return x, nil
+	case int16:
+		return int64(x), nil
+	case int32:
+		return int64(x), nil
+	case float32, float64:
+		return x, nil
+	case pgtype.Numeric:
+		s, err := x.Value()
+		if err != nil {
+			return nil, err
+		}
+		str, _ := s.(string)
+		return pipeline.Decimal(str), nil
+	case pgtype.InfinityModifier:
+		if x == pgtype.Infinity {
+			return "infinity", nil
+		}
+		return "-infinity", nil
+	case time.Time:
+		switch oid {
+		case pgtype.DateOID:
+			return pipeline.Date{Time: x}, nil
+		case pgtype.TimestampOID:
+			return pipeline.Timestamp{Time: x}, nil
+		}
+		return x, nil
+	case [16]byte:
+		return fmt.Sprintf("%x-%x-%x-%x-%x", x[0:4], x[4:6], x[6:8], x[8:10], x[10:16]), nil
+	case []any:
+		out := make([]any, len(x))
+		for i, e := range x {
+			n, err := normalize(e, oid)
+			if err != nil {
+				return nil, err
+			}
+			out[i] = n
+		}
+		return out, nil
+	default:
+		return nil, fmt.Errorf("unexpected decoded value of Go type %T", v)
+	}
+}

@@ -1,0 +1,481 @@
+// Package capture reads Postgres logical replication (pgoutput, protocol
+// version 1) from a permanent slot and produces the pipeline's events.
+//
+// Protocol: https://www.postgresql.org/docs/current/protocol-logicalrep-message-formats.html
+// The stream confirms to Postgres (standby status "flush") only what the
+// pipeline acknowledged through Ack: the end LSN of the latest transaction
+// that, with every earlier one, is durable downstream. When nothing is
+// pending, the WAL end reported by the server's keepalive is confirmed, so an
+// idle slot does not pin WAL.
+package capture
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+	"go.uber.org/zap"
+
+	"github.com/tidemark/tidemark/pipeline"
+)
+
+// Config configures a Stream.
+type Config struct {
+	// DSN of the database to capture (required). Its password never appears
+	// in logs or errors.
+	DSN string
+	// Slot is the permanent logical replication slot (required).
+	Slot string
+	// Publication is the pgoutput publication (required).
+	Publication string
+	// StandbyInterval is the longest time between two standby status
+	// messages. Default 10s.
+	StandbyInterval time.Duration
+	// Buffer is the number of events buffered between the replication
+	// connection and the pipeline. Default 1024.
+	Buffer int
+	// ReconnectMax bounds the backoff between reconnect attempts. Default 30s.
+	ReconnectMax time.Duration
+}
+
+func (c *Config) defaults() {
+	if c.StandbyInterval <= 0 {
+		c.StandbyInterval = 10 * time.Second
+	}
+	if c.Buffer <= 0 {
+		c.Buffer = 1024
+	}
+	if c.ReconnectMax <= 0 {
+		c.ReconnectMax = 30 * time.Second
+	}
+}
+
+// Stats are the stream's counters, safe to read concurrently.
+type Stats struct {
+	ReceivedLSN  atomic.Uint64 // end LSN of the last commit received
+	ConfirmedLSN atomic.Uint64 // flush LSN last sent to Postgres
+	ServerWALEnd atomic.Uint64 // the server's WAL end from its last keepalive
+	Reconnects   atomic.Uint64
+	Messages     atomic.Uint64 // pgoutput messages decoded
+	LogicalMsgs  atomic.Uint64 // pg_logical_emit_message records seen
+	Connected    atomic.Bool
+}
+
+// ErrTerminal marks errors that reconnecting cannot fix.
+var ErrTerminal = errors.New("capture: terminal error")
+
+// Stream is a pipeline.Source over a replication slot.
+type Stream struct {
+	cfg   Config
+	log   *zap.Logger
+	out   chan pipeline.Event
+	done  chan struct{}
+	err   error
+	acked atomic.Uint64
+	ackCh chan struct{}
+	stats Stats
+
+	// Owned by the Run goroutine.
+	handedEnd   pipeline.LSN // end LSN of the last commit handed to the pipeline
+	open        bool         // inside a transaction
+	idleWALEnd  pipeline.LSN // keepalive WAL end seen while idle
+	lastFlush   pipeline.LSN
+	lastStatus  time.Time
+	dec         *decoder
+	rels        map[uint32]*pipeline.Relation
+	typeNames   map[uint32]string
+	txn         *pipeline.TxnInfo
+	statusTimer *time.Ticker
+}
+
+var _ pipeline.Source = (*Stream)(nil)
+
+// New builds a Stream. It starts nothing.
+func New(cfg Config, log *zap.Logger) (*Stream, error) {
+	var missing []string
+	if cfg.DSN == "" {
+		missing = append(missing, "DSN")
+	}
+	if cfg.Slot == "" {
+		missing = append(missing, "Slot")
+	}
+	if cfg.Publication == "" {
+		missing = append(missing, "Publication")
+	}
+	if len(missing) > 0 {
+		return nil, fmt.Errorf("capture: missing %s", strings.Join(missing, ", "))
+	}
+	cfg.defaults()
+	if log == nil {
+		log = zap.NewNop()
+	}
+	return &Stream{cfg: cfg, log: log, out: make(chan pipeline.Event, cfg.Buffer), done: make(chan struct{}),
+		ackCh: make(chan struct{}, 1), dec: newDecoder()}, nil
+}
+
+// Stats returns the live counters.
+func (s *Stream) Stats() *Stats { return &s.stats }
+
+// Next returns the next event. It returns the stream's error once Run has
+// ended.
+func (s *Stream) Next(ctx context.Context) (pipeline.Event, error) {
+	select {
+	case ev := <-s.out:
+		return ev, nil
+	case <-ctx.Done():
+		return pipeline.Event{}, ctx.Err()
+	case <-s.done:
+		select {
+		case ev := <-s.out:
+			return ev, nil
+		default:
+		}
+		return pipeline.Event{}, s.err
+	}
+}
+
+// Ack records that every transaction with EndLSN <= lsn is durable; the
+// stream confirms it to Postgres within a few hundred milliseconds.
+func (s *Stream) Ack(lsn pipeline.LSN) {
+	for {
+		cur := s.acked.Load()
+		if uint64(lsn) <= cur {
+			return
+		}
+		if s.acked.CompareAndSwap(cur, uint64(lsn)) {
+			break
+		}
+	}
+	select {
+	case s.ackCh <- struct{}{}:
+	default:
+	}
+}
+
+// Run connects, streams, and reconnects with backoff until ctx ends or a
+// terminal error occurs. Next reports the same error afterwards.
+func (s *Stream) Run(ctx context.Context) error {
+	err := s.run(ctx)
+	s.err = err
+	close(s.done)
+	return err
+}
+
+func (s *Stream) run(ctx context.Context) error {
+	bo := backoff.NewExponentialBackOff()
+	bo.InitialInterval = 200 * time.Millisecond
+	bo.MaxInterval = s.cfg.ReconnectMax
+	bo.MaxElapsedTime = 0
+	for {
+		start := time.Now()
+		err := s.session(ctx)
+		s.stats.Connected.Store(false)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if errors.Is(err, ErrTerminal) || isTerminalPG(err) {
+			return err
+		}
+		if time.Since(start) > time.Minute {
+			bo.Reset()
+		}
+		wait := bo.NextBackOff()
+		s.stats.Reconnects.Add(1)
+		s.log.Warn("replication connection lost; reconnecting", zap.Error(err), zap.Duration("in", wait))
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(wait):
+		}
+	}
+}
+
+// isTerminalPG reports server errors that a reconnect cannot fix.
+func isTerminalPG(err error) bool {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) {
+		return false
+	}
+	switch pgErr.Code {
+	case "42704", // undefined_object: slot or publication missing
+		"28P01", "28000", // authentication
+		"42501": // insufficient privilege
+		return true
+	}
+	return false
+}
+
+func (s *Stream) connect(ctx context.Context) (*pgconn.PgConn, error) {
+	pcfg, err := pgconn.ParseConfig(s.cfg.DSN)
+	if err != nil {
+		return nil, fmt.Errorf("%w: parsing postgres DSN: %v", ErrTerminal, err)
+	}
+	pcfg.RuntimeParams["replication"] = "database"
+	pcfg.RuntimeParams["application_name"] = "tidemark"
+	// Fix the text output formats pgoutput uses for values.
+	pcfg.RuntimeParams["DateStyle"] = "ISO"
+	pcfg.RuntimeParams["TimeZone"] = "UTC"
+	pcfg.RuntimeParams["extra_float_digits"] = "3"
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	conn, err := pgconn.ConnectConfig(cctx, pcfg)
+	if err != nil {
+		return nil, fmt.Errorf("connecting for replication: %w", err)
+	}
+	return conn, nil
+}
+
+func (s *Stream) session(ctx context.Context) error {
+	conn, err := s.connect(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	if _, err := pglogrepl.IdentifySystem(ctx, conn); err != nil {
+		return fmt.Errorf("IDENTIFY_SYSTEM: %w", err)
+	}
+	// Resume after what was already handed to the pipeline in this process;
+	// Postgres starts at the slot's confirmed position when that is later.
+	start := s.handedEnd
+	if acked := pipeline.LSN(s.acked.Load()); acked > start {
+		start = acked
+	}
+	args := []string{"proto_version '1'", "publication_names '" + strings.ReplaceAll(s.cfg.Publication, "'", "''") + "'", "messages 'true'"}
+	if err := pglogrepl.StartReplication(ctx, conn, s.cfg.Slot, pglogrepl.LSN(start), pglogrepl.StartReplicationOptions{PluginArgs: args}); err != nil {
+		return fmt.Errorf("START_REPLICATION on slot %q: %w", s.cfg.Slot, err)
+	}
+	s.stats.Connected.Store(true)
+	s.log.Info("replication started", zap.String("slot", s.cfg.Slot), zap.Stringer("from", start))
+	s.rels = map[uint32]*pipeline.Relation{}
+	s.typeNames = map[uint32]string{}
+	s.txn, s.open = nil, false
+	s.idleWALEnd = 0
+	s.lastStatus = time.Time{}
+	s.statusTimer = time.NewTicker(time.Second)
+	defer s.statusTimer.Stop()
+
+	for {
+		if err := s.maybeSendStatus(ctx, conn, false); err != nil {
+			return err
+		}
+		rctx, cancel := context.WithTimeout(ctx, 250*time.Millisecond)
+		msg, err := conn.ReceiveMessage(rctx)
+		cancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if pgconn.Timeout(err) {
+				continue
+			}
+			return fmt.Errorf("receiving replication data: %w", err)
+		}
+		switch m := msg.(type) {
+		case *pgproto3.CopyData:
+			if err := s.handleCopyData(ctx, conn, m.Data); err != nil {
+				return err
+			}
+		case *pgproto3.ErrorResponse:
+			return pgconn.ErrorResponseToPgError(m)
+		default:
+			// CopyDone, notices: nothing to do.
+		}
+	}
+}
+
+func (s *Stream) handleCopyData(ctx context.Context, conn *pgconn.PgConn, data []byte) error {
+	if len(data) == 0 {
+		return nil
+	}
+	switch data[0] {
+	case pglogrepl.PrimaryKeepaliveMessageByteID:
+		ka, err := pglogrepl.ParsePrimaryKeepaliveMessage(data[1:])
+		if err != nil {
+			return fmt.Errorf("parsing keepalive: %w", err)
+		}
+		s.stats.ServerWALEnd.Store(uint64(ka.ServerWALEnd))
+		if !s.open {
+			s.idleWALEnd = pipeline.LSN(ka.ServerWALEnd)
+		}
+		if ka.ReplyRequested {
+			return s.maybeSendStatus(ctx, conn, true)
+		}
+	case pglogrepl.XLogDataByteID:
+		xld, err := pglogrepl.ParseXLogData(data[1:])
+		if err != nil {
+			return fmt.Errorf("parsing XLogData: %w", err)
+		}
+		return s.handleWAL(ctx, conn, xld)
+	}
+	return nil
+}
+
+func (s *Stream) handleWAL(ctx context.Context, conn *pgconn.PgConn, xld pglogrepl.XLogData) error {
+	msg, err := pglogrepl.Parse(xld.WALData)
+	if err != nil {
+		return fmt.Errorf("%w: decoding pgoutput message at %s: %v", ErrTerminal, xld.WALStart, err)
+	}
+	s.stats.Messages.Add(1)
+	at := pipeline.LSN(xld.WALStart)
+	switch m := msg.(type) {
+	case *pglogrepl.BeginMessage:
+		s.txn = &pipeline.TxnInfo{Xid: m.Xid, CommitLSN: pipeline.LSN(m.FinalLSN), CommitTime: m.CommitTime}
+		s.open = true
+		return s.emit(ctx, conn, pipeline.Event{Kind: pipeline.EventBegin, Txn: s.txn})
+	case *pglogrepl.CommitMessage:
+		if s.txn == nil {
+			return fmt.Errorf("%w: commit at %s without begin", ErrTerminal, xld.WALStart)
+		}
+		s.txn.EndLSN = pipeline.LSN(m.TransactionEndLSN)
+		ev := pipeline.Event{Kind: pipeline.EventCommit, Txn: s.txn}
+		if err := s.emit(ctx, conn, ev); err != nil {
+			return err
+		}
+		s.handedEnd = s.txn.EndLSN
+		s.stats.ReceivedLSN.Store(uint64(s.txn.EndLSN))
+		s.txn, s.open = nil, false
+	case *pglogrepl.RelationMessage:
+		s.rels[m.RelationID] = relationFromMessage(m)
+	case *pglogrepl.TypeMessage:
+		s.typeNames[m.DataType] = m.Namespace + "." + m.Name
+	case *pglogrepl.OriginMessage:
+		// Replicated-in changes carry their origin; Tidemark captures them like
+		// local ones.
+	case *pglogrepl.LogicalDecodingMessage:
+		s.stats.LogicalMsgs.Add(1)
+	case *pglogrepl.InsertMessage:
+		rel, err := s.relation(m.RelationID, at)
+		if err != nil {
+			return err
+		}
+		after, err := s.dec.tuple(rel, m.Tuple, false)
+		if err != nil {
+			return fmt.Errorf("%w: insert at %s: %v", ErrTerminal, at, err)
+		}
+		return s.change(ctx, conn, pipeline.Change{Op: pipeline.OpCreate, Rel: rel, After: after, WALLSN: at})
+	case *pglogrepl.UpdateMessage:
+		rel, err := s.relation(m.RelationID, at)
+		if err != nil {
+			return err
+		}
+		before, err := s.dec.tuple(rel, m.OldTuple, m.OldTupleType == pglogrepl.UpdateMessageTupleTypeKey)
+		if err != nil {
+			return fmt.Errorf("%w: update at %s: %v", ErrTerminal, at, err)
+		}
+		after, err := s.dec.tuple(rel, m.NewTuple, false)
+		if err != nil {
+			return fmt.Errorf("%w: update at %s: %v", ErrTerminal, at, err)
+		}
+		return s.change(ctx, conn, pipeline.Change{Op: pipeline.OpUpdate, Rel: rel, Before: before, After: after, WALLSN: at})
+	case *pglogrepl.DeleteMessage:
+		rel, err := s.relation(m.RelationID, at)
+		if err != nil {
+			return err
+		}
+		before, err := s.dec.tuple(rel, m.OldTuple, m.OldTupleType == pglogrepl.DeleteMessageTupleTypeKey)
+		if err != nil {
+			return fmt.Errorf("%w: delete at %s: %v", ErrTerminal, at, err)
+		}
+		return s.change(ctx, conn, pipeline.Change{Op: pipeline.OpDelete, Rel: rel, Before: before, WALLSN: at})
+	case *pglogrepl.TruncateMessage:
+		for _, id := range m.RelationIDs {
+			rel, err := s.relation(id, at)
+			if err != nil {
+				return err
+			}
+			if err := s.change(ctx, conn, pipeline.Change{Op: pipeline.OpTruncate, Rel: rel, WALLSN: at}); err != nil {
+				return err
+			}
+		}
+	default:
+		// Stream* messages only appear with protocol version 2.
+		return fmt.Errorf("%w: unexpected pgoutput message %s at %s", ErrTerminal, msg.Type(), at)
+	}
+	return nil
+}
+
+func (s *Stream) relation(id uint32, at pipeline.LSN) (*pipeline.Relation, error) {
+	rel, ok := s.rels[id]
+	if !ok {
+		return nil, fmt.Errorf("%w: change at %s for unknown relation %d (no Relation message)", ErrTerminal, at, id)
+	}
+	return rel, nil
+}
+
+func (s *Stream) change(ctx context.Context, conn *pgconn.PgConn, ch pipeline.Change) error {
+	if s.txn == nil {
+		return fmt.Errorf("%w: change on %s at %s outside a transaction", ErrTerminal, ch.Rel.QualifiedName(), ch.WALLSN)
+	}
+	return s.emit(ctx, conn, pipeline.Event{Kind: pipeline.EventChange, Txn: s.txn, Change: ch})
+}
+
+// emit hands an event to the pipeline. While the pipeline is full it keeps
+// sending standby status, so Postgres does not time the connection out.
+func (s *Stream) emit(ctx context.Context, conn *pgconn.PgConn, ev pipeline.Event) error {
+	select {
+	case s.out <- ev:
+		return nil
+	default:
+	}
+	for {
+		select {
+		case s.out <- ev:
+			return nil
+		case <-s.ackCh:
+			if err := s.maybeSendStatus(ctx, conn, false); err != nil {
+				return err
+			}
+		case <-s.statusTimer.C:
+			if err := s.maybeSendStatus(ctx, conn, false); err != nil {
+				return err
+			}
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// flushLSN is what may be confirmed: the pipeline's acknowledgement, or the
+// server's WAL end when everything received has been acknowledged and no
+// transaction is open.
+func (s *Stream) flushLSN() pipeline.LSN {
+	flush := pipeline.LSN(s.acked.Load())
+	if !s.open && flush >= s.handedEnd && s.idleWALEnd > flush {
+		flush = s.idleWALEnd
+	}
+	return flush
+}
+
+func (s *Stream) maybeSendStatus(ctx context.Context, conn *pgconn.PgConn, force bool) error {
+	flush := s.flushLSN()
+	now := time.Now()
+	due := now.Sub(s.lastStatus) >= s.cfg.StandbyInterval
+	advanced := flush > s.lastFlush && now.Sub(s.lastStatus) >= 100*time.Millisecond
+	if !force && !due && !advanced {
+		return nil
+	}
+	write := s.handedEnd
+	if flush > write {
+		write = flush
+	}
+	err := pglogrepl.SendStandbyStatusUpdate(ctx, conn, pglogrepl.StandbyStatusUpdate{
+		WALWritePosition: pglogrepl.LSN(write),
+		WALFlushPosition: pglogrepl.LSN(flush),
+		WALApplyPosition: pglogrepl.LSN(flush),
+		ClientTime:       now,
+	})
+	if err != nil {
+		return fmt.Errorf("sending standby status at %s: %w", flush, err)
+	}
+	s.lastStatus = now
+	s.lastFlush = flush
+	s.stats.ConfirmedLSN.Store(uint64(flush))
+	return nil
+}

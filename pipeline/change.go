@@ -1,0 +1,181 @@
+// Package pipeline is the hub of Tidemark: the change model, positions,
+// routing and keys, the Debezium-compatible envelope, the Source and Sink
+// contracts, and the run loop that hands changes to sinks in order and
+// acknowledges durable positions back to the source.
+//
+// Data flows one way: a Source (capture) produces Events; the Pipeline turns
+// them into Messages and writes them to a Sink; once a Sink has made a
+// transaction durable, the Pipeline calls Source.Ack with the transaction's
+// end LSN. pipeline imports no client library.
+package pipeline
+
+import (
+	"fmt"
+	"strconv"
+	"time"
+)
+
+// LSN is a Postgres WAL position.
+type LSN uint64
+
+// String renders the LSN the way Postgres does (e.g. "16/B374D848").
+func (l LSN) String() string { return fmt.Sprintf("%X/%X", uint32(l>>32), uint32(l)) }
+
+// ParseLSN parses the "X/Y" form.
+func ParseLSN(s string) (LSN, error) {
+	var hi, lo uint32
+	if _, err := fmt.Sscanf(s, "%X/%X", &hi, &lo); err != nil {
+		return 0, fmt.Errorf("parsing LSN %q: %w", s, err)
+	}
+	return LSN(uint64(hi)<<32 | uint64(lo)), nil
+}
+
+// Position identifies one change: the commit LSN of its transaction and its
+// 0-based index among the changes Tidemark emits for that transaction.
+// Positions increase strictly in commit order and are identical when a change
+// is delivered again.
+type Position struct {
+	CommitLSN LSN
+	Seq       uint32
+}
+
+// Less reports whether p sorts before q.
+func (p Position) Less(q Position) bool {
+	return p.CommitLSN < q.CommitLSN || (p.CommitLSN == q.CommitLSN && p.Seq < q.Seq)
+}
+
+// String renders "commitLSN:seq" with the LSN in decimal.
+func (p Position) String() string {
+	return strconv.FormatUint(uint64(p.CommitLSN), 10) + ":" + strconv.FormatUint(uint64(p.Seq), 10)
+}
+
+// Op is the kind of a change, using Debezium's letters.
+type Op byte
+
+// The change kinds.
+const (
+	OpCreate   Op = 'c'
+	OpUpdate   Op = 'u'
+	OpDelete   Op = 'd'
+	OpRead     Op = 'r' // snapshot read
+	OpTruncate Op = 't'
+)
+
+// String returns the one-letter form.
+func (o Op) String() string { return string(rune(o)) }
+
+// Column describes one column of a captured table.
+type Column struct {
+	Name    string
+	TypeOID uint32
+	// Key is true when the column is part of the table's replica identity.
+	Key bool
+}
+
+// Relation is the shape of a captured table at some point in the WAL. A new
+// Relation replaces the old one when the table's schema changes; Changes keep
+// a pointer to the shape they were decoded with.
+type Relation struct {
+	OID     uint32
+	Schema  string
+	Table   string
+	Columns []Column
+	// ReplicaIdentity is Postgres' relreplident: 'd' default (primary key),
+	// 'n' nothing, 'f' full, 'i' index.
+	ReplicaIdentity byte
+}
+
+// QualifiedName returns "schema.table".
+func (r *Relation) QualifiedName() string { return r.Schema + "." + r.Table }
+
+// ColumnIndex returns the index of the named column or -1.
+func (r *Relation) ColumnIndex(name string) int {
+	for i := range r.Columns {
+		if r.Columns[i].Name == name {
+			return i
+		}
+	}
+	return -1
+}
+
+// Datum is one column value of a row image.
+//
+// Value is nil for SQL NULL, otherwise one of: bool, int64, float32, float64,
+// string, []byte (bytea), time.Time (timestamptz), Timestamp (timestamp
+// without time zone), Date, Decimal (numeric), JSON (json/jsonb text),
+// []any (arrays, elements of these same types). Types without a dedicated Go
+// form (enums, uuid, interval, inet, ...) arrive as their Postgres text form
+// in a string.
+type Datum struct {
+	Value any
+	// Unchanged is true for a TOASTed column whose value the update did not
+	// change: Postgres did not send it. Value is nil then, and the column is
+	// absent from the envelope's "after" and listed in "unchanged".
+	Unchanged bool
+	// Absent is true for a column the image does not carry (non-key columns
+	// of an old-key image).
+	Absent bool
+}
+
+// Tuple is a row image aligned with its Relation's Columns.
+type Tuple []Datum
+
+// Decimal is an exact numeric value in Postgres' text form ("12.50", "NaN",
+// "Infinity").
+type Decimal string
+
+// JSON is the text of a json or jsonb value, embedded verbatim in envelopes.
+type JSON []byte
+
+// Date is a calendar date (Postgres date); rendered "2006-01-02". Infinite
+// dates arrive as the strings "infinity" / "-infinity".
+type Date struct{ time.Time }
+
+// Timestamp is a timestamp without time zone; rendered ISO-8601 without an
+// offset, since Postgres stored none.
+type Timestamp struct{ time.Time }
+
+// Change is one row change inside a transaction.
+type Change struct {
+	Op  Op
+	Rel *Relation
+	// Before is the old image (nil when Postgres sent none); After the new one
+	// (nil for deletes and truncates).
+	Before, After Tuple
+	// WALLSN is the LSN of the change's own WAL record.
+	WALLSN LSN
+}
+
+// TxnInfo describes one transaction. It is shared by the events of the
+// transaction; EndLSN is set when the commit has been received.
+type TxnInfo struct {
+	Xid        uint32
+	CommitLSN  LSN
+	EndLSN     LSN
+	CommitTime time.Time
+}
+
+// ID is the transaction's identity in envelopes: "xid:commitLSN".
+func (t *TxnInfo) ID() string {
+	return strconv.FormatUint(uint64(t.Xid), 10) + ":" + strconv.FormatUint(uint64(t.CommitLSN), 10)
+}
+
+// EventKind says what an Event carries.
+type EventKind uint8
+
+// Event kinds, in the order they arrive for one transaction: Begin, any
+// number of Change, Commit. A Begin while another transaction is still open
+// means the source reconnected and abandons the open one; it will be
+// delivered again, whole.
+const (
+	EventBegin EventKind = iota + 1
+	EventChange
+	EventCommit
+)
+
+// Event is one item produced by a Source.
+type Event struct {
+	Kind   EventKind
+	Txn    *TxnInfo
+	Change Change // for EventChange
+}

@@ -1,0 +1,307 @@
+package pipeline
+
+import (
+	"encoding/base64"
+	"fmt"
+	"math"
+	"strconv"
+	"time"
+	"unicode/utf8"
+)
+
+// EnvelopeSource is the static part of the envelope's "source" block.
+type EnvelopeSource struct {
+	Name     string // the topic prefix
+	Database string
+}
+
+// maxSafeInt is 2^53: integers beyond it are emitted as JSON strings so that
+// consumers parsing numbers as float64 do not lose precision.
+const maxSafeInt = 1 << 53
+
+// AppendEnvelope appends the Debezium-compatible JSON envelope (DESIGN §3) for
+// one change to dst. op, before and after may differ from ch's when a key
+// change is split into a delete and a create. dataCollectionOrder is the
+// change's 1-based index among the transaction's changes to the same table.
+func AppendEnvelope(dst []byte, src EnvelopeSource, txn *TxnInfo, ch *Change, op Op, before, after Tuple,
+	pos Position, dataCollectionOrder int, now time.Time) []byte {
+	rel := ch.Rel
+	dst = append(dst, `{"before":`...)
+	dst = appendImage(dst, rel, before)
+	dst = append(dst, `,"after":`...)
+	dst = appendImage(dst, rel, after)
+	if after != nil {
+		first := true
+		for i := range after {
+			if after[i].Unchanged {
+				if first {
+					dst = append(dst, `,"unchanged":[`...)
+					first = false
+				} else {
+					dst = append(dst, ',')
+				}
+				dst = AppendJSONString(dst, rel.Columns[i].Name)
+			}
+		}
+		if !first {
+			dst = append(dst, ']')
+		}
+	}
+	dst = append(dst, `,"op":"`...)
+	dst = append(dst, byte(op))
+	dst = append(dst, `","ts_ms":`...)
+	dst = strconv.AppendInt(dst, now.UnixMilli(), 10)
+	dst = append(dst, `,"source":{"connector":"tidemark","name":`...)
+	dst = AppendJSONString(dst, src.Name)
+	dst = append(dst, `,"db":`...)
+	dst = AppendJSONString(dst, src.Database)
+	dst = append(dst, `,"schema":`...)
+	dst = AppendJSONString(dst, rel.Schema)
+	dst = append(dst, `,"table":`...)
+	dst = AppendJSONString(dst, rel.Table)
+	dst = append(dst, `,"txId":`...)
+	dst = strconv.AppendUint(dst, uint64(txn.Xid), 10)
+	dst = append(dst, `,"lsn":`...)
+	dst = strconv.AppendUint(dst, uint64(txn.CommitLSN), 10)
+	dst = append(dst, `,"sequence":"[\"`...)
+	dst = strconv.AppendUint(dst, uint64(ch.WALLSN), 10)
+	dst = append(dst, `\",\"`...)
+	dst = strconv.AppendUint(dst, uint64(txn.CommitLSN), 10)
+	dst = append(dst, `\"]","ts_ms":`...)
+	dst = strconv.AppendInt(dst, txn.CommitTime.UnixMilli(), 10)
+	snap := "false"
+	if op == OpRead {
+		snap = "true"
+	}
+	dst = append(dst, `,"snapshot":"`...)
+	dst = append(dst, snap...)
+	dst = append(dst, `"},"transaction":{"id":"`...)
+	dst = strconv.AppendUint(dst, uint64(txn.Xid), 10)
+	dst = append(dst, ':')
+	dst = strconv.AppendUint(dst, uint64(txn.CommitLSN), 10)
+	dst = append(dst, `","total_order":`...)
+	dst = strconv.AppendUint(dst, uint64(pos.Seq)+1, 10)
+	dst = append(dst, `,"data_collection_order":`...)
+	dst = strconv.AppendInt(dst, int64(dataCollectionOrder), 10)
+	dst = append(dst, `}}`...)
+	return dst
+}
+
+func appendImage(dst []byte, rel *Relation, t Tuple) []byte {
+	if t == nil {
+		return append(dst, "null"...)
+	}
+	dst = append(dst, '{')
+	first := true
+	for i := range t {
+		if t[i].Unchanged || t[i].Absent {
+			continue
+		}
+		if !first {
+			dst = append(dst, ',')
+		}
+		first = false
+		dst = AppendJSONString(dst, rel.Columns[i].Name)
+		dst = append(dst, ':')
+		dst = AppendValue(dst, t[i].Value)
+	}
+	return append(dst, '}')
+}
+
+// AppendKey appends a JSON object of the named columns' values from t, in
+// the given column order: {"room_id":"!r1"}. ok is false when a column is
+// absent or unchanged in t.
+func AppendKey(dst []byte, rel *Relation, t Tuple, cols []int) (out []byte, ok bool) {
+	dst = append(dst, '{')
+	for n, i := range cols {
+		if i >= len(t) || t[i].Absent || t[i].Unchanged {
+			return dst, false
+		}
+		if n > 0 {
+			dst = append(dst, ',')
+		}
+		dst = AppendJSONString(dst, rel.Columns[i].Name)
+		dst = append(dst, ':')
+		dst = AppendValue(dst, t[i].Value)
+	}
+	return append(dst, '}'), true
+}
+
+// AppendValue appends the JSON form of one column value (see Datum for the
+// value set): integers beyond 2^53 and numerics beyond float64's exact range
+// become strings; NaN and infinities become "NaN", "Infinity", "-Infinity";
+// bytea is base64; json is embedded; timestamptz is ISO-8601 in UTC.
+func AppendValue(dst []byte, v any) []byte {
+	switch x := v.(type) {
+	case nil:
+		return append(dst, "null"...)
+	case bool:
+		return strconv.AppendBool(dst, x)
+	case int64:
+		if x > maxSafeInt || x < -maxSafeInt {
+			dst = append(dst, '"')
+			dst = strconv.AppendInt(dst, x, 10)
+			return append(dst, '"')
+		}
+		return strconv.AppendInt(dst, x, 10)
+	case int32:
+		return strconv.AppendInt(dst, int64(x), 10)
+	case int16:
+		return strconv.AppendInt(dst, int64(x), 10)
+	case int:
+		return AppendValue(dst, int64(x))
+	case float64:
+		return appendFloat(dst, x, 64)
+	case float32:
+		return appendFloat(dst, float64(x), 32)
+	case string:
+		return AppendJSONString(dst, x)
+	case []byte:
+		dst = append(dst, '"')
+		dst = base64.StdEncoding.AppendEncode(dst, x)
+		return append(dst, '"')
+	case time.Time:
+		dst = append(dst, '"')
+		dst = x.UTC().AppendFormat(dst, time.RFC3339Nano)
+		return append(dst, '"')
+	case Timestamp:
+		dst = append(dst, '"')
+		dst = x.Time.AppendFormat(dst, "2006-01-02T15:04:05.999999999")
+		return append(dst, '"')
+	case Date:
+		dst = append(dst, '"')
+		dst = x.Time.AppendFormat(dst, "2006-01-02")
+		return append(dst, '"')
+	case Decimal:
+		if decimalFitsFloat(string(x)) {
+			return append(dst, x...)
+		}
+		return AppendJSONString(dst, string(x))
+	case JSON:
+		if len(x) == 0 {
+			return append(dst, "null"...)
+		}
+		return append(dst, x...)
+	case []any:
+		dst = append(dst, '[')
+		for i, e := range x {
+			if i > 0 {
+				dst = append(dst, ',')
+			}
+			dst = AppendValue(dst, e)
+		}
+		return append(dst, ']')
+	default:
+		return AppendJSONString(dst, fmt.Sprint(x))
+	}
+}
+
+func appendFloat(dst []byte, f float64, bits int) []byte {
+	switch {
+	case math.IsNaN(f):
+		return append(dst, `"NaN"`...)
+	case math.IsInf(f, 1):
+		return append(dst, `"Infinity"`...)
+	case math.IsInf(f, -1):
+		return append(dst, `"-Infinity"`...)
+	}
+	return strconv.AppendFloat(dst, f, 'g', -1, bits)
+}
+
+// decimalFitsFloat reports whether s is a plain decimal ("-12.340") with at
+// most 15 significant digits, so that any JSON parser reading it as a float64
+// gets the exact value back when printing it.
+func decimalFitsFloat(s string) bool {
+	if s == "" {
+		return false
+	}
+	i := 0
+	if s[0] == '-' {
+		i = 1
+	}
+	if i == len(s) {
+		return false
+	}
+	digits, sig, dot, leading := 0, 0, false, true
+	for ; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c == '.':
+			if dot || digits == 0 {
+				return false
+			}
+			dot = true
+		case c >= '0' && c <= '9':
+			digits++
+			if c != '0' || !leading {
+				leading = false
+				sig++
+			}
+		default:
+			return false
+		}
+	}
+	if s[len(s)-1] == '.' {
+		return false
+	}
+	// Leading zeros ("007") are not valid JSON numbers.
+	start := 0
+	if s[0] == '-' {
+		start = 1
+	}
+	if len(s) > start+1 && s[start] == '0' && s[start+1] != '.' {
+		return false
+	}
+	return sig <= 15
+}
+
+const hexDigits = "0123456789abcdef"
+
+// AppendJSONString appends s as a JSON string; invalid UTF-8 becomes U+FFFD.
+func AppendJSONString(dst []byte, s string) []byte {
+	dst = append(dst, '"')
+	start := 0
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c < utf8.RuneSelf {
+			if c >= 0x20 && c != '"' && c != '\\' {
+				i++
+				continue
+			}
+			dst = append(dst, s[start:i]...)
+			switch c {
+			case '"', '\\':
+				dst = append(dst, '\\', c)
+			case '\n':
+				dst = append(dst, '\\', 'n')
+			case '\r':
+				dst = append(dst, '\\', 'r')
+			case '\t':
+				dst = append(dst, '\\', 't')
+			default:
+				dst = append(dst, '\\', 'u', '0', '0', hexDigits[c>>4], hexDigits[c&0xf])
+			}
+			i++
+			start = i
+			continue
+		}
+		r, size := utf8.DecodeRuneInString(s[i:])
+		if r == utf8.RuneError && size == 1 {
+			dst = append(dst, s[start:i]...)
+			dst = append(dst, `\ufffd`...)
+			i += size
+			start = i
+			continue
+		}
+		if r == '\u2028' || r == '\u2029' {
+			dst = append(dst, s[start:i]...)
+			dst = append(dst, '\\', 'u', '2', '0', '2', hexDigits[r&0xf])
+			i += size
+			start = i
+			continue
+		}
+		i += size
+	}
+	dst = append(dst, s[start:]...)
+	return append(dst, '"')
+}

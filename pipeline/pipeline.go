@@ -1,0 +1,321 @@
+package pipeline
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// Config bounds the pipeline. The zero value of each limit means its default.
+type Config struct {
+	Router RouterConfig
+	// MaxInFlightMessages bounds messages accepted from the source and not yet
+	// acknowledged by the sink. Default 100000.
+	MaxInFlightMessages int
+	// MaxInFlightBytes bounds their encoded size. Default 64 MiB.
+	MaxInFlightBytes int64
+	// MaxBatchMessages bounds one Sink.Write call. Default 10000.
+	MaxBatchMessages int
+}
+
+func (c *Config) defaults() {
+	if c.MaxInFlightMessages <= 0 {
+		c.MaxInFlightMessages = 100000
+	}
+	if c.MaxInFlightBytes <= 0 {
+		c.MaxInFlightBytes = 64 << 20
+	}
+	if c.MaxBatchMessages <= 0 {
+		c.MaxBatchMessages = 10000
+	}
+}
+
+// Stats are the pipeline's counters, safe to read concurrently.
+type Stats struct {
+	Changes      atomic.Uint64 // row changes received from the source
+	Transactions atomic.Uint64 // transactions received
+	Published    atomic.Uint64 // messages durable in the sink
+	Batches      atomic.Uint64 // Sink.Write calls that succeeded
+	AckedLSN     atomic.Uint64 // the last end LSN acknowledged to the source
+	ReceivedLSN  atomic.Uint64 // the last commit LSN received
+	InFlight     atomic.Int64  // messages accepted and not yet durable
+	InFlightSize atomic.Int64  // their bytes
+}
+
+// Pipeline moves events from a Source to a Sink in order and acknowledges
+// durable transactions. Build with New, then call Run once.
+type Pipeline struct {
+	cfg    Config
+	src    Source
+	sink   Sink
+	router *Router
+	log    *zap.Logger
+	q      *queue
+	stats  Stats
+	now    func() time.Time
+}
+
+// Option configures a Pipeline.
+type Option func(*Pipeline)
+
+// WithLogger sets the logger (default: no-op).
+func WithLogger(l *zap.Logger) Option { return func(p *Pipeline) { p.log = l } }
+
+// WithClock sets the clock used for envelopes' ts_ms.
+func WithClock(now func() time.Time) Option { return func(p *Pipeline) { p.now = now } }
+
+// New builds a pipeline. It starts nothing.
+func New(cfg Config, src Source, sink Sink, opts ...Option) (*Pipeline, error) {
+	if cfg.Router.TopicPrefix == "" {
+		return nil, errors.New("pipeline: Router.TopicPrefix is required")
+	}
+	cfg.defaults()
+	p := &Pipeline{cfg: cfg, src: src, sink: sink, router: NewRouter(cfg.Router), log: zap.NewNop(), now: time.Now}
+	for _, o := range opts {
+		o(p)
+	}
+	p.q = newQueue(cfg.MaxInFlightMessages, cfg.MaxInFlightBytes, &p.stats)
+	return p, nil
+}
+
+// Stats returns the live counters.
+func (p *Pipeline) Stats() *Stats { return &p.stats }
+
+// Run reads from the source and writes to the sink until ctx ends or either
+// fails. It returns ctx's error on cancellation. Messages still in flight at
+// that point are not acknowledged: the source delivers them again later.
+func (p *Pipeline) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	var wg sync.WaitGroup
+	wg.Add(2)
+	var readErr, writeErr error
+	go func() {
+		defer wg.Done()
+		readErr = p.read(ctx)
+		cancel(readErr)
+	}()
+	go func() {
+		defer wg.Done()
+		writeErr = p.write(ctx)
+		cancel(writeErr)
+	}()
+	wg.Wait()
+	if err := context.Cause(ctx); err != nil && !errors.Is(err, context.Canceled) {
+		return err
+	}
+	if readErr != nil && !errors.Is(readErr, context.Canceled) {
+		return readErr
+	}
+	if writeErr != nil && !errors.Is(writeErr, context.Canceled) {
+		return writeErr
+	}
+	return ctx.Err()
+}
+
+func (p *Pipeline) read(ctx context.Context) error {
+	var st *txnState
+	var msgs []Message
+	for {
+		ev, err := p.src.Next(ctx)
+		if err != nil {
+			return err
+		}
+		switch ev.Kind {
+		case EventBegin:
+			// A Begin while a transaction is open: the source reconnected and
+			// will deliver the open transaction again from its start.
+			st = &txnState{info: ev.Txn}
+			p.stats.ReceivedLSN.Store(uint64(ev.Txn.CommitLSN))
+			if p.cfg.Router.TransactionsTopic {
+				if err := p.q.push(ctx, entry{msg: p.router.txnRecord(st, false)}); err != nil {
+					return err
+				}
+			}
+		case EventChange:
+			if st == nil || st.info != ev.Txn {
+				return fmt.Errorf("pipeline: change on %s outside its transaction", ev.Change.Rel.QualifiedName())
+			}
+			p.stats.Changes.Add(1)
+			msgs, err = p.router.encodeChange(msgs[:0], st, &ev.Change, p.now())
+			if err != nil {
+				return err
+			}
+			for i := range msgs {
+				if err := p.q.push(ctx, entry{msg: msgs[i]}); err != nil {
+					return err
+				}
+				msgs[i] = Message{}
+			}
+		case EventCommit:
+			if st == nil || st.info != ev.Txn {
+				return errors.New("pipeline: commit without its begin")
+			}
+			p.stats.Transactions.Add(1)
+			e := entry{ack: ev.Txn.EndLSN}
+			if p.cfg.Router.TransactionsTopic {
+				e.msg = p.router.txnRecord(st, true)
+			}
+			if err := p.q.push(ctx, e); err != nil {
+				return err
+			}
+			st = nil
+		default:
+			return fmt.Errorf("pipeline: unknown event kind %d", ev.Kind)
+		}
+	}
+}
+
+func (p *Pipeline) write(ctx context.Context) error {
+	batch := make([]entry, 0, p.cfg.MaxBatchMessages)
+	msgs := make([]Message, 0, p.cfg.MaxBatchMessages)
+	for {
+		var err error
+		batch, err = p.q.take(ctx, batch[:0], p.cfg.MaxBatchMessages)
+		if err != nil {
+			return err
+		}
+		msgs = msgs[:0]
+		var ack LSN
+		var size int64
+		for i := range batch {
+			if batch[i].msg.Topic != "" {
+				msgs = append(msgs, batch[i].msg)
+			}
+			if batch[i].ack > ack {
+				ack = batch[i].ack
+			}
+			size += batch[i].size
+		}
+		if len(msgs) > 0 {
+			if err := p.sink.Write(ctx, msgs); err != nil {
+				return fmt.Errorf("writing %d messages to sink: %w", len(msgs), err)
+			}
+			p.stats.Published.Add(uint64(len(msgs)))
+			p.stats.Batches.Add(1)
+		}
+		if ack > 0 {
+			p.stats.AckedLSN.Store(uint64(ack))
+			p.src.Ack(ack)
+		}
+		clear(msgs)
+		clear(batch)
+		p.q.release(len(batch), size)
+	}
+}
+
+type entry struct {
+	msg  Message
+	ack  LSN // the end LSN of the transaction this entry completes, or 0
+	size int64
+}
+
+// queue is a FIFO bounded by count and bytes. Budget is held from push until
+// release, i.e. until the sink made the entries durable.
+type queue struct {
+	mu       sync.Mutex
+	items    []entry
+	head     int
+	count    int
+	bytes    int64
+	maxCount int
+	maxBytes int64
+	space    chan struct{}
+	ready    chan struct{}
+	stats    *Stats
+}
+
+func newQueue(maxCount int, maxBytes int64, stats *Stats) *queue {
+	return &queue{maxCount: maxCount, maxBytes: maxBytes, space: make(chan struct{}, 1), ready: make(chan struct{}, 1), stats: stats}
+}
+
+func entrySize(e *entry) int64 {
+	n := int64(len(e.msg.Key) + len(e.msg.Value) + len(e.msg.Topic) + 64)
+	for _, h := range e.msg.Headers {
+		n += int64(len(h.Key) + len(h.Value))
+	}
+	return n
+}
+
+func signal(c chan struct{}) {
+	select {
+	case c <- struct{}{}:
+	default:
+	}
+}
+
+// push appends e, waiting for budget. An entry larger than the whole byte
+// budget is admitted when the queue is empty, so it cannot deadlock.
+func (q *queue) push(ctx context.Context, e entry) error {
+	e.size = entrySize(&e)
+	for {
+		q.mu.Lock()
+		if q.count == 0 || (q.count < q.maxCount && q.bytes+e.size <= q.maxBytes) {
+			if q.head > 0 && q.head == len(q.items) {
+				q.items = q.items[:0]
+				q.head = 0
+			}
+			q.items = append(q.items, e)
+			q.count++
+			q.bytes += e.size
+			q.stats.InFlight.Store(int64(q.count))
+			q.stats.InFlightSize.Store(q.bytes)
+			q.mu.Unlock()
+			signal(q.ready)
+			return nil
+		}
+		q.mu.Unlock()
+		select {
+		case <-q.space:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// take moves up to max queued entries to dst, waiting for at least one.
+func (q *queue) take(ctx context.Context, dst []entry, max int) ([]entry, error) {
+	for {
+		q.mu.Lock()
+		if n := len(q.items) - q.head; n > 0 {
+			if n > max {
+				n = max
+			}
+			dst = append(dst, q.items[q.head:q.head+n]...)
+			clear(q.items[q.head : q.head+n])
+			q.head += n
+			if q.head == len(q.items) {
+				q.items = q.items[:0]
+				q.head = 0
+			} else if q.head > cap(q.items)/2 {
+				m := copy(q.items, q.items[q.head:])
+				q.items = q.items[:m]
+				q.head = 0
+			}
+			q.mu.Unlock()
+			return dst, nil
+		}
+		q.mu.Unlock()
+		select {
+		case <-q.ready:
+		case <-ctx.Done():
+			return dst, ctx.Err()
+		}
+	}
+}
+
+// release returns the budget of n entries of the given total size.
+func (q *queue) release(n int, size int64) {
+	q.mu.Lock()
+	q.count -= n
+	q.bytes -= size
+	q.stats.InFlight.Store(int64(q.count))
+	q.stats.InFlightSize.Store(q.bytes)
+	q.mu.Unlock()
+	signal(q.space)
+}

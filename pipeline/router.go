@@ -1,0 +1,285 @@
+package pipeline
+
+import (
+	"bytes"
+	"fmt"
+	"strconv"
+	"time"
+)
+
+// EntityStream puts several tables into one topic, keyed by a column they
+// share, so that everything about one entity (a room) is totally ordered in
+// one partition across tables.
+type EntityStream struct {
+	// Name is the topic suffix: the topic is "<prefix>.<name>".
+	Name string `yaml:"name"`
+	// Key is the shared column, e.g. room_id.
+	Key string `yaml:"key"`
+	// Tables are "schema.table" names.
+	Tables []string `yaml:"tables"`
+}
+
+// RouterConfig says where changes go.
+type RouterConfig struct {
+	// TopicPrefix prefixes every topic (required).
+	TopicPrefix string
+	// Database is the envelope's source.db.
+	Database string
+	// EntityStreams lists the shared-topic streams.
+	EntityStreams []EntityStream
+	// TableTopics publishes every change to "<prefix>.<schema>.<table>" as
+	// well; when false, tables that belong to an entity stream are published
+	// only there.
+	TableTopics bool
+	// TransactionsTopic publishes BEGIN and END records to
+	// "<prefix>.transactions".
+	TransactionsTopic bool
+}
+
+// TableTopic returns the default topic of a table.
+func (c RouterConfig) TableTopic(schema, table string) string {
+	return c.TopicPrefix + "." + schema + "." + table
+}
+
+// StreamTopic returns an entity stream's topic.
+func (c RouterConfig) StreamTopic(s EntityStream) string { return c.TopicPrefix + "." + s.Name }
+
+// TransactionsTopicName returns the transaction-metadata topic.
+func (c RouterConfig) TransactionsTopicName() string { return c.TopicPrefix + ".transactions" }
+
+// Topics returns every topic the router can write to for the given tables.
+func (c RouterConfig) Topics(tables []string) []string {
+	var out []string
+	inStream := map[string]bool{}
+	for _, s := range c.EntityStreams {
+		out = append(out, c.StreamTopic(s))
+		for _, t := range s.Tables {
+			inStream[t] = true
+		}
+	}
+	for _, t := range tables {
+		if c.TableTopics || !inStream[t] {
+			out = append(out, c.TopicPrefix+"."+t)
+		}
+	}
+	if c.TransactionsTopic {
+		out = append(out, c.TransactionsTopicName())
+	}
+	return out
+}
+
+type route struct {
+	topic   string
+	keyCols []int // nil: no key
+	stream  string
+}
+
+// Router maps changes to topics and keys. It is used by one goroutine.
+type Router struct {
+	cfg    RouterConfig
+	byName map[string][]EntityStream
+	cache  map[*Relation][]route
+}
+
+// NewRouter builds a Router.
+func NewRouter(cfg RouterConfig) *Router {
+	r := &Router{cfg: cfg, byName: map[string][]EntityStream{}, cache: map[*Relation][]route{}}
+	for _, s := range cfg.EntityStreams {
+		for _, t := range s.Tables {
+			r.byName[t] = append(r.byName[t], s)
+		}
+	}
+	return r
+}
+
+func (r *Router) routes(rel *Relation) ([]route, error) {
+	if rs, ok := r.cache[rel]; ok {
+		return rs, nil
+	}
+	var rs []route
+	streams := r.byName[rel.QualifiedName()]
+	for _, s := range streams {
+		i := rel.ColumnIndex(s.Key)
+		if i < 0 {
+			return nil, fmt.Errorf("entity stream %q: table %s has no column %q", s.Name, rel.QualifiedName(), s.Key)
+		}
+		rs = append(rs, route{topic: r.cfg.StreamTopic(s), keyCols: []int{i}, stream: s.Name})
+	}
+	if r.cfg.TableTopics || len(streams) == 0 {
+		var keys []int
+		for i, c := range rel.Columns {
+			if c.Key {
+				keys = append(keys, i)
+			}
+		}
+		rs = append(rs, route{topic: r.cfg.TableTopic(rel.Schema, rel.Table), keyCols: keys})
+	}
+	r.cache[rel] = rs
+	return rs, nil
+}
+
+// txnState accumulates what the END record needs.
+type txnState struct {
+	info   *TxnInfo
+	seq    uint32
+	tables []tableCount
+}
+
+type tableCount struct {
+	name  string
+	count int
+}
+
+func (s *txnState) bump(name string) int {
+	for i := range s.tables {
+		if s.tables[i].name == name {
+			s.tables[i].count++
+			return s.tables[i].count
+		}
+	}
+	s.tables = append(s.tables, tableCount{name, 1})
+	return 1
+}
+
+// encodeChange turns one change into messages, assigning positions. An
+// update that changes a routing key (the replica identity, or an entity
+// stream's key) becomes a delete of the old row followed by a create of the
+// new one, each with its own position, so that every key's stream stays
+// complete and compacted topics drop the old key.
+func (r *Router) encodeChange(dst []Message, st *txnState, ch *Change, now time.Time) ([]Message, error) {
+	rs, err := r.routes(ch.Rel)
+	if err != nil {
+		return dst, err
+	}
+	src := EnvelopeSource{Name: r.cfg.TopicPrefix, Database: r.cfg.Database}
+	if ch.Op == OpUpdate && ch.Before != nil && r.keyChanged(rs, ch) {
+		del := *ch
+		del.Op = OpDelete
+		if dst, err = r.emit(dst, src, st, &del, OpDelete, ch.Before, nil, rs, now); err != nil {
+			return dst, err
+		}
+		return r.emit(dst, src, st, ch, OpCreate, nil, ch.After, rs, now)
+	}
+	return r.emit(dst, src, st, ch, ch.Op, ch.Before, ch.After, rs, now)
+}
+
+func (r *Router) keyChanged(rs []route, ch *Change) bool {
+	var a, b []byte
+	for _, rt := range rs {
+		if len(rt.keyCols) == 0 {
+			continue
+		}
+		var okA, okB bool
+		a, okA = AppendKey(a[:0], ch.Rel, ch.Before, rt.keyCols)
+		b, okB = AppendKey(b[:0], ch.Rel, ch.After, rt.keyCols)
+		if okA && okB && !bytes.Equal(a, b) {
+			return true
+		}
+	}
+	return false
+}
+
+func (r *Router) emit(dst []Message, src EnvelopeSource, st *txnState, ch *Change, op Op, before, after Tuple, rs []route, now time.Time) ([]Message, error) {
+	pos := Position{CommitLSN: st.info.CommitLSN, Seq: st.seq}
+	st.seq++
+	order := st.bump(ch.Rel.QualifiedName())
+	value := AppendEnvelope(make([]byte, 0, 512), src, st.info, ch, op, before, after, pos, order, now)
+	headers := []Header{
+		{Key: "tidemark-table", Value: []byte(ch.Rel.QualifiedName())},
+		{Key: "tidemark-op", Value: []byte{byte(op)}},
+		{Key: "tidemark-lsn", Value: strconv.AppendUint(nil, uint64(pos.CommitLSN), 10)},
+		{Key: "tidemark-seq", Value: strconv.AppendUint(nil, uint64(pos.Seq), 10)},
+	}
+	for _, rt := range rs {
+		m := Message{Topic: rt.topic, Value: value, Headers: headers, Pos: pos}
+		if op == OpTruncate {
+			m.Broadcast = true
+		} else if len(rt.keyCols) > 0 {
+			img := after
+			if img == nil {
+				img = before
+			}
+			key, ok := AppendKey(nil, ch.Rel, img, rt.keyCols)
+			if !ok && before != nil && after != nil {
+				key, ok = AppendKey(nil, ch.Rel, before, rt.keyCols)
+			}
+			if !ok {
+				return dst, fmt.Errorf("%s on %s at %s: the row image lacks key column(s) for topic %s; "+
+					"set REPLICA IDENTITY FULL on the table so deletes carry the key",
+					opName(op), ch.Rel.QualifiedName(), pos, rt.topic)
+			}
+			m.Key = key
+		}
+		dst = append(dst, m)
+	}
+	return dst, nil
+}
+
+func opName(op Op) string {
+	switch op {
+	case OpCreate:
+		return "insert"
+	case OpUpdate:
+		return "update"
+	case OpDelete:
+		return "delete"
+	case OpTruncate:
+		return "truncate"
+	}
+	return "read"
+}
+
+// txnRecord builds a BEGIN or END record for the transactions topic, in
+// Debezium's transaction-metadata shape.
+func (r *Router) txnRecord(st *txnState, end bool) Message {
+	id := st.info.ID()
+	b := make([]byte, 0, 256)
+	b = append(b, `{"status":"`...)
+	if end {
+		b = append(b, "END"...)
+	} else {
+		b = append(b, "BEGIN"...)
+	}
+	b = append(b, `","id":"`...)
+	b = append(b, id...)
+	b = append(b, `","txId":`...)
+	b = strconv.AppendUint(b, uint64(st.info.Xid), 10)
+	b = append(b, `,"lsn":`...)
+	b = strconv.AppendUint(b, uint64(st.info.CommitLSN), 10)
+	b = append(b, `,"ts_ms":`...)
+	b = strconv.AppendInt(b, st.info.CommitTime.UnixMilli(), 10)
+	if end {
+		b = append(b, `,"end_lsn":`...)
+		b = strconv.AppendUint(b, uint64(st.info.EndLSN), 10)
+		b = append(b, `,"event_count":`...)
+		b = strconv.AppendUint(b, uint64(st.seq), 10)
+		b = append(b, `,"data_collections":[`...)
+		for i, t := range st.tables {
+			if i > 0 {
+				b = append(b, ',')
+			}
+			b = append(b, `{"data_collection":`...)
+			b = AppendJSONString(b, t.name)
+			b = append(b, `,"event_count":`...)
+			b = strconv.AppendInt(b, int64(t.count), 10)
+			b = append(b, '}')
+		}
+		b = append(b, ']')
+	} else {
+		b = append(b, `,"event_count":null,"data_collections":null`...)
+	}
+	b = append(b, '}')
+	key := append([]byte(`{"id":"`), id...)
+	key = append(key, `"}`...)
+	status := "BEGIN"
+	if end {
+		status = "END"
+	}
+	return Message{
+		Topic: r.cfg.TransactionsTopicName(), Key: key, Value: b,
+		Headers: []Header{
+			{Key: "tidemark-status", Value: []byte(status)},
+			{Key: "tidemark-lsn", Value: strconv.AppendUint(nil, uint64(st.info.CommitLSN), 10)},
+		},
+	}
+}
