@@ -117,6 +117,9 @@ var _ pipeline.Sink = (*Sink)(nil)
 
 const partitionHeader = "tidemark-partition"
 
+// batchMessages bounds the messages of one partition in one round.
+const batchMessages = 2048
+
 // balancer is murmur2 (Java-compatible, nil keys hashed consistently), except
 // for broadcast copies, which carry their partition in a header.
 type balancer struct{ m kafkago.Murmur2Balancer }
@@ -161,8 +164,9 @@ func New(cfg Config, log *zap.Logger) (*Sink, error) {
 		Balancer:     balancer{kafkago.Murmur2Balancer{Consistent: true}},
 		RequiredAcks: kafkago.RequireAll,
 		// One batch per partition per round: the sink splits rounds itself
-		// so that batches never exceed these limits.
-		BatchSize:       1 << 30,
+		// so that batches never exceed these limits. (kafka-go preallocates
+		// BatchSize messages per batch, so keep it moderate.)
+		BatchSize:       batchMessages,
 		BatchBytes:      cfg.BatchBytes,
 		BatchTimeout:    time.Millisecond,
 		MaxAttempts:     3,
@@ -324,9 +328,11 @@ type tp struct {
 }
 
 // round returns how many leading messages fit in one round: at most
-// BatchBytes per partition, so kafka-go builds one batch per partition.
+// BatchBytes and batchMessages per partition, so kafka-go builds exactly one
+// batch per partition, which succeeds or fails as a whole.
 func (s *Sink) round(kms []kafkago.Message) int {
 	bytes := map[tp]int64{}
+	counts := map[tp]int{}
 	for i := range kms {
 		m := &kms[i]
 		n := s.Partitions(m.Topic)
@@ -339,10 +345,11 @@ func (s *Sink) round(kms []kafkago.Message) int {
 		for _, h := range m.Headers {
 			size += int64(len(h.Key) + len(h.Value))
 		}
-		if bytes[k]+size > s.cfg.BatchBytes*9/10 && i > 0 {
+		if i > 0 && (bytes[k]+size > s.cfg.BatchBytes*9/10 || counts[k] >= batchMessages) {
 			return i
 		}
 		bytes[k] += size
+		counts[k]++
 	}
 	return len(kms)
 }

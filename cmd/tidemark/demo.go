@@ -1,0 +1,260 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/spf13/cobra"
+	"go.uber.org/zap"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/tidemark/tidemark/internal/app"
+	"github.com/tidemark/tidemark/internal/config"
+	"github.com/tidemark/tidemark/internal/demo"
+	"github.com/tidemark/tidemark/internal/kafkatest"
+	"github.com/tidemark/tidemark/internal/pgserver"
+	"github.com/tidemark/tidemark/pipeline"
+)
+
+func demoCmd() *cobra.Command {
+	var (
+		pgDSN    string
+		brokers  []string
+		duration time.Duration
+		rate     int
+		verbose  bool
+	)
+	cmd := &cobra.Command{
+		Use:   "demo",
+		Short: "Run Tidemark end to end on a throwaway Postgres and an in-process Kafka",
+		Long: `demo starts a throwaway Postgres with wal_level=logical (or uses --pg) and an
+in-process Kafka (or uses --brokers), creates a small chat schema, captures it
+while a mixed workload runs, then prints a summary and envelopes read back
+from Kafka.`,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runDemo(cmd.Context(), cmd.OutOrStdout(), pgDSN, brokers, duration, rate, verbose)
+		},
+	}
+	cmd.Flags().StringVar(&pgDSN, "pg", "", "DSN of a Postgres with wal_level=logical to use instead of a throwaway server (a schema is created in it)")
+	cmd.Flags().StringSliceVar(&brokers, "brokers", nil, "Kafka brokers to use instead of the in-process one")
+	cmd.Flags().DurationVar(&duration, "duration", 20*time.Second, "how long the workload runs")
+	cmd.Flags().IntVar(&rate, "rate", 200, "workload transactions per second")
+	cmd.Flags().BoolVar(&verbose, "verbose", false, "log at info level")
+	return cmd
+}
+
+func runDemo(ctx context.Context, out io.Writer, pgDSN string, brokers []string, duration time.Duration, rate int, verbose bool) error {
+	level := "warn"
+	if verbose {
+		level = "info"
+	}
+	log, err := newLogger(level, "console")
+	if err != nil {
+		return err
+	}
+	defer func() { _ = log.Sync() }()
+
+	if pgDSN == "" {
+		fmt.Fprintln(out, "starting a throwaway Postgres (wal_level=logical) ...")
+		srv, err := pgserver.Start(ctx, pgserver.Options{})
+		if err != nil {
+			return fmt.Errorf("starting throwaway Postgres (or pass --pg DSN): %w", err)
+		}
+		defer func() { _ = srv.Stop() }()
+		if pgDSN, err = srv.CreateDatabase(ctx, "chat"); err != nil {
+			return err
+		}
+	}
+	if len(brokers) == 0 {
+		kc, err := kafkatest.Start("")
+		if err != nil {
+			return err
+		}
+		defer kc.Close()
+		brokers = kc.Brokers()
+		fmt.Fprintf(out, "started in-process Kafka (kfake) on %s\n", brokers[0])
+	}
+
+	pool, err := pgxpool.New(ctx, pgDSN)
+	if err != nil {
+		return fmt.Errorf("connecting to postgres: %w", err)
+	}
+	defer pool.Close()
+	if err := demo.Setup(ctx, pool); err != nil {
+		return err
+	}
+
+	prefix := fmt.Sprintf("demo%d", time.Now().Unix()%100000)
+	cfg := &config.Config{
+		Postgres: config.Postgres{DSN: pgDSN, Slot: prefix + "_slot", Publication: prefix + "_pub", Tables: demo.Tables},
+		Kafka:    config.Kafka{Brokers: brokers, TopicPrefix: prefix, Partitions: 3},
+		Pipeline: config.Pipeline{EntityStreams: []pipeline.EntityStream{{
+			Name: "rooms", Key: "room_id", Tables: []string{"public.room_memberships", "public.events", "public.event_json"}}}},
+	}
+	noHTTP := ""
+	cfg.HTTP.Listen = &noHTTP
+	cfg.ApplyDefaults()
+	if probs := cfg.Validate(); len(probs) > 0 {
+		return fmt.Errorf("demo config: %v", probs)
+	}
+	a, err := app.Prepare(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	// The demo leaves nothing behind in a database it was given.
+	defer dropDemoObjects(pool, cfg)
+
+	runCtx, stopRun := context.WithCancel(ctx)
+	defer stopRun()
+	runErr := make(chan error, 1)
+	go func() { runErr <- a.Run(runCtx) }()
+
+	if err := demo.Seed(ctx, pool); err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "capturing %s into topics %s.* for %s at %d tx/s\n", strings.Join(cfg.Postgres.Tables, ", "), prefix, duration, rate)
+
+	var counts demo.Counts
+	wctx, stopWork := context.WithTimeout(ctx, duration)
+	defer stopWork()
+	g, gctx := errgroup.WithContext(wctx)
+	g.Go(func() error { return demo.Workload(gctx, pool, rate, uint64(time.Now().UnixNano()), &counts) })
+	g.Go(func() error { progress(gctx, out, a, &counts); return nil })
+	werr := g.Wait()
+	fmt.Fprintln(out)
+	if werr != nil {
+		return werr
+	}
+	if ctx.Err() != nil {
+		return nil
+	}
+
+	// Wait until everything committed is confirmed.
+	var target string
+	if err := pool.QueryRow(ctx, "SELECT pg_current_wal_lsn()::text").Scan(&target); err != nil {
+		return err
+	}
+	tlsn, _ := pipeline.ParseLSN(target)
+	deadline := time.Now().Add(30 * time.Second)
+	for pipeline.LSN(a.Stream.Stats().ConfirmedLSN.Load()) < tlsn && time.Now().Before(deadline) {
+		select {
+		case err := <-runErr:
+			return fmt.Errorf("pipeline stopped: %w", err)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	caughtUp := pipeline.LSN(a.Stream.Stats().ConfirmedLSN.Load()) >= tlsn
+	stopRun()
+	if err := <-runErr; err != nil {
+		return fmt.Errorf("pipeline: %w", err)
+	}
+	return summary(ctx, out, a, &counts, brokers, caughtUp)
+}
+
+func progress(ctx context.Context, out io.Writer, a *app.App, counts *demo.Counts) {
+	tty := false
+	if f, ok := out.(*os.File); ok {
+		if st, err := f.Stat(); err == nil && st.Mode()&os.ModeCharDevice != 0 {
+			tty = true
+		}
+	}
+	interval := 2 * time.Second
+	if tty {
+		interval = 250 * time.Millisecond
+	}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	start := time.Now()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		ps, cs := a.Pipeline.Stats(), a.Stream.Stats()
+		lag := int64(cs.ServerWALEnd.Load()) - int64(cs.ConfirmedLSN.Load())
+		if lag < 0 {
+			lag = 0
+		}
+		line := fmt.Sprintf("%5.1fs  committed %6d tx | captured %7d changes | published %7d msgs | in flight %5d | confirmed %s | lag %d B",
+			time.Since(start).Seconds(), counts.Transactions.Load(), ps.Changes.Load(), ps.Published.Load(), ps.InFlight.Load(),
+			pipeline.LSN(cs.ConfirmedLSN.Load()), lag)
+		if tty {
+			fmt.Fprintf(out, "\r\033[K%s", line)
+		} else {
+			fmt.Fprintln(out, line)
+		}
+	}
+}
+
+func summary(ctx context.Context, out io.Writer, a *app.App, counts *demo.Counts, brokers []string, caughtUp bool) error {
+	ps := a.Pipeline.Stats()
+	fmt.Fprintf(out, "\nsummary\n  workload: %d transactions (%d messages, %d read markers, %d membership changes)\n",
+		counts.Transactions.Load(), counts.Messages.Load(), counts.Reads.Load(), counts.Members.Load())
+	fmt.Fprintf(out, "  captured: %d transactions, %d row changes; published %d messages; confirmed LSN %s (caught up: %v)\n",
+		ps.Transactions.Load(), ps.Changes.Load(), ps.Published.Load(), pipeline.LSN(a.Stream.Stats().ConfirmedLSN.Load()), caughtUp)
+	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	topics := append([]string(nil), a.Topics...)
+	sort.Strings(topics)
+	samples := map[string]kafkatest.Record{}
+	fmt.Fprintln(out, "  topics read back from Kafka:")
+	for _, t := range topics {
+		recs, err := kafkatest.ReadAll(rctx, brokers, t)
+		if err != nil {
+			return fmt.Errorf("reading back %s: %w", t, err)
+		}
+		fmt.Fprintf(out, "    %-40s %7d messages\n", t, len(recs))
+		for _, r := range recs {
+			op := r.Headers["tidemark-op"]
+			k := t + "/" + op + r.Headers["tidemark-status"]
+			if _, ok := samples[k]; !ok {
+				samples[k] = r
+			}
+		}
+	}
+	show := []string{
+		a.Cfg.Kafka.TopicPrefix + ".public.room_memberships/u",
+		a.Cfg.Kafka.TopicPrefix + ".rooms/c",
+		a.Cfg.Kafka.TopicPrefix + ".transactions/END",
+	}
+	for _, k := range show {
+		r, ok := samples[k]
+		if !ok {
+			continue
+		}
+		var pretty any
+		if err := json.Unmarshal(r.Value, &pretty); err != nil {
+			return fmt.Errorf("envelope in %s does not parse: %w", r.Topic, err)
+		}
+		b, _ := json.MarshalIndent(pretty, "    ", "  ")
+		fmt.Fprintf(out, "\n  %s  partition %d offset %d key %s\n    %s\n", r.Topic, r.Partition, r.Offset, r.Key, b)
+	}
+	if !caughtUp {
+		return errors.New("the pipeline did not catch up within 30s after the workload stopped")
+	}
+	return nil
+}
+
+func dropDemoObjects(pool *pgxpool.Pool, cfg *config.Config) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for i := 0; i < 50; i++ {
+		_, err := pool.Exec(ctx, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", cfg.Postgres.Slot)
+		if err == nil {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	_, _ = pool.Exec(ctx, "DROP PUBLICATION IF EXISTS "+cfg.Postgres.Publication)
+}
+
+var _ = zap.NewNop

@@ -1,0 +1,91 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/spf13/cobra"
+	"go.uber.org/zap"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/tidemark/tidemark/capture"
+	"github.com/tidemark/tidemark/internal/app"
+	"github.com/tidemark/tidemark/internal/config"
+)
+
+func runCmd() *cobra.Command {
+	var path string
+	cmd := &cobra.Command{
+		Use:   "run",
+		Short: "Capture the configured tables into Kafka until interrupted",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := loadConfig(path)
+			if err != nil {
+				return err
+			}
+			log, err := newLogger(cfg.Log.Level, cfg.Log.Format)
+			if err != nil {
+				return &exitError{2, err}
+			}
+			defer func() { _ = log.Sync() }()
+			ctx := cmd.Context()
+			a, err := app.Prepare(ctx, cfg, log)
+			if err != nil {
+				if _, ok := err.(*capture.PreflightError); ok {
+					return &exitError{3, err}
+				}
+				return err
+			}
+			g, gctx := errgroup.WithContext(ctx)
+			if *cfg.HTTP.Listen != "" {
+				g.Go(func() error {
+					if err := a.ServeHTTP(gctx, *cfg.HTTP.Listen); err != nil {
+						return fmt.Errorf("http listener %s: %w", *cfg.HTTP.Listen, err)
+					}
+					return nil
+				})
+			}
+			g.Go(func() error {
+				err := a.Run(gctx)
+				if err != nil {
+					log.Error("pipeline stopped", zap.Error(err))
+				}
+				return err
+			})
+			return g.Wait()
+		},
+	}
+	cmd.Flags().StringVarP(&path, "config", "c", "", "YAML config file (required)")
+	return cmd
+}
+
+func checkCmd() *cobra.Command {
+	var path string
+	cmd := &cobra.Command{
+		Use:   "check",
+		Short: "Validate the config and the database without changing anything",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := loadConfig(path)
+			if err != nil {
+				return err
+			}
+			infos, db, problems, err := app.Check(cmd.Context(), cfg)
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			fmt.Fprintf(out, "config %s: ok\ndatabase %s (%s)\n", path, db, config.Redact(cfg.Postgres.DSN))
+			for _, t := range cfg.Postgres.Tables {
+				if ti, ok := infos[t]; ok {
+					fmt.Fprintf(out, "  %-32s replica identity %c, key %v\n", t, ti.ReplicaIdentity, ti.IdentityColumns)
+				}
+			}
+			if len(problems) > 0 {
+				return &exitError{3, &capture.PreflightError{Problems: problems}}
+			}
+			fmt.Fprintln(out, "no problems found")
+			return nil
+		},
+	}
+	cmd.Flags().StringVarP(&path, "config", "c", "", "YAML config file (required)")
+	return cmd
+}

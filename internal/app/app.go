@@ -1,0 +1,196 @@
+// Package app wires capture, pipeline and the Kafka sink together from a
+// config. cmd/tidemark and the integration tests both run Tidemark through
+// it, so what is tested is what ships.
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/jackc/pgx/v5"
+	"go.uber.org/zap"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/tidemark/tidemark/capture"
+	"github.com/tidemark/tidemark/internal/config"
+	"github.com/tidemark/tidemark/pipeline"
+	kafkasink "github.com/tidemark/tidemark/sinks/kafka"
+)
+
+// App is one capture-to-Kafka pipeline.
+type App struct {
+	Cfg      *config.Config
+	Log      *zap.Logger
+	Stream   *capture.Stream
+	Pipeline *pipeline.Pipeline
+	Sink     *kafkasink.Sink
+	Tables   map[string]capture.TableInfo
+	Database string
+	Topics   []string
+}
+
+// Check inspects the database for the config: server settings, tables,
+// replica identities and entity-stream keys. It returns every problem.
+func Check(ctx context.Context, cfg *config.Config) (map[string]capture.TableInfo, string, []capture.Problem, error) {
+	conn, err := pgx.Connect(ctx, cfg.Postgres.DSN)
+	if err != nil {
+		return nil, "", nil, fmt.Errorf("connecting to postgres: %w", err)
+	}
+	defer conn.Close(context.Background())
+	var db string
+	if err := conn.QueryRow(ctx, "SELECT current_database()").Scan(&db); err != nil {
+		return nil, "", nil, fmt.Errorf("reading current database: %w", err)
+	}
+	infos, problems, err := capture.Inspect(ctx, conn, cfg.Postgres.Tables)
+	if err != nil {
+		return nil, "", nil, err
+	}
+	problems = append(problems, streamProblems(cfg, infos)...)
+	return infos, db, problems, nil
+}
+
+// streamProblems checks that each entity stream's key column exists in its
+// tables and is carried by deletes (part of the replica identity).
+func streamProblems(cfg *config.Config, infos map[string]capture.TableInfo) []capture.Problem {
+	var ps []capture.Problem
+	for _, s := range cfg.Pipeline.EntityStreams {
+		for _, t := range s.Tables {
+			ti, ok := infos[t]
+			if !ok {
+				continue // reported as missing already
+			}
+			has := false
+			for _, c := range ti.Columns {
+				if c == s.Key {
+					has = true
+				}
+			}
+			if !has {
+				ps = append(ps, capture.Problem{Table: t, What: fmt.Sprintf("entity stream %q keys on column %q, which the table lacks", s.Name, s.Key)})
+				continue
+			}
+			if len(ti.IdentityColumns) > 0 && !ti.HasIdentityColumn(s.Key) {
+				ps = append(ps, capture.Problem{Table: t,
+					What: fmt.Sprintf("entity stream %q keys on %q, which is not in the replica identity, so deletes could not be routed", s.Name, s.Key),
+					Fix:  fmt.Sprintf("ALTER TABLE %s REPLICA IDENTITY FULL;", pgx.Identifier{ti.Schema, ti.Table}.Sanitize())})
+			}
+		}
+	}
+	return ps
+}
+
+// Prepare checks the database, makes sure the publication and slot exist,
+// and builds the parts. It starts nothing and touches no Kafka broker.
+func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger) (*App, error) {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	infos, db, problems, err := Check(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	if len(problems) > 0 {
+		return nil, &capture.PreflightError{Problems: problems}
+	}
+	conn, err := pgx.Connect(ctx, cfg.Postgres.DSN)
+	if err != nil {
+		return nil, fmt.Errorf("connecting to postgres: %w", err)
+	}
+	defer conn.Close(context.Background())
+	if err := capture.EnsurePublication(ctx, conn, cfg.Postgres.Publication, cfg.Postgres.Tables, *cfg.Postgres.ManagePublication); err != nil {
+		return nil, err
+	}
+	created, err := capture.EnsureSlot(ctx, conn, cfg.Postgres.Slot)
+	if err != nil {
+		return nil, err
+	}
+	if created {
+		log.Info("created replication slot", zap.String("slot", cfg.Postgres.Slot))
+	}
+	stream, err := capture.New(capture.Config{
+		DSN: cfg.Postgres.DSN, Slot: cfg.Postgres.Slot, Publication: cfg.Postgres.Publication,
+		StandbyInterval: cfg.Postgres.StandbyInterval,
+	}, log.With(zap.String("component", "capture")))
+	if err != nil {
+		return nil, err
+	}
+	sink, err := kafkasink.New(kafkasink.Config{
+		Brokers: cfg.Kafka.Brokers, ClientID: cfg.Kafka.ClientID, Partitions: cfg.Kafka.Partitions,
+		ReplicationFactor: cfg.Kafka.ReplicationFactor, TopicConfigs: cfg.Kafka.TopicConfigs,
+		Compression: cfg.Kafka.Compression, BatchBytes: cfg.Kafka.BatchBytes,
+	}, log.With(zap.String("component", "kafka")))
+	if err != nil {
+		return nil, err
+	}
+	rc := cfg.RouterConfig(db)
+	pipe, err := pipeline.New(pipeline.Config{
+		Router:              rc,
+		MaxInFlightMessages: cfg.Pipeline.MaxInFlightMessages,
+		MaxInFlightBytes:    cfg.Pipeline.MaxInFlightBytes,
+		MaxBatchMessages:    cfg.Pipeline.MaxBatchMessages,
+	}, stream, sink, pipeline.WithLogger(log.With(zap.String("component", "pipeline"))))
+	if err != nil {
+		return nil, err
+	}
+	return &App{Cfg: cfg, Log: log, Stream: stream, Pipeline: pipe, Sink: sink, Tables: infos, Database: db,
+		Topics: rc.Topics(cfg.Postgres.Tables)}, nil
+}
+
+// EnsureTopics creates missing topics, retrying while Kafka is unreachable.
+// The transactions topic has one partition, so BEGIN/END records keep commit
+// order.
+func (a *App) EnsureTopics(ctx context.Context) error {
+	specs := map[string]kafkasink.TopicSpec{
+		a.Cfg.RouterConfig(a.Database).TransactionsTopicName(): {Partitions: 1},
+	}
+	bo := backoff.NewExponentialBackOff()
+	bo.MaxInterval = 10 * time.Second
+	bo.MaxElapsedTime = 0
+	attempt := 0
+	return backoff.Retry(func() error {
+		err := a.Sink.EnsureTopics(ctx, a.Topics, specs)
+		if err != nil && ctx.Err() == nil {
+			attempt++
+			if attempt == 1 || attempt%10 == 0 {
+				a.Log.Warn("kafka not ready; retrying", zap.Error(err), zap.Int("attempt", attempt))
+			}
+		}
+		if ctx.Err() != nil {
+			return backoff.Permanent(ctx.Err())
+		}
+		return err
+	}, backoff.WithContext(bo, ctx))
+}
+
+// Run ensures topics, then runs capture and the pipeline until ctx ends or
+// one fails, then closes the sink (waiting up to 30s for in-flight writes).
+// A cancelled ctx is a clean stop and returns nil.
+func (a *App) Run(ctx context.Context) error {
+	if err := a.EnsureTopics(ctx); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
+	a.Log.Info("capturing", zap.String("slot", a.Cfg.Postgres.Slot), zap.Strings("tables", a.Cfg.Postgres.Tables),
+		zap.Strings("brokers", a.Cfg.Kafka.Brokers))
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return a.Stream.Run(gctx) })
+	g.Go(func() error { return a.Pipeline.Run(gctx) })
+	err := g.Wait()
+	closeCtx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	err = errors.Join(ignoreCanceled(err), a.Sink.Close(closeCtx))
+	a.Log.Info("stopped", zap.Stringer("confirmed_lsn", pipeline.LSN(a.Stream.Stats().ConfirmedLSN.Load())))
+	return err
+}
+
+func ignoreCanceled(err error) error {
+	if errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
+}

@@ -1,0 +1,439 @@
+// Package config loads and validates Tidemark's YAML configuration. Every
+// problem is reported at once, by field path; secrets can be supplied through
+// the environment and never appear in errors.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net/url"
+	"os"
+	"regexp"
+	"sort"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/tidemark/tidemark/pipeline"
+)
+
+// Environment variables that override the file.
+const (
+	EnvPostgresDSN      = "TIDEMARK_POSTGRES_DSN"
+	EnvPostgresPassword = "TIDEMARK_POSTGRES_PASSWORD"
+	EnvKafkaBrokers     = "TIDEMARK_KAFKA_BROKERS"
+)
+
+// Config is the whole file.
+type Config struct {
+	Postgres Postgres `yaml:"postgres"`
+	Kafka    Kafka    `yaml:"kafka"`
+	Pipeline Pipeline `yaml:"pipeline"`
+	HTTP     HTTP     `yaml:"http"`
+	Log      Log      `yaml:"log"`
+}
+
+// Postgres is the captured database.
+type Postgres struct {
+	// DSN of the database (required; env TIDEMARK_POSTGRES_DSN overrides,
+	// TIDEMARK_POSTGRES_PASSWORD sets its password).
+	DSN string `yaml:"dsn"`
+	// Slot is the permanent replication slot. Default "tidemark".
+	Slot string `yaml:"slot"`
+	// Publication is the pgoutput publication. Default "tidemark".
+	Publication string `yaml:"publication"`
+	// ManagePublication lets Tidemark create the publication and keep its
+	// table list equal to Tables. Default true.
+	ManagePublication *bool `yaml:"manage_publication"`
+	// Tables to capture, "schema.table" (required).
+	Tables []string `yaml:"tables"`
+	// StandbyInterval is the longest gap between standby status messages.
+	// Default 10s.
+	StandbyInterval time.Duration `yaml:"standby_interval"`
+}
+
+// Kafka is the output cluster.
+type Kafka struct {
+	// Brokers are bootstrap addresses (required; env TIDEMARK_KAFKA_BROKERS,
+	// comma-separated, overrides).
+	Brokers []string `yaml:"brokers"`
+	// TopicPrefix prefixes every topic. Default "tidemark".
+	TopicPrefix string `yaml:"topic_prefix"`
+	// Partitions of topics Tidemark creates. Default 6.
+	Partitions int `yaml:"partitions"`
+	// ReplicationFactor of topics Tidemark creates. Default 1.
+	ReplicationFactor int `yaml:"replication_factor"`
+	// Compression: none, gzip, snappy, lz4, zstd. Default none.
+	Compression string `yaml:"compression"`
+	// BatchBytes bounds one produce request per partition. Default 1048576.
+	BatchBytes int64 `yaml:"batch_bytes"`
+	// TopicConfigs apply to topics Tidemark creates (e.g. retention.ms).
+	TopicConfigs map[string]string `yaml:"topic_configs"`
+	// ClientID. Default "tidemark".
+	ClientID string `yaml:"client_id"`
+}
+
+// Pipeline shapes routing and bounds memory.
+type Pipeline struct {
+	// TableTopics publishes every table to <prefix>.<schema>.<table>, also
+	// when it belongs to an entity stream. Default true.
+	TableTopics *bool `yaml:"table_topics"`
+	// TransactionsTopic publishes BEGIN/END records to <prefix>.transactions.
+	// Default true.
+	TransactionsTopic *bool `yaml:"transactions_topic"`
+	// EntityStreams put several tables in one topic keyed by a shared column.
+	EntityStreams []pipeline.EntityStream `yaml:"entity_streams"`
+	// MaxInFlightMessages bounds unacknowledged messages. Default 100000.
+	MaxInFlightMessages int `yaml:"max_inflight_messages"`
+	// MaxInFlightBytes bounds their size. Default 67108864 (64 MiB).
+	MaxInFlightBytes int64 `yaml:"max_inflight_bytes"`
+	// MaxBatchMessages bounds one write to Kafka. Default 10000.
+	MaxBatchMessages int `yaml:"max_batch_messages"`
+}
+
+// HTTP is the operator listener.
+type HTTP struct {
+	// Listen address for /healthz, /readyz and /metrics; empty disables.
+	// Default "127.0.0.1:9187".
+	Listen *string `yaml:"listen"`
+}
+
+// Log configures zap.
+type Log struct {
+	// Level: debug, info, warn, error. Default info.
+	Level string `yaml:"level"`
+	// Format: console or json. Default console.
+	Format string `yaml:"format"`
+}
+
+// FieldError is one problem, by field path.
+type FieldError struct {
+	Path string
+	Msg  string
+}
+
+func (e FieldError) Error() string { return e.Path + ": " + e.Msg }
+
+// Error lists every problem of a file.
+type Error struct {
+	File     string
+	Problems []FieldError
+}
+
+func (e *Error) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "invalid config %s (%d problem(s)):", e.File, len(e.Problems))
+	for _, p := range e.Problems {
+		b.WriteString("\n  - ")
+		b.WriteString(p.Error())
+	}
+	return b.String()
+}
+
+// Load reads, decodes (unknown fields are errors), applies the environment
+// and defaults, and validates the file at path.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading config: %w", err)
+	}
+	return Parse(path, data, os.Getenv)
+}
+
+// Parse is Load on bytes, with getenv for overrides.
+func Parse(name string, data []byte, getenv func(string) string) (*Config, error) {
+	var c Config
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) {
+		var te *yaml.TypeError
+		if errors.As(err, &te) {
+			e := &Error{File: name}
+			for _, m := range te.Errors {
+				e.Problems = append(e.Problems, FieldError{Path: "yaml", Msg: m})
+			}
+			return nil, e
+		}
+		return nil, &Error{File: name, Problems: []FieldError{{Path: "yaml", Msg: err.Error()}}}
+	}
+	c.ApplyEnv(getenv)
+	c.ApplyDefaults()
+	if probs := c.Validate(); len(probs) > 0 {
+		return nil, &Error{File: name, Problems: probs}
+	}
+	return &c, nil
+}
+
+// ApplyEnv applies the environment overrides.
+func (c *Config) ApplyEnv(getenv func(string) string) {
+	if v := getenv(EnvPostgresDSN); v != "" {
+		c.Postgres.DSN = v
+	}
+	if v := getenv(EnvPostgresPassword); v != "" && c.Postgres.DSN != "" {
+		c.Postgres.DSN = withPassword(c.Postgres.DSN, v)
+	}
+	if v := getenv(EnvKafkaBrokers); v != "" {
+		c.Kafka.Brokers = nil
+		for _, b := range strings.Split(v, ",") {
+			if b = strings.TrimSpace(b); b != "" {
+				c.Kafka.Brokers = append(c.Kafka.Brokers, b)
+			}
+		}
+	}
+}
+
+// withPassword sets the password of a URL or keyword/value DSN.
+func withPassword(dsn, pw string) string {
+	if strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://") {
+		u, err := url.Parse(dsn)
+		if err != nil {
+			return dsn
+		}
+		name := ""
+		if u.User != nil {
+			name = u.User.Username()
+		}
+		u.User = url.UserPassword(name, pw)
+		return u.String()
+	}
+	return dsn + " password='" + strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace(pw) + "'"
+}
+
+func boolPtr(b bool) *bool { return &b }
+
+// ApplyDefaults fills unset fields.
+func (c *Config) ApplyDefaults() {
+	p := &c.Postgres
+	if p.Slot == "" {
+		p.Slot = "tidemark"
+	}
+	if p.Publication == "" {
+		p.Publication = "tidemark"
+	}
+	if p.ManagePublication == nil {
+		p.ManagePublication = boolPtr(true)
+	}
+	if p.StandbyInterval == 0 {
+		p.StandbyInterval = 10 * time.Second
+	}
+	for i, t := range p.Tables {
+		if !strings.Contains(t, ".") {
+			p.Tables[i] = "public." + t
+		}
+	}
+	k := &c.Kafka
+	if k.TopicPrefix == "" {
+		k.TopicPrefix = "tidemark"
+	}
+	if k.Partitions == 0 {
+		k.Partitions = 6
+	}
+	if k.ReplicationFactor == 0 {
+		k.ReplicationFactor = 1
+	}
+	if k.Compression == "" {
+		k.Compression = "none"
+	}
+	if k.BatchBytes == 0 {
+		k.BatchBytes = 1 << 20
+	}
+	if k.ClientID == "" {
+		k.ClientID = "tidemark"
+	}
+	pl := &c.Pipeline
+	if pl.TableTopics == nil {
+		pl.TableTopics = boolPtr(true)
+	}
+	if pl.TransactionsTopic == nil {
+		pl.TransactionsTopic = boolPtr(true)
+	}
+	if pl.MaxInFlightMessages == 0 {
+		pl.MaxInFlightMessages = 100000
+	}
+	if pl.MaxInFlightBytes == 0 {
+		pl.MaxInFlightBytes = 64 << 20
+	}
+	if pl.MaxBatchMessages == 0 {
+		pl.MaxBatchMessages = 10000
+	}
+	for i := range pl.EntityStreams {
+		for j, t := range pl.EntityStreams[i].Tables {
+			if !strings.Contains(t, ".") {
+				pl.EntityStreams[i].Tables[j] = "public." + t
+			}
+		}
+	}
+	if c.HTTP.Listen == nil {
+		s := "127.0.0.1:9187"
+		c.HTTP.Listen = &s
+	}
+	if c.Log.Level == "" {
+		c.Log.Level = "info"
+	}
+	if c.Log.Format == "" {
+		c.Log.Format = "console"
+	}
+}
+
+var (
+	identRe = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_$]*$`)
+	tableRe = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_$]*\.[A-Za-z_][A-Za-z0-9_$]*$`)
+	topicRe = regexp.MustCompile(`^[A-Za-z0-9._-]+$`)
+)
+
+// Validate returns every problem, by field path. It never includes secrets.
+func (c *Config) Validate() []FieldError {
+	var ps []FieldError
+	add := func(path, format string, args ...any) {
+		ps = append(ps, FieldError{Path: path, Msg: fmt.Sprintf(format, args...)})
+	}
+	p := c.Postgres
+	if p.DSN == "" {
+		add("postgres.dsn", "required (or set %s)", EnvPostgresDSN)
+	} else if err := checkDSN(p.DSN); err != nil {
+		add("postgres.dsn", "%v", err)
+	}
+	if !identRe.MatchString(p.Slot) || strings.ToLower(p.Slot) != p.Slot {
+		add("postgres.slot", "%q is not a valid slot name (lower-case letters, digits, underscores)", p.Slot)
+	}
+	if !identRe.MatchString(p.Publication) {
+		add("postgres.publication", "%q is not a plain identifier", p.Publication)
+	}
+	if len(p.Tables) == 0 {
+		add("postgres.tables", "required: list the tables to capture, e.g. [public.events]")
+	}
+	seen := map[string]bool{}
+	for i, t := range p.Tables {
+		path := fmt.Sprintf("postgres.tables[%d]", i)
+		if !tableRe.MatchString(t) {
+			add(path, "%q is not schema.table", t)
+		}
+		if seen[t] {
+			add(path, "%q is listed twice", t)
+		}
+		seen[t] = true
+	}
+	if p.StandbyInterval < 100*time.Millisecond || p.StandbyInterval > 60*time.Second {
+		add("postgres.standby_interval", "%s is outside 100ms..60s (Postgres' wal_sender_timeout defaults to 60s)", p.StandbyInterval)
+	}
+	k := c.Kafka
+	if len(k.Brokers) == 0 {
+		add("kafka.brokers", "required (or set %s)", EnvKafkaBrokers)
+	}
+	for i, b := range k.Brokers {
+		if !strings.Contains(b, ":") {
+			add(fmt.Sprintf("kafka.brokers[%d]", i), "%q needs host:port", b)
+		}
+	}
+	if !topicRe.MatchString(k.TopicPrefix) {
+		add("kafka.topic_prefix", "%q may only hold letters, digits, '.', '_' and '-'", k.TopicPrefix)
+	}
+	if k.Partitions < 1 || k.Partitions > 10000 {
+		add("kafka.partitions", "%d is outside 1..10000", k.Partitions)
+	}
+	if k.ReplicationFactor < 1 {
+		add("kafka.replication_factor", "%d must be at least 1", k.ReplicationFactor)
+	}
+	switch k.Compression {
+	case "none", "gzip", "snappy", "lz4", "zstd":
+	default:
+		add("kafka.compression", "%q is not one of none, gzip, snappy, lz4, zstd", k.Compression)
+	}
+	if k.BatchBytes < 1024 {
+		add("kafka.batch_bytes", "%d is below 1024", k.BatchBytes)
+	}
+	pl := c.Pipeline
+	if pl.MaxInFlightMessages < 1 {
+		add("pipeline.max_inflight_messages", "%d must be positive", pl.MaxInFlightMessages)
+	}
+	if pl.MaxInFlightBytes < 1<<20 {
+		add("pipeline.max_inflight_bytes", "%d is below 1 MiB", pl.MaxInFlightBytes)
+	}
+	if pl.MaxBatchMessages < 1 || pl.MaxBatchMessages > pl.MaxInFlightMessages {
+		add("pipeline.max_batch_messages", "%d must be between 1 and max_inflight_messages (%d)", pl.MaxBatchMessages, pl.MaxInFlightMessages)
+	}
+	names := map[string]bool{}
+	for i, s := range pl.EntityStreams {
+		path := fmt.Sprintf("pipeline.entity_streams[%d]", i)
+		if !topicRe.MatchString(s.Name) {
+			add(path+".name", "%q is not a valid topic suffix", s.Name)
+		}
+		if names[s.Name] {
+			add(path+".name", "%q is used twice", s.Name)
+		}
+		names[s.Name] = true
+		if s.Name == "transactions" {
+			add(path+".name", "\"transactions\" is reserved for the transaction-metadata topic")
+		}
+		if !identRe.MatchString(s.Key) {
+			add(path+".key", "%q is not a column name", s.Key)
+		}
+		if len(s.Tables) == 0 {
+			add(path+".tables", "required: at least one table")
+		}
+		for j, t := range s.Tables {
+			if !seen[t] {
+				add(fmt.Sprintf("%s.tables[%d]", path, j), "%q is not in postgres.tables", t)
+			}
+		}
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		add("log.level", "%q is not one of debug, info, warn, error", c.Log.Level)
+	}
+	switch c.Log.Format {
+	case "console", "json":
+	default:
+		add("log.format", "%q is not console or json", c.Log.Format)
+	}
+	sort.SliceStable(ps, func(i, j int) bool { return ps[i].Path < ps[j].Path })
+	return ps
+}
+
+// checkDSN validates the DSN's shape without echoing it (it may hold a
+// password).
+func checkDSN(dsn string) error {
+	if strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://") {
+		u, err := url.Parse(dsn)
+		if err != nil {
+			return errors.New("not a valid postgres:// URL")
+		}
+		if strings.TrimPrefix(u.Path, "/") == "" {
+			return errors.New("names no database (postgres://user@host:5432/DBNAME)")
+		}
+		return nil
+	}
+	if !strings.Contains(dsn, "=") {
+		return errors.New("neither a postgres:// URL nor key=value pairs")
+	}
+	if !strings.Contains(dsn, "dbname=") {
+		return errors.New("names no database (dbname=...)")
+	}
+	return nil
+}
+
+// Redact returns dsn with any password replaced by "xxxxx", for display.
+func Redact(dsn string) string {
+	if u, err := url.Parse(dsn); err == nil && u.Scheme != "" {
+		if _, ok := u.User.Password(); ok {
+			u.User = url.UserPassword(u.User.Username(), "xxxxx")
+		}
+		return u.String()
+	}
+	return regexp.MustCompile(`password\s*=\s*('([^'\\]|\\.)*'|\S+)`).ReplaceAllString(dsn, "password=xxxxx")
+}
+
+// RouterConfig derives the pipeline's routing from the file.
+func (c *Config) RouterConfig(database string) pipeline.RouterConfig {
+	return pipeline.RouterConfig{
+		TopicPrefix:       c.Kafka.TopicPrefix,
+		Database:          database,
+		EntityStreams:     c.Pipeline.EntityStreams,
+		TableTopics:       *c.Pipeline.TableTopics,
+		TransactionsTopic: *c.Pipeline.TransactionsTopic,
+	}
+}

@@ -1,0 +1,192 @@
+// Package kafkatest starts an in-process Kafka (franz-go's kfake, which
+// speaks the real protocol) for tests and the demo, and reads topics back.
+package kafkatest
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"sort"
+	"testing"
+	"time"
+
+	kafkago "github.com/segmentio/kafka-go"
+	"github.com/twmb/franz-go/pkg/kfake"
+)
+
+// Cluster is a running kfake cluster.
+type Cluster struct {
+	c       *kfake.Cluster
+	port    int
+	dataDir string
+}
+
+// Start starts a one-broker kfake cluster on a free port on 127.0.0.1. With a
+// dataDir, records persist there and survive Restart.
+func Start(dataDir string) (*Cluster, error) {
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	cl := &Cluster{port: port, dataDir: dataDir}
+	if err := cl.start(); err != nil {
+		return nil, err
+	}
+	return cl, nil
+}
+
+func (cl *Cluster) start() error {
+	opts := []kfake.Opt{kfake.NumBrokers(1), kfake.Ports(cl.port),
+		kfake.BrokerConfigs(map[string]string{"log.cleaner.backoff.ms": "1000"})}
+	if cl.dataDir != "" {
+		opts = append(opts, kfake.DataDir(cl.dataDir))
+	}
+	c, err := kfake.NewCluster(opts...)
+	if err != nil {
+		return fmt.Errorf("starting kfake: %w", err)
+	}
+	cl.c = c
+	return nil
+}
+
+// Brokers returns the bootstrap addresses.
+func (cl *Cluster) Brokers() []string { return []string{fmt.Sprintf("127.0.0.1:%d", cl.port)} }
+
+// Stop shuts the broker down (clients see it as unreachable).
+func (cl *Cluster) Stop() {
+	if cl.c != nil {
+		cl.c.Close()
+		cl.c = nil
+	}
+}
+
+// Restart starts the broker again on the same port (and data dir).
+func (cl *Cluster) Restart() error {
+	cl.Stop()
+	var err error
+	for i := 0; i < 50; i++ {
+		if err = cl.start(); err == nil {
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return err
+}
+
+// Close stops the cluster.
+func (cl *Cluster) Close() { cl.Stop() }
+
+// ForTest starts a cluster for t and stops it at cleanup.
+func ForTest(t testing.TB) *Cluster {
+	t.Helper()
+	cl, err := Start("")
+	if err != nil {
+		t.Fatalf("kafkatest: %v", err)
+	}
+	t.Cleanup(cl.Close)
+	return cl
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// Record is one message read back, with its partition and offset.
+type Record struct {
+	Topic     string
+	Partition int
+	Offset    int64
+	Key       []byte
+	Value     []byte
+	Headers   map[string]string
+}
+
+// ReadAll reads every record currently in topic, partition by partition, in
+// offset order within each partition.
+func ReadAll(ctx context.Context, brokers []string, topic string) ([]Record, error) {
+	client := &kafkago.Client{Addr: kafkago.TCP(brokers...), Timeout: 10 * time.Second}
+	meta, err := client.Metadata(ctx, &kafkago.MetadataRequest{Topics: []string{topic}})
+	if err != nil {
+		return nil, fmt.Errorf("metadata for %s: %w", topic, err)
+	}
+	if len(meta.Topics) != 1 || meta.Topics[0].Error != nil {
+		if len(meta.Topics) == 1 {
+			return nil, fmt.Errorf("topic %s: %w", topic, meta.Topics[0].Error)
+		}
+		return nil, fmt.Errorf("topic %s not found", topic)
+	}
+	var parts []int
+	for _, p := range meta.Topics[0].Partitions {
+		parts = append(parts, p.ID)
+	}
+	sort.Ints(parts)
+	var out []Record
+	for _, p := range parts {
+		recs, err := readPartition(ctx, client, topic, p)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, recs...)
+	}
+	return out, nil
+}
+
+func readPartition(ctx context.Context, client *kafkago.Client, topic string, part int) ([]Record, error) {
+	offs, err := client.ListOffsets(ctx, &kafkago.ListOffsetsRequest{Topics: map[string][]kafkago.OffsetRequest{
+		topic: {kafkago.LastOffsetOf(part)}}})
+	if err != nil {
+		return nil, fmt.Errorf("list offsets %s/%d: %w", topic, part, err)
+	}
+	var end int64
+	for _, po := range offs.Topics[topic] {
+		if po.Partition == part {
+			if po.Error != nil {
+				return nil, po.Error
+			}
+			end = po.LastOffset
+		}
+	}
+	var out []Record
+	var offset int64
+	for offset < end {
+		resp, err := client.Fetch(ctx, &kafkago.FetchRequest{Topic: topic, Partition: part, Offset: offset, MaxBytes: 16 << 20, MaxWait: 100 * time.Millisecond})
+		if err != nil {
+			return nil, fmt.Errorf("fetch %s/%d@%d: %w", topic, part, offset, err)
+		}
+		if resp.Error != nil {
+			return nil, fmt.Errorf("fetch %s/%d@%d: %w", topic, part, offset, resp.Error)
+		}
+		n := 0
+		for {
+			r, err := resp.Records.ReadRecord()
+			if err != nil {
+				// io.EOF (or kafka-go's end-of-records error) ends the batch.
+				break
+			}
+			rec := Record{Topic: topic, Partition: part, Offset: r.Offset, Headers: map[string]string{}}
+			if r.Key != nil {
+				rec.Key, _ = readAllBytes(r.Key)
+			}
+			if r.Value != nil {
+				rec.Value, _ = readAllBytes(r.Value)
+			}
+			for _, h := range r.Headers {
+				rec.Headers[h.Key] = string(h.Value)
+			}
+			if r.Offset >= offset {
+				out = append(out, rec)
+				offset = r.Offset + 1
+				n++
+			}
+		}
+		if n == 0 {
+			return nil, fmt.Errorf("fetch %s/%d@%d returned no records before end offset %d", topic, part, offset, end)
+		}
+	}
+	return out, nil
+}
