@@ -139,7 +139,7 @@ func runDemo(ctx context.Context, out io.Writer, pgDSN string, brokers []string,
 
 	// Wait until everything committed is confirmed.
 	var target string
-	if err := pool.QueryRow(ctx, "SELECT pg_current_wal_lsn()::text").Scan(&target); err != nil {
+	if err := pool.QueryRow(ctx, "SELECT pg_current_wal_insert_lsn()::text").Scan(&target); err != nil {
 		return err
 	}
 	tlsn, _ := pipeline.ParseLSN(target)
