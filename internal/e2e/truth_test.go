@@ -1,0 +1,141 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/tidemark/tidemark/pipeline"
+)
+
+// truth is a test_decoding slot created before a workload: the server's own
+// record of every committed transaction, to compare Kafka against.
+type truth struct {
+	e    *env
+	slot string
+}
+
+type truthTxn struct {
+	xid     uint32
+	end     pipeline.LSN // end LSN of the commit record
+	changes int
+}
+
+func (e *env) newTruth(name string) *truth {
+	e.t.Helper()
+	e.exec(`SELECT pg_create_logical_replication_slot($1, 'test_decoding')`, name)
+	return &truth{e: e, slot: name}
+}
+
+// txns returns every transaction with changes committed so far, in commit
+// order.
+func (tr *truth) txns() []truthTxn {
+	tr.e.t.Helper()
+	rows, err := tr.e.pool.Query(context.Background(), `SELECT lsn::text, xid::text, data FROM
+		pg_logical_slot_peek_changes($1, NULL, NULL, 'include-xids', '1', 'skip-empty-xacts', '1')`, tr.slot)
+	if err != nil {
+		tr.e.t.Fatalf("peeking truth slot: %v", err)
+	}
+	defer rows.Close()
+	var out []truthTxn
+	var cur *truthTxn
+	for rows.Next() {
+		var lsnS, xidS, data string
+		if err := rows.Scan(&lsnS, &xidS, &data); err != nil {
+			tr.e.t.Fatal(err)
+		}
+		switch {
+		case strings.HasPrefix(data, "BEGIN"):
+			x, _ := strconv.ParseUint(xidS, 10, 32)
+			cur = &truthTxn{xid: uint32(x)}
+		case strings.HasPrefix(data, "COMMIT"):
+			cur.end, _ = pipeline.ParseLSN(lsnS)
+			out = append(out, *cur)
+			cur = nil
+		case strings.HasPrefix(data, "table "):
+			cur.changes++
+		}
+	}
+	if err := rows.Err(); err != nil {
+		tr.e.t.Fatal(err)
+	}
+	return out
+}
+
+// kafkaTxns reads what Kafka holds: END records by xid, and the distinct
+// positions per commit LSN in the table topics.
+type kafkaView struct {
+	ends      map[uint32]txnRecord
+	positions map[uint64]map[uint32]bool
+}
+
+func (e *env) kafkaView(prefix string, tables []string) kafkaView {
+	e.t.Helper()
+	v := kafkaView{ends: map[uint32]txnRecord{}, positions: map[uint64]map[uint32]bool{}}
+	for _, tr := range e.readTxns(prefix + ".transactions") {
+		if tr.Status == "END" {
+			v.ends[tr.TxID] = tr
+		}
+	}
+	for _, t := range tables {
+		for _, m := range e.read(prefix + "." + t) {
+			l := uint64(m.Pos.CommitLSN)
+			if v.positions[l] == nil {
+				v.positions[l] = map[uint32]bool{}
+			}
+			v.positions[l][m.Pos.Seq] = true
+		}
+	}
+	return v
+}
+
+// missing lists the transactions with end LSN <= upTo (all when upTo is 0)
+// that Kafka does not hold completely.
+func (v kafkaView) missing(txns []truthTxn, upTo pipeline.LSN) []string {
+	var out []string
+	for _, tt := range txns {
+		if upTo != 0 && tt.end > upTo {
+			continue
+		}
+		end, ok := v.ends[tt.xid]
+		if !ok {
+			out = append(out, fmt.Sprintf("xid %d (end %s): no END record", tt.xid, tt.end))
+			continue
+		}
+		if pipeline.LSN(end.EndLSN) != tt.end {
+			out = append(out, fmt.Sprintf("xid %d: END end_lsn %d, server says %s", tt.xid, end.EndLSN, tt.end))
+		}
+		if n := len(v.positions[end.LSN]); n != tt.changes || end.EventCount == nil || *end.EventCount != tt.changes {
+			out = append(out, fmt.Sprintf("xid %d: server committed %d changes, Kafka holds %d (END says %v)", tt.xid, tt.changes, n, end.EventCount))
+		}
+	}
+	return out
+}
+
+var buildOnce sync.Once
+var buildErr error
+
+// binary builds cmd/tidemark once per test run.
+func binary(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		binDir, buildErr = os.MkdirTemp("", "tidemark-bin-")
+		if buildErr != nil {
+			return
+		}
+		out, err := exec.Command("go", "build", "-o", filepath.Join(binDir, "tidemark"), "github.com/tidemark/tidemark/cmd/tidemark").CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return filepath.Join(binDir, "tidemark")
+}
