@@ -3,6 +3,7 @@ package capture
 import (
 	"encoding/hex"
 	"fmt"
+	"slices"
 	"strconv"
 	"time"
 
@@ -20,15 +21,22 @@ type decoder struct {
 
 func newDecoder() *decoder { return &decoder{types: pgtype.NewMap()} }
 
-// relation converts a Relation message into the pipeline's shape.
-func relationFromMessage(m *pglogrepl.RelationMessage) *pipeline.Relation {
+// relationFromMessage converts a Relation message into the pipeline's shape.
+// Column.Key follows keys (the table's primary key, from preflight) when
+// given: pgoutput flags every column under REPLICA IDENTITY FULL, which would
+// key messages by the whole row. Without keys, the flags are used.
+func relationFromMessage(m *pglogrepl.RelationMessage, keys []string) *pipeline.Relation {
 	r := &pipeline.Relation{
 		OID: m.RelationID, Schema: m.Namespace, Table: m.RelationName,
 		ReplicaIdentity: m.ReplicaIdentity,
 		Columns:         make([]pipeline.Column, len(m.Columns)),
 	}
 	for i, c := range m.Columns {
-		r.Columns[i] = pipeline.Column{Name: c.Name, TypeOID: c.DataType, Key: c.Flags&1 == 1}
+		key := c.Flags&1 == 1
+		if len(keys) > 0 {
+			key = slices.Contains(keys, c.Name)
+		}
+		r.Columns[i] = pipeline.Column{Name: c.Name, TypeOID: c.DataType, Key: key}
 	}
 	return r
 }

@@ -19,7 +19,18 @@ type TableInfo struct {
 	// IdentityColumns are the columns Postgres sends in old-row images
 	// (all columns under FULL); empty when the table has no usable identity.
 	IdentityColumns []string
-	Columns         []string
+	// PrimaryKey lists the primary key columns (empty without one).
+	PrimaryKey []string
+	Columns    []string
+}
+
+// KeyColumns returns the columns that key the table's messages: the primary
+// key, or the replica identity when there is none.
+func (t TableInfo) KeyColumns() []string {
+	if len(t.PrimaryKey) > 0 {
+		return t.PrimaryKey
+	}
+	return t.IdentityColumns
 }
 
 // Qualified returns "schema.table".
@@ -139,11 +150,14 @@ func inspectTable(ctx context.Context, conn *pgx.Conn, schema, table string) (*T
 		}
 		return pgx.CollectRows(rows, pgx.RowTo[string])
 	}
+	if ti.PrimaryKey, err = indexCols("i.indisprimary"); err != nil {
+		return nil, nil, fmt.Errorf("reading primary key of %s: %w", qualified, err)
+	}
 	switch ti.ReplicaIdentity {
 	case 'f':
 		ti.IdentityColumns = ti.Columns
 	case 'd':
-		ti.IdentityColumns, err = indexCols("i.indisprimary")
+		ti.IdentityColumns = ti.PrimaryKey
 	case 'i':
 		ti.IdentityColumns, err = indexCols("i.indisreplident")
 	}

@@ -43,6 +43,10 @@ type Config struct {
 	Buffer int
 	// ReconnectMax bounds the backoff between reconnect attempts. Default 30s.
 	ReconnectMax time.Duration
+	// KeyColumns maps "schema.table" to the columns that key its messages
+	// (its primary key; see TableInfo.KeyColumns). Tables not listed are
+	// keyed by the replica identity columns pgoutput flags.
+	KeyColumns map[string][]string
 }
 
 func (c *Config) defaults() {
@@ -342,7 +346,7 @@ func (s *Stream) handleWAL(ctx context.Context, conn *pgconn.PgConn, xld pglogre
 		s.stats.ReceivedLSN.Store(uint64(s.txn.EndLSN))
 		s.txn, s.open = nil, false
 	case *pglogrepl.RelationMessage:
-		s.rels[m.RelationID] = relationFromMessage(m)
+		s.rels[m.RelationID] = relationFromMessage(m, s.cfg.KeyColumns[m.Namespace+"."+m.RelationName])
 	case *pglogrepl.TypeMessage:
 		s.typeNames[m.DataType] = m.Namespace + "." + m.Name
 	case *pglogrepl.OriginMessage:

@@ -110,9 +110,13 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger) (*App, er
 	if created {
 		log.Info("created replication slot", zap.String("slot", cfg.Postgres.Slot))
 	}
+	keys := map[string][]string{}
+	for name, ti := range infos {
+		keys[name] = ti.KeyColumns()
+	}
 	stream, err := capture.New(capture.Config{
 		DSN: cfg.Postgres.DSN, Slot: cfg.Postgres.Slot, Publication: cfg.Postgres.Publication,
-		StandbyInterval: cfg.Postgres.StandbyInterval,
+		StandbyInterval: cfg.Postgres.StandbyInterval, KeyColumns: keys,
 	}, log.With(zap.String("component", "capture")))
 	if err != nil {
 		return nil, err

@@ -146,6 +146,13 @@ COMMIT;`)
 	if str(t, upd.After["event_id"]) != "$e1" {
 		t.Errorf("after lacks event_id")
 	}
+	// REPLICA IDENTITY FULL logs whole old rows, but messages are keyed by
+	// the primary key only.
+	for _, m := range ej {
+		if string(m.Key) != `{"event_id":"$e1"}` {
+			t.Errorf("event_json key %s, want the primary key", m.Key)
+		}
+	}
 
 	// Truncate: one 't' record in every partition of read_markers.
 	rm := e.read("canon.public.read_markers")

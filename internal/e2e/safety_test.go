@@ -1,0 +1,164 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tidemark/tidemark/capture"
+	"github.com/tidemark/tidemark/internal/app"
+	"github.com/tidemark/tidemark/internal/config"
+	"github.com/tidemark/tidemark/pipeline"
+)
+
+// TestReplicaIdentityRefused: a table without replica identity is refused
+// with the exact ALTER TABLE to run, is not added to the publication, and
+// the application's UPDATE on it keeps working.
+func TestReplicaIdentityRefused(t *testing.T) {
+	e := newEnv(t, "")
+	e.exec(`CREATE TABLE ok_table (id int PRIMARY KEY, v text);
+CREATE TABLE no_pk (room_id text, user_id text, v text);
+CREATE TABLE has_unique (id int NOT NULL, v text);
+CREATE UNIQUE INDEX has_unique_id ON has_unique (id);
+CREATE TABLE nothing_ident (id int PRIMARY KEY, v text);
+ALTER TABLE nothing_ident REPLICA IDENTITY NOTHING;
+INSERT INTO no_pk VALUES ('!r', '@u', 'a');`)
+	cfg := e.config("ident", []string{"public.ok_table", "public.no_pk", "public.has_unique", "public.nothing_ident"}, nil)
+	_, err := app.Prepare(context.Background(), cfg, nil)
+	var pe *capture.PreflightError
+	if !errors.As(err, &pe) {
+		t.Fatalf("Prepare = %v, want a PreflightError", err)
+	}
+	msg := err.Error()
+	for _, want := range []string{
+		`public.no_pk: has no replica identity`,
+		`fix: ALTER TABLE "public"."no_pk" REPLICA IDENTITY FULL;`,
+		`fix: ALTER TABLE "public"."has_unique" REPLICA IDENTITY USING INDEX "has_unique_id";`,
+		`public.nothing_ident: has REPLICA IDENTITY NOTHING`,
+	} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("error lacks %q:\n%s", want, msg)
+		}
+	}
+	if strings.Contains(msg, "ok_table") {
+		t.Errorf("error mentions the healthy table:\n%s", msg)
+	}
+	var pubs int
+	if err := e.pool.QueryRow(context.Background(), `SELECT count(*) FROM pg_publication WHERE pubname = $1`, cfg.Postgres.Publication).Scan(&pubs); err != nil {
+		t.Fatal(err)
+	}
+	if pubs != 0 {
+		t.Errorf("publication was created despite the refusal")
+	}
+	// The application's writes keep working.
+	e.exec(`UPDATE no_pk SET v = 'b' WHERE user_id = '@u'`)
+	e.exec(`DELETE FROM no_pk WHERE user_id = '@u'`)
+
+	// The CLI says the same with exit code 3.
+	path := writeConfig(t, cfg)
+	out, err := exec.Command(binary(t), "check", "--config", path).CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 3 {
+		t.Errorf("tidemark check: %v (want exit 3)\n%s", err, out)
+	}
+	if !strings.Contains(string(out), `ALTER TABLE "public"."no_pk" REPLICA IDENTITY FULL;`) {
+		t.Errorf("tidemark check output lacks the fix:\n%s", out)
+	}
+
+	// After the fix, capture starts and the table's updates flow.
+	e.exec(`ALTER TABLE no_pk REPLICA IDENTITY FULL; ALTER TABLE has_unique REPLICA IDENTITY USING INDEX has_unique_id;
+ALTER TABLE nothing_ident REPLICA IDENTITY DEFAULT`)
+	e.start(cfg)
+	e.exec(`INSERT INTO no_pk VALUES ('!r2', '@u2', 'x'); UPDATE no_pk SET v = 'y' WHERE user_id = '@u2'`)
+	e.waitSlot(cfg.Postgres.Slot, e.currentLSN(), 30*time.Second)
+	// Without a primary key, the whole row (its FULL identity) is the key:
+	// the update is the old row's delete and the new row's create.
+	ms := e.read("ident.public.no_pk")
+	var ops []string
+	for _, m := range ms {
+		ops = append(ops, m.Env.Op)
+	}
+	if strings.Join(ops, ",") != "c,d,c" {
+		t.Fatalf("no_pk under FULL identity: ops %v, want c,d,c", ops)
+	}
+	if string(ms[1].Env.Before["v"]) != `"x"` || string(ms[2].Env.After["v"]) != `"y"` {
+		t.Errorf("FULL identity update: before %s after %s", ms[1].Env.Before["v"], ms[2].Env.After["v"])
+	}
+}
+
+// TestKcatReadsTopics: a third-party client (kcat, librdkafka) consumes our
+// topic; the JSON parses and its fields match what we wrote.
+func TestKcatReadsTopics(t *testing.T) {
+	kcat, err := exec.LookPath("kcat")
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("kcat is required under CI (apt-get install kcat)")
+		}
+		t.Skip("kcat not installed (apt-get install kcat); required under CI")
+	}
+	e := newEnv(t, "")
+	e.exec(`CREATE TABLE rooms (room_id text PRIMARY KEY, name text, members int)`)
+	cfg := e.config("kc", []string{"public.rooms"}, func(c *config.Config) { c.Kafka.Partitions = 2 })
+	e.start(cfg)
+	e.exec(`INSERT INTO rooms VALUES ('!a', 'Lobby', 3), ('!b', 'Ops', 5); UPDATE rooms SET members = 4 WHERE room_id = '!a'; DELETE FROM rooms WHERE room_id = '!b'`)
+	e.waitSlot(cfg.Postgres.Slot, e.currentLSN(), 30*time.Second)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, kcat, "-C", "-b", e.kafka.Brokers()[0], "-t", "kc.public.rooms", "-e", "-J", "-q").Output()
+	if err != nil {
+		t.Fatalf("kcat: %v", err)
+	}
+	type kcatMsg struct {
+		Partition int      `json:"partition"`
+		Key       string   `json:"key"`
+		Payload   string   `json:"payload"`
+		Headers   []string `json:"headers"`
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	if len(lines) != 4 {
+		t.Fatalf("kcat read %d messages, want 4:\n%s", len(lines), out)
+	}
+	ours := map[string]msg{}
+	for _, m := range e.read("kc.public.rooms") {
+		ours[string(m.Key)+m.Headers["tidemark-seq"]+m.Headers["tidemark-lsn"]] = m
+	}
+	ops := map[string]int{}
+	for _, l := range lines {
+		var km kcatMsg
+		if err := json.Unmarshal([]byte(l), &km); err != nil {
+			t.Fatalf("kcat line is not JSON: %v\n%s", err, l)
+		}
+		var env envelope
+		if err := json.Unmarshal([]byte(km.Payload), &env); err != nil {
+			t.Fatalf("payload read by kcat is not a JSON envelope: %v\n%s", err, km.Payload)
+		}
+		hdr := map[string]string{}
+		for i := 0; i+1 < len(km.Headers); i += 2 {
+			hdr[km.Headers[i]] = km.Headers[i+1]
+		}
+		if hdr["tidemark-op"] != env.Op || hdr["tidemark-table"] != "public.rooms" {
+			t.Errorf("headers %v disagree with envelope op %q", hdr, env.Op)
+		}
+		m, ok := ours[km.Key+hdr["tidemark-seq"]+hdr["tidemark-lsn"]]
+		if !ok {
+			t.Errorf("kcat message key %s not among ours", km.Key)
+			continue
+		}
+		if m.Partition != km.Partition || string(m.Value) != km.Payload {
+			t.Errorf("kcat sees partition %d payload %s; we wrote partition %d payload %s", km.Partition, km.Payload, m.Partition, m.Value)
+		}
+		if env.Source.Table != "rooms" || pipeline.LSN(env.Source.LSN) == 0 {
+			t.Errorf("source block: %+v", env.Source)
+		}
+		ops[env.Op]++
+	}
+	if ops["c"] != 2 || ops["u"] != 1 || ops["d"] != 1 {
+		t.Errorf("ops read by kcat: %v", ops)
+	}
+}
