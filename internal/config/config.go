@@ -416,15 +416,28 @@ func checkDSN(dsn string) error {
 	return nil
 }
 
+var (
+	kvPasswordRe    = regexp.MustCompile(`password\s*=\s*('([^'\\]|\\.)*'|\S+)`)
+	queryPasswordRe = regexp.MustCompile(`(^|&)password=[^&]*`)
+	// userinfoRe matches "scheme://user:" and everything up to the last "@",
+	// for URLs too malformed to parse.
+	userinfoRe = regexp.MustCompile(`^([A-Za-z][A-Za-z0-9+.-]*://[^:@/]*:).*@`)
+)
+
 // Redact returns dsn with any password replaced by "xxxxx", for display.
+// URLs are masked in their user info and in a "password" query parameter
+// (libpq accepts both); a URL that does not parse is masked by pattern.
 func Redact(dsn string) string {
 	if u, err := url.Parse(dsn); err == nil && u.Scheme != "" {
 		if _, ok := u.User.Password(); ok {
 			u.User = url.UserPassword(u.User.Username(), "xxxxx")
 		}
+		u.RawQuery = queryPasswordRe.ReplaceAllString(u.RawQuery, "${1}password=xxxxx")
 		return u.String()
+	} else if err != nil && strings.Contains(dsn, "://") {
+		dsn = userinfoRe.ReplaceAllString(dsn, "${1}xxxxx@")
 	}
-	return regexp.MustCompile(`password\s*=\s*('([^'\\]|\\.)*'|\S+)`).ReplaceAllString(dsn, "password=xxxxx")
+	return kvPasswordRe.ReplaceAllString(dsn, "password=xxxxx")
 }
 
 // RouterConfig derives the pipeline's routing from the file.

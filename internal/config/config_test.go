@@ -1,0 +1,557 @@
+package config_test
+
+import (
+	"errors"
+	"net/url"
+	"os"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tidemark/tidemark/internal/config"
+	"github.com/tidemark/tidemark/pipeline"
+)
+
+// clearEnv makes Load independent of the caller's environment.
+func clearEnv(t *testing.T) {
+	t.Helper()
+	for _, k := range []string{config.EnvPostgresDSN, config.EnvPostgresPassword, config.EnvKafkaBrokers} {
+		t.Setenv(k, "")
+	}
+}
+
+func env(m map[string]string) func(string) string {
+	return func(k string) string { return m[k] }
+}
+
+func noEnv(string) string { return "" }
+
+func readFile(t *testing.T, name string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("testdata", name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func TestLoadGoodConfigAppliesDefaults(t *testing.T) {
+	clearEnv(t)
+	c, err := config.Load(filepath.Join("testdata", "good.yml"))
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	listen := "127.0.0.1:9187"
+	want := &config.Config{
+		Postgres: config.Postgres{
+			DSN:               "postgres://tidemark@db.internal:5432/chat?sslmode=require",
+			Slot:              "tidemark",
+			Publication:       "tidemark",
+			ManagePublication: ptr(true),
+			Tables:            []string{"public.events", "public.users", "public.room_memberships"},
+			StandbyInterval:   10 * time.Second,
+		},
+		Kafka: config.Kafka{
+			Brokers:           []string{"kafka-1:9092", "kafka-2:9092"},
+			TopicPrefix:       "tidemark",
+			Partitions:        6,
+			ReplicationFactor: 1,
+			Compression:       "none",
+			BatchBytes:        1 << 20,
+			ClientID:          "tidemark",
+		},
+		Pipeline: config.Pipeline{
+			TableTopics:       ptr(true),
+			TransactionsTopic: ptr(true),
+			EntityStreams: []pipeline.EntityStream{
+				{Name: "rooms", Key: "room_id", Tables: []string{"public.events", "public.room_memberships"}},
+			},
+			MaxInFlightMessages: 100000,
+			MaxInFlightBytes:    64 << 20,
+			MaxBatchMessages:    10000,
+		},
+		HTTP: config.HTTP{Listen: &listen},
+		Log:  config.Log{Level: "info", Format: "console"},
+	}
+	if !reflect.DeepEqual(c, want) {
+		t.Errorf("Load:\n got %+v\nwant %+v", c, want)
+	}
+	rc := c.RouterConfig("chat")
+	if rc.TopicPrefix != "tidemark" || rc.Database != "chat" || !rc.TableTopics || !rc.TransactionsTopic ||
+		!reflect.DeepEqual(rc.EntityStreams, want.Pipeline.EntityStreams) {
+		t.Errorf("RouterConfig = %+v", rc)
+	}
+}
+
+func TestLoadKeepsExplicitValues(t *testing.T) {
+	clearEnv(t)
+	c, err := config.Load(filepath.Join("testdata", "explicit.yml"))
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	checks := []struct {
+		name      string
+		got, want any
+	}{
+		{"postgres.slot", c.Postgres.Slot, "chat_cdc"},
+		{"postgres.publication", c.Postgres.Publication, "chat_pub"},
+		{"postgres.manage_publication", *c.Postgres.ManagePublication, false},
+		{"postgres.standby_interval", c.Postgres.StandbyInterval, 2 * time.Second},
+		{"kafka.topic_prefix", c.Kafka.TopicPrefix, "chat-cdc"},
+		{"kafka.partitions", c.Kafka.Partitions, 12},
+		{"kafka.replication_factor", c.Kafka.ReplicationFactor, 3},
+		{"kafka.compression", c.Kafka.Compression, "zstd"},
+		{"kafka.batch_bytes", c.Kafka.BatchBytes, int64(2048)},
+		{"kafka.client_id", c.Kafka.ClientID, "chat"},
+		{"kafka.topic_configs", c.Kafka.TopicConfigs, map[string]string{"retention.ms": "604800000"}},
+		{"pipeline.table_topics", *c.Pipeline.TableTopics, false},
+		{"pipeline.transactions_topic", *c.Pipeline.TransactionsTopic, false},
+		{"pipeline.max_inflight_messages", c.Pipeline.MaxInFlightMessages, 500},
+		{"pipeline.max_inflight_bytes", c.Pipeline.MaxInFlightBytes, int64(2 << 20)},
+		{"pipeline.max_batch_messages", c.Pipeline.MaxBatchMessages, 50},
+		{"http.listen (empty disables)", *c.HTTP.Listen, ""},
+		{"log.level", c.Log.Level, "debug"},
+		{"log.format", c.Log.Format, "json"},
+	}
+	for _, ch := range checks {
+		if !reflect.DeepEqual(ch.got, ch.want) {
+			t.Errorf("%s = %#v, want %#v", ch.name, ch.got, ch.want)
+		}
+	}
+}
+
+// TestLoadExampleConfig keeps the shipped example loadable.
+func TestLoadExampleConfig(t *testing.T) {
+	clearEnv(t)
+	path := filepath.Join("..", "..", "deploy", "tidemark.example.yml")
+	if _, err := os.Stat(path); err != nil {
+		t.Skipf("no example config: %v", err)
+	}
+	if _, err := config.Load(path); err != nil {
+		t.Errorf("the example config does not load: %v", err)
+	}
+}
+
+// TestBadConfigs: each testdata/*.bad.yml with the problems it must report
+// (prometheus config/config_test.go style). Every expected string must
+// appear in the error; when paths is set, the problems are exactly those.
+func TestBadConfigs(t *testing.T) {
+	cases := []struct {
+		file  string
+		errs  []string
+		paths []string
+	}{
+		{
+			file: "tables.bad.yml",
+			errs: []string{
+				`postgres.tables[1]: "public.a.b" is not schema.table`,
+				`postgres.tables[2]: "public.events" is listed twice`,
+				`postgres.tables[3]: "public.1users" is not schema.table`,
+			},
+			paths: []string{"postgres.tables[1]", "postgres.tables[2]", "postgres.tables[3]"},
+		},
+		{
+			file:  "compression.bad.yml",
+			errs:  []string{`kafka.compression: "brotli" is not one of none, gzip, snappy, lz4, zstd`},
+			paths: []string{"kafka.compression"},
+		},
+		{
+			file:  "stream_table.bad.yml",
+			errs:  []string{`pipeline.entity_streams[0].tables[0]: "public.rooms" is not in postgres.tables`},
+			paths: []string{"pipeline.entity_streams[0].tables[0]"},
+		},
+		{
+			file: "stream_names.bad.yml",
+			errs: []string{
+				`pipeline.entity_streams[0].key: "room id" is not a column name`,
+				`pipeline.entity_streams[1].name: "rooms" is used twice`,
+				`pipeline.entity_streams[2].name: "transactions" is reserved`,
+				`pipeline.entity_streams[2].tables: required`,
+				`pipeline.entity_streams[3].name: "bad/name" is not a valid topic suffix`,
+			},
+			paths: []string{
+				"pipeline.entity_streams[0].key", "pipeline.entity_streams[1].name", "pipeline.entity_streams[2].name",
+				"pipeline.entity_streams[2].tables", "pipeline.entity_streams[3].name",
+			},
+		},
+		{
+			file: "unknown_field.bad.yml",
+			errs: []string{"yaml:", "line 6", "field brokerz not found"},
+		},
+		{
+			file: "type.bad.yml",
+			errs: []string{"yaml:", "line 6", "`six`", "int"},
+		},
+		{
+			file: "syntax.bad.yml",
+			errs: []string{"yaml:", "line 3"},
+		},
+		{
+			file: "missing.bad.yml",
+			errs: []string{
+				"postgres.dsn: required (or set TIDEMARK_POSTGRES_DSN)",
+				"postgres.tables: required",
+				"kafka.brokers: required (or set TIDEMARK_KAFKA_BROKERS)",
+			},
+			paths: []string{"kafka.brokers", "postgres.dsn", "postgres.tables"},
+		},
+		{
+			file:  "dsn_no_database.bad.yml",
+			errs:  []string{"postgres.dsn: names no database"},
+			paths: []string{"postgres.dsn"},
+		},
+		{
+			file:  "dsn_kv_no_database.bad.yml",
+			errs:  []string{"postgres.dsn: names no database (dbname=...)"},
+			paths: []string{"postgres.dsn"},
+		},
+		{
+			file:  "dsn_garbage.bad.yml",
+			errs:  []string{"postgres.dsn: neither a postgres:// URL nor key=value pairs"},
+			paths: []string{"postgres.dsn"},
+		},
+		{
+			file: "identifiers.bad.yml",
+			errs: []string{
+				`postgres.slot: "Tidemark" is not a valid slot name`,
+				`postgres.publication: "my-pub" is not a plain identifier`,
+				`kafka.topic_prefix: "tide mark"`,
+			},
+			paths: []string{"kafka.topic_prefix", "postgres.publication", "postgres.slot"},
+		},
+		{
+			file:  "standby.bad.yml",
+			errs:  []string{"postgres.standby_interval: 50ms is outside 100ms..60s"},
+			paths: []string{"postgres.standby_interval"},
+		},
+		{
+			file:  "brokers.bad.yml",
+			errs:  []string{`kafka.brokers[1]: "kafka-2" needs host:port`},
+			paths: []string{"kafka.brokers[1]"},
+		},
+		{
+			file: "limits.bad.yml",
+			errs: []string{
+				"kafka.partitions: 20000 is outside 1..10000",
+				"kafka.replication_factor: -1 must be at least 1",
+				"kafka.batch_bytes: 100 is below 1024",
+				"pipeline.max_inflight_bytes: 1000 is below 1 MiB",
+				"pipeline.max_batch_messages: 200 must be between 1 and max_inflight_messages (100)",
+			},
+			paths: []string{"kafka.batch_bytes", "kafka.partitions", "kafka.replication_factor",
+				"pipeline.max_batch_messages", "pipeline.max_inflight_bytes"},
+		},
+		{
+			file:  "log.bad.yml",
+			errs:  []string{`log.level: "trace"`, `log.format: "xml"`},
+			paths: []string{"log.format", "log.level"},
+		},
+		{
+			file: "many.bad.yml",
+			errs: []string{"9 problem(s)"},
+			paths: []string{
+				"kafka.brokers", "kafka.compression", "log.format", "pipeline.entity_streams[0].tables[0]",
+				"pipeline.max_batch_messages", "pipeline.max_inflight_messages", "postgres.dsn", "postgres.slot",
+				"postgres.tables[1]",
+			},
+		},
+	}
+	clearEnv(t)
+	covered := map[string]bool{}
+	for _, tc := range cases {
+		covered[tc.file] = true
+		t.Run(tc.file, func(t *testing.T) {
+			path := filepath.Join("testdata", tc.file)
+			c, err := config.Load(path)
+			if err == nil {
+				t.Fatalf("Load accepted %s: %+v", tc.file, c)
+			}
+			msg := err.Error()
+			if !strings.HasPrefix(msg, "invalid config "+path) {
+				t.Errorf("error does not name the file: %q", msg)
+			}
+			for _, want := range tc.errs {
+				if !strings.Contains(msg, want) {
+					t.Errorf("error lacks %q:\n%s", want, msg)
+				}
+			}
+			var ce *config.Error
+			if !errors.As(err, &ce) {
+				t.Fatalf("error is %T, want *config.Error", err)
+			}
+			if tc.paths != nil {
+				var got []string
+				for _, p := range ce.Problems {
+					got = append(got, p.Path)
+				}
+				if !slices.Equal(got, tc.paths) {
+					t.Errorf("problem paths %q, want %q (all problems, sorted):\n%s", got, tc.paths, msg)
+				}
+			}
+		})
+	}
+	files, err := filepath.Glob(filepath.Join("testdata", "*.bad.yml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range files {
+		if !covered[filepath.Base(f)] {
+			t.Errorf("%s has no entry in the table", f)
+		}
+	}
+}
+
+func TestEnvOverrides(t *testing.T) {
+	good := readFile(t, "good.yml")
+	noSecrets := []byte(`
+postgres:
+  tables: [public.events]
+`)
+	kv := []byte(`
+postgres:
+  dsn: "host=db dbname=chat user=app"
+  tables: [public.events]
+kafka:
+  brokers: ["file:9092"]
+`)
+	cases := []struct {
+		name        string
+		file        []byte
+		env         map[string]string
+		wantDSN     func(t *testing.T, dsn string)
+		wantBrokers []string
+	}{
+		{
+			name: "no environment keeps the file",
+			file: good,
+			wantDSN: func(t *testing.T, dsn string) {
+				if dsn != "postgres://tidemark@db.internal:5432/chat?sslmode=require" {
+					t.Errorf("dsn = %q", dsn)
+				}
+			},
+			wantBrokers: []string{"kafka-1:9092", "kafka-2:9092"},
+		},
+		{
+			name: "DSN and brokers from the environment fill a file without them",
+			file: noSecrets,
+			env: map[string]string{
+				config.EnvPostgresDSN:  "postgres://envuser@envdb:5432/envchat",
+				config.EnvKafkaBrokers: " a:9092, b:9092,,",
+			},
+			wantDSN: func(t *testing.T, dsn string) {
+				if dsn != "postgres://envuser@envdb:5432/envchat" {
+					t.Errorf("dsn = %q", dsn)
+				}
+			},
+			wantBrokers: []string{"a:9092", "b:9092"},
+		},
+		{
+			name: "environment overrides the file",
+			file: good,
+			env: map[string]string{
+				config.EnvPostgresDSN:  "postgres://envuser@envdb:5432/envchat",
+				config.EnvKafkaBrokers: "c:9092",
+			},
+			wantDSN: func(t *testing.T, dsn string) {
+				if dsn != "postgres://envuser@envdb:5432/envchat" {
+					t.Errorf("dsn = %q", dsn)
+				}
+			},
+			wantBrokers: []string{"c:9092"},
+		},
+		{
+			name: "password into a URL DSN",
+			file: good,
+			env:  map[string]string{config.EnvPostgresPassword: "p@ss w/rd:"},
+			wantDSN: func(t *testing.T, dsn string) {
+				u, err := url.Parse(dsn)
+				if err != nil {
+					t.Fatalf("dsn %q: %v", dsn, err)
+				}
+				pw, ok := u.User.Password()
+				if !ok || pw != "p@ss w/rd:" || u.User.Username() != "tidemark" || u.Host != "db.internal:5432" ||
+					u.Path != "/chat" || u.Query().Get("sslmode") != "require" {
+					t.Errorf("dsn = %q: password %q (%v), want the file's DSN with the password set", dsn, pw, ok)
+				}
+			},
+			wantBrokers: []string{"kafka-1:9092", "kafka-2:9092"},
+		},
+		{
+			name: "password into the environment's DSN",
+			file: noSecrets,
+			env: map[string]string{
+				config.EnvPostgresDSN:      "postgres://envuser@envdb:5432/envchat",
+				config.EnvPostgresPassword: "pw",
+				config.EnvKafkaBrokers:     "a:9092",
+			},
+			wantDSN: func(t *testing.T, dsn string) {
+				if dsn != "postgres://envuser:pw@envdb:5432/envchat" {
+					t.Errorf("dsn = %q", dsn)
+				}
+			},
+			wantBrokers: []string{"a:9092"},
+		},
+		{
+			name: "password into a key=value DSN, quoted",
+			file: kv,
+			env:  map[string]string{config.EnvPostgresPassword: `it's a \ secret`},
+			wantDSN: func(t *testing.T, dsn string) {
+				if want := `host=db dbname=chat user=app password='it\'s a \\ secret'`; dsn != want {
+					t.Errorf("dsn = %q, want %q", dsn, want)
+				}
+			},
+			wantBrokers: []string{"file:9092"},
+		},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := config.Parse("test.yml", tc.file, env(tc.env))
+			if err != nil {
+				t.Fatalf("Parse: %v", err)
+			}
+			tc.wantDSN(t, c.Postgres.DSN)
+			if !slices.Equal(c.Kafka.Brokers, tc.wantBrokers) {
+				t.Errorf("brokers = %q, want %q", c.Kafka.Brokers, tc.wantBrokers)
+			}
+		})
+	}
+}
+
+// TestErrorsNeverShowThePassword: whatever else is wrong, the error text
+// carries no form of the password.
+func TestErrorsNeverShowThePassword(t *testing.T) {
+	const secret = "Zx9-s3cret/pw@"
+	escaped := []string{secret, url.QueryEscape(secret), url.PathEscape(secret), url.UserPassword("u", secret).String()}
+	cases := []struct {
+		name string
+		file string
+		env  map[string]string
+	}{
+		{
+			name: "URL DSN with password and a bad compression",
+			file: "postgres:\n  dsn: \"postgres://app:" + url.PathEscape(secret) + "@db:5432/chat\"\n  tables: [public.events]\n" +
+				"kafka:\n  brokers: [\"k:9092\"]\n  compression: brotli\n",
+		},
+		{
+			name: "URL DSN with password and no database",
+			file: "postgres:\n  dsn: \"postgres://app:" + url.PathEscape(secret) + "@db:5432/\"\n  tables: [public.events]\n" +
+				"kafka:\n  brokers: [\"k:9092\"]\n",
+		},
+		{
+			name: "unparsable URL DSN with password",
+			file: "postgres:\n  dsn: \"postgres://app:" + secret + "%zz@db:5432/chat\"\n  tables: [public.events]\n" +
+				"kafka:\n  brokers: [\"k:9092\"]\n",
+		},
+		{
+			name: "key=value DSN with password and no database",
+			file: "postgres:\n  dsn: \"host=db password='" + secret + "'\"\n  tables: [public.events]\nkafka:\n  brokers: [\"k:9092\"]\n",
+		},
+		{
+			name: "password from the environment and a bad table",
+			file: "postgres:\n  dsn: \"postgres://app@db:5432/chat\"\n  tables: [\"not a table\"]\nkafka:\n  brokers: [\"k:9092\"]\n",
+			env:  map[string]string{config.EnvPostgresPassword: secret},
+		},
+		{
+			name: "password from the environment into a DSN without database",
+			file: "postgres:\n  dsn: \"host=db\"\n  tables: [public.events]\nkafka:\n  brokers: [\"k:9092\"]\n",
+			env:  map[string]string{config.EnvPostgresPassword: secret},
+		},
+		{
+			name: "DSN from the environment and an unknown field",
+			file: "postgres:\n  tables: [public.events]\n  colour: blue\nkafka:\n  brokers: [\"k:9092\"]\n",
+			env:  map[string]string{config.EnvPostgresDSN: "postgres://app:" + url.PathEscape(secret) + "@db:5432/chat"},
+		},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := config.Parse("test.yml", []byte(tc.file), env(tc.env))
+			if err == nil {
+				t.Fatal("Parse accepted the file")
+			}
+			for _, s := range escaped {
+				if strings.Contains(err.Error(), s) {
+					t.Errorf("error shows the password (%q):\n%s", s, err)
+				}
+			}
+		})
+	}
+}
+
+func TestRedact(t *testing.T) {
+	cases := []struct {
+		name    string
+		dsn     string
+		want    string   // exact result when set
+		secrets []string // must not appear
+	}{
+		{"URL with password", "postgres://app:s3cret@db:5432/chat?sslmode=require",
+			"postgres://app:xxxxx@db:5432/chat?sslmode=require", []string{"s3cret"}},
+		{"postgresql URL with escaped password", "postgresql://app:p%40ss%2Fw@db/chat", "postgresql://app:xxxxx@db/chat",
+			[]string{"p%40ss", "p@ss"}},
+		{"URL without password unchanged", "postgres://app@db:5432/chat", "postgres://app@db:5432/chat", nil},
+		{"URL without user unchanged", "postgres://db:5432/chat", "postgres://db:5432/chat", nil},
+		{"URL with password in the query", "postgres://app@db:5432/chat?password=s3cret&sslmode=require", "",
+			[]string{"s3cret"}},
+		{"unparsable URL with password", "postgres://app:s3cret%zz@db:5432/chat", "", []string{"s3cret"}},
+		{"key=value", "host=db user=app password=s3cret dbname=chat", "host=db user=app password=xxxxx dbname=chat",
+			[]string{"s3cret"}},
+		{"key=value quoted with spaces and escapes", `host=db password='s3 c\'ret' dbname=chat`,
+			"host=db password=xxxxx dbname=chat", []string{"s3", "ret"}},
+		{"key=value spaced equals", "host=db password = s3cret dbname=chat", "host=db password=xxxxx dbname=chat",
+			[]string{"s3cret"}},
+		{"key=value without password unchanged", "host=db dbname=chat", "host=db dbname=chat", nil},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			got := config.Redact(tc.dsn)
+			if tc.want != "" && got != tc.want {
+				t.Errorf("Redact(%q) = %q, want %q", tc.dsn, got, tc.want)
+			}
+			for _, s := range tc.secrets {
+				if strings.Contains(got, s) {
+					t.Errorf("Redact(%q) = %q still shows %q", tc.dsn, got, s)
+				}
+			}
+		})
+	}
+}
+
+// TestRedactEnvPassword: a DSN built from TIDEMARK_POSTGRES_PASSWORD redacts
+// cleanly in both DSN forms.
+func TestRedactEnvPassword(t *testing.T) {
+	const secret = `it's "hard" \ to guess`
+	for _, dsn := range []string{"postgres://app@db:5432/chat", "host=db dbname=chat user=app"} {
+		file := "postgres:\n  dsn: \"" + dsn + "\"\n  tables: [public.events]\nkafka:\n  brokers: [\"k:9092\"]\n"
+		c, err := config.Parse("test.yml", []byte(file), env(map[string]string{config.EnvPostgresPassword: secret}))
+		if err != nil {
+			t.Fatalf("Parse: %v", err)
+		}
+		got := config.Redact(c.Postgres.DSN)
+		for _, s := range []string{"hard", "guess", url.PathEscape(secret)} {
+			if strings.Contains(got, s) {
+				t.Errorf("Redact(%q) = %q shows %q", c.Postgres.DSN, got, s)
+			}
+		}
+		if !strings.Contains(got, "xxxxx") {
+			t.Errorf("Redact(%q) = %q: no mask", c.Postgres.DSN, got)
+		}
+	}
+}
+
+func TestParseEmptyFile(t *testing.T) {
+	_, err := config.Parse("empty.yml", nil, noEnv)
+	var ce *config.Error
+	if !errors.As(err, &ce) {
+		t.Fatalf("Parse(empty) = %v, want *config.Error listing the required fields", err)
+	}
+	for _, p := range []string{"postgres.dsn", "postgres.tables", "kafka.brokers"} {
+		if !strings.Contains(err.Error(), p+": required") {
+			t.Errorf("error lacks %s: %v", p, err)
+		}
+	}
+}
+
+func ptr[T any](v T) *T { return &v }
