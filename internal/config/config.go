@@ -157,7 +157,7 @@ func Parse(name string, data []byte, getenv func(string) string) (*Config, error
 			}
 			return nil, e
 		}
-		return nil, &Error{File: name, Problems: []FieldError{{Path: "yaml", Msg: err.Error()}}}
+		return nil, &Error{File: name, Problems: []FieldError{{Path: "yaml", Msg: strings.TrimPrefix(err.Error(), "yaml: ")}}}
 	}
 	c.ApplyEnv(getenv)
 	c.ApplyDefaults()
@@ -220,7 +220,7 @@ func (c *Config) ApplyDefaults() {
 		p.StandbyInterval = 10 * time.Second
 	}
 	for i, t := range p.Tables {
-		if !strings.Contains(t, ".") {
+		if identRe.MatchString(t) {
 			p.Tables[i] = "public." + t
 		}
 	}
@@ -257,11 +257,16 @@ func (c *Config) ApplyDefaults() {
 		pl.MaxInFlightBytes = 64 << 20
 	}
 	if pl.MaxBatchMessages == 0 {
+		// The default may not exceed a smaller max_inflight_messages, which
+		// Validate would reject although the user did not set it.
 		pl.MaxBatchMessages = 10000
+		if pl.MaxInFlightMessages > 0 && pl.MaxInFlightMessages < pl.MaxBatchMessages {
+			pl.MaxBatchMessages = pl.MaxInFlightMessages
+		}
 	}
 	for i := range pl.EntityStreams {
 		for j, t := range pl.EntityStreams[i].Tables {
-			if !strings.Contains(t, ".") {
+			if identRe.MatchString(t) {
 				pl.EntityStreams[i].Tables[j] = "public." + t
 			}
 		}

@@ -179,15 +179,15 @@ func TestBadConfigs(t *testing.T) {
 		},
 		{
 			file: "unknown_field.bad.yml",
-			errs: []string{"yaml:", "line 6", "field brokerz not found"},
+			errs: []string{"\n  - yaml: line 6: field brokerz not found in type config.Kafka"},
 		},
 		{
 			file: "type.bad.yml",
-			errs: []string{"yaml:", "line 6", "`six`", "int"},
+			errs: []string{"\n  - yaml: line 6: cannot unmarshal !!str `six` into int"},
 		},
 		{
 			file: "syntax.bad.yml",
-			errs: []string{"yaml:", "line 3"},
+			errs: []string{"\n  - yaml: line 1: did not find expected key"},
 		},
 		{
 			file: "missing.bad.yml",
@@ -555,3 +555,34 @@ func TestParseEmptyFile(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// TestDefaultBatchFitsInFlight: lowering max_inflight_messages alone must not
+// make the default max_batch_messages invalid.
+func TestDefaultBatchFitsInFlight(t *testing.T) {
+	cases := []struct {
+		inflight, batch string
+		wantBatch       int
+	}{
+		{"100", "", 100},
+		{"20000", "", 10000},
+		{"", "", 10000},
+		{"100", "30", 30},
+	}
+	for _, tc := range cases {
+		file := "postgres:\n  dsn: \"postgres://app@db:5432/chat\"\n  tables: [public.events]\nkafka:\n  brokers: [\"k:9092\"]\npipeline:\n"
+		if tc.inflight != "" {
+			file += "  max_inflight_messages: " + tc.inflight + "\n"
+		}
+		if tc.batch != "" {
+			file += "  max_batch_messages: " + tc.batch + "\n"
+		}
+		c, err := config.Parse("test.yml", []byte(file), noEnv)
+		if err != nil {
+			t.Errorf("inflight=%q batch=%q: %v", tc.inflight, tc.batch, err)
+			continue
+		}
+		if c.Pipeline.MaxBatchMessages != tc.wantBatch {
+			t.Errorf("inflight=%q batch=%q: max_batch_messages = %d, want %d", tc.inflight, tc.batch, c.Pipeline.MaxBatchMessages, tc.wantBatch)
+		}
+	}
+}
