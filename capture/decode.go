@@ -1,7 +1,9 @@
 package capture
 
 import (
+	"encoding/binary"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"slices"
 	"strconv"
@@ -194,4 +196,26 @@ func normalize(v any, oid uint32) (any, error) {
 	default:
 		return nil, fmt.Errorf("unexpected decoded value of Go type %T", v)
 	}
+}
+
+// parseMessage parses one pgoutput message. pglogrepl's parser trusts its
+// input and can panic on truncated data; a malformed message from the server
+// becomes an error naming its type and size instead of a crash.
+func parseMessage(data []byte) (m pglogrepl.Message, err error) {
+	if len(data) == 0 {
+		return nil, errors.New("empty pgoutput message")
+	}
+	// A Truncate's relation count sizes an allocation before it is checked
+	// against the message length.
+	if data[0] == byte(pglogrepl.MessageTypeTruncate) && len(data) >= 5 {
+		if n := binary.BigEndian.Uint32(data[1:5]); uint64(n)*4 > uint64(len(data)) {
+			return nil, fmt.Errorf("malformed pgoutput truncate: %d relations in %d bytes", n, len(data))
+		}
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			m, err = nil, fmt.Errorf("malformed pgoutput message (type %q, %d bytes): %v", data[0], len(data), r)
+		}
+	}()
+	return pglogrepl.Parse(data)
 }

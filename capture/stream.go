@@ -322,7 +322,7 @@ func (s *Stream) handleCopyData(ctx context.Context, conn *pgconn.PgConn, data [
 }
 
 func (s *Stream) handleWAL(ctx context.Context, conn *pgconn.PgConn, xld pglogrepl.XLogData) error {
-	msg, err := pglogrepl.Parse(xld.WALData)
+	msg, err := parseMessage(xld.WALData)
 	if err != nil {
 		return fmt.Errorf("%w: decoding pgoutput message at %s: %v", ErrTerminal, xld.WALStart, err)
 	}
