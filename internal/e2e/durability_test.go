@@ -17,6 +17,7 @@ import (
 	"github.com/tidemark/tidemark/internal/app"
 	"github.com/tidemark/tidemark/internal/config"
 	"github.com/tidemark/tidemark/internal/demo"
+	"github.com/tidemark/tidemark/internal/pgserver"
 	"github.com/tidemark/tidemark/pipeline"
 )
 
@@ -258,7 +259,7 @@ func TestKafkaOutage(t *testing.T) {
 	time.Sleep(time.Second) // acknowledgements of writes that completed before the stop settle
 	c0 := e.slotConfirmed(cfg.Postgres.Slot)
 	changes0 := r.Pipeline.Stats().Changes.Load()
-	time.Sleep(4 * time.Second)
+	time.Sleep(7 * time.Second) // longer than the test server's wal_sender_timeout
 	c1 := e.slotConfirmed(cfg.Postgres.Slot)
 	changes1 := r.Pipeline.Stats().Changes.Load()
 	if c1 != c0 {
@@ -266,7 +267,7 @@ func TestKafkaOutage(t *testing.T) {
 	}
 	// The reader is blocked by backpressure: it takes in at most the
 	// in-flight bound plus the capture buffer, while the workload keeps
-	// committing about 1,000 transactions.
+	// committing about 2,000 transactions.
 	if d := changes1 - changes0; d > 300+1024 {
 		t.Errorf("pipeline accepted %d changes while Kafka was down; backpressure bound is 300 (+1024 buffered)", d)
 	}
@@ -277,6 +278,11 @@ func TestKafkaOutage(t *testing.T) {
 	e.waitSlot(cfg.Postgres.Slot, e.currentLSN(), 90*time.Second)
 	stopSampling()
 	wg.Wait()
+	// The throwaway server's wal_sender_timeout is 5s: had capture stopped
+	// answering keepalives while blocked, Postgres would have dropped it.
+	if n := r.Stream.Stats().Reconnects.Load(); n != 0 && os.Getenv(pgserver.EnvTestDSN) == "" {
+		t.Errorf("replication connection was dropped %d times during the outage", n)
+	}
 	if maxInFlight > 300 {
 		t.Errorf("in-flight messages reached %d, bound is 300", maxInFlight)
 	}

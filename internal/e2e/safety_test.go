@@ -162,3 +162,26 @@ func TestKcatReadsTopics(t *testing.T) {
 		t.Errorf("ops read by kcat: %v", ops)
 	}
 }
+
+// TestUnmanagedPublication: with manage_publication false, Tidemark only
+// verifies the publication and names what is missing, with the statement to
+// run.
+func TestUnmanagedPublication(t *testing.T) {
+	e := newEnv(t, "")
+	e.exec(`CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)`)
+	off := false
+	cfg := e.config("unmanaged", []string{"public.a", "public.b"}, func(c *config.Config) { c.Postgres.ManagePublication = &off })
+	_, err := app.Prepare(context.Background(), cfg, nil)
+	if err == nil || !strings.Contains(err.Error(), `publication "unmanaged_pub" does not exist; create it with: CREATE PUBLICATION "unmanaged_pub" FOR TABLE "public"."a", "public"."b";`) {
+		t.Fatalf("missing publication: %v", err)
+	}
+	e.exec(`CREATE PUBLICATION unmanaged_pub FOR TABLE a`)
+	_, err = app.Prepare(context.Background(), cfg, nil)
+	if err == nil || !strings.Contains(err.Error(), `does not cover "public"."b"; add with: ALTER PUBLICATION "unmanaged_pub" ADD TABLE "public"."b";`) {
+		t.Fatalf("incomplete publication: %v", err)
+	}
+	e.exec(`ALTER PUBLICATION unmanaged_pub ADD TABLE b`)
+	if _, err := app.Prepare(context.Background(), cfg, nil); err != nil {
+		t.Fatalf("complete publication: %v", err)
+	}
+}

@@ -184,6 +184,8 @@ func (s *Server) startPostgres(ctx context.Context, binDir string, cred *syscall
 		"-c", "full_page_writes=off",
 		"-c", "shared_buffers=128MB",
 		"-c", "max_connections=200",
+		// Short, so tests notice a client that stops answering keepalives.
+		"-c", "wal_sender_timeout=5s",
 	}
 	keys := make([]string, 0, len(extra))
 	for k := range extra {
