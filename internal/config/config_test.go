@@ -149,7 +149,7 @@ func TestBadConfigs(t *testing.T) {
 			errs: []string{
 				`postgres.tables[1]: "public.a.b" is not schema.table`,
 				`postgres.tables[2]: "public.events" is listed twice`,
-				`postgres.tables[3]: "public.1users" is not schema.table`,
+				`postgres.tables[3]: "1users" is not schema.table`,
 			},
 			paths: []string{"postgres.tables[1]", "postgres.tables[2]", "postgres.tables[3]"},
 		},
