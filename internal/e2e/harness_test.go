@@ -10,7 +10,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -97,8 +96,7 @@ func (e *env) config(prefix string, tables []string, mod func(*config.Config)) *
 type running struct {
 	*app.App
 	cancel context.CancelFunc
-	done   chan error
-	once   sync.Once
+	done   chan struct{} // closed when Run returned; err holds its result
 	err    error
 }
 
@@ -110,22 +108,23 @@ func (e *env) start(cfg *config.Config) *running {
 		e.t.Fatalf("prepare: %v", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	r := &running{App: a, cancel: cancel, done: make(chan error, 1)}
-	go func() { r.done <- a.Run(ctx) }()
+	r := &running{App: a, cancel: cancel, done: make(chan struct{})}
+	go func() {
+		r.err = a.Run(ctx)
+		close(r.done)
+	}()
 	e.t.Cleanup(func() { r.stop(e.t) })
 	return r
 }
 
 func (r *running) stop(t *testing.T) error {
-	r.once.Do(func() {
-		r.cancel()
-		select {
-		case r.err = <-r.done:
-		case <-time.After(60 * time.Second):
-			r.err = fmt.Errorf("app did not stop within 60s")
-		}
-	})
-	return r.err
+	r.cancel()
+	select {
+	case <-r.done:
+		return r.err
+	case <-time.After(60 * time.Second):
+		return fmt.Errorf("app did not stop within 60s")
+	}
 }
 
 // currentLSN returns pg_current_wal_insert_lsn(): with synchronous_commit=off

@@ -185,3 +185,40 @@ func TestUnmanagedPublication(t *testing.T) {
 		t.Fatalf("complete publication: %v", err)
 	}
 }
+
+// TestOversizedRowStopsWithoutLoss: a row larger than Kafka accepts stops
+// the pipeline with an error naming the topic and position; the slot does
+// not pass it, so after raising the limit it is delivered.
+func TestOversizedRowStopsWithoutLoss(t *testing.T) {
+	e := newEnv(t, "")
+	e.exec(`CREATE TABLE notes (id int PRIMARY KEY, body text)`)
+	cfg := e.config("big", []string{"public.notes"}, func(c *config.Config) { c.Kafka.BatchBytes = 4096 })
+	r := e.start(cfg)
+	e.exec(`INSERT INTO notes VALUES (1, 'small')`)
+	e.waitSlot(cfg.Postgres.Slot, e.currentLSN(), 30*time.Second)
+	before := e.slotConfirmed(cfg.Postgres.Slot)
+	e.exec(`INSERT INTO notes VALUES (2, repeat('x', 10000))`)
+	e.exec(`INSERT INTO notes VALUES (3, 'after')`)
+	select {
+	case <-r.done:
+		if err := r.err; err == nil || !strings.Contains(err.Error(), "message for topic big.public.notes at position") ||
+			!strings.Contains(err.Error(), "over the 4096-byte batch limit") {
+			t.Fatalf("run ended with %v, want an oversized-message error naming topic and position", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("pipeline did not stop on an oversized message")
+	}
+	if c := e.slotConfirmed(cfg.Postgres.Slot); c != before {
+		t.Fatalf("slot moved from %s to %s past the undelivered row", before, c)
+	}
+	cfg2 := e.config("big", []string{"public.notes"}, func(c *config.Config) { c.Kafka.BatchBytes = 1 << 20 })
+	e.start(cfg2)
+	e.waitSlot(cfg.Postgres.Slot, e.currentLSN(), 30*time.Second)
+	ids := map[string]bool{}
+	for _, m := range e.read("big.public.notes") {
+		ids[string(m.Env.After["id"])] = true
+	}
+	if !ids["1"] || !ids["2"] || !ids["3"] {
+		t.Fatalf("after raising the limit, rows delivered: %v", ids)
+	}
+}

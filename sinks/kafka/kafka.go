@@ -4,8 +4,9 @@
 // Partitioning: partition = (murmur2(key) & 0x7fffffff) % numPartitions, the
 // same function as the Java client's default partitioner (and franz-go's), so
 // producers and consumers in any language can compute where a key lives.
-// Messages without a key and broadcast messages (truncates) go to every
-// partition of their topic. Changing a topic's partition count moves keys.
+// A nil key hashes like an empty one (one fixed partition). Broadcast
+// messages (truncates) go to every partition of their topic. Changing a
+// topic's partition count moves keys.
 //
 // Ordering: one Write is split into rounds in which every partition receives
 // at most one produce batch, so a batch succeeds or fails as a whole; failed
@@ -305,7 +306,7 @@ func (s *Sink) convert(msgs []pipeline.Message) ([]kafkago.Message, error) {
 			return nil, fmt.Errorf("message for topic %s at position %s is %d bytes, over the %d-byte batch limit (kafka.batch_bytes; also check the topic's max.message.bytes)",
 				m.Topic, m.Pos, size, s.cfg.BatchBytes)
 		}
-		if m.Broadcast || m.Key == nil {
+		if m.Broadcast {
 			n := s.Partitions(m.Topic)
 			if n == 0 {
 				n = 1
