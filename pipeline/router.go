@@ -76,14 +76,23 @@ type route struct {
 
 // Router maps changes to topics and keys. It is used by one goroutine.
 type Router struct {
-	cfg    RouterConfig
-	byName map[string][]EntityStream
-	cache  map[*Relation][]route
+	cfg      RouterConfig
+	byName   map[string][]EntityStream
+	cache    map[*Relation]*relInfo
+	scratch  []byte
+	kscratch []byte
+}
+
+// relInfo is what the router derives once per relation shape.
+type relInfo struct {
+	routes    []route
+	name      string // schema.table
+	nameBytes []byte
 }
 
 // NewRouter builds a Router.
 func NewRouter(cfg RouterConfig) *Router {
-	r := &Router{cfg: cfg, byName: map[string][]EntityStream{}, cache: map[*Relation][]route{}}
+	r := &Router{cfg: cfg, byName: map[string][]EntityStream{}, cache: map[*Relation]*relInfo{}}
 	for _, s := range cfg.EntityStreams {
 		for _, t := range s.Tables {
 			r.byName[t] = append(r.byName[t], s)
@@ -92,9 +101,9 @@ func NewRouter(cfg RouterConfig) *Router {
 	return r
 }
 
-func (r *Router) routes(rel *Relation) ([]route, error) {
-	if rs, ok := r.cache[rel]; ok {
-		return rs, nil
+func (r *Router) info(rel *Relation) (*relInfo, error) {
+	if ri, ok := r.cache[rel]; ok {
+		return ri, nil
 	}
 	var rs []route
 	streams := r.byName[rel.QualifiedName()]
@@ -114,8 +123,10 @@ func (r *Router) routes(rel *Relation) ([]route, error) {
 		}
 		rs = append(rs, route{topic: r.cfg.TableTopic(rel.Schema, rel.Table), keyCols: keys})
 	}
-	r.cache[rel] = rs
-	return rs, nil
+	name := rel.QualifiedName()
+	ri := &relInfo{routes: rs, name: name, nameBytes: []byte(name)}
+	r.cache[rel] = ri
+	return ri, nil
 }
 
 // txnState accumulates what the END record needs.
@@ -147,20 +158,18 @@ func (s *txnState) bump(name string) int {
 // new one, each with its own position, so that every key's stream stays
 // complete and compacted topics drop the old key.
 func (r *Router) encodeChange(dst []Message, st *txnState, ch *Change, now time.Time) ([]Message, error) {
-	rs, err := r.routes(ch.Rel)
+	ri, err := r.info(ch.Rel)
 	if err != nil {
 		return dst, err
 	}
 	src := EnvelopeSource{Name: r.cfg.TopicPrefix, Database: r.cfg.Database}
-	if ch.Op == OpUpdate && ch.Before != nil && r.keyChanged(rs, ch) {
-		del := *ch
-		del.Op = OpDelete
-		if dst, err = r.emit(dst, src, st, &del, OpDelete, ch.Before, nil, rs, now); err != nil {
+	if ch.Op == OpUpdate && ch.Before != nil && r.keyChanged(ri.routes, ch) {
+		if dst, err = r.emit(dst, src, st, ch, OpDelete, ch.Before, nil, ri, now); err != nil {
 			return dst, err
 		}
-		return r.emit(dst, src, st, ch, OpCreate, nil, ch.After, rs, now)
+		return r.emit(dst, src, st, ch, OpCreate, nil, ch.After, ri, now)
 	}
-	return r.emit(dst, src, st, ch, ch.Op, ch.Before, ch.After, rs, now)
+	return r.emit(dst, src, st, ch, ch.Op, ch.Before, ch.After, ri, now)
 }
 
 func (r *Router) keyChanged(rs []route, ch *Change) bool {
@@ -179,18 +188,27 @@ func (r *Router) keyChanged(rs []route, ch *Change) bool {
 	return false
 }
 
-func (r *Router) emit(dst []Message, src EnvelopeSource, st *txnState, ch *Change, op Op, before, after Tuple, rs []route, now time.Time) ([]Message, error) {
+var opBytes = map[Op][]byte{OpCreate: []byte("c"), OpUpdate: []byte("u"), OpDelete: []byte("d"), OpRead: []byte("r"), OpTruncate: []byte("t")}
+
+func (r *Router) emit(dst []Message, src EnvelopeSource, st *txnState, ch *Change, op Op, before, after Tuple, ri *relInfo, now time.Time) ([]Message, error) {
 	pos := Position{CommitLSN: st.info.CommitLSN, Seq: st.seq}
 	st.seq++
-	order := st.bump(ch.Rel.QualifiedName())
-	value := AppendEnvelope(make([]byte, 0, 512), src, st.info, ch, op, before, after, pos, order, now)
+	order := st.bump(ri.name)
+	// Encode into scratch space, then copy once at the exact size: the
+	// message owns its bytes until the sink has written them.
+	r.scratch = AppendEnvelope(r.scratch[:0], src, st.info, ch, op, before, after, pos, order, now)
+	value := bytes.Clone(r.scratch)
+	digits := make([]byte, 0, 24)
+	digits = strconv.AppendUint(digits, uint64(pos.CommitLSN), 10)
+	n := len(digits)
+	digits = strconv.AppendUint(digits, uint64(pos.Seq), 10)
 	headers := []Header{
-		{Key: "tidemark-table", Value: []byte(ch.Rel.QualifiedName())},
-		{Key: "tidemark-op", Value: []byte{byte(op)}},
-		{Key: "tidemark-lsn", Value: strconv.AppendUint(nil, uint64(pos.CommitLSN), 10)},
-		{Key: "tidemark-seq", Value: strconv.AppendUint(nil, uint64(pos.Seq), 10)},
+		{Key: "tidemark-table", Value: ri.nameBytes},
+		{Key: "tidemark-op", Value: opBytes[op]},
+		{Key: "tidemark-lsn", Value: digits[:n:n]},
+		{Key: "tidemark-seq", Value: digits[n:]},
 	}
-	for _, rt := range rs {
+	for _, rt := range ri.routes {
 		m := Message{Topic: rt.topic, Value: value, Headers: headers, Pos: pos}
 		if op == OpTruncate {
 			m.Broadcast = true
@@ -199,16 +217,17 @@ func (r *Router) emit(dst []Message, src EnvelopeSource, st *txnState, ch *Chang
 			if img == nil {
 				img = before
 			}
-			key, ok := AppendKey(nil, ch.Rel, img, rt.keyCols)
+			var ok bool
+			r.kscratch, ok = AppendKey(r.kscratch[:0], ch.Rel, img, rt.keyCols)
 			if !ok && before != nil && after != nil {
-				key, ok = AppendKey(nil, ch.Rel, before, rt.keyCols)
+				r.kscratch, ok = AppendKey(r.kscratch[:0], ch.Rel, before, rt.keyCols)
 			}
 			if !ok {
 				return dst, fmt.Errorf("%s on %s at %s: the row image lacks key column(s) for topic %s; "+
 					"set REPLICA IDENTITY FULL on the table so deletes carry the key",
-					opName(op), ch.Rel.QualifiedName(), pos, rt.topic)
+					opName(op), ri.name, pos, rt.topic)
 			}
-			m.Key = key
+			m.Key = bytes.Clone(r.kscratch)
 		}
 		dst = append(dst, m)
 	}

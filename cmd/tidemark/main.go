@@ -35,7 +35,7 @@ func main() {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(runCmd(), checkCmd(), demoCmd())
+	root.AddCommand(runCmd(), checkCmd(), demoCmd(), devKafkaCmd())
 	err := root.ExecuteContext(ctx)
 	if err == nil {
 		return

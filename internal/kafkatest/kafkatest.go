@@ -16,9 +16,10 @@ import (
 
 // Cluster is a running kfake cluster.
 type Cluster struct {
-	c       *kfake.Cluster
-	port    int
-	dataDir string
+	c          *kfake.Cluster
+	port       int
+	dataDir    string
+	partitions int // >0: allow auto-creation of topics with this many partitions
 }
 
 // Start starts a one-broker kfake cluster on a free port on 127.0.0.1. With a
@@ -35,11 +36,24 @@ func Start(dataDir string) (*Cluster, error) {
 	return cl, nil
 }
 
+// StartOn starts a cluster on a given port that also auto-creates topics
+// with the given partition count (0: no auto-creation).
+func StartOn(port int, dataDir string, partitions int) (*Cluster, error) {
+	cl := &Cluster{port: port, dataDir: dataDir, partitions: partitions}
+	if err := cl.start(); err != nil {
+		return nil, err
+	}
+	return cl, nil
+}
+
 func (cl *Cluster) start() error {
 	opts := []kfake.Opt{kfake.NumBrokers(1), kfake.Ports(cl.port),
 		kfake.BrokerConfigs(map[string]string{"log.cleaner.backoff.ms": "1000"})}
 	if cl.dataDir != "" {
 		opts = append(opts, kfake.DataDir(cl.dataDir))
+	}
+	if cl.partitions > 0 {
+		opts = append(opts, kfake.AllowAutoTopicCreation(), kfake.DefaultNumPartitions(cl.partitions))
 	}
 	c, err := kfake.NewCluster(opts...)
 	if err != nil {
