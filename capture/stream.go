@@ -265,18 +265,32 @@ func (s *Stream) session(ctx context.Context) error {
 	s.statusTimer = time.NewTicker(time.Second)
 	defer s.statusTimer.Stop()
 
+	// Receive with a short read deadline on the socket rather than a
+	// context per message (pgconn starts a watcher for every cancellable
+	// context); a timeout leaves the connection usable and lets the loop
+	// send status and notice ctx.
+	netConn := conn.Conn()
+	var deadline time.Time
 	for {
 		if err := s.maybeSendStatus(ctx, conn, false); err != nil {
 			return err
 		}
-		rctx, cancel := context.WithTimeout(ctx, 250*time.Millisecond)
-		msg, err := conn.ReceiveMessage(rctx)
-		cancel()
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if now := time.Now(); deadline.Sub(now) < 150*time.Millisecond {
+			deadline = now.Add(250 * time.Millisecond)
+			if err := netConn.SetReadDeadline(deadline); err != nil {
+				return fmt.Errorf("setting read deadline: %w", err)
+			}
+		}
+		msg, err := conn.ReceiveMessage(context.Background())
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
 			if pgconn.Timeout(err) {
+				deadline = time.Time{}
 				continue
 			}
 			return fmt.Errorf("receiving replication data: %w", err)

@@ -58,6 +58,7 @@ type Pipeline struct {
 	q      *queue
 	stats  Stats
 	now    func() time.Time
+	onAck  func(commitTime, ackTime time.Time)
 }
 
 // Option configures a Pipeline.
@@ -65,6 +66,13 @@ type Option func(*Pipeline)
 
 // WithLogger sets the logger (default: no-op).
 func WithLogger(l *zap.Logger) Option { return func(p *Pipeline) { p.log = l } }
+
+// WithAckHook calls fn for every transaction once it is durable, with its
+// commit time (from Postgres) and the time of the acknowledgement. fn runs on
+// the writer goroutine and MUST be fast (e.g. observe a histogram).
+func WithAckHook(fn func(commitTime, ackTime time.Time)) Option {
+	return func(p *Pipeline) { p.onAck = fn }
+}
 
 // WithClock sets the clock used for envelopes' ts_ms.
 func WithClock(now func() time.Time) Option { return func(p *Pipeline) { p.now = now } }
@@ -157,7 +165,7 @@ func (p *Pipeline) read(ctx context.Context) error {
 				return errors.New("pipeline: commit without its begin")
 			}
 			p.stats.Transactions.Add(1)
-			e := entry{ack: ev.Txn.EndLSN}
+			e := entry{ack: ev.Txn.EndLSN, commitTime: ev.Txn.CommitTime}
 			if p.cfg.Router.TransactionsTopic {
 				e.msg = p.router.txnRecord(st, true)
 			}
@@ -202,6 +210,14 @@ func (p *Pipeline) write(ctx context.Context) error {
 		if ack > 0 {
 			p.stats.AckedLSN.Store(uint64(ack))
 			p.src.Ack(ack)
+			if p.onAck != nil {
+				now := time.Now()
+				for i := range batch {
+					if batch[i].ack > 0 {
+						p.onAck(batch[i].commitTime, now)
+					}
+				}
+			}
 		}
 		clear(msgs)
 		clear(batch)
@@ -210,9 +226,10 @@ func (p *Pipeline) write(ctx context.Context) error {
 }
 
 type entry struct {
-	msg  Message
-	ack  LSN // the end LSN of the transaction this entry completes, or 0
-	size int64
+	msg        Message
+	ack        LSN // the end LSN of the transaction this entry completes, or 0
+	commitTime time.Time
+	size       int64
 }
 
 // queue is a FIFO bounded by count and bytes. Budget is held from push until

@@ -11,6 +11,7 @@ import (
 
 	"github.com/cenkalti/backoff/v4"
 	"github.com/jackc/pgx/v5"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"golang.org/x/sync/errgroup"
 
@@ -30,6 +31,9 @@ type App struct {
 	Tables   map[string]capture.TableInfo
 	Database string
 	Topics   []string
+	// CommitToAck observes, per transaction, the seconds from its commit in
+	// Postgres to its acknowledgement by Kafka.
+	CommitToAck prometheus.Histogram
 }
 
 // Check inspects the database for the config: server settings, tables,
@@ -130,17 +134,23 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger) (*App, er
 		return nil, err
 	}
 	rc := cfg.RouterConfig(db)
+	commitToAck := prometheus.NewHistogram(prometheus.HistogramOpts{
+		Namespace: "tidemark", Name: "commit_to_ack_seconds",
+		Help:    "Seconds from a transaction's commit in Postgres to its acknowledgement by Kafka.",
+		Buckets: []float64{.001, .002, .003, .005, .0075, .01, .015, .02, .03, .05, .075, .1, .2, .5, 1, 2, 5, 10, 30, 60},
+	})
 	pipe, err := pipeline.New(pipeline.Config{
 		Router:              rc,
 		MaxInFlightMessages: cfg.Pipeline.MaxInFlightMessages,
 		MaxInFlightBytes:    cfg.Pipeline.MaxInFlightBytes,
 		MaxBatchMessages:    cfg.Pipeline.MaxBatchMessages,
-	}, stream, sink, pipeline.WithLogger(log.With(zap.String("component", "pipeline"))))
+	}, stream, sink, pipeline.WithLogger(log.With(zap.String("component", "pipeline"))),
+		pipeline.WithAckHook(func(commit, acked time.Time) { commitToAck.Observe(acked.Sub(commit).Seconds()) }))
 	if err != nil {
 		return nil, err
 	}
 	return &App{Cfg: cfg, Log: log, Stream: stream, Pipeline: pipe, Sink: sink, Tables: infos, Database: db,
-		Topics: rc.Topics(cfg.Postgres.Tables)}, nil
+		Topics: rc.Topics(cfg.Postgres.Tables), CommitToAck: commitToAck}, nil
 }
 
 // EnsureTopics creates missing topics, retrying while Kafka is unreachable.

@@ -17,7 +17,7 @@ import (
 // nothing per message.
 func (a *App) Registry() *prometheus.Registry {
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), a.CommitToAck)
 	ps := a.Pipeline.Stats()
 	cs := a.Stream.Stats()
 	counter := func(name, help string, f func() float64) {
