@@ -35,7 +35,7 @@ func main() {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(runCmd(), checkCmd(), demoCmd(), devKafkaCmd())
+	root.AddCommand(runCmd(), checkCmd(), demoCmd(), devKafkaCmd(), benchCmd())
 	err := root.ExecuteContext(ctx)
 	if err == nil {
 		return
