@@ -2,6 +2,8 @@ package main
 
 import (
 	"fmt"
+	"os"
+	"runtime/pprof"
 
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
@@ -27,6 +29,16 @@ func runCmd() *cobra.Command {
 				return &exitError{2, err}
 			}
 			defer func() { _ = log.Sync() }()
+			if path := os.Getenv("TIDEMARK_CPUPROFILE"); path != "" {
+				f, err := os.Create(path)
+				if err != nil {
+					return err
+				}
+				if err := pprof.StartCPUProfile(f); err != nil {
+					return err
+				}
+				defer pprof.StopCPUProfile()
+			}
 			ctx := cmd.Context()
 			a, err := app.Prepare(ctx, cfg, log)
 			if err != nil {
