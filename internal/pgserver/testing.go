@@ -71,6 +71,13 @@ func ServerForTest(t testing.TB) (*Server, string) {
 	if err != nil {
 		t.Fatalf("pgserver: %v", err)
 	}
+	// Drop it (and its replication slots) afterwards, so a long test run does
+	// not exhaust max_replication_slots or pin WAL.
+	t.Cleanup(func() {
+		if err := dropDatabase(srv.DSN("postgres"), name); err != nil {
+			t.Errorf("pgserver: %v", err)
+		}
+	})
 	return srv, dsn
 }
 

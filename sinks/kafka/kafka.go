@@ -8,23 +8,28 @@
 // messages (truncates) go to every partition of their topic. Changing a
 // topic's partition count moves keys.
 //
-// Ordering: one Write is split into rounds in which every partition receives
-// at most one produce batch, so a batch succeeds or fails as a whole; failed
-// batches are retried with backoff before anything later is written. Because
-// kafka-go has no idempotent producer, a retry after a lost acknowledgement
-// may write a batch twice (at-least-once); consumers dedupe by position.
+// Writing: one Write is split into rounds in which every partition receives
+// exactly one record batch (at most kafka.batch_bytes); a round is one
+// produce request (kafka-go's protocol layer) per partition leader, sent
+// concurrently with acks=all. A partition's batch succeeds or fails as a
+// whole; failed batches are retried with backoff before anything later is
+// written, so per-key order holds across retries. Without an idempotent
+// producer, a retry after a lost acknowledgement may write a batch twice
+// (at-least-once); consumers dedupe by position.
 package kafka
 
 import (
 	"context"
 	"errors"
 	"fmt"
-	"strconv"
+	"net"
 	"sync"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
 	kafkago "github.com/segmentio/kafka-go"
+	"github.com/segmentio/kafka-go/protocol"
+	produceapi "github.com/segmentio/kafka-go/protocol/produce"
 	"go.uber.org/zap"
 
 	"github.com/tidemark/tidemark/pipeline"
@@ -103,47 +108,37 @@ type Stats struct {
 
 // Sink writes to Kafka. It satisfies pipeline.Sink.
 type Sink struct {
-	cfg    Config
-	log    *zap.Logger
-	w      *kafkago.Writer
-	client *kafkago.Client
+	cfg       Config
+	log       *zap.Logger
+	codec     kafkago.Compression
+	addr      net.Addr
+	transport *kafkago.Transport
+	client    *kafkago.Client
 
-	mu    sync.Mutex
-	parts map[string]int // partition counts by topic
+	mu      sync.Mutex
+	parts   map[string]int // partition counts by topic
+	leaders map[tp]int     // leader broker by partition
 
 	stats Stats
 }
 
 var _ pipeline.Sink = (*Sink)(nil)
 
-const partitionHeader = "tidemark-partition"
+var partitionLists sync.Map // n -> []int{0..n-1}
 
-// batchMessages bounds the messages of one partition in one round.
-const batchMessages = 2048
-
-// balancer is murmur2 (Java-compatible, nil keys hashed consistently), except
-// for broadcast copies, which carry their partition in a header.
-type balancer struct{ m kafkago.Murmur2Balancer }
-
-func (b balancer) Balance(msg kafkago.Message, partitions ...int) int {
-	for _, h := range msg.Headers {
-		if h.Key == partitionHeader {
-			if p, err := strconv.Atoi(string(h.Value)); err == nil {
-				return p
-			}
-		}
-	}
-	return b.m.Balance(msg, partitions...)
-}
-
-// PartitionFor returns the partition of key among n partitions, as the sink
-// (and Java clients) compute it.
+// PartitionFor returns the partition of key among n partitions:
+// (murmur2(key) & 0x7fffffff) % n, as Java clients compute it (kafka-go's
+// Murmur2Balancer; a nil key hashes like an empty one).
 func PartitionFor(key []byte, n int) int {
-	parts := make([]int, n)
-	for i := range parts {
-		parts[i] = i
+	v, ok := partitionLists.Load(n)
+	if !ok {
+		parts := make([]int, n)
+		for i := range parts {
+			parts[i] = i
+		}
+		v, _ = partitionLists.LoadOrStore(n, parts)
 	}
-	return kafkago.Murmur2Balancer{Consistent: true}.Balance(kafkago.Message{Key: key}, parts...)
+	return kafkago.Murmur2Balancer{Consistent: true}.Balance(kafkago.Message{Key: key}, v.([]int)...)
 }
 
 // New builds a sink. It connects lazily.
@@ -159,27 +154,11 @@ func New(cfg Config, log *zap.Logger) (*Sink, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	transport := &kafkago.Transport{ClientID: cfg.ClientID, MetadataTTL: 30 * time.Second}
-	w := &kafkago.Writer{
-		Addr:         kafkago.TCP(cfg.Brokers...),
-		Balancer:     balancer{kafkago.Murmur2Balancer{Consistent: true}},
-		RequiredAcks: kafkago.RequireAll,
-		// One batch per partition per round: the sink splits rounds itself
-		// so that batches never exceed these limits. (kafka-go preallocates
-		// BatchSize messages per batch, so keep it moderate.)
-		BatchSize:       batchMessages,
-		BatchBytes:      cfg.BatchBytes,
-		BatchTimeout:    time.Millisecond,
-		MaxAttempts:     3,
-		WriteBackoffMin: 50 * time.Millisecond,
-		WriteBackoffMax: 500 * time.Millisecond,
-		WriteTimeout:    cfg.WriteTimeout,
-		ReadTimeout:     cfg.WriteTimeout,
-		Compression:     codec,
-		Transport:       transport,
-	}
-	return &Sink{cfg: cfg, log: log, w: w, parts: map[string]int{},
-		client: &kafkago.Client{Addr: kafkago.TCP(cfg.Brokers...), Timeout: 30 * time.Second, Transport: transport}}, nil
+	transport := &kafkago.Transport{ClientID: cfg.ClientID, MetadataTTL: 30 * time.Second, DialTimeout: 5 * time.Second}
+	addr := kafkago.TCP(cfg.Brokers...)
+	return &Sink{cfg: cfg, log: log, codec: codec, addr: addr, transport: transport,
+		parts: map[string]int{}, leaders: map[tp]int{},
+		client: &kafkago.Client{Addr: addr, Timeout: 30 * time.Second, Transport: transport}}, nil
 }
 
 // TopicSpec overrides the partition count and configs of one topic.
@@ -265,6 +244,9 @@ func (s *Sink) EnsureTopics(ctx context.Context, topics []string, specs map[stri
 		s.parts[t] = n
 	}
 	s.mu.Unlock()
+	if meta, err := s.client.Metadata(ctx, &kafkago.MetadataRequest{Topics: topics}); err == nil {
+		s.learn(meta)
+	}
 	return nil
 }
 
@@ -279,48 +261,70 @@ func (s *Sink) Partitions(topic string) int {
 // backoff until ctx ends. It returns a terminal error for messages Kafka can
 // never accept (too large), naming the topic and position.
 func (s *Sink) Write(ctx context.Context, msgs []pipeline.Message) error {
-	kms, err := s.convert(msgs)
+	recs, err := s.convert(msgs)
 	if err != nil {
 		return err
 	}
-	for len(kms) > 0 {
-		n := s.round(kms)
-		if err := s.writeRound(ctx, kms[:n]); err != nil {
+	for len(recs) > 0 {
+		n := s.round(recs)
+		if err := s.writeRound(ctx, recs[:n]); err != nil {
 			return err
 		}
-		kms = kms[n:]
+		recs = recs[n:]
 	}
 	return nil
 }
 
-func (s *Sink) convert(msgs []pipeline.Message) ([]kafkago.Message, error) {
-	out := make([]kafkago.Message, 0, len(msgs))
+// record is one message bound for a partition.
+type record struct {
+	topic      string
+	part       int
+	size       int64
+	key, value []byte
+	headers    []protocol.Header
+	pos        pipeline.Position
+}
+
+func (s *Sink) convert(msgs []pipeline.Message) ([]record, error) {
+	out := make([]record, 0, len(msgs))
 	for i := range msgs {
 		m := &msgs[i]
-		hs := make([]kafkago.Header, len(m.Headers), len(m.Headers)+1)
-		for j, h := range m.Headers {
-			hs[j] = kafkago.Header{Key: h.Key, Value: h.Value}
+		size := int64(len(m.Key) + len(m.Value) + 64)
+		for _, h := range m.Headers {
+			size += int64(len(h.Key) + len(h.Value))
 		}
-		km := kafkago.Message{Topic: m.Topic, Key: m.Key, Value: m.Value, Headers: hs}
-		if size := int64(len(m.Key) + len(m.Value) + 64); size > s.cfg.BatchBytes {
+		if size > s.cfg.BatchBytes {
 			return nil, fmt.Errorf("message for topic %s at position %s is %d bytes, over the %d-byte batch limit (kafka.batch_bytes; also check the topic's max.message.bytes)",
 				m.Topic, m.Pos, size, s.cfg.BatchBytes)
 		}
+		hs := make([]protocol.Header, len(m.Headers))
+		for j, h := range m.Headers {
+			hs[j] = protocol.Header{Key: h.Key, Value: h.Value}
+		}
+		n := s.Partitions(m.Topic)
+		if n == 0 {
+			n = 1
+		}
+		r := record{topic: m.Topic, size: size, pos: m.Pos, key: m.Key, value: m.Value, headers: hs}
 		if m.Broadcast {
-			n := s.Partitions(m.Topic)
-			if n == 0 {
-				n = 1
-			}
 			for p := 0; p < n; p++ {
-				c := km
-				c.Headers = append(hs[:len(hs):len(hs)], kafkago.Header{Key: partitionHeader, Value: strconv.AppendInt(nil, int64(p), 10)})
+				c := r
+				c.part = p
 				out = append(out, c)
 			}
 			continue
 		}
-		out = append(out, km)
+		r.part = PartitionFor(m.Key, n)
+		out = append(out, r)
 	}
 	return out, nil
+}
+
+func bytesOrNil(b []byte) protocol.Bytes {
+	if b == nil {
+		return nil
+	}
+	return protocol.NewBytes(b)
 }
 
 type tp struct {
@@ -328,56 +332,34 @@ type tp struct {
 	part  int
 }
 
-// round returns how many leading messages fit in one round: at most
-// BatchBytes and batchMessages per partition, so kafka-go builds exactly one
-// batch per partition, which succeeds or fails as a whole.
-func (s *Sink) round(kms []kafkago.Message) int {
+// round returns how many leading records fit in one round: at most
+// BatchBytes per partition, so each partition gets exactly one record batch
+// per round, which the broker accepts or rejects as a whole.
+func (s *Sink) round(recs []record) int {
 	bytes := map[tp]int64{}
-	counts := map[tp]int{}
-	for i := range kms {
-		m := &kms[i]
-		n := s.Partitions(m.Topic)
-		if n == 0 {
-			n = 1
-		}
-		p := balancer{kafkago.Murmur2Balancer{Consistent: true}}.Balance(*m, seq(n)...)
-		k := tp{m.Topic, p}
-		size := int64(len(m.Key)+len(m.Value)) + 64
-		for _, h := range m.Headers {
-			size += int64(len(h.Key) + len(h.Value))
-		}
-		if i > 0 && (bytes[k]+size > s.cfg.BatchBytes*9/10 || counts[k] >= batchMessages) {
+	for i := range recs {
+		k := tp{recs[i].topic, recs[i].part}
+		if i > 0 && bytes[k]+recs[i].size > s.cfg.BatchBytes {
 			return i
 		}
-		bytes[k] += size
-		counts[k]++
+		bytes[k] += recs[i].size
 	}
-	return len(kms)
+	return len(recs)
 }
 
-var seqCache sync.Map
-
-func seq(n int) []int {
-	if v, ok := seqCache.Load(n); ok {
-		return v.([]int)
-	}
-	s := make([]int, n)
-	for i := range s {
-		s[i] = i
-	}
-	seqCache.Store(n, s)
-	return s
-}
-
-func (s *Sink) writeRound(ctx context.Context, pending []kafkago.Message) error {
+// writeRound produces one round: a produce request per partition leader,
+// carrying one record batch per partition, sent concurrently. Partitions
+// that fail are retried, in their original order, until they succeed.
+func (s *Sink) writeRound(ctx context.Context, recs []record) error {
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval = 100 * time.Millisecond
 	bo.MaxInterval = s.cfg.MaxBackoff
 	bo.MaxElapsedTime = 0
 	failures := 0
+	pending := groupByPartition(recs)
 	for {
-		err := s.w.WriteMessages(ctx, pending...)
-		if err == nil {
+		failed, err := s.produce(ctx, pending)
+		if err == nil && len(failed) == 0 {
 			if failures > 0 {
 				s.setUnavailable(false)
 				s.log.Info("kafka writes recovered", zap.Int("failed_attempts", failures))
@@ -387,33 +369,17 @@ func (s *Sink) writeRound(ctx context.Context, pending []kafkago.Message) error 
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		var tooLarge kafkago.MessageTooLargeError
-		if errors.As(err, &tooLarge) {
-			return fmt.Errorf("message for topic %s (key %q) exceeds kafka.batch_bytes", tooLarge.Message.Topic, tooLarge.Message.Key)
+		var terminal *terminalError
+		if errors.As(err, &terminal) {
+			return err
 		}
-		var werrs kafkago.WriteErrors
-		if errors.As(err, &werrs) && len(werrs) == len(pending) {
-			var failed []kafkago.Message
-			for i, e := range werrs {
-				if e == nil {
-					continue
-				}
-				if errors.Is(e, kafkago.MessageSizeTooLarge) {
-					return fmt.Errorf("kafka rejected a message for topic %s as too large (raise the topic's max.message.bytes): %w", pending[i].Topic, e)
-				}
-				failed = append(failed, pending[i])
-			}
-			pending = failed
-			err = firstErr(werrs)
-		}
-		if len(pending) == 0 {
-			return nil
-		}
+		pending = failed
 		failures++
 		s.noteFailure(err)
+		s.refreshMetadata(ctx)
 		wait := bo.NextBackOff()
 		if failures == 1 || failures%20 == 0 {
-			s.log.Warn("kafka write failed; retrying", zap.Error(err), zap.Int("messages", len(pending)),
+			s.log.Warn("kafka write failed; retrying", zap.Error(err), zap.Int("partitions", len(pending)),
 				zap.Int("attempt", failures), zap.Duration("backoff", wait))
 		}
 		select {
@@ -424,13 +390,179 @@ func (s *Sink) writeRound(ctx context.Context, pending []kafkago.Message) error 
 	}
 }
 
-func firstErr(errs kafkago.WriteErrors) error {
-	for _, e := range errs {
-		if e != nil {
-			return e
+type partBatch struct {
+	tp   tp
+	recs []*record
+	pos  pipeline.Position // of the first record, for errors
+}
+
+// records builds the batch's protocol records. protocol.Bytes are readers,
+// consumed when a request is encoded, so every attempt gets fresh ones.
+func (b *partBatch) records(now time.Time) []protocol.Record {
+	out := make([]protocol.Record, len(b.recs))
+	for i, r := range b.recs {
+		out[i] = protocol.Record{Time: now, Key: bytesOrNil(r.key), Value: bytesOrNil(r.value), Headers: r.headers}
+	}
+	return out
+}
+
+func groupByPartition(recs []record) []partBatch {
+	idx := map[tp]int{}
+	var out []partBatch
+	for i := range recs {
+		k := tp{recs[i].topic, recs[i].part}
+		j, ok := idx[k]
+		if !ok {
+			j = len(out)
+			idx[k] = j
+			out = append(out, partBatch{tp: k, pos: recs[i].pos})
+		}
+		out[j].recs = append(out[j].recs, &recs[i])
+	}
+	return out
+}
+
+type terminalError struct{ err error }
+
+func (e *terminalError) Error() string { return e.err.Error() }
+func (e *terminalError) Unwrap() error { return e.err }
+
+// produce sends the batches, one request per leader, and returns the
+// batches that failed with the first error.
+func (s *Sink) produce(ctx context.Context, batches []partBatch) ([]partBatch, error) {
+	byLeader := map[int][]int{}
+	for i := range batches {
+		l := s.leader(batches[i].tp)
+		byLeader[l] = append(byLeader[l], i)
+	}
+	type result struct {
+		idx []int
+		ok  map[tp]bool
+		err error
+	}
+	results := make(chan result, len(byLeader))
+	for _, idx := range byLeader {
+		go func(idx []int) {
+			req := &produceapi.Request{Acks: -1, Timeout: int32(s.cfg.WriteTimeout / time.Millisecond)}
+			now := time.Now()
+			topicIdx := map[string]int{}
+			for _, i := range idx {
+				b := &batches[i]
+				ti, ok := topicIdx[b.tp.topic]
+				if !ok {
+					ti = len(req.Topics)
+					topicIdx[b.tp.topic] = ti
+					req.Topics = append(req.Topics, produceapi.RequestTopic{Topic: b.tp.topic})
+				}
+				req.Topics[ti].Partitions = append(req.Topics[ti].Partitions, produceapi.RequestPartition{
+					Partition: int32(b.tp.part),
+					RecordSet: protocol.RecordSet{Version: 2, Attributes: protocol.Attributes(s.codec) & 7,
+						Records: protocol.NewRecordReader(b.records(now)...)},
+				})
+			}
+			rctx, cancel := context.WithTimeout(ctx, s.cfg.WriteTimeout+5*time.Second)
+			defer cancel()
+			resp, err := s.transport.RoundTrip(rctx, s.addr, req)
+			res := result{idx: idx, ok: map[tp]bool{}}
+			if err != nil {
+				res.err = fmt.Errorf("producing to kafka: %w", err)
+				results <- res
+				return
+			}
+			pr, _ := resp.(*produceapi.Response)
+			if pr == nil {
+				res.err = fmt.Errorf("producing to kafka: unexpected response %T", resp)
+				results <- res
+				return
+			}
+			for _, t := range pr.Topics {
+				for _, p := range t.Partitions {
+					k := tp{t.Topic, int(p.Partition)}
+					if p.ErrorCode == 0 {
+						res.ok[k] = true
+						continue
+					}
+					kerr := kafkago.Error(p.ErrorCode)
+					if errors.Is(kerr, kafkago.MessageSizeTooLarge) || errors.Is(kerr, kafkago.InvalidRecord) {
+						res.err = &terminalError{fmt.Errorf("kafka rejected a batch for %s partition %d (from position %s): %w; raise the topic's max.message.bytes or lower kafka.batch_bytes",
+							k.topic, k.part, posOf(batches, idx, k), kerr)}
+					} else if res.err == nil {
+						res.err = fmt.Errorf("producing to %s partition %d: %w", k.topic, k.part, kerr)
+					}
+				}
+			}
+			results <- res
+		}(idx)
+	}
+	var failed []partBatch
+	var firstErr error
+	for range byLeader {
+		res := <-results
+		if res.err != nil {
+			var t *terminalError
+			if firstErr == nil || errors.As(res.err, &t) {
+				firstErr = res.err
+			}
+		}
+		for _, i := range res.idx {
+			if !res.ok[batches[i].tp] {
+				failed = append(failed, batches[i])
+			}
 		}
 	}
-	return nil
+	if len(failed) > 0 && firstErr == nil {
+		firstErr = errors.New("producing to kafka: partitions missing from the response")
+	}
+	// Keep the original order of partitions (not significant for
+	// correctness: partitions are independent).
+	return failed, firstErr
+}
+
+func posOf(batches []partBatch, idx []int, k tp) pipeline.Position {
+	for _, i := range idx {
+		if batches[i].tp == k {
+			return batches[i].pos
+		}
+	}
+	return pipeline.Position{}
+}
+
+// leader returns the leader broker of a partition (0 when unknown: a
+// request to any broker is then routed by kafka-go's transport).
+func (s *Sink) leader(k tp) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.leaders[k]
+}
+
+func (s *Sink) refreshMetadata(ctx context.Context) {
+	s.mu.Lock()
+	topics := make([]string, 0, len(s.parts))
+	for t := range s.parts {
+		topics = append(topics, t)
+	}
+	s.mu.Unlock()
+	mctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	meta, err := s.client.Metadata(mctx, &kafkago.MetadataRequest{Topics: topics})
+	if err != nil {
+		return
+	}
+	s.learn(meta)
+}
+
+func (s *Sink) learn(meta *kafkago.MetadataResponse) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, t := range meta.Topics {
+		if t.Error != nil || len(t.Partitions) == 0 {
+			continue
+		}
+		s.parts[t.Name] = len(t.Partitions)
+		for _, p := range t.Partitions {
+			s.leaders[tp{t.Name, p.ID}] = p.Leader.ID
+		}
+	}
 }
 
 func (s *Sink) noteFailure(err error) {
@@ -462,14 +594,10 @@ func (s *Sink) Healthy() bool {
 	return !s.stats.Unavailable
 }
 
-// Close waits for in-flight writes and closes connections.
+// Close closes idle connections. Writes are synchronous, so once the
+// pipeline has stopped calling Write nothing is in flight.
 func (s *Sink) Close(ctx context.Context) error {
-	done := make(chan error, 1)
-	go func() { done <- s.w.Close() }()
-	select {
-	case err := <-done:
-		return err
-	case <-ctx.Done():
-		return ctx.Err()
-	}
+	// Write is synchronous: nothing is in flight once it has returned.
+	s.transport.CloseIdleConnections()
+	return nil
 }
