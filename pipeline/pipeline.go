@@ -233,12 +233,14 @@ type entry struct {
 }
 
 // queue is a FIFO bounded by count and bytes. Budget is held from push until
-// release, i.e. until the sink made the entries durable.
+// release, i.e. until the sink made the entries durable. Entries live in a
+// ring that grows (by doubling, up to the count bound) but never shifts.
 type queue struct {
 	mu       sync.Mutex
-	items    []entry
-	head     int
-	count    int
+	ring     []entry
+	head     int // index of the oldest queued entry
+	n        int // queued entries (not yet taken)
+	count    int // budget in use: queued + taken and not released
 	bytes    int64
 	maxCount int
 	maxBytes int64
@@ -248,7 +250,8 @@ type queue struct {
 }
 
 func newQueue(maxCount int, maxBytes int64, stats *Stats) *queue {
-	return &queue{maxCount: maxCount, maxBytes: maxBytes, space: make(chan struct{}, 1), ready: make(chan struct{}, 1), stats: stats}
+	return &queue{maxCount: maxCount, maxBytes: maxBytes, ring: make([]entry, min(1024, maxCount)),
+		space: make(chan struct{}, 1), ready: make(chan struct{}, 1), stats: stats}
 }
 
 func entrySize(e *entry) int64 {
@@ -273,11 +276,11 @@ func (q *queue) push(ctx context.Context, e entry) error {
 	for {
 		q.mu.Lock()
 		if q.count == 0 || (q.count < q.maxCount && q.bytes+e.size <= q.maxBytes) {
-			if q.head > 0 && q.head == len(q.items) {
-				q.items = q.items[:0]
-				q.head = 0
+			if q.n == len(q.ring) {
+				q.grow()
 			}
-			q.items = append(q.items, e)
+			q.ring[(q.head+q.n)%len(q.ring)] = e
+			q.n++
 			q.count++
 			q.bytes += e.size
 			q.stats.InFlight.Store(int64(q.count))
@@ -295,25 +298,28 @@ func (q *queue) push(ctx context.Context, e entry) error {
 	}
 }
 
+// grow doubles the ring, unrolling it so the oldest entry is at index 0.
+func (q *queue) grow() {
+	bigger := make([]entry, max(2*len(q.ring), 16))
+	k := copy(bigger, q.ring[q.head:])
+	copy(bigger[k:], q.ring[:q.head])
+	q.ring = bigger
+	q.head = 0
+}
+
 // take moves up to max queued entries to dst, waiting for at least one.
 func (q *queue) take(ctx context.Context, dst []entry, max int) ([]entry, error) {
 	for {
 		q.mu.Lock()
-		if n := len(q.items) - q.head; n > 0 {
-			if n > max {
-				n = max
+		if q.n > 0 {
+			n := min(q.n, max)
+			for i := 0; i < n; i++ {
+				j := (q.head + i) % len(q.ring)
+				dst = append(dst, q.ring[j])
+				q.ring[j] = entry{}
 			}
-			dst = append(dst, q.items[q.head:q.head+n]...)
-			clear(q.items[q.head : q.head+n])
-			q.head += n
-			if q.head == len(q.items) {
-				q.items = q.items[:0]
-				q.head = 0
-			} else if q.head > cap(q.items)/2 {
-				m := copy(q.items, q.items[q.head:])
-				q.items = q.items[:m]
-				q.head = 0
-			}
+			q.head = (q.head + n) % len(q.ring)
+			q.n -= n
 			q.mu.Unlock()
 			return dst, nil
 		}

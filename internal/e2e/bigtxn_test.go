@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -316,57 +317,32 @@ func checkPartitionOrder(t *testing.T, topic string, ms []msg, allowReplay bool)
 	}
 }
 
-const kafkaHelperEnv = "TIDEMARK_E2E_KAFKA_HELPER"
-
-// TestHelperKafkaProcess is not a test: startKafkaProcess runs this test
-// binary with only this function, to serve kfake from a child process.
-func TestHelperKafkaProcess(t *testing.T) {
-	if os.Getenv(kafkaHelperEnv) != "1" {
-		t.Skip("helper process for TestHugeTransactionBounded")
-	}
-	kc, err := kafkatest.Start("")
-	if err != nil {
-		fmt.Printf("kafka-helper-error %v\n", err)
-		os.Exit(1)
-	}
-	fmt.Printf("kafka-helper-broker %s\n", kc.Brokers()[0])
-	// Serve until the parent closes stdin (or dies), at most 10 minutes.
-	eof := make(chan struct{})
-	go func() {
-		_, _ = io.Copy(io.Discard, os.Stdin)
-		close(eof)
-	}()
-	select {
-	case <-eof:
-	case <-time.After(10 * time.Minute):
-	}
-	kc.Close()
-}
-
-// startKafkaProcess serves kfake from a child process, so that kfake's
-// in-memory copy of every record does not count towards this process's Go
-// heap, which then holds only Tidemark (and the test). It returns the
-// bootstrap addresses.
-func startKafkaProcess(t *testing.T) []string {
+// startDevKafka serves kfake from a child process, `tidemark dev-kafka`
+// (built without the race detector, so it keeps up under -race), and
+// returns its bootstrap addresses. In TestHugeTransactionBounded this also
+// keeps kfake's in-memory copy of every record out of this process's Go
+// heap, which then holds only Tidemark (and the test).
+func startDevKafka(t *testing.T) []string {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperKafkaProcess$", "-test.count=1")
-	cmd.Env = append(os.Environ(), kafkaHelperEnv+"=1")
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	stdin, err := cmd.StdinPipe()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
+	addr := l.Addr().String()
+	_ = l.Close()
+	cmd := exec.Command(binary(t), "dev-kafka", "--listen", addr)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := cmd.Start(); err != nil {
-		t.Fatalf("starting kafka helper: %v", err)
+		t.Fatalf("starting dev-kafka: %v", err)
 	}
 	exited := make(chan struct{})
 	t.Cleanup(func() {
-		_ = stdin.Close()
+		_ = cmd.Process.Signal(syscall.SIGTERM)
 		select {
 		case <-exited:
 		case <-time.After(10 * time.Second):
@@ -374,12 +350,13 @@ func startKafkaProcess(t *testing.T) []string {
 			<-exited
 		}
 	})
-	addr := make(chan string, 1)
+	ready := make(chan struct{})
 	go func() {
 		sc := bufio.NewScanner(stdout)
+		once := sync.OnceFunc(func() { close(ready) })
 		for sc.Scan() {
-			if a, ok := strings.CutPrefix(sc.Text(), "kafka-helper-broker "); ok {
-				addr <- a
+			if strings.Contains(sc.Text(), "listening on") {
+				once()
 			}
 		}
 		_, _ = io.Copy(io.Discard, stdout)
@@ -387,12 +364,12 @@ func startKafkaProcess(t *testing.T) []string {
 		close(exited)
 	}()
 	select {
-	case a := <-addr:
-		return []string{a}
+	case <-ready:
+		return []string{addr}
 	case <-exited:
-		t.Fatalf("kafka helper exited before serving:\n%s", stderr.String())
+		t.Fatalf("dev-kafka exited before serving:\n%s", stderr.String())
 	case <-time.After(30 * time.Second):
-		t.Fatalf("kafka helper did not start within 30s:\n%s", stderr.String())
+		t.Fatalf("dev-kafka did not start within 30s:\n%s", stderr.String())
 	}
 	return nil
 }
@@ -425,7 +402,7 @@ func TestHugeTransactionBounded(t *testing.T) {
 	const rows = 200000
 	const maxInFlight = 1000
 	e := newEnv(t, "") // its in-process Kafka stays unused
-	brokers := startKafkaProcess(t)
+	brokers := startDevKafka(t)
 	e.exec(bigTable)
 	e.forceSpill()
 	cfg := e.config("huge", []string{"public.big"}, func(c *config.Config) {
