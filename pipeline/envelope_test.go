@@ -395,3 +395,28 @@ func FuzzAppendJSONString(f *testing.F) {
 		}
 	})
 }
+
+// FuzzAppendEnvelopeValues: an envelope over arbitrary column values (every
+// scalar kind of the value set, and arrays of them) is always valid JSON.
+func FuzzAppendEnvelopeValues(f *testing.F) {
+	f.Add(int64(1)<<60, 3.25, "héllo\x00\"", []byte{0xff, 0}, "12.5", true)
+	f.Add(int64(-1), math.Inf(1), "\u2028", []byte(nil), "NaN", false)
+	f.Add(int64(0), math.NaN(), "\xc3\x28", []byte("x"), "007", true)
+	f.Fuzz(func(t *testing.T, i int64, fl float64, s string, b []byte, dec string, bo bool) {
+		rel := &pipeline.Relation{Schema: "public", Table: "t", Columns: []pipeline.Column{
+			{Name: "i", Key: true}, {Name: "f"}, {Name: s}, {Name: "b"}, {Name: "n"}, {Name: "bo"}, {Name: "arr"}, {Name: "j"}, {Name: "ts"}}}
+		after := pipeline.Tuple{{Value: i}, {Value: fl}, {Value: s}, {Value: b}, {Value: pipeline.Decimal(dec)}, {Value: bo},
+			{Value: []any{i, fl, s, b, nil, []any{pipeline.Decimal(dec)}}}, {Value: pipeline.JSON(`{"k":1}`)}, {Value: time.Unix(i%1e10, 0)}}
+		ch := &pipeline.Change{Op: pipeline.OpUpdate, Rel: rel, After: after, Before: pipeline.Tuple{{Value: i}, {Absent: true}, {Unchanged: true},
+			{Absent: true}, {Absent: true}, {Absent: true}, {Absent: true}, {Absent: true}, {Absent: true}}}
+		txn := &pipeline.TxnInfo{Xid: 7, CommitLSN: 99, CommitTime: time.Unix(0, 0)}
+		out := pipeline.AppendEnvelope(nil, pipeline.EnvelopeSource{Name: s, Database: s}, txn, ch, pipeline.OpUpdate, ch.Before, ch.After, pipeline.Position{CommitLSN: 99}, 1, time.Unix(0, 0))
+		if !json.Valid(out) {
+			t.Fatalf("invalid JSON: %s", out)
+		}
+		key, ok := pipeline.AppendKey(nil, rel, after, []int{0, 2})
+		if !ok || !json.Valid(key) {
+			t.Fatalf("invalid key: %s", key)
+		}
+	})
+}

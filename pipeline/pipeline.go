@@ -15,9 +15,9 @@ import (
 type Config struct {
 	Router RouterConfig
 	// MaxInFlightMessages bounds messages accepted from the source and not yet
-	// acknowledged by the sink. Default 100000.
+	// acknowledged by the sink. Default 50000.
 	MaxInFlightMessages int
-	// MaxInFlightBytes bounds their encoded size. Default 64 MiB.
+	// MaxInFlightBytes bounds their encoded size. Default 16 MiB.
 	MaxInFlightBytes int64
 	// MaxBatchMessages bounds one Sink.Write call. Default 10000.
 	MaxBatchMessages int
@@ -25,10 +25,10 @@ type Config struct {
 
 func (c *Config) defaults() {
 	if c.MaxInFlightMessages <= 0 {
-		c.MaxInFlightMessages = 100000
+		c.MaxInFlightMessages = 50000
 	}
 	if c.MaxInFlightBytes <= 0 {
-		c.MaxInFlightBytes = 64 << 20
+		c.MaxInFlightBytes = 16 << 20
 	}
 	if c.MaxBatchMessages <= 0 {
 		c.MaxBatchMessages = 10000

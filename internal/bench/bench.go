@@ -95,17 +95,21 @@ type Result struct {
 }
 
 type env struct {
-	o       Options
-	dsn     string
-	pool    *pgxpool.Pool
-	brokers []string
-	tmp     string
-	cleanup []func()
+	o          Options
+	stopBroker func()
+	dsn        string
+	pool       *pgxpool.Pool
+	brokers    []string
+	tmp        string
+	cleanup    []func()
 }
 
 func (e *env) close() {
 	for i := len(e.cleanup) - 1; i >= 0; i-- {
 		e.cleanup[i]()
+	}
+	if e.stopBroker != nil {
+		e.stopBroker()
 	}
 }
 
@@ -208,33 +212,47 @@ func (e *env) startServers(ctx context.Context) error {
 	}
 	e.brokers = e.o.Brokers
 	if len(e.brokers) == 0 {
-		port, err := freePort()
-		if err != nil {
+		if err := e.restartBroker(); err != nil {
 			return err
 		}
-		addr := fmt.Sprintf("127.0.0.1:%d", port)
-		cmd := exec.Command(e.o.Binary, "dev-kafka", "--listen", addr)
-		cmd.Stdout, cmd.Stderr = io.Discard, os.Stderr
-		if err := cmd.Start(); err != nil {
-			return fmt.Errorf("starting dev-kafka: %w", err)
-		}
-		e.cleanup = append(e.cleanup, func() { _ = cmd.Process.Signal(syscall.SIGTERM); _ = cmd.Wait() })
-		e.brokers = []string{addr}
-		deadline := time.Now().Add(15 * time.Second)
-		for {
-			c, err := net.DialTimeout("tcp", addr, time.Second)
-			if err == nil {
-				c.Close()
-				break
-			}
-			if time.Now().After(deadline) {
-				return fmt.Errorf("dev-kafka did not listen on %s", addr)
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
-		e.printf("started dev-kafka (separate process) on %s\n", addr)
+		e.printf("started dev-kafka (separate process) on %s\n", e.brokers[0])
 	}
 	return nil
+}
+
+// restartBroker (re)starts `tidemark dev-kafka` in its own process, so each
+// measured round starts from an empty broker. It does nothing with --brokers.
+func (e *env) restartBroker() error {
+	if len(e.o.Brokers) > 0 {
+		return nil
+	}
+	if e.stopBroker != nil {
+		e.stopBroker()
+	}
+	port, err := freePort()
+	if err != nil {
+		return err
+	}
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	cmd := exec.Command(e.o.Binary, "dev-kafka", "--listen", addr)
+	cmd.Stdout, cmd.Stderr = io.Discard, os.Stderr
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("starting dev-kafka: %w", err)
+	}
+	e.stopBroker = func() { _ = cmd.Process.Signal(syscall.SIGTERM); _ = cmd.Wait() }
+	e.brokers = []string{addr}
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			c.Close()
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("dev-kafka did not listen on %s", addr)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 func freePort() (int, error) {
@@ -323,6 +341,9 @@ func (e *env) drain(ctx context.Context) (*Drain, error) {
 			return nil, err
 		}
 		prefix := fmt.Sprintf("bench%d_%d", time.Now().Unix()%100000, i)
+		if err := e.restartBroker(); err != nil {
+			return nil, err
+		}
 		if err := e.tidemarkDrain(ctx, &r, slot, prefix, d.Changes); err != nil {
 			return nil, err
 		}

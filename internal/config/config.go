@@ -86,9 +86,9 @@ type Pipeline struct {
 	TransactionsTopic *bool `yaml:"transactions_topic"`
 	// EntityStreams put several tables in one topic keyed by a shared column.
 	EntityStreams []pipeline.EntityStream `yaml:"entity_streams"`
-	// MaxInFlightMessages bounds unacknowledged messages. Default 100000.
+	// MaxInFlightMessages bounds unacknowledged messages. Default 50000.
 	MaxInFlightMessages int `yaml:"max_inflight_messages"`
-	// MaxInFlightBytes bounds their size. Default 67108864 (64 MiB).
+	// MaxInFlightBytes bounds their size. Default 16777216 (16 MiB).
 	MaxInFlightBytes int64 `yaml:"max_inflight_bytes"`
 	// MaxBatchMessages bounds one write to Kafka. Default 10000.
 	MaxBatchMessages int `yaml:"max_batch_messages"`
@@ -153,11 +153,11 @@ func Parse(name string, data []byte, getenv func(string) string) (*Config, error
 		if errors.As(err, &te) {
 			e := &Error{File: name}
 			for _, m := range te.Errors {
-				e.Problems = append(e.Problems, FieldError{Path: "yaml", Msg: m})
+				e.Problems = append(e.Problems, FieldError{Path: "yaml", Msg: hideValues(m)})
 			}
 			return nil, e
 		}
-		return nil, &Error{File: name, Problems: []FieldError{{Path: "yaml", Msg: strings.TrimPrefix(err.Error(), "yaml: ")}}}
+		return nil, &Error{File: name, Problems: []FieldError{{Path: "yaml", Msg: hideValues(strings.TrimPrefix(err.Error(), "yaml: "))}}}
 	}
 	c.ApplyEnv(getenv)
 	c.ApplyDefaults()
@@ -166,6 +166,14 @@ func Parse(name string, data []byte, getenv func(string) string) (*Config, error
 	}
 	return &c, nil
 }
+
+// yamlValue matches the values yaml.v3 quotes in type errors
+// ("cannot unmarshal !!str `postgres://u:secret@h/db` into ...").
+var yamlValue = regexp.MustCompile("(?s)`.*`")
+
+// hideValues removes quoted values from yaml errors: a misplaced DSN must
+// not put its password in an error message.
+func hideValues(msg string) string { return yamlValue.ReplaceAllString(msg, "(value hidden)") }
 
 // ApplyEnv applies the environment overrides.
 func (c *Config) ApplyEnv(getenv func(string) string) {
@@ -251,10 +259,10 @@ func (c *Config) ApplyDefaults() {
 		pl.TransactionsTopic = boolPtr(true)
 	}
 	if pl.MaxInFlightMessages == 0 {
-		pl.MaxInFlightMessages = 100000
+		pl.MaxInFlightMessages = 50000
 	}
 	if pl.MaxInFlightBytes == 0 {
-		pl.MaxInFlightBytes = 64 << 20
+		pl.MaxInFlightBytes = 16 << 20
 	}
 	if pl.MaxBatchMessages == 0 {
 		// The default may not exceed a smaller max_inflight_messages, which

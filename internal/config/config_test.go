@@ -69,8 +69,8 @@ func TestLoadGoodConfigAppliesDefaults(t *testing.T) {
 			EntityStreams: []pipeline.EntityStream{
 				{Name: "rooms", Key: "room_id", Tables: []string{"public.events", "public.room_memberships"}},
 			},
-			MaxInFlightMessages: 100000,
-			MaxInFlightBytes:    64 << 20,
+			MaxInFlightMessages: 50000,
+			MaxInFlightBytes:    16 << 20,
 			MaxBatchMessages:    10000,
 		},
 		HTTP: config.HTTP{Listen: &listen},
@@ -183,7 +183,7 @@ func TestBadConfigs(t *testing.T) {
 		},
 		{
 			file: "type.bad.yml",
-			errs: []string{"\n  - yaml: line 6: cannot unmarshal !!str `six` into int"},
+			errs: []string{"\n  - yaml: line 6: cannot unmarshal !!str (value hidden) into int"},
 		},
 		{
 			file: "syntax.bad.yml",
