@@ -81,6 +81,7 @@ type Router struct {
 	cache    map[*Relation]*relInfo
 	scratch  []byte
 	kscratch []byte
+	txnTopic string
 }
 
 // relInfo is what the router derives once per relation shape.
@@ -92,7 +93,7 @@ type relInfo struct {
 
 // NewRouter builds a Router.
 func NewRouter(cfg RouterConfig) *Router {
-	r := &Router{cfg: cfg, byName: map[string][]EntityStream{}, cache: map[*Relation]*relInfo{}}
+	r := &Router{cfg: cfg, byName: map[string][]EntityStream{}, cache: map[*Relation]*relInfo{}, txnTopic: cfg.TransactionsTopicName()}
 	for _, s := range cfg.EntityStreams {
 		for _, t := range s.Tables {
 			r.byName[t] = append(r.byName[t], s)
@@ -251,8 +252,7 @@ func opName(op Op) string {
 // txnRecord builds a BEGIN or END record for the transactions topic, in
 // Debezium's transaction-metadata shape.
 func (r *Router) txnRecord(st *txnState, end bool) Message {
-	id := st.info.ID()
-	b := make([]byte, 0, 256)
+	b := r.scratch[:0]
 	b = append(b, `{"status":"`...)
 	if end {
 		b = append(b, "END"...)
@@ -260,7 +260,11 @@ func (r *Router) txnRecord(st *txnState, end bool) Message {
 		b = append(b, "BEGIN"...)
 	}
 	b = append(b, `","id":"`...)
-	b = append(b, id...)
+	idStart := len(b)
+	b = strconv.AppendUint(b, uint64(st.info.Xid), 10)
+	b = append(b, ':')
+	b = strconv.AppendUint(b, uint64(st.info.CommitLSN), 10)
+	idEnd := len(b)
 	b = append(b, `","txId":`...)
 	b = strconv.AppendUint(b, uint64(st.info.Xid), 10)
 	b = append(b, `,"lsn":`...)
@@ -288,17 +292,30 @@ func (r *Router) txnRecord(st *txnState, end bool) Message {
 		b = append(b, `,"event_count":null,"data_collections":null`...)
 	}
 	b = append(b, '}')
-	key := append([]byte(`{"id":"`), id...)
-	key = append(key, `"}`...)
-	status := "BEGIN"
+	r.scratch = b
+	// One allocation holds the value, the key and the LSN header.
+	lsnStart := len(b)
+	buf := make([]byte, 0, len(b)+(idEnd-idStart)+12+20)
+	buf = append(buf, b...)
+	buf = strconv.AppendUint(buf, uint64(st.info.CommitLSN), 10)
+	keyStart := len(buf)
+	buf = append(buf, `{"id":"`...)
+	buf = append(buf, b[idStart:idEnd]...)
+	buf = append(buf, `"}`...)
+	status := statusBegin
 	if end {
-		status = "END"
+		status = statusEnd
 	}
 	return Message{
-		Topic: r.cfg.TransactionsTopicName(), Key: key, Value: b,
+		Topic: r.txnTopic, Key: buf[keyStart:], Value: buf[:lsnStart:lsnStart],
 		Headers: []Header{
-			{Key: "tidemark-status", Value: []byte(status)},
-			{Key: "tidemark-lsn", Value: strconv.AppendUint(nil, uint64(st.info.CommitLSN), 10)},
+			{Key: "tidemark-status", Value: status},
+			{Key: "tidemark-lsn", Value: buf[lsnStart:keyStart:keyStart]},
 		},
 	}
 }
+
+var (
+	statusBegin = []byte("BEGIN")
+	statusEnd   = []byte("END")
+)

@@ -60,6 +60,7 @@ histogram, interpolated within buckets).`,
 	f.DurationVar(&o.Duration, "duration", 60*time.Second, "live run length")
 	f.IntVar(&o.Workers, "workers", 4, "client connections driving the workload")
 	f.IntVar(&o.Partitions, "partitions", 6, "partitions per topic")
+	f.IntVar(&o.HugeRows, "huge-rows", 1000000, "rows of the one-transaction phase (-1 skips it)")
 	f.BoolVar(&o.SkipDrain, "skip-drain", false, "skip the backlog drain")
 	f.BoolVar(&o.SkipLive, "skip-live", false, "skip the live latency run")
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON")
@@ -77,6 +78,10 @@ func printBench(cmd *cobra.Command, r *bench.Result) {
 		fmt.Fprintf(out, "  %-34s %12.2f µs\n", "tidemark CPU per row", d.CPUMicrosPerRow)
 		fmt.Fprintf(out, "  %-34s %12.0f MB\n", "tidemark peak RSS", d.PeakRSSMB)
 		fmt.Fprintf(out, "  %-34s %12v\n", "delivered exact, no duplicates", d.Exact)
+	}
+	if h := r.Huge; h != nil {
+		fmt.Fprintf(out, "\none transaction of %d rows: %.0f rows/s, %.2f µs CPU/row, peak RSS %.0f MB, complete and in order: %v\n",
+			h.Rows, h.RowsPerSec, h.CPUMicros, h.MaxRSSMB, h.Complete)
 	}
 	if l := r.Live; l != nil {
 		fmt.Fprintf(out, "\nlive: %d tx/s target, %.0fs, %d transactions committed (%d ticks behind)\n", l.Rate, l.Seconds, l.Transactions, l.Behind)

@@ -39,6 +39,7 @@ type Options struct {
 	Duration     time.Duration // live run length (60s)
 	Workers      int           // client connections for the workload (4)
 	Partitions   int           // partitions per topic (6)
+	HugeRows     int           // rows in the one-transaction phase (1000000; <0 skips)
 	SkipDrain    bool
 	SkipLive     bool
 	Binary       string // the tidemark binary to run as the measured process
@@ -87,10 +88,22 @@ type Live struct {
 	AckSampleTransaction int64   `json:"commit_to_ack_transactions"`
 }
 
+// Huge is the one-huge-transaction result.
+type Huge struct {
+	Rows       int64   `json:"rows"`
+	Seconds    float64 `json:"seconds"`
+	RowsPerSec float64 `json:"rows_per_sec"`
+	CPUMicros  float64 `json:"cpu_us_per_row"`
+	MaxRSSMB   float64 `json:"max_rss_mb"`
+	Delivered  int64   `json:"delivered"`
+	Complete   bool    `json:"complete_and_in_order"`
+}
+
 // Result is everything a run measured.
 type Result struct {
 	Machine string `json:"machine"`
 	Drain   *Drain `json:"drain,omitempty"`
+	Huge    *Huge  `json:"huge_transaction,omitempty"`
 	Live    *Live  `json:"live,omitempty"`
 }
 
@@ -152,6 +165,15 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if !o.SkipDrain {
 		if res.Drain, err = e.drain(ctx); err != nil {
 			return res, fmt.Errorf("backlog drain: %w", err)
+		}
+	}
+	if o.HugeRows >= 0 {
+		if o.HugeRows == 0 {
+			o.HugeRows = 1000000
+			e.o.HugeRows = o.HugeRows
+		}
+		if res.Huge, err = e.huge(ctx); err != nil {
+			return res, fmt.Errorf("huge transaction: %w", err)
 		}
 	}
 	if !o.SkipLive {
@@ -457,8 +479,28 @@ func (e *env) tidemarkDrain(ctx context.Context, r *Round, slot, prefix string, 
 	if err != nil {
 		return err
 	}
-	client := &kafkago.Client{Addr: kafkago.TCP(e.brokers...), Timeout: 10 * time.Second}
 	topics := e.tableTopics(prefix)
+	if err := e.runUntilDelivered(ctx, r, path, topics, want); err != nil {
+		return err
+	}
+	if r.Distinct, err = e.distinctPositions(ctx, topics); err != nil {
+		return err
+	}
+	client := &kafkago.Client{Addr: kafkago.TCP(e.brokers...), Timeout: 10 * time.Second}
+	_, _ = client.DeleteTopics(ctx, &kafkago.DeleteTopicsRequest{Topics: append(topics, prefix+".transactions")})
+	return nil
+}
+
+// runUntilDelivered runs `tidemark run --config path` as a separate process
+// until topics hold want messages, then stops it and records its wall time,
+// CPU time, peak RSS and the final delivered count.
+func (e *env) runUntilDelivered(ctx context.Context, r *Round, path string, topics []string, want int64) error {
+	// A transport of its own with a short metadata TTL: kafka-go caches
+	// metadata (6s by default), which would hide the topics Tidemark creates
+	// and delay the count.
+	transport := &kafkago.Transport{MetadataTTL: 20 * time.Millisecond}
+	defer transport.CloseIdleConnections()
+	client := &kafkago.Client{Addr: kafkago.TCP(e.brokers...), Timeout: 10 * time.Second, Transport: transport}
 	cmd := exec.CommandContext(ctx, e.o.Binary, "run", "--config", path)
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
@@ -469,8 +511,19 @@ func (e *env) tidemarkDrain(ctx context.Context, r *Round, slot, prefix string, 
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
 	deadline := time.Now().Add(10 * time.Minute)
+	var n int64
+	var first time.Duration
+	defer func() {
+		if os.Getenv("TIDEMARK_BENCH_DEBUG") != "" {
+			e.printf("  (first message after %s, all after %.2fs)\n", first, r.TidemarkSeconds)
+		}
+	}()
 	for {
-		n, err := e.delivered(ctx, client, topics)
+		var err error
+		n, err = e.delivered(ctx, client, topics)
+		if n > 0 && first == 0 {
+			first = time.Since(t0)
+		}
 		if err == nil && n >= want {
 			r.TidemarkSeconds = time.Since(t0).Seconds()
 			break
@@ -495,15 +548,9 @@ func (e *env) tidemarkDrain(ctx context.Context, r *Round, slot, prefix string, 
 		r.TidemarkCPUSeconds = time.Duration(ru.Utime.Nano() + ru.Stime.Nano()).Seconds()
 		r.TidemarkMaxRSSMB = float64(ru.Maxrss) / 1024
 	}
-	// Verify: exact count and no duplicate positions.
-	if r.Delivered, err = e.delivered(ctx, client, topics); err != nil {
-		return err
-	}
-	if r.Distinct, err = e.distinctPositions(ctx, topics); err != nil {
-		return err
-	}
-	_, _ = client.DeleteTopics(ctx, &kafkago.DeleteTopicsRequest{Topics: append(topics, prefix+".transactions")})
-	return nil
+	var err error
+	r.Delivered, err = e.delivered(ctx, client, topics)
+	return err
 }
 
 // distinctPositions counts distinct (commit LSN, seq) header pairs.
@@ -813,4 +860,87 @@ func scrapeAck(ctx context.Context, addr string, l *Live) error {
 		}
 	}
 	return nil
+}
+
+// huge commits one transaction of HugeRows rows and times Tidemark (a
+// separate process) publishing all of it, recording its peak RSS: the
+// transaction must stream through the bounded pipeline, not be held whole.
+func (e *env) huge(ctx context.Context) (*Huge, error) {
+	n := e.o.HugeRows
+	if err := e.exec(ctx, `DROP TABLE IF EXISTS bench_huge; CREATE TABLE bench_huge (id bigint PRIMARY KEY, room_id text NOT NULL, body text NOT NULL)`); err != nil {
+		return nil, err
+	}
+	_ = e.exec(ctx, "DROP PUBLICATION IF EXISTS bench_pub")
+	if err := e.exec(ctx, "CREATE PUBLICATION bench_pub FOR TABLE public.bench_huge"); err != nil {
+		return nil, err
+	}
+	slot := "bench_huge"
+	_ = e.exec(ctx, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", slot)
+	if err := e.exec(ctx, "SELECT pg_create_logical_replication_slot($1, 'pgoutput')", slot); err != nil {
+		return nil, err
+	}
+	e.printf("huge transaction: committing %d rows in one transaction ...\n", n)
+	if err := e.exec(ctx, `INSERT INTO bench_huge SELECT g, '!r' || (g % 500) || ':bench.test', 'a message body of ordinary length for a chat room, number ' || g FROM generate_series(1, $1) g`, n); err != nil {
+		return nil, err
+	}
+	if err := e.restartBroker(); err != nil {
+		return nil, err
+	}
+	prefix := fmt.Sprintf("huge%d", time.Now().Unix()%100000)
+	var b strings.Builder
+	fmt.Fprintf(&b, "postgres:\n  dsn: %q\n  slot: %s\n  publication: bench_pub\n  manage_publication: false\n  tables: [public.bench_huge]\n", e.dsn, slot)
+	fmt.Fprintf(&b, "kafka:\n  brokers: [%s]\n  topic_prefix: %s\n  partitions: %d\n", quoteAll(e.brokers), prefix, e.o.Partitions)
+	fmt.Fprintf(&b, "http:\n  listen: \"\"\nlog:\n  level: warn\n")
+	path := filepath.Join(e.tmp, prefix+".yml")
+	if err := os.WriteFile(path, []byte(b.String()), 0o600); err != nil {
+		return nil, err
+	}
+	var r Round
+	topics := []string{prefix + ".public.bench_huge"}
+	if err := e.runUntilDelivered(ctx, &r, path, topics, int64(n)); err != nil {
+		return nil, err
+	}
+	_ = e.exec(ctx, "SELECT pg_drop_replication_slot($1)", slot)
+	h := &Huge{Rows: int64(n), Seconds: r.TidemarkSeconds, RowsPerSec: float64(n) / r.TidemarkSeconds,
+		CPUMicros: r.TidemarkCPUSeconds * 1e6 / float64(n), MaxRSSMB: r.TidemarkMaxRSSMB, Delivered: r.Delivered}
+	// Complete and in order: every seq 0..n-1 of the transaction, each
+	// partition's positions increasing.
+	seen := make([]bool, n)
+	complete := true
+	client := &kafkago.Client{Addr: kafkago.TCP(e.brokers...), Timeout: 10 * time.Second}
+	conn, err := kafkago.DialContext(ctx, "tcp", e.brokers[0])
+	if err != nil {
+		return nil, err
+	}
+	parts, err := conn.ReadPartitions(topics[0])
+	conn.Close()
+	if err != nil {
+		return nil, err
+	}
+	for _, p := range parts {
+		last := int64(-1)
+		if err := e.scanPartition(ctx, topics[0], p.ID, func(m kafkago.Message) {
+			for _, hd := range m.Headers {
+				if hd.Key == "tidemark-seq" {
+					seq, _ := strconv.ParseInt(string(hd.Value), 10, 64)
+					if seq <= last || seq >= int64(n) {
+						complete = false
+					} else {
+						seen[seq] = true
+					}
+					last = seq
+				}
+			}
+		}); err != nil {
+			return nil, err
+		}
+	}
+	for _, ok := range seen {
+		complete = complete && ok
+	}
+	h.Complete = complete && r.Delivered == int64(n)
+	_, _ = client.DeleteTopics(ctx, &kafkago.DeleteTopicsRequest{Topics: append(topics, prefix+".transactions")})
+	e.printf("  %d rows in %.1fs (%.0f rows/s), %.2f µs CPU/row, peak RSS %.0f MB, complete and in order: %v\n",
+		n, h.Seconds, h.RowsPerSec, h.CPUMicros, h.MaxRSSMB, h.Complete)
+	return h, nil
 }

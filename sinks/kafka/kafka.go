@@ -265,12 +265,10 @@ func (s *Sink) Write(ctx context.Context, msgs []pipeline.Message) error {
 	if err != nil {
 		return err
 	}
-	for len(recs) > 0 {
-		n := s.round(recs)
-		if err := s.writeRound(ctx, recs[:n]); err != nil {
+	for _, round := range s.plan(recs) {
+		if err := s.writeRound(ctx, round); err != nil {
 			return err
 		}
-		recs = recs[n:]
 	}
 	return nil
 }
@@ -332,31 +330,56 @@ type tp struct {
 	part  int
 }
 
-// round returns how many leading records fit in one round: at most
-// BatchBytes per partition, so each partition gets exactly one record batch
-// per round, which the broker accepts or rejects as a whole.
-func (s *Sink) round(recs []record) int {
-	bytes := map[tp]int64{}
-	for i := range recs {
-		k := tp{recs[i].topic, recs[i].part}
-		if i > 0 && bytes[k]+recs[i].size > s.cfg.BatchBytes {
-			return i
-		}
-		bytes[k] += recs[i].size
+// plan splits records into rounds. Each partition's records are cut, in
+// order, into chunks of at most BatchBytes; chunk i goes into round i. So a
+// round holds at most one record batch per partition, and a partition's
+// later records are never written before its earlier ones. A busy partition
+// (the transactions topic) does not hold back the others.
+func (s *Sink) plan(recs []record) [][]partBatch {
+	type state struct {
+		round int
+		bytes int64
+		idx   int // index of the current batch in rounds[round]
 	}
-	return len(recs)
+	parts := map[tp]*state{}
+	var rounds [][]partBatch
+	for i := range recs {
+		r := &recs[i]
+		k := tp{r.topic, r.part}
+		st := parts[k]
+		switch {
+		case st == nil:
+			st = &state{round: 0, idx: -1}
+			parts[k] = st
+		case st.bytes > 0 && st.bytes+r.size > s.cfg.BatchBytes:
+			st.round++
+			st.bytes = 0
+			st.idx = -1
+		}
+		for len(rounds) <= st.round {
+			rounds = append(rounds, nil)
+		}
+		if st.idx < 0 {
+			st.idx = len(rounds[st.round])
+			rounds[st.round] = append(rounds[st.round], partBatch{tp: k, pos: r.pos})
+		}
+		b := &rounds[st.round][st.idx]
+		b.recs = append(b.recs, r)
+		st.bytes += r.size
+	}
+	return rounds
 }
 
 // writeRound produces one round: a produce request per partition leader,
 // carrying one record batch per partition, sent concurrently. Partitions
 // that fail are retried, in their original order, until they succeed.
-func (s *Sink) writeRound(ctx context.Context, recs []record) error {
+func (s *Sink) writeRound(ctx context.Context, batches []partBatch) error {
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval = 100 * time.Millisecond
 	bo.MaxInterval = s.cfg.MaxBackoff
 	bo.MaxElapsedTime = 0
 	failures := 0
-	pending := groupByPartition(recs)
+	pending := batches
 	for {
 		failed, err := s.produce(ctx, pending)
 		if err == nil && len(failed) == 0 {
@@ -402,22 +425,6 @@ func (b *partBatch) records(now time.Time) []protocol.Record {
 	out := make([]protocol.Record, len(b.recs))
 	for i, r := range b.recs {
 		out[i] = protocol.Record{Time: now, Key: bytesOrNil(r.key), Value: bytesOrNil(r.value), Headers: r.headers}
-	}
-	return out
-}
-
-func groupByPartition(recs []record) []partBatch {
-	idx := map[tp]int{}
-	var out []partBatch
-	for i := range recs {
-		k := tp{recs[i].topic, recs[i].part}
-		j, ok := idx[k]
-		if !ok {
-			j = len(out)
-			idx[k] = j
-			out = append(out, partBatch{tp: k, pos: recs[i].pos})
-		}
-		out[j].recs = append(out[j].recs, &recs[i])
 	}
 	return out
 }

@@ -166,3 +166,4 @@ func TestPartitionForNilKey(t *testing.T) {
 		}
 	}
 }
+
