@@ -17,9 +17,9 @@ type Config struct {
 	// MaxInFlightMessages bounds messages accepted from the source and not yet
 	// acknowledged by the sink. Default 50000.
 	MaxInFlightMessages int
-	// MaxInFlightBytes bounds their encoded size. Default 16 MiB.
+	// MaxInFlightBytes bounds their encoded size. Default 8 MiB.
 	MaxInFlightBytes int64
-	// MaxBatchMessages bounds one Sink.Write call. Default 10000.
+	// MaxBatchMessages bounds one Sink.Write call. Default 4000.
 	MaxBatchMessages int
 }
 
@@ -28,10 +28,10 @@ func (c *Config) defaults() {
 		c.MaxInFlightMessages = 50000
 	}
 	if c.MaxInFlightBytes <= 0 {
-		c.MaxInFlightBytes = 16 << 20
+		c.MaxInFlightBytes = 8 << 20
 	}
 	if c.MaxBatchMessages <= 0 {
-		c.MaxBatchMessages = 10000
+		c.MaxBatchMessages = 4000
 	}
 }
 

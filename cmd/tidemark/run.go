@@ -114,6 +114,6 @@ func tuneGC(inflightBytes int64) {
 		debug.SetGCPercent(400)
 	}
 	if os.Getenv("GOMEMLIMIT") == "" {
-		debug.SetMemoryLimit(4*inflightBytes + 32<<20)
+		debug.SetMemoryLimit(3*inflightBytes + 40<<20)
 	}
 }

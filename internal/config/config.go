@@ -88,9 +88,9 @@ type Pipeline struct {
 	EntityStreams []pipeline.EntityStream `yaml:"entity_streams"`
 	// MaxInFlightMessages bounds unacknowledged messages. Default 50000.
 	MaxInFlightMessages int `yaml:"max_inflight_messages"`
-	// MaxInFlightBytes bounds their size. Default 16777216 (16 MiB).
+	// MaxInFlightBytes bounds their size. Default 8388608 (8 MiB).
 	MaxInFlightBytes int64 `yaml:"max_inflight_bytes"`
-	// MaxBatchMessages bounds one write to Kafka. Default 10000.
+	// MaxBatchMessages bounds one write to Kafka. Default 4000.
 	MaxBatchMessages int `yaml:"max_batch_messages"`
 }
 
@@ -262,12 +262,12 @@ func (c *Config) ApplyDefaults() {
 		pl.MaxInFlightMessages = 50000
 	}
 	if pl.MaxInFlightBytes == 0 {
-		pl.MaxInFlightBytes = 16 << 20
+		pl.MaxInFlightBytes = 8 << 20
 	}
 	if pl.MaxBatchMessages == 0 {
 		// The default may not exceed a smaller max_inflight_messages, which
 		// Validate would reject although the user did not set it.
-		pl.MaxBatchMessages = 10000
+		pl.MaxBatchMessages = 4000
 		if pl.MaxInFlightMessages > 0 && pl.MaxInFlightMessages < pl.MaxBatchMessages {
 			pl.MaxBatchMessages = pl.MaxInFlightMessages
 		}

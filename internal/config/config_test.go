@@ -70,8 +70,8 @@ func TestLoadGoodConfigAppliesDefaults(t *testing.T) {
 				{Name: "rooms", Key: "room_id", Tables: []string{"public.events", "public.room_memberships"}},
 			},
 			MaxInFlightMessages: 50000,
-			MaxInFlightBytes:    16 << 20,
-			MaxBatchMessages:    10000,
+			MaxInFlightBytes:    8 << 20,
+			MaxBatchMessages:    4000,
 		},
 		HTTP: config.HTTP{Listen: &listen},
 		Log:  config.Log{Level: "info", Format: "console"},
@@ -564,8 +564,8 @@ func TestDefaultBatchFitsInFlight(t *testing.T) {
 		wantBatch       int
 	}{
 		{"100", "", 100},
-		{"20000", "", 10000},
-		{"", "", 10000},
+		{"20000", "", 4000},
+		{"", "", 4000},
 		{"100", "30", 30},
 	}
 	for _, tc := range cases {

@@ -701,10 +701,12 @@ func TestHugeTransactionBounded(t *testing.T) {
 }
 
 // TestAbortedHugeTransactionPublishesNothing: a 100,000-row transaction that
-// rolls back (while another transaction commits in the middle of it, and
-// one after) publishes nothing: the table topic holds only the committed
-// transactions' rows, the transactions topic has no BEGIN or END for the
-// aborted xid, and the pipeline never received one of its changes.
+// rolls back (while another transaction commits in the middle of it), and a
+// 50,000-row subtransaction rolled back inside a transaction that commits,
+// publish nothing: the table topic holds only the committed rows, the
+// transactions topic has no BEGIN or END for the aborted xid, the committed
+// transaction's END counts only its surviving rows, and the pipeline never
+// received a rolled-back change.
 func TestAbortedHugeTransactionPublishesNothing(t *testing.T) {
 	const rows = 100000
 	e := newEnv(t, "")
@@ -716,6 +718,7 @@ func TestAbortedHugeTransactionPublishesNothing(t *testing.T) {
 	waitConnected(t, r)
 	ctx := context.Background()
 
+	// Rolled-back ids are <= 1,000,000; committed ones above.
 	tx, err := e.pool.Begin(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -731,16 +734,60 @@ func TestAbortedHugeTransactionPublishesNothing(t *testing.T) {
 	if err := tx.Rollback(ctx); err != nil {
 		t.Fatal(err)
 	}
-	after := e.commitBig(2_000_001, 3)
-	e.waitSlot(cfg.Postgres.Slot, e.currentLSN(), 60*time.Second)
+
+	// A committed transaction whose big middle part is rolled back to a
+	// savepoint: 2 + 1 rows survive.
+	tx, err = e.pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var withSavepoint int64
+	if err := tx.QueryRow(ctx, "SELECT txid_current()").Scan(&withSavepoint); err != nil {
+		t.Fatal(err)
+	}
+	for _, step := range []struct {
+		sql  string
+		args []any
+	}{
+		{bigInsert, []any{2_000_001, 2}},
+		{"SAVEPOINT s", nil},
+		{bigInsert, []any{rows + 1, rows / 2}},
+		{"ROLLBACK TO SAVEPOINT s", nil},
+		{bigInsert, []any{2_000_003, 1}},
+	} {
+		if _, err := tx.Exec(ctx, step.sql, step.args...); err != nil {
+			t.Fatalf("%s: %v", firstLine(step.sql), err)
+		}
+	}
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	after := e.commitBig(3_000_001, 3)
+	const committedRows = 3 + 3 + 3
+
+	target := e.currentLSN()
+	deadline := time.Now().Add(60 * time.Second)
+	for c := e.slotConfirmed(cfg.Postgres.Slot); c < target; c = e.slotConfirmed(cfg.Postgres.Slot) {
+		if time.Now().After(deadline) {
+			t.Fatalf("slot confirmed %s, still below %s after 60s", c, target)
+		}
+		select {
+		case <-r.done:
+			t.Fatalf("app stopped: %v", r.err)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 
 	txns := tr.summary()
-	if len(txns) != 2 {
-		t.Fatalf("server committed %d transactions with changes, want 2: %+v", len(txns), txns)
+	if len(txns) != 3 {
+		t.Fatalf("server committed %d transactions with changes, want 3: %+v", len(txns), txns)
 	}
-	small := map[uint32]truthTxn{}
-	for _, x := range []uint32{during, after} {
-		small[x] = findTxn(t, txns, x)
+	committed := map[uint32]truthTxn{}
+	for _, x := range []uint32{during, uint32(withSavepoint), after} {
+		committed[x] = findTxn(t, txns, x)
+	}
+	if n := committed[uint32(withSavepoint)].changes; n != 3 {
+		t.Fatalf("server decoded %d changes for the savepoint transaction, want 3", n)
 	}
 	for _, tt := range txns {
 		if tt.xid == uint32(abortedXid) {
@@ -750,7 +797,7 @@ func TestAbortedHugeTransactionPublishesNothing(t *testing.T) {
 
 	view := e.kafkaView("abort", []string{"public.big"})
 	if miss := view.missing(txns, 0); len(miss) > 0 {
-		t.Fatalf("Kafka lacks committed transactions: %v", miss)
+		t.Fatalf("Kafka lacks committed transactions, or holds more of them than committed: %v", miss)
 	}
 	msgs := e.read("abort.public.big")
 	commitLSNs := map[pipeline.LSN]bool{}
@@ -760,34 +807,34 @@ func TestAbortedHugeTransactionPublishesNothing(t *testing.T) {
 	for _, m := range msgs {
 		var id int64
 		_ = json.Unmarshal(m.Env.After["id"], &id)
-		if !commitLSNs[m.Pos.CommitLSN] || id <= rows {
-			t.Errorf("table topic holds a change not from the committed transactions: position %s, id %d, txId %d", m.Pos, id, m.Env.Source.TxID)
+		if !commitLSNs[m.Pos.CommitLSN] || id <= 1_000_000 {
+			t.Errorf("table topic holds a change not from the committed rows: position %s, id %d, txId %d", m.Pos, id, m.Env.Source.TxID)
 		}
 	}
-	if len(msgs) != 6 {
-		t.Errorf("table topic holds %d messages, want the 6 committed rows", len(msgs))
+	if len(msgs) != committedRows {
+		t.Errorf("table topic holds %d messages, want the %d committed rows", len(msgs), committedRows)
 	}
 	recs := e.readTxns("abort.transactions")
 	for _, rec := range recs {
 		if rec.TxID == uint32(abortedXid) {
 			t.Errorf("transactions topic has a %s record for the rolled-back xid %d", rec.Status, abortedXid)
 		}
-		if _, ok := small[rec.TxID]; !ok {
+		if _, ok := committed[rec.TxID]; !ok {
 			t.Errorf("transactions topic has a %s record for xid %d, which committed no change", rec.Status, rec.TxID)
 		}
 	}
-	if len(recs) != 4 {
-		t.Errorf("transactions topic has %d records, want BEGIN and END of 2 transactions", len(recs))
+	if len(recs) != 2*len(committed) {
+		t.Errorf("transactions topic has %d records, want BEGIN and END of %d transactions", len(recs), len(committed))
 	}
 	if n := e.spilledTxns(cfg.Postgres.Slot); n == 0 {
-		t.Errorf("the server did not spill the rolled-back transaction to disk (spill_txns 0)")
+		t.Errorf("the server did not spill the rolled-back changes to disk (spill_txns 0)")
 	}
-	if n := r.Pipeline.Stats().Changes.Load(); n != 6 {
-		t.Errorf("pipeline received %d changes, want the 6 committed ones", n)
+	if n := r.Pipeline.Stats().Changes.Load(); n != committedRows {
+		t.Errorf("pipeline received %d changes, want the %d committed ones", n, committedRows)
 	}
 	checkKeyOrder(t, "abort.public.big", msgs, false)
-	t.Logf("rolled back xid %d (%d rows); committed xids %d and %d published; %d messages, %d transaction records",
-		abortedXid, rows, during, after, len(msgs), len(recs))
+	t.Logf("rolled back xid %d (%d rows) and a %d-row subtransaction of xid %d; published xids %v: %d messages, %d transaction records",
+		abortedXid, rows, rows/2, withSavepoint, []uint32{during, uint32(withSavepoint), after}, len(msgs), len(recs))
 }
 
 // writeBigConfig is writeConfig with a small in-flight bound, so that the

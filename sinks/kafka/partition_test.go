@@ -166,4 +166,3 @@ func TestPartitionForNilKey(t *testing.T) {
 		}
 	}
 }
-
