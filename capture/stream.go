@@ -43,6 +43,10 @@ type Config struct {
 	Buffer int
 	// ReconnectMax bounds the backoff between reconnect attempts. Default 30s.
 	ReconnectMax time.Duration
+	// ConfirmedLSN is the slot's confirmed_flush_lsn when the stream is
+	// built: the position already durable downstream, reported until the
+	// pipeline acknowledges more.
+	ConfirmedLSN pipeline.LSN
 	// KeyColumns maps "schema.table" to the columns that key its messages
 	// (its primary key; see TableInfo.KeyColumns). Tables not listed are
 	// keyed by the replica identity columns pgoutput flags.
@@ -120,8 +124,10 @@ func New(cfg Config, log *zap.Logger) (*Stream, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	return &Stream{cfg: cfg, log: log, out: make(chan pipeline.Event, cfg.Buffer), done: make(chan struct{}),
-		ackCh: make(chan struct{}, 1), dec: newDecoder()}, nil
+	st := &Stream{cfg: cfg, log: log, out: make(chan pipeline.Event, cfg.Buffer), done: make(chan struct{}),
+		ackCh: make(chan struct{}, 1), dec: newDecoder()}
+	st.acked.Store(uint64(cfg.ConfirmedLSN))
+	return st, nil
 }
 
 // Stats returns the live counters.
@@ -479,10 +485,11 @@ func (s *Stream) maybeSendStatus(ctx context.Context, conn *pgconn.PgConn, force
 	if !force && !due && !advanced {
 		return nil
 	}
-	write := s.handedEnd
-	if flush > write {
-		write = flush
-	}
+	// Report only what is confirmed, in all three positions. (pglogrepl
+	// replaces a zero flush position with the write position, so reporting
+	// a write position beyond flush could confirm transactions that are not
+	// durable yet; and Postgres ignores a zero flush.)
+	write := flush
 	err := pglogrepl.SendStandbyStatusUpdate(ctx, conn, pglogrepl.StandbyStatusUpdate{
 		WALWritePosition: pglogrepl.LSN(write),
 		WALFlushPosition: pglogrepl.LSN(flush),

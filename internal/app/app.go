@@ -114,13 +114,21 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger) (*App, er
 	if created {
 		log.Info("created replication slot", zap.String("slot", cfg.Postgres.Slot))
 	}
+	slot, err := capture.ReadSlot(ctx, conn, cfg.Postgres.Slot)
+	if err != nil {
+		return nil, err
+	}
+	confirmed, err := pipeline.ParseLSN(slot.ConfirmedFlush)
+	if err != nil {
+		return nil, fmt.Errorf("replication slot %q: confirmed_flush_lsn: %w", cfg.Postgres.Slot, err)
+	}
 	keys := map[string][]string{}
 	for name, ti := range infos {
 		keys[name] = ti.KeyColumns()
 	}
 	stream, err := capture.New(capture.Config{
 		DSN: cfg.Postgres.DSN, Slot: cfg.Postgres.Slot, Publication: cfg.Postgres.Publication,
-		StandbyInterval: cfg.Postgres.StandbyInterval, KeyColumns: keys,
+		StandbyInterval: cfg.Postgres.StandbyInterval, KeyColumns: keys, ConfirmedLSN: confirmed,
 	}, log.With(zap.String("component", "capture")))
 	if err != nil {
 		return nil, err

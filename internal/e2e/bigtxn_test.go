@@ -21,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	kafkago "github.com/segmentio/kafka-go"
 
 	"github.com/tidemark/tidemark/internal/app"
@@ -53,7 +54,7 @@ func (e *env) forceSpill() {
 	if err := e.pool.QueryRow(context.Background(), "SELECT current_database()").Scan(&db); err != nil {
 		e.t.Fatal(err)
 	}
-	e.exec(fmt.Sprintf(`ALTER DATABASE %q SET logical_decoding_work_mem = '64kB'`, db))
+	e.exec(`ALTER DATABASE ` + pgx.Identifier{db}.Sanitize() + ` SET logical_decoding_work_mem = '64kB'`)
 }
 
 // spilledTxns reads pg_stat_replication_slots.spill_txns for slot, waiting
@@ -103,14 +104,15 @@ func (e *env) commitBig(from, n int) uint32 {
 	return uint32(xid)
 }
 
-// truthSummary is tr.txns() aggregated server-side, so that a transaction of
+// summary is tr.txns() aggregated server-side, so that a transaction of
 // hundreds of thousands of changes is not shipped to the test row by row.
+// Like tr.txns(), it sees only WAL the server has flushed.
 func (tr *truth) summary() []truthTxn {
 	tr.e.t.Helper()
 	rows, err := tr.e.pool.Query(context.Background(), `
 		SELECT xid::text, count(*) FILTER (WHERE data LIKE 'table %'), max(lsn) FILTER (WHERE data LIKE 'COMMIT%')::text
 		FROM pg_logical_slot_peek_changes($1, NULL, NULL, 'include-xids', '1', 'skip-empty-xacts', '1')
-		GROUP BY xid ORDER BY 3`, tr.slot)
+		GROUP BY xid ORDER BY max(lsn) FILTER (WHERE data LIKE 'COMMIT%')`, tr.slot)
 	if err != nil {
 		tr.e.t.Fatalf("peeking truth slot: %v", err)
 	}
@@ -151,14 +153,16 @@ func findTxn(t *testing.T, txns []truthTxn, xid uint32) truthTxn {
 }
 
 // readRaw reads every record of topic from brokers, its partitions in
-// parallel, keeping keys, values and the position headers (not the other
-// headers; values are not decoded). kafkatest.ReadAll is too slow under
-// -race for 10^5 records.
+// parallel, keeping keys, values and the position (from the headers; other
+// headers are dropped and values are not decoded). kafkatest.ReadAll with
+// env.read is too slow under -race for 10^5 records.
 func readRaw(t *testing.T, brokers []string, topic string) []msg {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	client := &kafkago.Client{Addr: kafkago.TCP(brokers...), Timeout: 10 * time.Second, Transport: &kafkago.Transport{}}
+	transport := &kafkago.Transport{}
+	defer transport.CloseIdleConnections()
+	client := &kafkago.Client{Addr: kafkago.TCP(brokers...), Timeout: 10 * time.Second, Transport: transport}
 	meta, err := client.Metadata(ctx, &kafkago.MetadataRequest{Topics: []string{topic}})
 	if err != nil || len(meta.Topics) != 1 || meta.Topics[0].Error != nil {
 		t.Fatalf("metadata of %s: %v %+v", topic, err, meta)
@@ -922,7 +926,9 @@ func TestCrashDuringHugeTransaction(t *testing.T) {
 	// kafkatest.ReadAll uses, answers Metadata from a cache (refreshed every
 	// 6s), so polling a topic before it exists through it would make ReadAll
 	// report the topic unknown for a while.
-	client := &kafkago.Client{Addr: kafkago.TCP(brokers...), Timeout: 5 * time.Second, Transport: &kafkago.Transport{}}
+	transport := &kafkago.Transport{}
+	defer transport.CloseIdleConnections()
+	client := &kafkago.Client{Addr: kafkago.TCP(brokers...), Timeout: 5 * time.Second, Transport: transport}
 	ctx := context.Background()
 
 	// First run: kill it once a tenth of the transaction is in Kafka.

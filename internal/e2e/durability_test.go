@@ -296,3 +296,51 @@ func TestKafkaOutage(t *testing.T) {
 	}
 	t.Logf("%d transactions (%d during the run), max in flight %d, slot held at %s during the outage", len(txns), counts.Transactions.Load(), maxInFlight, c0)
 }
+
+// TestNoConfirmBeforeFirstAck: a freshly started capture whose first
+// transaction is not yet durable (Kafka is down) must not confirm it, even
+// while it keeps answering keepalives. (pglogrepl turns a zero flush position
+// into the write position; the stream must never rely on that.)
+func TestNoConfirmBeforeFirstAck(t *testing.T) {
+	e := newEnv(t, t.TempDir())
+	e.exec(`CREATE TABLE notes (id int PRIMARY KEY, body text)`)
+	cfg := e.config("first", []string{"public.notes"}, nil)
+	tr := e.newTruth("truth_first")
+	r := e.start(cfg)
+	deadline := time.Now().Add(15 * time.Second)
+	for !r.Stream.Stats().Connected.Load() {
+		if time.Now().After(deadline) {
+			t.Fatal("capture did not connect")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	e.kafka.Stop()
+	e.exec(`INSERT INTO notes VALUES (1, 'must not be confirmed before it is in Kafka')`)
+	var txns []truthTxn
+	for deadline := time.Now().Add(10 * time.Second); len(txns) == 0; {
+		if time.Now().After(deadline) {
+			t.Fatal("the insert never reached the WAL")
+		}
+		time.Sleep(20 * time.Millisecond)
+		txns = tr.txns()
+	}
+	// Several standby status messages go out meanwhile (standby_interval 1s).
+	deadline = time.Now().Add(10 * time.Second)
+	for r.Stream.Stats().ReceivedLSN.Load() < uint64(txns[0].end) {
+		if time.Now().After(deadline) {
+			t.Fatal("capture did not receive the transaction")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(3 * time.Second)
+	if c := e.slotConfirmed(cfg.Postgres.Slot); c >= txns[0].end {
+		t.Fatalf("slot confirmed %s, covering transaction %d (end %s) that Kafka never acknowledged", c, txns[0].xid, txns[0].end)
+	}
+	if err := e.kafka.Restart(); err != nil {
+		t.Fatal(err)
+	}
+	e.waitSlot(cfg.Postgres.Slot, txns[0].end, 60*time.Second)
+	if miss := e.kafkaView("first", []string{"public.notes"}).missing(txns, 0); len(miss) > 0 {
+		t.Fatalf("Kafka lacks: %v", miss)
+	}
+}
