@@ -671,7 +671,9 @@ func (e *env) live(ctx context.Context) (*Live, error) {
 	defer stopReaders()
 	var rwg sync.WaitGroup
 	for _, p := range parts {
-		rd := kafkago.NewReader(kafkago.ReaderConfig{Brokers: e.brokers, Topic: topic, Partition: p, MinBytes: 1, MaxWait: 5 * time.Millisecond, MaxBytes: 4 << 20})
+		rd := kafkago.NewReader(kafkago.ReaderConfig{Brokers: e.brokers, Topic: topic, Partition: p, MinBytes: 1, MaxWait: 5 * time.Millisecond, MaxBytes: 4 << 20,
+			// kafka-go backs off 100ms after an empty fetch by default.
+			ReadBackoffMin: time.Millisecond, ReadBackoffMax: 5 * time.Millisecond})
 		if err := rd.SetOffset(kafkago.LastOffset); err != nil {
 			return nil, err
 		}
