@@ -16,7 +16,7 @@ import (
 )
 
 func runCmd() *cobra.Command {
-	var path string
+	var path, role string
 	cmd := &cobra.Command{
 		Use:   "run",
 		Short: "Capture the configured tables into Kafka until interrupted",
@@ -42,32 +42,69 @@ func runCmd() *cobra.Command {
 			}
 			tuneGC(cfg.Pipeline.MaxInFlightBytes)
 			ctx := cmd.Context()
-			a, err := app.Prepare(ctx, cfg, log)
-			if err != nil {
-				if _, ok := err.(*capture.PreflightError); ok {
+			runCapture := role == "all" || role == "capture"
+			runInvalidation := (role == "all" || role == "invalidation") && cfg.Invalidation != nil
+			if role == "invalidation" && cfg.Invalidation == nil {
+				return &exitError{2, fmt.Errorf("--role invalidation: the config has no invalidation section")}
+			}
+			if role != "all" && role != "capture" && role != "invalidation" {
+				return &exitError{2, fmt.Errorf("--role %q: want all, capture or invalidation", role)}
+			}
+			reg := app.NewRegistry()
+			var ready []func() error
+			g, gctx := errgroup.WithContext(ctx)
+			if runCapture {
+				a, err := app.Prepare(ctx, cfg, log)
+				if err != nil {
+					if _, ok := err.(*capture.PreflightError); ok {
+						return &exitError{3, err}
+					}
+					return err
+				}
+				a.Register(reg)
+				ready = append(ready, a.Ready)
+				g.Go(func() error {
+					err := a.Run(gctx)
+					if err != nil {
+						log.Error("capture stopped", zap.Error(err))
+					}
+					return err
+				})
+			}
+			if runInvalidation {
+				inv, err := app.PrepareInvalidation(ctx, cfg, log)
+				if err != nil {
 					return &exitError{3, err}
 				}
-				return err
+				inv.Register(reg)
+				g.Go(func() error {
+					err := inv.Run(gctx)
+					if err != nil {
+						log.Error("invalidation consumer stopped", zap.Error(err))
+					}
+					return err
+				})
 			}
-			g, gctx := errgroup.WithContext(ctx)
 			if *cfg.HTTP.Listen != "" {
 				g.Go(func() error {
-					if err := a.ServeHTTP(gctx, *cfg.HTTP.Listen); err != nil {
+					err := app.Serve(gctx, *cfg.HTTP.Listen, reg, func() error {
+						for _, r := range ready {
+							if err := r(); err != nil {
+								return err
+							}
+						}
+						return nil
+					})
+					if err != nil {
 						return fmt.Errorf("http listener %s: %w", *cfg.HTTP.Listen, err)
 					}
 					return nil
 				})
 			}
-			g.Go(func() error {
-				err := a.Run(gctx)
-				if err != nil {
-					log.Error("pipeline stopped", zap.Error(err))
-				}
-				return err
-			})
 			return g.Wait()
 		},
 	}
+	cmd.Flags().StringVar(&role, "role", "all", "what to run: all, capture or invalidation")
 	cmd.Flags().StringVarP(&path, "config", "c", "", "YAML config file (required)")
 	return cmd
 }

@@ -12,12 +12,19 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
-// Registry returns a Prometheus registry exposing the app's counters. Values
-// are read from the parts' atomic stats at scrape time, so the hot path pays
-// nothing per message.
-func (a *App) Registry() *prometheus.Registry {
+// NewRegistry returns a Prometheus registry with the Go and process
+// collectors.
+func NewRegistry() *prometheus.Registry {
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), a.CommitToAck)
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return reg
+}
+
+// Register adds the capture pipeline's metrics to reg. Values are read from
+// the parts' atomic stats at scrape time, so the hot path pays nothing per
+// message.
+func (a *App) Register(reg prometheus.Registerer) {
+	reg.MustRegister(a.CommitToAck)
 	ps := a.Pipeline.Stats()
 	cs := a.Stream.Stats()
 	counter := func(name, help string, f func() float64) {
@@ -50,25 +57,32 @@ func (a *App) Registry() *prometheus.Registry {
 		}
 		return 0
 	})
-	return reg
 }
 
-// ServeHTTP serves /healthz, /readyz and /metrics on addr until ctx ends.
-func (a *App) ServeHTTP(ctx context.Context, addr string) error {
+// Ready reports why the capture pipeline is not ready, or nil.
+func (a *App) Ready() error {
+	if !a.Stream.Stats().Connected.Load() {
+		return errors.New("replication not connected")
+	}
+	if !a.Sink.Healthy() {
+		return errors.New("kafka writes failing")
+	}
+	return nil
+}
+
+// Serve serves /healthz, /readyz (ready returns nil) and /metrics (reg) on
+// addr until ctx ends.
+func Serve(ctx context.Context, addr string, reg *prometheus.Registry, ready func() error) error {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !a.Stream.Stats().Connected.Load() {
-			http.Error(w, "replication not connected", http.StatusServiceUnavailable)
-			return
-		}
-		if !a.Sink.Healthy() {
-			http.Error(w, "kafka writes failing", http.StatusServiceUnavailable)
+		if err := ready(); err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
 			return
 		}
 		_, _ = w.Write([]byte("ready\n"))
 	})
-	mux.Handle("/metrics", promhttp.HandlerFor(a.Registry(), promhttp.HandlerOpts{}))
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return err

@@ -17,6 +17,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/tidemark/tidemark/invalidation"
 	"github.com/tidemark/tidemark/pipeline"
 )
 
@@ -25,6 +26,7 @@ const (
 	EnvPostgresDSN      = "TIDEMARK_POSTGRES_DSN"
 	EnvPostgresPassword = "TIDEMARK_POSTGRES_PASSWORD"
 	EnvKafkaBrokers     = "TIDEMARK_KAFKA_BROKERS"
+	EnvRedisPassword    = "TIDEMARK_REDIS_PASSWORD"
 )
 
 // Config is the whole file.
@@ -34,6 +36,37 @@ type Config struct {
 	Pipeline Pipeline `yaml:"pipeline"`
 	HTTP     HTTP     `yaml:"http"`
 	Log      Log      `yaml:"log"`
+	// Invalidation configures the cache-invalidation consumer (optional).
+	Invalidation *Invalidation `yaml:"invalidation"`
+}
+
+// Invalidation is the cache-invalidation consumer.
+type Invalidation struct {
+	// Group is its Kafka consumer group. Default "<topic_prefix>-invalidation".
+	Group string `yaml:"group"`
+	// Streams, when set, makes it consume these entity streams instead of
+	// the rule tables' own topics; every table of those streams then needs
+	// a rule.
+	Streams []string `yaml:"streams"`
+	// Rules map table changes to cache keys (required).
+	Rules []invalidation.Rule `yaml:"rules"`
+	// MaxAttempts before a failing change is dead-lettered. Default 5.
+	MaxAttempts int `yaml:"max_attempts"`
+	// Redis receives DELs (required for now: the only invalidation sink).
+	Redis *Redis `yaml:"redis"`
+}
+
+// Redis is a Redis server used as an invalidation sink.
+type Redis struct {
+	// Addr is host:port (required).
+	Addr string `yaml:"addr"`
+	// Username and Password (env TIDEMARK_REDIS_PASSWORD overrides).
+	Username string `yaml:"username"`
+	Password string `yaml:"password"`
+	// DB number. Default 0.
+	DB int `yaml:"db"`
+	// Channel, when set, also receives a PUBLISH of every invalidated key.
+	Channel string `yaml:"channel"`
 }
 
 // Postgres is the captured database.
@@ -183,6 +216,9 @@ func (c *Config) ApplyEnv(getenv func(string) string) {
 	if v := getenv(EnvPostgresPassword); v != "" && c.Postgres.DSN != "" {
 		c.Postgres.DSN = withPassword(c.Postgres.DSN, v)
 	}
+	if v := getenv(EnvRedisPassword); v != "" && c.Invalidation != nil && c.Invalidation.Redis != nil {
+		c.Invalidation.Redis.Password = v
+	}
 	if v := getenv(EnvKafkaBrokers); v != "" {
 		c.Kafka.Brokers = nil
 		for _, b := range strings.Split(v, ",") {
@@ -276,6 +312,19 @@ func (c *Config) ApplyDefaults() {
 		for j, t := range pl.EntityStreams[i].Tables {
 			if identRe.MatchString(t) {
 				pl.EntityStreams[i].Tables[j] = "public." + t
+			}
+		}
+	}
+	if inv := c.Invalidation; inv != nil {
+		if inv.Group == "" {
+			inv.Group = c.Kafka.TopicPrefix + "-invalidation"
+		}
+		if inv.MaxAttempts == 0 {
+			inv.MaxAttempts = 5
+		}
+		for i, r := range inv.Rules {
+			if identRe.MatchString(r.Table) {
+				inv.Rules[i].Table = "public." + r.Table
 			}
 		}
 	}
@@ -391,6 +440,29 @@ func (c *Config) Validate() []FieldError {
 			if !seen[t] {
 				add(fmt.Sprintf("%s.tables[%d]", path, j), "%q is not in postgres.tables", t)
 			}
+		}
+	}
+	if inv := c.Invalidation; inv != nil {
+		if len(inv.Rules) == 0 {
+			add("invalidation.rules", "required: at least one rule")
+		}
+		for i, r := range inv.Rules {
+			if !seen[r.Table] {
+				add(fmt.Sprintf("invalidation.rules[%d].table", i), "%q is not in postgres.tables", r.Table)
+			}
+		}
+		for i, st := range inv.Streams {
+			if !names[st] {
+				add(fmt.Sprintf("invalidation.streams[%d]", i), "%q is not a pipeline.entity_streams name", st)
+			}
+		}
+		if inv.MaxAttempts < 1 {
+			add("invalidation.max_attempts", "%d must be at least 1", inv.MaxAttempts)
+		}
+		if inv.Redis == nil {
+			add("invalidation.redis", "required: where invalidations go (addr: host:port)")
+		} else if !strings.Contains(inv.Redis.Addr, ":") {
+			add("invalidation.redis.addr", "%q needs host:port", inv.Redis.Addr)
 		}
 	}
 	switch c.Log.Level {

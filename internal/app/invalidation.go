@@ -1,0 +1,135 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/tidemark/tidemark/internal/config"
+	"github.com/tidemark/tidemark/invalidation"
+	kafkasink "github.com/tidemark/tidemark/sinks/kafka"
+	redissink "github.com/tidemark/tidemark/sinks/redis"
+)
+
+// Invalidation is the running cache-invalidation consumer and its sinks.
+type Invalidation struct {
+	Consumer *invalidation.Consumer
+	Handler  *invalidation.RuleHandler
+	Redis    *redissink.Sink
+	DLQ      *kafkasink.Sink
+	Topics   map[string][]string
+	DLQTopic string
+	log      *zap.Logger
+}
+
+// PrepareInvalidation compiles the rules against the captured tables'
+// columns (read from Postgres), builds the sinks and the consumer, and
+// checks that every subscribed topic's tables have a rule.
+func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logger) (*Invalidation, error) {
+	inv := cfg.Invalidation
+	if inv == nil {
+		return nil, errors.New("no invalidation section in the config")
+	}
+	if log == nil {
+		log = zap.NewNop()
+	}
+	infos, _, problems, err := Check(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	_ = problems // capture's own problems are reported by the capture role
+	columns := map[string][]string{}
+	for name, ti := range infos {
+		columns[name] = ti.Columns
+	}
+	engine, err := invalidation.Compile(inv.Rules, columns)
+	if err != nil {
+		return nil, err
+	}
+	rc := cfg.RouterConfig("")
+	topics := map[string][]string{}
+	if len(inv.Streams) > 0 {
+		for _, s := range cfg.Pipeline.EntityStreams {
+			if slices.Contains(inv.Streams, s.Name) {
+				topics[rc.StreamTopic(s)] = s.Tables
+			}
+		}
+	} else {
+		for _, t := range engine.Tables() {
+			topics[cfg.Kafka.TopicPrefix+"."+t] = []string{t}
+		}
+	}
+	rs, err := redissink.New(redissink.Config{Addr: inv.Redis.Addr, Username: inv.Redis.Username, Password: inv.Redis.Password,
+		DB: inv.Redis.DB, Channel: inv.Redis.Channel}, log.With(zap.String("component", "redis")))
+	if err != nil {
+		return nil, fmt.Errorf("invalidation.redis: %w", err)
+	}
+	handler := invalidation.NewRuleHandler(engine, rs)
+	handlers := map[string]invalidation.Handler{}
+	for _, t := range engine.Tables() {
+		handlers[t] = handler
+	}
+	dlq, err := kafkasink.New(kafkasink.Config{Brokers: cfg.Kafka.Brokers, ClientID: cfg.Kafka.ClientID + "-dlq",
+		Partitions: cfg.Kafka.Partitions, ReplicationFactor: cfg.Kafka.ReplicationFactor}, log.With(zap.String("component", "dlq")))
+	if err != nil {
+		return nil, err
+	}
+	dlqTopic := cfg.Kafka.TopicPrefix + ".dlq"
+	consumer, err := invalidation.NewConsumer(invalidation.Config{
+		Brokers: cfg.Kafka.Brokers, Group: inv.Group, Topics: topics, Handlers: handlers,
+		DLQTopic: dlqTopic, DLQ: dlq, MaxAttempts: inv.MaxAttempts,
+	}, log.With(zap.String("component", "invalidation")))
+	if err != nil {
+		_ = rs.Close()
+		return nil, err
+	}
+	return &Invalidation{Consumer: consumer, Handler: handler, Redis: rs, DLQ: dlq, Topics: topics, DLQTopic: dlqTopic, log: log}, nil
+}
+
+// Run creates the DLQ topic (waiting for Kafka), then consumes until ctx
+// ends. A cancelled ctx is a clean stop.
+func (i *Invalidation) Run(ctx context.Context) error {
+	defer func() { _ = i.Redis.Close() }()
+	for attempt := 1; ; attempt++ {
+		err := i.DLQ.EnsureTopics(ctx, []string{i.DLQTopic}, nil)
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		if attempt == 1 || attempt%10 == 0 {
+			i.log.Warn("kafka not ready for the dead-letter topic; retrying", zap.Error(err))
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(time.Second):
+		}
+	}
+	err := i.Consumer.Run(ctx)
+	closeCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return errors.Join(err, i.DLQ.Close(closeCtx))
+}
+
+// Register adds the consumer's metrics to reg.
+func (i *Invalidation) Register(reg prometheus.Registerer) {
+	st := i.Consumer.Stats()
+	labels := prometheus.Labels{"role": "invalidation"}
+	counter := func(name, help string, f func() float64) {
+		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "tidemark", Subsystem: "consumer", Name: name, Help: help, ConstLabels: labels}, f))
+	}
+	counter("messages_total", "Changes applied.", func() float64 { return float64(st.Messages.Load()) })
+	counter("skipped_total", "Redelivered positions skipped.", func() float64 { return float64(st.Skipped.Load()) })
+	counter("retries_total", "Failed attempts that were retried.", func() float64 { return float64(st.Retries.Load()) })
+	counter("dlq_total", "Changes sent to the dead-letter topic.", func() float64 { return float64(st.DLQ.Load()) })
+	counter("apply_seconds_total", "Sum of fetch-to-commit seconds of applied changes.", func() float64 { return float64(st.ApplyNanos.Load()) / 1e9 })
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "tidemark", Subsystem: "consumer", Name: "lag_messages",
+		Help: "Messages behind the end of the subscribed partitions.", ConstLabels: labels}, func() float64 { return float64(st.Lag.Load()) }))
+}

@@ -1,0 +1,224 @@
+package e2e
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	kafkago "github.com/segmentio/kafka-go"
+
+	"github.com/tidemark/tidemark/internal/app"
+	"github.com/tidemark/tidemark/internal/config"
+	"github.com/tidemark/tidemark/internal/demo"
+	"github.com/tidemark/tidemark/internal/kafkatest"
+	"github.com/tidemark/tidemark/internal/redistest"
+	"github.com/tidemark/tidemark/invalidation"
+	"github.com/tidemark/tidemark/pipeline"
+)
+
+func invalidationConfig(e *env, prefix, redisAddr string, mod func(*config.Config)) *config.Config {
+	return e.config(prefix, demo.Tables, func(c *config.Config) {
+		c.Pipeline.EntityStreams = []pipeline.EntityStream{{Name: "rooms", Key: "room_id",
+			Tables: []string{"public.room_memberships", "public.events", "public.event_json"}}}
+		c.Invalidation = &config.Invalidation{
+			Redis: &config.Redis{Addr: redisAddr},
+			Rules: []invalidation.Rule{
+				{Table: "public.room_memberships", Keys: []string{"room:{room_id}:members", "user:{user_id}:rooms"}},
+				{Table: "public.read_markers", Keys: []string{"unread:{user_id}:{room_id}"}},
+				{Table: "public.events", Keys: []string{"room:{room_id}:timeline"}, Ops: []string{"c", "d"}},
+			},
+		}
+		if mod != nil {
+			mod(c)
+		}
+	})
+}
+
+// startInvalidation runs the invalidation consumer in the test process.
+func (e *env) startInvalidation(cfg *config.Config) (*app.Invalidation, func()) {
+	e.t.Helper()
+	inv, err := app.PrepareInvalidation(context.Background(), cfg, nil)
+	if err != nil {
+		e.t.Fatalf("prepare invalidation: %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- inv.Run(ctx) }()
+	stopped := false
+	stop := func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				e.t.Errorf("invalidation consumer: %v", err)
+			}
+		case <-time.After(30 * time.Second):
+			e.t.Error("invalidation consumer did not stop")
+		}
+	}
+	e.t.Cleanup(stop)
+	return inv, stop
+}
+
+// TestInvalidationDeletesExpectedKeys: join, leave, ban, a read-marker
+// upsert, an event insert and a row moved between rooms each delete exactly
+// the expected Redis keys, and nothing else.
+func TestInvalidationDeletesExpectedKeys(t *testing.T) {
+	e := newEnv(t, "")
+	rd := redistest.ForTest(t)
+	e.exec(demo.Schema)
+	cfg := invalidationConfig(e, "inv", rd.Addr(), nil)
+	e.start(cfg)
+	e.startInvalidation(cfg)
+	rc := rd.Client()
+	ctx := context.Background()
+	all := []string{"room:!r1:members", "room:!r2:members", "user:@a:rooms", "user:@b:rooms",
+		"unread:@a:!r1", "unread:@b:!r1", "room:!r1:timeline", "room:!r2:timeline", "unrelated"}
+	step := func(name, sql string, want ...string) {
+		t.Helper()
+		for _, k := range all {
+			if err := rc.Set(ctx, k, "cached", 0).Err(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		e.exec(sql)
+		deadline := time.Now().Add(20 * time.Second)
+		for {
+			n, err := rc.Exists(ctx, want...).Result()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if n == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: keys %v not all deleted within 20s", name, want)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		// Let any extra (wrong) deletions of this change land, then check
+		// that nothing else was deleted.
+		e.waitSlot(cfg.Postgres.Slot, e.currentLSN(), 20*time.Second)
+		time.Sleep(300 * time.Millisecond)
+		for _, k := range all {
+			expected := false
+			for _, w := range want {
+				expected = expected || w == k
+			}
+			if expected {
+				continue
+			}
+			if n, _ := rc.Exists(ctx, k).Result(); n != 1 {
+				t.Errorf("%s: key %s was deleted but should not have been", name, k)
+			}
+		}
+	}
+	step("join", `INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!r1', '@a', 'join')`,
+		"room:!r1:members", "user:@a:rooms")
+	step("leave", `UPDATE room_memberships SET membership = 'leave' WHERE room_id = '!r1' AND user_id = '@a'`,
+		"room:!r1:members", "user:@a:rooms")
+	step("ban", `UPDATE room_memberships SET membership = 'ban' WHERE room_id = '!r1' AND user_id = '@a'`,
+		"room:!r1:members", "user:@a:rooms")
+	step("read marker", `INSERT INTO read_markers(user_id, room_id, event_id, stream_ordering) VALUES ('@a', '!r1', '$x', 5)
+		ON CONFLICT (user_id, room_id) DO UPDATE SET stream_ordering = EXCLUDED.stream_ordering`, "unread:@a:!r1")
+	step("read marker upsert", `INSERT INTO read_markers(user_id, room_id, event_id, stream_ordering) VALUES ('@a', '!r1', '$y', 6)
+		ON CONFLICT (user_id, room_id) DO UPDATE SET stream_ordering = EXCLUDED.stream_ordering`, "unread:@a:!r1")
+	step("event", `INSERT INTO events(event_id, room_id, sender, type, origin_ts) VALUES ('$e1', '!r1', '@a', 'm.room.message', 1)`,
+		"room:!r1:timeline")
+	step("moved between rooms", `UPDATE room_memberships SET room_id = '!r2' WHERE room_id = '!r1' AND user_id = '@a'`,
+		"room:!r1:members", "room:!r2:members", "user:@a:rooms")
+}
+
+// TestInvalidationRefusesMissingHandler: consuming an entity stream whose
+// tables lack a rule refuses to start, naming the table.
+func TestInvalidationRefusesMissingHandler(t *testing.T) {
+	e := newEnv(t, "")
+	rd := redistest.ForTest(t)
+	e.exec(demo.Schema)
+	cfg := invalidationConfig(e, "miss", rd.Addr(), func(c *config.Config) { c.Invalidation.Streams = []string{"rooms"} })
+	_, err := app.PrepareInvalidation(context.Background(), cfg, nil)
+	var me *invalidation.MissingHandlerError
+	if !errors.As(err, &me) {
+		t.Fatalf("PrepareInvalidation = %v, want a MissingHandlerError", err)
+	}
+	if !strings.Contains(err.Error(), "miss.rooms: public.event_json") {
+		t.Errorf("error does not name the uncovered table: %v", err)
+	}
+	// Bad templates are refused at load time, naming rule, template and column.
+	cfg = invalidationConfig(e, "tmpl", rd.Addr(), func(c *config.Config) {
+		c.Invalidation.Rules[0].Keys = []string{"room:{roomid}:members"}
+	})
+	_, err = app.PrepareInvalidation(context.Background(), cfg, nil)
+	if err == nil || !strings.Contains(err.Error(), `invalidation.rules[0].keys[0]: "room:{roomid}:members" uses column "roomid", which public.room_memberships does not have`) {
+		t.Fatalf("bad template: %v", err)
+	}
+}
+
+// TestInvalidationDeadLetters: a malformed message and a change no rule
+// accepts (a truncate) go to <prefix>.dlq with their reason and original
+// headers; the consumer keeps going.
+func TestInvalidationDeadLetters(t *testing.T) {
+	e := newEnv(t, "")
+	rd := redistest.ForTest(t)
+	e.exec(demo.Schema)
+	cfg := invalidationConfig(e, "dlq", rd.Addr(), nil)
+	e.start(cfg)
+	inv, _ := e.startInvalidation(cfg)
+	w := &kafkago.Writer{Addr: kafkago.TCP(e.kafka.Brokers()...), RequiredAcks: kafkago.RequireAll, BatchTimeout: time.Millisecond}
+	defer w.Close()
+	if err := w.WriteMessages(context.Background(), kafkago.Message{Topic: "dlq.public.read_markers", Key: []byte("k"),
+		Value: []byte("{not json"), Headers: []kafkago.Header{{Key: "origin", Value: []byte("test")}}}); err != nil {
+		t.Fatal(err)
+	}
+	e.exec(`TRUNCATE read_markers`)
+	rc := rd.Client()
+	ctx := context.Background()
+	_ = rc.Set(ctx, "unread:@z:!r9", "cached", 0).Err()
+	e.exec(`INSERT INTO read_markers(user_id, room_id, event_id, stream_ordering) VALUES ('@z', '!r9', '$x', 1)`)
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if n, _ := rc.Exists(ctx, "unread:@z:!r9").Result(); n == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the consumer did not keep going after the bad messages")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	var dead []kafkatest.Record
+	for time.Now().Before(deadline) {
+		var err error
+		dead, err = kafkatest.ReadAll(ctx, e.kafka.Brokers(), "dlq.dlq")
+		if err == nil && len(dead) >= 1+3 { // malformed + truncate in each of 3 partitions
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	var malformed, trunc int
+	for _, d := range dead {
+		reason := d.Headers["tidemark-dlq-reason"]
+		switch {
+		case strings.Contains(reason, "not valid JSON") && d.Headers["origin"] == "test":
+			malformed++
+			if !strings.HasPrefix(d.Headers["tidemark-dlq-source"], "dlq.public.read_markers/") {
+				t.Errorf("dead letter source %q", d.Headers["tidemark-dlq-source"])
+			}
+		case strings.Contains(reason, `accepts op "t"`) && d.Headers["tidemark-op"] == "t":
+			trunc++
+		default:
+			t.Errorf("unexpected dead letter: %v", d.Headers)
+		}
+	}
+	if malformed != 1 || trunc != 3 {
+		t.Errorf("dead letters: %d malformed (want 1), %d truncates (want 3, one per partition)", malformed, trunc)
+	}
+	if got := inv.Consumer.Stats().DLQ.Load(); got != 4 {
+		t.Errorf("DLQ counter = %d, want 4", got)
+	}
+}

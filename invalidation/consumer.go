@@ -1,0 +1,418 @@
+// Package invalidation runs Tidemark's consumers: Kafka consumer groups that
+// read the change topics and keep derived state (caches, notification
+// targets) consistent with the database.
+//
+// The runtime guarantees, per consumer group:
+//   - Every subscribed topic's tables have a handler in this process, or the
+//     consumer refuses to start and names the missing (topic, table) pairs.
+//   - A message no handler accepts, a malformed one, or one whose handler
+//     still fails after MaxAttempts goes to the dead-letter topic with the
+//     reason, its original headers and its position; the partition moves on.
+//   - Offsets are committed only after the handlers' effects are durable
+//     (Flush returned), so a crash replays, never skips. Positions at or below
+//     the last applied one in a partition are skipped, so redeliveries after a
+//     capture restart change nothing.
+package invalidation
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	kafkago "github.com/segmentio/kafka-go"
+	"go.uber.org/zap"
+
+	"github.com/tidemark/tidemark/pipeline"
+)
+
+// Message is one change handed to a Handler.
+type Message struct {
+	Topic     string
+	Partition int
+	Offset    int64
+	Key       []byte
+	Table     string // schema.table
+	Pos       pipeline.Position
+	Env       *pipeline.Envelope
+}
+
+// Handler applies changes of the tables it is registered for.
+//
+// Handle MAY buffer effects; they MUST be durable once Flush (when the
+// handler implements Flusher) returns. Handle and Flush are called from one
+// goroutine. An error from Handle is retried, then dead-lettered.
+type Handler interface {
+	Handle(ctx context.Context, m *Message) error
+}
+
+// Flusher is implemented by handlers that buffer effects.
+type Flusher interface {
+	Flush(ctx context.Context) error
+}
+
+// ErrNoHandler is the dead-letter reason for a change no handler accepts.
+var ErrNoHandler = errors.New("no handler accepts this change")
+
+// Config configures a Consumer.
+type Config struct {
+	// Brokers to read from (required).
+	Brokers []string
+	// Group is the Kafka consumer group (required).
+	Group string
+	// Topics maps each subscribed topic to the tables ("schema.table") it
+	// carries (required).
+	Topics map[string][]string
+	// Handlers maps tables to their handler (required for every table of
+	// every topic).
+	Handlers map[string]Handler
+	// DLQTopic receives what cannot be applied (required).
+	DLQTopic string
+	// DLQ writes dead letters (required; e.g. the Kafka sink).
+	DLQ pipeline.Sink
+	// MaxAttempts before a failing message is dead-lettered. Default 5.
+	MaxAttempts int
+	// MaxBatch bounds the messages applied between two offset commits.
+	// Default 500.
+	MaxBatch int
+	// StartOffset for a new group: kafka-go's FirstOffset (default) or
+	// LastOffset.
+	StartOffset int64
+}
+
+// Stats are the consumer's counters.
+type Stats struct {
+	Messages atomic.Uint64 // applied
+	Skipped  atomic.Uint64 // redelivered positions skipped
+	Retries  atomic.Uint64
+	DLQ      atomic.Uint64
+	Lag      atomic.Int64 // messages behind the partition ends (reader estimate)
+	// ApplyNanos accumulates fetch-to-commit time of applied messages.
+	ApplyNanos atomic.Uint64
+}
+
+// Consumer is one consumer group. Build with NewConsumer, then Run once.
+type Consumer struct {
+	cfg   Config
+	log   *zap.Logger
+	stats Stats
+	last  map[string]pipeline.Position // by "topic/partition"
+	// OnApplied, when set, observes each applied message's fetch-to-durable
+	// latency (called from the consumer goroutine; must be fast).
+	OnApplied func(d time.Duration)
+}
+
+// MissingHandlerError names the (topic, table) pairs without a handler.
+type MissingHandlerError struct {
+	Group string
+	Pairs []string // "topic: table"
+}
+
+func (e *MissingHandlerError) Error() string {
+	return fmt.Sprintf("consumer group %s refuses to start: no handler in this process for %s", e.Group, strings.Join(e.Pairs, ", "))
+}
+
+// NewConsumer checks the configuration, including that every table of every
+// subscribed topic has a handler. It starts nothing.
+func NewConsumer(cfg Config, log *zap.Logger) (*Consumer, error) {
+	var missing []string
+	if len(cfg.Brokers) == 0 {
+		missing = append(missing, "Brokers")
+	}
+	if cfg.Group == "" {
+		missing = append(missing, "Group")
+	}
+	if len(cfg.Topics) == 0 {
+		missing = append(missing, "Topics")
+	}
+	if cfg.DLQTopic == "" || cfg.DLQ == nil {
+		missing = append(missing, "DLQTopic/DLQ")
+	}
+	if len(missing) > 0 {
+		return nil, fmt.Errorf("invalidation: consumer config lacks %s", strings.Join(missing, ", "))
+	}
+	var pairs []string
+	for topic, tables := range cfg.Topics {
+		for _, t := range tables {
+			if cfg.Handlers[t] == nil {
+				pairs = append(pairs, topic+": "+t)
+			}
+		}
+	}
+	if len(pairs) > 0 {
+		sort.Strings(pairs)
+		return nil, &MissingHandlerError{Group: cfg.Group, Pairs: pairs}
+	}
+	if cfg.MaxAttempts <= 0 {
+		cfg.MaxAttempts = 5
+	}
+	if cfg.MaxBatch <= 0 {
+		cfg.MaxBatch = 500
+	}
+	if cfg.StartOffset == 0 {
+		cfg.StartOffset = kafkago.FirstOffset
+	}
+	if log == nil {
+		log = zap.NewNop()
+	}
+	return &Consumer{cfg: cfg, log: log, last: map[string]pipeline.Position{}}, nil
+}
+
+// Stats returns the live counters.
+func (c *Consumer) Stats() *Stats { return &c.stats }
+
+type fetched struct {
+	m  kafkago.Message
+	at time.Time
+}
+
+// Run consumes until ctx ends or a fatal error. On return, everything
+// fetched and applied has been committed; messages fetched but not applied
+// are redelivered to the group later.
+func (c *Consumer) Run(ctx context.Context) error {
+	topics := make([]string, 0, len(c.cfg.Topics))
+	for t := range c.cfg.Topics {
+		topics = append(topics, t)
+	}
+	sort.Strings(topics)
+	r := kafkago.NewReader(kafkago.ReaderConfig{
+		Brokers: c.cfg.Brokers, GroupID: c.cfg.Group, GroupTopics: topics,
+		MinBytes: 1, MaxBytes: 8 << 20, MaxWait: 100 * time.Millisecond,
+		ReadBackoffMin: 5 * time.Millisecond, ReadBackoffMax: 100 * time.Millisecond,
+		StartOffset: c.cfg.StartOffset, CommitInterval: 0,
+		HeartbeatInterval: time.Second, SessionTimeout: 10 * time.Second, RebalanceTimeout: 10 * time.Second,
+		JoinGroupBackoff: 500 * time.Millisecond,
+	})
+	c.log.Info("consumer started", zap.String("group", c.cfg.Group), zap.Strings("topics", topics))
+	fctx, stopFetch := context.WithCancel(ctx)
+	ch := make(chan fetched, c.cfg.MaxBatch)
+	fetchErr := make(chan error, 1)
+	go func() {
+		defer close(ch)
+		for {
+			m, err := r.FetchMessage(fctx)
+			if err != nil {
+				fetchErr <- err
+				return
+			}
+			select {
+			case ch <- fetched{m, time.Now()}:
+			case <-fctx.Done():
+				fetchErr <- fctx.Err()
+				return
+			}
+		}
+	}()
+	err := c.loop(ctx, r, ch)
+	stopFetch()
+	for range ch {
+		// Drain: fetched, unapplied messages are redelivered later.
+	}
+	ferr := <-fetchErr
+	cerr := r.Close()
+	c.log.Info("consumer stopped", zap.String("group", c.cfg.Group))
+	if err == nil && ferr != nil && !errors.Is(ferr, context.Canceled) {
+		err = fmt.Errorf("fetching: %w", ferr)
+	}
+	if errors.Is(err, context.Canceled) {
+		err = nil
+	}
+	return errors.Join(err, cerr)
+}
+
+func (c *Consumer) loop(ctx context.Context, r *kafkago.Reader, ch <-chan fetched) error {
+	batch := make([]fetched, 0, c.cfg.MaxBatch)
+	for {
+		batch = batch[:0]
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case f, ok := <-ch:
+			if !ok {
+				return nil
+			}
+			batch = append(batch, f)
+		}
+	more:
+		for len(batch) < c.cfg.MaxBatch {
+			select {
+			case f, ok := <-ch:
+				if !ok {
+					break more
+				}
+				batch = append(batch, f)
+			default:
+				break more
+			}
+		}
+		if err := c.apply(ctx, r, batch); err != nil {
+			return err
+		}
+		c.stats.Lag.Store(r.Stats().Lag)
+	}
+}
+
+// apply handles a batch in order, flushes effects, dead-letters what failed
+// and commits the batch's offsets.
+func (c *Consumer) apply(ctx context.Context, r *kafkago.Reader, batch []fetched) error {
+	var dead []pipeline.Message
+	applied := 0
+	for i := range batch {
+		m := &batch[i].m
+		msg, reason := c.decode(m)
+		if reason != nil {
+			dead = append(dead, c.deadLetter(m, reason))
+			continue
+		}
+		pk := m.Topic + "/" + strconv.Itoa(m.Partition)
+		if last, ok := c.last[pk]; ok && !last.Less(msg.Pos) {
+			c.stats.Skipped.Add(1)
+			continue
+		}
+		h := c.cfg.Handlers[msg.Table]
+		if h == nil {
+			dead = append(dead, c.deadLetter(m, fmt.Errorf("%w: table %s on topic %s", ErrNoHandler, msg.Table, m.Topic)))
+			continue
+		}
+		if err := c.handle(ctx, h, msg); err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			dead = append(dead, c.deadLetter(m, err))
+			continue
+		}
+		c.last[pk] = msg.Pos
+		applied++
+	}
+	if err := c.flush(ctx); err != nil {
+		return err
+	}
+	if len(dead) > 0 {
+		if err := c.cfg.DLQ.Write(ctx, dead); err != nil {
+			return fmt.Errorf("writing %d dead letters to %s: %w", len(dead), c.cfg.DLQTopic, err)
+		}
+		c.stats.DLQ.Add(uint64(len(dead)))
+		c.log.Warn("changes dead-lettered", zap.String("group", c.cfg.Group), zap.Int("count", len(dead)),
+			zap.String("topic", c.cfg.DLQTopic), zap.String("first_reason", headerValue(dead[0].Headers, "tidemark-dlq-reason")))
+	}
+	msgs := make([]kafkago.Message, len(batch))
+	for i := range batch {
+		msgs[i] = batch[i].m
+	}
+	if err := r.CommitMessages(ctx, msgs...); err != nil {
+		return fmt.Errorf("committing offsets: %w", err)
+	}
+	now := time.Now()
+	c.stats.Messages.Add(uint64(applied))
+	for i := range batch {
+		d := now.Sub(batch[i].at)
+		c.stats.ApplyNanos.Add(uint64(d))
+		if c.OnApplied != nil {
+			c.OnApplied(d)
+		}
+	}
+	return nil
+}
+
+func headerValue(hs []pipeline.Header, k string) string {
+	for _, h := range hs {
+		if h.Key == k {
+			return string(h.Value)
+		}
+	}
+	return ""
+}
+
+// decode reads a message's envelope and position; a non-nil reason sends
+// it to the dead-letter topic.
+func (c *Consumer) decode(m *kafkago.Message) (*Message, error) {
+	env, err := pipeline.ParseEnvelope(m.Value)
+	if err != nil {
+		return nil, err
+	}
+	return &Message{Topic: m.Topic, Partition: m.Partition, Offset: m.Offset, Key: m.Key,
+		Table: env.Table(), Pos: env.Position(), Env: env}, nil
+}
+
+// handle calls h with retries and backoff.
+func (c *Consumer) handle(ctx context.Context, h Handler, m *Message) error {
+	bo := backoff.NewExponentialBackOff()
+	bo.InitialInterval = 50 * time.Millisecond
+	bo.MaxInterval = 2 * time.Second
+	var err error
+	for attempt := 1; attempt <= c.cfg.MaxAttempts; attempt++ {
+		if err = h.Handle(ctx, m); err == nil {
+			return nil
+		}
+		if attempt == c.cfg.MaxAttempts || ctx.Err() != nil {
+			break
+		}
+		c.stats.Retries.Add(1)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(bo.NextBackOff()):
+		}
+	}
+	return fmt.Errorf("after %d attempts: %w", c.cfg.MaxAttempts, err)
+}
+
+// flush makes every handler's buffered effects durable, retrying until it
+// succeeds or ctx ends: offsets are not committed before.
+func (c *Consumer) flush(ctx context.Context) error {
+	seen := map[Handler]bool{}
+	for _, h := range c.cfg.Handlers {
+		f, ok := h.(Flusher)
+		if !ok || seen[h] {
+			continue
+		}
+		seen[h] = true
+		bo := backoff.NewExponentialBackOff()
+		bo.InitialInterval = 100 * time.Millisecond
+		bo.MaxInterval = 5 * time.Second
+		bo.MaxElapsedTime = 0
+		for attempt := 1; ; attempt++ {
+			err := f.Flush(ctx)
+			if err == nil {
+				break
+			}
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			c.stats.Retries.Add(1)
+			if attempt == 1 || attempt%20 == 0 {
+				c.log.Warn("applying effects failed; retrying (offsets are held)", zap.String("group", c.cfg.Group), zap.Error(err), zap.Int("attempt", attempt))
+			}
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(bo.NextBackOff()):
+			}
+		}
+	}
+	return nil
+}
+
+// deadLetter builds the DLQ record: the original key, value and headers,
+// plus the reason, the group and where it came from.
+func (c *Consumer) deadLetter(m *kafkago.Message, reason error) pipeline.Message {
+	hs := make([]pipeline.Header, 0, len(m.Headers)+4)
+	for _, h := range m.Headers {
+		hs = append(hs, pipeline.Header{Key: h.Key, Value: h.Value})
+	}
+	hs = append(hs,
+		pipeline.Header{Key: "tidemark-dlq-reason", Value: []byte(reason.Error())},
+		pipeline.Header{Key: "tidemark-dlq-group", Value: []byte(c.cfg.Group)},
+		pipeline.Header{Key: "tidemark-dlq-source", Value: []byte(fmt.Sprintf("%s/%d@%d", m.Topic, m.Partition, m.Offset))},
+	)
+	key := m.Key
+	if key == nil {
+		key = []byte(fmt.Sprintf("%s/%d", m.Topic, m.Partition))
+	}
+	return pipeline.Message{Topic: c.cfg.DLQTopic, Key: key, Value: m.Value, Headers: hs}
+}
