@@ -1,6 +1,7 @@
 package pipeline
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -73,6 +74,9 @@ func Text(img map[string]json.RawMessage, col string) (string, bool) {
 		return "", false
 	}
 	if raw[0] == '"' {
+		if len(raw) >= 2 && raw[len(raw)-1] == '"' && !bytes.ContainsAny(raw[1:len(raw)-1], "\\\"") {
+			return string(raw[1 : len(raw)-1]), true // no escapes: the bytes are the text
+		}
 		var s string
 		if err := json.Unmarshal(raw, &s); err != nil {
 			return "", false

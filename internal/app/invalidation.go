@@ -65,7 +65,7 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 		}
 	}
 	rs, err := redissink.New(redissink.Config{Addr: inv.Redis.Addr, Username: inv.Redis.Username, Password: inv.Redis.Password,
-		DB: inv.Redis.DB, Channel: inv.Redis.Channel}, log.With(zap.String("component", "redis")))
+		DB: inv.Redis.DB, Channel: inv.Redis.Channel}, log)
 	if err != nil {
 		return nil, fmt.Errorf("invalidation.redis: %w", err)
 	}
