@@ -20,11 +20,15 @@ import (
 type Invalidation struct {
 	Consumer *invalidation.Consumer
 	Handler  *invalidation.RuleHandler
-	Redis    *redissink.Sink
+	Redis    *redissink.Sink // nil without invalidation.redis
+	// DLQ is the Kafka producer for the dead-letter and invalidations topics.
 	DLQ      *kafkasink.Sink
 	Topics   map[string][]string
 	DLQTopic string
-	log      *zap.Logger
+	// InvalidationsTopic is the compacted topic of invalidations ("" when
+	// disabled).
+	InvalidationsTopic string
+	log                *zap.Logger
 }
 
 // PrepareInvalidation compiles the rules against the captured tables'
@@ -64,20 +68,30 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 			topics[cfg.Kafka.TopicPrefix+"."+t] = []string{t}
 		}
 	}
-	rs, err := redissink.New(redissink.Config{Addr: inv.Redis.Addr, Username: inv.Redis.Username, Password: inv.Redis.Password,
-		DB: inv.Redis.DB, Channel: inv.Redis.Channel}, log)
+	dlq, err := kafkasink.New(kafkasink.Config{Brokers: cfg.Kafka.Brokers, ClientID: cfg.Kafka.ClientID + "-consumer",
+		Partitions: cfg.Kafka.Partitions, ReplicationFactor: cfg.Kafka.ReplicationFactor}, log.With(zap.String("component", "consumer-producer")))
 	if err != nil {
-		return nil, fmt.Errorf("invalidation.redis: %w", err)
+		return nil, err
 	}
-	handler := invalidation.NewRuleHandler(engine, rs)
+	var sinks []invalidation.Invalidator
+	var rs *redissink.Sink
+	if inv.Redis != nil {
+		rs, err = redissink.New(redissink.Config{Addr: inv.Redis.Addr, Username: inv.Redis.Username, Password: inv.Redis.Password,
+			DB: inv.Redis.DB, Channel: inv.Redis.Channel}, log)
+		if err != nil {
+			return nil, fmt.Errorf("invalidation.redis: %w", err)
+		}
+		sinks = append(sinks, rs)
+	}
+	invTopic := ""
+	if *inv.Topic {
+		invTopic = cfg.Kafka.TopicPrefix + ".invalidations"
+		sinks = append(sinks, &invalidation.TopicInvalidator{Topic: invTopic, Sink: dlq})
+	}
+	handler := invalidation.NewRuleHandler(engine, sinks...)
 	handlers := map[string]invalidation.Handler{}
 	for _, t := range engine.Tables() {
 		handlers[t] = handler
-	}
-	dlq, err := kafkasink.New(kafkasink.Config{Brokers: cfg.Kafka.Brokers, ClientID: cfg.Kafka.ClientID + "-dlq",
-		Partitions: cfg.Kafka.Partitions, ReplicationFactor: cfg.Kafka.ReplicationFactor}, log.With(zap.String("component", "dlq")))
-	if err != nil {
-		return nil, err
 	}
 	dlqTopic := cfg.Kafka.TopicPrefix + ".dlq"
 	consumer, err := invalidation.NewConsumer(invalidation.Config{
@@ -85,18 +99,29 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 		DLQTopic: dlqTopic, DLQ: dlq, MaxAttempts: inv.MaxAttempts,
 	}, log.With(zap.String("component", "invalidation")))
 	if err != nil {
-		_ = rs.Close()
+		if rs != nil {
+			_ = rs.Close()
+		}
 		return nil, err
 	}
-	return &Invalidation{Consumer: consumer, Handler: handler, Redis: rs, DLQ: dlq, Topics: topics, DLQTopic: dlqTopic, log: log}, nil
+	return &Invalidation{Consumer: consumer, Handler: handler, Redis: rs, DLQ: dlq, Topics: topics, DLQTopic: dlqTopic,
+		InvalidationsTopic: invTopic, log: log}, nil
 }
 
 // Run creates the DLQ topic (waiting for Kafka), then consumes until ctx
 // ends. A cancelled ctx is a clean stop.
 func (i *Invalidation) Run(ctx context.Context) error {
-	defer func() { _ = i.Redis.Close() }()
+	if i.Redis != nil {
+		defer func() { _ = i.Redis.Close() }()
+	}
+	topics := []string{i.DLQTopic}
+	specs := map[string]kafkasink.TopicSpec{}
+	if i.InvalidationsTopic != "" {
+		topics = append(topics, i.InvalidationsTopic)
+		specs[i.InvalidationsTopic] = kafkasink.TopicSpec{Configs: map[string]string{"cleanup.policy": "compact"}}
+	}
 	for attempt := 1; ; attempt++ {
-		err := i.DLQ.EnsureTopics(ctx, []string{i.DLQTopic}, nil)
+		err := i.DLQ.EnsureTopics(ctx, topics, specs)
 		if err == nil {
 			break
 		}

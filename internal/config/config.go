@@ -52,8 +52,12 @@ type Invalidation struct {
 	Rules []invalidation.Rule `yaml:"rules"`
 	// MaxAttempts before a failing change is dead-lettered. Default 5.
 	MaxAttempts int `yaml:"max_attempts"`
-	// Redis receives DELs (required for now: the only invalidation sink).
+	// Redis receives DELs.
 	Redis *Redis `yaml:"redis"`
+	// Topic publishes every invalidation to the compacted topic
+	// <topic_prefix>.invalidations (key: cache key, value: position), which
+	// caches in any language can follow. Default true.
+	Topic *bool `yaml:"topic"`
 }
 
 // Redis is a Redis server used as an invalidation sink.
@@ -322,6 +326,9 @@ func (c *Config) ApplyDefaults() {
 		if inv.MaxAttempts == 0 {
 			inv.MaxAttempts = 5
 		}
+		if inv.Topic == nil {
+			inv.Topic = boolPtr(true)
+		}
 		for i, r := range inv.Rules {
 			if identRe.MatchString(r.Table) {
 				inv.Rules[i].Table = "public." + r.Table
@@ -459,9 +466,10 @@ func (c *Config) Validate() []FieldError {
 		if inv.MaxAttempts < 1 {
 			add("invalidation.max_attempts", "%d must be at least 1", inv.MaxAttempts)
 		}
-		if inv.Redis == nil {
-			add("invalidation.redis", "required: where invalidations go (addr: host:port)")
-		} else if !strings.Contains(inv.Redis.Addr, ":") {
+		if inv.Redis == nil && (inv.Topic == nil || !*inv.Topic) {
+			add("invalidation", "configures no sink: set redis (addr: host:port) or topic: true")
+		}
+		if inv.Redis != nil && !strings.Contains(inv.Redis.Addr, ":") {
 			add("invalidation.redis.addr", "%q needs host:port", inv.Redis.Addr)
 		}
 	}

@@ -133,6 +133,30 @@ func TestInvalidationDeletesExpectedKeys(t *testing.T) {
 		"room:!r1:timeline")
 	step("moved between rooms", `UPDATE room_memberships SET room_id = '!r2' WHERE room_id = '!r1' AND user_id = '@a'`,
 		"room:!r1:members", "room:!r2:members", "user:@a:rooms")
+
+	// The compacted invalidations topic carries every key with the position
+	// of the change that invalidated it.
+	recs, err := kafkatest.ReadAll(ctx, e.kafka.Brokers(), "inv.invalidations")
+	if err != nil {
+		t.Fatal(err)
+	}
+	byKey := map[string][]string{}
+	for _, r := range recs {
+		byKey[string(r.Key)] = append(byKey[string(r.Key)], string(r.Value))
+	}
+	for _, k := range []string{"room:!r1:members", "room:!r2:members", "user:@a:rooms", "unread:@a:!r1", "room:!r1:timeline"} {
+		if len(byKey[k]) == 0 {
+			t.Errorf("invalidations topic lacks %s", k)
+		}
+		for _, v := range byKey[k] {
+			if _, err := pipeline.ParsePositionHeaders(strings.SplitN(v, ":", 2)[0], strings.SplitN(v+":", ":", 3)[1]); err != nil {
+				t.Errorf("invalidations record %s = %q is not a position: %v", k, v, err)
+			}
+		}
+	}
+	if len(byKey["unrelated"]) > 0 || len(byKey["room:!r2:timeline"]) > 0 {
+		t.Errorf("invalidations topic holds keys no change touched: %v", byKey)
+	}
 }
 
 // TestInvalidationRefusesMissingHandler: consuming an entity stream whose

@@ -152,21 +152,22 @@ func ReadAll(ctx context.Context, brokers []string, topic string) ([]Record, err
 
 func readPartition(ctx context.Context, client *kafkago.Client, topic string, part int) ([]Record, error) {
 	offs, err := client.ListOffsets(ctx, &kafkago.ListOffsetsRequest{Topics: map[string][]kafkago.OffsetRequest{
-		topic: {kafkago.LastOffsetOf(part)}}})
+		topic: {kafkago.FirstOffsetOf(part), kafkago.LastOffsetOf(part)}}})
 	if err != nil {
 		return nil, fmt.Errorf("list offsets %s/%d: %w", topic, part, err)
 	}
-	var end int64
+	var start, end int64
 	for _, po := range offs.Topics[topic] {
 		if po.Partition == part {
 			if po.Error != nil {
 				return nil, po.Error
 			}
-			end = po.LastOffset
+			// Compaction and retention move the first offset past 0.
+			start, end = po.FirstOffset, po.LastOffset
 		}
 	}
 	var out []Record
-	var offset int64
+	offset := start
 	for offset < end {
 		resp, err := client.Fetch(ctx, &kafkago.FetchRequest{Topic: topic, Partition: part, Offset: offset, MaxBytes: 16 << 20, MaxWait: 100 * time.Millisecond})
 		if err != nil {
