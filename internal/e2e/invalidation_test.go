@@ -3,9 +3,16 @@ package e2e
 import (
 	"context"
 	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+
+	"gopkg.in/yaml.v3"
 
 	kafkago "github.com/segmentio/kafka-go"
 
@@ -244,5 +251,107 @@ func TestInvalidationDeadLetters(t *testing.T) {
 	}
 	if got := inv.Consumer.Stats().DLQ.Load(); got != 4 {
 		t.Errorf("DLQ counter = %d, want 4", got)
+	}
+}
+
+// TestInvalidationCrashAndReplay: the invalidation role (the real binary)
+// is SIGKILLed mid-stream and restarted; every key that had to be deleted
+// is deleted. Replaying all changes again (a new consumer group from the
+// first offset) leaves the same end state.
+func TestInvalidationCrashAndReplay(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs the binary")
+	}
+	e := newEnv(t, "")
+	rd := redistest.ForTest(t)
+	e.exec(demo.Schema)
+	cfg := invalidationConfig(e, "crashinv", rd.Addr(), func(c *config.Config) { c.Invalidation.Topic = new(bool) })
+	e.start(cfg)
+	data, err := yaml.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "inv.yml")
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	rc := rd.Client()
+	const rooms, users, changes = 300, 300, 3000
+	var want []string
+	for r := 1; r <= rooms; r++ {
+		want = append(want, fmt.Sprintf("room:!r%d:members", r))
+	}
+	for u := 1; u <= users; u++ {
+		want = append(want, fmt.Sprintf("user:@u%d:rooms", u))
+	}
+	for _, k := range append(want, "unrelated:1", "unrelated:2") {
+		if err := rc.Set(ctx, k, "cached", 0).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Every room and every user gets at least one membership change.
+	e.exec(fmt.Sprintf(`DO $$ BEGIN FOR i IN 1..%d LOOP
+  INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!r' || (1 + i %% %d), '@u' || (1 + (i * 7) %% %d), 'join')
+  ON CONFLICT (room_id, user_id) DO UPDATE SET membership = 'leave';
+  COMMIT; END LOOP; END $$`, changes, rooms, users))
+	remaining := func() int64 {
+		n, err := rc.Exists(ctx, want...).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	run := func() *exec.Cmd {
+		cmd := exec.Command(binary(t), "run", "--role", "invalidation", "--config", path)
+		cmd.Stderr = os.Stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		return cmd
+	}
+	cmd := run()
+	deadline := time.Now().Add(60 * time.Second)
+	for remaining() == int64(len(want)) {
+		if time.Now().After(deadline) {
+			t.Fatal("the consumer deleted nothing within 60s")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	_ = cmd.Process.Signal(syscall.SIGKILL)
+	_ = cmd.Wait()
+	left := remaining()
+	t.Logf("killed with %d of %d keys still to delete", left, len(want))
+	cmd = run()
+	deadline = time.Now().Add(90 * time.Second)
+	for remaining() > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("after the restart %d keys were never deleted", remaining())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	if err := cmd.Wait(); err != nil {
+		t.Errorf("graceful stop: %v", err)
+	}
+	// Replay every change a second time with a new group.
+	cfg.Invalidation.Group = "crashinv-replay"
+	inv, stop := e.startInvalidation(cfg)
+	deadline = time.Now().Add(60 * time.Second)
+	for inv.Consumer.Stats().Messages.Load() < changes {
+		if time.Now().After(deadline) {
+			t.Fatalf("replay applied %d of %d changes", inv.Consumer.Stats().Messages.Load(), changes)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	stop()
+	if n := remaining(); n != 0 {
+		t.Errorf("after the replay %d keys exist", n)
+	}
+	if n, _ := rc.Exists(ctx, "unrelated:1", "unrelated:2").Result(); n != 2 {
+		t.Errorf("unrelated keys deleted (%d left)", n)
+	}
+	if d := inv.Consumer.Stats().DLQ.Load(); d != 0 {
+		t.Errorf("replay dead-lettered %d changes", d)
 	}
 }
