@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync/atomic"
 
 	"github.com/tidemark/tidemark/pipeline"
 )
@@ -232,7 +233,7 @@ type RuleHandler struct {
 	at      []KeyAt
 	seen    map[string]int // key -> index in pending/at
 	// Invalidated counts keys made durable.
-	Invalidated uint64
+	Invalidated atomic.Uint64
 }
 
 // NewRuleHandler builds a handler for all tables of engine.
@@ -275,7 +276,7 @@ func (h *RuleHandler) Flush(ctx context.Context) error {
 			return err
 		}
 	}
-	h.Invalidated += uint64(len(h.pending))
+	h.Invalidated.Add(uint64(len(h.pending)))
 	h.pending = h.pending[:0]
 	h.at = h.at[:0]
 	clear(h.seen)

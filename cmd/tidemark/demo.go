@@ -21,6 +21,8 @@ import (
 	"github.com/tidemark/tidemark/internal/demo"
 	"github.com/tidemark/tidemark/internal/kafkatest"
 	"github.com/tidemark/tidemark/internal/pgserver"
+	"github.com/tidemark/tidemark/internal/redistest"
+	"github.com/tidemark/tidemark/invalidation"
 	"github.com/tidemark/tidemark/pipeline"
 )
 
@@ -117,6 +119,21 @@ func runDemo(ctx context.Context, out io.Writer, pgDSN string, brokers []string,
 	runErr := make(chan error, 1)
 	go func() { runErr <- a.Run(runCtx) }()
 
+	// Cache invalidation: a throwaway Redis (when redis-server is installed)
+	// whose keys the invalidation consumer deletes as memberships change.
+	var invRun *demoInvalidation
+	if rs, err := redistest.Start(ctx); err != nil {
+		fmt.Fprintf(out, "no redis-server (%v): skipping the cache-invalidation part\n", err)
+	} else {
+		defer func() { _ = rs.Stop() }()
+		invRun, err = startDemoInvalidation(ctx, cfg, rs, log)
+		if err != nil {
+			return err
+		}
+		defer invRun.stop()
+		fmt.Fprintf(out, "started a throwaway Redis on %s; the invalidation consumer deletes room:<room>:members and user:<user>:rooms on membership changes\n", rs.Addr())
+	}
+
 	if err := demo.Seed(ctx, pool); err != nil {
 		return err
 	}
@@ -152,6 +169,11 @@ func runDemo(ctx context.Context, out io.Writer, pgDSN string, brokers []string,
 		}
 	}
 	caughtUp := pipeline.LSN(a.Stream.Stats().ConfirmedLSN.Load()) >= tlsn
+	if invRun != nil {
+		if err := invRun.show(ctx, out, pool); err != nil {
+			return err
+		}
+	}
 	stopRun()
 	if err := <-runErr; err != nil {
 		return fmt.Errorf("pipeline: %w", err)
@@ -257,4 +279,69 @@ func dropDemoObjects(pool *pgxpool.Pool, cfg *config.Config) {
 	_, _ = pool.Exec(ctx, "DROP PUBLICATION IF EXISTS "+cfg.Postgres.Publication)
 }
 
-var _ = zap.NewNop
+
+type demoInvalidation struct {
+	inv    *app.Invalidation
+	rs     *redistest.Server
+	cancel context.CancelFunc
+	done   chan error
+}
+
+func startDemoInvalidation(ctx context.Context, cfg *config.Config, rs *redistest.Server, log *zap.Logger) (*demoInvalidation, error) {
+	cfg.Invalidation = &config.Invalidation{
+		Redis: &config.Redis{Addr: rs.Addr()},
+		Rules: []invalidation.Rule{
+			{Table: "public.room_memberships", Keys: []string{"room:{room_id}:members", "user:{user_id}:rooms"}},
+			{Table: "public.read_markers", Keys: []string{"unread:{user_id}:{room_id}"}},
+		},
+	}
+	cfg.ApplyDefaults()
+	inv, err := app.PrepareInvalidation(ctx, cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	ictx, cancel := context.WithCancel(ctx)
+	d := &demoInvalidation{inv: inv, rs: rs, cancel: cancel, done: make(chan error, 1)}
+	go func() { d.done <- inv.Run(ictx) }()
+	return d, nil
+}
+
+func (d *demoInvalidation) stop() {
+	d.cancel()
+	<-d.done
+}
+
+// show caches a room's member list in Redis, makes a user leave that room,
+// and reports how long the cached list survived.
+func (d *demoInvalidation) show(ctx context.Context, out io.Writer, pool *pgxpool.Pool) error {
+	rc := d.rs.Client()
+	room, user := demo.RoomID(1), demo.UserID(1)
+	key := "room:" + room + ":members"
+	if err := rc.Set(ctx, key, "cached member list", 0).Err(); err != nil {
+		return err
+	}
+	start := time.Now()
+	if _, err := pool.Exec(ctx, `INSERT INTO room_memberships(room_id, user_id, membership) VALUES ($1, $2, 'leave')
+		ON CONFLICT (room_id, user_id) DO UPDATE SET membership = 'leave'`, room, user); err != nil {
+		return err
+	}
+	for {
+		n, err := rc.Exists(ctx, key).Result()
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			break
+		}
+		if time.Since(start) > 10*time.Second {
+			return fmt.Errorf("the cached %s was not invalidated within 10s", key)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	st := d.inv.Consumer.Stats()
+	fmt.Fprintf(out, "\ncache invalidation: %s left %s; Redis key %s was deleted %.1f ms after the commit\n",
+		user, room, key, float64(time.Since(start).Microseconds())/1000)
+	fmt.Fprintf(out, "  the invalidation consumer applied %d changes (%d dead-lettered) and invalidated %d keys in Redis and in %s\n",
+		st.Messages.Load(), st.DLQ.Load(), d.inv.Handler.Invalidated.Load(), d.inv.InvalidationsTopic)
+	return nil
+}
