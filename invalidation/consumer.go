@@ -182,8 +182,8 @@ func (c *Consumer) Run(ctx context.Context) error {
 	sort.Strings(topics)
 	r := kafkago.NewReader(kafkago.ReaderConfig{
 		Brokers: c.cfg.Brokers, GroupID: c.cfg.Group, GroupTopics: topics,
-		MinBytes: 1, MaxBytes: 8 << 20, MaxWait: 100 * time.Millisecond,
-		ReadBackoffMin: 5 * time.Millisecond, ReadBackoffMax: 100 * time.Millisecond,
+		MinBytes: 1, MaxBytes: 8 << 20, MaxWait: 10 * time.Millisecond,
+		ReadBackoffMin: time.Millisecond, ReadBackoffMax: 10 * time.Millisecond,
 		StartOffset: c.cfg.StartOffset, CommitInterval: 0,
 		HeartbeatInterval: time.Second, SessionTimeout: 10 * time.Second, RebalanceTimeout: 10 * time.Second,
 		JoinGroupBackoff: 500 * time.Millisecond,

@@ -262,6 +262,9 @@ func (s *Sink) deliver(ctx context.Context, body []byte) error {
 			return fmt.Errorf("not retried: %w", err)
 		}
 		if attempt >= s.cfg.MaxAttempts {
+			if attempt == 1 {
+				return fmt.Errorf("after 1 try: %w", err)
+			}
 			return fmt.Errorf("after %d tries: %w", attempt, err)
 		}
 		wait := bo.NextBackOff()
