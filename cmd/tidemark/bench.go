@@ -90,5 +90,9 @@ func printBench(cmd *cobra.Command, r *bench.Result) {
 		fmt.Fprintf(out, "  p99 first third %.1f ms, last third %.1f ms\n", l.FirstThirdP99Ms, l.LastThirdP99Ms)
 		fmt.Fprintf(out, "  commit -> broker ack (histogram): p50 ~%.1f ms, p99 ~%.1f ms, all within %.0f ms (%d transactions)\n",
 			l.AckP50Ms, l.AckP99Ms, l.AckMaxBucketMs, l.AckSampleTransaction)
+		if l.RedisDELs > 0 {
+			fmt.Fprintf(out, "  commit -> Redis DEL (invalidation consumer): p50 %.1f ms, p99 %.1f ms, max %.1f ms (%d keys)\n",
+				l.RedisP50Ms, l.RedisP99Ms, l.RedisMaxMs, l.RedisDELs)
+		}
 	}
 }

@@ -23,9 +23,11 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/redis/go-redis/v9"
 	kafkago "github.com/segmentio/kafka-go"
 
 	"github.com/tidemark/tidemark/internal/pgserver"
+	"github.com/tidemark/tidemark/internal/redistest"
 	"github.com/tidemark/tidemark/pipeline"
 )
 
@@ -86,6 +88,10 @@ type Live struct {
 	AckP99Ms             float64 `json:"commit_to_ack_p99_ms"`
 	AckMaxBucketMs       float64 `json:"commit_to_ack_max_bucket_ms"`
 	AckSampleTransaction int64   `json:"commit_to_ack_transactions"`
+	RedisDELs            int     `json:"redis_dels_measured,omitempty"`
+	RedisP50Ms           float64 `json:"commit_to_redis_del_p50_ms,omitempty"`
+	RedisP99Ms           float64 `json:"commit_to_redis_del_p99_ms,omitempty"`
+	RedisMaxMs           float64 `json:"commit_to_redis_del_max_ms,omitempty"`
 }
 
 // Huge is the one-huge-transaction result.
@@ -415,12 +421,15 @@ func median(xs []float64) float64 {
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
-func (e *env) writeConfig(slot, prefix, httpAddr string) (string, error) {
+func (e *env) writeConfig(slot, prefix, httpAddr string, extra ...string) (string, error) {
 	var b strings.Builder
 	fmt.Fprintf(&b, "postgres:\n  dsn: %q\n  slot: %s\n  publication: bench_pub\n  manage_publication: false\n  tables: [%s]\n",
 		e.dsn, slot, strings.Join(Tables, ", "))
 	fmt.Fprintf(&b, "kafka:\n  brokers: [%s]\n  topic_prefix: %s\n  partitions: %d\n", quoteAll(e.brokers), prefix, e.o.Partitions)
 	fmt.Fprintf(&b, "http:\n  listen: %q\nlog:\n  level: warn\n", httpAddr)
+	for _, x := range extra {
+		b.WriteString(x)
+	}
 	path := filepath.Join(e.tmp, prefix+".yml")
 	return path, os.WriteFile(path, []byte(b.String()), 0o600)
 }
@@ -633,7 +642,23 @@ func (e *env) live(ctx context.Context) (*Live, error) {
 	}
 	httpAddr := fmt.Sprintf("127.0.0.1:%d", port)
 	prefix := fmt.Sprintf("live%d", time.Now().Unix()%100000)
-	path, err := e.writeConfig(slot, prefix, httpAddr)
+	// Cache invalidation (when redis-server is installed): the same process
+	// runs the invalidation consumer with a rule keyed by event id, and the
+	// Redis sink PUBLISHes each key after its DEL, which the bench receives.
+	var extra []string
+	var rsub *redis.PubSub
+	if rs, err := redistest.Start(ctx); err == nil {
+		defer func() { _ = rs.Stop() }()
+		extra = append(extra, fmt.Sprintf("invalidation:\n  topic: false\n  redis: {addr: %q, channel: bench-inv}\n  rules:\n    - table: public.events\n      keys: [\"event:{event_id}\"]\n      ops: [c]\n", rs.Addr()))
+		rsub = rs.Client().Subscribe(ctx, "bench-inv")
+		defer rsub.Close()
+		if _, err := rsub.Receive(ctx); err != nil {
+			return nil, fmt.Errorf("subscribing to the invalidation channel: %w", err)
+		}
+	} else {
+		e.printf("  (no redis-server: skipping commit-to-Redis-DEL latency: %v)\n", err)
+	}
+	path, err := e.writeConfig(slot, prefix, httpAddr, extra...)
 	if err != nil {
 		return nil, err
 	}
@@ -718,6 +743,21 @@ func (e *env) live(ctx context.Context) (*Live, error) {
 			}
 		}
 	}()
+	type delRecv struct {
+		key string
+		at  time.Time
+	}
+	dels := make(chan delRecv, 1<<16)
+	var dwg sync.WaitGroup
+	if rsub != nil {
+		dwg.Add(1)
+		go func() {
+			defer dwg.Done()
+			for m := range rsub.Channel() {
+				dels <- delRecv{m.Payload, time.Now()}
+			}
+		}()
+	}
 	time.Sleep(time.Second) // readers positioned at the end
 
 	// The workload commits with synchronous_commit=on.
@@ -756,6 +796,19 @@ func (e *env) live(ctx context.Context) (*Live, error) {
 	rwg.Wait()
 	close(received)
 	lwg.Wait()
+	var delLat []float64
+	if rsub != nil {
+		_ = rsub.Close()
+		dwg.Wait()
+		close(dels)
+		for d := range dels {
+			id := strings.TrimPrefix(d.key, "event:")
+			if c, ok := committed.Load(id); ok {
+				delLat = append(delLat, math.Max(0, float64(d.at.Sub(c.(time.Time)))/1e6))
+			}
+		}
+		sort.Float64s(delLat)
+	}
 	// Events received before their commit was recorded (the consumer beat
 	// the client's own bookkeeping): the latency is at most the gap.
 	for id, at := range pending {
@@ -789,6 +842,10 @@ func (e *env) live(ctx context.Context) (*Live, error) {
 		third := len(lat) / 3
 		l.FirstThirdP99Ms = quantile(ds(lat[:third]), .99)
 		l.LastThirdP99Ms = quantile(ds(lat[len(lat)-third:]), .99)
+	}
+	if len(delLat) > 0 {
+		l.RedisDELs = len(delLat)
+		l.RedisP50Ms, l.RedisP99Ms, l.RedisMaxMs = quantile(delLat, .5), quantile(delLat, .99), delLat[len(delLat)-1]
 	}
 	if err := scrapeAck(ctx, httpAddr, l); err != nil {
 		e.printf("  (could not read commit-to-ack histogram: %v)\n", err)

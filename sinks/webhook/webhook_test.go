@@ -587,7 +587,7 @@ func TestErrorsHideSecrets(t *testing.T) {
 	var errs []error
 	for _, cfg := range []Config{
 		{URL: closedURL, Secret: testSecret, MaxAttempts: 2}, // connection refused
-		{Secret: testSecret},                                  // 400
+		{Secret: testSecret}, // 400
 		{Secret: testSecret, Timeout: 20 * time.Millisecond, MaxAttempts: 1},
 	} {
 		var opts []Option
