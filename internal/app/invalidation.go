@@ -12,8 +12,10 @@ import (
 
 	"github.com/tidemark/tidemark/internal/config"
 	"github.com/tidemark/tidemark/invalidation"
+	"github.com/tidemark/tidemark/pipeline"
 	kafkasink "github.com/tidemark/tidemark/sinks/kafka"
 	redissink "github.com/tidemark/tidemark/sinks/redis"
+	webhooksink "github.com/tidemark/tidemark/sinks/webhook"
 )
 
 // Invalidation is the running cache-invalidation consumer and its sinks.
@@ -83,6 +85,25 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 		}
 		sinks = append(sinks, rs)
 	}
+	dlqTopic := cfg.Kafka.TopicPrefix + ".dlq"
+	if w := inv.Webhook; w != nil {
+		// A batch the receiver still refuses after its attempts goes to the
+		// dead-letter topic, with the exact body that was signed.
+		deadLetter := func(ctx context.Context, body []byte, keys []string, err error) error {
+			return dlq.Write(ctx, []pipeline.Message{{Topic: dlqTopic, Key: []byte("webhook"), Value: body,
+				Headers: []pipeline.Header{
+					{Key: "tidemark-dlq-reason", Value: []byte(err.Error())},
+					{Key: "tidemark-dlq-group", Value: []byte(inv.Group)},
+					{Key: "tidemark-dlq-source", Value: []byte("webhook")},
+				}}})
+		}
+		ws, err := webhooksink.New(webhooksink.Config{URL: w.URL, Secret: w.Secret, BatchSize: w.BatchSize, Timeout: w.Timeout,
+			MaxAttempts: w.MaxAttempts}, log, webhooksink.WithDeadLetter(deadLetter))
+		if err != nil {
+			return nil, fmt.Errorf("invalidation.webhook: %w", err)
+		}
+		sinks = append(sinks, ws)
+	}
 	invTopic := ""
 	if *inv.Topic {
 		invTopic = cfg.Kafka.TopicPrefix + ".invalidations"
@@ -93,7 +114,6 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 	for _, t := range engine.Tables() {
 		handlers[t] = handler
 	}
-	dlqTopic := cfg.Kafka.TopicPrefix + ".dlq"
 	consumer, err := invalidation.NewConsumer(invalidation.Config{
 		Brokers: cfg.Kafka.Brokers, Group: inv.Group, Topics: topics, Handlers: handlers,
 		DLQTopic: dlqTopic, DLQ: dlq, MaxAttempts: inv.MaxAttempts,

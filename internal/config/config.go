@@ -27,6 +27,7 @@ const (
 	EnvPostgresPassword = "TIDEMARK_POSTGRES_PASSWORD"
 	EnvKafkaBrokers     = "TIDEMARK_KAFKA_BROKERS"
 	EnvRedisPassword    = "TIDEMARK_REDIS_PASSWORD"
+	EnvWebhookSecret    = "TIDEMARK_WEBHOOK_SECRET"
 )
 
 // Config is the whole file.
@@ -54,10 +55,28 @@ type Invalidation struct {
 	MaxAttempts int `yaml:"max_attempts"`
 	// Redis receives DELs.
 	Redis *Redis `yaml:"redis"`
+	// Webhook receives batched, signed JSON POSTs of invalidated keys.
+	Webhook *Webhook `yaml:"webhook"`
 	// Topic publishes every invalidation to the compacted topic
 	// <topic_prefix>.invalidations (key: cache key, value: position), which
 	// caches in any language can follow. Default true.
 	Topic *bool `yaml:"topic"`
+}
+
+// Webhook is an HTTP receiver of invalidations.
+type Webhook struct {
+	// URL to POST to (required).
+	URL string `yaml:"url"`
+	// Secret is the HMAC-SHA256 key (required; env TIDEMARK_WEBHOOK_SECRET
+	// overrides).
+	Secret string `yaml:"secret"`
+	// BatchSize keys per request. Default 500.
+	BatchSize int `yaml:"batch_size"`
+	// Timeout per request. Default 5s.
+	Timeout time.Duration `yaml:"timeout"`
+	// MaxAttempts per batch before it goes to the dead-letter topic.
+	// Default 5.
+	MaxAttempts int `yaml:"max_attempts"`
 }
 
 // Redis is a Redis server used as an invalidation sink.
@@ -222,6 +241,9 @@ func (c *Config) ApplyEnv(getenv func(string) string) {
 	}
 	if v := getenv(EnvRedisPassword); v != "" && c.Invalidation != nil && c.Invalidation.Redis != nil {
 		c.Invalidation.Redis.Password = v
+	}
+	if v := getenv(EnvWebhookSecret); v != "" && c.Invalidation != nil && c.Invalidation.Webhook != nil {
+		c.Invalidation.Webhook.Secret = v
 	}
 	if v := getenv(EnvKafkaBrokers); v != "" {
 		c.Kafka.Brokers = nil
@@ -466,8 +488,19 @@ func (c *Config) Validate() []FieldError {
 		if inv.MaxAttempts < 1 {
 			add("invalidation.max_attempts", "%d must be at least 1", inv.MaxAttempts)
 		}
-		if inv.Redis == nil && (inv.Topic == nil || !*inv.Topic) {
-			add("invalidation", "configures no sink: set redis (addr: host:port) or topic: true")
+		if inv.Redis == nil && inv.Webhook == nil && (inv.Topic == nil || !*inv.Topic) {
+			add("invalidation", "configures no sink: set redis, webhook or topic: true")
+		}
+		if w := inv.Webhook; w != nil {
+			if !strings.HasPrefix(w.URL, "http://") && !strings.HasPrefix(w.URL, "https://") {
+				add("invalidation.webhook.url", "must be an http:// or https:// URL")
+			}
+			if w.Secret == "" {
+				add("invalidation.webhook.secret", "required (or set %s)", EnvWebhookSecret)
+			}
+			if w.BatchSize < 0 || w.MaxAttempts < 0 || w.Timeout < 0 {
+				add("invalidation.webhook", "batch_size, max_attempts and timeout must not be negative")
+			}
 		}
 		if inv.Redis != nil && !strings.Contains(inv.Redis.Addr, ":") {
 			add("invalidation.redis.addr", "%q needs host:port", inv.Redis.Addr)

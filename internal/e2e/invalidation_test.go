@@ -2,12 +2,18 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -23,6 +29,7 @@ import (
 	"github.com/tidemark/tidemark/internal/redistest"
 	"github.com/tidemark/tidemark/invalidation"
 	"github.com/tidemark/tidemark/pipeline"
+	"github.com/tidemark/tidemark/sinks/webhook"
 )
 
 func invalidationConfig(e *env, prefix, redisAddr string, mod func(*config.Config)) *config.Config {
@@ -353,5 +360,85 @@ func TestInvalidationCrashAndReplay(t *testing.T) {
 	}
 	if d := inv.Consumer.Stats().DLQ.Load(); d != 0 {
 		t.Errorf("replay dead-lettered %d changes", d)
+	}
+}
+
+// TestInvalidationWebhook: a webhook receiver gets signed batches of the
+// keys real changes invalidate; a receiver that always fails ends in the
+// dead-letter topic with the signed body, and the consumer moves on.
+func TestInvalidationWebhook(t *testing.T) {
+	e := newEnv(t, "")
+	e.exec(demo.Schema)
+	const secret = "s3cret-for-test"
+	var mu sync.Mutex
+	var got []string
+	ok := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		if err := webhook.Verify(secret, r.Header.Get(webhook.TimestampHeader), string(body), r.Header.Get(webhook.DefaultHeader), time.Minute); err != nil {
+			t.Errorf("signature: %v", err)
+			http.Error(w, "bad signature", http.StatusUnauthorized)
+			return
+		}
+		var p struct {
+			Keys []string `json:"keys"`
+		}
+		if err := json.Unmarshal(body, &p); err != nil {
+			t.Errorf("body: %v", err)
+		}
+		mu.Lock()
+		got = append(got, p.Keys...)
+		mu.Unlock()
+	}))
+	defer ok.Close()
+	cfg := invalidationConfig(e, "hook", "", func(c *config.Config) {
+		c.Invalidation.Redis = nil
+		c.Invalidation.Webhook = &config.Webhook{URL: ok.URL, Secret: secret}
+	})
+	e.start(cfg)
+	_, stop := e.startInvalidation(cfg)
+	e.exec(`INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!w1', '@w', 'join')`)
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		mu.Lock()
+		n := len(got)
+		mu.Unlock()
+		if n >= 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("webhook received %v", got)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	mu.Lock()
+	if !slices.Contains(got, "room:!w1:members") || !slices.Contains(got, "user:@w:rooms") {
+		t.Errorf("webhook keys %v", got)
+	}
+	mu.Unlock()
+	stop()
+
+	// A receiver that always fails: the batch is dead-lettered.
+	bad := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		http.Error(w, "down", http.StatusInternalServerError)
+	}))
+	defer bad.Close()
+	cfg.Invalidation.Group = "hook-bad"
+	cfg.Invalidation.Webhook = &config.Webhook{URL: bad.URL, Secret: secret, MaxAttempts: 2}
+	e.startInvalidation(cfg)
+	ctx := context.Background()
+	for {
+		recs, err := kafkatest.ReadAll(ctx, e.kafka.Brokers(), "hook.dlq")
+		if err == nil && len(recs) > 0 {
+			r := recs[0]
+			if r.Headers["tidemark-dlq-source"] != "webhook" || !strings.Contains(r.Headers["tidemark-dlq-reason"], "500") ||
+				!strings.Contains(string(r.Value), "room:!w1:members") || strings.Contains(r.Headers["tidemark-dlq-reason"], secret) {
+				t.Errorf("dead letter: headers %v body %s", r.Headers, r.Value)
+			}
+			break
+		}
+		if time.Now().After(deadline.Add(20 * time.Second)) {
+			t.Fatal("the failing webhook's batch never reached the dead-letter topic")
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }

@@ -36,8 +36,8 @@ type Config struct {
 	Secret string
 	// BatchSize is the number of keys per request. Default 500.
 	BatchSize int
-	// Timeout bounds one request, from sending to reading the response's
-	// status and first bytes. Default 5s.
+	// Timeout bounds one try of a request: connecting, sending and reading
+	// the response. Default 5s.
 	Timeout time.Duration
 	// MaxAttempts is the number of tries per batch, the first included,
 	// before it is dead-lettered or Invalidate fails. Default 5.
