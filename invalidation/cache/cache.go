@@ -497,8 +497,14 @@ func (c *Cache[V]) SetReady(ready bool) error {
 	return nil
 }
 
-// setReady changes ready, starts a new epoch and clears the cache.
+// setReady changes ready, starts a new epoch and clears the cache (after the
+// epoch changed when leaving ready, so that fills of the old epoch are gone).
 func (c *Cache[V]) setReady(ready bool) {
+	if ready {
+		// Nothing fills while not ready, so this only makes sure; clearing
+		// after the flip could drop fills of the new epoch.
+		c.clear()
+	}
 	for i := range c.shards {
 		c.shards[i].mu.Lock()
 	}
@@ -509,6 +515,12 @@ func (c *Cache[V]) setReady(ready bool) {
 	for i := range c.shards {
 		c.shards[i].mu.Unlock()
 	}
+	if !ready {
+		c.clear()
+	}
+}
+
+func (c *Cache[V]) clear() {
 	c.closeMu.RLock()
 	defer c.closeMu.RUnlock()
 	if !c.closed {

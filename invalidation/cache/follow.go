@@ -62,7 +62,11 @@ func (c *Cache[V]) Follow(ctx context.Context) error {
 	}
 
 	log := c.log.With(zap.String("topic", c.cfg.Topic))
-	client := &kafkago.Client{Addr: kafkago.TCP(c.cfg.Brokers...), Timeout: 10 * time.Second}
+	// An own transport: the shared default one serves Metadata from a cache
+	// refreshed every 6 s, for every client of the process.
+	tr := &kafkago.Transport{MetadataTTL: min(c.refresh, 5*time.Second)}
+	defer tr.CloseIdleConnections()
+	client := &kafkago.Client{Addr: kafkago.TCP(c.cfg.Brokers...), Timeout: 10 * time.Second, Transport: tr}
 	bo := newBackoff()
 	log.Info("following the invalidations topic")
 	defer log.Info("stopped following the invalidations topic")
@@ -97,16 +101,20 @@ func (c *Cache[V]) session(ctx context.Context, client *kafkago.Client, log *zap
 	defer func() {
 		cancel()
 		wg.Wait()
+		// Close waits for a reader's fetch in flight (up to MaxWait): close
+		// them all at once.
+		var closing sync.WaitGroup
 		for _, r := range readers {
-			_ = r.Close()
+			closing.Go(func() { _ = r.Close() })
 		}
+		closing.Wait()
 	}()
 	start := func(partition int, offset int64) error {
 		r := kafkago.NewReader(kafkago.ReaderConfig{
 			Brokers:        c.cfg.Brokers,
 			Topic:          c.cfg.Topic,
 			Partition:      partition,
-			MaxWait:        time.Second,
+			MaxWait:        500 * time.Millisecond, // idle long poll; records return at once
 			ReadBackoffMin: 100 * time.Millisecond,
 			ReadBackoffMax: 5 * time.Second,
 			ErrorLogger: kafkago.LoggerFunc(func(msg string, args ...any) {

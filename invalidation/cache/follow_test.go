@@ -15,15 +15,20 @@ import (
 const testPartitionHeader = "test-partition"
 
 // invalidationsTopic creates a compacted topic with two partitions and
-// returns a writer that sends each record to the partition named by its
-// test-partition header.
+// returns a writer for it (see newWriter).
 func invalidationsTopic(t *testing.T, brokers []string, topic string) *kafkago.Writer {
+	t.Helper()
+	createTopic(t, brokers, topic, 2)
+	return newWriter(t, brokers, topic)
+}
+
+func createTopic(t *testing.T, brokers []string, topic string, partitions int) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	client := &kafkago.Client{Addr: kafkago.TCP(brokers...), Timeout: 10 * time.Second}
 	resp, err := client.CreateTopics(ctx, &kafkago.CreateTopicsRequest{Topics: []kafkago.TopicConfig{{
-		Topic: topic, NumPartitions: 2, ReplicationFactor: 1,
+		Topic: topic, NumPartitions: partitions, ReplicationFactor: 1,
 		ConfigEntries: []kafkago.ConfigEntry{{ConfigName: "cleanup.policy", ConfigValue: "compact"}},
 	}}})
 	if err != nil {
@@ -32,8 +37,17 @@ func invalidationsTopic(t *testing.T, brokers []string, topic string) *kafkago.W
 	if err := resp.Errors[topic]; err != nil {
 		t.Fatalf("creating %s: %v", topic, err)
 	}
+}
+
+// newWriter returns a writer (acks=all, as the pipeline writes) that sends
+// each record to the partition named by its test-partition header. A writer
+// caches the partition list: make a new one after partitions change.
+func newWriter(t *testing.T, brokers []string, topic string) *kafkago.Writer {
+	t.Helper()
+	tr := &kafkago.Transport{} // not the shared default: its metadata cache would hide new partitions
 	w := &kafkago.Writer{
 		Addr:         kafkago.TCP(brokers...),
+		Transport:    tr,
 		Topic:        topic,
 		RequiredAcks: kafkago.RequireAll,
 		BatchTimeout: 5 * time.Millisecond,
@@ -47,7 +61,7 @@ func invalidationsTopic(t *testing.T, brokers []string, topic string) *kafkago.W
 			return partitions[0]
 		}),
 	}
-	t.Cleanup(func() { _ = w.Close() })
+	t.Cleanup(func() { _ = w.Close(); tr.CloseIdleConnections() })
 	return w
 }
 
@@ -140,5 +154,81 @@ func TestFollow(t *testing.T) {
 	}
 	if _, ok := c.Get("b"); ok {
 		t.Error("the cache was not cleared when Follow returned")
+	}
+}
+
+// TestFollowPartitionChanges: a partition added while Follow runs is read
+// from its start; a topic deleted and recreated (its ends fall below Follow's
+// position) clears the cache and Follow positions again.
+func TestFollowPartitionChanges(t *testing.T) {
+	cluster := kafkatest.ForTest(t)
+	brokers := cluster.Brokers()
+	const topic = "tm.invalidations"
+	createTopic(t, brokers, topic, 2)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	client := &kafkago.Client{Addr: kafkago.TCP(brokers...), Timeout: 10 * time.Second}
+
+	c, err := New(Config[string]{Brokers: brokers, Topic: topic}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.refresh = 50 * time.Millisecond
+	fctx, stop := context.WithCancel(ctx)
+	followed := make(chan error, 1)
+	go func() { followed <- c.Follow(fctx) }()
+	defer func() {
+		stop()
+		if err := <-followed; err != nil {
+			t.Errorf("Follow = %v", err)
+		}
+	}()
+	waitFor(t, c.Ready)
+	load := func(context.Context) (string, error) { return "v", nil }
+
+	// A third partition: its first record is applied.
+	if _, err := c.GetOrLoad(ctx, "n", load); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := client.CreatePartitions(ctx, &kafkago.CreatePartitionsRequest{
+		Topics: []kafkago.TopicPartitionsConfig{{Name: topic, Count: 3}}}); err != nil {
+		t.Fatalf("adding a partition: %v", err)
+	}
+	if err := newWriter(t, brokers, topic).WriteMessages(ctx, invalidation("n", 2, 100, 0)); err != nil {
+		t.Fatalf("writing: %v", err)
+	}
+	waitFor(t, func() bool { _, ok := c.Get("n"); return !ok })
+
+	// Delete and recreate the topic: partition 2 now ends at 0, below the
+	// position 1. The cache must be cleared although no record names "r".
+	if _, err := c.GetOrLoad(ctx, "r", load); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := c.Get("r"); !ok {
+		t.Fatal("r not cached")
+	}
+	if _, err := client.DeleteTopics(ctx, &kafkago.DeleteTopicsRequest{Topics: []string{topic}}); err != nil {
+		t.Fatalf("deleting %s: %v", topic, err)
+	}
+	createTopic(t, brokers, topic, 3)
+	waitFor(t, func() bool { _, ok := c.Get("r"); return !ok })
+	waitFor(t, c.Ready)
+	if _, err := c.GetOrLoad(ctx, "r", load); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := c.Get("r"); !ok {
+		t.Fatal("r not cached after positioning again")
+	}
+	applied := c.Stats().Invalidations
+	if err := newWriter(t, brokers, topic).WriteMessages(ctx, invalidation("r", 0, 200, 0)); err != nil {
+		t.Fatalf("writing: %v", err)
+	}
+	waitFor(t, func() bool { return c.Stats().Invalidations == applied+1 })
+	if _, ok := c.Get("r"); ok {
+		t.Fatal("the record of the recreated topic was applied but r is still cached")
+	}
+	if !c.Ready() {
+		t.Fatal("not Ready after the record was applied")
 	}
 }
