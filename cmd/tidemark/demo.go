@@ -280,7 +280,6 @@ func dropDemoObjects(pool *pgxpool.Pool, cfg *config.Config) {
 	_, _ = pool.Exec(ctx, "DROP PUBLICATION IF EXISTS "+cfg.Postgres.Publication)
 }
 
-
 type demoInvalidation struct {
 	inv    *app.Invalidation
 	rs     *redistest.Server
