@@ -4,7 +4,6 @@ package demo
 
 import (
 	"context"
-	_ "embed"
 	"fmt"
 	"math/rand/v2"
 	"sync/atomic"
@@ -13,14 +12,18 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/tidemark/tidemark/internal/bench"
 )
 
 // Schema is the canonical chat schema (users, rooms, room_memberships,
-// events, event_json, read_markers), with full replica identity on events
-// and event_json.
-//
-//go:embed schema.sql
-var Schema string
+// events, event_json, read_markers; the benchmark's), with full replica
+// identity on events and event_json: the demo routes them into the per-room
+// entity stream, so their deletes must carry room_id.
+var Schema = bench.Schema + `
+ALTER TABLE events REPLICA IDENTITY FULL;
+ALTER TABLE event_json REPLICA IDENTITY FULL;
+`
 
 // Tables are the canonical tables, schema-qualified.
 var Tables = []string{"public.users", "public.rooms", "public.room_memberships", "public.events", "public.event_json", "public.read_markers"}
