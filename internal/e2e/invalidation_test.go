@@ -442,3 +442,62 @@ func TestInvalidationWebhook(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 }
+
+// TestInvalidationRebalance: two members of one group share the partitions;
+// when one stops mid-stream its partitions move to the other and no
+// invalidation is lost.
+func TestInvalidationRebalance(t *testing.T) {
+	if testing.Short() {
+		t.Skip("waits for group rebalances")
+	}
+	e := newEnv(t, "")
+	rd := redistest.ForTest(t)
+	e.exec(demo.Schema)
+	cfg := invalidationConfig(e, "rebal", rd.Addr(), func(c *config.Config) {
+		c.Invalidation.Rules = c.Invalidation.Rules[:1] // room_memberships only
+	})
+	e.start(cfg)
+	a, stopA := e.startInvalidation(cfg)
+	b, _ := e.startInvalidation(cfg)
+	ctx := context.Background()
+	rc := rd.Client()
+	const rooms = 200
+	var want []string
+	for r := 1; r <= rooms; r++ {
+		want = append(want, fmt.Sprintf("room:!q%d:members", r))
+	}
+	set := func() {
+		for _, k := range want {
+			if err := rc.Set(ctx, k, "cached", 0).Err(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	waitGone := func(what string) {
+		deadline := time.Now().Add(60 * time.Second)
+		for {
+			n, err := rc.Exists(ctx, want...).Result()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if n == 0 {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: %d keys never deleted", what, n)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	set()
+	e.exec(fmt.Sprintf(`DO $$ BEGIN FOR i IN 1..%d LOOP
+  INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!q' || i, '@x', 'join'); COMMIT; END LOOP; END $$`, rooms))
+	waitGone("both members")
+	if a.Consumer.Stats().Messages.Load() == 0 || b.Consumer.Stats().Messages.Load() == 0 {
+		t.Logf("partitions were not shared (a %d, b %d messages)", a.Consumer.Stats().Messages.Load(), b.Consumer.Stats().Messages.Load())
+	}
+	stopA()
+	set()
+	e.exec(fmt.Sprintf(`UPDATE room_memberships SET membership = 'leave' WHERE user_id = '@x' AND room_id IN (SELECT '!q' || g FROM generate_series(1, %d) g)`, rooms))
+	waitGone("after one member left")
+}
