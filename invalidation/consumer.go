@@ -250,7 +250,12 @@ func (c *Consumer) loop(ctx context.Context, r *kafkago.Reader, ch <-chan fetche
 				break more
 			}
 		}
-		if err := c.apply(ctx, r, batch); err != nil {
+		// A batch that was fetched is finished and committed even when ctx
+		// ends meanwhile (graceful stop), within a grace period.
+		actx, cancel := graceful(ctx, 15*time.Second)
+		err := c.apply(actx, r, batch)
+		cancel()
+		if err != nil {
 			return err
 		}
 		c.stats.Lag.Store(r.Stats().Lag)
@@ -415,4 +420,15 @@ func (c *Consumer) deadLetter(m *kafkago.Message, reason error) pipeline.Message
 		key = []byte(fmt.Sprintf("%s/%d", m.Topic, m.Partition))
 	}
 	return pipeline.Message{Topic: c.cfg.DLQTopic, Key: key, Value: m.Value, Headers: hs}
+}
+
+// graceful returns a context that outlives ctx by grace: work begun before
+// a stop can finish and commit.
+func graceful(ctx context.Context, grace time.Duration) (context.Context, context.CancelFunc) {
+	gctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	stop := context.AfterFunc(ctx, func() {
+		t := time.AfterFunc(grace, cancel)
+		context.AfterFunc(gctx, func() { t.Stop() })
+	})
+	return gctx, func() { stop(); cancel() }
 }

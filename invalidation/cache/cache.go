@@ -444,6 +444,7 @@ func (c *Cache[V]) wait() {
 // tests and other transports (see SetReady).
 func (c *Cache[V]) Invalidate(key string) {
 	c.invalidations.Add(1)
+	cs0, cd0 := clearsStarted.Load(), clearsDone.Load()
 	sh := c.shardFor(key)
 	sh.mu.Lock()
 	pending := false
@@ -468,7 +469,12 @@ func (c *Cache[V]) Invalidate(key string) {
 		// between its Set being applied and the queued delete.
 		c.rc.Wait()
 	}
+	lastPending.Store(pending)
+	_, _ = cs0, cd0
 }
+
+var clearsStarted, clearsDone atomic.Int64
+var lastPending atomic.Bool
 
 // Ready reports whether the cache stores fills: true once Follow has
 // positioned on every partition of the topic (or after SetReady(true)),
@@ -524,7 +530,9 @@ func (c *Cache[V]) clear() {
 	c.closeMu.RLock()
 	defer c.closeMu.RUnlock()
 	if !c.closed {
+		clearsStarted.Add(1)
 		c.rc.Clear()
+		clearsDone.Add(1)
 	}
 }
 
