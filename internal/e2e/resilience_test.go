@@ -156,8 +156,8 @@ func TestDemoCommand(t *testing.T) {
 		t.Skip("runs the demo binary")
 	}
 	if _, err := exec.LookPath("initdb"); err != nil {
-		if _, err := filepath.Glob("/usr/lib/postgresql/*/bin/initdb"); err != nil && os.Getenv("CI") != "true" {
-			t.Skip("no initdb")
+		if m, _ := filepath.Glob("/usr/lib/postgresql/*/bin/initdb"); len(m) == 0 && os.Getenv("CI") != "true" {
+			t.Skip("no initdb: the demo needs a local PostgreSQL server package (required under CI)")
 		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
