@@ -163,10 +163,15 @@ func (i *Invalidation) Run(ctx context.Context) error {
 	return errors.Join(err, i.DLQ.Close(closeCtx))
 }
 
-// Register adds the consumer's metrics to reg.
+// Register adds the consumer's metrics to reg. Call it before Run.
 func (i *Invalidation) Register(reg prometheus.Registerer) {
 	st := i.Consumer.Stats()
 	labels := prometheus.Labels{"role": "invalidation"}
+	apply := prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: "tidemark", Subsystem: "consumer", Name: "apply_seconds",
+		Help:        "Seconds from fetching a change to committing it, effects durable.",
+		ConstLabels: labels, Buckets: []float64{.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 5, 30}})
+	reg.MustRegister(apply)
+	i.Consumer.OnApplied = func(d time.Duration) { apply.Observe(d.Seconds()) }
 	counter := func(name, help string, f func() float64) {
 		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "tidemark", Subsystem: "consumer", Name: name, Help: help, ConstLabels: labels}, f))
 	}
