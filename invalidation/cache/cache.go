@@ -444,7 +444,6 @@ func (c *Cache[V]) wait() {
 // tests and other transports (see SetReady).
 func (c *Cache[V]) Invalidate(key string) {
 	c.invalidations.Add(1)
-	cs0, cd0 := clearsStarted.Load(), clearsDone.Load()
 	sh := c.shardFor(key)
 	sh.mu.Lock()
 	pending := false
@@ -468,13 +467,14 @@ func (c *Cache[V]) Invalidate(key string) {
 		// Such a fill exists: wait for the buffer, so that Get cannot see it
 		// between its Set being applied and the queued delete.
 		c.rc.Wait()
+		// A concurrent ristretto Clear (setReady) releases Wait and drops the
+		// queued delete without applying them, before it empties the store:
+		// the fill may have been applied just before, and Get would see it
+		// until the Clear finishes. The fill is out of the buffer once Wait
+		// returns, so deleting again now removes it for good.
+		c.rc.Del(key)
 	}
-	lastPending.Store(pending)
-	_, _ = cs0, cd0
 }
-
-var clearsStarted, clearsDone atomic.Int64
-var lastPending atomic.Bool
 
 // Ready reports whether the cache stores fills: true once Follow has
 // positioned on every partition of the topic (or after SetReady(true)),
@@ -530,9 +530,7 @@ func (c *Cache[V]) clear() {
 	c.closeMu.RLock()
 	defer c.closeMu.RUnlock()
 	if !c.closed {
-		clearsStarted.Add(1)
 		c.rc.Clear()
-		clearsDone.Add(1)
 	}
 }
 

@@ -247,10 +247,8 @@ func TestStaleFillStress(t *testing.T) {
 			rng := rand.New(rand.NewPCG(2, uint64(w)))
 			for range 3000 {
 				key := keys[rng.IntN(len(keys))]
-				cs0, cd0 := clearsStarted.Load(), clearsDone.Load()
 				v := d.write(c, key)
 				if got, ok := c.Get(key); ok && got < v {
-					fmt.Printf("DIAG: Get(%q)=%d < %d; clears before %d/%d after %d/%d lastPending %v\n", key, got, v, cs0, cd0, clearsStarted.Load(), clearsDone.Load(), lastPending.Load())
 					fail("Get(%q) = %d right after the invalidation of version %d returned", key, got, v)
 				}
 				if rng.IntN(8) == 0 {
