@@ -50,12 +50,14 @@ func runCmd() *cobra.Command {
 			if role != "all" && role != "capture" && role != "invalidation" {
 				return &exitError{2, fmt.Errorf("--role %q: want all, capture or invalidation", role)}
 			}
+			// Prepare every part before starting any, so a bad part stops the
+			// process before anything runs.
 			reg := app.NewRegistry()
 			var ready []func() error
-			g, gctx := errgroup.WithContext(ctx)
+			var a *app.App
+			var inv *app.Invalidation
 			if runCapture {
-				a, err := app.Prepare(ctx, cfg, log)
-				if err != nil {
+				if a, err = app.Prepare(ctx, cfg, log); err != nil {
 					if _, ok := err.(*capture.PreflightError); ok {
 						return &exitError{3, err}
 					}
@@ -63,6 +65,15 @@ func runCmd() *cobra.Command {
 				}
 				a.Register(reg)
 				ready = append(ready, a.Ready)
+			}
+			if runInvalidation {
+				if inv, err = app.PrepareInvalidation(ctx, cfg, log); err != nil {
+					return &exitError{3, err}
+				}
+				inv.Register(reg)
+			}
+			g, gctx := errgroup.WithContext(ctx)
+			if a != nil {
 				g.Go(func() error {
 					err := a.Run(gctx)
 					if err != nil {
@@ -71,12 +82,7 @@ func runCmd() *cobra.Command {
 					return err
 				})
 			}
-			if runInvalidation {
-				inv, err := app.PrepareInvalidation(ctx, cfg, log)
-				if err != nil {
-					return &exitError{3, err}
-				}
-				inv.Register(reg)
+			if inv != nil {
 				g.Go(func() error {
 					err := inv.Run(gctx)
 					if err != nil {
