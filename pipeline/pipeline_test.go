@@ -4,48 +4,19 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/tidemark/tidemark/internal/leakcheck"
 	"github.com/tidemark/tidemark/pipeline"
 )
 
-// TestMain fails the package when a test leaves pipeline goroutines behind
-// (prometheus util/testutil does the same with goleak).
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if code == 0 {
-		if leaked := waitForLeaks(5 * time.Second); leaked != "" {
-			fmt.Fprintf(os.Stderr, "goroutines leaked by the tests:\n%s\n", leaked)
-			code = 1
-		}
-	}
-	os.Exit(code)
-}
-
-func waitForLeaks(within time.Duration) string {
-	deadline := time.Now().Add(within)
-	for {
-		buf := make([]byte, 1<<20)
-		buf = buf[:runtime.Stack(buf, true)]
-		var leaked []string
-		for _, g := range strings.Split(string(buf), "\n\n") {
-			if strings.Contains(g, "tidemark/pipeline.") && !strings.Contains(g, "pipeline_test.TestMain") &&
-				!strings.Contains(g, "pipeline_test.waitForLeaks") {
-				leaked = append(leaked, g)
-			}
-		}
-		if len(leaked) == 0 || time.Now().After(deadline) {
-			return strings.Join(leaked, "\n\n")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
+// TestMain fails the package when a test leaves goroutines of the code
+// under test behind.
+func TestMain(m *testing.M) { leakcheck.Main(m, "tidemark/pipeline.") }
 
 // ---- fakes ----
 

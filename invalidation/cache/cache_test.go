@@ -5,46 +5,19 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"os"
 	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/tidemark/tidemark/internal/leakcheck"
 )
 
-// TestMain fails the package when a test leaves the cache's or ristretto's
-// goroutines behind (prometheus util/testutil does the same with goleak).
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if code == 0 {
-		if leaked := waitForLeaks(5 * time.Second); leaked != "" {
-			fmt.Fprintf(os.Stderr, "goroutines leaked by the tests:\n%s\n", leaked)
-			code = 1
-		}
-	}
-	os.Exit(code)
-}
-
-func waitForLeaks(within time.Duration) string {
-	deadline := time.Now().Add(within)
-	for {
-		buf := make([]byte, 1<<20)
-		buf = buf[:runtime.Stack(buf, true)]
-		var leaked []string
-		for _, g := range strings.Split(string(buf), "\n\n") {
-			if (strings.Contains(g, "tidemark/invalidation/cache.") || strings.Contains(g, "dgraph-io/ristretto")) &&
-				!strings.Contains(g, "cache.TestMain") && !strings.Contains(g, "cache.waitForLeaks") {
-				leaked = append(leaked, g)
-			}
-		}
-		if len(leaked) == 0 || time.Now().After(deadline) {
-			return strings.Join(leaked, "\n\n")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
+// TestMain fails the package when a test leaves goroutines of the code
+// under test behind.
+func TestMain(m *testing.M) { leakcheck.Main(m, "tidemark/invalidation/cache.", "dgraph-io/ristretto") }
 
 // newReady returns a cache fed by the test (no Follow), already Ready.
 func newReady[V any](t *testing.T, cfg Config[V]) *Cache[V] {
