@@ -13,7 +13,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -102,43 +101,6 @@ func (e *env) commitBig(from, n int) uint32 {
 		e.t.Fatal(err)
 	}
 	return uint32(xid)
-}
-
-// summary is tr.txns() aggregated server-side, so that a transaction of
-// hundreds of thousands of changes is not shipped to the test row by row.
-// Like tr.txns(), it sees only WAL the server has flushed.
-func (tr *truth) summary() []truthTxn {
-	tr.e.t.Helper()
-	rows, err := tr.e.pool.Query(context.Background(), `
-		SELECT xid::text, count(*) FILTER (WHERE data LIKE 'table %'), max(lsn) FILTER (WHERE data LIKE 'COMMIT%')::text
-		FROM pg_logical_slot_peek_changes($1, NULL, NULL, 'include-xids', '1', 'skip-empty-xacts', '1')
-		GROUP BY xid ORDER BY max(lsn) FILTER (WHERE data LIKE 'COMMIT%')`, tr.slot)
-	if err != nil {
-		tr.e.t.Fatalf("peeking truth slot: %v", err)
-	}
-	defer rows.Close()
-	var out []truthTxn
-	for rows.Next() {
-		var xidS string
-		var n int
-		var end *string
-		if err := rows.Scan(&xidS, &n, &end); err != nil {
-			tr.e.t.Fatal(err)
-		}
-		if end == nil {
-			continue // not committed (cannot happen for a peek; be safe)
-		}
-		x, _ := strconv.ParseUint(xidS, 10, 32)
-		l, err := pipeline.ParseLSN(*end)
-		if err != nil {
-			tr.e.t.Fatal(err)
-		}
-		out = append(out, truthTxn{xid: uint32(x), end: l, changes: n})
-	}
-	if err := rows.Err(); err != nil {
-		tr.e.t.Fatal(err)
-	}
-	return out
 }
 
 func findTxn(t *testing.T, txns []truthTxn, xid uint32) truthTxn {
@@ -375,13 +337,7 @@ func checkEnd(t *testing.T, txns []txnRecord, tt truthTxn, commitLSN pipeline.LS
 // before it. This is stronger than per-key order when every key occurs once.
 func checkPartitionOrder(t *testing.T, topic string, ms []msg, allowReplay bool) {
 	t.Helper()
-	sorted := append([]msg(nil), ms...)
-	sort.SliceStable(sorted, func(i, j int) bool {
-		if sorted[i].Partition != sorted[j].Partition {
-			return sorted[i].Partition < sorted[j].Partition
-		}
-		return sorted[i].Offset < sorted[j].Offset
-	})
+	sorted := byPartitionOffset(ms)
 	type state struct {
 		max  pipeline.Position
 		any  bool
@@ -603,7 +559,7 @@ func TestHugeTransactionBounded(t *testing.T) {
 	stopSampling()
 	wg.Wait()
 
-	txns := tr.summary()
+	txns := tr.txns()
 	big := findTxn(t, txns, xid)
 	if big.changes != rows {
 		t.Fatalf("server decoded %d changes for xid %d, want %d", big.changes, xid, rows)
@@ -782,7 +738,7 @@ func TestAbortedHugeTransactionPublishesNothing(t *testing.T) {
 		}
 	}
 
-	txns := tr.summary()
+	txns := tr.txns()
 	if len(txns) != 3 {
 		t.Fatalf("server committed %d transactions with changes, want 3: %+v", len(txns), txns)
 	}
@@ -976,7 +932,7 @@ func TestCrashDuringHugeTransaction(t *testing.T) {
 		t.Errorf("graceful stop: %v\nlog:\n%s", err, out)
 	}
 
-	txns := tr.summary()
+	txns := tr.txns()
 	big := findTxn(t, txns, xid)
 	if big.changes != rows {
 		t.Fatalf("server decoded %d changes for xid %d, want %d", big.changes, xid, rows)

@@ -262,13 +262,7 @@ func (e *env) readTxns(topic string) []txnRecord {
 // after a later one.
 func checkKeyOrder(t *testing.T, topic string, ms []msg, allowReplay bool) {
 	t.Helper()
-	sorted := append([]msg(nil), ms...)
-	sort.SliceStable(sorted, func(i, j int) bool {
-		if sorted[i].Partition != sorted[j].Partition {
-			return sorted[i].Partition < sorted[j].Partition
-		}
-		return sorted[i].Offset < sorted[j].Offset
-	})
+	sorted := byPartitionOffset(ms)
 	last := map[string]pipeline.Position{}
 	seen := map[string]map[pipeline.Position]bool{}
 	parts := map[string]int{}
@@ -295,3 +289,15 @@ func checkKeyOrder(t *testing.T, topic string, ms []msg, allowReplay bool) {
 }
 
 var binDir string
+
+// byPartitionOffset returns a copy of ms sorted by partition, then offset.
+func byPartitionOffset(ms []msg) []msg {
+	sorted := append([]msg(nil), ms...)
+	sort.SliceStable(sorted, func(i, j int) bool {
+		if sorted[i].Partition != sorted[j].Partition {
+			return sorted[i].Partition < sorted[j].Partition
+		}
+		return sorted[i].Offset < sorted[j].Offset
+	})
+	return sorted
+}
