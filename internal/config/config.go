@@ -39,6 +39,8 @@ type Config struct {
 	Log      Log      `yaml:"log"`
 	// Invalidation configures the cache-invalidation consumer (optional).
 	Invalidation *Invalidation `yaml:"invalidation"`
+	// Targets configures the notification-targets consumer (optional).
+	Targets *Targets `yaml:"targets"`
 }
 
 // Invalidation is the cache-invalidation consumer.
@@ -245,6 +247,7 @@ func (c *Config) ApplyEnv(getenv func(string) string) {
 	if v := getenv(EnvWebhookSecret); v != "" && c.Invalidation != nil && c.Invalidation.Webhook != nil {
 		c.Invalidation.Webhook.Secret = v
 	}
+	c.applyTargetsEnv(getenv)
 	if v := getenv(EnvKafkaBrokers); v != "" {
 		c.Kafka.Brokers = nil
 		for _, b := range strings.Split(v, ",") {
@@ -357,6 +360,7 @@ func (c *Config) ApplyDefaults() {
 			}
 		}
 	}
+	c.applyTargetsDefaults()
 	if c.HTTP.Listen == nil {
 		s := "127.0.0.1:9187"
 		c.HTTP.Listen = &s
@@ -506,6 +510,7 @@ func (c *Config) Validate() []FieldError {
 			add("invalidation.redis.addr", "%q needs host:port", inv.Redis.Addr)
 		}
 	}
+	ps = append(ps, c.validateTargets(seen)...)
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
 	default:

@@ -1,0 +1,394 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/tidemark/tidemark/internal/config"
+	"github.com/tidemark/tidemark/invalidation"
+	"github.com/tidemark/tidemark/invalidation/targets"
+	kafkasink "github.com/tidemark/tidemark/sinks/kafka"
+	redissink "github.com/tidemark/tidemark/sinks/redis"
+)
+
+// Targets is the running notification-targets consumer: the consumer group
+// over the membership and user tables' topics, the handler keeping state in
+// Postgres, the transaction index and the outputs.
+type Targets struct {
+	Consumer *invalidation.Consumer
+	Handler  *targets.Handler
+	Store    *targets.Store
+	Ends     *targets.TxnIndex // nil without the transactions topic
+	Topics   map[string][]string
+	// TargetsTopic and ChangesTopic are "" when targets.topics is false.
+	TargetsTopic, ChangesTopic string
+	DLQTopic                   string
+
+	out    *targetOutputs
+	state  *pgxpool.Pool
+	source *pgxpool.Pool
+	cfg    *config.Config
+	log    *zap.Logger
+	ratio  prometheus.Gauge
+}
+
+// targetOutputs are the Kafka producer, the Redis sink and the publisher
+// chaining them (Postgres is the Store itself).
+type targetOutputs struct {
+	producer       *kafkasink.Sink
+	redis          *redissink.Sink
+	publish        targets.Publisher
+	targetsTopic   string
+	changesTopic   string
+	dlqTopic       string
+	ensureAttempts int
+}
+
+func newTargetOutputs(cfg *config.Config, log *zap.Logger) (*targetOutputs, error) {
+	tc := cfg.Targets
+	producer, err := kafkasink.New(kafkasink.Config{Brokers: cfg.Kafka.Brokers, ClientID: cfg.Kafka.ClientID + "-targets",
+		Partitions: cfg.Kafka.Partitions, ReplicationFactor: cfg.Kafka.ReplicationFactor}, log.With(zap.String("component", "targets-producer")))
+	if err != nil {
+		return nil, err
+	}
+	o := &targetOutputs{producer: producer, dlqTopic: cfg.Kafka.TopicPrefix + ".dlq"}
+	var pubs []targets.Publisher
+	if *tc.Topics {
+		o.targetsTopic = cfg.Kafka.TopicPrefix + ".notify_targets"
+		o.changesTopic = cfg.Kafka.TopicPrefix + ".notify_target_changes"
+		ko := &targets.KafkaOutput{Sink: producer, TargetsTopic: o.targetsTopic, ChangesTopic: o.changesTopic}
+		pubs = append(pubs, ko.Publish)
+	}
+	if r := tc.Redis; r != nil {
+		rs, err := redissink.New(redissink.Config{Addr: r.Addr, Username: r.Username, Password: r.Password, DB: r.DB}, log)
+		if err != nil {
+			return nil, fmt.Errorf("targets.redis: %w", err)
+		}
+		o.redis = rs
+		ro := &targets.RedisOutput{Sets: rs, KeyTemplate: r.Key}
+		pubs = append(pubs, ro.Publish)
+	}
+	o.publish = targets.Publishers(pubs...)
+	return o, nil
+}
+
+// ensureTopics creates the dead-letter and output topics (the targets
+// topic compacted), retrying while Kafka is unreachable.
+func (o *targetOutputs) ensureTopics(ctx context.Context, log *zap.Logger) error {
+	topics := []string{o.dlqTopic}
+	specs := map[string]kafkasink.TopicSpec{}
+	if o.targetsTopic != "" {
+		topics = append(topics, o.targetsTopic, o.changesTopic)
+		specs[o.targetsTopic] = kafkasink.TopicSpec{Configs: map[string]string{"cleanup.policy": "compact"}}
+	}
+	bo := backoff.NewExponentialBackOff()
+	bo.MaxInterval = 5 * time.Second
+	bo.MaxElapsedTime = 0
+	return backoff.Retry(func() error {
+		err := o.producer.EnsureTopics(ctx, topics, specs)
+		if err != nil && ctx.Err() == nil {
+			o.ensureAttempts++
+			if o.ensureAttempts == 1 || o.ensureAttempts%10 == 0 {
+				log.Warn("kafka not ready for the notification-target topics; retrying", zap.Error(err))
+			}
+		}
+		if ctx.Err() != nil {
+			return backoff.Permanent(ctx.Err())
+		}
+		return err
+	}, backoff.WithContext(bo, ctx))
+}
+
+func (o *targetOutputs) close() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	err := o.producer.Close(ctx)
+	if o.redis != nil {
+		err = errors.Join(err, o.redis.Close())
+	}
+	return err
+}
+
+// checkTargetsMapping compares the mapping with the captured tables.
+func checkTargetsMapping(ctx context.Context, cfg *config.Config) error {
+	infos, _, _, err := Check(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	tables := map[string]targets.TableInfo{}
+	for name, ti := range infos {
+		tables[name] = targets.TableInfo{Columns: ti.Columns, Identity: ti.IdentityColumns}
+	}
+	m := cfg.Targets.Mapping()
+	if ps := m.Check("targets", tables); len(ps) > 0 {
+		return fmt.Errorf("the targets mapping does not fit the database:\n  - %s", strings.Join(ps, "\n  - "))
+	}
+	return nil
+}
+
+// PrepareTargets checks the mapping against the database and builds the
+// consumer, its handler and outputs. It starts nothing.
+func PrepareTargets(ctx context.Context, cfg *config.Config, log *zap.Logger) (_ *Targets, err error) {
+	tc := cfg.Targets
+	if tc == nil {
+		return nil, errors.New("no targets section in the config")
+	}
+	if log == nil {
+		log = zap.NewNop()
+	}
+	log = log.With(zap.String("component", "targets"))
+	if err := checkTargetsMapping(ctx, cfg); err != nil {
+		return nil, err
+	}
+	t := &Targets{cfg: cfg, log: log}
+	defer func() {
+		if err != nil {
+			t.closeAll()
+		}
+	}()
+	if t.state, err = pgxpool.New(ctx, tc.Postgres.DSN); err != nil {
+		return nil, fmt.Errorf("targets.postgres.dsn: %w", err)
+	}
+	if t.source, err = pgxpool.New(ctx, cfg.Postgres.DSN); err != nil {
+		return nil, fmt.Errorf("postgres.dsn: %w", err)
+	}
+	t.Store = targets.NewStore(t.state, tc.Postgres.Schema)
+	if t.out, err = newTargetOutputs(cfg, log); err != nil {
+		return nil, err
+	}
+	t.TargetsTopic, t.ChangesTopic, t.DLQTopic = t.out.targetsTopic, t.out.changesTopic, t.out.dlqTopic
+	m := tc.Mapping()
+	tables := []string{m.Membership.Table, m.Users.Table}
+	if *cfg.Pipeline.TransactionsTopic {
+		t.Ends = &targets.TxnIndex{Brokers: cfg.Kafka.Brokers, Topic: cfg.RouterConfig("").TransactionsTopicName(), Tables: tables, Log: log}
+	}
+	t.Handler, err = targets.NewHandler(targets.HandlerConfig{Mapping: m, Store: t.Store, Publish: t.out.publish, Ends: t.Ends, Hold: tc.Hold}, log)
+	if err != nil {
+		return nil, err
+	}
+	rc := cfg.RouterConfig("")
+	t.Topics = map[string][]string{}
+	handlers := map[string]invalidation.Handler{}
+	for _, tbl := range tables {
+		schema, name, _ := strings.Cut(tbl, ".")
+		t.Topics[rc.TableTopic(schema, name)] = []string{tbl}
+		handlers[tbl] = t.Handler
+	}
+	t.Consumer, err = invalidation.NewConsumer(invalidation.Config{
+		Brokers: cfg.Kafka.Brokers, Group: tc.Group, Topics: t.Topics, Handlers: handlers,
+		DLQTopic: t.DLQTopic, DLQ: t.out.producer, MaxAttempts: tc.MaxAttempts,
+	}, log)
+	if err != nil {
+		return nil, err
+	}
+	return t, nil
+}
+
+func (t *Targets) closeAll() {
+	if t.out != nil {
+		_ = t.out.close()
+	}
+	if t.state != nil {
+		t.state.Close()
+	}
+	if t.source != nil {
+		t.source.Close()
+	}
+}
+
+// Run creates the state tables and topics, queues rooms an earlier run left
+// dirty, then runs the consumer, the settler, the transaction index and the
+// periodic audit until ctx ends. A cancelled ctx is a clean stop.
+func (t *Targets) Run(ctx context.Context) error {
+	defer t.closeAll()
+	if err := t.setup(ctx); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return t.Consumer.Run(gctx) })
+	g.Go(func() error { return t.Handler.Run(gctx) })
+	if t.Ends != nil {
+		g.Go(func() error { return t.Ends.Run(gctx) })
+	}
+	if t.cfg.Targets.AuditInterval > 0 {
+		g.Go(func() error { t.auditLoop(gctx); return nil })
+	}
+	return g.Wait()
+}
+
+func (t *Targets) setup(ctx context.Context) error {
+	bo := backoff.NewExponentialBackOff()
+	bo.MaxInterval = 5 * time.Second
+	bo.MaxElapsedTime = 0
+	err := backoff.Retry(func() error {
+		err := t.Store.Setup(ctx)
+		if ctx.Err() != nil {
+			return backoff.Permanent(ctx.Err())
+		}
+		return err
+	}, backoff.WithContext(bo, ctx))
+	if err != nil {
+		return err
+	}
+	if err := t.out.ensureTopics(ctx, t.log); err != nil {
+		return err
+	}
+	dirty, err := t.Store.DirtyRooms(ctx, 1_000_000)
+	if err != nil {
+		return err
+	}
+	if len(dirty) > 0 {
+		t.Handler.Recover(dirty)
+		t.log.Info("rooms left dirty by an earlier run queued for settling", zap.Int("rooms", len(dirty)))
+	}
+	return nil
+}
+
+func (t *Targets) auditLoop(ctx context.Context) {
+	tick := time.NewTicker(t.cfg.Targets.AuditInterval)
+	defer tick.Stop()
+	a := t.auditor()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		rep, err := a.Audit(ctx, t.cfg.Targets.AuditSample)
+		if err != nil {
+			if ctx.Err() == nil {
+				t.log.Warn("periodic notification-target audit failed", zap.Error(err))
+			}
+			continue
+		}
+		if t.ratio != nil {
+			t.ratio.Set(rep.Ratio)
+		}
+		if len(rep.Mismatches) > 0 {
+			t.log.Warn("notification targets differ from the database", zap.Float64("ratio", rep.Ratio),
+				zap.Int("rooms", rep.Rooms), zap.Int("mismatched", len(rep.Mismatches)), zap.String("first_room", rep.Mismatches[0].Room))
+		}
+	}
+}
+
+func (t *Targets) auditor() *targets.Auditor {
+	topics := make([]string, 0, len(t.Topics))
+	for tp := range t.Topics {
+		topics = append(topics, tp)
+	}
+	return &targets.Auditor{Mapping: t.cfg.Targets.Mapping(), Source: t.source, Store: t.Store,
+		Passed: targets.PipelinePassed(t.source, t.cfg.Postgres.Slot, t.cfg.Kafka.Brokers, t.cfg.Targets.Group, topics)}
+}
+
+// Register adds the consumer's and handler's metrics to reg (label
+// role="targets"). Call it before Run.
+func (t *Targets) Register(reg prometheus.Registerer) {
+	st := t.Consumer.Stats()
+	hs := t.Handler.Stats()
+	labels := prometheus.Labels{"role": "targets"}
+	counter := func(sub, name, help string, f func() float64) {
+		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "tidemark", Subsystem: sub, Name: name, Help: help, ConstLabels: labels}, f))
+	}
+	gauge := func(sub, name, help string, f func() float64) {
+		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "tidemark", Subsystem: sub, Name: name, Help: help, ConstLabels: labels}, f))
+	}
+	counter("consumer", "messages_total", "Changes applied.", func() float64 { return float64(st.Messages.Load()) })
+	counter("consumer", "skipped_total", "Redelivered positions skipped.", func() float64 { return float64(st.Skipped.Load()) })
+	counter("consumer", "retries_total", "Failed attempts that were retried.", func() float64 { return float64(st.Retries.Load()) })
+	counter("consumer", "dlq_total", "Changes sent to the dead-letter topic.", func() float64 { return float64(st.DLQ.Load()) })
+	gauge("consumer", "lag_messages", "Messages behind the end of the subscribed partitions.", func() float64 { return float64(st.Lag.Load()) })
+	counter("notify_targets", "added_total", "Users added to a room's notification targets.", func() float64 { return float64(hs.Added.Load()) })
+	counter("notify_targets", "removed_total", "Users removed from a room's notification targets.", func() float64 { return float64(hs.Removed.Load()) })
+	counter("notify_targets", "rooms_settled_total", "Room settlements that changed targets.", func() float64 { return float64(hs.RoomsSettled.Load()) })
+	counter("notify_targets", "held_expired_total", "Transactions settled after the hold without being known complete.", func() float64 { return float64(hs.HeldExpired.Load()) })
+	counter("notify_targets", "settle_errors_total", "Failed settlements (retried).", func() float64 { return float64(hs.SettleErrors.Load()) })
+	gauge("notify_targets", "pending_rooms", "Rooms waiting for their transactions to complete.", func() float64 { return float64(hs.PendingRooms.Load()) })
+	t.ratio = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: "tidemark", Subsystem: "notify_targets", Name: "consistency_ratio",
+		Help: "Share of audited rooms whose kept targets equal the database (periodic audit; 1 before the first).", ConstLabels: labels})
+	t.ratio.Set(1)
+	reg.MustRegister(t.ratio)
+}
+
+// openTargets opens the source and state pools and the store for the
+// rebuild and audit commands.
+func openTargets(ctx context.Context, cfg *config.Config) (source, state *pgxpool.Pool, store *targets.Store, err error) {
+	if cfg.Targets == nil {
+		return nil, nil, nil, errors.New("no targets section in the config")
+	}
+	if err := checkTargetsMapping(ctx, cfg); err != nil {
+		return nil, nil, nil, err
+	}
+	if source, err = pgxpool.New(ctx, cfg.Postgres.DSN); err != nil {
+		return nil, nil, nil, fmt.Errorf("postgres.dsn: %w", err)
+	}
+	if state, err = pgxpool.New(ctx, cfg.Targets.Postgres.DSN); err != nil {
+		source.Close()
+		return nil, nil, nil, fmt.Errorf("targets.postgres.dsn: %w", err)
+	}
+	store = targets.NewStore(state, cfg.Targets.Postgres.Schema)
+	if err := store.Setup(ctx); err != nil {
+		source.Close()
+		state.Close()
+		return nil, nil, nil, err
+	}
+	return source, state, store, nil
+}
+
+// RebuildTargets recomputes the targets of rooms (or all of them) from the
+// database, applies the difference to the kept state and publishes it with
+// reason "rebuild". Safe while the targets consumer runs.
+func RebuildTargets(ctx context.Context, cfg *config.Config, log *zap.Logger, rooms []string, all bool) (targets.RebuildReport, error) {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	source, state, store, err := openTargets(ctx, cfg)
+	if err != nil {
+		return targets.RebuildReport{}, err
+	}
+	defer source.Close()
+	defer state.Close()
+	out, err := newTargetOutputs(cfg, log)
+	if err != nil {
+		return targets.RebuildReport{}, err
+	}
+	defer func() { _ = out.close() }()
+	if err := out.ensureTopics(ctx, log); err != nil {
+		return targets.RebuildReport{}, err
+	}
+	b := &targets.Rebuilder{Mapping: cfg.Targets.Mapping(), Source: source, Store: store, Publish: out.publish, Log: log}
+	return b.Rebuild(ctx, rooms, all)
+}
+
+// AuditTargets compares sample rooms (all when sample <= 0) of the kept
+// state with the database; mismatches are re-checked once the pipeline has
+// passed the LSN the database was read at (waiting up to wait).
+func AuditTargets(ctx context.Context, cfg *config.Config, sample int, wait time.Duration) (targets.AuditReport, error) {
+	source, state, store, err := openTargets(ctx, cfg)
+	if err != nil {
+		return targets.AuditReport{}, err
+	}
+	defer source.Close()
+	defer state.Close()
+	m := cfg.Targets.Mapping()
+	rc := cfg.RouterConfig("")
+	var topics []string
+	for _, tbl := range []string{m.Membership.Table, m.Users.Table} {
+		schema, name, _ := strings.Cut(tbl, ".")
+		topics = append(topics, rc.TableTopic(schema, name))
+	}
+	a := &targets.Auditor{Mapping: m, Source: source, Store: store, Wait: wait,
+		Passed: targets.PipelinePassed(source, cfg.Postgres.Slot, cfg.Kafka.Brokers, cfg.Targets.Group, topics)}
+	return a.Audit(ctx, sample)
+}

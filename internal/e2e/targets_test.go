@@ -1,0 +1,403 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"slices"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/tidemark/tidemark/internal/app"
+	"github.com/tidemark/tidemark/internal/config"
+	"github.com/tidemark/tidemark/internal/kafkatest"
+	"github.com/tidemark/tidemark/invalidation/targets"
+	"github.com/tidemark/tidemark/pipeline"
+	kafkasink "github.com/tidemark/tidemark/sinks/kafka"
+)
+
+// canonicalTargets is the canonical chat schema's mapping (the defaults),
+// with a row filter so that one room's rows are filtered out.
+func canonicalTargets() *config.Targets {
+	return &config.Targets{Membership: targets.MembershipSource{Filter: "room_id != '!ignored'"}}
+}
+
+const canonicalTruth = `SELECT m.room_id, m.user_id FROM room_memberships m LEFT JOIN users u ON u.user_id = m.user_id
+WHERE m.membership = 'join' AND NOT coalesce(u.deactivated, false) AND m.room_id <> '!ignored'`
+
+// synapseSchema is a Synapse-like layout: current state in a table without
+// a primary key (REPLICA IDENTITY FULL), rewritten as DELETE then INSERT in
+// one transaction; users.deactivated is a smallint.
+const synapseSchema = `
+CREATE TABLE current_state_events (event_id text NOT NULL, room_id text NOT NULL, type text NOT NULL,
+  state_key text NOT NULL, membership text);
+ALTER TABLE current_state_events REPLICA IDENTITY FULL;
+CREATE TABLE synapse_users (name text PRIMARY KEY, deactivated smallint NOT NULL DEFAULT 0);`
+
+func synapseTargets() *config.Targets {
+	return &config.Targets{
+		Membership: targets.MembershipSource{Table: "public.current_state_events", RoomColumn: "room_id", UserColumn: "state_key",
+			MembershipColumn: "membership", Joined: []string{"join"}, Filter: "type = 'm.room.member'"},
+		Users: targets.UserSource{Table: "public.synapse_users", UserColumn: "name", DeactivatedColumn: "deactivated"},
+	}
+}
+
+const synapseTruth = `SELECT DISTINCT c.room_id, c.state_key FROM current_state_events c LEFT JOIN synapse_users u ON u.name = c.state_key
+WHERE c.type = 'm.room.member' AND c.membership = 'join' AND coalesce(u.deactivated, 0) = 0`
+
+func targetsConfig(e *env, prefix string, tables []string, tc *config.Targets) *config.Config {
+	return e.config(prefix, tables, func(c *config.Config) { c.Targets = tc })
+}
+
+// startTargets runs the targets consumer in the test process; stop is
+// idempotent and also runs at cleanup.
+func (e *env) startTargets(cfg *config.Config) (*app.Targets, func()) {
+	e.t.Helper()
+	log := zaptest.NewLogger(e.t, zaptest.Level(zap.WarnLevel))
+	tg, err := app.PrepareTargets(context.Background(), cfg, log)
+	if err != nil {
+		e.t.Fatalf("prepare targets: %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- tg.Run(ctx) }()
+	stopped := false
+	stop := func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				e.t.Errorf("targets consumer: %v", err)
+			}
+		case <-time.After(30 * time.Second):
+			e.t.Error("targets consumer did not stop")
+		}
+	}
+	e.t.Cleanup(stop)
+	return tg, stop
+}
+
+func targetTopics(cfg *config.Config) []string {
+	m := cfg.Targets.Mapping()
+	var out []string
+	for _, tbl := range []string{m.Membership.Table, m.Users.Table} {
+		out = append(out, cfg.Kafka.TopicPrefix+"."+tbl)
+	}
+	return out
+}
+
+// waitTargets waits until capture and the targets consumer have passed
+// everything committed so far and no room is left unsettled.
+func (e *env) waitTargets(cfg *config.Config, timeout time.Duration) {
+	e.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	passed := targets.PipelinePassed(e.pool, cfg.Postgres.Slot, cfg.Kafka.Brokers, cfg.Targets.Group, targetTopics(cfg))
+	if err := passed(ctx, e.currentLSN()); err != nil {
+		e.t.Logf("slot %s confirmed %s, current WAL insert LSN %s", cfg.Postgres.Slot, e.slotConfirmed(cfg.Postgres.Slot), e.currentLSN())
+		e.t.Fatalf("pipeline did not pass the current LSN within %s: %v", timeout, err)
+	}
+	q := fmt.Sprintf(`SELECT count(*) FROM %s.notify_rooms WHERE dirty`, cfg.Targets.Postgres.Schema)
+	for {
+		var n int
+		if err := e.pool.QueryRow(ctx, q).Scan(&n); err != nil {
+			e.t.Fatalf("counting dirty rooms: %v", err)
+		}
+		if n == 0 {
+			return
+		}
+		if ctx.Err() != nil {
+			e.t.Fatalf("%d room(s) still unsettled after %s", n, timeout)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// pairs runs a (room, user) query and returns "room user" strings, sorted.
+func (e *env) pairs(sql string) []string {
+	e.t.Helper()
+	rows, err := e.pool.Query(context.Background(), sql)
+	if err != nil {
+		e.t.Fatalf("query %q: %v", firstLine(sql), err)
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var r, u string
+		if err := rows.Scan(&r, &u); err != nil {
+			e.t.Fatal(err)
+		}
+		out = append(out, r+" "+u)
+	}
+	if err := rows.Err(); err != nil {
+		e.t.Fatal(err)
+	}
+	sort.Strings(out)
+	return out
+}
+
+func keptSQL(cfg *config.Config) string {
+	return fmt.Sprintf(`SELECT room_id, user_id FROM %s.notify_targets`, cfg.Targets.Postgres.Schema)
+}
+
+// changeRec is a notify_target_changes record.
+type changeRec struct {
+	Room     string `json:"room_id"`
+	User     string `json:"user_id"`
+	Change   string `json:"change"`
+	Reason   string `json:"reason"`
+	Position string `json:"position"`
+}
+
+func (c changeRec) String() string { return c.Room + " " + c.User + " " + c.Change + " " + c.Reason }
+
+// changeReader returns the change records not returned before.
+type changeReader struct {
+	e    *env
+	seen map[string]bool
+}
+
+func (r *changeReader) next(topic string) []string {
+	r.e.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	recs, err := kafkatest.ReadAll(ctx, r.e.kafka.Brokers(), topic)
+	if err != nil {
+		r.e.t.Fatalf("reading %s: %v", topic, err)
+	}
+	var out []string
+	for _, rec := range recs {
+		id := fmt.Sprintf("%d/%d", rec.Partition, rec.Offset)
+		if r.seen[id] {
+			continue
+		}
+		r.seen[id] = true
+		var c changeRec
+		if err := json.Unmarshal(rec.Value, &c); err != nil {
+			r.e.t.Fatalf("%s record %s: %v", topic, rec.Value, err)
+		}
+		if string(rec.Key) != c.Room {
+			r.e.t.Errorf("%s record keyed %q for room %q", topic, rec.Key, c.Room)
+		}
+		out = append(out, c.String())
+	}
+	sort.Strings(out)
+	return out
+}
+
+// latestTargets reads the compacted topic's latest value per room.
+func (e *env) latestTargets(topic string) map[string][]string {
+	e.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	recs, err := kafkatest.ReadAll(ctx, e.kafka.Brokers(), topic)
+	if err != nil {
+		e.t.Fatalf("reading %s: %v", topic, err)
+	}
+	out := map[string][]string{}
+	for _, rec := range byPartitionOffset(toMsgs(recs)) {
+		var v struct {
+			Room     string   `json:"room_id"`
+			Users    []string `json:"users"`
+			Position string   `json:"position"`
+		}
+		if err := json.Unmarshal(rec.Value, &v); err != nil {
+			e.t.Fatalf("%s record: %v", topic, err)
+		}
+		out[v.Room] = v.Users
+	}
+	return out
+}
+
+func toMsgs(recs []kafkatest.Record) []msg {
+	out := make([]msg, len(recs))
+	for i, r := range recs {
+		out[i] = msg{Record: r}
+	}
+	return out
+}
+
+// replayTopics writes every record of the topics again (same keys, values,
+// headers, so the same partitions and positions): a redelivery of the
+// whole history.
+func (e *env) replayTopics(topics []string) int {
+	e.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	sink, err := kafkasink.New(kafkasink.Config{Brokers: e.kafka.Brokers(), ClientID: "replayer", Partitions: 3, ReplicationFactor: 1}, nil)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer func() { _ = sink.Close(context.Background()) }()
+	if err := sink.EnsureTopics(ctx, topics, nil); err != nil {
+		e.t.Fatal(err)
+	}
+	n := 0
+	for _, topic := range topics {
+		recs, err := kafkatest.ReadAll(ctx, e.kafka.Brokers(), topic)
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		var msgs []pipeline.Message
+		for _, r := range byPartitionOffset(toMsgs(recs)) {
+			var hs []pipeline.Header
+			for _, k := range []string{"tidemark-table", "tidemark-op", "tidemark-lsn", "tidemark-seq"} {
+				hs = append(hs, pipeline.Header{Key: k, Value: []byte(r.Headers[k])})
+			}
+			msgs = append(msgs, pipeline.Message{Topic: topic, Key: r.Key, Value: r.Value, Headers: hs})
+		}
+		if err := sink.Write(ctx, msgs); err != nil {
+			e.t.Fatal(err)
+		}
+		n += len(msgs)
+	}
+	return n
+}
+
+type targetStep struct {
+	name string
+	sql  string
+	want []string // change records "room user added|removed reason"
+}
+
+type targetScenario struct {
+	name   string
+	schema string
+	tables []string
+	tc     func() *config.Targets
+	truth  string
+	steps  []targetStep
+}
+
+// TestTargetsSequences (acceptance 1): invite, join, leave, ban, rejoin,
+// deactivate, reactivate, a DELETE+INSERT rewrite in one transaction, a
+// filtered-out row and a replay of the whole history; after each step the
+// kept sets equal a direct SQL computation on the source tables and the
+// changes topic carries exactly the expected records. Run on the canonical
+// mapping and on a Synapse-like one.
+func TestTargetsSequences(t *testing.T) {
+	canonical := targetScenario{
+		name: "canonical", schema: demoSchemaTargets, tables: []string{"public.users", "public.room_memberships"},
+		tc: canonicalTargets, truth: canonicalTruth,
+		steps: []targetStep{
+			{"seed", `INSERT INTO users(user_id) VALUES ('@a'), ('@b'), ('@c');
+INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!r1', '@b', 'join'), ('!r2', '@b', 'join'), ('!r2', '@c', 'join')`,
+				[]string{"!r1 @b added join", "!r2 @b added join", "!r2 @c added join"}},
+			{"invite", `INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!r1', '@a', 'invite')`, nil},
+			{"join", `UPDATE room_memberships SET membership = 'join' WHERE room_id = '!r1' AND user_id = '@a'`, []string{"!r1 @a added join"}},
+			{"leave", `UPDATE room_memberships SET membership = 'leave' WHERE room_id = '!r1' AND user_id = '@a'`, []string{"!r1 @a removed leave"}},
+			{"ban", `UPDATE room_memberships SET membership = 'ban' WHERE room_id = '!r2' AND user_id = '@c'`, []string{"!r2 @c removed ban"}},
+			{"rejoin", `UPDATE room_memberships SET membership = 'join' WHERE room_id = '!r1' AND user_id = '@a'`, []string{"!r1 @a added join"}},
+			{"deactivate", `UPDATE users SET deactivated = true WHERE user_id = '@b'`, []string{"!r1 @b removed deactivated", "!r2 @b removed deactivated"}},
+			{"reactivate", `UPDATE users SET deactivated = false WHERE user_id = '@b'`, []string{"!r1 @b added reactivated", "!r2 @b added reactivated"}},
+			{"rewrite unchanged", `BEGIN; DELETE FROM room_memberships WHERE room_id = '!r1' AND user_id = '@a';
+INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!r1', '@a', 'join'); COMMIT`, nil},
+			{"rewrite to leave", `BEGIN; DELETE FROM room_memberships WHERE room_id = '!r2' AND user_id = '@b';
+INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!r2', '@b', 'leave'); COMMIT`, []string{"!r2 @b removed leave"}},
+			{"filtered out", `INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!ignored', '@a', 'join')`, nil},
+			{"replay", "", nil},
+			{"join after replay", `UPDATE room_memberships SET membership = 'join' WHERE room_id = '!r2' AND user_id = '@c'`, []string{"!r2 @c added join"}},
+		},
+	}
+	csv := func(id, room, typ, key, mem string) string {
+		m := "NULL"
+		if mem != "" {
+			m = "'" + mem + "'"
+		}
+		return fmt.Sprintf(`INSERT INTO current_state_events VALUES ('%s', '%s', '%s', '%s', %s);`, id, room, typ, key, m)
+	}
+	// rewrite replaces a member's current state the way Synapse does.
+	rewrite := func(id, room, user, mem string) string {
+		return fmt.Sprintf(`BEGIN; DELETE FROM current_state_events WHERE room_id = '%s' AND type = 'm.room.member' AND state_key = '%s'; %s COMMIT`,
+			room, user, csv(id, room, "m.room.member", user, mem))
+	}
+	synapse := targetScenario{
+		name: "synapse", schema: synapseSchema, tables: []string{"public.current_state_events", "public.synapse_users"},
+		tc: synapseTargets, truth: synapseTruth,
+		steps: []targetStep{
+			{"seed", `INSERT INTO synapse_users(name) VALUES ('@a'), ('@b'), ('@c');` +
+				csv("$1", "!r1", "m.room.create", "", "") + csv("$2", "!r1", "m.room.member", "@b", "join") +
+				csv("$3", "!r2", "m.room.member", "@b", "join") + csv("$4", "!r2", "m.room.member", "@c", "join"),
+				[]string{"!r1 @b added join", "!r2 @b added join", "!r2 @c added join"}},
+			{"invite", rewrite("$5", "!r1", "@a", "invite"), nil},
+			{"join", rewrite("$6", "!r1", "@a", "join"), []string{"!r1 @a added join"}},
+			{"leave", rewrite("$7", "!r1", "@a", "leave"), []string{"!r1 @a removed leave"}},
+			{"ban", rewrite("$8", "!r2", "@c", "ban"), []string{"!r2 @c removed ban"}},
+			{"rejoin", rewrite("$9", "!r1", "@a", "join"), []string{"!r1 @a added join"}},
+			{"deactivate", `UPDATE synapse_users SET deactivated = 1 WHERE name = '@b'`, []string{"!r1 @b removed deactivated", "!r2 @b removed deactivated"}},
+			{"reactivate", `UPDATE synapse_users SET deactivated = 0 WHERE name = '@b'`, []string{"!r1 @b added reactivated", "!r2 @b added reactivated"}},
+			{"rewrite unchanged", rewrite("$10", "!r1", "@a", "join"), nil},
+			{"rewrite to leave", rewrite("$11", "!r2", "@b", "leave"), []string{"!r2 @b removed leave"}},
+			{"filtered out", csv("$12", "!r1", "m.room.power_levels", "@c", "join") + csv("$13", "!r2", "m.room.name", "@c", ""), nil},
+			{"replay", "", nil},
+			{"join after replay", rewrite("$14", "!r2", "@c", "join"), []string{"!r2 @c added join"}},
+		},
+	}
+	for _, sc := range []targetScenario{canonical, synapse} {
+		t.Run(sc.name, func(t *testing.T) { runTargetScenario(t, sc) })
+	}
+}
+
+// demoSchemaTargets is the canonical schema's two tables the targets read.
+const demoSchemaTargets = `
+CREATE TABLE users (user_id text PRIMARY KEY, deactivated boolean NOT NULL DEFAULT false, updated_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE room_memberships (room_id text NOT NULL, user_id text NOT NULL,
+  membership text NOT NULL CHECK (membership IN ('join','leave','invite','ban')), event_id text,
+  updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (room_id, user_id));`
+
+func runTargetScenario(t *testing.T, sc targetScenario) {
+	e := newEnv(t, "")
+	e.exec(sc.schema)
+	prefix := "tg" + sc.name[:3]
+	cfg := targetsConfig(e, prefix, sc.tables, sc.tc())
+	e.start(cfg)
+	_, stop := e.startTargets(cfg)
+	changes := &changeReader{e: e, seen: map[string]bool{}}
+	changesTopic := prefix + ".notify_target_changes"
+	for _, st := range sc.steps {
+		if st.name == "replay" {
+			// A restarted consumer has no per-partition positions in memory:
+			// only the kept state's own position guard stands between a
+			// replayed history and resurrected members.
+			stop()
+			n := e.replayTopics(targetTopics(cfg))
+			if n == 0 {
+				t.Fatal("nothing to replay")
+			}
+			_, stop = e.startTargets(cfg)
+		} else {
+			e.exec(st.sql)
+		}
+		e.waitTargets(cfg, 30*time.Second)
+		kept, truth := e.pairs(keptSQL(cfg)), e.pairs(sc.truth)
+		if !slices.Equal(kept, truth) {
+			t.Fatalf("%s: kept targets %v, database says %v", st.name, kept, truth)
+		}
+		want := append([]string(nil), st.want...)
+		sort.Strings(want)
+		if got := changes.next(changesTopic); !slices.Equal(got, want) {
+			t.Errorf("%s: change records %v, want %v", st.name, got, want)
+		}
+	}
+	// The compacted topic's latest value per room is the kept set.
+	latest := e.latestTargets(prefix + ".notify_targets")
+	byRoom := map[string][]string{}
+	for _, p := range e.pairs(sc.truth) {
+		r, u, _ := strings.Cut(p, " ")
+		byRoom[r] = append(byRoom[r], u)
+	}
+	for r, us := range byRoom {
+		if !slices.Equal(latest[r], us) {
+			t.Errorf("notify_targets latest for %s = %v, want %v", r, latest[r], us)
+		}
+	}
+}

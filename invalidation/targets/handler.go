@@ -1,0 +1,305 @@
+package targets
+
+import (
+	"context"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/tidemark/tidemark/invalidation"
+	"github.com/tidemark/tidemark/pipeline"
+)
+
+// Stats are the handler's counters.
+type Stats struct {
+	Changes       atomic.Uint64 // membership and user changes handled
+	RoomsSettled  atomic.Uint64 // room settlements that changed targets
+	Added         atomic.Uint64
+	Removed       atomic.Uint64
+	HeldExpired   atomic.Uint64 // transactions settled after the hold without being known complete
+	SettleErrors  atomic.Uint64
+	PendingRooms  atomic.Int64
+	PendingTxns   atomic.Int64
+	LastSettledAt atomic.Int64 // unix nanos
+}
+
+// HandlerConfig configures a Handler.
+type HandlerConfig struct {
+	Mapping Mapping
+	Store   *Store
+	// Publish receives settled room updates (required).
+	Publish Publisher
+	// Ends, when set, says when a transaction is complete; without it every
+	// transaction counts as complete at the end of each consumer batch.
+	Ends *TxnIndex
+	// Hold bounds how long a room waits for an incomplete transaction
+	// (whose END record or remaining changes have not arrived). Default 2s.
+	Hold time.Duration
+}
+
+// Handler turns membership and user changes into facts (Flush stores them
+// and marks rooms dirty, durably, before the consumer commits offsets) and
+// settles rooms once every transaction that touched them is complete: the
+// net effect of a transaction is published, never its intermediate states
+// (a DELETE then INSERT of the same membership is no change at all).
+//
+// Handle and Flush are called by the consumer goroutine; Run settles held
+// rooms from its own goroutine. Both take the handler's lock.
+type Handler struct {
+	cfg   HandlerConfig
+	c     *compiled
+	log   *zap.Logger
+	stats Stats
+
+	mu      sync.Mutex
+	members []MemberFact
+	users   []UserFact
+	truncM  *pipeline.Position
+	truncU  *pipeline.Position
+	pending map[pipeline.LSN]*pendingTxn
+	lastErr time.Time
+}
+
+type pendingTxn struct {
+	seen   map[string]int
+	truncs map[pipeline.Position]bool
+	rooms  map[string]bool
+	since  time.Time
+}
+
+var (
+	_ invalidation.Handler = (*Handler)(nil)
+	_ invalidation.Flusher = (*Handler)(nil)
+)
+
+// NewHandler checks the mapping. It starts nothing.
+func NewHandler(cfg HandlerConfig, log *zap.Logger) (*Handler, error) {
+	c, err := compile(cfg.Mapping)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Hold <= 0 {
+		cfg.Hold = 2 * time.Second
+	}
+	if log == nil {
+		log = zap.NewNop()
+	}
+	return &Handler{cfg: cfg, c: c, log: log, pending: map[pipeline.LSN]*pendingTxn{}}, nil
+}
+
+// Tables returns the membership and user tables.
+func (h *Handler) Tables() []string { return []string{h.c.m.Membership.Table, h.c.m.Users.Table} }
+
+// Stats returns the live counters.
+func (h *Handler) Stats() *Stats { return &h.stats }
+
+// Handle collects the facts a change implies.
+func (h *Handler) Handle(_ context.Context, m *invalidation.Message) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	env := m.Env
+	pos := m.Pos
+	p := h.pending[pos.CommitLSN]
+	if p == nil {
+		p = &pendingTxn{seen: map[string]int{}, rooms: map[string]bool{}, since: time.Now()}
+		h.pending[pos.CommitLSN] = p
+	}
+	if env.Op == "t" {
+		// A truncate is broadcast to every partition: count it once.
+		if p.truncs == nil {
+			p.truncs = map[pipeline.Position]bool{}
+		}
+		if !p.truncs[pos] {
+			p.truncs[pos] = true
+			p.seen[m.Table]++
+		}
+	} else {
+		p.seen[m.Table]++
+	}
+	h.stats.Changes.Add(1)
+	switch m.Table {
+	case h.c.m.Membership.Table:
+		if env.Op == "t" {
+			h.truncM = maxPos(h.truncM, pos)
+			return nil
+		}
+		h.members = h.c.memberFacts(env, pos, h.members)
+	case h.c.m.Users.Table:
+		if env.Op == "t" {
+			h.truncU = maxPos(h.truncU, pos)
+			return nil
+		}
+		if f, ok := h.c.userFact(env, pos); ok {
+			h.users = append(h.users, f)
+		}
+	default:
+		return invalidation.ErrNoHandler
+	}
+	return nil
+}
+
+func maxPos(cur *pipeline.Position, p pipeline.Position) *pipeline.Position {
+	if cur == nil || cur.Less(p) {
+		return &p
+	}
+	return cur
+}
+
+// Flush stores the batch's facts and marks their rooms dirty (durable when
+// it returns), then settles the rooms whose transactions are complete.
+// A settlement that fails is retried by Run; the rooms stay dirty.
+func (h *Handler) Flush(ctx context.Context) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if len(h.members) > 0 || len(h.users) > 0 || h.truncM != nil || h.truncU != nil {
+		touched, err := h.cfg.Store.Apply(ctx, h.members, h.users, h.truncM, h.truncU)
+		if err != nil {
+			return err
+		}
+		for _, rp := range touched {
+			p := h.pending[rp.Pos.CommitLSN]
+			if p == nil { // settled meanwhile (cannot happen under the lock); keep the room
+				p = &pendingTxn{seen: map[string]int{}, rooms: map[string]bool{}, since: time.Now()}
+				h.pending[rp.Pos.CommitLSN] = p
+			}
+			p.rooms[rp.Room] = true
+		}
+		h.members, h.users, h.truncM, h.truncU = h.members[:0], h.users[:0], nil, nil
+	}
+	h.settleReady(ctx)
+	return nil
+}
+
+// Recover queues rooms left dirty by an earlier run; they are settled after
+// the hold.
+func (h *Handler) Recover(rooms []string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	p := h.pending[0]
+	if p == nil {
+		p = &pendingTxn{seen: map[string]int{}, rooms: map[string]bool{}, since: time.Now()}
+		h.pending[0] = p
+	}
+	for _, r := range rooms {
+		p.rooms[r] = true
+	}
+}
+
+// Run settles held rooms every tick until ctx ends.
+func (h *Handler) Run(ctx context.Context) error {
+	t := time.NewTicker(min(100*time.Millisecond, h.cfg.Hold/4))
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+			h.mu.Lock()
+			h.settleReady(ctx)
+			h.mu.Unlock()
+		}
+	}
+}
+
+// complete reports whether every change of the transaction on the mapped
+// tables has been handled.
+func (h *Handler) complete(lsn pipeline.LSN, p *pendingTxn) bool {
+	if h.cfg.Ends == nil {
+		return true
+	}
+	counts, ok := h.cfg.Ends.Lookup(lsn)
+	if !ok {
+		return false
+	}
+	for t, n := range counts {
+		if p.seen[t] < n {
+			return false
+		}
+	}
+	return true
+}
+
+// settleReady settles the rooms of complete (or held too long)
+// transactions, except rooms an incomplete transaction also touched. Called
+// with h.mu held.
+func (h *Handler) settleReady(ctx context.Context) {
+	if len(h.pending) == 0 {
+		return
+	}
+	now := time.Now()
+	blocked := map[string]bool{}
+	var ready []pipeline.LSN
+	for lsn, p := range h.pending {
+		if h.complete(lsn, p) {
+			ready = append(ready, lsn)
+			continue
+		}
+		if now.Sub(p.since) >= h.cfg.Hold {
+			ready = append(ready, lsn)
+			if len(p.rooms) > 0 && lsn != 0 {
+				h.stats.HeldExpired.Add(1)
+			}
+			continue
+		}
+		for r := range p.rooms {
+			blocked[r] = true
+		}
+	}
+	rooms := map[string]bool{}
+	for _, lsn := range ready {
+		for r := range h.pending[lsn].rooms {
+			if !blocked[r] {
+				rooms[r] = true
+			}
+		}
+	}
+	list := sortedKeys(rooms)
+	for start := 0; start < len(list); start += 500 {
+		chunk := list[start:min(start+500, len(list))]
+		ups, err := h.cfg.Store.Settle(ctx, chunk, h.cfg.Publish)
+		if err != nil {
+			h.stats.SettleErrors.Add(1)
+			if ctx.Err() == nil && now.Sub(h.lastErr) > 10*time.Second {
+				h.lastErr = now
+				h.log.Warn("settling notification targets failed; retrying (rooms stay dirty)", zap.Error(err))
+			}
+			h.gauge()
+			return // keep everything pending: retried on the next tick
+		}
+		h.count(ups)
+	}
+	for _, lsn := range ready {
+		delete(h.pending, lsn)
+		if h.cfg.Ends != nil {
+			h.cfg.Ends.Forget(lsn)
+		}
+	}
+	h.gauge()
+}
+
+func (h *Handler) count(ups []RoomUpdate) {
+	for _, u := range ups {
+		h.stats.RoomsSettled.Add(1)
+		for _, c := range u.Changes {
+			if c.Added {
+				h.stats.Added.Add(1)
+			} else {
+				h.stats.Removed.Add(1)
+			}
+		}
+	}
+	if len(ups) > 0 {
+		h.stats.LastSettledAt.Store(time.Now().UnixNano())
+	}
+}
+
+func (h *Handler) gauge() {
+	n := 0
+	for _, p := range h.pending {
+		n += len(p.rooms)
+	}
+	h.stats.PendingRooms.Store(int64(n))
+	h.stats.PendingTxns.Store(int64(len(h.pending)))
+}

@@ -1,0 +1,134 @@
+package targets
+
+import (
+	"context"
+	"strconv"
+	"strings"
+
+	"github.com/tidemark/tidemark/pipeline"
+)
+
+// KafkaOutput publishes room updates to two topics, both keyed by room id
+// (so one room's records keep their order):
+//
+//   - Targets (compacted, <prefix>.notify_targets): the room's full target
+//     set and position, {"room_id":"!r","users":["@a","@b"],"position":"<lsn>:<seq>"};
+//     an empty set is published as "users":[] (not a tombstone), so
+//     consumers see the removal.
+//   - Changes (<prefix>.notify_target_changes): one record per added or
+//     removed user, {"room_id","user_id","change":"added|removed","reason",
+//     "position"}.
+//
+// Records carry the tidemark-lsn and tidemark-seq headers.
+type KafkaOutput struct {
+	Sink         pipeline.Sink
+	TargetsTopic string // "" disables
+	ChangesTopic string // "" disables
+}
+
+// Publish writes the updates and returns once Kafka acknowledged them.
+func (k *KafkaOutput) Publish(ctx context.Context, ups []RoomUpdate) error {
+	var msgs []pipeline.Message
+	for _, u := range ups {
+		key := []byte(u.Room)
+		if k.ChangesTopic != "" {
+			for _, c := range u.Changes {
+				msgs = append(msgs, pipeline.Message{Topic: k.ChangesTopic, Key: key, Value: changeJSON(u.Room, c), Headers: posHeaders(c.Pos), Pos: c.Pos})
+			}
+		}
+		if k.TargetsTopic != "" {
+			msgs = append(msgs, pipeline.Message{Topic: k.TargetsTopic, Key: key, Value: TargetsJSON(u.Room, u.Users, u.Pos), Headers: posHeaders(u.Pos), Pos: u.Pos})
+		}
+	}
+	if len(msgs) == 0 {
+		return nil
+	}
+	return k.Sink.Write(ctx, msgs)
+}
+
+func posHeaders(p pipeline.Position) []pipeline.Header {
+	return []pipeline.Header{
+		{Key: "tidemark-lsn", Value: strconv.AppendUint(nil, uint64(p.CommitLSN), 10)},
+		{Key: "tidemark-seq", Value: strconv.AppendUint(nil, uint64(p.Seq), 10)},
+	}
+}
+
+// TargetsJSON is the value of a notify_targets record.
+func TargetsJSON(room string, users []string, pos pipeline.Position) []byte {
+	b := append([]byte(`{"room_id":`), pipeline.AppendJSONString(nil, room)...)
+	b = append(b, `,"users":[`...)
+	for i, u := range users {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = pipeline.AppendJSONString(b, u)
+	}
+	b = append(b, `],"position":"`...)
+	b = append(b, pos.String()...)
+	return append(b, `"}`...)
+}
+
+func changeJSON(room string, c Change) []byte {
+	b := append([]byte(`{"room_id":`), pipeline.AppendJSONString(nil, room)...)
+	b = append(b, `,"user_id":`...)
+	b = pipeline.AppendJSONString(b, c.User)
+	if c.Added {
+		b = append(b, `,"change":"added"`...)
+	} else {
+		b = append(b, `,"change":"removed"`...)
+	}
+	b = append(b, `,"reason":"`...)
+	b = append(b, c.Reason...)
+	b = append(b, `","position":"`...)
+	b = append(b, c.Pos.String()...)
+	return append(b, `"}`...)
+}
+
+// SetReplacer replaces whole Redis sets atomically (sinks/redis implements
+// it): members[i] becomes the content of keys[i]; an empty list deletes the
+// key. It MUST be idempotent.
+type SetReplacer interface {
+	ReplaceSets(ctx context.Context, keys []string, members [][]string) error
+}
+
+// RedisOutput keeps one Redis set per room, named by KeyTemplate with
+// "{room_id}" replaced (default "notify_targets:{room_id}"). Each update
+// replaces the room's whole set in one MULTI, so a replay or a missed
+// update heals on the room's next update.
+type RedisOutput struct {
+	Sets        SetReplacer
+	KeyTemplate string
+}
+
+// Publish replaces the sets of the updated rooms.
+func (r *RedisOutput) Publish(ctx context.Context, ups []RoomUpdate) error {
+	if len(ups) == 0 {
+		return nil
+	}
+	tmpl := r.KeyTemplate
+	if tmpl == "" {
+		tmpl = "notify_targets:{room_id}"
+	}
+	keys := make([]string, len(ups))
+	members := make([][]string, len(ups))
+	for i, u := range ups {
+		keys[i] = strings.ReplaceAll(tmpl, "{room_id}", u.Room)
+		members[i] = u.Users
+	}
+	return r.Sets.ReplaceSets(ctx, keys, members)
+}
+
+// Publishers chains publishers; each must succeed.
+func Publishers(ps ...Publisher) Publisher {
+	return func(ctx context.Context, ups []RoomUpdate) error {
+		for _, p := range ps {
+			if p == nil {
+				continue
+			}
+			if err := p(ctx, ups); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+}

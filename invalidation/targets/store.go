@@ -1,0 +1,533 @@
+package targets
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"sort"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/tidemark/tidemark/pipeline"
+)
+
+// Store keeps the notification-target state in Postgres, in its own schema
+// (default "tidemark"), never in a captured table:
+//
+//	notify_memberships (room_id, user_id, membership, joined, lsn, seq)  what the membership source says, per pair
+//	notify_users       (user_id, active, lsn, seq)                       what the user source says, per user
+//	notify_targets     (room_id, user_id, lsn, seq)                      the kept (published) targets
+//	notify_rooms       (room_id, lsn, seq, dirty)                        per room: latest position, and whether
+//	                                                                     notify_targets may lag the facts
+//
+// Facts are last-writer-wins by position: a change applies only when its
+// position is above the stored one, so replays and out-of-order delivery
+// across partitions change nothing. notify_targets is derived from the facts
+// (joined and active) when a room is settled; a room's settlement runs in one
+// transaction holding the room's row lock, and publishes to the outputs
+// before it commits.
+type Store struct {
+	pool   *pgxpool.Pool
+	schema string
+	t      struct{ members, users, targets, rooms string }
+}
+
+// NewStore uses pool and schema (default "tidemark"). It starts nothing.
+func NewStore(pool *pgxpool.Pool, schema string) *Store {
+	if schema == "" {
+		schema = "tidemark"
+	}
+	s := &Store{pool: pool, schema: schema}
+	q := func(n string) string { return pgx.Identifier{schema, n}.Sanitize() }
+	s.t.members, s.t.users, s.t.targets, s.t.rooms = q("notify_memberships"), q("notify_users"), q("notify_targets"), q("notify_rooms")
+	return s
+}
+
+// Setup creates the schema and tables when missing.
+func (s *Store) Setup(ctx context.Context) error {
+	ddl := fmt.Sprintf(`
+CREATE SCHEMA IF NOT EXISTS %[1]s;
+CREATE TABLE IF NOT EXISTS %[2]s (room_id text NOT NULL, user_id text NOT NULL, membership text NOT NULL, joined boolean NOT NULL,
+  lsn bigint NOT NULL, seq bigint NOT NULL, PRIMARY KEY (room_id, user_id));
+CREATE INDEX IF NOT EXISTS notify_memberships_user ON %[2]s (user_id) WHERE joined;
+CREATE TABLE IF NOT EXISTS %[3]s (user_id text PRIMARY KEY, active boolean NOT NULL, lsn bigint NOT NULL, seq bigint NOT NULL);
+CREATE TABLE IF NOT EXISTS %[4]s (room_id text NOT NULL, user_id text NOT NULL, lsn bigint NOT NULL, seq bigint NOT NULL,
+  PRIMARY KEY (room_id, user_id));
+CREATE TABLE IF NOT EXISTS %[5]s (room_id text PRIMARY KEY, lsn bigint NOT NULL, seq bigint NOT NULL, dirty boolean NOT NULL);
+CREATE INDEX IF NOT EXISTS notify_rooms_dirty ON %[5]s (room_id) WHERE dirty;`,
+		pgx.Identifier{s.schema}.Sanitize(), s.t.members, s.t.users, s.t.targets, s.t.rooms)
+	if _, err := s.pool.Exec(ctx, ddl); err != nil {
+		return fmt.Errorf("creating the %s schema's notification-target tables: %w", s.schema, err)
+	}
+	return nil
+}
+
+// Schema returns the schema name.
+func (s *Store) Schema() string { return s.schema }
+
+// RoomPos is a room touched by a change at Pos.
+type RoomPos struct {
+	Room string
+	Pos  pipeline.Position
+}
+
+func lsnSeq(p pipeline.Position) (int64, int64) { return int64(p.CommitLSN), int64(p.Seq) }
+
+func posOf(lsn, seq int64) pipeline.Position {
+	return pipeline.Position{CommitLSN: pipeline.LSN(lsn), Seq: uint32(seq)}
+}
+
+// Apply stores facts (last writer wins by position) and marks the rooms
+// whose facts changed dirty, in one transaction. It returns those rooms
+// with the position of the change. Truncates (non-nil positions) mark every
+// membership left, or every user active, unless newer.
+func (s *Store) Apply(ctx context.Context, members []MemberFact, users []UserFact, truncMembers, truncUsers *pipeline.Position) ([]RoomPos, error) {
+	var touched []RoomPos
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		var err error
+		touched, err = s.applyTx(ctx, tx, members, users, truncMembers, truncUsers)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("storing notification-target facts: %w", err)
+	}
+	return touched, nil
+}
+
+func (s *Store) applyTx(ctx context.Context, tx pgx.Tx, members []MemberFact, users []UserFact, truncMembers, truncUsers *pipeline.Position) ([]RoomPos, error) {
+	var touched []RoomPos
+	if truncMembers != nil {
+		l, q := lsnSeq(*truncMembers)
+		rows, err := tx.Query(ctx, fmt.Sprintf(`UPDATE %s SET joined = false, membership = '', lsn = $1, seq = $2
+WHERE (lsn, seq) < ($1, $2) RETURNING room_id`, s.t.members), l, q)
+		if err != nil {
+			return nil, err
+		}
+		rooms, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		if err != nil {
+			return nil, err
+		}
+		for _, r := range rooms {
+			touched = append(touched, RoomPos{r, *truncMembers})
+		}
+	}
+	if len(members) > 0 {
+		members = latestMembers(members)
+		rs, us, ms, js, ls, qs := make([]string, len(members)), make([]string, len(members)), make([]string, len(members)),
+			make([]bool, len(members)), make([]int64, len(members)), make([]int64, len(members))
+		for i, f := range members {
+			rs[i], us[i], ms[i], js[i] = f.Room, f.User, f.Membership, f.Joined
+			ls[i], qs[i] = lsnSeq(f.Pos)
+		}
+		rows, err := tx.Query(ctx, fmt.Sprintf(`INSERT INTO %s AS m (room_id, user_id, membership, joined, lsn, seq)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::boolean[], $5::bigint[], $6::bigint[]) ORDER BY 1, 2
+ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership, joined = excluded.joined, lsn = excluded.lsn, seq = excluded.seq
+WHERE (m.lsn, m.seq) < (excluded.lsn, excluded.seq)
+RETURNING room_id, lsn, seq`, s.t.members), rs, us, ms, js, ls, qs)
+		if err != nil {
+			return nil, err
+		}
+		if touched, err = collectRoomPos(rows, touched); err != nil {
+			return nil, err
+		}
+	}
+	var changedUsers []string
+	userPos := map[string]pipeline.Position{}
+	if truncUsers != nil {
+		l, q := lsnSeq(*truncUsers)
+		rows, err := tx.Query(ctx, fmt.Sprintf(`UPDATE %s SET active = true, lsn = $1, seq = $2 WHERE (lsn, seq) < ($1, $2) RETURNING user_id`, s.t.users), l, q)
+		if err != nil {
+			return nil, err
+		}
+		us, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		if err != nil {
+			return nil, err
+		}
+		for _, u := range us {
+			changedUsers = append(changedUsers, u)
+			userPos[u] = *truncUsers
+		}
+	}
+	if len(users) > 0 {
+		users = latestUsers(users)
+		us, as, ls, qs := make([]string, len(users)), make([]bool, len(users)), make([]int64, len(users)), make([]int64, len(users))
+		for i, f := range users {
+			us[i], as[i] = f.User, f.Active
+			ls[i], qs[i] = lsnSeq(f.Pos)
+		}
+		rows, err := tx.Query(ctx, fmt.Sprintf(`INSERT INTO %s AS u (user_id, active, lsn, seq)
+SELECT * FROM unnest($1::text[], $2::boolean[], $3::bigint[], $4::bigint[]) ORDER BY 1
+ON CONFLICT (user_id) DO UPDATE SET active = excluded.active, lsn = excluded.lsn, seq = excluded.seq
+WHERE (u.lsn, u.seq) < (excluded.lsn, excluded.seq)
+RETURNING user_id, lsn, seq`, s.t.users), us, as, ls, qs)
+		if err != nil {
+			return nil, err
+		}
+		var u string
+		var l, q int64
+		_, err = pgx.ForEachRow(rows, []any{&u, &l, &q}, func() error {
+			changedUsers = append(changedUsers, u)
+			userPos[u] = posOf(l, q)
+			return nil
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
+	if len(changedUsers) > 0 {
+		rows, err := tx.Query(ctx, fmt.Sprintf(`SELECT room_id, user_id FROM %s WHERE user_id = ANY($1::text[]) AND joined`, s.t.members), changedUsers)
+		if err != nil {
+			return nil, err
+		}
+		var r, u string
+		_, err = pgx.ForEachRow(rows, []any{&r, &u}, func() error {
+			touched = append(touched, RoomPos{r, userPos[u]})
+			return nil
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
+	if len(touched) == 0 {
+		return nil, nil
+	}
+	return touched, s.markDirty(ctx, tx, touched)
+}
+
+func collectRoomPos(rows pgx.Rows, dst []RoomPos) ([]RoomPos, error) {
+	var r string
+	var l, q int64
+	_, err := pgx.ForEachRow(rows, []any{&r, &l, &q}, func() error {
+		dst = append(dst, RoomPos{r, posOf(l, q)})
+		return nil
+	})
+	return dst, err
+}
+
+// markDirty records that the rooms' targets must be recomputed, raising
+// their positions.
+func (s *Store) markDirty(ctx context.Context, tx pgx.Tx, touched []RoomPos) error {
+	latest := map[string]pipeline.Position{}
+	for _, rp := range touched {
+		if p, ok := latest[rp.Room]; !ok || p.Less(rp.Pos) {
+			latest[rp.Room] = rp.Pos
+		}
+	}
+	rooms := sortedKeys(latest)
+	ls, qs := make([]int64, len(rooms)), make([]int64, len(rooms))
+	for i, r := range rooms {
+		ls[i], qs[i] = lsnSeq(latest[r])
+	}
+	_, err := tx.Exec(ctx, fmt.Sprintf(`INSERT INTO %s AS r (room_id, lsn, seq, dirty)
+SELECT room_id, lsn, seq, true FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS t(room_id, lsn, seq) ORDER BY 1
+ON CONFLICT (room_id) DO UPDATE SET dirty = true,
+  lsn = CASE WHEN (r.lsn, r.seq) < (excluded.lsn, excluded.seq) THEN excluded.lsn ELSE r.lsn END,
+  seq = CASE WHEN (r.lsn, r.seq) < (excluded.lsn, excluded.seq) THEN excluded.seq ELSE r.seq END`, s.t.rooms), rooms, ls, qs)
+	return err
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// latestMembers keeps the latest fact per (room, user), sorted by key.
+func latestMembers(fs []MemberFact) []MemberFact {
+	type key struct{ r, u string }
+	idx := map[key]int{}
+	out := fs[:0:0]
+	for _, f := range fs {
+		k := key{f.Room, f.User}
+		if i, ok := idx[k]; ok {
+			if !f.Pos.Less(out[i].Pos) {
+				out[i] = f
+			}
+			continue
+		}
+		idx[k] = len(out)
+		out = append(out, f)
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].Room != out[j].Room {
+			return out[i].Room < out[j].Room
+		}
+		return out[i].User < out[j].User
+	})
+	return out
+}
+
+func latestUsers(fs []UserFact) []UserFact {
+	idx := map[string]int{}
+	out := fs[:0:0]
+	for _, f := range fs {
+		if i, ok := idx[f.User]; ok {
+			if !f.Pos.Less(out[i].Pos) {
+				out[i] = f
+			}
+			continue
+		}
+		idx[f.User] = len(out)
+		out = append(out, f)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].User < out[j].User })
+	return out
+}
+
+// DirtyRooms lists rooms whose kept targets may lag their facts (at most
+// limit).
+func (s *Store) DirtyRooms(ctx context.Context, limit int) ([]string, error) {
+	rows, err := s.pool.Query(ctx, fmt.Sprintf(`SELECT room_id FROM %s WHERE dirty ORDER BY room_id LIMIT $1`, s.t.rooms), limit)
+	if err != nil {
+		return nil, fmt.Errorf("listing dirty rooms: %w", err)
+	}
+	return pgx.CollectRows(rows, pgx.RowTo[string])
+}
+
+// Change is one added or removed target.
+type Change struct {
+	User   string
+	Added  bool
+	Reason Reason
+	Pos    pipeline.Position
+}
+
+// RoomUpdate is a room whose targets changed: the full new set and the
+// changes that led to it.
+type RoomUpdate struct {
+	Room    string
+	Users   []string // sorted
+	Pos     pipeline.Position
+	Changes []Change
+}
+
+// Publisher makes room updates durable in the outputs (topics, Redis). It
+// MUST be idempotent: an update can be published again after a failure.
+type Publisher func(ctx context.Context, ups []RoomUpdate) error
+
+// Settle recomputes the kept targets of rooms from the facts, writes the
+// difference, publishes it, then commits (a failed publish rolls back, so
+// the rooms stay dirty and are settled again).
+func (s *Store) Settle(ctx context.Context, rooms []string, publish Publisher) ([]RoomUpdate, error) {
+	var ups []RoomUpdate
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		var err error
+		if ups, err = s.settleTx(ctx, tx, rooms, "", nil); err != nil {
+			return err
+		}
+		if len(ups) > 0 && publish != nil {
+			return publish(ctx, ups)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("settling %d room(s): %w", len(rooms), err)
+	}
+	return ups, nil
+}
+
+type factRow struct {
+	user       string
+	membership string
+	joined     bool
+	mpos       pipeline.Position
+	active     bool
+	upos       pipeline.Position
+}
+
+// settleTx locks the rooms (sorted), derives each room's targets from the
+// facts and rewrites notify_targets where they differ. override, when set,
+// is the reason of every change and at (when not nil) raises the rooms'
+// positions.
+func (s *Store) settleTx(ctx context.Context, tx pgx.Tx, rooms []string, override Reason, at *pipeline.Position) ([]RoomUpdate, error) {
+	if len(rooms) == 0 {
+		return nil, nil
+	}
+	rooms = dedupeSorted(rooms)
+	if _, err := tx.Exec(ctx, fmt.Sprintf(`INSERT INTO %s (room_id, lsn, seq, dirty) SELECT r, 0, 0, false FROM unnest($1::text[]) r ORDER BY 1
+ON CONFLICT (room_id) DO NOTHING`, s.t.rooms), rooms); err != nil {
+		return nil, err
+	}
+	roomPos := map[string]pipeline.Position{}
+	rows, err := tx.Query(ctx, fmt.Sprintf(`SELECT room_id, lsn, seq FROM %s WHERE room_id = ANY($1::text[]) ORDER BY room_id FOR UPDATE`, s.t.rooms), rooms)
+	if err != nil {
+		return nil, err
+	}
+	var r, u, mem string
+	var l, q, ul, uq int64
+	var joined, active bool
+	if _, err = pgx.ForEachRow(rows, []any{&r, &l, &q}, func() error { roomPos[r] = posOf(l, q); return nil }); err != nil {
+		return nil, err
+	}
+	if at != nil {
+		for rm, p := range roomPos {
+			if p.Less(*at) {
+				roomPos[rm] = *at
+			}
+		}
+	}
+	facts := map[string]map[string]factRow{}
+	rows, err = tx.Query(ctx, fmt.Sprintf(`SELECT m.room_id, m.user_id, m.membership, m.joined, m.lsn, m.seq,
+  coalesce(u.active, true), coalesce(u.lsn, 0), coalesce(u.seq, 0)
+FROM %s m LEFT JOIN %s u ON u.user_id = m.user_id WHERE m.room_id = ANY($1::text[])`, s.t.members, s.t.users), rooms)
+	if err != nil {
+		return nil, err
+	}
+	_, err = pgx.ForEachRow(rows, []any{&r, &u, &mem, &joined, &l, &q, &active, &ul, &uq}, func() error {
+		if facts[r] == nil {
+			facts[r] = map[string]factRow{}
+		}
+		facts[r][u] = factRow{user: u, membership: mem, joined: joined, mpos: posOf(l, q), active: active, upos: posOf(ul, uq)}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	kept := map[string]map[string]bool{}
+	rows, err = tx.Query(ctx, fmt.Sprintf(`SELECT room_id, user_id FROM %s WHERE room_id = ANY($1::text[])`, s.t.targets), rooms)
+	if err != nil {
+		return nil, err
+	}
+	if _, err = pgx.ForEachRow(rows, []any{&r, &u}, func() error {
+		if kept[r] == nil {
+			kept[r] = map[string]bool{}
+		}
+		kept[r][u] = true
+		return nil
+	}); err != nil {
+		return nil, err
+	}
+	var ups []RoomUpdate
+	var addR, addU, delR, delU []string
+	var addL, addQ []int64
+	for _, room := range rooms {
+		up := RoomUpdate{Room: room, Pos: roomPos[room]}
+		for user, f := range facts[room] {
+			want := f.joined && f.active
+			if want {
+				up.Users = append(up.Users, user)
+			}
+			if want == kept[room][user] {
+				continue
+			}
+			c := Change{User: user, Added: want, Pos: f.mpos}
+			if f.mpos.Less(f.upos) {
+				c.Pos = f.upos
+			}
+			switch {
+			case override != "":
+				c.Reason = override
+			case want && f.mpos.Less(f.upos):
+				c.Reason = ReasonReactivated
+			case want:
+				c.Reason = ReasonJoin
+			case f.joined:
+				c.Reason = ReasonDeactivated
+			case f.membership == "ban":
+				c.Reason = ReasonBan
+			default:
+				c.Reason = ReasonLeave
+			}
+			if override != "" && at != nil {
+				c.Pos = *at
+			}
+			up.Changes = append(up.Changes, c)
+		}
+		for user := range kept[room] {
+			if _, ok := facts[room][user]; !ok {
+				reason := ReasonLeave
+				if override != "" {
+					reason = override
+				}
+				pos := up.Pos
+				up.Changes = append(up.Changes, Change{User: user, Reason: reason, Pos: pos})
+			}
+		}
+		if len(up.Changes) == 0 {
+			continue
+		}
+		sort.Strings(up.Users)
+		sort.Slice(up.Changes, func(i, j int) bool { return up.Changes[i].User < up.Changes[j].User })
+		for _, c := range up.Changes {
+			if c.Added {
+				cl, cq := lsnSeq(c.Pos)
+				addR, addU, addL, addQ = append(addR, room), append(addU, c.User), append(addL, cl), append(addQ, cq)
+			} else {
+				delR, delU = append(delR, room), append(delU, c.User)
+			}
+		}
+		ups = append(ups, up)
+	}
+	if len(delR) > 0 {
+		if _, err := tx.Exec(ctx, fmt.Sprintf(`DELETE FROM %s t USING unnest($1::text[], $2::text[]) AS d(room_id, user_id)
+WHERE t.room_id = d.room_id AND t.user_id = d.user_id`, s.t.targets), delR, delU); err != nil {
+			return nil, err
+		}
+	}
+	if len(addR) > 0 {
+		if _, err := tx.Exec(ctx, fmt.Sprintf(`INSERT INTO %s (room_id, user_id, lsn, seq)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[]) ORDER BY 1, 2 ON CONFLICT DO NOTHING`, s.t.targets), addR, addU, addL, addQ); err != nil {
+			return nil, err
+		}
+	}
+	ls, qs := make([]int64, len(rooms)), make([]int64, len(rooms))
+	for i, room := range rooms {
+		ls[i], qs[i] = lsnSeq(roomPos[room])
+	}
+	if _, err := tx.Exec(ctx, fmt.Sprintf(`UPDATE %s r SET dirty = false, lsn = t.lsn, seq = t.seq
+FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS t(room_id, lsn, seq) WHERE r.room_id = t.room_id`, s.t.rooms), rooms, ls, qs); err != nil {
+		return nil, err
+	}
+	return ups, nil
+}
+
+func dedupeSorted(in []string) []string {
+	out := append([]string(nil), in...)
+	sort.Strings(out)
+	j := 0
+	for i := range out {
+		if i == 0 || out[i] != out[i-1] {
+			out[j] = out[i]
+			j++
+		}
+	}
+	return out[:j]
+}
+
+// Kept returns the kept targets of rooms (nil: every room).
+func (s *Store) Kept(ctx context.Context, rooms []string) (map[string]map[string]bool, error) {
+	q := fmt.Sprintf(`SELECT room_id, user_id FROM %s`, s.t.targets)
+	var args []any
+	if rooms != nil {
+		q += ` WHERE room_id = ANY($1::text[])`
+		args = append(args, rooms)
+	}
+	rows, err := s.pool.Query(ctx, q, args...)
+	if err != nil {
+		return nil, fmt.Errorf("reading kept targets: %w", err)
+	}
+	out := map[string]map[string]bool{}
+	var r, u string
+	_, err = pgx.ForEachRow(rows, []any{&r, &u}, func() error {
+		if out[r] == nil {
+			out[r] = map[string]bool{}
+		}
+		out[r][u] = true
+		return nil
+	})
+	return out, err
+}
+
+// stampBelow returns the position just below every change committed at or
+// after lsn: the position rebuild and audit give to what they read from a
+// snapshot that holds every transaction committed before lsn.
+func stampBelow(lsn pipeline.LSN) pipeline.Position {
+	return pipeline.Position{CommitLSN: lsn - 1, Seq: math.MaxUint32}
+}
+
+var errNoRows = errors.New("no rows")
