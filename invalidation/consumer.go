@@ -37,6 +37,7 @@ type Message struct {
 	Partition int
 	Offset    int64
 	Key       []byte
+	Value     []byte
 	Table     string // schema.table
 	Pos       pipeline.Position
 	Env       *pipeline.Envelope
@@ -83,6 +84,11 @@ type Config struct {
 	// StartOffset for a new group: kafka-go's FirstOffset (default) or
 	// LastOffset.
 	StartOffset int64
+	// Decode, for topics whose records are not change envelopes (e.g.
+	// <prefix>.transactions), decodes a record instead of
+	// pipeline.ParseEnvelope. The Message's Table selects the handler and
+	// its Pos is used for redelivery skipping. Default: none.
+	Decode map[string]func(m *kafkago.Message) (*Message, error)
 }
 
 // Stats are the consumer's counters.
@@ -336,11 +342,14 @@ func headerValue(hs []pipeline.Header, k string) string {
 // decode reads a message's envelope and position; a non-nil reason sends
 // it to the dead-letter topic.
 func (c *Consumer) decode(m *kafkago.Message) (*Message, error) {
+	if f := c.cfg.Decode[m.Topic]; f != nil {
+		return f(m)
+	}
 	env, err := pipeline.ParseEnvelope(m.Value)
 	if err != nil {
 		return nil, err
 	}
-	return &Message{Topic: m.Topic, Partition: m.Partition, Offset: m.Offset, Key: m.Key,
+	return &Message{Topic: m.Topic, Partition: m.Partition, Offset: m.Offset, Key: m.Key, Value: m.Value,
 		Table: env.Table(), Pos: env.Position(), Env: env}, nil
 }
 

@@ -47,8 +47,12 @@ func runCmd() *cobra.Command {
 			if role == "invalidation" && cfg.Invalidation == nil {
 				return &exitError{2, fmt.Errorf("--role invalidation: the config has no invalidation section")}
 			}
-			if role != "all" && role != "capture" && role != "invalidation" {
-				return &exitError{2, fmt.Errorf("--role %q: want all, capture or invalidation", role)}
+			runIntegrity := (role == "all" || role == "integrity") && cfg.Integrity != nil
+			if role == "integrity" && cfg.Integrity == nil {
+				return &exitError{2, fmt.Errorf("--role integrity: the config has no integrity section")}
+			}
+			if role != "all" && role != "capture" && role != "invalidation" && role != "integrity" {
+				return &exitError{2, fmt.Errorf("--role %q: want all, capture, invalidation or integrity", role)}
 			}
 			// Prepare every part before starting any, so a bad part stops the
 			// process before anything runs.
@@ -72,7 +76,23 @@ func runCmd() *cobra.Command {
 				}
 				inv.Register(reg)
 			}
+			var integ *app.Integrity
+			if runIntegrity {
+				if integ, err = app.PrepareIntegrity(ctx, cfg, log); err != nil {
+					return &exitError{3, err}
+				}
+				integ.Register(reg)
+			}
 			g, gctx := errgroup.WithContext(ctx)
+			if integ != nil {
+				g.Go(func() error {
+					err := integ.Run(gctx)
+					if err != nil {
+						log.Error("integrity consumer stopped", zap.Error(err))
+					}
+					return err
+				})
+			}
 			if a != nil {
 				g.Go(func() error {
 					err := a.Run(gctx)
@@ -110,7 +130,7 @@ func runCmd() *cobra.Command {
 			return g.Wait()
 		},
 	}
-	cmd.Flags().StringVar(&role, "role", "all", "what to run: all, capture or invalidation")
+	cmd.Flags().StringVar(&role, "role", "all", "what to run: all, capture, invalidation or integrity")
 	cmd.Flags().StringVarP(&path, "config", "c", "", "YAML config file (required)")
 	return cmd
 }

@@ -41,6 +41,8 @@ type Config struct {
 	Invalidation *Invalidation `yaml:"invalidation"`
 	// Targets configures the notification-targets consumer (optional).
 	Targets *Targets `yaml:"targets"`
+	// Integrity configures the integrity consumer (optional).
+	Integrity *Integrity `yaml:"integrity"`
 }
 
 // Invalidation is the cache-invalidation consumer.
@@ -248,6 +250,7 @@ func (c *Config) ApplyEnv(getenv func(string) string) {
 		c.Invalidation.Webhook.Secret = v
 	}
 	c.applyTargetsEnv(getenv)
+	c.applyIntegrityEnv(getenv)
 	if v := getenv(EnvKafkaBrokers); v != "" {
 		c.Kafka.Brokers = nil
 		for _, b := range strings.Split(v, ",") {
@@ -361,6 +364,7 @@ func (c *Config) ApplyDefaults() {
 		}
 	}
 	c.applyTargetsDefaults()
+	c.applyIntegrityDefaults()
 	if c.HTTP.Listen == nil {
 		s := "127.0.0.1:9187"
 		c.HTTP.Listen = &s
@@ -511,6 +515,7 @@ func (c *Config) Validate() []FieldError {
 		}
 	}
 	ps = append(ps, c.validateTargets(seen)...)
+	ps = append(ps, c.validateIntegrity(seen)...)
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
 	default:

@@ -1,0 +1,228 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
+	kafkago "github.com/segmentio/kafka-go"
+	"go.uber.org/zap"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/tidemark/tidemark/internal/config"
+	"github.com/tidemark/tidemark/invalidation"
+	"github.com/tidemark/tidemark/invalidation/integrity"
+	kafkasink "github.com/tidemark/tidemark/sinks/kafka"
+)
+
+// Integrity is the running integrity consumer: the consumer group, the
+// checker, its Kafka producer (dead letters, violations) and its pools.
+type Integrity struct {
+	Consumer *invalidation.Consumer
+	Checker  *integrity.Checker
+	Metrics  *integrity.Metrics
+	// Producer writes dead letters and violations.
+	Producer        *kafkasink.Sink
+	Topics          map[string][]string
+	DLQTopic        string
+	ViolationsTopic string // "" when disabled
+	checkPool       *pgxpool.Pool
+	storePool       *pgxpool.Pool
+	log             *zap.Logger
+	brokers         []string
+}
+
+// IntegrityOption adjusts the checker's options (tests, benchmarks).
+type IntegrityOption func(*integrity.Options)
+
+// PrepareIntegrity compiles the rules against the tables' real columns
+// (information_schema) and replica identities, opens the read-only check
+// pool and the store pool, and builds the consumer over the rule tables'
+// topics and the transactions topic. It starts nothing.
+func PrepareIntegrity(ctx context.Context, cfg *config.Config, log *zap.Logger, opts ...IntegrityOption) (_ *Integrity, err error) {
+	in := cfg.Integrity
+	if in == nil {
+		return nil, errors.New("no integrity section in the config")
+	}
+	if log == nil {
+		log = zap.NewNop()
+	}
+	log = log.With(zap.String("component", "integrity"))
+	pc, err := pgxpool.ParseConfig(cfg.Postgres.DSN)
+	if err != nil {
+		return nil, errors.New("integrity: postgres.dsn does not parse")
+	}
+	pc.MaxConns = int32(in.CheckConnections)
+	pc.ConnConfig.RuntimeParams["default_transaction_read_only"] = "on"
+	pc.ConnConfig.RuntimeParams["application_name"] = "tidemark-integrity-check"
+	checkPool, err := pgxpool.NewWithConfig(ctx, pc)
+	if err != nil {
+		return nil, fmt.Errorf("integrity: connecting to postgres: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			checkPool.Close()
+		}
+	}()
+	schema, err := integrity.LoadSchema(ctx, checkPool, integrity.Tables(in.Rules))
+	if err != nil {
+		return nil, fmt.Errorf("integrity: %w", err)
+	}
+	eng, err := integrity.Compile("integrity.rules", in.Rules, schema)
+	if err != nil {
+		return nil, err
+	}
+	sc, err := pgxpool.ParseConfig(in.DSN)
+	if err != nil {
+		return nil, errors.New("integrity: integrity.dsn does not parse")
+	}
+	sc.MaxConns = 2
+	sc.ConnConfig.RuntimeParams["application_name"] = "tidemark-integrity"
+	storePool, err := pgxpool.NewWithConfig(ctx, sc)
+	if err != nil {
+		return nil, fmt.Errorf("integrity: connecting to the violations database: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			storePool.Close()
+		}
+	}()
+	producer, err := kafkasink.New(kafkasink.Config{Brokers: cfg.Kafka.Brokers, ClientID: cfg.Kafka.ClientID + "-integrity",
+		Partitions: cfg.Kafka.Partitions, ReplicationFactor: cfg.Kafka.ReplicationFactor}, log.With(zap.String("component", "integrity-producer")))
+	if err != nil {
+		return nil, err
+	}
+	rc := cfg.RouterConfig("")
+	topics := map[string][]string{}
+	for _, t := range eng.Tables() {
+		topics[cfg.Kafka.TopicPrefix+"."+t] = []string{t}
+	}
+	handlers := map[string]invalidation.Handler{}
+	decode := map[string]func(*kafkago.Message) (*invalidation.Message, error){}
+	if *cfg.Pipeline.TransactionsTopic {
+		tt := rc.TransactionsTopicName()
+		topics[tt] = []string{integrity.TransactionsTable}
+		decode[tt] = integrity.Decode
+	}
+	violationsTopic := ""
+	if *in.Topic {
+		violationsTopic = cfg.Kafka.TopicPrefix + ".violations"
+	}
+	o := integrity.Options{Group: in.Group, ViolationsTopic: violationsTopic, Publisher: producer, MaxPending: in.MaxPending,
+		MaxOpenTransactions: in.MaxOpenTransactions, MaxKeys: in.MaxKeys, StaleAfter: in.StaleAfter}
+	for _, f := range opts {
+		f(&o)
+	}
+	metrics := integrity.NewMetrics()
+	checker := integrity.NewChecker(eng, integrity.NewStore(storePool, in.Schema, in.Group),
+		integrity.NewProber(checkPool, in.CheckRate, 100), o, metrics, log)
+	for _, tables := range topics {
+		for _, t := range tables {
+			handlers[t] = checker
+		}
+	}
+	dlqTopic := cfg.Kafka.TopicPrefix + ".dlq"
+	consumer, err := invalidation.NewConsumer(invalidation.Config{
+		Brokers: cfg.Kafka.Brokers, Group: in.Group, Topics: topics, Handlers: handlers, Decode: decode,
+		DLQTopic: dlqTopic, DLQ: producer, MaxAttempts: in.MaxAttempts,
+	}, log)
+	if err != nil {
+		return nil, err
+	}
+	return &Integrity{Consumer: consumer, Checker: checker, Metrics: metrics, Producer: producer, Topics: topics,
+		DLQTopic: dlqTopic, ViolationsTopic: violationsTopic, checkPool: checkPool, storePool: storePool, log: log, brokers: cfg.Kafka.Brokers}, nil
+}
+
+// Run creates the dead-letter and violations topics and the violations
+// tables, loads the checker's state, then consumes and checks deadlines
+// until ctx ends. A cancelled ctx is a clean stop.
+func (i *Integrity) Run(ctx context.Context) error {
+	defer i.checkPool.Close()
+	defer i.storePool.Close()
+	topics := []string{i.DLQTopic}
+	specs := map[string]kafkasink.TopicSpec{}
+	if i.ViolationsTopic != "" {
+		topics = append(topics, i.ViolationsTopic)
+		specs[i.ViolationsTopic] = kafkasink.TopicSpec{Configs: map[string]string{"cleanup.policy": "compact"}}
+	}
+	bo := backoff.NewExponentialBackOff()
+	bo.MaxInterval = 10 * time.Second
+	bo.MaxElapsedTime = 0
+	attempt := 0
+	err := backoff.Retry(func() error {
+		err := i.Producer.EnsureTopics(ctx, topics, specs)
+		if err == nil {
+			// A group that joins before its topics exist is assigned
+			// nothing: wait for capture to create them.
+			err = i.topicsExist(ctx)
+		}
+		if err == nil {
+			err = i.Checker.Load(ctx)
+		}
+		if ctx.Err() != nil {
+			return backoff.Permanent(ctx.Err())
+		}
+		if err != nil {
+			attempt++
+			if attempt == 1 || attempt%10 == 0 {
+				i.log.Warn("integrity consumer not ready; retrying", zap.Error(err), zap.Int("attempt", attempt))
+			}
+		}
+		return err
+	}, backoff.WithContext(bo, ctx))
+	if err != nil {
+		closeCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		return errors.Join(ignoreCanceled(err), i.Producer.Close(closeCtx))
+	}
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return i.Consumer.Run(gctx) })
+	g.Go(func() error { return i.Checker.Run(gctx) })
+	err = g.Wait()
+	closeCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return errors.Join(ignoreCanceled(err), i.Producer.Close(closeCtx))
+}
+
+// topicsExist checks that every subscribed topic exists.
+func (i *Integrity) topicsExist(ctx context.Context) error {
+	names := make([]string, 0, len(i.Topics))
+	for t := range i.Topics {
+		names = append(names, t)
+	}
+	sort.Strings(names)
+	client := &kafkago.Client{Addr: kafkago.TCP(i.brokers...), Timeout: 10 * time.Second}
+	meta, err := client.Metadata(ctx, &kafkago.MetadataRequest{Topics: names})
+	if err != nil {
+		return fmt.Errorf("reading topic metadata: %w", err)
+	}
+	var missing []string
+	for _, t := range meta.Topics {
+		if t.Error != nil || len(t.Partitions) == 0 {
+			missing = append(missing, t.Name)
+		}
+	}
+	if len(missing) > 0 || len(meta.Topics) < len(names) {
+		return fmt.Errorf("waiting for topics %v (capture creates them)", missing)
+	}
+	return nil
+}
+
+// Register adds the consumer's and the checker's metrics to reg.
+func (i *Integrity) Register(reg prometheus.Registerer) {
+	i.Metrics.Register(reg)
+	st := i.Consumer.Stats()
+	labels := prometheus.Labels{"role": "integrity"}
+	counter := func(name, help string, f func() float64) {
+		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "tidemark", Subsystem: "consumer", Name: name, Help: help, ConstLabels: labels}, f))
+	}
+	counter("messages_total", "Changes applied.", func() float64 { return float64(st.Messages.Load()) })
+	counter("dlq_total", "Changes sent to the dead-letter topic.", func() float64 { return float64(st.DLQ.Load()) })
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "tidemark", Subsystem: "consumer", Name: "lag_messages",
+		Help: "Messages behind the end of the subscribed partitions.", ConstLabels: labels}, func() float64 { return float64(st.Lag.Load()) }))
+}

@@ -1,0 +1,409 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/tidemark/tidemark/internal/app"
+	"github.com/tidemark/tidemark/internal/bench"
+	"github.com/tidemark/tidemark/internal/config"
+	"github.com/tidemark/tidemark/invalidation/integrity"
+)
+
+// The canonical transactions (shared/bench), parameterised.
+const (
+	itxMessage = `WITH e AS (
+  INSERT INTO events(event_id, room_id, sender, type, origin_ts) VALUES ($1, $2, $3, 'm.room.message', $4)
+  RETURNING event_id, room_id)
+INSERT INTO event_json(event_id, room_id, json) SELECT event_id, room_id, '{"type":"m.room.message"}' FROM e`
+	itxRead = `INSERT INTO read_markers(user_id, room_id, event_id, stream_ordering)
+  SELECT $1, room_id, event_id, stream_ordering FROM events
+  WHERE room_id = $2 ORDER BY stream_ordering DESC LIMIT 1
+ON CONFLICT (user_id, room_id) DO UPDATE SET event_id = EXCLUDED.event_id, stream_ordering = EXCLUDED.stream_ordering, updated_at = now()
+  WHERE read_markers.stream_ordering < EXCLUDED.stream_ordering`
+	itxMember = `INSERT INTO room_memberships(room_id, user_id, membership) VALUES ($1, $2, $3)
+  ON CONFLICT (room_id, user_id) DO UPDATE SET membership = EXCLUDED.membership, updated_at = now()`
+	// The fault transactions (tx_orphan.sql, tx_dangling.sql, tx_regress.sql)
+	// and an event_json deleted under its live event.
+	itxOrphan   = `INSERT INTO events(event_id, room_id, sender, type, origin_ts) VALUES ($1, $2, $3, 'm.room.message', 0)`
+	itxDangling = `INSERT INTO read_markers(user_id, room_id, event_id, stream_ordering) VALUES ($1, $2, $3, 9000000000000)
+ON CONFLICT (user_id, room_id) DO UPDATE SET event_id = EXCLUDED.event_id, stream_ordering = EXCLUDED.stream_ordering, updated_at = now()`
+	itxRegress    = `UPDATE read_markers SET stream_ordering = stream_ordering - 1000, updated_at = now() WHERE user_id = $1 AND room_id = $2`
+	itxDeleteJSON = `DELETE FROM event_json WHERE event_id = $1`
+)
+
+func benchRoom(i int) string { return fmt.Sprintf("!r%d:bench.test", i) }
+func benchUser(i int) string { return fmt.Sprintf("@u%d:bench.test", i) }
+
+// cleanWorkload runs total canonical transactions (70% message, 20% read
+// marker, 10% membership) on workers connections, over rooms 1..50. It
+// returns the event ids it created.
+func cleanWorkload(t *testing.T, pool *pgxpool.Pool, prefix string, total, workers int) []string {
+	t.Helper()
+	var n atomic.Int64
+	var mu sync.Mutex
+	var events []string
+	var wg sync.WaitGroup
+	errs := make(chan error, workers)
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(w)+1, 42))
+			ctx := context.Background()
+			for {
+				i := n.Add(1)
+				if i > int64(total) {
+					return
+				}
+				room, user := benchRoom(1+rng.IntN(50)), benchUser(1+rng.IntN(2000))
+				var err error
+				switch p := rng.IntN(10); {
+				case p < 7:
+					id := fmt.Sprintf("$%s%d:bench.test", prefix, i)
+					_, err = pool.Exec(ctx, itxMessage, id, room, user, time.Now().UnixMilli())
+					mu.Lock()
+					events = append(events, id)
+					mu.Unlock()
+				case p < 9:
+					_, err = pool.Exec(ctx, itxRead, user, room)
+				default:
+					m := "join"
+					if rng.IntN(2) == 0 {
+						m = "leave"
+					}
+					_, err = pool.Exec(ctx, itxMember, room, user, m)
+				}
+				if err != nil {
+					errs <- err
+					return
+				}
+			}
+		}(w)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatalf("workload: %v", err)
+	}
+	sort.Strings(events)
+	return events
+}
+
+// integrityEnv is a captured canonical database with the integrity consumer.
+type integrityEnv struct {
+	*env
+	cfg    *config.Config
+	prefix string
+}
+
+func newIntegrityEnv(t *testing.T, prefix string, window string) *integrityEnv {
+	t.Helper()
+	e := newEnv(t, "")
+	e.exec(bench.Schema)
+	e.exec(bench.Seed)
+	cfg := e.config(prefix, bench.Tables, func(c *config.Config) {
+		rules := integrity.DefaultRules()
+		for i := range rules {
+			if rules[i].Name == "read_marker_event_exists" {
+				rules[i].Within = window
+			}
+		}
+		c.Integrity = &config.Integrity{Rules: rules}
+	})
+	return &integrityEnv{env: e, cfg: cfg, prefix: prefix}
+}
+
+// startIntegrity runs the integrity consumer of group in the test process.
+func (e *integrityEnv) startIntegrity(group string, opts ...app.IntegrityOption) (*app.Integrity, func()) {
+	e.t.Helper()
+	cfg := *e.cfg
+	in := *cfg.Integrity
+	in.Group = group
+	cfg.Integrity = &in
+	log := zaptest.NewLogger(e.t, zaptest.Level(zap.ErrorLevel))
+	ig, err := app.PrepareIntegrity(context.Background(), &cfg, log, opts...)
+	if err != nil {
+		e.t.Fatalf("prepare integrity: %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- ig.Run(ctx) }()
+	stopped := false
+	stop := func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				e.t.Errorf("integrity consumer: %v", err)
+			}
+		case <-time.After(30 * time.Second):
+			e.t.Error("integrity consumer did not stop")
+		}
+	}
+	e.t.Cleanup(stop)
+	return ig, stop
+}
+
+// sentinel commits a transaction the checker reads only as an END record
+// and returns its commit time (truncated to the END record's milliseconds).
+func (e *integrityEnv) sentinel() time.Time {
+	e.t.Helper()
+	var ts time.Time
+	if err := e.pool.QueryRow(context.Background(),
+		`INSERT INTO rooms(room_id) VALUES ('!sentinel'||gen_random_uuid()) RETURNING now()`).Scan(&ts); err != nil {
+		e.t.Fatal(err)
+	}
+	return ts.Truncate(time.Millisecond)
+}
+
+// settle waits until the checker has read past the sentinel by more than
+// the window, holds nothing and has made everything durable.
+func (e *integrityEnv) settle(ig *app.Integrity, window time.Duration, timeout time.Duration) {
+	e.t.Helper()
+	until := e.sentinel().Add(window + 500*time.Millisecond)
+	deadline := time.Now().Add(timeout)
+	for {
+		p := ig.Checker.Progress()
+		if !p.StreamTime.Before(until) && p.OpenTransactions == 0 && p.Pending == 0 && p.Unflushed == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			e.t.Fatalf("integrity checker did not settle within %s: %+v (want stream time >= %s)", timeout, p, until)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// inTx runs statements, each with arg, in one transaction.
+func (e *integrityEnv) inTx(first, second string, arg any) {
+	e.t.Helper()
+	err := pgx.BeginFunc(context.Background(), e.pool, func(tx pgx.Tx) error {
+		for _, q := range []string{first, second} {
+			if _, err := tx.Exec(context.Background(), q, arg); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+func (e *integrityEnv) violations() []*integrity.Violation {
+	e.t.Helper()
+	vs, err := integrity.List(context.Background(), e.pool, "tidemark", integrity.Filter{})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return vs
+}
+
+// identity names what a violation is about: rule, kind and the event id
+// (existence rules) or the read marker (monotonic rule).
+func identity(t *testing.T, v *integrity.Violation) string {
+	if v.Kind == integrity.KindRegressed {
+		var k struct {
+			User string `json:"user_id"`
+			Room string `json:"room_id"`
+		}
+		if err := json.Unmarshal(v.RowKey, &k); err != nil {
+			t.Fatalf("row key %s: %v", v.RowKey, err)
+		}
+		return v.Rule + "|" + v.Kind + "|" + k.User + "|" + k.Room
+	}
+	return v.Rule + "|" + v.Kind + "|" + v.Match["event_id"]
+}
+
+// TestIntegrityPrecisionRecall (acceptance 1, 4): thousands of clean
+// transactions with injected faults of every kind flag exactly the injected
+// set; a missing row written later resolves its violation; replaying every
+// topic from the beginning with a new group duplicates nothing.
+func TestIntegrityPrecisionRecall(t *testing.T) {
+	e := newIntegrityEnv(t, "ipr", "2s")
+	e.start(e.cfg)
+	ig, _ := e.startIntegrity("ipr-integrity")
+
+	events := cleanWorkload(t, e.pool, "a", 1200, 4)
+	want := map[string]bool{}
+	// Regressions need markers the checker has seen move forward first.
+	for i := 0; i < 8; i++ {
+		u, r := fmt.Sprintf("@reg%d:bench.test", i), benchRoom(1+i)
+		e.exec(itxRead, u, r)
+		e.exec(itxRead, u, r) // no-op: never backwards
+	}
+	injected := 0
+	for i := 0; i < 10; i++ {
+		id := fmt.Sprintf("$orphan%d:bench.test", i)
+		e.exec(itxOrphan, id, benchRoom(1+i), benchUser(i+1))
+		want["events_have_json|missing|"+id] = true
+		injected++
+	}
+	for i := 0; i < 8; i++ {
+		id := fmt.Sprintf("$missing%d", i)
+		e.exec(itxDangling, fmt.Sprintf("@dangle%d:bench.test", i), benchRoom(1+i), id)
+		want["read_marker_event_exists|missing|"+id] = true
+		injected++
+	}
+	for i := 0; i < 8; i++ {
+		u, r := fmt.Sprintf("@reg%d:bench.test", i), benchRoom(1+i)
+		e.exec(itxRegress, u, r)
+		want["read_marker_monotonic|regressed|"+u+"|"+r] = true
+		injected++
+	}
+	for i := 0; i < 8; i++ {
+		id := events[i*len(events)/8]
+		e.exec(itxDeleteJSON, id)
+		want["events_have_json|orphaned|"+id] = true
+		injected++
+	}
+	// Synapse-style rewrite: delete and re-insert event_json in one
+	// transaction orphans nothing; deleting an event with its event_json
+	// neither.
+	e.inTx(`DELETE FROM event_json WHERE event_id = $1`, `INSERT INTO event_json(event_id, room_id, json) VALUES ($1, 'x', '{}')`, events[1])
+	e.inTx(`DELETE FROM event_json WHERE event_id = $1`, `DELETE FROM events WHERE event_id = $1`, events[2])
+	events2 := cleanWorkload(t, e.pool, "b", 1200, 4)
+	if len(want) != injected {
+		t.Fatalf("injected %d faults but %d distinct identities", injected, len(want))
+	}
+	e.settle(ig, 2*time.Second, 60*time.Second)
+
+	got := map[string]bool{}
+	vs := e.violations()
+	for _, v := range vs {
+		id := identity(t, v)
+		if got[id] {
+			t.Errorf("flagged twice: %s", id)
+		}
+		got[id] = true
+	}
+	for id := range want {
+		if !got[id] {
+			t.Errorf("missed: %s", id)
+		}
+	}
+	for id := range got {
+		if !want[id] {
+			t.Errorf("false alarm: %s", id)
+		}
+	}
+	st := ig.Checker.Stats()
+	t.Logf("%d clean events, %d violations; stats %+v", len(events)+len(events2), len(vs), st)
+	if st.Decided < int64(len(events)+len(events2)) {
+		t.Errorf("decided %d transactions, fewer than the %d message transactions", st.Decided, len(events)+len(events2))
+	}
+	if st.Violations != int64(injected) {
+		t.Errorf("violations counter %d, want %d", st.Violations, injected)
+	}
+
+	// A missing row that appears later resolves its violation.
+	e.exec(`INSERT INTO event_json(event_id, room_id, json) VALUES ('$orphan0:bench.test', $1, '{}')`, benchRoom(1))
+	e.settle(ig, 0, 30*time.Second)
+	resolved := 0
+	for _, v := range e.violations() {
+		if v.Status == integrity.StatusResolved {
+			resolved++
+			if identity(t, v) != "events_have_json|missing|$orphan0:bench.test" || v.ResolvedBy == "" || v.ResolvedAt == nil {
+				t.Errorf("unexpected resolution: %+v", v)
+			}
+		}
+	}
+	if resolved != 1 {
+		t.Errorf("%d resolved violations, want 1", resolved)
+	}
+	recs := e.read(e.prefix + ".violations")
+	if len(recs) < injected+1 {
+		t.Errorf("violations topic holds %d records, want at least %d (one per violation and the resolution)", len(recs), injected+1)
+	}
+
+	// Replay every topic from the beginning with a new group: the same
+	// violations are found again and none is stored twice.
+	rg, _ := e.startIntegrity("ipr-replay")
+	e.settle(rg, 2*time.Second, 60*time.Second)
+	after := e.violations()
+	if len(after) != len(vs) {
+		t.Errorf("after the replay %d violations are stored, before %d", len(after), len(vs))
+	}
+	rst := rg.Checker.Stats()
+	if rst.Violations != 0 || rst.Redetected != int64(injected) {
+		t.Errorf("replay: %d new violations and %d found again, want 0 and %d", rst.Violations, rst.Redetected, injected)
+	}
+	for _, v := range after {
+		if identity(t, v) == "events_have_json|missing|$orphan0:bench.test" && v.Status != integrity.StatusResolved {
+			t.Errorf("the replay reopened a resolved violation: %+v", v)
+		}
+	}
+}
+
+// TestIntegrityNoFalseAlarmsUnderLag (acceptance 2): a clean workload with
+// the integrity consumer stopped for longer than the window, then resumed,
+// flags nothing.
+func TestIntegrityNoFalseAlarmsUnderLag(t *testing.T) {
+	e := newIntegrityEnv(t, "ilag", "1s")
+	e.start(e.cfg)
+	ig, stop := e.startIntegrity("ilag-integrity")
+	cleanWorkload(t, e.pool, "a", 400, 2)
+	e.settle(ig, time.Second, 60*time.Second)
+	decided := ig.Checker.Stats().Decided
+	stop() // paused
+	pausedAt := time.Now()
+	cleanWorkload(t, e.pool, "b", 1200, 4)
+	if d := time.Since(pausedAt); d < 3*time.Second {
+		time.Sleep(3*time.Second - d) // paused for three windows at least
+	}
+	ig2, _ := e.startIntegrity("ilag-integrity")
+	e.settle(ig2, time.Second, 60*time.Second)
+	if vs := e.violations(); len(vs) != 0 {
+		for _, v := range vs {
+			t.Errorf("false alarm: %s %s %s %s", v.Rule, v.Kind, v.RowKey, v.Detail)
+		}
+	}
+	st := ig2.Checker.Stats()
+	t.Logf("before the pause %d transactions decided; after it %+v", decided, st)
+	if st.Decided < 700 {
+		t.Errorf("the resumed consumer decided %d transactions, want the ~840 message transactions of the backlog", st.Decided)
+	}
+}
+
+// TestIntegrityEarlierRowViaDatabase (acceptance 3): a read marker to an
+// event written before capture started (so never seen in the stream) is
+// satisfied by the database check; one to an event that does not exist is
+// flagged.
+func TestIntegrityEarlierRowViaDatabase(t *testing.T) {
+	e := newIntegrityEnv(t, "iold", "1s")
+	e.exec(itxMessage, "$old:bench.test", benchRoom(1), benchUser(1), 1)
+	e.start(e.cfg)
+	ig, _ := e.startIntegrity("iold-integrity")
+	e.exec(itxDangling, benchUser(2), benchRoom(1), "$old:bench.test")
+	e.exec(itxDangling, benchUser(3), benchRoom(1), "$never:bench.test")
+	e.settle(ig, time.Second, 60*time.Second)
+	vs := e.violations()
+	var ids []string
+	for _, v := range vs {
+		ids = append(ids, identity(t, v))
+	}
+	if !slices.Equal(ids, []string{"read_marker_event_exists|missing|$never:bench.test"}) {
+		t.Errorf("violations %v, want only the marker to $never", ids)
+	}
+	if st := ig.Checker.Stats(); st.Checked < 2 {
+		t.Errorf("%d expectations checked in the database, want both markers (%+v)", st.Checked, st)
+	}
+}

@@ -1,0 +1,1149 @@
+package integrity
+
+import (
+	"container/heap"
+	"container/list"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	kafkago "github.com/segmentio/kafka-go"
+	"go.uber.org/zap"
+
+	"github.com/tidemark/tidemark/invalidation"
+	"github.com/tidemark/tidemark/pipeline"
+)
+
+// TransactionsTable is the pseudo-table the transactions topic's records
+// are handled as (the consumer runtime routes records to handlers by table).
+const TransactionsTable = "(transactions)"
+
+// Options tune a Checker. Zero values take the defaults.
+type Options struct {
+	// Group is the consumer group; it keys the persisted state (required).
+	Group string
+	// ViolationsTopic receives every violation (key: rule and row key;
+	// value: the violation as JSON, again when it is resolved). Empty
+	// disables it.
+	ViolationsTopic string
+	// Publisher writes to ViolationsTopic (e.g. the Kafka sink).
+	Publisher pipeline.Sink
+	// MaxPending bounds windowed expectations held. Default 100000.
+	MaxPending int
+	// MaxOpenTransactions bounds transactions awaiting completion. Default
+	// 50000.
+	MaxOpenTransactions int
+	// MaxKeys bounds monotonic keys kept in memory (the rest are read from
+	// the state table) and, per windowed rule, related keys remembered as
+	// seen. Default 100000.
+	MaxKeys int
+	// MaxOpenViolations bounds the open violations indexed for
+	// resolution. Default 10000.
+	MaxOpenViolations int
+	// IdleAfter: when no record arrived for this long, stream time advances
+	// with the wall clock from the last commit time seen. Default 1s.
+	IdleAfter time.Duration
+	// TickInterval between deadline checks. Default 200ms.
+	TickInterval time.Duration
+	// StaleAfter drops an open transaction whose END or changes did not
+	// arrive while the transactions topic moved this far past its commit
+	// (counted in tidemark_integrity_dropped_total). Default 10m.
+	StaleAfter time.Duration
+	// Now is the clock. Default time.Now.
+	Now func() time.Time
+	// OnViolation, when set, observes each new violation once it is
+	// durable (benchmarks, tests). Called with the checker's lock held.
+	OnViolation func(v *Violation)
+}
+
+func (o *Options) defaults() {
+	if o.MaxPending <= 0 {
+		o.MaxPending = 100000
+	}
+	if o.MaxOpenTransactions <= 0 {
+		o.MaxOpenTransactions = 50000
+	}
+	if o.MaxKeys <= 0 {
+		o.MaxKeys = 100000
+	}
+	if o.MaxOpenViolations <= 0 {
+		o.MaxOpenViolations = 10000
+	}
+	if o.IdleAfter <= 0 {
+		o.IdleAfter = time.Second
+	}
+	if o.TickInterval <= 0 {
+		o.TickInterval = 200 * time.Millisecond
+	}
+	if o.StaleAfter <= 0 {
+		o.StaleAfter = 10 * time.Minute
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+}
+
+// Stats are the checker's counters (also exported as metrics).
+type Stats struct {
+	Violations int64 // new violations made durable
+	Redetected int64 // violations found again (replays) and not duplicated
+	Resolved   int64
+	Checked    int64 // expectations confirmed against the database
+	Satisfied  int64 // expectations satisfied by the stream or the database
+	Decided    int64 // transactions decided
+}
+
+// Checker evaluates the rules over the stream. It is an invalidation.Handler
+// and Flusher for every subscribed table and for TransactionsTable. Build
+// it with NewChecker, call Load, then run the consumer and Run (the
+// deadline ticker) together.
+type Checker struct {
+	eng     *Engine
+	store   *Store
+	probe   *Prober
+	opt     Options
+	log     *zap.Logger
+	metrics *Metrics
+
+	mu         sync.Mutex
+	subscribed map[string]bool
+	positions  map[string]pipeline.Position // topic/partition -> last applied
+	txns       map[uint64]*txnState
+	decided    *fifoSet // recently decided transactions (commit LSN)
+	pending    map[string]*pend
+	byMatch    map[string]map[string]*pend // rule|matchkey -> pend key -> pend
+	deadlines  pendHeap
+	recent     map[string]*fifoSet // rule -> related match keys seen existing
+	mono       *lru
+	// monoEvicted holds values evicted from mono since the last flush.
+	monoEvicted map[string]monoVal
+	monoAll     bool                    // every persisted monotonic key is in memory
+	open        map[string][]*Violation // rule|matchkey -> open violations
+	openFIFO    []string
+	openCount   int
+	commitMs    int64 // latest commit time seen (stream time)
+	endMs       int64 // latest END record's commit time
+	lastExpire  time.Time
+	recvAt      time.Time // wall time of the latest record
+	stats       Stats
+	lastWarn    map[string]time.Time
+
+	// Dirty, made durable by flush.
+	violations []*Violation
+	resolved   []resolution
+	resolvedV  map[string]*Violation
+	dirtyPos   map[string]bool
+	dirtyTxn   map[uint64]bool
+	dirtyPend  map[string]bool
+	dirtyMono  map[string]bool
+	dirtyClock bool
+}
+
+// NewChecker builds a checker. It starts nothing.
+func NewChecker(eng *Engine, store *Store, probe *Prober, opt Options, metrics *Metrics, log *zap.Logger) *Checker {
+	opt.defaults()
+	if log == nil {
+		log = zap.NewNop()
+	}
+	if metrics == nil {
+		metrics = NewMetrics()
+	}
+	c := &Checker{eng: eng, store: store, probe: probe, opt: opt, log: log, metrics: metrics,
+		subscribed: map[string]bool{}, positions: map[string]pipeline.Position{}, txns: map[uint64]*txnState{},
+		decided: newFIFOSet(10000), pending: map[string]*pend{}, byMatch: map[string]map[string]*pend{},
+		recent: map[string]*fifoSet{}, mono: newLRU(opt.MaxKeys), monoEvicted: map[string]monoVal{}, monoAll: true, open: map[string][]*Violation{},
+		lastWarn: map[string]time.Time{}, resolvedV: map[string]*Violation{},
+		dirtyPos: map[string]bool{}, dirtyTxn: map[uint64]bool{}, dirtyPend: map[string]bool{}, dirtyMono: map[string]bool{}}
+	for _, t := range eng.Tables() {
+		c.subscribed[t] = true
+	}
+	for _, r := range eng.rules {
+		if r.related != nil && r.window > 0 {
+			c.recent[r.Name] = newFIFOSet(opt.MaxKeys)
+		}
+	}
+	return c
+}
+
+// Stats returns a copy of the counters.
+func (c *Checker) Stats() Stats {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.stats
+}
+
+// Load creates the store's tables and loads the persisted state and the
+// open violations. Call it once before consuming.
+func (c *Checker) Load(ctx context.Context) error {
+	if err := c.store.Setup(ctx); err != nil {
+		return err
+	}
+	st, err := c.store.LoadState(ctx)
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	monoKeys := 0
+	for k, v := range st {
+		switch k.kind {
+		case "pos":
+			var p struct {
+				L uint64 `json:"l"`
+				S uint32 `json:"s"`
+			}
+			if json.Unmarshal(v, &p) == nil {
+				c.positions[k.key] = pipeline.Position{CommitLSN: pipeline.LSN(p.L), Seq: p.S}
+			}
+		case "clock":
+			_ = json.Unmarshal(v, &c.commitMs)
+		case "txn":
+			t := &txnState{}
+			if json.Unmarshal(v, t) == nil {
+				c.txns[t.LSN] = t
+			}
+		case "pend":
+			p := &pend{}
+			if json.Unmarshal(v, p) == nil {
+				p.key = k.key
+				c.addPending(p)
+				delete(c.dirtyPend, p.key)
+			}
+		case "mono":
+			monoKeys++
+			if monoKeys > c.opt.MaxKeys {
+				c.monoAll = false
+				continue
+			}
+			var m monoVal
+			if json.Unmarshal(v, &m) == nil {
+				_, _, _ = c.mono.put(k.key, m)
+			}
+		}
+	}
+	open, err := c.store.LoadOpen(ctx, c.opt.MaxOpenViolations)
+	if err != nil {
+		return err
+	}
+	for i := len(open) - 1; i >= 0; i-- {
+		c.indexOpen(open[i])
+	}
+	c.recvAt = c.opt.Now()
+	c.updateGauges()
+	return nil
+}
+
+// Decode is the consumer runtime's decoder for the transactions topic: a
+// BEGIN record gets position (lsn, 0) and an END record (lsn, 1).
+func Decode(m *kafkago.Message) (*invalidation.Message, error) {
+	var r txnRecord
+	if err := json.Unmarshal(m.Value, &r); err != nil {
+		return nil, fmt.Errorf("transaction record is not valid JSON: %w", err)
+	}
+	if r.LSN == 0 || (r.Status != "BEGIN" && r.Status != "END") {
+		return nil, fmt.Errorf("transaction record lacks status BEGIN/END or lsn")
+	}
+	pos := pipeline.Position{CommitLSN: pipeline.LSN(r.LSN)}
+	if r.Status == "END" {
+		pos.Seq = 1
+	}
+	return &invalidation.Message{Topic: m.Topic, Partition: m.Partition, Offset: m.Offset, Key: m.Key, Value: m.Value,
+		Table: TransactionsTable, Pos: pos}, nil
+}
+
+// txnRecord is a BEGIN or END record of the transactions topic.
+type txnRecord struct {
+	Status          string `json:"status"`
+	ID              string `json:"id"`
+	LSN             uint64 `json:"lsn"`
+	TsMs            int64  `json:"ts_ms"`
+	DataCollections []struct {
+		Name  string `json:"data_collection"`
+		Count int    `json:"event_count"`
+	} `json:"data_collections"`
+}
+
+var _ invalidation.Handler = (*Checker)(nil)
+var _ invalidation.Flusher = (*Checker)(nil)
+
+// Handle applies one change or transaction record.
+func (c *Checker) Handle(ctx context.Context, m *invalidation.Message) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	pk := m.Topic + "/" + strconv.Itoa(m.Partition)
+	if last, ok := c.positions[pk]; ok && !last.Less(m.Pos) {
+		c.metrics.Skipped.Inc()
+		return nil // applied before a restart
+	}
+	var err error
+	if m.Table == TransactionsTable {
+		err = c.handleTxnRecord(m)
+	} else {
+		err = c.handleChange(ctx, m)
+	}
+	if err != nil {
+		return err
+	}
+	c.positions[pk] = m.Pos
+	c.dirtyPos[pk] = true
+	c.recvAt = c.opt.Now()
+	return nil
+}
+
+func (c *Checker) handleTxnRecord(m *invalidation.Message) error {
+	var r txnRecord
+	if err := json.Unmarshal(m.Value, &r); err != nil {
+		return err
+	}
+	c.advanceClock(r.TsMs)
+	if r.Status != "END" {
+		return nil
+	}
+	end := map[string]int{}
+	for _, dc := range r.DataCollections {
+		if c.subscribed[dc.Name] {
+			end[dc.Name] += dc.Count
+		}
+	}
+	t := c.txns[r.LSN]
+	if len(end) == 0 && t == nil {
+		return nil // nothing this checker reads
+	}
+	if t == nil {
+		if c.decided.has(strconv.FormatUint(r.LSN, 10)) {
+			return nil
+		}
+		t = c.newTxn(r.LSN)
+	}
+	t.End, t.Ended, t.ID = end, true, r.ID
+	if t.CommitMs == 0 {
+		t.CommitMs = r.TsMs
+	}
+	c.dirtyTxn[t.LSN] = true
+	c.tryDecide(t)
+	if r.TsMs > c.endMs {
+		c.endMs = r.TsMs
+	}
+	if now := c.opt.Now(); now.Sub(c.lastExpire) >= time.Second {
+		c.lastExpire = now
+		c.expireTxns()
+	}
+	return nil
+}
+
+func (c *Checker) newTxn(lsn uint64) *txnState {
+	if len(c.txns) >= c.opt.MaxOpenTransactions {
+		// Drop the oldest open transaction: its decision is lost.
+		var oldest uint64
+		for l := range c.txns {
+			if oldest == 0 || l < oldest {
+				oldest = l
+			}
+		}
+		c.dropTxn(oldest, "transaction bound reached (integrity.max_open_transactions)")
+	}
+	t := &txnState{LSN: lsn, Seen: map[string]int{}}
+	c.txns[lsn] = t
+	return t
+}
+
+func (c *Checker) dropTxn(lsn uint64, why string) {
+	delete(c.txns, lsn)
+	c.dirtyTxn[lsn] = true
+	c.decided.add(strconv.FormatUint(lsn, 10))
+	c.metrics.Dropped.WithLabelValues("transaction").Inc()
+	c.warnSometimes("transaction", "integrity: dropped an undecided transaction", zap.String("reason", why),
+		zap.String("commit_lsn", pipeline.LSN(lsn).String()))
+}
+
+// expireTxns drops transactions whose commit is older than StaleAfter
+// behind the transactions topic's latest END record (their END record or
+// some change never arrived).
+func (c *Checker) expireTxns() {
+	limit := c.endMs - c.opt.StaleAfter.Milliseconds()
+	for l, t := range c.txns {
+		if t.CommitMs != 0 && t.CommitMs < limit {
+			c.dropTxn(l, "incomplete for longer than stale_after")
+		}
+	}
+}
+
+func (c *Checker) advanceClock(ms int64) {
+	if ms > c.commitMs {
+		c.commitMs = ms
+		c.dirtyClock = true
+	}
+}
+
+func opOf(env *pipeline.Envelope) byte {
+	if len(env.Op) == 1 {
+		return env.Op[0]
+	}
+	return 0
+}
+
+func (c *Checker) handleChange(ctx context.Context, m *invalidation.Message) error {
+	env := m.Env
+	if env == nil {
+		return errors.New("change without envelope")
+	}
+	lsn := uint64(m.Pos.CommitLSN)
+	if c.decided.has(strconv.FormatUint(lsn, 10)) {
+		return nil // its transaction was decided (or dropped) already
+	}
+	c.advanceClock(env.Source.TsMs)
+	t := c.txns[lsn]
+	if t == nil {
+		t = c.newTxn(lsn)
+	}
+	if t.CommitMs == 0 {
+		t.CommitMs = env.Source.TsMs
+	}
+	if t.ID == "" {
+		t.ID = env.Transaction.ID
+	}
+	c.dirtyTxn[lsn] = true
+	op := opOf(env)
+	if op == 't' {
+		for _, s := range t.Truncs {
+			if s == m.Pos.Seq {
+				return nil // another partition's copy
+			}
+		}
+		t.Truncs = append(t.Truncs, m.Pos.Seq)
+		t.Seen[m.Table]++
+		c.tryDecide(t)
+		return nil
+	}
+	t.Seen[m.Table]++
+	rowKey := json.RawMessage(m.Key)
+	if len(rowKey) == 0 {
+		rowKey = json.RawMessage("null")
+	}
+	base := item{Table: m.Table, RowKey: rowKey, Seq: m.Pos.Seq, LSN: lsn, TxID: env.Transaction.ID, CommitMs: env.Source.TsMs}
+	if base.CommitMs == 0 {
+		base.CommitMs = t.CommitMs
+	}
+	// The row as a parent: expectations it raises, and its deletion.
+	for _, r := range c.eng.byTable[m.Table] {
+		if r.Monotonic != nil {
+			if err := c.monotonic(ctx, r, env, base); err != nil {
+				return err
+			}
+			continue
+		}
+		img := env.After
+		if op == 'd' {
+			img = env.Before
+		}
+		if op == 'd' {
+			// The row is gone: what it expected no longer matters, and it
+			// can no longer be orphaned.
+			c.removePending(r.Name + "|" + KindMissing + "|" + string(rowKey))
+			t.setNet("row|"+m.Table+"|"+string(rowKey), m.Pos.Seq, false)
+			if vals, ok := values(env.Before, r.cols); ok {
+				k := matchKey(vals)
+				t.setNet("par|"+r.Name+"|"+k, m.Pos.Seq, false)
+				if r.Reverse {
+					c.satisfyMatch(r.Name, KindOrphaned, k)
+					c.resolveOpen(r, KindOrphaned, k, m.Pos, base.CommitMs)
+				}
+			}
+		} else {
+			t.setNet("row|"+m.Table+"|"+string(rowKey), m.Pos.Seq, true)
+		}
+		if !strings.ContainsRune(r.ops, rune(op)) || !whereHolds(img, r.Where, op == 'd') {
+			continue
+		}
+		vals, ok := values(img, r.cols)
+		if !ok {
+			continue // a NULL reference expects nothing
+		}
+		if op == 'u' && env.Before != nil {
+			if old, ok := values(env.Before, r.cols); ok && matchKey(old) == matchKey(vals) {
+				continue // the reference did not change
+			}
+		}
+		it := base
+		it.Rule, it.Kind, it.Match = r.Name, KindMissing, vals
+		if r.window == 0 {
+			t.Items = append(t.Items, it)
+			continue
+		}
+		k := matchKey(vals)
+		if c.recent[r.Name].has(k) {
+			c.stats.Satisfied++
+			c.metrics.Satisfied.WithLabelValues(r.Name, "stream").Inc()
+			// A newer change of the row supersedes an older expectation.
+			c.removePending(r.Name + "|" + KindMissing + "|" + string(rowKey))
+			continue
+		}
+		c.addPending(&pend{item: it, Deadline: it.CommitMs + r.window.Milliseconds(), key: r.Name + "|" + KindMissing + "|" + string(rowKey)})
+	}
+	// The row as a related row: it satisfies, resolves or orphans.
+	for _, r := range c.eng.byRelated[m.Table] {
+		if op == 'd' {
+			vals, ok := values(env.Before, r.relCols)
+			if !ok || !whereHolds(env.Before, r.Expect.Where, true) {
+				continue
+			}
+			k := matchKey(vals)
+			t.setNet("rel|"+r.Name+"|"+k, m.Pos.Seq, false)
+			if rs := c.recent[r.Name]; rs != nil {
+				rs.remove(k)
+			}
+			if !r.Reverse {
+				continue
+			}
+			it := base
+			it.Rule, it.Kind, it.Match = r.Name, KindOrphaned, vals
+			if r.window == 0 {
+				t.Items = append(t.Items, it)
+			} else {
+				c.addPending(&pend{item: it, Deadline: it.CommitMs + r.window.Milliseconds(), key: r.Name + "|" + KindOrphaned + "|" + k})
+			}
+			continue
+		}
+		vals, ok := values(env.After, r.relCols)
+		if !ok || !whereHolds(env.After, r.Expect.Where, false) {
+			continue
+		}
+		k := matchKey(vals)
+		t.setNet("rel|"+r.Name+"|"+k, m.Pos.Seq, true)
+		if rs := c.recent[r.Name]; rs != nil {
+			rs.add(k)
+		}
+		c.satisfyMatch(r.Name, KindMissing, k)
+		c.satisfyMatch(r.Name, KindOrphaned, k)
+		c.resolveOpen(r, KindMissing, k, m.Pos, base.CommitMs)
+		c.resolveOpen(r, KindOrphaned, k, m.Pos, base.CommitMs)
+	}
+	c.tryDecide(t)
+	return nil
+}
+
+// monotonic checks a monotonic rule's column against its previous value.
+func (c *Checker) monotonic(ctx context.Context, r *compiled, env *pipeline.Envelope, base item) error {
+	op := opOf(env)
+	pos := base.pos()
+	if op == 'd' {
+		if vals, ok := values(env.Before, r.cols); ok {
+			k := r.Name + "|" + matchKey(vals)
+			if cur, ok := c.mono.get(k); !ok || cur.pos().Less(pos) {
+				c.mono.remove(k)
+				delete(c.monoEvicted, k)
+				c.dirtyMono[k] = true
+			}
+		}
+		return nil
+	}
+	if !strings.ContainsRune(r.ops, rune(op)) || !whereHolds(env.After, r.Where, false) {
+		return nil
+	}
+	keyVals, ok := values(env.After, r.cols)
+	if !ok {
+		return nil
+	}
+	nv, ok := pipeline.Text(env.After, r.Monotonic.Column)
+	if !ok {
+		return nil // NULL or unchanged TOAST: nothing to compare
+	}
+	k := r.Name + "|" + matchKey(keyVals)
+	cur, known := c.mono.get(k)
+	if !known {
+		cur, known = c.monoEvicted[k]
+	}
+	if !known && !c.monoAll {
+		v, found, err := c.store.stateValue(ctx, stateKey{"mono", k})
+		if err != nil {
+			return err
+		}
+		if found && json.Unmarshal(v, &cur) == nil {
+			known = true
+		}
+	}
+	if known && !cur.pos().Less(pos) {
+		return nil // applied already
+	}
+	prev, havePrev := "", false
+	if env.Before != nil {
+		prev, havePrev = pipeline.Text(env.Before, r.Monotonic.Column)
+	}
+	if !havePrev && known {
+		prev, havePrev = cur.V, true
+	}
+	if havePrev && compareValues(nv, prev) < 0 {
+		it := base
+		it.Rule, it.Kind, it.Match = r.Name, KindRegressed, keyVals
+		c.flag(r, it, fmt.Sprintf("%s.%s moved backwards from %s to %s for (%s) = (%s)", r.Rule.Table, r.Monotonic.Column, prev, nv,
+			strings.Join(r.cols, ", "), strings.Join(keyVals, ", ")))
+	}
+	if ek, ev, evicted := c.mono.put(k, monoVal{V: nv, LSN: base.LSN, Seq: base.Seq}); evicted {
+		// Forgotten in memory only: the state table keeps it.
+		c.monoAll = false
+		c.monoEvicted[ek] = ev
+		c.dirtyMono[ek] = true
+		c.metrics.Dropped.WithLabelValues("monotonic_key_memory").Inc()
+		c.warnSometimes("mono", "integrity: monotonic keys at their memory bound (integrity.max_keys); older keys are read from the state table")
+	}
+	c.dirtyMono[k] = true
+	return nil
+}
+
+// tryDecide decides a transaction's same-transaction expectations once its
+// END record and all the changes it counts were seen.
+func (c *Checker) tryDecide(t *txnState) {
+	if !t.Ended {
+		return
+	}
+	for tbl, n := range t.End {
+		if t.Seen[tbl] < n {
+			return
+		}
+	}
+	for _, it := range t.Items {
+		r := c.eng.rule(it.Rule)
+		if r == nil {
+			continue
+		}
+		k := matchKey(it.Match)
+		rel, relSeen := t.Net["rel|"+r.Name+"|"+k]
+		switch it.Kind {
+		case KindMissing:
+			if row, ok := t.Net["row|"+it.Table+"|"+string(it.RowKey)]; ok && row.Seq > it.Seq && !row.Exists {
+				continue // the row itself was deleted later in the transaction
+			}
+			if relSeen && rel.Exists {
+				c.stats.Satisfied++
+				c.metrics.Satisfied.WithLabelValues(r.Name, "transaction").Inc()
+				continue
+			}
+			c.flag(r, it, fmt.Sprintf("%s row has no %s row with %s in the same transaction", it.Table, r.related.Name, describeMatch(r.relCols, it.Match)))
+		case KindOrphaned:
+			if relSeen && rel.Exists && rel.Seq > it.Seq {
+				continue // re-inserted in the same transaction
+			}
+			if par, ok := t.Net["par|"+r.Name+"|"+k]; ok && !par.Exists {
+				continue // the parent went with it
+			}
+			// Whether a parent remains is known only to the database.
+			c.addPending(&pend{item: it, Deadline: it.CommitMs, key: r.Name + "|" + KindOrphaned + "|" + k})
+		}
+	}
+	if t.CommitMs > 0 {
+		c.metrics.DecisionSeconds.Observe(max(0, float64(c.opt.Now().UnixMilli()-t.CommitMs)/1000))
+	}
+	for tbl, n := range t.End {
+		if t.Seen[tbl] > n {
+			c.warnSometimes("count", "integrity: more changes seen than the END record counts", zap.String("table", tbl),
+				zap.Int("seen", t.Seen[tbl]), zap.Int("counted", n))
+		}
+	}
+	delete(c.txns, t.LSN)
+	c.decided.add(strconv.FormatUint(t.LSN, 10))
+	c.dirtyTxn[t.LSN] = true
+	c.stats.Decided++
+}
+
+func describeMatch(cols, vals []string) string {
+	parts := make([]string, len(cols))
+	for i := range cols {
+		parts[i] = cols[i] + " = " + strconv.Quote(vals[i])
+	}
+	return strings.Join(parts, " and ")
+}
+
+func (e *Engine) rule(name string) *compiled {
+	for _, r := range e.rules {
+		if r.Name == name {
+			return r
+		}
+	}
+	return nil
+}
+
+// addPending indexes a windowed expectation (replacing one with the same
+// key), dropping the earliest deadline when the bound is reached.
+func (c *Checker) addPending(p *pend) {
+	c.removePending(p.key)
+	if len(c.pending) >= c.opt.MaxPending && len(c.deadlines) > 0 {
+		old := c.deadlines[0]
+		c.removePending(old.key)
+		c.metrics.Dropped.WithLabelValues("expectation").Inc()
+		c.warnSometimes("pending", "integrity: pending expectations at their bound (integrity.max_pending); dropped the oldest",
+			zap.String("rule", old.Rule))
+	}
+	c.pending[p.key] = p
+	mk := p.Rule + "|" + p.Kind + "|" + matchKey(p.Match)
+	if c.byMatch[mk] == nil {
+		c.byMatch[mk] = map[string]*pend{}
+	}
+	c.byMatch[mk][p.key] = p
+	heap.Push(&c.deadlines, p)
+	c.dirtyPend[p.key] = true
+}
+
+func (c *Checker) removePending(key string) {
+	p := c.pending[key]
+	if p == nil {
+		return
+	}
+	delete(c.pending, key)
+	mk := p.Rule + "|" + p.Kind + "|" + matchKey(p.Match)
+	if m := c.byMatch[mk]; m != nil {
+		delete(m, key)
+		if len(m) == 0 {
+			delete(c.byMatch, mk)
+		}
+	}
+	if p.heapIdx >= 0 && p.heapIdx < len(c.deadlines) && c.deadlines[p.heapIdx] == p {
+		heap.Remove(&c.deadlines, p.heapIdx)
+	}
+	c.dirtyPend[key] = true
+}
+
+// satisfyMatch removes the pending expectations of rule and kind for a
+// related match key (the related row appeared, or the parent went).
+func (c *Checker) satisfyMatch(rule, kind, k string) {
+	m := c.byMatch[rule+"|"+kind+"|"+k]
+	for key := range m {
+		c.removePending(key)
+		c.stats.Satisfied++
+		c.metrics.Satisfied.WithLabelValues(rule, "stream").Inc()
+	}
+}
+
+// flag records a violation (durable at the next flush).
+func (c *Checker) flag(r *compiled, it item, detail string) {
+	pos := it.pos()
+	v := &Violation{ID: ViolationID(r.Name, it.RowKey, pos), Rule: r.Name, Kind: it.Kind, Severity: r.Severity,
+		Table: it.Table, RowKey: it.RowKey, Position: pos.String(), CommitLSN: pos.CommitLSN.String(), Seq: pos.Seq,
+		TransactionID: it.TxID, CommittedAt: time.UnixMilli(it.CommitMs).UTC(), DetectedAt: c.opt.Now().UTC(),
+		Detail: detail, Status: StatusOpen}
+	if r.related != nil {
+		v.Related = r.related.Name
+		v.Match = map[string]string{}
+		for i, col := range r.relCols {
+			v.Match[col] = it.Match[i]
+		}
+		v.MatchKey = r.Name + "|" + matchKey(it.Match)
+	} else {
+		v.MatchKey = r.Name + "|" + matchKey(it.Match)
+	}
+	for _, o := range c.violations {
+		if o.ID == v.ID {
+			return
+		}
+	}
+	c.violations = append(c.violations, v)
+	if it.Kind != KindRegressed {
+		c.indexOpen(v)
+	}
+}
+
+func (c *Checker) indexOpen(v *Violation) {
+	if v.Kind == KindRegressed || v.Status != StatusOpen {
+		return
+	}
+	k := v.Kind + "|" + v.MatchKey
+	for _, o := range c.open[k] {
+		if o.ID == v.ID {
+			return
+		}
+	}
+	c.open[k] = append(c.open[k], v)
+	c.openFIFO = append(c.openFIFO, k)
+	c.openCount++
+	for c.openCount > c.opt.MaxOpenViolations && len(c.openFIFO) > 0 {
+		old := c.openFIFO[0]
+		c.openFIFO = c.openFIFO[1:]
+		if vs := c.open[old]; len(vs) > 0 {
+			c.open[old] = vs[1:]
+			c.openCount--
+			if len(c.open[old]) == 0 {
+				delete(c.open, old)
+			}
+			c.metrics.Dropped.WithLabelValues("open_violation_index").Inc()
+		}
+	}
+}
+
+// resolveOpen resolves the open violations of rule r and kind for match
+// key k: the missing row appeared (or the orphaned row's parent went).
+func (c *Checker) resolveOpen(r *compiled, kind, k string, by pipeline.Position, atMs int64) {
+	key := kind + "|" + r.Name + "|" + k
+	vs := c.open[key]
+	if len(vs) == 0 {
+		return
+	}
+	delete(c.open, key)
+	c.openCount -= len(vs)
+	at := time.UnixMilli(atMs).UTC()
+	for _, v := range vs {
+		c.resolved = append(c.resolved, resolution{ID: v.ID, At: at, By: by.String()})
+		rv := *v
+		rv.Status, rv.ResolvedAt, rv.ResolvedBy = StatusResolved, &at, by.String()
+		c.resolvedV[v.ID] = &rv
+	}
+}
+
+// Flush makes violations and state durable: the violations topic, the
+// violations table and the state table, in one database transaction.
+func (c *Checker) Flush(ctx context.Context) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.flushLocked(ctx)
+}
+
+func (c *Checker) flushLocked(ctx context.Context) error {
+	b := &batch{violations: c.violations, resolved: c.resolved, upserts: map[stateKey][]byte{}, deletes: map[stateKey]bool{}}
+	put := func(kind, key string, v any) {
+		js, _ := json.Marshal(v)
+		b.upserts[stateKey{kind, key}] = js
+	}
+	for pk := range c.dirtyPos {
+		p := c.positions[pk]
+		put("pos", pk, map[string]any{"l": uint64(p.CommitLSN), "s": p.Seq})
+	}
+	for l := range c.dirtyTxn {
+		k := strconv.FormatUint(l, 10)
+		if t := c.txns[l]; t != nil {
+			put("txn", k, t)
+		} else {
+			b.deletes[stateKey{"txn", k}] = true
+		}
+	}
+	for key := range c.dirtyPend {
+		if p := c.pending[key]; p != nil {
+			put("pend", key, p)
+		} else {
+			b.deletes[stateKey{"pend", key}] = true
+		}
+	}
+	for key := range c.dirtyMono {
+		if m, ok := c.mono.peek(key); ok {
+			put("mono", key, m)
+		} else if m, ok := c.monoEvicted[key]; ok {
+			put("mono", key, m)
+		} else {
+			b.deletes[stateKey{"mono", key}] = true
+		}
+	}
+	if c.dirtyClock {
+		put("clock", "commit_ms", c.commitMs)
+	}
+	if b.empty() {
+		return nil
+	}
+	var publish func(context.Context, *commitResult) error
+	if c.opt.ViolationsTopic != "" && c.opt.Publisher != nil && (len(b.violations) > 0 || len(b.resolved) > 0) {
+		publish = func(ctx context.Context, res *commitResult) error {
+			var msgs []pipeline.Message
+			for _, v := range b.violations {
+				if st := res.status[v.ID]; st == StatusResolved && !res.inserted[v.ID] {
+					continue // found again after it was resolved: the topic has its final state
+				}
+				msgs = append(msgs, c.record(v))
+			}
+			for id := range res.resolved {
+				if rv := c.resolvedV[id]; rv != nil {
+					msgs = append(msgs, c.record(rv))
+				}
+			}
+			if len(msgs) == 0 {
+				return nil
+			}
+			if err := c.opt.Publisher.Write(ctx, msgs); err != nil {
+				return fmt.Errorf("publishing %d violation records to %s: %w", len(msgs), c.opt.ViolationsTopic, err)
+			}
+			return nil
+		}
+	}
+	res, err := c.store.commit(ctx, b, publish)
+	if err != nil {
+		return err
+	}
+	now := c.opt.Now()
+	for _, v := range b.violations {
+		if !res.inserted[v.ID] {
+			c.stats.Redetected++
+			c.metrics.Redetected.WithLabelValues(v.Rule).Inc()
+			continue
+		}
+		c.stats.Violations++
+		c.metrics.Violations.WithLabelValues(v.Rule, v.Kind, v.Severity).Inc()
+		c.metrics.DetectionSeconds.WithLabelValues(v.Kind).Observe(max(0, now.Sub(v.CommittedAt).Seconds()))
+		c.log.Warn("integrity violation", zap.String("rule", v.Rule), zap.String("kind", v.Kind), zap.String("severity", v.Severity),
+			zap.String("table", v.Table), zap.ByteString("row", v.RowKey), zap.String("position", v.Position),
+			zap.String("related_table", v.Related), zap.Any("match", v.Match), zap.String("id", v.ID), zap.String("detail", v.Detail))
+		if c.opt.OnViolation != nil {
+			c.opt.OnViolation(v)
+		}
+	}
+	for id := range res.resolved {
+		c.stats.Resolved++
+		if rv := c.resolvedV[id]; rv != nil {
+			c.metrics.Resolved.WithLabelValues(rv.Rule).Inc()
+		}
+	}
+	c.violations, c.resolved = nil, nil
+	clear(c.resolvedV)
+	clear(c.dirtyPos)
+	clear(c.dirtyTxn)
+	clear(c.dirtyPend)
+	clear(c.dirtyMono)
+	clear(c.monoEvicted)
+	c.dirtyClock = false
+	c.updateGauges()
+	return nil
+}
+
+func (c *Checker) record(v *Violation) pipeline.Message {
+	js, _ := json.Marshal(v)
+	return pipeline.Message{Topic: c.opt.ViolationsTopic, Key: v.topicKey(), Value: js,
+		Headers: []pipeline.Header{{Key: "tidemark-rule", Value: []byte(v.Rule)}, {Key: "tidemark-status", Value: []byte(v.Status)}}}
+}
+
+func (c *Checker) updateGauges() {
+	c.metrics.Open.WithLabelValues("transactions").Set(float64(len(c.txns)))
+	c.metrics.Open.WithLabelValues("expectations").Set(float64(len(c.pending)))
+	c.metrics.Open.WithLabelValues("monotonic_keys").Set(float64(c.mono.len()))
+	c.metrics.StreamTime.Set(float64(c.commitMs) / 1000)
+}
+
+// streamNowMs is the stream time: the latest commit time seen, advanced
+// with the wall clock only while no record arrives (the consumer is caught
+// up), so a lagging consumer's deadlines follow the stream, not the clock.
+func (c *Checker) streamNowMs() int64 {
+	now := c.opt.Now()
+	idle := now.Sub(c.recvAt)
+	if idle < c.opt.IdleAfter || c.commitMs == 0 {
+		return c.commitMs
+	}
+	return c.commitMs + idle.Milliseconds()
+}
+
+// Run checks due windowed expectations against the database until ctx
+// ends. It is the checker's only goroutine; the consumer calls Handle and
+// Flush from its own.
+func (c *Checker) Run(ctx context.Context) error {
+	t := time.NewTicker(c.opt.TickInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		for {
+			n, err := c.Tick(ctx)
+			if err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				c.warnSometimes("tick", "integrity: confirming expectations failed; retrying", zap.Error(err))
+				break
+			}
+			if n == 0 {
+				break
+			}
+		}
+	}
+}
+
+const tickBatch = 1000
+
+// Tick confirms up to tickBatch due expectations against the database and
+// makes the outcome durable. It returns how many it decided.
+func (c *Checker) Tick(ctx context.Context) (int, error) {
+	c.mu.Lock()
+	now := c.streamNowMs()
+	var due []*pend
+	for len(c.deadlines) > 0 && c.deadlines[0].Deadline <= now && len(due) < tickBatch {
+		p := heap.Pop(&c.deadlines).(*pend)
+		due = append(due, p)
+	}
+	c.mu.Unlock()
+	if len(due) == 0 {
+		return 0, nil
+	}
+	flagged, err := c.confirm(ctx, due)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err != nil {
+		// Put them back: they are checked again at the next tick.
+		for _, p := range due {
+			if c.pending[p.key] == p {
+				heap.Push(&c.deadlines, p)
+			}
+		}
+		return 0, err
+	}
+	for i, p := range due {
+		if c.pending[p.key] != p {
+			continue // satisfied or superseded meanwhile
+		}
+		c.removePending(p.key)
+		c.stats.Checked++
+		r := c.eng.rule(p.Rule)
+		if r == nil || !flagged[i] {
+			c.stats.Satisfied++
+			if r != nil {
+				c.metrics.Satisfied.WithLabelValues(r.Name, "database").Inc()
+			}
+			continue
+		}
+		switch p.Kind {
+		case KindMissing:
+			c.flag(r, p.item, fmt.Sprintf("%s row has no %s row with %s within %s (confirmed in the database)",
+				p.Table, r.related.Name, describeMatch(r.relCols, p.Match), r.Within))
+		case KindOrphaned:
+			c.flag(r, p.item, fmt.Sprintf("%s row with %s was deleted while its %s row remains (confirmed in the database)",
+				p.Table, describeMatch(r.relCols, p.Match), r.Rule.Table))
+		}
+	}
+	return len(due), c.flushLocked(ctx)
+}
+
+// confirm asks the database, per rule and kind, which due expectations are
+// violated: a missing related row still missing; an orphaned row whose
+// parent exists while the related row does not.
+func (c *Checker) confirm(ctx context.Context, due []*pend) ([]bool, error) {
+	out := make([]bool, len(due))
+	groups := map[string][]int{}
+	for i, p := range due {
+		groups[p.Rule+"|"+p.Kind] = append(groups[p.Rule+"|"+p.Kind], i)
+	}
+	names := make([]string, 0, len(groups))
+	for g := range groups {
+		names = append(names, g)
+	}
+	sort.Strings(names)
+	for _, g := range names {
+		idx := groups[g]
+		r := c.eng.rule(due[idx[0]].Rule)
+		if r == nil {
+			continue
+		}
+		keys := make([][]string, len(idx))
+		for j, i := range idx {
+			keys[j] = due[i].Match
+		}
+		rel, err := c.probe.Existing(ctx, r.related, r.relCols, r.Expect.Where, keys)
+		if err != nil {
+			return nil, err
+		}
+		c.metrics.Checks.Add(float64(len(keys)))
+		switch due[idx[0]].Kind {
+		case KindMissing:
+			for j, i := range idx {
+				out[i] = !rel[j]
+			}
+		case KindOrphaned:
+			par, err := c.probe.Existing(ctx, r.table, r.cols, r.Where, keys)
+			if err != nil {
+				return nil, err
+			}
+			c.metrics.Checks.Add(float64(len(keys)))
+			for j, i := range idx {
+				out[i] = par[j] && !rel[j]
+			}
+		}
+	}
+	return out, nil
+}
+
+// warnSometimes logs a surprise at most once a minute per topic.
+func (c *Checker) warnSometimes(topic, msg string, fields ...zap.Field) {
+	now := c.opt.Now()
+	if now.Sub(c.lastWarn[topic]) < time.Minute {
+		return
+	}
+	c.lastWarn[topic] = now
+	c.log.Warn(msg, fields...)
+}
+
+// lru is a bounded map of monotonic values, least recently used first out.
+type lru struct {
+	max int
+	ll  *list.List
+	m   map[string]*list.Element
+}
+
+type lruEntry struct {
+	k string
+	v monoVal
+}
+
+func newLRU(max int) *lru {
+	return &lru{max: max, ll: list.New(), m: map[string]*list.Element{}}
+}
+
+func (l *lru) get(k string) (monoVal, bool) {
+	e, ok := l.m[k]
+	if !ok {
+		return monoVal{}, false
+	}
+	l.ll.MoveToFront(e)
+	return e.Value.(*lruEntry).v, true
+}
+
+func (l *lru) peek(k string) (monoVal, bool) {
+	e, ok := l.m[k]
+	if !ok {
+		return monoVal{}, false
+	}
+	return e.Value.(*lruEntry).v, true
+}
+
+// put stores v; when that evicts another key, it returns it.
+func (l *lru) put(k string, v monoVal) (string, monoVal, bool) {
+	if e, ok := l.m[k]; ok {
+		e.Value.(*lruEntry).v = v
+		l.ll.MoveToFront(e)
+		return "", monoVal{}, false
+	}
+	l.m[k] = l.ll.PushFront(&lruEntry{k, v})
+	if l.ll.Len() <= l.max {
+		return "", monoVal{}, false
+	}
+	old := l.ll.Back()
+	l.ll.Remove(old)
+	e := old.Value.(*lruEntry)
+	delete(l.m, e.k)
+	return e.k, e.v, true
+}
+
+func (l *lru) remove(k string) {
+	if e, ok := l.m[k]; ok {
+		l.ll.Remove(e)
+		delete(l.m, k)
+	}
+}
+
+func (l *lru) len() int { return l.ll.Len() }
+
+// Progress is a snapshot of what the checker holds.
+type Progress struct {
+	// StreamTime is the latest commit time seen, advanced with the wall
+	// clock while no record arrives (deadlines are measured against it).
+	StreamTime time.Time
+	// OpenTransactions await their END record or changes; Pending are
+	// windowed expectations awaiting a related row or their deadline;
+	// Unflushed are violations not yet durable.
+	OpenTransactions, Pending, Unflushed int
+}
+
+// Progress returns a snapshot of the checker's state.
+func (c *Checker) Progress() Progress {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return Progress{StreamTime: time.UnixMilli(c.streamNowMs()), OpenTransactions: len(c.txns), Pending: len(c.pending),
+		Unflushed: len(c.violations) + len(c.resolved)}
+}

@@ -1,0 +1,204 @@
+package integrity
+
+import (
+	"encoding/json"
+	"math/big"
+	"strings"
+
+	"github.com/tidemark/tidemark/pipeline"
+)
+
+// txnState is what the checker keeps about one open transaction until it
+// is complete (its END record and every change it counts were seen).
+type txnState struct {
+	LSN      uint64         `json:"lsn"`
+	ID       string         `json:"id,omitempty"`
+	CommitMs int64          `json:"ts,omitempty"`
+	Seen     map[string]int `json:"seen,omitempty"`
+	// End holds the END record's counts of the subscribed tables; Ended
+	// says the END record was seen.
+	End   map[string]int `json:"end,omitempty"`
+	Ended bool           `json:"ended,omitempty"`
+	// Items are the same-transaction expectations raised by its changes.
+	Items []item `json:"items,omitempty"`
+	// Net is the net effect of its changes on rows rules look at: the last
+	// change (by seq) of each row and whether the row exists after it.
+	Net map[string]netOp `json:"net,omitempty"`
+	// Truncs are the seqs of truncates counted (a truncate is sent to every
+	// partition of the table's topic, but counted once).
+	Truncs []uint32 `json:"truncs,omitempty"`
+}
+
+type netOp struct {
+	Seq    uint32 `json:"s"`
+	Exists bool   `json:"e"`
+}
+
+func (t *txnState) setNet(k string, seq uint32, exists bool) {
+	if t.Net == nil {
+		t.Net = map[string]netOp{}
+	}
+	if cur, ok := t.Net[k]; ok && cur.Seq > seq {
+		return
+	}
+	t.Net[k] = netOp{Seq: seq, Exists: exists}
+}
+
+// item is one expectation: a row of Table (RowKey) at Seq/Pos needs (or,
+// for orphaned, lost) the related row with Match values.
+type item struct {
+	Rule     string          `json:"r"`
+	Kind     string          `json:"k"`
+	Table    string          `json:"t"`
+	RowKey   json.RawMessage `json:"row"`
+	Match    []string        `json:"m"`
+	Seq      uint32          `json:"s"`
+	LSN      uint64          `json:"l"`
+	TxID     string          `json:"x,omitempty"`
+	CommitMs int64           `json:"ts"`
+}
+
+func (it *item) pos() pipeline.Position {
+	return pipeline.Position{CommitLSN: pipeline.LSN(it.LSN), Seq: it.Seq}
+}
+
+// pend is a windowed expectation waiting for its related row or deadline.
+type pend struct {
+	item
+	Deadline int64 `json:"dl"` // stream time, ms
+	key      string
+	heapIdx  int
+}
+
+// monoVal is the last value of a monotonic rule's key.
+type monoVal struct {
+	V   string `json:"v"`
+	LSN uint64 `json:"l"`
+	Seq uint32 `json:"s"`
+}
+
+func (m monoVal) pos() pipeline.Position {
+	return pipeline.Position{CommitLSN: pipeline.LSN(m.LSN), Seq: m.Seq}
+}
+
+// matchKey joins text values unambiguously.
+func matchKey(vals []string) string {
+	if len(vals) == 1 {
+		return vals[0]
+	}
+	b, _ := json.Marshal(vals)
+	return string(b)
+}
+
+// values reads cols from img as text; ok is false when one is NULL, absent
+// or unchanged.
+func values(img map[string]json.RawMessage, cols []string) ([]string, bool) {
+	if img == nil {
+		return nil, false
+	}
+	out := make([]string, len(cols))
+	for i, c := range cols {
+		v, ok := pipeline.Text(img, c)
+		if !ok {
+			return nil, false
+		}
+		out[i] = v
+	}
+	return out, true
+}
+
+// whereHolds reports whether img has every column of where at its value.
+// A column the image lacks counts as holding when lenient (a delete's
+// before image carries only the identity).
+func whereHolds(img map[string]json.RawMessage, where map[string]string, lenient bool) bool {
+	for c, want := range where {
+		v, ok := pipeline.Text(img, c)
+		if !ok {
+			if _, present := img[c]; !present && lenient {
+				continue
+			}
+			return false
+		}
+		if v != want {
+			return false
+		}
+	}
+	return true
+}
+
+// compareValues orders two column values: numerically when both are
+// numbers, else as text (ISO-8601 timestamps in one zone compare as text).
+func compareValues(a, b string) int {
+	var ra, rb big.Rat
+	if _, ok := ra.SetString(a); ok {
+		if _, ok := rb.SetString(b); ok {
+			return ra.Cmp(&rb)
+		}
+	}
+	return strings.Compare(a, b)
+}
+
+// fifoSet is a set bounded by count: adding beyond the bound forgets the
+// oldest entries.
+type fifoSet struct {
+	max   int
+	m     map[string]struct{}
+	order []string
+	head  int
+	// Evicted counts entries forgotten because of the bound.
+	Evicted int
+}
+
+func newFIFOSet(max int) *fifoSet { return &fifoSet{max: max, m: map[string]struct{}{}} }
+
+func (s *fifoSet) has(k string) bool { _, ok := s.m[k]; return ok }
+
+func (s *fifoSet) add(k string) {
+	if _, ok := s.m[k]; ok {
+		return
+	}
+	s.m[k] = struct{}{}
+	s.order = append(s.order, k)
+	for len(s.m) > s.max && s.head < len(s.order) {
+		old := s.order[s.head]
+		s.order[s.head] = ""
+		s.head++
+		if _, ok := s.m[old]; ok {
+			delete(s.m, old)
+			s.Evicted++
+		}
+	}
+	if s.head > len(s.order)/2 && s.head > 1024 {
+		s.order = append([]string(nil), s.order[s.head:]...)
+		s.head = 0
+	}
+}
+
+func (s *fifoSet) remove(k string) { delete(s.m, k) }
+
+func (s *fifoSet) len() int { return len(s.m) }
+
+// pendHeap orders pending expectations by deadline.
+type pendHeap []*pend
+
+func (h pendHeap) Len() int           { return len(h) }
+func (h pendHeap) Less(i, j int) bool { return h[i].Deadline < h[j].Deadline }
+func (h pendHeap) Swap(i, j int) {
+	h[i], h[j] = h[j], h[i]
+	h[i].heapIdx = i
+	h[j].heapIdx = j
+}
+func (h *pendHeap) Push(x any) {
+	p := x.(*pend)
+	p.heapIdx = len(*h)
+	*h = append(*h, p)
+}
+func (h *pendHeap) Pop() any {
+	old := *h
+	n := len(old)
+	p := old[n-1]
+	old[n-1] = nil
+	*h = old[:n-1]
+	p.heapIdx = -1
+	return p
+}

@@ -1,0 +1,344 @@
+package integrity
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Store keeps violations and the consumer's state in Postgres, in one
+// schema (default "tidemark"):
+//
+//	<schema>.violations       one row per violation id (idempotent upsert)
+//	<schema>.integrity_state  the consumer's state, by consumer group
+type Store struct {
+	pool     *pgxpool.Pool
+	schema   string
+	consumer string
+}
+
+// NewStore uses pool (which must allow writes) for schema, keeping the
+// state of consumer (the consumer group).
+func NewStore(pool *pgxpool.Pool, schema, consumer string) *Store {
+	return &Store{pool: pool, schema: pgx.Identifier{schema}.Sanitize(), consumer: consumer}
+}
+
+func (s *Store) t(name string) string { return s.schema + "." + name }
+
+// Setup creates the schema and tables when missing.
+func (s *Store) Setup(ctx context.Context) error {
+	ddl := strings.NewReplacer("$S", s.schema).Replace(`
+CREATE SCHEMA IF NOT EXISTS $S;
+CREATE TABLE IF NOT EXISTS $S.violations (
+  id             text PRIMARY KEY,
+  rule           text NOT NULL,
+  kind           text NOT NULL,
+  severity       text NOT NULL,
+  table_name     text NOT NULL,
+  row_key        jsonb NOT NULL,
+  position       text NOT NULL,
+  commit_lsn     pg_lsn NOT NULL,
+  seq            integer NOT NULL,
+  transaction_id text NOT NULL,
+  committed_at   timestamptz NOT NULL,
+  detected_at    timestamptz NOT NULL,
+  related_table  text,
+  match          jsonb,
+  match_key      text NOT NULL,
+  detail         text NOT NULL,
+  status         text NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'resolved')),
+  resolved_at    timestamptz,
+  resolved_by    text
+);
+CREATE INDEX IF NOT EXISTS violations_rule_detected ON $S.violations (rule, detected_at);
+CREATE INDEX IF NOT EXISTS violations_open ON $S.violations (detected_at) WHERE status = 'open';
+CREATE TABLE IF NOT EXISTS $S.integrity_state (
+  consumer text NOT NULL,
+  kind     text NOT NULL,
+  key      text NOT NULL,
+  value    jsonb NOT NULL,
+  PRIMARY KEY (consumer, kind, key)
+);`)
+	// Concurrent starts: serialize the DDL.
+	tx, err := s.pool.Begin(ctx)
+	if err != nil {
+		return fmt.Errorf("integrity store: %w", err)
+	}
+	defer func() { _ = tx.Rollback(context.WithoutCancel(ctx)) }()
+	if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock(hashtext('tidemark-integrity-setup'))"); err != nil {
+		return fmt.Errorf("integrity store: %w", err)
+	}
+	if _, err := tx.Exec(ctx, ddl); err != nil {
+		return fmt.Errorf("integrity store: creating %s tables: %w", s.schema, err)
+	}
+	return tx.Commit(ctx)
+}
+
+// stateKey addresses one state row.
+type stateKey struct{ kind, key string }
+
+// LoadState returns the consumer's state rows.
+func (s *Store) LoadState(ctx context.Context) (map[stateKey][]byte, error) {
+	rows, err := s.pool.Query(ctx, "SELECT kind, key, value::text FROM "+s.t("integrity_state")+" WHERE consumer = $1", s.consumer)
+	if err != nil {
+		return nil, fmt.Errorf("loading integrity state: %w", err)
+	}
+	out := map[stateKey][]byte{}
+	for rows.Next() {
+		var k stateKey
+		var v string
+		if err := rows.Scan(&k.kind, &k.key, &v); err != nil {
+			rows.Close()
+			return nil, err
+		}
+		out[k] = []byte(v)
+	}
+	rows.Close()
+	return out, rows.Err()
+}
+
+// stateValue reads one state row.
+func (s *Store) stateValue(ctx context.Context, k stateKey) ([]byte, bool, error) {
+	var v string
+	err := s.pool.QueryRow(ctx, "SELECT value::text FROM "+s.t("integrity_state")+" WHERE consumer = $1 AND kind = $2 AND key = $3",
+		s.consumer, k.kind, k.key).Scan(&v)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, false, nil
+	}
+	if err != nil {
+		return nil, false, fmt.Errorf("reading integrity state: %w", err)
+	}
+	return []byte(v), true, nil
+}
+
+const violationCols = `id, rule, kind, severity, table_name, row_key, position, commit_lsn, seq, transaction_id,
+  committed_at, detected_at, related_table, match, match_key, detail, status, resolved_at, resolved_by`
+
+// violationRow is the JSON shape jsonb_to_recordset reads.
+type violationRow struct {
+	ID            string            `json:"id"`
+	Rule          string            `json:"rule"`
+	Kind          string            `json:"kind"`
+	Severity      string            `json:"severity"`
+	TableName     string            `json:"table_name"`
+	RowKey        json.RawMessage   `json:"row_key"`
+	Position      string            `json:"position"`
+	CommitLSN     string            `json:"commit_lsn"`
+	Seq           uint32            `json:"seq"`
+	TransactionID string            `json:"transaction_id"`
+	CommittedAt   time.Time         `json:"committed_at"`
+	DetectedAt    time.Time         `json:"detected_at"`
+	RelatedTable  *string           `json:"related_table"`
+	Match         map[string]string `json:"match"`
+	MatchKey      string            `json:"match_key"`
+	Detail        string            `json:"detail"`
+}
+
+// LoadOpen returns up to limit open violations, newest first.
+func (s *Store) LoadOpen(ctx context.Context, limit int) ([]*Violation, error) {
+	return List(ctx, s.pool, s.schema, Filter{Status: StatusOpen, Limit: limit})
+}
+
+// Filter selects violations to list.
+type Filter struct {
+	Rule   string    // "" for all
+	Since  time.Time // zero for all
+	Status string    // "" for all
+	Limit  int       // 0 for no limit
+}
+
+// List returns violations from schema (an already quoted or plain
+// identifier), newest first.
+func List(ctx context.Context, q Querier, schema string, f Filter) ([]*Violation, error) {
+	if !strings.HasPrefix(schema, `"`) {
+		schema = pgx.Identifier{schema}.Sanitize()
+	}
+	sql := "SELECT " + violationCols + " FROM " + schema + ".violations WHERE ($1 = '' OR rule = $1) AND ($2::timestamptz IS NULL OR detected_at >= $2) AND ($3 = '' OR status = $3) ORDER BY detected_at DESC, id"
+	var since *time.Time
+	if !f.Since.IsZero() {
+		since = &f.Since
+	}
+	args := []any{f.Rule, since, f.Status}
+	if f.Limit > 0 {
+		sql += " LIMIT $4"
+		args = append(args, f.Limit)
+	}
+	rows, err := q.Query(ctx, sql, args...)
+	if err != nil {
+		return nil, fmt.Errorf("listing violations: %w", err)
+	}
+	defer rows.Close()
+	var out []*Violation
+	for rows.Next() {
+		v := &Violation{}
+		var related, resolvedBy *string
+		var lsn string
+		if err := rows.Scan(&v.ID, &v.Rule, &v.Kind, &v.Severity, &v.Table, &v.RowKey, &v.Position, &lsn, &v.Seq, &v.TransactionID,
+			&v.CommittedAt, &v.DetectedAt, &related, &v.Match, &v.MatchKey, &v.Detail, &v.Status, &v.ResolvedAt, &resolvedBy); err != nil {
+			return nil, err
+		}
+		v.CommitLSN = lsn
+		if related != nil {
+			v.Related = *related
+		}
+		if resolvedBy != nil {
+			v.ResolvedBy = *resolvedBy
+		}
+		out = append(out, v)
+	}
+	return out, rows.Err()
+}
+
+// resolution marks an open violation resolved.
+type resolution struct {
+	ID string    `json:"id"`
+	At time.Time `json:"at"`
+	By string    `json:"by"`
+}
+
+// stateRow is one state upsert.
+type stateRow struct {
+	Kind  string          `json:"kind"`
+	Key   string          `json:"key"`
+	Value json.RawMessage `json:"value"`
+}
+
+// batch is what one commit makes durable.
+type batch struct {
+	violations []*Violation
+	resolved   []resolution
+	upserts    map[stateKey][]byte
+	deletes    map[stateKey]bool
+}
+
+func (b *batch) empty() bool {
+	return len(b.violations) == 0 && len(b.resolved) == 0 && len(b.upserts) == 0 && len(b.deletes) == 0
+}
+
+// commitResult reports what a commit changed.
+type commitResult struct {
+	inserted map[string]bool // violation ids that were new
+	resolved map[string]bool // violation ids that went from open to resolved
+	status   map[string]string
+}
+
+// commit writes b in one transaction. publish is called inside it, after
+// the violations' stored statuses are known and before the commit, so the
+// topic never misses what the table holds.
+func (s *Store) commit(ctx context.Context, b *batch, publish func(ctx context.Context, res *commitResult) error) (*commitResult, error) {
+	res := &commitResult{inserted: map[string]bool{}, resolved: map[string]bool{}, status: map[string]string{}}
+	tx, err := s.pool.Begin(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("integrity store: begin: %w", err)
+	}
+	defer func() { _ = tx.Rollback(context.WithoutCancel(ctx)) }()
+	if len(b.violations) > 0 {
+		rows := make([]violationRow, len(b.violations))
+		for i, v := range b.violations {
+			rows[i] = violationRow{ID: v.ID, Rule: v.Rule, Kind: v.Kind, Severity: v.Severity, TableName: v.Table, RowKey: v.RowKey,
+				Position: v.Position, CommitLSN: v.CommitLSN, Seq: v.Seq, TransactionID: v.TransactionID, CommittedAt: v.CommittedAt,
+				DetectedAt: v.DetectedAt, Match: v.Match, MatchKey: v.MatchKey, Detail: v.Detail}
+			if v.Related != "" {
+				rows[i].RelatedTable = &v.Related
+			}
+		}
+		js, err := json.Marshal(rows)
+		if err != nil {
+			return nil, err
+		}
+		r, err := tx.Query(ctx, `INSERT INTO `+s.t("violations")+` (id, rule, kind, severity, table_name, row_key, position, commit_lsn, seq,
+  transaction_id, committed_at, detected_at, related_table, match, match_key, detail)
+SELECT x.id, x.rule, x.kind, x.severity, x.table_name, x.row_key, x.position, x.commit_lsn::pg_lsn, x.seq,
+  x.transaction_id, x.committed_at, x.detected_at, x.related_table, x.match, x.match_key, x.detail
+FROM jsonb_to_recordset($1::jsonb) AS x(id text, rule text, kind text, severity text, table_name text, row_key jsonb, position text,
+  commit_lsn text, seq integer, transaction_id text, committed_at timestamptz, detected_at timestamptz, related_table text,
+  match jsonb, match_key text, detail text)
+ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id
+RETURNING id, status, xmax = 0`, js)
+		if err != nil {
+			return nil, fmt.Errorf("integrity store: upserting %d violations: %w", len(rows), err)
+		}
+		for r.Next() {
+			var id, st string
+			var ins bool
+			if err := r.Scan(&id, &st, &ins); err != nil {
+				r.Close()
+				return nil, err
+			}
+			res.status[id] = st
+			if ins {
+				res.inserted[id] = true
+			}
+		}
+		r.Close()
+		if err := r.Err(); err != nil {
+			return nil, fmt.Errorf("integrity store: upserting violations: %w", err)
+		}
+	}
+	if len(b.resolved) > 0 {
+		js, err := json.Marshal(b.resolved)
+		if err != nil {
+			return nil, err
+		}
+		r, err := tx.Query(ctx, `UPDATE `+s.t("violations")+` v SET status = 'resolved', resolved_at = x.at, resolved_by = x.by
+FROM jsonb_to_recordset($1::jsonb) AS x(id text, at timestamptz, by text)
+WHERE v.id = x.id AND v.status = 'open' RETURNING v.id`, js)
+		if err != nil {
+			return nil, fmt.Errorf("integrity store: resolving violations: %w", err)
+		}
+		for r.Next() {
+			var id string
+			if err := r.Scan(&id); err != nil {
+				r.Close()
+				return nil, err
+			}
+			res.resolved[id] = true
+			res.status[id] = StatusResolved
+		}
+		r.Close()
+		if err := r.Err(); err != nil {
+			return nil, fmt.Errorf("integrity store: resolving violations: %w", err)
+		}
+	}
+	if len(b.deletes) > 0 {
+		var kinds, keys []string
+		for k := range b.deletes {
+			kinds = append(kinds, k.kind)
+			keys = append(keys, k.key)
+		}
+		if _, err := tx.Exec(ctx, `DELETE FROM `+s.t("integrity_state")+` WHERE consumer = $1 AND (kind, key) IN
+  (SELECT * FROM unnest($2::text[], $3::text[]))`, s.consumer, kinds, keys); err != nil {
+			return nil, fmt.Errorf("integrity store: deleting state: %w", err)
+		}
+	}
+	if len(b.upserts) > 0 {
+		rows := make([]stateRow, 0, len(b.upserts))
+		for k, v := range b.upserts {
+			rows = append(rows, stateRow{Kind: k.kind, Key: k.key, Value: v})
+		}
+		js, err := json.Marshal(rows)
+		if err != nil {
+			return nil, err
+		}
+		if _, err := tx.Exec(ctx, `INSERT INTO `+s.t("integrity_state")+` (consumer, kind, key, value)
+SELECT $1, x.kind, x.key, x.value FROM jsonb_to_recordset($2::jsonb) AS x(kind text, key text, value jsonb)
+ON CONFLICT (consumer, kind, key) DO UPDATE SET value = EXCLUDED.value`, s.consumer, js); err != nil {
+			return nil, fmt.Errorf("integrity store: writing state: %w", err)
+		}
+	}
+	if publish != nil {
+		if err := publish(ctx, res); err != nil {
+			return nil, err
+		}
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return nil, fmt.Errorf("integrity store: commit: %w", err)
+	}
+	return res, nil
+}
