@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strconv"
 	"time"
+	"unsafe"
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgtype"
@@ -57,19 +58,25 @@ func (e *DecodeError) Error() string {
 
 func (e *DecodeError) Unwrap() error { return e.Err }
 
-// tuple decodes td against rel. keyOnly marks the non-key columns of an
-// old-key image ('K') as absent.
+// tuple decodes pglogrepl's td against rel (see decodeTuple).
 func (d *decoder) tuple(rel *pipeline.Relation, td *pglogrepl.TupleData, keyOnly bool) (pipeline.Tuple, error) {
 	if td == nil {
 		return nil, nil
 	}
-	if len(td.Columns) != len(rel.Columns) {
-		return nil, fmt.Errorf("tuple for %s has %d columns, relation has %d", rel.QualifiedName(), len(td.Columns), len(rel.Columns))
+	return d.decodeTuple(rel, rawColumns(td), keyOnly)
+}
+
+// decodeTuple decodes cols against rel. keyOnly marks the non-key columns of
+// an old-key image ('K') as absent. Decoded values may alias the columns'
+// data, which the caller MUST NOT modify afterwards.
+func (d *decoder) decodeTuple(rel *pipeline.Relation, cols []rawCol, keyOnly bool) (pipeline.Tuple, error) {
+	if len(cols) != len(rel.Columns) {
+		return nil, fmt.Errorf("tuple for %s has %d columns, relation has %d", rel.QualifiedName(), len(cols), len(rel.Columns))
 	}
-	out := make(pipeline.Tuple, len(td.Columns))
-	for i, c := range td.Columns {
+	out := make(pipeline.Tuple, len(cols))
+	for i, c := range cols {
 		col := &rel.Columns[i]
-		switch c.DataType {
+		switch c.kind {
 		case pglogrepl.TupleDataTypeNull:
 			if keyOnly && !col.Key {
 				out[i].Absent = true
@@ -77,37 +84,47 @@ func (d *decoder) tuple(rel *pipeline.Relation, td *pglogrepl.TupleData, keyOnly
 		case pglogrepl.TupleDataTypeToast:
 			out[i].Unchanged = true
 		case pglogrepl.TupleDataTypeText:
-			v, err := d.value(col.TypeOID, c.Data)
+			v, err := d.value(col.TypeOID, c.data)
 			if err != nil {
 				return nil, &DecodeError{Table: rel.QualifiedName(), Column: col.Name, TypeOID: col.TypeOID, Err: err}
 			}
 			out[i].Value = v
 		default:
 			return nil, &DecodeError{Table: rel.QualifiedName(), Column: col.Name, TypeOID: col.TypeOID,
-				Err: fmt.Errorf("unsupported tuple data kind %q", c.DataType)}
+				Err: fmt.Errorf("unsupported tuple data kind %q", c.kind)}
 		}
 	}
 	return out, nil
 }
 
-// value decodes one value in Postgres' text output format.
+// str returns data as a string without copying. Safe because the decoder's
+// input is never modified after decoding (see decodeTuple).
+func str(data []byte) string {
+	if len(data) == 0 {
+		return ""
+	}
+	return unsafe.String(&data[0], len(data))
+}
+
+// value decodes one value in Postgres' text output format. The result may
+// alias data.
 func (d *decoder) value(oid uint32, data []byte) (any, error) {
 	switch oid {
 	case pgtype.BoolOID:
 		return len(data) > 0 && data[0] == 't', nil
 	case pgtype.Int2OID, pgtype.Int4OID, pgtype.Int8OID, pgtype.OIDOID, pgtype.XIDOID:
-		return strconv.ParseInt(string(data), 10, 64)
+		return strconv.ParseInt(str(data), 10, 64)
 	case pgtype.Float4OID:
-		f, err := strconv.ParseFloat(string(data), 32)
+		f, err := strconv.ParseFloat(str(data), 32)
 		return float32(f), err
 	case pgtype.Float8OID:
-		return strconv.ParseFloat(string(data), 64)
+		return strconv.ParseFloat(str(data), 64)
 	case pgtype.NumericOID:
-		return pipeline.Decimal(data), nil
+		return pipeline.Decimal(str(data)), nil
 	case pgtype.TextOID, pgtype.VarcharOID, pgtype.BPCharOID, pgtype.NameOID, pgtype.UUIDOID:
-		return string(data), nil
+		return str(data), nil
 	case pgtype.JSONOID, pgtype.JSONBOID:
-		return pipeline.JSON(append([]byte(nil), data...)), nil
+		return pipeline.JSON(data[:len(data):len(data)]), nil
 	case pgtype.ByteaOID:
 		if len(data) >= 2 && data[0] == '\\' && data[1] == 'x' {
 			b := make([]byte, hex.DecodedLen(len(data)-2))
@@ -118,12 +135,12 @@ func (d *decoder) value(oid uint32, data []byte) (any, error) {
 	t, ok := d.types.TypeForOID(oid)
 	if !ok {
 		// Enums, domains over unknown types, extension types: their text.
-		return string(data), nil
+		return str(data), nil
 	}
 	switch codec := t.Codec.(type) {
 	case *pgtype.ArrayCodec:
 		if !knownElement(codec.ElementType.OID) {
-			return string(data), nil
+			return str(data), nil
 		}
 		v, err := codec.DecodeValue(d.types, oid, pgtype.TextFormatCode, data)
 		if err != nil {
@@ -137,7 +154,7 @@ func (d *decoder) value(oid uint32, data []byte) (any, error) {
 		}
 		return normalize(v, oid)
 	}
-	return string(data), nil
+	return str(data), nil
 }
 
 func knownElement(oid uint32) bool {

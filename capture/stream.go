@@ -101,6 +101,8 @@ type Stream struct {
 	typeNames   map[uint32]string
 	txn         *pipeline.TxnInfo
 	statusTimer *time.Ticker
+	row         rowMessage // reused by handleRow
+	slab        []byte     // see own
 }
 
 var _ pipeline.Source = (*Stream)(nil)
@@ -342,6 +344,9 @@ func (s *Stream) handleCopyData(ctx context.Context, conn *pgconn.PgConn, data [
 }
 
 func (s *Stream) handleWAL(ctx context.Context, conn *pgconn.PgConn, xld pglogrepl.XLogData) error {
+	if isRowMessage(xld.WALData) {
+		return s.handleRow(ctx, conn, xld)
+	}
 	msg, err := parseMessage(xld.WALData)
 	if err != nil {
 		return fmt.Errorf("%w: decoding pgoutput message at %s: %v", ErrTerminal, xld.WALStart, err)
@@ -423,6 +428,62 @@ func (s *Stream) handleWAL(ctx context.Context, conn *pgconn.PgConn, xld pglogre
 		return fmt.Errorf("%w: unexpected pgoutput message %s at %s", ErrTerminal, msg.Type(), at)
 	}
 	return nil
+}
+
+// handleRow decodes an Insert, Update or Delete in place (see rowMessage).
+// The message is first copied into the stream's slab: the connection reuses
+// its buffer, while decoded values alias their bytes until the pipeline has
+// encoded them.
+func (s *Stream) handleRow(ctx context.Context, conn *pgconn.PgConn, xld pglogrepl.XLogData) error {
+	at := pipeline.LSN(xld.WALStart)
+	m := &s.row
+	if err := m.parse(s.own(xld.WALData)); err != nil {
+		return fmt.Errorf("%w: decoding pgoutput message at %s: %v", ErrTerminal, at, err)
+	}
+	s.stats.Messages.Add(1)
+	rel, err := s.relation(m.relID, at)
+	if err != nil {
+		return err
+	}
+	ch := pipeline.Change{Rel: rel, WALLSN: at}
+	if m.oldKind != 0 {
+		if ch.Before, err = s.dec.decodeTuple(rel, m.old, m.oldKind == 'K'); err != nil {
+			return fmt.Errorf("%w: %s at %s: %v", ErrTerminal, rowMessageName(m.typ), at, err)
+		}
+	}
+	if m.hasNew {
+		if ch.After, err = s.dec.decodeTuple(rel, m.new, false); err != nil {
+			return fmt.Errorf("%w: %s at %s: %v", ErrTerminal, rowMessageName(m.typ), at, err)
+		}
+	}
+	switch m.typ {
+	case 'I':
+		ch.Op = pipeline.OpCreate
+	case 'U':
+		ch.Op = pipeline.OpUpdate
+	default:
+		ch.Op = pipeline.OpDelete
+	}
+	return s.change(ctx, conn, ch)
+}
+
+// slabSize is the unit in which own allocates copies of row messages.
+const slabSize = 64 << 10
+
+// own returns a copy of data that is never modified afterwards: a slice of
+// the current slab (a fresh one when it is full), or a copy of its own for
+// a message larger than a quarter slab. A slab is freed once no decoded
+// value points into it.
+func (s *Stream) own(data []byte) []byte {
+	if len(data) > slabSize/4 {
+		return append([]byte(nil), data...)
+	}
+	if cap(s.slab)-len(s.slab) < len(data) {
+		s.slab = make([]byte, 0, slabSize)
+	}
+	start := len(s.slab)
+	s.slab = append(s.slab, data...)
+	return s.slab[start:len(s.slab):len(s.slab)]
 }
 
 func (s *Stream) relation(id uint32, at pipeline.LSN) (*pipeline.Relation, error) {

@@ -77,6 +77,13 @@ func printBench(cmd *cobra.Command, r *bench.Result) {
 		fmt.Fprintf(out, "  %-34s %12.2fx\n", "paired ratio tidemark/pg_recvlogical", d.Ratio)
 		fmt.Fprintf(out, "  %-34s %12.2f µs\n", "tidemark CPU per row", d.CPUMicrosPerRow)
 		fmt.Fprintf(out, "  %-34s %12.0f MB\n", "tidemark peak RSS", d.PeakRSSMB)
+		if d.TidemarkWalsenderMicrosPerRow > 0 {
+			fmt.Fprintf(out, "  %-34s %12.2f µs\n", "walsender CPU/row, pg_recvlogical", d.RecvlogicalWalsenderMicrosPerRow)
+			fmt.Fprintf(out, "  %-34s %12.2f µs\n", "walsender CPU/row, tidemark", d.TidemarkWalsenderMicrosPerRow)
+		}
+		if d.BrokerMicrosPerRow > 0 {
+			fmt.Fprintf(out, "  %-34s %12.2f µs\n", "broker (dev-kafka) CPU/row", d.BrokerMicrosPerRow)
+		}
 		fmt.Fprintf(out, "  %-34s %12v\n", "delivered exact, no duplicates", d.Exact)
 	}
 	if h := r.Huge; h != nil {

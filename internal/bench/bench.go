@@ -56,6 +56,11 @@ type Round struct {
 	TidemarkMaxRSSMB   float64 `json:"tidemark_max_rss_mb"`
 	Delivered          int64   `json:"delivered"`
 	Distinct           int64   `json:"distinct_positions"`
+	// CPU seconds of the other processes on this machine (0 when they run
+	// elsewhere): the walsender serving each drain, and the broker.
+	RecvlogicalWalsenderCPU float64 `json:"pg_recvlogical_walsender_cpu_seconds"`
+	TidemarkWalsenderCPU    float64 `json:"tidemark_walsender_cpu_seconds"`
+	BrokerCPU               float64 `json:"broker_cpu_seconds"`
 }
 
 // Drain is the backlog-drain result.
@@ -68,7 +73,11 @@ type Drain struct {
 	Ratio                 float64 `json:"ratio_median"`
 	CPUMicrosPerRow       float64 `json:"tidemark_cpu_us_per_row_median"`
 	PeakRSSMB             float64 `json:"tidemark_peak_rss_mb"`
-	Exact                 bool    `json:"delivered_exact_no_duplicates"`
+	// Medians of the other processes' CPU per row (0 when not measurable).
+	RecvlogicalWalsenderMicrosPerRow float64 `json:"pg_recvlogical_walsender_cpu_us_per_row_median"`
+	TidemarkWalsenderMicrosPerRow    float64 `json:"tidemark_walsender_cpu_us_per_row_median"`
+	BrokerMicrosPerRow               float64 `json:"broker_cpu_us_per_row_median"`
+	Exact                            bool    `json:"delivered_exact_no_duplicates"`
 }
 
 // Live is the live-latency result.
@@ -116,6 +125,7 @@ type Result struct {
 type env struct {
 	o          Options
 	stopBroker func()
+	brokerPid  int // the dev-kafka process (0 with --brokers)
 	dsn        string
 	pool       *pgxpool.Pool
 	brokers    []string
@@ -268,6 +278,7 @@ func (e *env) restartBroker() error {
 		return fmt.Errorf("starting dev-kafka: %w", err)
 	}
 	e.stopBroker = func() { _ = cmd.Process.Signal(syscall.SIGTERM); _ = cmd.Wait() }
+	e.brokerPid = cmd.Process.Pid
 	e.brokers = []string{addr}
 	deadline := time.Now().Add(15 * time.Second)
 	for {
@@ -354,6 +365,7 @@ func (e *env) drain(ctx context.Context) (*Drain, error) {
 		if err := e.exec(ctx, "SELECT pg_copy_logical_replication_slot('bench_base', $1)", slot); err != nil {
 			return nil, err
 		}
+		ws := e.sampleWalsender(ctx, slot)
 		t0 := time.Now()
 		out, err := exec.CommandContext(ctx, recv, "-d", e.dsn, "-S", slot, "--start", "-E", end.String(),
 			"-o", "proto_version=1", "-o", "publication_names=bench_pub", "-f", "/dev/null", "--no-loop").CombinedOutput()
@@ -361,6 +373,7 @@ func (e *env) drain(ctx context.Context) (*Drain, error) {
 			return nil, fmt.Errorf("pg_recvlogical: %v: %s", err, out)
 		}
 		r.RecvlogicalSeconds = time.Since(t0).Seconds()
+		r.RecvlogicalWalsenderCPU = ws.Stop().Seconds()
 		_ = e.exec(ctx, "SELECT pg_drop_replication_slot($1)", slot)
 
 		// Tidemark on another copy, to a Kafka in another process.
@@ -372,7 +385,18 @@ func (e *env) drain(ctx context.Context) (*Drain, error) {
 		if err := e.restartBroker(); err != nil {
 			return nil, err
 		}
-		if err := e.tidemarkDrain(ctx, &r, slot, prefix, d.Changes); err != nil {
+		ws = e.sampleWalsender(ctx, slot)
+		var brokerCPU0 time.Duration
+		if e.brokerPid != 0 {
+			brokerCPU0, _ = procCPU(e.brokerPid)
+		}
+		if err := e.tidemarkDrain(ctx, &r, slot, prefix, d.Changes, func() {
+			r.TidemarkWalsenderCPU = ws.Stop().Seconds()
+			if c, ok := procCPU(e.brokerPid); ok && e.brokerPid != 0 {
+				r.BrokerCPU = (c - brokerCPU0).Seconds()
+			}
+		}); err != nil {
+			ws.Stop()
 			return nil, err
 		}
 		_ = e.exec(ctx, "SELECT pg_drop_replication_slot($1)", slot)
@@ -380,13 +404,19 @@ func (e *env) drain(ctx context.Context) (*Drain, error) {
 			d.Exact = false
 		}
 		d.Rounds = append(d.Rounds, r)
+		us := func(sec float64) float64 { return sec * 1e6 / float64(d.Changes) }
 		e.printf("  round %d: pg_recvlogical %.0f rows/s, tidemark %.0f rows/s (%.2fx), %.2f µs CPU/row, %.0f MB RSS, delivered %d/%d distinct %d\n",
 			i, float64(d.Changes)/r.RecvlogicalSeconds, float64(d.Changes)/r.TidemarkSeconds,
-			r.RecvlogicalSeconds/r.TidemarkSeconds, r.TidemarkCPUSeconds*1e6/float64(d.Changes), r.TidemarkMaxRSSMB,
+			r.RecvlogicalSeconds/r.TidemarkSeconds, us(r.TidemarkCPUSeconds), r.TidemarkMaxRSSMB,
 			r.Delivered, d.Changes, r.Distinct)
+		e.printf("           CPU µs/row: walsender %.2f (pg_recvlogical) / %.2f (tidemark), broker %.2f\n",
+			us(r.RecvlogicalWalsenderCPU), us(r.TidemarkWalsenderCPU), us(r.BrokerCPU))
 	}
-	var rl, tm, ratio, cpu []float64
+	var rl, tm, ratio, cpu, wrl, wtm, bk []float64
 	for _, r := range d.Rounds {
+		wrl = append(wrl, r.RecvlogicalWalsenderCPU*1e6/float64(d.Changes))
+		wtm = append(wtm, r.TidemarkWalsenderCPU*1e6/float64(d.Changes))
+		bk = append(bk, r.BrokerCPU*1e6/float64(d.Changes))
 		rl = append(rl, float64(d.Changes)/r.RecvlogicalSeconds)
 		tm = append(tm, float64(d.Changes)/r.TidemarkSeconds)
 		ratio = append(ratio, r.RecvlogicalSeconds/r.TidemarkSeconds)
@@ -394,6 +424,7 @@ func (e *env) drain(ctx context.Context) (*Drain, error) {
 		d.PeakRSSMB = math.Max(d.PeakRSSMB, r.TidemarkMaxRSSMB)
 	}
 	d.RecvlogicalRowsPerSec, d.TidemarkRowsPerSec, d.Ratio, d.CPUMicrosPerRow = median(rl), median(tm), median(ratio), median(cpu)
+	d.RecvlogicalWalsenderMicrosPerRow, d.TidemarkWalsenderMicrosPerRow, d.BrokerMicrosPerRow = median(wrl), median(wtm), median(bk)
 	return d, nil
 }
 
@@ -483,13 +514,13 @@ func (e *env) delivered(ctx context.Context, client *kafkago.Client, topics []st
 	return n, nil
 }
 
-func (e *env) tidemarkDrain(ctx context.Context, r *Round, slot, prefix string, want int64) error {
+func (e *env) tidemarkDrain(ctx context.Context, r *Round, slot, prefix string, want int64, delivered func()) error {
 	path, err := e.writeConfig(slot, prefix, "")
 	if err != nil {
 		return err
 	}
 	topics := e.tableTopics(prefix)
-	if err := e.runUntilDelivered(ctx, r, path, topics, want); err != nil {
+	if err := e.runUntilDelivered(ctx, r, path, topics, want, delivered); err != nil {
 		return err
 	}
 	if r.Distinct, err = e.distinctPositions(ctx, topics); err != nil {
@@ -503,7 +534,7 @@ func (e *env) tidemarkDrain(ctx context.Context, r *Round, slot, prefix string, 
 // runUntilDelivered runs `tidemark run --config path` as a separate process
 // until topics hold want messages, then stops it and records its wall time,
 // CPU time, peak RSS and the final delivered count.
-func (e *env) runUntilDelivered(ctx context.Context, r *Round, path string, topics []string, want int64) error {
+func (e *env) runUntilDelivered(ctx context.Context, r *Round, path string, topics []string, want int64, delivered func()) error {
 	// A transport of its own with a short metadata TTL: kafka-go caches
 	// metadata (6s by default), which would hide the topics Tidemark creates
 	// and delay the count.
@@ -535,6 +566,9 @@ func (e *env) runUntilDelivered(ctx context.Context, r *Round, path string, topi
 		}
 		if err == nil && n >= want {
 			r.TidemarkSeconds = time.Since(t0).Seconds()
+			if delivered != nil {
+				delivered()
+			}
 			break
 		}
 		select {
@@ -956,7 +990,7 @@ func (e *env) huge(ctx context.Context) (*Huge, error) {
 	}
 	var r Round
 	topics := []string{prefix + ".public.bench_huge"}
-	if err := e.runUntilDelivered(ctx, &r, path, topics, int64(n)); err != nil {
+	if err := e.runUntilDelivered(ctx, &r, path, topics, int64(n), nil); err != nil {
 		return nil, err
 	}
 	_ = e.exec(ctx, "SELECT pg_drop_replication_slot($1)", slot)

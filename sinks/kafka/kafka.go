@@ -10,8 +10,10 @@
 //
 // Writing: one Write is split into rounds in which every partition receives
 // exactly one record batch (at most kafka.batch_bytes); a round is one
-// produce request (kafka-go's protocol layer) per partition leader, sent
-// concurrently with acks=all. A partition's batch succeeds or fails as a
+// produce request per partition leader, sent concurrently with acks=all
+// through kafka-go's transport (raw produce: each batch is encoded once, in
+// the standard record-batch format v2 with a CRC-32C, and resent as is on a
+// retry). A partition's batch succeeds or fails as a
 // whole; failed batches are retried with backoff before anything later is
 // written, so per-key order holds across retries. Without an idempotent
 // producer, a retry after a lost acknowledgement may write a batch twice
@@ -19,6 +21,7 @@
 package kafka
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -30,6 +33,7 @@ import (
 	kafkago "github.com/segmentio/kafka-go"
 	"github.com/segmentio/kafka-go/protocol"
 	produceapi "github.com/segmentio/kafka-go/protocol/produce"
+	"github.com/segmentio/kafka-go/protocol/rawproduce"
 	"go.uber.org/zap"
 
 	"github.com/tidemark/tidemark/pipeline"
@@ -119,6 +123,10 @@ type Sink struct {
 	parts   map[string]int // partition counts by topic
 	leaders map[tp]int     // leader broker by partition
 
+	// Owned by Write (never called concurrently).
+	enc   batchEncoder
+	arena []byte // the encoded batches of the current round
+
 	stats Stats
 }
 
@@ -157,7 +165,7 @@ func New(cfg Config, log *zap.Logger) (*Sink, error) {
 	transport := &kafkago.Transport{ClientID: cfg.ClientID, MetadataTTL: 30 * time.Second, DialTimeout: 5 * time.Second}
 	addr := kafkago.TCP(cfg.Brokers...)
 	return &Sink{cfg: cfg, log: log, codec: codec, addr: addr, transport: transport,
-		parts: map[string]int{}, leaders: map[tp]int{},
+		parts: map[string]int{}, leaders: map[tp]int{}, enc: batchEncoder{codec: codec},
 		client: &kafkago.Client{Addr: addr, Timeout: 30 * time.Second, Transport: transport}}, nil
 }
 
@@ -279,7 +287,7 @@ type record struct {
 	part       int
 	size       int64
 	key, value []byte
-	headers    []protocol.Header
+	headers    []pipeline.Header
 	pos        pipeline.Position
 }
 
@@ -295,15 +303,11 @@ func (s *Sink) convert(msgs []pipeline.Message) ([]record, error) {
 			return nil, fmt.Errorf("message for topic %s at position %s is %d bytes, over the %d-byte batch limit (kafka.batch_bytes; also check the topic's max.message.bytes)",
 				m.Topic, m.Pos, size, s.cfg.BatchBytes)
 		}
-		hs := make([]protocol.Header, len(m.Headers))
-		for j, h := range m.Headers {
-			hs[j] = protocol.Header{Key: h.Key, Value: h.Value}
-		}
 		n := s.Partitions(m.Topic)
 		if n == 0 {
 			n = 1
 		}
-		r := record{topic: m.Topic, size: size, pos: m.Pos, key: m.Key, value: m.Value, headers: hs}
+		r := record{topic: m.Topic, size: size, pos: m.Pos, key: m.Key, value: m.Value, headers: m.Headers}
 		if m.Broadcast {
 			for p := 0; p < n; p++ {
 				c := r
@@ -316,13 +320,6 @@ func (s *Sink) convert(msgs []pipeline.Message) ([]record, error) {
 		out = append(out, r)
 	}
 	return out, nil
-}
-
-func bytesOrNil(b []byte) protocol.Bytes {
-	if b == nil {
-		return nil
-	}
-	return protocol.NewBytes(b)
 }
 
 type tp struct {
@@ -374,6 +371,29 @@ func (s *Sink) plan(recs []record) [][]partBatch {
 // carrying one record batch per partition, sent concurrently. Partitions
 // that fail are retried, in their original order, until they succeed.
 func (s *Sink) writeRound(ctx context.Context, batches []partBatch) error {
+	// Encode every batch of the round once; retries resend the same bytes.
+	// Offsets first, slices after: the arena may move while it grows.
+	s.arena = s.arena[:0]
+	now := time.Now().UnixMilli()
+	ends := make([]int, len(batches))
+	for i := range batches {
+		// A record set on the wire is its int32 size, then the batch.
+		start := len(s.arena)
+		s.arena = append(s.arena, 0, 0, 0, 0)
+		var err error
+		if s.arena, err = s.enc.appendBatch(s.arena, batches[i].recs, now); err != nil {
+			return &terminalError{err}
+		}
+		putInt32(s.arena[start:], int32(len(s.arena)-start-4))
+		ends[i] = len(s.arena)
+	}
+	for i := range batches {
+		start := 0
+		if i > 0 {
+			start = ends[i-1]
+		}
+		batches[i].encoded = s.arena[start:ends[i]:ends[i]]
+	}
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval = 100 * time.Millisecond
 	bo.MaxInterval = s.cfg.MaxBackoff
@@ -414,19 +434,10 @@ func (s *Sink) writeRound(ctx context.Context, batches []partBatch) error {
 }
 
 type partBatch struct {
-	tp   tp
-	recs []*record
-	pos  pipeline.Position // of the first record, for errors
-}
-
-// records builds the batch's protocol records. protocol.Bytes are readers,
-// consumed when a request is encoded, so every attempt gets fresh ones.
-func (b *partBatch) records(now time.Time) []protocol.Record {
-	out := make([]protocol.Record, len(b.recs))
-	for i, r := range b.recs {
-		out[i] = protocol.Record{Time: now, Key: bytesOrNil(r.key), Value: bytesOrNil(r.value), Headers: r.headers}
-	}
-	return out
+	tp      tp
+	recs    []*record
+	pos     pipeline.Position // of the first record, for errors
+	encoded []byte            // the record batch, set by writeRound
 }
 
 type terminalError struct{ err error }
@@ -450,8 +461,7 @@ func (s *Sink) produce(ctx context.Context, batches []partBatch) ([]partBatch, e
 	results := make(chan result, len(byLeader))
 	for _, idx := range byLeader {
 		go func(idx []int) {
-			req := &produceapi.Request{Acks: -1, Timeout: int32(s.cfg.WriteTimeout / time.Millisecond)}
-			now := time.Now()
+			req := &rawproduce.Request{Acks: -1, Timeout: int32(s.cfg.WriteTimeout / time.Millisecond)}
 			topicIdx := map[string]int{}
 			for _, i := range idx {
 				b := &batches[i]
@@ -459,12 +469,12 @@ func (s *Sink) produce(ctx context.Context, batches []partBatch) ([]partBatch, e
 				if !ok {
 					ti = len(req.Topics)
 					topicIdx[b.tp.topic] = ti
-					req.Topics = append(req.Topics, produceapi.RequestTopic{Topic: b.tp.topic})
+					req.Topics = append(req.Topics, rawproduce.RequestTopic{Topic: b.tp.topic})
 				}
-				req.Topics[ti].Partitions = append(req.Topics[ti].Partitions, produceapi.RequestPartition{
+				req.Topics[ti].Partitions = append(req.Topics[ti].Partitions, rawproduce.RequestPartition{
 					Partition: int32(b.tp.part),
-					RecordSet: protocol.RecordSet{Version: 2, Attributes: protocol.Attributes(s.codec) & 7,
-						Records: protocol.NewRecordReader(b.records(now)...)},
+					// A fresh reader per attempt: the request consumes it.
+					RecordSet: protocol.RawRecordSet{Reader: bytes.NewReader(b.encoded)},
 				})
 			}
 			rctx, cancel := context.WithTimeout(ctx, s.cfg.WriteTimeout+5*time.Second)
