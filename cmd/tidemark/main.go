@@ -36,6 +36,7 @@ func main() {
 		SilenceErrors: true,
 	}
 	root.AddCommand(runCmd(), checkCmd(), demoCmd(), devKafkaCmd(), benchCmd())
+	root.AddCommand(rebuildCmd(), auditCmd())
 	root.AddCommand(violationsCmd())
 	err := root.ExecuteContext(ctx)
 	if err == nil {

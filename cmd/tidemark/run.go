@@ -51,8 +51,12 @@ func runCmd() *cobra.Command {
 			if role == "integrity" && cfg.Integrity == nil {
 				return &exitError{2, fmt.Errorf("--role integrity: the config has no integrity section")}
 			}
-			if role != "all" && role != "capture" && role != "invalidation" && role != "integrity" {
-				return &exitError{2, fmt.Errorf("--role %q: want all, capture, invalidation or integrity", role)}
+			runTargets := (role == "all" || role == "targets") && cfg.Targets != nil
+			if role == "targets" && cfg.Targets == nil {
+				return &exitError{2, fmt.Errorf("--role targets: the config has no targets section")}
+			}
+			if role != "all" && role != "capture" && role != "invalidation" && role != "integrity" && role != "targets" {
+				return &exitError{2, fmt.Errorf("--role %q: want all, capture, invalidation, integrity or targets", role)}
 			}
 			// Prepare every part before starting any, so a bad part stops the
 			// process before anything runs.
@@ -83,7 +87,23 @@ func runCmd() *cobra.Command {
 				}
 				integ.Register(reg)
 			}
+			var tg *app.Targets
+			if runTargets {
+				if tg, err = app.PrepareTargets(ctx, cfg, log); err != nil {
+					return &exitError{3, err}
+				}
+				tg.Register(reg)
+			}
 			g, gctx := errgroup.WithContext(ctx)
+			if tg != nil {
+				g.Go(func() error {
+					err := tg.Run(gctx)
+					if err != nil {
+						log.Error("targets consumer stopped", zap.Error(err))
+					}
+					return err
+				})
+			}
 			if integ != nil {
 				g.Go(func() error {
 					err := integ.Run(gctx)
@@ -130,7 +150,7 @@ func runCmd() *cobra.Command {
 			return g.Wait()
 		},
 	}
-	cmd.Flags().StringVar(&role, "role", "all", "what to run: all, capture, invalidation or integrity")
+	cmd.Flags().StringVar(&role, "role", "all", "what to run: all, capture, invalidation, integrity or targets")
 	cmd.Flags().StringVarP(&path, "config", "c", "", "YAML config file (required)")
 	return cmd
 }

@@ -4,18 +4,25 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"slices"
 	"sort"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
+	"gopkg.in/yaml.v3"
 
 	"github.com/tidemark/tidemark/internal/app"
 	"github.com/tidemark/tidemark/internal/config"
 	"github.com/tidemark/tidemark/internal/kafkatest"
+	"github.com/tidemark/tidemark/internal/redistest"
 	"github.com/tidemark/tidemark/invalidation/targets"
 	"github.com/tidemark/tidemark/pipeline"
 	kafkasink "github.com/tidemark/tidemark/sinks/kafka"
@@ -399,5 +406,301 @@ func runTargetScenario(t *testing.T, sc targetScenario) {
 		if !slices.Equal(latest[r], us) {
 			t.Errorf("notify_targets latest for %s = %v, want %v", r, latest[r], us)
 		}
+	}
+}
+
+// canonicalEnv starts capture and the targets consumer on the canonical
+// tables.
+func canonicalEnv(t *testing.T, prefix string, mod func(*config.Targets)) (*env, *config.Config, func()) {
+	e := newEnv(t, "")
+	e.exec(demoSchemaTargets)
+	tc := &config.Targets{}
+	if mod != nil {
+		mod(tc)
+	}
+	cfg := targetsConfig(e, prefix, []string{"public.users", "public.room_memberships"}, tc)
+	e.start(cfg)
+	_, stop := e.startTargets(cfg)
+	return e, cfg, stop
+}
+
+// TestTargetsDeactivateFiftyRooms (acceptance 2): deactivating a user who
+// is in 50 rooms emits exactly 50 removals with reason "deactivated", and
+// the compacted topic's latest value of each room no longer lists them.
+func TestTargetsDeactivateFiftyRooms(t *testing.T) {
+	e, cfg, _ := canonicalEnv(t, "deact", nil)
+	e.exec(`INSERT INTO users(user_id) VALUES ('@d'), ('@o');
+INSERT INTO room_memberships(room_id, user_id, membership)
+  SELECT '!room' || g, u, 'join' FROM generate_series(1, 50) g, (VALUES ('@d'), ('@o')) AS v(u);
+INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!other', '@o', 'join'), ('!left', '@d', 'leave')`)
+	e.waitTargets(cfg, 30*time.Second)
+	changes := &changeReader{e: e, seen: map[string]bool{}}
+	topic := cfg.Kafka.TopicPrefix + ".notify_target_changes"
+	if got := len(changes.next(topic)); got != 101 {
+		t.Fatalf("seeding produced %d change records, want 101 additions", got)
+	}
+	e.exec(`UPDATE users SET deactivated = true WHERE user_id = '@d'`)
+	e.waitTargets(cfg, 30*time.Second)
+	got := changes.next(topic)
+	var want []string
+	for g := 1; g <= 50; g++ {
+		want = append(want, fmt.Sprintf("!room%d @d removed deactivated", g))
+	}
+	sort.Strings(want)
+	if !slices.Equal(got, want) {
+		t.Fatalf("deactivation emitted %d records %v, want exactly the 50 removals %v", len(got), got, want)
+	}
+	latest := e.latestTargets(cfg.Kafka.TopicPrefix + ".notify_targets")
+	for g := 1; g <= 50; g++ {
+		room := fmt.Sprintf("!room%d", g)
+		if !slices.Equal(latest[room], []string{"@o"}) {
+			t.Errorf("latest notify_targets of %s = %v, want [@o]", room, latest[room])
+		}
+	}
+	if kept, truth := e.pairs(keptSQL(cfg)), e.pairs(canonicalTruth); !slices.Equal(kept, truth) {
+		t.Errorf("kept %d pairs, database %d", len(kept), len(truth))
+	}
+}
+
+// TestTargetsAuditAndRebuild (acceptance 3): corrupting the kept state on
+// purpose makes audit report exactly the corrupted rooms and the right
+// ratio; rebuild repairs the state (and the Redis sets and topics, with
+// reason "rebuild"); a second audit reports 1.0.
+func TestTargetsAuditAndRebuild(t *testing.T) {
+	rd := redistest.ForTest(t)
+	e, cfg, _ := canonicalEnv(t, "audit", func(tc *config.Targets) {
+		tc.Redis = &config.TargetsRedis{Redis: config.Redis{Addr: rd.Addr()}}
+	})
+	ctx := context.Background()
+	e.exec(`INSERT INTO users(user_id) SELECT '@u' || g FROM generate_series(1, 8) g;
+INSERT INTO room_memberships(room_id, user_id, membership)
+  SELECT '!c' || r, '@u' || u, CASE WHEN u <= 5 THEN 'join' ELSE 'leave' END FROM generate_series(1, 20) r, generate_series(1, 8) u`)
+	e.waitTargets(cfg, 30*time.Second)
+	audit := func() targets.AuditReport {
+		t.Helper()
+		rep, err := app.AuditTargets(ctx, cfg, 0, 30*time.Second)
+		if err != nil {
+			t.Fatalf("audit: %v", err)
+		}
+		return rep
+	}
+	if rep := audit(); rep.Ratio != 1 || rep.Rooms != 20 {
+		t.Fatalf("audit before corruption: %d rooms, ratio %v, mismatches %v", rep.Rooms, rep.Ratio, rep.Mismatches)
+	}
+	// Corrupt: a member missing in !c1, a stranger in !c2, !c3 emptied.
+	e.exec(`DELETE FROM tidemark.notify_targets WHERE room_id = '!c1' AND user_id = '@u2';
+INSERT INTO tidemark.notify_targets(room_id, user_id, lsn, seq) VALUES ('!c2', '@stranger', 0, 0);
+DELETE FROM tidemark.notify_targets WHERE room_id = '!c3'`)
+	rep := audit()
+	if rep.Rooms != 20 || rep.Consistent != 17 || rep.Ratio != 17.0/20 || rep.Unconfirmed {
+		t.Fatalf("audit after corruption: %d rooms, %d consistent, ratio %v (unconfirmed %v); want 20, 17, 0.85",
+			rep.Rooms, rep.Consistent, rep.Ratio, rep.Unconfirmed)
+	}
+	got := fmt.Sprint(rep.Mismatches)
+	want := "[{!c1 [@u2] []} {!c2 [] [@stranger]} {!c3 [@u1 @u2 @u3 @u4 @u5] []}]"
+	if got != want {
+		t.Fatalf("mismatches %s, want %s", got, want)
+	}
+	changes := &changeReader{e: e, seen: map[string]bool{}}
+	topic := cfg.Kafka.TopicPrefix + ".notify_target_changes"
+	changes.next(topic) // skip the seeding's records
+	rb, err := app.RebuildTargets(ctx, cfg, nil, []string{"!c1"}, false)
+	if err != nil {
+		t.Fatalf("rebuild --room: %v", err)
+	}
+	if rb.Rooms != 1 || rb.Added != 1 || rb.Removed != 0 {
+		t.Errorf("rebuild --room !c1 = %+v, want 1 room, 1 added", rb)
+	}
+	if rep := audit(); rep.Consistent != 18 {
+		t.Errorf("after rebuilding !c1: %d consistent, want 18 (%v)", rep.Consistent, rep.Mismatches)
+	}
+	rb, err = app.RebuildTargets(ctx, cfg, nil, nil, true)
+	if err != nil {
+		t.Fatalf("rebuild --all: %v", err)
+	}
+	if rb.Changed != 2 || rb.Added != 5 || rb.Removed != 1 {
+		t.Errorf("rebuild --all = %+v, want 2 rooms changed, 5 added, 1 removed", rb)
+	}
+	if rep := audit(); rep.Ratio != 1 || rep.Rooms != 20 {
+		t.Fatalf("audit after rebuild: ratio %v, mismatches %v", rep.Ratio, rep.Mismatches)
+	}
+	wantChanges := []string{"!c1 @u2 added rebuild", "!c2 @stranger removed rebuild"}
+	for u := 1; u <= 5; u++ {
+		wantChanges = append(wantChanges, fmt.Sprintf("!c3 @u%d added rebuild", u))
+	}
+	sort.Strings(wantChanges)
+	if got := changes.next(topic); !slices.Equal(got, wantChanges) {
+		t.Errorf("rebuild change records %v, want %v", got, wantChanges)
+	}
+	// The Redis sets follow: every room's set is its kept targets.
+	rc := rd.Client()
+	for r := 1; r <= 20; r++ {
+		room := fmt.Sprintf("!c%d", r)
+		members, err := rc.SMembers(ctx, "notify_targets:"+room).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		sort.Strings(members)
+		if want := []string{"@u1", "@u2", "@u3", "@u4", "@u5"}; !slices.Equal(members, want) {
+			t.Errorf("redis set of %s = %v, want %v", room, members, want)
+		}
+	}
+	// A rebuild with nothing to repair changes nothing.
+	if rb, err = app.RebuildTargets(ctx, cfg, nil, nil, true); err != nil || rb.Changed != 0 {
+		t.Errorf("second rebuild --all = %+v, %v; want no change", rb, err)
+	}
+}
+
+// membershipWorkload commits n random membership transactions on the
+// canonical tables: joins, leaves, bans, invites, DELETE+INSERT rewrites,
+// deletions, deactivations and reactivations, over 12 rooms and 40 users.
+func membershipWorkload(ctx context.Context, e *env, n int, seed uint64) error {
+	rng := rand.New(rand.NewPCG(seed, seed*31+7))
+	states := []string{"join", "join", "leave", "ban", "invite"}
+	for i := 0; i < n; i++ {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		room := fmt.Sprintf("!w%d", rng.IntN(12))
+		user := fmt.Sprintf("@w%d", rng.IntN(40))
+		var sql string
+		switch k := rng.IntN(100); {
+		case k < 60:
+			sql = fmt.Sprintf(`INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('%s', '%s', '%s')
+ON CONFLICT (room_id, user_id) DO UPDATE SET membership = EXCLUDED.membership`, room, user, states[rng.IntN(len(states))])
+		case k < 80:
+			sql = fmt.Sprintf(`BEGIN; DELETE FROM room_memberships WHERE room_id = '%s' AND user_id = '%s';
+INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('%s', '%s', '%s'); COMMIT`, room, user, room, user, states[rng.IntN(len(states))])
+		case k < 87:
+			sql = fmt.Sprintf(`DELETE FROM room_memberships WHERE room_id = '%s' AND user_id = '%s'`, room, user)
+		default:
+			sql = fmt.Sprintf(`INSERT INTO users(user_id, deactivated) VALUES ('%s', %v)
+ON CONFLICT (user_id) DO UPDATE SET deactivated = EXCLUDED.deactivated`, user, rng.IntN(2) == 0)
+		}
+		if _, err := e.pool.Exec(ctx, sql); err != nil {
+			return fmt.Errorf("workload transaction %d: %w", i, err)
+		}
+	}
+	return nil
+}
+
+// TestTargetsRebuildDuringWorkload (acceptance 4): rebuilds of all rooms
+// and of single rooms run while a membership workload commits; once the
+// pipeline has caught up, the kept state equals the database and the
+// audit reports 1.0.
+func TestTargetsRebuildDuringWorkload(t *testing.T) {
+	e, cfg, _ := canonicalEnv(t, "rbw", nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- membershipWorkload(ctx, e, 2500, 4) }()
+	rebuilds := 0
+	var lastRep targets.RebuildReport
+loop:
+	for {
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatal(err)
+			}
+			break loop
+		default:
+		}
+		rooms, all := []string{fmt.Sprintf("!w%d", rebuilds%12)}, rebuilds%3 == 0
+		if all {
+			rooms = nil
+		}
+		rep, err := app.RebuildTargets(ctx, cfg, nil, rooms, all)
+		if err != nil {
+			t.Fatalf("rebuild %d: %v", rebuilds, err)
+		}
+		lastRep = rep
+		rebuilds++
+	}
+	if rebuilds < 3 {
+		t.Fatalf("only %d rebuilds ran during the workload", rebuilds)
+	}
+	t.Logf("%d rebuilds ran during the workload (last: %+v)", rebuilds, lastRep)
+	e.waitTargets(cfg, 60*time.Second)
+	if kept, truth := e.pairs(keptSQL(cfg)), e.pairs(canonicalTruth); !slices.Equal(kept, truth) {
+		t.Fatalf("kept state differs from the database after catch-up:\nkept  %v\ntruth %v", kept, truth)
+	}
+	rep, err := app.AuditTargets(context.Background(), cfg, 0, 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Ratio != 1 || rep.Rooms == 0 {
+		t.Fatalf("audit after catch-up: %d rooms, ratio %v, mismatches %v", rep.Rooms, rep.Ratio, rep.Mismatches)
+	}
+}
+
+// TestTargetsConsumerKilled (acceptance 5): the targets role (the real
+// binary) is SIGKILLed mid-stream and restarted; the kept state ends equal
+// to the database and the audit reports 1.0.
+func TestTargetsConsumerKilled(t *testing.T) {
+	e := newEnv(t, "")
+	e.exec(demoSchemaTargets)
+	cfg := targetsConfig(e, "kill", []string{"public.users", "public.room_memberships"}, &config.Targets{})
+	e.start(cfg)
+	data, err := yaml.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "targets.yml")
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	bin := binary(t)
+	run := func() *exec.Cmd {
+		cmd := exec.Command(bin, "run", "--role", "targets", "--config", path)
+		cmd.Stderr = os.Stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		return cmd
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- membershipWorkload(ctx, e, 3000, 5) }()
+	cmd := run()
+	// Kill it once it has applied part of the stream.
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		var n int
+		err := e.pool.QueryRow(ctx, `SELECT count(*) FROM tidemark.notify_memberships`).Scan(&n)
+		if err == nil && n >= 100 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the consumer applied nothing within 60s (%v)", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	_ = cmd.Process.Signal(syscall.SIGKILL)
+	_ = cmd.Wait()
+	select {
+	case err := <-done:
+		t.Fatalf("the workload ended before the kill (%v): make it longer", err)
+	default:
+	}
+	cmd = run()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	e.waitTargets(cfg, 60*time.Second)
+	if kept, truth := e.pairs(keptSQL(cfg)), e.pairs(canonicalTruth); !slices.Equal(kept, truth) {
+		t.Fatalf("kept state differs from the database after the restart:\nkept  %v\ntruth %v", kept, truth)
+	}
+	rep, err := app.AuditTargets(context.Background(), cfg, 0, 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Ratio != 1 || rep.Rooms == 0 {
+		t.Fatalf("audit after restart: %d rooms, ratio %v, mismatches %v", rep.Rooms, rep.Ratio, rep.Mismatches)
+	}
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	if err := cmd.Wait(); err != nil {
+		t.Errorf("graceful stop: %v", err)
 	}
 }

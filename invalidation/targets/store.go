@@ -2,7 +2,6 @@ package targets
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"math"
 	"sort"
@@ -58,7 +57,16 @@ CREATE TABLE IF NOT EXISTS %[4]s (room_id text NOT NULL, user_id text NOT NULL, 
 CREATE TABLE IF NOT EXISTS %[5]s (room_id text PRIMARY KEY, lsn bigint NOT NULL, seq bigint NOT NULL, dirty boolean NOT NULL);
 CREATE INDEX IF NOT EXISTS notify_rooms_dirty ON %[5]s (room_id) WHERE dirty;`,
 		pgx.Identifier{s.schema}.Sanitize(), s.t.members, s.t.users, s.t.targets, s.t.rooms)
-	if _, err := s.pool.Exec(ctx, ddl); err != nil {
+	// Concurrent setups (the consumer and a rebuild starting together)
+	// would race on CREATE SCHEMA IF NOT EXISTS: serialise them.
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtext('tidemark.notify_targets.setup'))`); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, ddl)
+		return err
+	})
+	if err != nil {
 		return fmt.Errorf("creating the %s schema's notification-target tables: %w", s.schema, err)
 	}
 	return nil
@@ -529,5 +537,3 @@ func (s *Store) Kept(ctx context.Context, rooms []string) (map[string]map[string
 func stampBelow(lsn pipeline.LSN) pipeline.Position {
 	return pipeline.Position{CommitLSN: lsn - 1, Seq: math.MaxUint32}
 }
-
-var errNoRows = errors.New("no rows")
