@@ -38,8 +38,9 @@ type Config struct {
 	// StandbyInterval is the longest time between two standby status
 	// messages. Default 10s.
 	StandbyInterval time.Duration
-	// Buffer is the number of events buffered between the replication
-	// connection and the pipeline. Default 1024.
+	// Buffer bounds the events buffered between the replication connection
+	// and the pipeline. Events travel in batches (a transaction, or up to
+	// 256 events of a larger one). Default 4096.
 	Buffer int
 	// ReconnectMax bounds the backoff between reconnect attempts. Default 30s.
 	ReconnectMax time.Duration
@@ -58,7 +59,7 @@ func (c *Config) defaults() {
 		c.StandbyInterval = 10 * time.Second
 	}
 	if c.Buffer <= 0 {
-		c.Buffer = 1024
+		c.Buffer = 4096
 	}
 	if c.ReconnectMax <= 0 {
 		c.ReconnectMax = 30 * time.Second
@@ -83,7 +84,8 @@ var ErrTerminal = errors.New("capture: terminal error")
 type Stream struct {
 	cfg   Config
 	log   *zap.Logger
-	out   chan pipeline.Event
+	out   chan []pipeline.Event // batches, in order
+	free  chan []pipeline.Event // emptied batches, for reuse
 	done  chan struct{}
 	err   error
 	acked atomic.Uint64
@@ -103,7 +105,15 @@ type Stream struct {
 	statusTimer *time.Ticker
 	row         rowMessage // reused by handleRow
 	slab        []byte     // see own
+	pending     []pipeline.Event // events not yet handed over (see emit)
+
+	// Owned by the consumer (Next, NextBatch).
+	cur    []pipeline.Event
+	curPos int
 }
+
+// maxBatch bounds the events of one batch handed to the pipeline.
+const maxBatch = 256
 
 var _ pipeline.Source = (*Stream)(nil)
 
@@ -126,8 +136,9 @@ func New(cfg Config, log *zap.Logger) (*Stream, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	st := &Stream{cfg: cfg, log: log, out: make(chan pipeline.Event, cfg.Buffer), done: make(chan struct{}),
-		ackCh: make(chan struct{}, 1), dec: newDecoder()}
+	batches := max(cfg.Buffer/maxBatch, 2)
+	st := &Stream{cfg: cfg, log: log, out: make(chan []pipeline.Event, batches), free: make(chan []pipeline.Event, batches+2),
+		done: make(chan struct{}), ackCh: make(chan struct{}, 1), dec: newDecoder()}
 	st.acked.Store(uint64(cfg.ConfirmedLSN))
 	return st, nil
 }
@@ -135,22 +146,58 @@ func New(cfg Config, log *zap.Logger) (*Stream, error) {
 // Stats returns the live counters.
 func (s *Stream) Stats() *Stats { return &s.stats }
 
+var _ pipeline.BatchSource = (*Stream)(nil)
+
 // Next returns the next event. It returns the stream's error once Run has
-// ended.
+// ended. Next and NextBatch are called from one goroutine.
 func (s *Stream) Next(ctx context.Context) (pipeline.Event, error) {
-	select {
-	case ev := <-s.out:
-		return ev, nil
-	case <-ctx.Done():
-		return pipeline.Event{}, ctx.Err()
-	case <-s.done:
+	if s.curPos >= len(s.cur) {
+		if err := s.receive(ctx); err != nil {
+			return pipeline.Event{}, err
+		}
+	}
+	ev := s.cur[s.curPos]
+	s.cur[s.curPos] = pipeline.Event{}
+	s.curPos++
+	return ev, nil
+}
+
+// NextBatch appends the next events (at least one) to dst.
+func (s *Stream) NextBatch(ctx context.Context, dst []pipeline.Event) ([]pipeline.Event, error) {
+	if s.curPos >= len(s.cur) {
+		if err := s.receive(ctx); err != nil {
+			return dst, err
+		}
+	}
+	dst = append(dst, s.cur[s.curPos:]...)
+	clear(s.cur)
+	s.curPos = len(s.cur)
+	return dst, nil
+}
+
+// receive replaces the consumed current batch with the next one.
+func (s *Stream) receive(ctx context.Context) error {
+	if s.cur != nil {
 		select {
-		case ev := <-s.out:
-			return ev, nil
+		case s.free <- s.cur[:0]:
 		default:
 		}
-		return pipeline.Event{}, s.err
+		s.cur, s.curPos = nil, 0
 	}
+	var b []pipeline.Event
+	select {
+	case b = <-s.out:
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-s.done:
+		select {
+		case b = <-s.out:
+		default:
+			return s.err
+		}
+	}
+	s.cur, s.curPos = b, 0
+	return nil
 }
 
 // Ack records that every transaction with EndLSN <= lsn is durable; the
@@ -270,27 +317,41 @@ func (s *Stream) session(ctx context.Context) error {
 	s.txn, s.open = nil, false
 	s.idleWALEnd = 0
 	s.lastStatus = time.Time{}
-	s.statusTimer = time.NewTicker(time.Second)
+	s.pending = s.pending[:0]
+	s.statusTimer = time.NewTicker(statusTick)
 	defer s.statusTimer.Stop()
+	if err := s.maybeSendStatus(ctx, conn, false); err != nil {
+		return err
+	}
 
-	// Receive with a short read deadline on the socket rather than a
-	// context per message (pgconn starts a watcher for every cancellable
-	// context); a timeout leaves the connection usable and lets the loop
-	// send status and notice ctx.
+	// Receive with a read deadline on the socket rather than a context per
+	// message (pgconn starts a watcher for every cancellable context); a
+	// timeout leaves the connection usable and lets the loop send status and
+	// notice ctx. The clock is read only on the status tick (every
+	// statusTick), which also re-arms the deadline, not per message.
 	netConn := conn.Conn()
-	var deadline time.Time
+	armed := false
 	for {
-		if err := s.maybeSendStatus(ctx, conn, false); err != nil {
-			return err
+		select {
+		case <-s.ackCh:
+			if err := s.maybeSendStatus(ctx, conn, false); err != nil {
+				return err
+			}
+		case <-s.statusTimer.C:
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			if err := s.maybeSendStatus(ctx, conn, false); err != nil {
+				return err
+			}
+			armed = false
+		default:
 		}
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		if now := time.Now(); deadline.Sub(now) < 150*time.Millisecond {
-			deadline = now.Add(250 * time.Millisecond)
-			if err := netConn.SetReadDeadline(deadline); err != nil {
+		if !armed {
+			if err := netConn.SetReadDeadline(time.Now().Add(readDeadline)); err != nil {
 				return fmt.Errorf("setting read deadline: %w", err)
 			}
+			armed = true
 		}
 		msg, err := conn.ReceiveMessage(context.Background())
 		if err != nil {
@@ -298,7 +359,10 @@ func (s *Stream) session(ctx context.Context) error {
 				return ctx.Err()
 			}
 			if pgconn.Timeout(err) {
-				deadline = time.Time{}
+				armed = false
+				if err := s.maybeSendStatus(ctx, conn, false); err != nil {
+					return err
+				}
 				continue
 			}
 			return fmt.Errorf("receiving replication data: %w", err)
@@ -501,17 +565,46 @@ func (s *Stream) change(ctx context.Context, conn *pgconn.PgConn, ch pipeline.Ch
 	return s.emit(ctx, conn, pipeline.Event{Kind: pipeline.EventChange, Txn: s.txn, Change: ch})
 }
 
-// emit hands an event to the pipeline. While the pipeline is full it keeps
-// sending standby status, so Postgres does not time the connection out.
+// Timing of the receive loop.
+const (
+	statusTick   = 100 * time.Millisecond // status checks and deadline re-arming
+	readDeadline = 250 * time.Millisecond // longest wait for data between checks
+)
+
+// emit queues an event for the pipeline. Events travel in batches: a batch
+// is handed over at every commit (so a transaction becomes visible as soon
+// as it is complete) and whenever maxBatch events are pending (so a large
+// transaction streams through in bounded memory).
 func (s *Stream) emit(ctx context.Context, conn *pgconn.PgConn, ev pipeline.Event) error {
+	if s.pending == nil {
+		select {
+		case b := <-s.free:
+			s.pending = b
+		default:
+			s.pending = make([]pipeline.Event, 0, 8)
+		}
+	}
+	s.pending = append(s.pending, ev)
+	if ev.Kind != pipeline.EventCommit && len(s.pending) < maxBatch {
+		return nil
+	}
+	b := s.pending
+	s.pending = nil
+	return s.handOver(ctx, conn, b)
+}
+
+// handOver gives a batch to the pipeline. While the pipeline is full it
+// keeps sending standby status, so Postgres does not time the connection
+// out.
+func (s *Stream) handOver(ctx context.Context, conn *pgconn.PgConn, b []pipeline.Event) error {
 	select {
-	case s.out <- ev:
+	case s.out <- b:
 		return nil
 	default:
 	}
 	for {
 		select {
-		case s.out <- ev:
+		case s.out <- b:
 			return nil
 		case <-s.ackCh:
 			if err := s.maybeSendStatus(ctx, conn, false); err != nil {

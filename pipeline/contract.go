@@ -15,6 +15,15 @@ type Source interface {
 	Ack(lsn LSN)
 }
 
+// BatchSource is a Source that can hand over several events per call, which
+// the pipeline prefers. NextBatch appends the next events (at least one, in
+// order) to dst, blocking like Next; the source MUST NOT keep references to
+// dst. Next and NextBatch are called from one goroutine.
+type BatchSource interface {
+	Source
+	NextBatch(ctx context.Context, dst []Event) ([]Event, error)
+}
+
 // Header is a Kafka-style message header.
 type Header struct {
 	Key   string

@@ -126,57 +126,83 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	return ctx.Err()
 }
 
+// next returns the next events: a batch from a BatchSource, else one.
+func (p *Pipeline) next(ctx context.Context, dst []Event) ([]Event, error) {
+	if bs, ok := p.src.(BatchSource); ok {
+		return bs.NextBatch(ctx, dst)
+	}
+	ev, err := p.src.Next(ctx)
+	if err != nil {
+		return dst, err
+	}
+	return append(dst, ev), nil
+}
+
 func (p *Pipeline) read(ctx context.Context) error {
 	var st *txnState
 	var msgs []Message
+	var evs []Event
 	for {
-		ev, err := p.src.Next(ctx)
-		if err != nil {
+		var err error
+		clear(evs)
+		if evs, err = p.next(ctx, evs[:0]); err != nil {
 			return err
 		}
-		switch ev.Kind {
-		case EventBegin:
-			// A Begin while a transaction is open: the source reconnected and
-			// will deliver the open transaction again from its start.
-			st = &txnState{info: ev.Txn}
-			p.stats.ReceivedLSN.Store(uint64(ev.Txn.CommitLSN))
-			if p.cfg.Router.TransactionsTopic {
-				if err := p.q.push(ctx, entry{msg: p.router.txnRecord(st, false)}); err != nil {
-					return err
-				}
-			}
-		case EventChange:
-			if st == nil || st.info != ev.Txn {
-				return fmt.Errorf("pipeline: change on %s outside its transaction", ev.Change.Rel.QualifiedName())
-			}
-			p.stats.Changes.Add(1)
-			msgs, err = p.router.encodeChange(msgs[:0], st, &ev.Change, p.now())
-			if err != nil {
+		now := p.now()
+		for i := range evs {
+			if st, msgs, err = p.handle(ctx, &evs[i], st, msgs, now); err != nil {
 				return err
 			}
-			for i := range msgs {
-				if err := p.q.push(ctx, entry{msg: msgs[i]}); err != nil {
-					return err
-				}
-				msgs[i] = Message{}
-			}
-		case EventCommit:
-			if st == nil || st.info != ev.Txn {
-				return errors.New("pipeline: commit without its begin")
-			}
-			p.stats.Transactions.Add(1)
-			e := entry{ack: ev.Txn.EndLSN, commitTime: ev.Txn.CommitTime}
-			if p.cfg.Router.TransactionsTopic {
-				e.msg = p.router.txnRecord(st, true)
-			}
-			if err := p.q.push(ctx, e); err != nil {
-				return err
-			}
-			st = nil
-		default:
-			return fmt.Errorf("pipeline: unknown event kind %d", ev.Kind)
 		}
 	}
+}
+
+// handle turns one event into queued messages. st is the open transaction.
+func (p *Pipeline) handle(ctx context.Context, ev *Event, st *txnState, msgs []Message, now time.Time) (*txnState, []Message, error) {
+	var err error
+	switch ev.Kind {
+	case EventBegin:
+		// A Begin while a transaction is open: the source reconnected and
+		// will deliver the open transaction again from its start.
+		st = &txnState{info: ev.Txn}
+		p.stats.ReceivedLSN.Store(uint64(ev.Txn.CommitLSN))
+		if p.cfg.Router.TransactionsTopic {
+			if err := p.q.push(ctx, entry{msg: p.router.txnRecord(st, false)}); err != nil {
+				return st, msgs, err
+			}
+		}
+	case EventChange:
+		if st == nil || st.info != ev.Txn {
+			return st, msgs, fmt.Errorf("pipeline: change on %s outside its transaction", ev.Change.Rel.QualifiedName())
+		}
+		p.stats.Changes.Add(1)
+		msgs, err = p.router.encodeChange(msgs[:0], st, &ev.Change, now)
+		if err != nil {
+			return st, msgs, err
+		}
+		for i := range msgs {
+			if err := p.q.push(ctx, entry{msg: msgs[i]}); err != nil {
+				return st, msgs, err
+			}
+			msgs[i] = Message{}
+		}
+	case EventCommit:
+		if st == nil || st.info != ev.Txn {
+			return st, msgs, errors.New("pipeline: commit without its begin")
+		}
+		p.stats.Transactions.Add(1)
+		e := entry{ack: ev.Txn.EndLSN, commitTime: ev.Txn.CommitTime}
+		if p.cfg.Router.TransactionsTopic {
+			e.msg = p.router.txnRecord(st, true)
+		}
+		if err := p.q.push(ctx, e); err != nil {
+			return st, msgs, err
+		}
+		st = nil
+	default:
+		return st, msgs, fmt.Errorf("pipeline: unknown event kind %d", ev.Kind)
+	}
+	return st, msgs, nil
 }
 
 func (p *Pipeline) write(ctx context.Context) error {

@@ -76,12 +76,13 @@ type route struct {
 
 // Router maps changes to topics and keys. It is used by one goroutine.
 type Router struct {
-	cfg      RouterConfig
-	byName   map[string][]EntityStream
-	cache    map[*Relation]*relInfo
-	scratch  []byte
-	kscratch []byte
-	txnTopic string
+	cfg       RouterConfig
+	byName    map[string][]EntityStream
+	cache     map[*Relation]*relInfo
+	scratch   []byte
+	kscratch  []byte // keyChanged's scratch
+	kscratch2 []byte
+	txnTopic  string
 }
 
 // relInfo is what the router derives once per relation shape.
@@ -174,7 +175,8 @@ func (r *Router) encodeChange(dst []Message, st *txnState, ch *Change, now time.
 }
 
 func (r *Router) keyChanged(rs []route, ch *Change) bool {
-	var a, b []byte
+	a, b := r.kscratch[:0], r.kscratch2[:0]
+	defer func() { r.kscratch, r.kscratch2 = a[:0], b[:0] }()
 	for _, rt := range rs {
 		if len(rt.keyCols) == 0 {
 			continue
@@ -195,45 +197,65 @@ func (r *Router) emit(dst []Message, src EnvelopeSource, st *txnState, ch *Chang
 	pos := Position{CommitLSN: st.info.CommitLSN, Seq: st.seq}
 	st.seq++
 	order := st.bump(ri.name)
-	// Encode into scratch space, then copy once at the exact size: the
-	// message owns its bytes until the sink has written them.
-	r.scratch = AppendEnvelope(r.scratch[:0], src, st.info, ch, op, before, after, pos, order, now)
-	value := bytes.Clone(r.scratch)
-	digits := make([]byte, 0, 24)
-	digits = strconv.AppendUint(digits, uint64(pos.CommitLSN), 10)
-	n := len(digits)
-	digits = strconv.AppendUint(digits, uint64(pos.Seq), 10)
-	headers := []Header{
-		{Key: "tidemark-table", Value: ri.nameBytes},
-		{Key: "tidemark-op", Value: opBytes[op]},
-		{Key: "tidemark-lsn", Value: digits[:n:n]},
-		{Key: "tidemark-seq", Value: digits[n:]},
-	}
+	// Encode the value, the position digits and every route's key into
+	// scratch space, then copy them once, at the exact size, into one
+	// allocation that the messages share: a message owns its bytes until
+	// the sink has written them.
+	b := AppendEnvelope(r.scratch[:0], src, st.info, ch, op, before, after, pos, order, now)
+	valueEnd := len(b)
+	b = strconv.AppendUint(b, uint64(pos.CommitLSN), 10)
+	lsnEnd := len(b)
+	b = strconv.AppendUint(b, uint64(pos.Seq), 10)
+	seqEnd := len(b)
+	var keyEnds [4]int // routes are few: a table topic and its entity streams
+	ends := keyEnds[:0]
 	for _, rt := range ri.routes {
-		m := Message{Topic: rt.topic, Value: value, Headers: headers, Pos: pos}
-		if op == OpTruncate {
-			m.Broadcast = true
-		} else if len(rt.keyCols) > 0 {
+		if op != OpTruncate && len(rt.keyCols) > 0 {
 			img := after
 			if img == nil {
 				img = before
 			}
+			start := len(b)
 			var ok bool
-			r.kscratch, ok = AppendKey(r.kscratch[:0], ch.Rel, img, rt.keyCols)
+			b, ok = AppendKey(b, ch.Rel, img, rt.keyCols)
 			if !ok && before != nil && after != nil {
-				r.kscratch, ok = AppendKey(r.kscratch[:0], ch.Rel, before, rt.keyCols)
+				b, ok = AppendKey(b[:start], ch.Rel, before, rt.keyCols)
 			}
 			if !ok {
+				r.scratch = b[:0]
 				return dst, fmt.Errorf("%s on %s at %s: the row image lacks key column(s) for topic %s; "+
 					"set REPLICA IDENTITY FULL on the table so deletes carry the key",
 					opName(op), ri.name, pos, rt.topic)
 			}
-			m.Key = bytes.Clone(r.kscratch)
 		}
+		ends = append(ends, len(b))
+	}
+	r.scratch = b[:0]
+	mem := bytes.Clone(b)
+	hs := &headerSet{}
+	hs.h = [4]Header{
+		{Key: "tidemark-table", Value: ri.nameBytes},
+		{Key: "tidemark-op", Value: opBytes[op]},
+		{Key: "tidemark-lsn", Value: mem[valueEnd:lsnEnd:lsnEnd]},
+		{Key: "tidemark-seq", Value: mem[lsnEnd:seqEnd:seqEnd]},
+	}
+	value := mem[:valueEnd:valueEnd]
+	prev := seqEnd
+	for i, rt := range ri.routes {
+		m := Message{Topic: rt.topic, Value: value, Headers: hs.h[:], Pos: pos}
+		if op == OpTruncate {
+			m.Broadcast = true
+		} else if ends[i] > prev {
+			m.Key = mem[prev:ends[i]:ends[i]]
+		}
+		prev = ends[i]
 		dst = append(dst, m)
 	}
 	return dst, nil
 }
+
+// headerSet holds a change's headers in one allocation.
+type headerSet struct{ h [4]Header }
 
 func opName(op Op) string {
 	switch op {
