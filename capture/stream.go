@@ -103,8 +103,8 @@ type Stream struct {
 	typeNames   map[uint32]string
 	txn         *pipeline.TxnInfo
 	statusTimer *time.Ticker
-	row         rowMessage // reused by handleRow
-	slab        []byte     // see own
+	row         rowMessage       // reused by handleRow
+	slab        []byte           // see own
 	pending     []pipeline.Event // events not yet handed over (see emit)
 
 	// Owned by the consumer (Next, NextBatch).
