@@ -349,10 +349,48 @@ INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!r2', '@b', 
 			{"join after replay", rewrite("$14", "!r2", "@c", "join"), []string{"!r2 @c added join"}},
 		},
 	}
-	for _, sc := range []targetScenario{canonical, synapse} {
+	zulip := targetScenario{
+		name: "zulip", schema: zulipSchema, tables: []string{"public.zerver_subscription", "public.zerver_userprofile"},
+		tc: zulipTargets, truth: zulipTruth,
+		steps: []targetStep{
+			{"seed", `INSERT INTO zerver_userprofile(id) VALUES (1), (2), (3);
+INSERT INTO zerver_subscription(user_profile_id, recipient_id) VALUES (2, 10), (2, 20), (3, 20)`,
+				[]string{"10 2 added join", "20 2 added join", "20 3 added join"}},
+			{"unsubscribe", `UPDATE zerver_subscription SET active = false WHERE user_profile_id = 3 AND recipient_id = 20`, []string{"20 3 removed leave"}},
+			{"resubscribe", `UPDATE zerver_subscription SET active = true WHERE user_profile_id = 3 AND recipient_id = 20`, []string{"20 3 added join"}},
+			{"deactivate", `UPDATE zerver_userprofile SET is_active = false WHERE id = 2`, []string{"10 2 removed deactivated", "20 2 removed deactivated"}},
+			{"reactivate", `UPDATE zerver_userprofile SET is_active = true WHERE id = 2`, []string{"10 2 added reactivated", "20 2 added reactivated"}},
+			{"rewrite unchanged", `BEGIN; DELETE FROM zerver_subscription WHERE user_profile_id = 1 AND recipient_id = 10;
+DELETE FROM zerver_subscription WHERE user_profile_id = 2 AND recipient_id = 10;
+INSERT INTO zerver_subscription(user_profile_id, recipient_id) VALUES (2, 10); COMMIT`, nil},
+			{"replay", "", nil},
+			{"subscribe after replay", `INSERT INTO zerver_subscription(user_profile_id, recipient_id) VALUES (1, 10)`, []string{"10 1 added join"}},
+		},
+	}
+	for _, sc := range []targetScenario{canonical, synapse, zulip} {
 		t.Run(sc.name, func(t *testing.T) { runTargetScenario(t, sc) })
 	}
 }
+
+// zulipSchema is a Zulip-like layout: subscriptions with an active flag
+// (and a surrogate key, so REPLICA IDENTITY FULL carries the user and
+// recipient of a deleted row), users with is_active; integer ids.
+const zulipSchema = `
+CREATE TABLE zerver_userprofile (id integer PRIMARY KEY, is_active boolean NOT NULL DEFAULT true);
+CREATE TABLE zerver_subscription (id serial PRIMARY KEY, user_profile_id integer NOT NULL, recipient_id integer NOT NULL,
+  active boolean NOT NULL DEFAULT true, UNIQUE (user_profile_id, recipient_id));
+ALTER TABLE zerver_subscription REPLICA IDENTITY FULL;`
+
+func zulipTargets() *config.Targets {
+	return &config.Targets{
+		Membership: targets.MembershipSource{Table: "public.zerver_subscription", RoomColumn: "recipient_id", UserColumn: "user_profile_id",
+			MembershipColumn: "active", Joined: []string{"true"}},
+		Users: targets.UserSource{Table: "public.zerver_userprofile", UserColumn: "id", ActiveColumn: "is_active"},
+	}
+}
+
+const zulipTruth = `SELECT s.recipient_id::text, s.user_profile_id::text FROM zerver_subscription s
+LEFT JOIN zerver_userprofile u ON u.id = s.user_profile_id WHERE s.active AND coalesce(u.is_active, true)`
 
 // demoSchemaTargets is the canonical schema's two tables the targets read.
 const demoSchemaTargets = `
@@ -367,20 +405,28 @@ func runTargetScenario(t *testing.T, sc targetScenario) {
 	prefix := "tg" + sc.name[:3]
 	cfg := targetsConfig(e, prefix, sc.tables, sc.tc())
 	e.start(cfg)
-	_, stop := e.startTargets(cfg)
+	tg, stop := e.startTargets(cfg)
 	changes := &changeReader{e: e, seen: map[string]bool{}}
 	changesTopic := prefix + ".notify_target_changes"
+	// Every transaction is settled once its END record says it is whole,
+	// never by the hold's timeout.
+	checkEnds := func() {
+		if n := tg.Handler.Stats().HeldExpired.Load(); n != 0 {
+			t.Errorf("%d transaction(s) settled by the hold, not by their END record", n)
+		}
+	}
 	for _, st := range sc.steps {
 		if st.name == "replay" {
 			// A restarted consumer has no per-partition positions in memory:
 			// only the kept state's own position guard stands between a
 			// replayed history and resurrected members.
 			stop()
+			checkEnds()
 			n := e.replayTopics(targetTopics(cfg))
 			if n == 0 {
 				t.Fatal("nothing to replay")
 			}
-			_, stop = e.startTargets(cfg)
+			tg, stop = e.startTargets(cfg)
 		} else {
 			e.exec(st.sql)
 		}
@@ -395,6 +441,7 @@ func runTargetScenario(t *testing.T, sc targetScenario) {
 			t.Errorf("%s: change records %v, want %v", st.name, got, want)
 		}
 	}
+	checkEnds()
 	// The compacted topic's latest value per room is the kept set.
 	latest := e.latestTargets(prefix + ".notify_targets")
 	byRoom := map[string][]string{}

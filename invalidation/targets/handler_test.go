@@ -1,0 +1,196 @@
+package targets
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"slices"
+	"sort"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/tidemark/tidemark/internal/pgserver"
+	"github.com/tidemark/tidemark/invalidation"
+	"github.com/tidemark/tidemark/pipeline"
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	pgserver.StopShared()
+	os.Exit(code)
+}
+
+// recorder is a Publisher that remembers change records.
+type recorder struct{ changes []string }
+
+func (r *recorder) publish(_ context.Context, ups []RoomUpdate) error {
+	for _, u := range ups {
+		for _, c := range u.Changes {
+			op := "removed"
+			if c.Added {
+				op = "added"
+			}
+			r.changes = append(r.changes, fmt.Sprintf("%s %s %s %s", u.Room, c.User, op, c.Reason))
+		}
+	}
+	return nil
+}
+
+func (r *recorder) take() []string {
+	out := r.changes
+	r.changes = nil
+	sort.Strings(out)
+	return out
+}
+
+func newTestStore(t *testing.T) (*Store, *pgxpool.Pool) {
+	t.Helper()
+	dsn := pgserver.ForTest(t)
+	pool, err := pgxpool.New(context.Background(), dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	s := NewStore(pool, "tidemark")
+	if err := s.Setup(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return s, pool
+}
+
+func change(table, op string, before, after map[string]json.RawMessage, lsn pipeline.LSN, seq uint32) *invalidation.Message {
+	schema, name := "public", table
+	e := &pipeline.Envelope{Op: op, Before: before, After: after}
+	e.Source.Schema, e.Source.Table = schema, name
+	return &invalidation.Message{Table: schema + "." + name, Pos: pipeline.Position{CommitLSN: lsn, Seq: seq}, Env: e}
+}
+
+func membership(room, user, mem string) map[string]json.RawMessage {
+	return img("room_id", `"`+room+`"`, "user_id", `"`+user+`"`, "membership", `"`+mem+`"`)
+}
+
+func userRow(user string, deactivated bool) map[string]json.RawMessage {
+	return img("user_id", `"`+user+`"`, "deactivated", fmt.Sprint(deactivated))
+}
+
+func end(x *TxnIndex, lsn int, members, users int) {
+	x.add(fmt.Appendf(nil, `{"status":"END","lsn":%d,"data_collections":[{"data_collection":"public.room_memberships","event_count":%d},{"data_collection":"public.users","event_count":%d}]}`, lsn, members, users))
+}
+
+// batch hands the messages to h as one consumer batch.
+func batch(t *testing.T, h *Handler, ms ...*invalidation.Message) {
+	t.Helper()
+	ctx := context.Background()
+	for _, m := range ms {
+		if err := h.Handle(ctx, m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := h.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func expect(t *testing.T, step string, r *recorder, want ...string) {
+	t.Helper()
+	sort.Strings(want)
+	if got := r.take(); !slices.Equal(got, want) {
+		t.Errorf("%s: published %v, want %v", step, got, want)
+	}
+}
+
+// TestHandlerNetEffectAcrossBatches: a DELETE+INSERT rewrite split over
+// two consumer batches publishes nothing, because the room waits until the
+// transaction's END record says all its changes were seen; an incomplete
+// transaction is settled after the hold.
+func TestHandlerNetEffectAcrossBatches(t *testing.T) {
+	s, _ := newTestStore(t)
+	r := &recorder{}
+	x := &TxnIndex{Tables: []string{"public.room_memberships", "public.users"}}
+	h, err := NewHandler(HandlerConfig{Store: s, Publish: r.publish, Ends: x, Hold: 300 * time.Millisecond}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	end(x, 50, 2, 0)
+	batch(t, h, change("room_memberships", "c", nil, membership("!r", "@a", "join"), 50, 0),
+		change("room_memberships", "c", nil, membership("!r", "@b", "join"), 50, 1))
+	expect(t, "join", r, "!r @a added join", "!r @b added join")
+
+	end(x, 100, 2, 0)
+	batch(t, h, change("room_memberships", "d", membership("!r", "@a", "join"), nil, 100, 0))
+	expect(t, "first half of a rewrite", r)
+	batch(t, h, change("room_memberships", "c", nil, membership("!r", "@a", "join"), 100, 1))
+	expect(t, "second half of a rewrite", r)
+
+	// The rewrite's END has not arrived yet: the room waits for it.
+	batch(t, h, change("room_memberships", "d", membership("!r", "@b", "join"), nil, 120, 0))
+	expect(t, "delete before its END", r)
+	end(x, 120, 2, 0)
+	batch(t, h, change("room_memberships", "c", nil, membership("!r", "@b", "leave"), 120, 1))
+	expect(t, "rewrite to leave", r, "!r @b removed leave")
+
+	// A transaction whose other changes never come is settled after the hold.
+	end(x, 130, 2, 0)
+	batch(t, h, change("room_memberships", "u", membership("!r", "@a", "join"), membership("!r", "@a", "ban"), 130, 0))
+	expect(t, "incomplete transaction", r)
+	time.Sleep(350 * time.Millisecond)
+	h.mu.Lock()
+	h.settleReady(context.Background())
+	h.mu.Unlock()
+	expect(t, "after the hold", r, "!r @a removed ban")
+	if n := h.Stats().HeldExpired.Load(); n != 1 {
+		t.Errorf("HeldExpired = %d, want 1", n)
+	}
+	if len(h.pending) != 0 {
+		t.Errorf("pending transactions left: %d", len(h.pending))
+	}
+}
+
+// TestHandlerPositionsDecide: replays and out-of-order deliveries change
+// nothing; deactivation removes the user from every room they are in, and
+// reactivation restores the rooms where they are still joined; a truncate
+// empties every room.
+func TestHandlerPositionsDecide(t *testing.T) {
+	s, pool := newTestStore(t)
+	r := &recorder{}
+	h, err := NewHandler(HandlerConfig{Store: s, Publish: r.publish}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	batch(t, h, change("room_memberships", "c", nil, membership("!r1", "@a", "join"), 300, 0),
+		change("room_memberships", "c", nil, membership("!r2", "@a", "join"), 300, 1),
+		change("room_memberships", "c", nil, membership("!r3", "@a", "leave"), 300, 2),
+		change("room_memberships", "c", nil, membership("!r3", "@b", "join"), 300, 3))
+	expect(t, "joins", r, "!r1 @a added join", "!r2 @a added join", "!r3 @b added join")
+	// An older change delivered late (another partition) loses.
+	batch(t, h, change("room_memberships", "d", membership("!r1", "@a", "join"), nil, 200, 0))
+	expect(t, "older delete", r)
+	// The same transaction again (a replay) changes nothing.
+	batch(t, h, change("room_memberships", "c", nil, membership("!r1", "@a", "join"), 300, 0))
+	expect(t, "replay", r)
+
+	batch(t, h, change("users", "u", userRow("@a", false), userRow("@a", true), 400, 0))
+	expect(t, "deactivate", r, "!r1 @a removed deactivated", "!r2 @a removed deactivated")
+	batch(t, h, change("room_memberships", "u", membership("!r2", "@a", "join"), membership("!r2", "@a", "leave"), 405, 0))
+	expect(t, "leave while deactivated", r)
+	batch(t, h, change("users", "u", userRow("@a", false), userRow("@a", true), 400, 0))
+	expect(t, "replayed deactivation", r)
+	batch(t, h, change("users", "u", userRow("@a", true), userRow("@a", false), 410, 0))
+	expect(t, "reactivate", r, "!r1 @a added reactivated")
+	batch(t, h, change("users", "u", userRow("@a", false), userRow("@a", true), 400, 0))
+	expect(t, "replayed deactivation after reactivation", r)
+
+	batch(t, h, change("room_memberships", "t", nil, nil, 500, 0), change("room_memberships", "t", nil, nil, 500, 0))
+	expect(t, "truncate", r, "!r1 @a removed leave", "!r3 @b removed leave")
+	var n int
+	if err := pool.QueryRow(context.Background(), `SELECT count(*) FROM tidemark.notify_targets`).Scan(&n); err != nil || n != 0 {
+		t.Errorf("kept targets after truncate: %d (%v)", n, err)
+	}
+	var lsn, seq int64
+	if err := pool.QueryRow(context.Background(), `SELECT lsn, seq FROM tidemark.notify_rooms WHERE room_id = '!r1'`).Scan(&lsn, &seq); err != nil || lsn != 500 {
+		t.Errorf("room position %d:%d (%v), want 500:0", lsn, seq, err)
+	}
+}
