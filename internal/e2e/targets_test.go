@@ -746,6 +746,33 @@ func TestTargetsConsumerKilled(t *testing.T) {
 	if rep.Ratio != 1 || rep.Rooms == 0 {
 		t.Fatalf("audit after restart: %d rooms, ratio %v, mismatches %v", rep.Rooms, rep.Ratio, rep.Mismatches)
 	}
+	// The commands, as an operator runs them.
+	cli := func(wantCode int, args ...string) string {
+		t.Helper()
+		out, err := exec.Command(bin, append(args, "--config", path)...).CombinedOutput()
+		code := 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		if code != wantCode {
+			t.Fatalf("tidemark %v: exit %d, want %d\n%s", args, code, wantCode, out)
+		}
+		return string(out)
+	}
+	if out := cli(0, "audit", "targets"); !strings.Contains(out, "ratio 1.0000") {
+		t.Errorf("audit output: %s", out)
+	}
+	e.exec(`DELETE FROM tidemark.notify_targets WHERE room_id = (SELECT min(room_id) FROM tidemark.notify_targets)`)
+	if out := cli(4, "audit", "targets", "--sample", "100", "--wait", "20s"); !strings.Contains(out, "missing [@w") {
+		t.Errorf("audit of a corrupted room: %s", out)
+	}
+	cli(2, "rebuild", "targets")
+	if out := cli(0, "rebuild", "targets", "--all"); !strings.Contains(out, "user(s) added") {
+		t.Errorf("rebuild output: %s", out)
+	}
+	cli(0, "audit", "targets")
 	_ = cmd.Process.Signal(syscall.SIGTERM)
 	if err := cmd.Wait(); err != nil {
 		t.Errorf("graceful stop: %v", err)
