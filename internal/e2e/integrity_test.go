@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"slices"
 	"sort"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -14,12 +16,16 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
 	"github.com/tidemark/tidemark/internal/app"
 	"github.com/tidemark/tidemark/internal/bench"
 	"github.com/tidemark/tidemark/internal/config"
+	"github.com/tidemark/tidemark/internal/kafkatest"
+	"github.com/tidemark/tidemark/internal/pgserver"
 	"github.com/tidemark/tidemark/invalidation/integrity"
 )
 
@@ -406,4 +412,183 @@ func TestIntegrityEarlierRowViaDatabase(t *testing.T) {
 	if st := ig.Checker.Stats(); st.Checked < 2 {
 		t.Errorf("%d expectations checked in the database, want both markers (%+v)", st.Checked, st)
 	}
+}
+
+// BenchmarkIntegrityDetectionLatency (acceptance 5) drives the canonical
+// mix at a steady rate (default 1,000 tx/s for 15 s; env
+// TIDEMARK_BENCH_RATE, TIDEMARK_BENCH_SECONDS), 5% of it orphaned events
+// (an event without its event_json), through capture, kfake and the
+// integrity consumer, and reports the latency from each orphan's commit
+// (its COMMIT returned to the client) to its violation being durable (the
+// violations table and topic written), p50 and p99. Run it once:
+//
+//	go test -run '^$' -bench IntegrityDetectionLatency -benchtime 1x ./internal/e2e/
+func BenchmarkIntegrityDetectionLatency(b *testing.B) {
+	rate, seconds := envInt("TIDEMARK_BENCH_RATE", 1000), envInt("TIDEMARK_BENCH_SECONDS", 15)
+	dsn := pgserver.ForTest(b)
+	ctx := context.Background()
+	// synchronous_commit=on, as tidemark bench's live phase: with it off,
+	// a commit reaches the WAL (and logical decoding) only at the WAL
+	// writer's next round (wal_writer_delay, 200 ms).
+	pc, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		b.Fatal(err)
+	}
+	pc.ConnConfig.RuntimeParams["synchronous_commit"] = "on"
+	pool, err := pgxpool.NewWithConfig(ctx, pc)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(pool.Close)
+	for _, q := range []string{bench.Schema, bench.Seed} {
+		if _, err := pool.Exec(ctx, q); err != nil {
+			b.Fatal(err)
+		}
+	}
+	kc := kafkatest.ForTest(b)
+	noHTTP := ""
+	cfg := &config.Config{
+		Postgres:  config.Postgres{DSN: dsn, Slot: "ilat_slot", Publication: "ilat_pub", Tables: bench.Tables, StandbyInterval: time.Second},
+		Kafka:     config.Kafka{Brokers: kc.Brokers(), TopicPrefix: "ilat", Partitions: 3},
+		HTTP:      config.HTTP{Listen: &noHTTP},
+		Integrity: &config.Integrity{},
+	}
+	cfg.ApplyDefaults()
+	if ps := cfg.Validate(); len(ps) > 0 {
+		b.Fatal(ps)
+	}
+	log := zap.NewNop()
+	a, err := app.Prepare(ctx, cfg, log)
+	if err != nil {
+		b.Fatal(err)
+	}
+	var mu sync.Mutex
+	committed := map[string]time.Time{}
+	var lat []time.Duration
+	detected := make(chan struct{}, 1<<16)
+	onViolation := func(v *integrity.Violation) {
+		now := time.Now()
+		mu.Lock()
+		if t0, ok := committed[v.Match["event_id"]]; ok {
+			lat = append(lat, now.Sub(t0))
+		}
+		mu.Unlock()
+		detected <- struct{}{}
+	}
+	ig, err := app.PrepareIntegrity(ctx, cfg, log, func(o *integrity.Options) { o.OnViolation = onViolation })
+	if err != nil {
+		b.Fatal(err)
+	}
+	runCtx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	for _, run := range []func(context.Context) error{a.Run, ig.Run} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := run(runCtx); err != nil {
+				b.Error(err)
+			}
+		}()
+	}
+	defer func() { cancel(); wg.Wait() }()
+	// Warm up until the consumer has decided a transaction.
+	for i := 0; ig.Checker.Stats().Decided == 0; i++ {
+		if i > 600 {
+			b.Fatal("the integrity consumer decided nothing within 60s")
+		}
+		if _, err := pool.Exec(ctx, itxMessage, fmt.Sprintf("$warm%d", i), benchRoom(1), benchUser(1), 0); err != nil {
+			b.Fatal(err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+
+	b.ResetTimer()
+	total := rate * seconds
+	jobs := make(chan int, 1024)
+	var orphans, errs atomic.Int64
+	var workers sync.WaitGroup
+	for w := 0; w < 8; w++ {
+		workers.Add(1)
+		go func(w int) {
+			defer workers.Done()
+			rng := rand.New(rand.NewPCG(uint64(w)+1, 7))
+			for i := range jobs {
+				room, user := benchRoom(1+rng.IntN(500)), benchUser(1+rng.IntN(2000))
+				var err error
+				switch p := rng.IntN(100); {
+				case p < 5:
+					id := fmt.Sprintf("$orphan%d", i)
+					_, err = pool.Exec(ctx, itxOrphan, id, room, user)
+					t1 := time.Now()
+					mu.Lock()
+					committed[id] = t1
+					mu.Unlock()
+					orphans.Add(1)
+				case p < 70:
+					_, err = pool.Exec(ctx, itxMessage, fmt.Sprintf("$m%d", i), room, user, time.Now().UnixMilli())
+				case p < 90:
+					_, err = pool.Exec(ctx, itxRead, user, room)
+				default:
+					_, err = pool.Exec(ctx, itxMember, room, user, "join")
+				}
+				if err != nil {
+					errs.Add(1)
+				}
+			}
+		}(w)
+	}
+	start := time.Now()
+	tick := time.NewTicker(time.Millisecond)
+	sent, late := 0, 0
+	for sent < total {
+		<-tick.C
+		due := int(time.Since(start) * time.Duration(rate) / time.Second)
+		for sent < due && sent < total {
+			select {
+			case jobs <- sent:
+			default:
+				late++
+				jobs <- sent
+			}
+			sent++
+		}
+	}
+	tick.Stop()
+	close(jobs)
+	workers.Wait()
+	elapsed := time.Since(start)
+	want := int(orphans.Load())
+	deadline := time.After(60 * time.Second)
+	for got := 0; got < want; got++ {
+		select {
+		case <-detected:
+		case <-deadline:
+			b.Fatalf("%d of %d orphans detected within 60s of the workload's end", got, want)
+		}
+	}
+	b.StopTimer()
+	// Capture's own share: commit to Kafka acknowledgement.
+	var ack dto.Metric
+	_ = a.CommitToAck.(prometheus.Metric).Write(&ack)
+	ackMean := 1000 * ack.Histogram.GetSampleSum() / float64(max(1, ack.Histogram.GetSampleCount()))
+	b.ReportMetric(ackMean, "commit-to-ack-mean-ms")
+	mu.Lock()
+	defer mu.Unlock()
+	slices.Sort(lat)
+	q := func(f float64) time.Duration { return lat[min(len(lat)-1, int(f*float64(len(lat))))] }
+	b.ReportMetric(float64(total)/elapsed.Seconds(), "tx/s")
+	b.ReportMetric(float64(q(0.50).Microseconds())/1000, "p50-ms")
+	b.ReportMetric(float64(q(0.99).Microseconds())/1000, "p99-ms")
+	b.ReportMetric(float64(lat[len(lat)-1].Microseconds())/1000, "max-ms")
+	b.ReportMetric(float64(len(lat)), "orphans")
+	b.Logf("%d transactions in %s (%.0f tx/s, %d errors, %d dispatches late), %d orphans: commit to durable violation p50 %s, p99 %s, max %s; capture commit to Kafka ack mean %.1f ms",
+		total, elapsed.Round(time.Millisecond), float64(total)/elapsed.Seconds(), errs.Load(), late, len(lat),
+		q(0.5).Round(10*time.Microsecond), q(0.99).Round(10*time.Microsecond), lat[len(lat)-1].Round(10*time.Microsecond), ackMean)
+}
+
+func envInt(name string, def int) int {
+	if v, err := strconv.Atoi(os.Getenv(name)); err == nil && v > 0 {
+		return v
+	}
+	return def
 }

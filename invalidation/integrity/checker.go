@@ -457,6 +457,9 @@ func (c *Checker) handleChange(ctx context.Context, m *invalidation.Message) err
 			}
 		} else {
 			t.setNet("row|"+m.Table+"|"+string(rowKey), m.Pos.Seq, true)
+			if vals, ok := values(env.After, r.cols); ok {
+				t.setNet("par|"+r.Name+"|"+matchKey(vals), m.Pos.Seq, true)
+			}
 		}
 		if !strings.ContainsRune(r.ops, rune(op)) || !whereHolds(img, r.Where, op == 'd') {
 			continue
@@ -607,6 +610,12 @@ func (c *Checker) tryDecide(t *txnState) {
 			return
 		}
 	}
+	forward := map[string]bool{}
+	for _, it := range t.Items {
+		if it.Kind == KindMissing {
+			forward[it.Rule+"|"+matchKey(it.Match)] = true
+		}
+	}
 	for _, it := range t.Items {
 		r := c.eng.rule(it.Rule)
 		if r == nil {
@@ -631,6 +640,9 @@ func (c *Checker) tryDecide(t *txnState) {
 			}
 			if par, ok := t.Net["par|"+r.Name+"|"+k]; ok && !par.Exists {
 				continue // the parent went with it
+			}
+			if forward[r.Name+"|"+k] {
+				continue // the parent was written in this transaction: its own check decides
 			}
 			// Whether a parent remains is known only to the database.
 			c.addPending(&pend{item: it, Deadline: it.CommitMs, key: r.Name + "|" + KindOrphaned + "|" + k})

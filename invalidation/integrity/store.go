@@ -228,16 +228,13 @@ type commitResult struct {
 	status   map[string]string
 }
 
-// commit writes b in one transaction. publish is called inside it, after
-// the violations' stored statuses are known and before the commit, so the
-// topic never misses what the table holds.
+// commit writes b in one transaction: the statements go in one round trip
+// (a pgx batch). When there is something to publish, publish is called
+// inside the transaction, after the violations' stored statuses are known
+// and before the commit, so the topic never misses what the table holds.
 func (s *Store) commit(ctx context.Context, b *batch, publish func(ctx context.Context, res *commitResult) error) (*commitResult, error) {
 	res := &commitResult{inserted: map[string]bool{}, resolved: map[string]bool{}, status: map[string]string{}}
-	tx, err := s.pool.Begin(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("integrity store: begin: %w", err)
-	}
-	defer func() { _ = tx.Rollback(context.WithoutCancel(ctx)) }()
+	pb := &pgx.Batch{}
 	if len(b.violations) > 0 {
 		rows := make([]violationRow, len(b.violations))
 		for i, v := range b.violations {
@@ -252,7 +249,7 @@ func (s *Store) commit(ctx context.Context, b *batch, publish func(ctx context.C
 		if err != nil {
 			return nil, err
 		}
-		r, err := tx.Query(ctx, `INSERT INTO `+s.t("violations")+` (id, rule, kind, severity, table_name, row_key, position, commit_lsn, seq,
+		pb.Queue(`INSERT INTO `+s.t("violations")+` (id, rule, kind, severity, table_name, row_key, position, commit_lsn, seq,
   transaction_id, committed_at, detected_at, related_table, match, match_key, detail)
 SELECT x.id, x.rule, x.kind, x.severity, x.table_name, x.row_key, x.position, x.commit_lsn::pg_lsn, x.seq,
   x.transaction_id, x.committed_at, x.detected_at, x.related_table, x.match, x.match_key, x.detail
@@ -260,51 +257,45 @@ FROM jsonb_to_recordset($1::jsonb) AS x(id text, rule text, kind text, severity 
   commit_lsn text, seq integer, transaction_id text, committed_at timestamptz, detected_at timestamptz, related_table text,
   match jsonb, match_key text, detail text)
 ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id
-RETURNING id, status, xmax = 0`, js)
-		if err != nil {
-			return nil, fmt.Errorf("integrity store: upserting %d violations: %w", len(rows), err)
-		}
-		for r.Next() {
-			var id, st string
-			var ins bool
-			if err := r.Scan(&id, &st, &ins); err != nil {
-				r.Close()
-				return nil, err
+RETURNING id, status, xmax = 0`, js).Query(func(r pgx.Rows) error {
+			for r.Next() {
+				var id, st string
+				var ins bool
+				if err := r.Scan(&id, &st, &ins); err != nil {
+					return err
+				}
+				res.status[id] = st
+				if ins {
+					res.inserted[id] = true
+				}
 			}
-			res.status[id] = st
-			if ins {
-				res.inserted[id] = true
+			if err := r.Err(); err != nil {
+				return fmt.Errorf("integrity store: upserting %d violations: %w", len(rows), err)
 			}
-		}
-		r.Close()
-		if err := r.Err(); err != nil {
-			return nil, fmt.Errorf("integrity store: upserting violations: %w", err)
-		}
+			return nil
+		})
 	}
 	if len(b.resolved) > 0 {
 		js, err := json.Marshal(b.resolved)
 		if err != nil {
 			return nil, err
 		}
-		r, err := tx.Query(ctx, `UPDATE `+s.t("violations")+` v SET status = 'resolved', resolved_at = x.at, resolved_by = x.by
+		pb.Queue(`UPDATE `+s.t("violations")+` v SET status = 'resolved', resolved_at = x.at, resolved_by = x.by
 FROM jsonb_to_recordset($1::jsonb) AS x(id text, at timestamptz, by text)
-WHERE v.id = x.id AND v.status = 'open' RETURNING v.id`, js)
-		if err != nil {
-			return nil, fmt.Errorf("integrity store: resolving violations: %w", err)
-		}
-		for r.Next() {
-			var id string
-			if err := r.Scan(&id); err != nil {
-				r.Close()
-				return nil, err
+WHERE v.id = x.id AND v.status = 'open' RETURNING v.id`, js).Query(func(r pgx.Rows) error {
+			for r.Next() {
+				var id string
+				if err := r.Scan(&id); err != nil {
+					return err
+				}
+				res.resolved[id] = true
+				res.status[id] = StatusResolved
 			}
-			res.resolved[id] = true
-			res.status[id] = StatusResolved
-		}
-		r.Close()
-		if err := r.Err(); err != nil {
-			return nil, fmt.Errorf("integrity store: resolving violations: %w", err)
-		}
+			if err := r.Err(); err != nil {
+				return fmt.Errorf("integrity store: resolving violations: %w", err)
+			}
+			return nil
+		})
 	}
 	if len(b.deletes) > 0 {
 		var kinds, keys []string
@@ -312,10 +303,8 @@ WHERE v.id = x.id AND v.status = 'open' RETURNING v.id`, js)
 			kinds = append(kinds, k.kind)
 			keys = append(keys, k.key)
 		}
-		if _, err := tx.Exec(ctx, `DELETE FROM `+s.t("integrity_state")+` WHERE consumer = $1 AND (kind, key) IN
-  (SELECT * FROM unnest($2::text[], $3::text[]))`, s.consumer, kinds, keys); err != nil {
-			return nil, fmt.Errorf("integrity store: deleting state: %w", err)
-		}
+		pb.Queue(`DELETE FROM `+s.t("integrity_state")+` WHERE consumer = $1 AND (kind, key) IN
+  (SELECT * FROM unnest($2::text[], $3::text[]))`, s.consumer, kinds, keys)
 	}
 	if len(b.upserts) > 0 {
 		rows := make([]stateRow, 0, len(b.upserts))
@@ -326,16 +315,27 @@ WHERE v.id = x.id AND v.status = 'open' RETURNING v.id`, js)
 		if err != nil {
 			return nil, err
 		}
-		if _, err := tx.Exec(ctx, `INSERT INTO `+s.t("integrity_state")+` (consumer, kind, key, value)
+		pb.Queue(`INSERT INTO `+s.t("integrity_state")+` (consumer, kind, key, value)
 SELECT $1, x.kind, x.key, x.value FROM jsonb_to_recordset($2::jsonb) AS x(kind text, key text, value jsonb)
-ON CONFLICT (consumer, kind, key) DO UPDATE SET value = EXCLUDED.value`, s.consumer, js); err != nil {
-			return nil, fmt.Errorf("integrity store: writing state: %w", err)
-		}
+ON CONFLICT (consumer, kind, key) DO UPDATE SET value = EXCLUDED.value`, s.consumer, js)
 	}
-	if publish != nil {
-		if err := publish(ctx, res); err != nil {
-			return nil, err
+	if publish == nil {
+		// One round trip; a batch runs in one implicit transaction.
+		if err := s.pool.SendBatch(ctx, pb).Close(); err != nil {
+			return nil, fmt.Errorf("integrity store: %w", err)
 		}
+		return res, nil
+	}
+	tx, err := s.pool.Begin(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("integrity store: begin: %w", err)
+	}
+	defer func() { _ = tx.Rollback(context.WithoutCancel(ctx)) }()
+	if err := tx.SendBatch(ctx, pb).Close(); err != nil {
+		return nil, fmt.Errorf("integrity store: %w", err)
+	}
+	if err := publish(ctx, res); err != nil {
+		return nil, err
 	}
 	if err := tx.Commit(ctx); err != nil {
 		return nil, fmt.Errorf("integrity store: commit: %w", err)

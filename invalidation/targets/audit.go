@@ -62,8 +62,9 @@ func (a *Auditor) Audit(ctx context.Context, sample int) (AuditReport, error) {
 		wait = time.Minute
 	}
 	var rep AuditReport
-	truth := map[string]map[string]bool{}
-	var rooms []string
+	truth := map[string]map[string]bool{}      // of suspect rooms
+	keptAtRead := map[string]map[string]bool{} // of suspect rooms
+	var rooms, suspects []string
 	err = readSnapshot(ctx, a.Source, func(stx pgx.Tx, lsn pipeline.LSN) error {
 		rep.LSN = lsn
 		q, args := c.truthSQL(false)
@@ -88,36 +89,44 @@ func (a *Auditor) Audit(ctx context.Context, sample int) (AuditReport, error) {
 			rooms = rooms[:sample]
 			sort.Strings(rooms)
 		}
+		// Compare in chunks, keeping only the differing rooms' truth.
 		q, args = c.truthSQL(true)
-		args[len(args)-1] = rooms
-		rows, err = stx.Query(ctx, q, args...)
-		if err != nil {
-			return fmt.Errorf("reading source targets: %w", err)
-		}
-		var r, u string
-		_, err = pgx.ForEachRow(rows, []any{&r, &u}, func() error {
-			if truth[r] == nil {
-				truth[r] = map[string]bool{}
+		for start := 0; start < len(rooms); start += 500 {
+			chunk := rooms[start:min(start+500, len(rooms))]
+			args[len(args)-1] = chunk
+			rows, err = stx.Query(ctx, q, args...)
+			if err != nil {
+				return fmt.Errorf("reading source targets: %w", err)
 			}
-			truth[r][u] = true
-			return nil
-		})
-		return err
+			part := map[string]map[string]bool{}
+			var r, u string
+			if _, err = pgx.ForEachRow(rows, []any{&r, &u}, func() error {
+				if part[r] == nil {
+					part[r] = map[string]bool{}
+				}
+				part[r][u] = true
+				return nil
+			}); err != nil {
+				return err
+			}
+			kept, err := a.Store.Kept(ctx, chunk)
+			if err != nil {
+				return err
+			}
+			for _, r := range chunk {
+				if !sameSet(part[r], kept[r]) {
+					suspects = append(suspects, r)
+					truth[r] = part[r]
+					keptAtRead[r] = kept[r]
+				}
+			}
+		}
+		return nil
 	})
 	if err != nil {
 		return rep, err
 	}
 	rep.Rooms = len(rooms)
-	kept, err := a.Store.Kept(ctx, rooms)
-	if err != nil {
-		return rep, err
-	}
-	var suspects []string
-	for _, r := range rooms {
-		if !sameSet(truth[r], kept[r]) {
-			suspects = append(suspects, r)
-		}
-	}
 	bad := map[string]Mismatch{}
 	if len(suspects) > 0 {
 		wctx, cancel := context.WithTimeout(ctx, wait)
@@ -129,7 +138,7 @@ func (a *Auditor) Audit(ctx context.Context, sample int) (AuditReport, error) {
 		if !confirmed {
 			rep.Unconfirmed = true
 			for _, r := range suspects {
-				bad[r] = diff(r, truth[r], kept[r])
+				bad[r] = diff(r, truth[r], keptAtRead[r])
 			}
 		} else if bad, err = a.recheck(ctx, suspects, truth, stampBelow(rep.LSN)); err != nil {
 			return rep, err

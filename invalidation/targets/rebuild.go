@@ -97,20 +97,43 @@ func (b *Rebuilder) allRooms(ctx context.Context, c *compiled, stx pgx.Tx) ([]st
 	return append(rooms, kept...), nil
 }
 
-// rebuildAllUsers merges every source user, and marks active the users
-// the facts hold as inactive but the source no longer has.
+// rebuildAllUsers merges every source user, streaming them in chunks, and
+// marks active the users the facts hold as inactive but the source no
+// longer has (a user without a row is active).
 func (b *Rebuilder) rebuildAllUsers(ctx context.Context, c *compiled, stx pgx.Tx, stamp pipeline.Position) error {
-	rows, err := stx.Query(ctx, c.usersSQL(true))
+	const chunk = 5000
+	merge := func(src map[string]bool) error {
+		if len(src) == 0 {
+			return nil
+		}
+		return b.stateTx(ctx, func(tx pgx.Tx) error {
+			_, err := b.Store.mergeUsersTx(ctx, tx, stamp, sortedKeys(src), src)
+			return err
+		})
+	}
+	rows, err := stx.Query(ctx, c.usersSQL(true)+" ORDER BY 1")
 	if err != nil {
 		return fmt.Errorf("reading source users: %w", err)
 	}
 	src := map[string]bool{}
 	var u string
 	var active bool
-	if _, err := pgx.ForEachRow(rows, []any{&u, &active}, func() error { src[u] = active; return nil }); err != nil {
-		return fmt.Errorf("reading source users: %w", err)
+	_, err = pgx.ForEachRow(rows, []any{&u, &active}, func() error {
+		src[u] = active
+		if len(src) < chunk {
+			return nil
+		}
+		err := merge(src)
+		src = map[string]bool{}
+		return err
+	})
+	if err == nil {
+		err = merge(src)
 	}
-	rows, err = b.Store.pool.Query(ctx, fmt.Sprintf(`SELECT user_id FROM %s WHERE NOT active`, b.Store.t.users))
+	if err != nil {
+		return fmt.Errorf("merging source users: %w", err)
+	}
+	rows, err = b.Store.pool.Query(ctx, fmt.Sprintf(`SELECT user_id FROM %s WHERE NOT active ORDER BY 1`, b.Store.t.users))
 	if err != nil {
 		return err
 	}
@@ -118,20 +141,23 @@ func (b *Rebuilder) rebuildAllUsers(ctx context.Context, c *compiled, stx pgx.Tx
 	if err != nil {
 		return err
 	}
-	scope := sortedKeys(src)
-	for _, u := range inactive {
-		if _, ok := src[u]; !ok {
-			scope = append(scope, u)
-		}
-	}
-	scope = dedupeSorted(scope)
-	for start := 0; start < len(scope); start += 5000 {
-		part := scope[start:min(start+5000, len(scope))]
-		err := b.stateTx(ctx, func(tx pgx.Tx) error {
-			_, err := b.Store.mergeUsersTx(ctx, tx, stamp, part, src)
-			return err
-		})
+	for start := 0; start < len(inactive); start += chunk {
+		part := inactive[start:min(start+chunk, len(inactive))]
+		rows, err := stx.Query(ctx, c.usersSQL(false), part)
 		if err != nil {
+			return fmt.Errorf("reading source users: %w", err)
+		}
+		present := map[string]bool{}
+		if _, err := pgx.ForEachRow(rows, []any{&u, &active}, func() error { present[u] = true; return nil }); err != nil {
+			return err
+		}
+		gone := map[string]bool{}
+		for _, u := range part {
+			if !present[u] {
+				gone[u] = true // no row: active
+			}
+		}
+		if err := merge(gone); err != nil {
 			return err
 		}
 	}

@@ -1,0 +1,356 @@
+package integrity
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	kafkago "github.com/segmentio/kafka-go"
+
+	"github.com/tidemark/tidemark/invalidation"
+	"github.com/tidemark/tidemark/pipeline"
+)
+
+// canonicalSchema is the canonical chat schema with default replica
+// identities (the primary keys).
+func canonicalSchema() map[string]*TableSchema {
+	text := `"pg_catalog"."text"`
+	mk := func(name string, cols, ident []string) *TableSchema {
+		ts := &TableSchema{Name: name, Columns: cols, Identity: ident, Types: map[string]string{}}
+		for _, c := range cols {
+			ts.Types[c] = text
+		}
+		return ts
+	}
+	return map[string]*TableSchema{
+		"public.events":       mk("public.events", []string{"event_id", "room_id", "sender", "type", "stream_ordering", "origin_ts"}, []string{"event_id"}),
+		"public.event_json":   mk("public.event_json", []string{"event_id", "room_id", "json"}, []string{"event_id"}),
+		"public.read_markers": mk("public.read_markers", []string{"user_id", "room_id", "event_id", "stream_ordering", "updated_at"}, []string{"user_id", "room_id"}),
+	}
+}
+
+func newTestChecker(t *testing.T) *Checker {
+	t.Helper()
+	rules := DefaultRules()
+	ApplyDefaults(rules)
+	eng, err := Compile("integrity.rules", rules, canonicalSchema())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return NewChecker(eng, nil, nil, Options{Group: "test"}, nil, nil)
+}
+
+// change builds a change message the way the consumer runtime does.
+func change(table, op string, lsn uint64, seq uint32, key string, before, after map[string]any) *invalidation.Message {
+	img := func(m map[string]any) map[string]json.RawMessage {
+		if m == nil {
+			return nil
+		}
+		out := map[string]json.RawMessage{}
+		for k, v := range m {
+			b, _ := json.Marshal(v)
+			out[k] = b
+		}
+		return out
+	}
+	env := &pipeline.Envelope{Before: img(before), After: img(after), Op: op}
+	env.Source.Schema, env.Source.Table = "public", table
+	env.Source.LSN, env.Source.TsMs = lsn, int64(lsn)*1000
+	env.Transaction.ID = fmt.Sprintf("%d:%d", lsn, lsn)
+	env.Transaction.TotalOrder = seq + 1
+	return &invalidation.Message{Topic: "t.public." + table, Partition: int(seq % 3), Key: []byte(key),
+		Table: env.Table(), Pos: env.Position(), Env: env}
+}
+
+// end builds an END record of the transactions topic.
+func end(t *testing.T, lsn uint64, counts map[string]int) *invalidation.Message {
+	t.Helper()
+	var dcs []string
+	n := 0
+	for tbl, c := range counts {
+		dcs = append(dcs, fmt.Sprintf(`{"data_collection":%q,"event_count":%d}`, tbl, c))
+		n += c
+	}
+	v := fmt.Sprintf(`{"status":"END","id":"%d:%d","txId":%d,"lsn":%d,"ts_ms":%d,"end_lsn":%d,"event_count":%d,"data_collections":[%s]}`,
+		lsn, lsn, lsn, lsn, lsn*1000, lsn+1, n, strings.Join(dcs, ","))
+	m, err := Decode(&kafkago.Message{Topic: "t.transactions", Value: []byte(v)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+func feed(t *testing.T, c *Checker, ms ...*invalidation.Message) {
+	t.Helper()
+	for _, m := range ms {
+		if err := c.Handle(context.Background(), m); err != nil {
+			t.Fatalf("handle %s %s: %v", m.Table, m.Pos, err)
+		}
+	}
+}
+
+func kinds(c *Checker) []string {
+	var out []string
+	for _, v := range c.violations {
+		out = append(out, v.Rule+"/"+v.Kind)
+	}
+	return out
+}
+
+func ev(id string) map[string]any {
+	return map[string]any{"event_id": id, "room_id": "!r", "sender": "@u", "type": "m"}
+}
+func js(id string) map[string]any {
+	return map[string]any{"event_id": id, "room_id": "!r", "json": "{}"}
+}
+func key(id string) string { return `{"event_id":"` + id + `"}` }
+
+// TestSameTransactionDecidedWhenComplete: whatever order the END record and
+// the changes arrive in (different topics and partitions), a transaction is
+// decided only once complete, and by its net effect.
+func TestSameTransactionDecidedWhenComplete(t *testing.T) {
+	both := map[string]int{"public.events": 1, "public.event_json": 1}
+	cases := []struct {
+		name     string
+		msgs     func(t *testing.T) []*invalidation.Message
+		want     []string
+		open     int // transactions still undecided
+		pending  int // expectations left for the database
+		unseenOK bool
+	}{
+		{name: "END first", msgs: func(t *testing.T) []*invalidation.Message {
+			return []*invalidation.Message{end(t, 10, both), change("events", "c", 10, 0, key("$a"), nil, ev("$a")),
+				change("event_json", "c", 10, 1, key("$a"), nil, js("$a"))}
+		}},
+		{name: "END last", msgs: func(t *testing.T) []*invalidation.Message {
+			return []*invalidation.Message{change("event_json", "c", 10, 1, key("$a"), nil, js("$a")),
+				change("events", "c", 10, 0, key("$a"), nil, ev("$a")), end(t, 10, both)}
+		}},
+		{name: "event without event_json", msgs: func(t *testing.T) []*invalidation.Message {
+			return []*invalidation.Message{change("events", "c", 10, 0, key("$a"), nil, ev("$a")), end(t, 10, map[string]int{"public.events": 1})}
+		}, want: []string{"events_have_json/missing"}},
+		{name: "event_json of another event", msgs: func(t *testing.T) []*invalidation.Message {
+			return []*invalidation.Message{end(t, 10, both), change("events", "c", 10, 0, key("$a"), nil, ev("$a")),
+				change("event_json", "c", 10, 1, key("$b"), nil, js("$b"))}
+		}, want: []string{"events_have_json/missing"}},
+		{name: "event_json not arrived yet", msgs: func(t *testing.T) []*invalidation.Message {
+			return []*invalidation.Message{change("events", "c", 10, 0, key("$a"), nil, ev("$a")), end(t, 10, both)}
+		}, open: 1},
+		{name: "event_json inserted then deleted in the transaction", msgs: func(t *testing.T) []*invalidation.Message {
+			return []*invalidation.Message{change("events", "c", 10, 0, key("$a"), nil, ev("$a")),
+				change("event_json", "c", 10, 1, key("$a"), nil, js("$a")),
+				change("event_json", "d", 10, 2, key("$a"), map[string]any{"event_id": "$a"}, nil),
+				end(t, 10, map[string]int{"public.events": 1, "public.event_json": 2})}
+		}, want: []string{"events_have_json/missing"}},
+		{name: "event inserted then deleted in the transaction", msgs: func(t *testing.T) []*invalidation.Message {
+			return []*invalidation.Message{change("events", "c", 10, 0, key("$a"), nil, ev("$a")),
+				change("events", "d", 10, 1, key("$a"), map[string]any{"event_id": "$a"}, nil),
+				end(t, 10, map[string]int{"public.events": 2})}
+		}},
+		{name: "event_json rewritten (delete, insert)", msgs: func(t *testing.T) []*invalidation.Message {
+			return []*invalidation.Message{change("event_json", "d", 10, 0, key("$a"), map[string]any{"event_id": "$a"}, nil),
+				change("event_json", "c", 10, 1, key("$a"), nil, js("$a")), end(t, 10, map[string]int{"public.event_json": 2})}
+		}},
+		{name: "event_json deleted with its event", msgs: func(t *testing.T) []*invalidation.Message {
+			return []*invalidation.Message{change("event_json", "d", 10, 0, key("$a"), map[string]any{"event_id": "$a"}, nil),
+				change("events", "d", 10, 1, key("$a"), map[string]any{"event_id": "$a"}, nil),
+				end(t, 10, map[string]int{"public.event_json": 1, "public.events": 1})}
+		}},
+		{name: "event_json deleted alone: the database decides", msgs: func(t *testing.T) []*invalidation.Message {
+			return []*invalidation.Message{change("event_json", "d", 10, 0, key("$a"), map[string]any{"event_id": "$a"}, nil),
+				end(t, 10, map[string]int{"public.event_json": 1})}
+		}, pending: 1},
+		{name: "truncate copies counted once", msgs: func(t *testing.T) []*invalidation.Message {
+			tr := func(p int) *invalidation.Message {
+				m := change("events", "t", 10, 0, "", nil, nil)
+				m.Partition = p
+				return m
+			}
+			return []*invalidation.Message{tr(0), tr(1), change("events", "c", 10, 1, key("$a"), nil, ev("$a")), tr(2),
+				end(t, 10, map[string]int{"public.events": 2})}
+		}, want: []string{"events_have_json/missing"}},
+		{name: "tables the checker does not read", msgs: func(t *testing.T) []*invalidation.Message {
+			return []*invalidation.Message{end(t, 10, map[string]int{"public.rooms": 3})}
+		}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newTestChecker(t)
+			feed(t, c, tc.msgs(t)...)
+			if got := kinds(c); strings.Join(got, ",") != strings.Join(tc.want, ",") {
+				t.Errorf("violations %v, want %v", got, tc.want)
+			}
+			p := c.Progress()
+			if p.OpenTransactions != tc.open || p.Pending != tc.pending {
+				t.Errorf("open transactions %d, pending %d; want %d, %d", p.OpenTransactions, p.Pending, tc.open, tc.pending)
+			}
+		})
+	}
+}
+
+// TestSameTransactionLateChangeDecides: an undecided transaction is decided
+// by the change it was waiting for.
+func TestSameTransactionLateChangeDecides(t *testing.T) {
+	c := newTestChecker(t)
+	feed(t, c, change("events", "c", 10, 0, key("$a"), nil, ev("$a")),
+		end(t, 10, map[string]int{"public.events": 1, "public.event_json": 1}))
+	if p := c.Progress(); p.OpenTransactions != 1 {
+		t.Fatalf("decided before its event_json arrived: %+v", p)
+	}
+	feed(t, c, change("event_json", "c", 10, 1, key("$a"), nil, js("$a")))
+	if p := c.Progress(); p.OpenTransactions != 0 || len(c.violations) != 0 {
+		t.Fatalf("progress %+v, violations %v", p, kinds(c))
+	}
+	// A redelivered change of a decided transaction changes nothing.
+	feed(t, c, change("events", "c", 10, 0, key("$a"), nil, ev("$a")))
+	if p := c.Progress(); p.OpenTransactions != 0 {
+		t.Errorf("a redelivery reopened its transaction: %+v", p)
+	}
+}
+
+func marker(user, room, event string, so any) map[string]any {
+	return map[string]any{"user_id": user, "room_id": room, "event_id": event, "stream_ordering": so}
+}
+
+func mkey(user, room string) string { return `{"user_id":"` + user + `","room_id":"` + room + `"}` }
+
+// TestMonotonic: a value below the last one seen for the key is flagged,
+// from the before image when present, else from the kept value; deletes
+// reset the key; redeliveries are ignored.
+func TestMonotonic(t *testing.T) {
+	c := newTestChecker(t)
+	k := mkey("@a", "!r")
+	// Markers point at events the stream has shown, so only the monotonic
+	// rule speaks.
+	feed(t, c, change("events", "c", 1, 0, key("$e"), nil, ev("$e")), change("event_json", "c", 1, 1, key("$e"), nil, js("$e")),
+		end(t, 1, map[string]int{"public.events": 1, "public.event_json": 1}))
+	step := func(lsn uint64, op string, before, after map[string]any, want int) {
+		t.Helper()
+		feed(t, c, change("read_markers", op, lsn, 0, k, before, after))
+		if n := len(c.violations); n != want {
+			t.Fatalf("after lsn %d: %d violations (%v), want %d", lsn, n, kinds(c), want)
+		}
+	}
+	step(10, "c", nil, marker("@a", "!r", "$e", 100), 0)
+	step(11, "u", nil, marker("@a", "!r", "$e", 200), 0)
+	step(11, "u", nil, marker("@a", "!r", "$e", 50), 0) // same position again: skipped
+	step(12, "u", nil, marker("@a", "!r", "$e", 150), 1)
+	if v := c.violations[0]; v.Kind != KindRegressed || !strings.Contains(v.Detail, "from 200 to 150") {
+		t.Errorf("violation %+v", v)
+	}
+	step(13, "u", nil, marker("@a", "!r", "$e", 160), 1)                            // forward from the last value
+	step(14, "u", marker("@a", "!r", "$e", 1000), marker("@a", "!r", "$e", 900), 2) // the before image wins
+	step(15, "d", map[string]any{"user_id": "@a", "room_id": "!r"}, nil, 2)
+	step(16, "c", nil, marker("@a", "!r", "$e", 5), 2) // a new marker starts anywhere
+	step(17, "u", nil, marker("@a", "!r", "$e", "9007199254740993"), 2)
+	step(18, "u", nil, marker("@a", "!r", "$e", "9007199254740992"), 3) // exact beyond 2^53
+}
+
+// TestWindowedSatisfiedByStream: a read marker's event seen in the stream,
+// before or after the marker, satisfies it without the database; a newer
+// change of the marker supersedes its older expectation.
+func TestWindowedSatisfiedByStream(t *testing.T) {
+	c := newTestChecker(t)
+	feed(t, c, change("read_markers", "c", 10, 0, mkey("@a", "!r"), nil, marker("@a", "!r", "$later", 1)))
+	if p := c.Progress(); p.Pending != 1 {
+		t.Fatalf("pending %d, want 1", p.Pending)
+	}
+	feed(t, c, change("events", "c", 11, 0, key("$later"), nil, ev("$later")))
+	if p := c.Progress(); p.Pending != 0 {
+		t.Fatalf("the event did not satisfy the marker: pending %d", p.Pending)
+	}
+	feed(t, c, change("read_markers", "c", 12, 0, mkey("@b", "!r"), nil, marker("@b", "!r", "$later", 1)))
+	if p := c.Progress(); p.Pending != 0 {
+		t.Fatalf("an event seen earlier in the stream did not satisfy the marker: pending %d", p.Pending)
+	}
+	feed(t, c, change("read_markers", "u", 13, 0, mkey("@b", "!r"), nil, marker("@b", "!r", "$x", 2)),
+		change("read_markers", "u", 14, 0, mkey("@b", "!r"), nil, marker("@b", "!r", "$y", 3)))
+	if p := c.Progress(); p.Pending != 1 {
+		t.Fatalf("pending %d, want 1 (the marker's latest reference)", p.Pending)
+	}
+	for _, p := range c.pending {
+		if p.Match[0] != "$y" || p.Deadline != 14*1000+30000 {
+			t.Errorf("pending %+v, want $y due 30s after its commit", p)
+		}
+	}
+	// The deadline is in stream time: with records arriving, the wall clock
+	// does not move it.
+	c.opt.Now = func() time.Time { return time.Now().Add(time.Hour) }
+	c.recvAt = c.opt.Now()
+	if now := c.streamNowMs(); now != 14*1000 {
+		t.Errorf("stream time %d while records arrive, want the latest commit 14000", now)
+	}
+}
+
+func TestCompileNamesRuleAndColumn(t *testing.T) {
+	rules := []Rule{
+		{Name: "json", Table: "public.events", Expect: &Expect{Table: "public.event_json", Match: map[string]string{"event_id": "id"}}, Reverse: true},
+		{Name: "mono", Table: "public.read_markers", Monotonic: &Monotonic{Column: "position", Key: []string{"user_id"}}},
+		{Name: "del", Table: "public.read_markers", On: []string{"delete"}, Expect: &Expect{Table: "public.events", Match: map[string]string{"event_id": "event_id"}}},
+		{Name: "nowhere", Table: "public.nope", Monotonic: &Monotonic{Column: "x", Key: []string{"y"}}},
+	}
+	ApplyDefaults(rules)
+	if ps := Validate("integrity.rules", rules); len(ps) > 0 {
+		t.Fatalf("structurally invalid: %v", ps)
+	}
+	_, err := Compile("integrity.rules", rules, canonicalSchema())
+	if err == nil {
+		t.Fatal("compiled rules with unknown columns")
+	}
+	for _, want := range []string{
+		`integrity.rules[0] (json).expect.match: public.event_json has no column "id"`,
+		`integrity.rules[0] (json).reverse: deletes of public.event_json do not carry column "id"`,
+		`integrity.rules[1] (mono).monotonic.column: public.read_markers has no column "position"`,
+		`integrity.rules[2] (del).on: deletes of public.read_markers do not carry column "event_id"`,
+		`integrity.rules[3] (nowhere).table: public.nope does not exist`,
+	} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error lacks %q:\n%v", want, err)
+		}
+	}
+}
+
+func TestCompareValues(t *testing.T) {
+	for _, tc := range []struct {
+		a, b string
+		want int
+	}{
+		{"9", "10", -1}, {"10", "9", 1}, {"-5", "3", -1}, {"1.50", "1.5", 0},
+		{"9007199254740993", "9007199254740992", 1},
+		{"2026-11-26T10:00:00.5Z", "2026-11-26T10:00:00.25Z", 1},
+		{"b", "a", 1},
+	} {
+		if got := compareValues(tc.a, tc.b); got != tc.want {
+			t.Errorf("compareValues(%q, %q) = %d, want %d", tc.a, tc.b, got, tc.want)
+		}
+	}
+}
+
+func TestBoundsForget(t *testing.T) {
+	s := newFIFOSet(3)
+	for i := 0; i < 5; i++ {
+		s.add(fmt.Sprint(i))
+	}
+	if s.len() != 3 || s.has("0") || s.has("1") || !s.has("4") || s.Evicted != 2 {
+		t.Errorf("fifo set: len %d evicted %d", s.len(), s.Evicted)
+	}
+	l := newLRU(2)
+	l.put("a", monoVal{V: "1"})
+	l.put("b", monoVal{V: "2"})
+	l.get("a")
+	if k, v, ok := l.put("c", monoVal{V: "3"}); !ok || k != "b" || v.V != "2" {
+		t.Errorf("lru evicted %q %v %v, want b", k, v, ok)
+	}
+	c := newTestChecker(t)
+	c.opt.MaxPending = 2
+	for i := 0; i < 3; i++ {
+		u := fmt.Sprintf("@u%d", i)
+		feed(t, c, change("read_markers", "c", uint64(10+i), 0, mkey(u, "!r"), nil, marker(u, "!r", "$none", 1)))
+	}
+	if p := c.Progress(); p.Pending != 2 {
+		t.Errorf("pending %d beyond its bound 2", p.Pending)
+	}
+}
