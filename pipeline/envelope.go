@@ -25,11 +25,43 @@ const maxSafeInt = 1 << 53
 // change's 1-based index among the transaction's changes to the same table.
 func AppendEnvelope(dst []byte, src EnvelopeSource, txn *TxnInfo, ch *Change, op Op, before, after Tuple,
 	pos Position, dataCollectionOrder int, now time.Time) []byte {
-	rel := ch.Rel
+	return newEnvelopeLayout(src, ch.Rel).append(dst, txn, ch, op, before, after, pos, dataCollectionOrder, now)
+}
+
+// envelopeLayout holds the parts of a relation's envelopes that do not
+// change from row to row, already in JSON.
+type envelopeLayout struct {
+	rel     *Relation
+	colKeys [][]byte // `"name":` per column
+	colName [][]byte // `"name"` per column (for "unchanged")
+	source  []byte   // `,"source":{...,"table":"t","txId":`
+}
+
+func newEnvelopeLayout(src EnvelopeSource, rel *Relation) *envelopeLayout {
+	l := &envelopeLayout{rel: rel, colKeys: make([][]byte, len(rel.Columns)), colName: make([][]byte, len(rel.Columns))}
+	for i, c := range rel.Columns {
+		name := AppendJSONString(nil, c.Name)
+		l.colName[i] = name
+		l.colKeys[i] = append(name[:len(name):len(name)], ':')
+	}
+	b := append([]byte(nil), `,"source":{"connector":"tidemark","name":`...)
+	b = AppendJSONString(b, src.Name)
+	b = append(b, `,"db":`...)
+	b = AppendJSONString(b, src.Database)
+	b = append(b, `,"schema":`...)
+	b = AppendJSONString(b, rel.Schema)
+	b = append(b, `,"table":`...)
+	b = AppendJSONString(b, rel.Table)
+	l.source = append(b, `,"txId":`...)
+	return l
+}
+
+func (l *envelopeLayout) append(dst []byte, txn *TxnInfo, ch *Change, op Op, before, after Tuple,
+	pos Position, dataCollectionOrder int, now time.Time) []byte {
 	dst = append(dst, `{"before":`...)
-	dst = appendImage(dst, rel, before)
+	dst = l.appendImage(dst, before)
 	dst = append(dst, `,"after":`...)
-	dst = appendImage(dst, rel, after)
+	dst = l.appendImage(dst, after)
 	if after != nil {
 		first := true
 		for i := range after {
@@ -40,7 +72,7 @@ func AppendEnvelope(dst []byte, src EnvelopeSource, txn *TxnInfo, ch *Change, op
 				} else {
 					dst = append(dst, ',')
 				}
-				dst = AppendJSONString(dst, rel.Columns[i].Name)
+				dst = append(dst, l.colName[i]...)
 			}
 		}
 		if !first {
@@ -51,15 +83,7 @@ func AppendEnvelope(dst []byte, src EnvelopeSource, txn *TxnInfo, ch *Change, op
 	dst = append(dst, byte(op))
 	dst = append(dst, `","ts_ms":`...)
 	dst = strconv.AppendInt(dst, now.UnixMilli(), 10)
-	dst = append(dst, `,"source":{"connector":"tidemark","name":`...)
-	dst = AppendJSONString(dst, src.Name)
-	dst = append(dst, `,"db":`...)
-	dst = AppendJSONString(dst, src.Database)
-	dst = append(dst, `,"schema":`...)
-	dst = AppendJSONString(dst, rel.Schema)
-	dst = append(dst, `,"table":`...)
-	dst = AppendJSONString(dst, rel.Table)
-	dst = append(dst, `,"txId":`...)
+	dst = append(dst, l.source...)
 	dst = strconv.AppendUint(dst, uint64(txn.Xid), 10)
 	dst = append(dst, `,"lsn":`...)
 	dst = strconv.AppendUint(dst, uint64(txn.CommitLSN), 10)
@@ -69,13 +93,11 @@ func AppendEnvelope(dst []byte, src EnvelopeSource, txn *TxnInfo, ch *Change, op
 	dst = strconv.AppendUint(dst, uint64(txn.CommitLSN), 10)
 	dst = append(dst, `\"]","ts_ms":`...)
 	dst = strconv.AppendInt(dst, txn.CommitTime.UnixMilli(), 10)
-	snap := "false"
 	if op == OpRead {
-		snap = "true"
+		dst = append(dst, `,"snapshot":"true"},"transaction":{"id":"`...)
+	} else {
+		dst = append(dst, `,"snapshot":"false"},"transaction":{"id":"`...)
 	}
-	dst = append(dst, `,"snapshot":"`...)
-	dst = append(dst, snap...)
-	dst = append(dst, `"},"transaction":{"id":"`...)
 	dst = strconv.AppendUint(dst, uint64(txn.Xid), 10)
 	dst = append(dst, ':')
 	dst = strconv.AppendUint(dst, uint64(txn.CommitLSN), 10)
@@ -87,7 +109,7 @@ func AppendEnvelope(dst []byte, src EnvelopeSource, txn *TxnInfo, ch *Change, op
 	return dst
 }
 
-func appendImage(dst []byte, rel *Relation, t Tuple) []byte {
+func (l *envelopeLayout) appendImage(dst []byte, t Tuple) []byte {
 	if t == nil {
 		return append(dst, "null"...)
 	}
@@ -101,12 +123,25 @@ func appendImage(dst []byte, rel *Relation, t Tuple) []byte {
 			dst = append(dst, ',')
 		}
 		first = false
-		dst = AppendJSONString(dst, rel.Columns[i].Name)
-		dst = append(dst, ':')
+		if i < len(l.colKeys) {
+			dst = append(dst, l.colKeys[i]...)
+		} else {
+			dst = AppendJSONString(dst, l.rel.Columns[i].Name)
+			dst = append(dst, ':')
+		}
 		dst = AppendValue(dst, t[i].Value)
 	}
 	return append(dst, '}')
 }
+
+// plainASCII marks the bytes AppendJSONString copies without escaping or
+// UTF-8 validation.
+var plainASCII = func() (t [256]bool) {
+	for c := 0x20; c < utf8.RuneSelf; c++ {
+		t[c] = c != '"' && c != '\\'
+	}
+	return t
+}()
 
 // AppendKey appends a JSON object of the named columns' values from t, in
 // the given column order: {"room_id":"!r1"}. ok is false when a column is
@@ -259,6 +294,17 @@ const hexDigits = "0123456789abcdef"
 
 // AppendJSONString appends s as a JSON string; invalid UTF-8 becomes U+FFFD.
 func AppendJSONString(dst []byte, s string) []byte {
+	// Fast path: printable ASCII without quotes or backslashes (most
+	// identifiers and text) is copied as is.
+	i := 0
+	for i < len(s) && plainASCII[s[i]] {
+		i++
+	}
+	if i == len(s) {
+		dst = append(dst, '"')
+		dst = append(dst, s...)
+		return append(dst, '"')
+	}
 	dst = append(dst, '"')
 	start := 0
 	for i := 0; i < len(s); {

@@ -80,7 +80,9 @@ type Router struct {
 	byName    map[string][]EntityStream
 	cache     map[*Relation]*relInfo
 	scratch   []byte
-	kscratch  []byte // keyChanged's scratch
+	slab      []byte      // see headerSet
+	headers   []headerSet // unused part of the current header chunk
+	kscratch  []byte      // keyChanged's scratch
 	kscratch2 []byte
 	txnTopic  string
 }
@@ -90,6 +92,7 @@ type relInfo struct {
 	routes    []route
 	name      string // schema.table
 	nameBytes []byte
+	layout    *envelopeLayout
 }
 
 // NewRouter builds a Router.
@@ -126,7 +129,8 @@ func (r *Router) info(rel *Relation) (*relInfo, error) {
 		rs = append(rs, route{topic: r.cfg.TableTopic(rel.Schema, rel.Table), keyCols: keys})
 	}
 	name := rel.QualifiedName()
-	ri := &relInfo{routes: rs, name: name, nameBytes: []byte(name)}
+	ri := &relInfo{routes: rs, name: name, nameBytes: []byte(name),
+		layout: newEnvelopeLayout(EnvelopeSource{Name: r.cfg.TopicPrefix, Database: r.cfg.Database}, rel)}
 	r.cache[rel] = ri
 	return ri, nil
 }
@@ -164,14 +168,13 @@ func (r *Router) encodeChange(dst []Message, st *txnState, ch *Change, now time.
 	if err != nil {
 		return dst, err
 	}
-	src := EnvelopeSource{Name: r.cfg.TopicPrefix, Database: r.cfg.Database}
 	if ch.Op == OpUpdate && ch.Before != nil && r.keyChanged(ri.routes, ch) {
-		if dst, err = r.emit(dst, src, st, ch, OpDelete, ch.Before, nil, ri, now); err != nil {
+		if dst, err = r.emit(dst, st, ch, OpDelete, ch.Before, nil, ri, now); err != nil {
 			return dst, err
 		}
-		return r.emit(dst, src, st, ch, OpCreate, nil, ch.After, ri, now)
+		return r.emit(dst, st, ch, OpCreate, nil, ch.After, ri, now)
 	}
-	return r.emit(dst, src, st, ch, ch.Op, ch.Before, ch.After, ri, now)
+	return r.emit(dst, st, ch, ch.Op, ch.Before, ch.After, ri, now)
 }
 
 func (r *Router) keyChanged(rs []route, ch *Change) bool {
@@ -193,15 +196,18 @@ func (r *Router) keyChanged(rs []route, ch *Change) bool {
 
 var opBytes = map[Op][]byte{OpCreate: []byte("c"), OpUpdate: []byte("u"), OpDelete: []byte("d"), OpRead: []byte("r"), OpTruncate: []byte("t")}
 
-func (r *Router) emit(dst []Message, src EnvelopeSource, st *txnState, ch *Change, op Op, before, after Tuple, ri *relInfo, now time.Time) ([]Message, error) {
+func (r *Router) emit(dst []Message, st *txnState, ch *Change, op Op, before, after Tuple, ri *relInfo, now time.Time) ([]Message, error) {
 	pos := Position{CommitLSN: st.info.CommitLSN, Seq: st.seq}
 	st.seq++
 	order := st.bump(ri.name)
-	// Encode the value, the position digits and every route's key into
-	// scratch space, then copy them once, at the exact size, into one
-	// allocation that the messages share: a message owns its bytes until
-	// the sink has written them.
-	b := AppendEnvelope(r.scratch[:0], src, st.info, ch, op, before, after, pos, order, now)
+	// Encode the value, the position digits and every route's key straight
+	// into the current slab (see headerSet), where the messages share them:
+	// a message owns its bytes until the sink has written them.
+	if cap(r.slab)-len(r.slab) < slabHeadroom {
+		r.slab = make([]byte, 0, slabSize)
+	}
+	base := len(r.slab)
+	b := ri.layout.append(r.slab, st.info, ch, op, before, after, pos, order, now)
 	valueEnd := len(b)
 	b = strconv.AppendUint(b, uint64(pos.CommitLSN), 10)
 	lsnEnd := len(b)
@@ -222,7 +228,6 @@ func (r *Router) emit(dst []Message, src EnvelopeSource, st *txnState, ch *Chang
 				b, ok = AppendKey(b[:start], ch.Rel, before, rt.keyCols)
 			}
 			if !ok {
-				r.scratch = b[:0]
 				return dst, fmt.Errorf("%s on %s at %s: the row image lacks key column(s) for topic %s; "+
 					"set REPLICA IDENTITY FULL on the table so deletes carry the key",
 					opName(op), ri.name, pos, rt.topic)
@@ -230,9 +235,22 @@ func (r *Router) emit(dst []Message, src EnvelopeSource, st *txnState, ch *Chang
 		}
 		ends = append(ends, len(b))
 	}
-	r.scratch = b[:0]
-	mem := bytes.Clone(b)
-	hs := &headerSet{}
+	var mem []byte
+	if cap(b) == cap(r.slab) {
+		// Encoded in place (append did not move to a new array).
+		mem = b[base:len(b):len(b)]
+		r.slab = b
+	} else {
+		// The change outgrew the slab's headroom (a large row): it gets an
+		// allocation of its exact size, so the larger array append made
+		// (holding a copy of the slab) is not kept alive by it.
+		mem = append([]byte(nil), b[base:]...)
+	}
+	valueEnd, lsnEnd, seqEnd = valueEnd-base, lsnEnd-base, seqEnd-base
+	for i := range ends {
+		ends[i] -= base
+	}
+	hs := r.headerSet()
 	hs.h = [4]Header{
 		{Key: "tidemark-table", Value: ri.nameBytes},
 		{Key: "tidemark-op", Value: opBytes[op]},
@@ -254,8 +272,28 @@ func (r *Router) emit(dst []Message, src EnvelopeSource, st *txnState, ch *Chang
 	return dst, nil
 }
 
-// headerSet holds a change's headers in one allocation.
+// headerSet holds a change's headers.
 type headerSet struct{ h [4]Header }
+
+// Messages are carved out of slabs rather than allocated one by one: the
+// router encodes each change straight into the current byte slab and takes
+// its headers from the current header chunk. A slab is freed by the garbage
+// collector once the sink has released every message in it, so memory
+// stays bounded by the pipeline's in-flight limits plus one slab.
+const (
+	slabSize     = 256 << 10
+	slabHeadroom = 16 << 10 // a change that may not fit starts a new slab
+	headerChunk  = 512
+)
+
+func (r *Router) headerSet() *headerSet {
+	if len(r.headers) == 0 {
+		r.headers = make([]headerSet, headerChunk)
+	}
+	hs := &r.headers[0]
+	r.headers = r.headers[1:]
+	return hs
+}
 
 func opName(op Op) string {
 	switch op {
