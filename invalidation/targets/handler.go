@@ -265,16 +265,44 @@ func (h *Handler) settleReady(ctx context.Context) {
 				h.lastErr = now
 				h.log.Warn("settling notification targets failed; retrying (rooms stay dirty)", zap.Error(err))
 			}
-			h.gauge()
-			return // keep everything pending: retried on the next tick
+			// Keep the unsettled rooms in one retry entry (due at once), not
+			// their transactions: memory stays bounded by the number of
+			// rooms however long an output is down.
+			retry := h.pending[0]
+			if retry == nil {
+				retry = &pendingTxn{seen: map[string]int{}, rooms: map[string]bool{}}
+				h.pending[0] = retry
+			}
+			retry.since = time.Time{}
+			for _, r := range list[start:] {
+				retry.rooms[r] = true
+			}
+			h.forget(ready)
+			return
 		}
 		h.count(ups)
+		if p := h.pending[0]; p != nil {
+			for _, r := range chunk {
+				delete(p.rooms, r)
+			}
+		}
 	}
+	h.forget(ready)
+}
+
+// forget drops settled transactions (and an emptied retry entry).
+func (h *Handler) forget(ready []pipeline.LSN) {
 	for _, lsn := range ready {
+		if lsn == 0 {
+			continue
+		}
 		delete(h.pending, lsn)
 		if h.cfg.Ends != nil {
 			h.cfg.Ends.Forget(lsn)
 		}
+	}
+	if p := h.pending[0]; p != nil && len(p.rooms) == 0 {
+		delete(h.pending, 0)
 	}
 	h.gauge()
 }

@@ -194,3 +194,49 @@ func TestHandlerPositionsDecide(t *testing.T) {
 		t.Errorf("room position %d:%d (%v), want 500:0", lsn, seq, err)
 	}
 }
+
+// TestHandlerOutputDown: while an output fails, facts are still stored
+// (the consumer moves on), the rooms stay dirty and only the rooms, not
+// every transaction, are remembered; once it recovers, the net difference
+// is published.
+func TestHandlerOutputDown(t *testing.T) {
+	s, pool := newTestStore(t)
+	r := &recorder{}
+	down := true
+	publish := func(ctx context.Context, ups []RoomUpdate) error {
+		if down {
+			return fmt.Errorf("output down")
+		}
+		return r.publish(ctx, ups)
+	}
+	h, err := NewHandler(HandlerConfig{Store: s, Publish: publish, Hold: 50 * time.Millisecond}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 200 {
+		mem := "join"
+		if i%2 == 1 {
+			mem = "leave"
+		}
+		batch(t, h, change("room_memberships", "u", nil, membership(fmt.Sprintf("!r%d", i%3), "@a", mem), pipeline.LSN(1000+i), 0))
+	}
+	if n := len(h.pending); n > 2 {
+		t.Errorf("%d pending entries while the output is down, want at most the retry entry", n)
+	}
+	if n := h.Stats().SettleErrors.Load(); n == 0 {
+		t.Error("no settle errors counted")
+	}
+	var dirty int
+	if err := pool.QueryRow(context.Background(), `SELECT count(*) FROM tidemark.notify_rooms WHERE dirty`).Scan(&dirty); err != nil || dirty != 3 {
+		t.Errorf("dirty rooms %d (%v), want 3", dirty, err)
+	}
+	down = false
+	h.mu.Lock()
+	h.settleReady(context.Background())
+	h.mu.Unlock()
+	// Last changes: i=197 (!r2, leave), 198 (!r0, join), 199 (!r1, leave).
+	expect(t, "after recovery", r, "!r0 @a added join")
+	if len(h.pending) != 0 {
+		t.Errorf("pending entries left: %d", len(h.pending))
+	}
+}
