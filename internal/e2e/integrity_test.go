@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"slices"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -410,6 +412,43 @@ func TestIntegrityEarlierRowViaDatabase(t *testing.T) {
 	}
 	if st := ig.Checker.Stats(); st.Checked < 2 {
 		t.Errorf("%d expectations checked in the database, want both markers (%+v)", st.Checked, st)
+	}
+
+	// tidemark violations lists them, filtered by rule and time.
+	path := writeConfig(t, e.cfg)
+	f, err := os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteString("integrity: {}\n"); err != nil {
+		t.Fatal(err)
+	}
+	_ = f.Close()
+	bin := binary(t)
+	run := func(args ...string) (string, int) {
+		t.Helper()
+		cmd := exec.Command(bin, append([]string{"violations", "--config", path}, args...)...)
+		out, err := cmd.CombinedOutput()
+		code := 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		return string(out), code
+	}
+	out, code := run("--rule", "read_marker_event_exists", "--since", "1h")
+	if code != 0 || !strings.Contains(out, `$never:bench.test`) || !strings.Contains(out, "1 violation(s)") || strings.Contains(out, "$old") {
+		t.Errorf("violations --rule read_marker_event_exists: exit %d\n%s", code, out)
+	}
+	if out, code := run("--rule", "events_have_json"); code != 0 || !strings.Contains(out, "0 violation(s)") {
+		t.Errorf("violations --rule events_have_json: exit %d\n%s", code, out)
+	}
+	if out, code := run("--since", time.Now().Add(time.Hour).UTC().Format(time.RFC3339)); code != 0 || !strings.Contains(out, "0 violation(s)") {
+		t.Errorf("violations --since in an hour: exit %d\n%s", code, out)
+	}
+	if out, code := run("--since", "yesterday"); code != 2 || !strings.Contains(out, `--since "yesterday"`) {
+		t.Errorf("violations --since yesterday: exit %d, want 2\n%s", code, out)
 	}
 }
 
