@@ -114,7 +114,7 @@ func PrepareIntegrity(ctx context.Context, cfg *config.Config, log *zap.Logger, 
 		violationsTopic = cfg.Kafka.TopicPrefix + ".violations"
 	}
 	o := integrity.Options{Group: in.Group, ViolationsTopic: violationsTopic, Publisher: producer, MaxPending: in.MaxPending,
-		MaxOpenTransactions: in.MaxOpenTransactions, MaxKeys: in.MaxKeys, StaleAfter: in.StaleAfter}
+		MaxOpenTransactions: in.MaxOpenTransactions, MaxTransactionItems: in.MaxTransactionItems, MaxKeys: in.MaxKeys, StaleAfter: in.StaleAfter}
 	for _, f := range opts {
 		f(&o)
 	}

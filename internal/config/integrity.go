@@ -43,6 +43,10 @@ type Integrity struct {
 	// MaxOpenTransactions bounds transactions awaiting their END record or
 	// changes. Default 50000.
 	MaxOpenTransactions int `yaml:"max_open_transactions"`
+	// MaxTransactionItems bounds what one transaction holds for its
+	// same-transaction rules; a larger one is not decided (counted in
+	// tidemark_integrity_dropped_total). Default 10000.
+	MaxTransactionItems int `yaml:"max_transaction_items"`
 	// MaxKeys bounds monotonic keys in memory (the rest stay in the state
 	// table) and related keys remembered per windowed rule. Default 100000.
 	MaxKeys int `yaml:"max_keys"`
@@ -92,6 +96,9 @@ func (c *Config) applyIntegrityDefaults() {
 	}
 	if in.MaxOpenTransactions == 0 {
 		in.MaxOpenTransactions = 50000
+	}
+	if in.MaxTransactionItems == 0 {
+		in.MaxTransactionItems = 10000
 	}
 	if in.MaxKeys == 0 {
 		in.MaxKeys = 100000
@@ -165,7 +172,7 @@ func (c *Config) validateIntegrity(captured map[string]bool) []FieldError {
 		add("integrity.check_connections", "%d must be at least 1", in.CheckConnections)
 	}
 	for path, v := range map[string]int{"integrity.max_pending": in.MaxPending, "integrity.max_open_transactions": in.MaxOpenTransactions,
-		"integrity.max_keys": in.MaxKeys} {
+		"integrity.max_keys": in.MaxKeys, "integrity.max_transaction_items": in.MaxTransactionItems} {
 		if v < 1 {
 			add(path, "%d must be at least 1", v)
 		}

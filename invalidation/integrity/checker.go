@@ -39,6 +39,12 @@ type Options struct {
 	// MaxOpenTransactions bounds transactions awaiting completion. Default
 	// 50000.
 	MaxOpenTransactions int
+	// MaxTransactionItems bounds what one transaction holds (expectations
+	// and the net effect on the rows rules look at); a larger transaction's
+	// same-transaction rules are not decided (counted in
+	// tidemark_integrity_dropped_total{what="transaction_too_large"}).
+	// Default 10000.
+	MaxTransactionItems int
 	// MaxKeys bounds monotonic keys kept in memory (the rest are read from
 	// the state table) and, per windowed rule, related keys remembered as
 	// seen. Default 100000.
@@ -68,6 +74,9 @@ func (o *Options) defaults() {
 	}
 	if o.MaxOpenTransactions <= 0 {
 		o.MaxOpenTransactions = 50000
+	}
+	if o.MaxTransactionItems <= 0 {
+		o.MaxTransactionItems = 10000
 	}
 	if o.MaxKeys <= 0 {
 		o.MaxKeys = 100000
@@ -526,6 +535,15 @@ func (c *Checker) handleChange(ctx context.Context, m *invalidation.Message) err
 		c.satisfyMatch(r.Name, KindOrphaned, k)
 		c.resolveOpen(r, KindMissing, k, m.Pos, base.CommitMs)
 		c.resolveOpen(r, KindOrphaned, k, m.Pos, base.CommitMs)
+	}
+	if !t.Overflow && len(t.Items)+len(t.Net) > c.opt.MaxTransactionItems {
+		t.Overflow = true
+		c.metrics.Dropped.WithLabelValues("transaction_too_large").Inc()
+		c.warnSometimes("large", "integrity: a transaction is too large for its same-transaction rules to be decided (max_transaction_items)",
+			zap.String("commit_lsn", pipeline.LSN(lsn).String()), zap.Int("max_transaction_items", c.opt.MaxTransactionItems))
+	}
+	if t.Overflow {
+		t.Items, t.Net = nil, nil
 	}
 	c.tryDecide(t)
 	return nil

@@ -354,3 +354,21 @@ func TestBoundsForget(t *testing.T) {
 		t.Errorf("pending %d beyond its bound 2", p.Pending)
 	}
 }
+
+// TestLargeTransactionBounded: a transaction beyond MaxTransactionItems is
+// counted to completion but holds nothing and decides nothing.
+func TestLargeTransactionBounded(t *testing.T) {
+	c := newTestChecker(t)
+	c.opt.MaxTransactionItems = 10
+	for i := 0; i < 50; i++ {
+		id := fmt.Sprintf("$big%d", i)
+		feed(t, c, change("events", "c", 10, uint32(i), key(id), nil, ev(id)))
+	}
+	if tx := c.txns[10]; tx == nil || !tx.Overflow || len(tx.Items)+len(tx.Net) != 0 {
+		t.Fatalf("transaction state %+v, want overflowed and empty", tx)
+	}
+	feed(t, c, end(t, 10, map[string]int{"public.events": 50}))
+	if p := c.Progress(); p.OpenTransactions != 0 || len(c.violations) != 0 {
+		t.Errorf("progress %+v, violations %v: want decided without flags", p, kinds(c))
+	}
+}

@@ -27,6 +27,9 @@ type txnState struct {
 	// Truncs are the seqs of truncates counted (a truncate is sent to every
 	// partition of the table's topic, but counted once).
 	Truncs []uint32 `json:"truncs,omitempty"`
+	// Overflow: the transaction outgrew MaxTransactionItems; it is counted
+	// to completion but not decided.
+	Overflow bool `json:"overflow,omitempty"`
 }
 
 type netOp struct {
