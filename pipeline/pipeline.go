@@ -21,6 +21,13 @@ type Config struct {
 	MaxInFlightBytes int64
 	// MaxBatchMessages bounds one Sink.Write call. Default 4000.
 	MaxBatchMessages int
+	// Linger is how long the writer waits for more messages when fewer than
+	// a quarter of MaxBatchMessages are ready, so that a slow trickle (a
+	// backlog read by a starved process) is still written in sizeable
+	// batches rather than one small request per message. It adds at most
+	// Linger to the latency of a lightly loaded pipeline. Default 1ms;
+	// negative disables.
+	Linger time.Duration
 }
 
 func (c *Config) defaults() {
@@ -32,6 +39,9 @@ func (c *Config) defaults() {
 	}
 	if c.MaxBatchMessages <= 0 {
 		c.MaxBatchMessages = 4000
+	}
+	if c.Linger == 0 {
+		c.Linger = time.Millisecond
 	}
 }
 
@@ -208,11 +218,18 @@ func (p *Pipeline) handle(ctx context.Context, ev *Event, st *txnState, msgs []M
 func (p *Pipeline) write(ctx context.Context) error {
 	batch := make([]entry, 0, p.cfg.MaxBatchMessages)
 	msgs := make([]Message, 0, p.cfg.MaxBatchMessages)
+	linger := time.NewTimer(time.Hour)
+	linger.Stop()
 	for {
 		var err error
 		batch, err = p.q.take(ctx, batch[:0], p.cfg.MaxBatchMessages)
 		if err != nil {
 			return err
+		}
+		if want := p.cfg.MaxBatchMessages / 4; p.cfg.Linger > 0 && len(batch) < want {
+			if batch, err = p.q.fill(ctx, batch, p.cfg.MaxBatchMessages, want, p.cfg.Linger, linger); err != nil {
+				return err
+			}
 		}
 		msgs = msgs[:0]
 		var ack LSN
@@ -316,6 +333,9 @@ func (q *queue) push(ctx context.Context, e entry) error {
 			return nil
 		}
 		q.mu.Unlock()
+		// Wake a lingering writer (see fill): no more is coming until it
+		// writes.
+		signal(q.ready)
 		select {
 		case <-q.space:
 		case <-ctx.Done():
@@ -356,6 +376,42 @@ func (q *queue) take(ctx context.Context, dst []entry, max int) ([]entry, error)
 			return dst, ctx.Err()
 		}
 	}
+}
+
+// fill adds queued entries to dst (up to max) as they arrive, until it
+// holds want, d has passed, or the budget is used up (the reader then waits
+// for this writer). t is a stopped timer it may use.
+func (q *queue) fill(ctx context.Context, dst []entry, max, want int, d time.Duration, t *time.Timer) ([]entry, error) {
+	t.Reset(d)
+	defer t.Stop()
+	for len(dst) < want {
+		select {
+		case <-q.ready:
+			q.mu.Lock()
+			n := min(q.n, max-len(dst))
+			for i := 0; i < n; i++ {
+				j := (q.head + i) % len(q.ring)
+				dst = append(dst, q.ring[j])
+				q.ring[j] = entry{}
+			}
+			q.head = (q.head + n) % len(q.ring)
+			q.n -= n
+			more := q.n > 0
+			full := q.count >= q.maxCount || q.bytes >= q.maxBytes
+			q.mu.Unlock()
+			if more {
+				signal(q.ready)
+			}
+			if full {
+				return dst, nil
+			}
+		case <-t.C:
+			return dst, nil
+		case <-ctx.Done():
+			return dst, ctx.Err()
+		}
+	}
+	return dst, nil
 }
 
 // release returns the budget of n entries of the given total size.

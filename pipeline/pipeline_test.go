@@ -591,7 +591,8 @@ func TestPipelineBackpressure(t *testing.T) {
 
 			// Wait (polling, bounded by ctx) until the reader is stuck: the
 			// sink holds the first batch and the queue is full.
-			for src.Calls() < tc.max+1 || p.Stats().InFlight.Load() < int64(tc.max) {
+			sinkCalls := func() int { sink.mu.Lock(); defer sink.mu.Unlock(); return sink.calls }
+			for src.Calls() < tc.max+1 || p.Stats().InFlight.Load() < int64(tc.max) || sinkCalls() == 0 {
 				select {
 				case <-ctx.Done():
 					t.Fatalf("reader never filled the queue: %d Next calls, InFlight %d", src.Calls(), p.Stats().InFlight.Load())

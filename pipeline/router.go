@@ -353,25 +353,31 @@ func (r *Router) txnRecord(st *txnState, end bool) Message {
 	}
 	b = append(b, '}')
 	r.scratch = b
-	// One allocation holds the value, the key and the LSN header.
-	lsnStart := len(b)
-	buf := make([]byte, 0, len(b)+(idEnd-idStart)+12+20)
-	buf = append(buf, b...)
+	// The value, the key and the LSN header are carved out of the slab
+	// (see headerSet).
+	need := len(b) + (idEnd - idStart) + 12 + 20
+	if cap(r.slab)-len(r.slab) < need {
+		r.slab = make([]byte, 0, max(slabSize, need))
+	}
+	base := len(r.slab)
+	buf := append(r.slab, b...)
+	lsnStart := len(buf)
 	buf = strconv.AppendUint(buf, uint64(st.info.CommitLSN), 10)
 	keyStart := len(buf)
 	buf = append(buf, `{"id":"`...)
 	buf = append(buf, b[idStart:idEnd]...)
 	buf = append(buf, `"}`...)
+	r.slab = buf
 	status := statusBegin
 	if end {
 		status = statusEnd
 	}
+	hs := r.headerSet()
+	hs.h[0] = Header{Key: "tidemark-status", Value: status}
+	hs.h[1] = Header{Key: "tidemark-lsn", Value: buf[lsnStart:keyStart:keyStart]}
 	return Message{
-		Topic: r.txnTopic, Key: buf[keyStart:], Value: buf[:lsnStart:lsnStart],
-		Headers: []Header{
-			{Key: "tidemark-status", Value: status},
-			{Key: "tidemark-lsn", Value: buf[lsnStart:keyStart:keyStart]},
-		},
+		Topic: r.txnTopic, Key: buf[keyStart:len(buf):len(buf)], Value: buf[base:lsnStart:lsnStart],
+		Headers: hs.h[:2:2],
 	}
 }
 
