@@ -122,6 +122,7 @@ type Checker struct {
 
 	mu         sync.Mutex
 	subscribed map[string]bool
+	trackTxns  bool // some rule is decided at END records
 	positions  map[string]pipeline.Position // topic/partition -> last applied
 	txns       map[uint64]*txnState
 	decided    *fifoSet // recently decided transactions (commit LSN)
@@ -172,6 +173,7 @@ func NewChecker(eng *Engine, store *Store, probe *Prober, opt Options, metrics *
 	for _, t := range eng.Tables() {
 		c.subscribed[t] = true
 	}
+	c.trackTxns = eng.SameTransaction()
 	for _, r := range eng.rules {
 		if r.related != nil && r.window > 0 {
 			c.recent[r.Name] = newFIFOSet(opt.MaxKeys)
@@ -311,7 +313,7 @@ func (c *Checker) handleTxnRecord(m *invalidation.Message) error {
 		return err
 	}
 	c.advanceClock(r.TsMs)
-	if r.Status != "END" {
+	if r.Status != "END" || !c.trackTxns {
 		return nil
 	}
 	end := map[string]int{}
@@ -408,7 +410,10 @@ func (c *Checker) handleChange(ctx context.Context, m *invalidation.Message) err
 	}
 	c.advanceClock(env.Source.TsMs)
 	t := c.txns[lsn]
-	if t == nil {
+	if t == nil && !c.trackTxns {
+		// No same-transaction rule: nothing waits for the END record.
+		t = &txnState{LSN: lsn, Seen: map[string]int{}}
+	} else if t == nil {
 		t = c.newTxn(lsn)
 	}
 	if t.CommitMs == 0 {
@@ -417,7 +422,9 @@ func (c *Checker) handleChange(ctx context.Context, m *invalidation.Message) err
 	if t.ID == "" {
 		t.ID = env.Transaction.ID
 	}
-	c.dirtyTxn[lsn] = true
+	if c.trackTxns {
+		c.dirtyTxn[lsn] = true
+	}
 	op := opOf(env)
 	if op == 't' {
 		for _, s := range t.Truncs {

@@ -372,3 +372,21 @@ func TestLargeTransactionBounded(t *testing.T) {
 		t.Errorf("progress %+v, violations %v: want decided without flags", p, kinds(c))
 	}
 }
+
+// TestNoTransactionsTrackedWithoutSameTransactionRules: with only windowed
+// and monotonic rules, nothing waits for END records.
+func TestNoTransactionsTrackedWithoutSameTransactionRules(t *testing.T) {
+	rules := DefaultRules()[1:]
+	ApplyDefaults(rules)
+	eng, err := Compile("integrity.rules", rules, canonicalSchema())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := NewChecker(eng, nil, nil, Options{Group: "test"}, nil, nil)
+	for i := 0; i < 100; i++ {
+		feed(t, c, change("events", "c", uint64(10+i), 0, key(fmt.Sprint(i)), nil, ev(fmt.Sprint(i))))
+	}
+	if p := c.Progress(); p.OpenTransactions != 0 || len(c.dirtyTxn) != 0 {
+		t.Errorf("%d transactions held, %d dirty, want none", p.OpenTransactions, len(c.dirtyTxn))
+	}
+}
