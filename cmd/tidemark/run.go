@@ -179,6 +179,12 @@ func checkCmd() *cobra.Command {
 			if len(problems) > 0 {
 				return &exitError{3, &capture.PreflightError{Problems: problems}}
 			}
+			if cfg.Integrity != nil {
+				if err := app.CheckIntegrity(cmd.Context(), cfg); err != nil {
+					return &exitError{3, err}
+				}
+				fmt.Fprintf(out, "integrity rules: %d checked against the tables\n", len(cfg.Integrity.Rules))
+			}
 			fmt.Fprintln(out, "no problems found")
 			return nil
 		},

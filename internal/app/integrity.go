@@ -69,11 +69,7 @@ func PrepareIntegrity(ctx context.Context, cfg *config.Config, log *zap.Logger, 
 			checkPool.Close()
 		}
 	}()
-	schema, err := integrity.LoadSchema(ctx, checkPool, integrity.Tables(in.Rules))
-	if err != nil {
-		return nil, fmt.Errorf("integrity: %w", err)
-	}
-	eng, err := integrity.Compile("integrity.rules", in.Rules, schema)
+	eng, err := compileIntegrity(ctx, checkPool, in.Rules)
 	if err != nil {
 		return nil, err
 	}
@@ -136,6 +132,37 @@ func PrepareIntegrity(ctx context.Context, cfg *config.Config, log *zap.Logger, 
 	}
 	return &Integrity{Consumer: consumer, Checker: checker, Metrics: metrics, Producer: producer, Topics: topics,
 		DLQTopic: dlqTopic, ViolationsTopic: violationsTopic, checkPool: checkPool, storePool: storePool, log: log, brokers: cfg.Kafka.Brokers}, nil
+}
+
+// compileIntegrity checks rules against the real columns and replica
+// identities of their tables.
+func compileIntegrity(ctx context.Context, q integrity.Querier, rules []integrity.Rule) (*integrity.Engine, error) {
+	schema, err := integrity.LoadSchema(ctx, q, integrity.Tables(rules))
+	if err != nil {
+		return nil, fmt.Errorf("integrity: %w", err)
+	}
+	return integrity.Compile("integrity.rules", rules, schema)
+}
+
+// CheckIntegrity compiles the integrity rules against the database (as the
+// consumer does when it starts) without starting anything.
+func CheckIntegrity(ctx context.Context, cfg *config.Config) error {
+	if cfg.Integrity == nil {
+		return nil
+	}
+	pc, err := pgxpool.ParseConfig(cfg.Postgres.DSN)
+	if err != nil {
+		return errors.New("integrity: postgres.dsn does not parse")
+	}
+	pc.MaxConns = 1
+	pc.ConnConfig.RuntimeParams["default_transaction_read_only"] = "on"
+	pool, err := pgxpool.NewWithConfig(ctx, pc)
+	if err != nil {
+		return fmt.Errorf("integrity: connecting to postgres: %w", err)
+	}
+	defer pool.Close()
+	_, err = compileIntegrity(ctx, pool, cfg.Integrity.Rules)
+	return err
 }
 
 // Run creates the dead-letter and violations topics and the violations

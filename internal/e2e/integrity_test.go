@@ -450,6 +450,23 @@ func TestIntegrityEarlierRowViaDatabase(t *testing.T) {
 	if out, code := run("--since", "yesterday"); code != 2 || !strings.Contains(out, `--since "yesterday"`) {
 		t.Errorf("violations --since yesterday: exit %d, want 2\n%s", code, out)
 	}
+
+	// tidemark check compiles the rules against the tables' columns.
+	if out, err := exec.Command(bin, "check", "--config", path).CombinedOutput(); err != nil || !strings.Contains(string(out), "integrity rules: 3 checked") {
+		t.Errorf("check: %v\n%s", err, out)
+	}
+	bad := writeConfig(t, e.cfg)
+	f, err = os.OpenFile(bad, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = f.WriteString("integrity:\n  rules:\n    - name: marker_target\n      table: read_markers\n      expect: {table: events, match: {event_id: id}}\n")
+	_ = f.Close()
+	cout, err := exec.Command(bin, "check", "--config", bad).CombinedOutput()
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 3 ||
+		!strings.Contains(string(cout), `integrity.rules[0] (marker_target).expect.match: public.events has no column "id"`) {
+		t.Errorf("check with a rule naming a missing column: %v, want exit 3 naming rule and column\n%s", err, cout)
+	}
 }
 
 // BenchmarkIntegrityDetectionLatency (acceptance 5) drives the canonical
