@@ -1,0 +1,124 @@
+package integrity
+
+import (
+	"context"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/tidemark/tidemark/internal/pgserver"
+	"github.com/tidemark/tidemark/pipeline"
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	pgserver.StopShared()
+	os.Exit(code)
+}
+
+func testPool(t *testing.T) *pgxpool.Pool {
+	t.Helper()
+	pool, err := pgxpool.New(context.Background(), pgserver.ForTest(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	return pool
+}
+
+// TestSchemaAndProbe: columns, types and replica identities come from the
+// catalog; a multi-column match with a row filter is checked with the
+// columns' own types.
+func TestSchemaAndProbe(t *testing.T) {
+	pool := testPool(t)
+	ctx := context.Background()
+	if _, err := pool.Exec(ctx, `
+CREATE TABLE members (room_id text, user_no bigint, membership text, PRIMARY KEY (room_id, user_no));
+CREATE TABLE notes (id serial, body text);
+ALTER TABLE notes REPLICA IDENTITY FULL;
+INSERT INTO members VALUES ('!a', 1, 'join'), ('!a', 2, 'leave'), ('!b', 1, 'join');`); err != nil {
+		t.Fatal(err)
+	}
+	schema, err := LoadSchema(ctx, pool, []string{"public.members", "public.notes", "public.absent"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := schema["public.members"]
+	if m == nil || len(m.Columns) != 3 || m.Types["user_no"] != `"pg_catalog"."int8"` || len(m.Identity) != 2 {
+		t.Fatalf("members: %+v", m)
+	}
+	if n := schema["public.notes"]; n == nil || len(n.Identity) != 2 {
+		t.Errorf("notes (REPLICA IDENTITY FULL): %+v", n)
+	}
+	if schema["public.absent"] != nil {
+		t.Error("a missing table has a schema")
+	}
+	p := NewProber(pool, 1000, 2) // chunks of 2 rows
+	got, err := p.Existing(ctx, m, []string{"room_id", "user_no"}, map[string]string{"membership": "join"},
+		[][]string{{"!a", "1"}, {"!a", "2"}, {"!b", "1"}, {"!c", "1"}, {"!a", "01"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []bool{true, false, true, false, true} // "01" is the bigint 1
+	for i := range want {
+		if got[i] != want[i] {
+			t.Errorf("key %d: exists %v, want %v", i, got[i], want[i])
+		}
+	}
+}
+
+// TestStoreIdempotent: a violation stored twice is inserted once; a resolved
+// one stays resolved when found again; state rows are upserted and deleted.
+func TestStoreIdempotent(t *testing.T) {
+	pool := testPool(t)
+	ctx := context.Background()
+	s := NewStore(pool, "tidemark", "g1")
+	if err := s.Setup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Setup(ctx); err != nil {
+		t.Fatalf("setup is not repeatable: %v", err)
+	}
+	pos := pipeline.Position{CommitLSN: 0x1000, Seq: 2}
+	v := &Violation{ID: ViolationID("r", []byte(`{"id":1}`), pos), Rule: "r", Kind: KindMissing, Severity: "error", Table: "public.t",
+		RowKey: []byte(`{"id":1}`), Position: pos.String(), CommitLSN: pos.CommitLSN.String(), Seq: 2, TransactionID: "7:4096",
+		CommittedAt: time.Now().UTC(), DetectedAt: time.Now().UTC(), Related: "public.u", Match: map[string]string{"id": "1"},
+		MatchKey: "r|1", Detail: "d", Status: StatusOpen}
+	b := &batch{violations: []*Violation{v}, upserts: map[stateKey][]byte{{"pos", "t/0"}: []byte(`{"l":1}`)}, deletes: map[stateKey]bool{}}
+	res, err := s.commit(ctx, b, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.inserted[v.ID] {
+		t.Fatal("first store did not insert")
+	}
+	published := 0
+	res, err = s.commit(ctx, &batch{violations: []*Violation{v}, resolved: []resolution{{ID: v.ID, At: time.Now(), By: "4097:0"}}},
+		func(context.Context, *commitResult) error { published++; return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.inserted[v.ID] || !res.resolved[v.ID] || published != 1 {
+		t.Errorf("second store: inserted %v resolved %v published %d", res.inserted, res.resolved, published)
+	}
+	res, err = s.commit(ctx, &batch{violations: []*Violation{v}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.inserted[v.ID] || res.status[v.ID] != StatusResolved {
+		t.Errorf("found again: inserted %v status %q, want stored once and still resolved", res.inserted, res.status[v.ID])
+	}
+	vs, err := List(ctx, pool, "tidemark", Filter{Rule: "r"})
+	if err != nil || len(vs) != 1 || vs[0].Status != StatusResolved || vs[0].ResolvedBy != "4097:0" || vs[0].Match["id"] != "1" {
+		t.Fatalf("list: %v %+v", err, vs)
+	}
+	if _, err := s.commit(ctx, &batch{deletes: map[stateKey]bool{{"pos", "t/0"}: true}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	st, err := s.LoadState(ctx)
+	if err != nil || len(st) != 0 {
+		t.Errorf("state after delete: %v %v", st, err)
+	}
+}
