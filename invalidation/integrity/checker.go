@@ -122,7 +122,7 @@ type Checker struct {
 
 	mu         sync.Mutex
 	subscribed map[string]bool
-	trackTxns  bool // some rule is decided at END records
+	trackTxns  bool                         // some rule is decided at END records
 	positions  map[string]pipeline.Position // topic/partition -> last applied
 	txns       map[uint64]*txnState
 	decided    *fifoSet // recently decided transactions (commit LSN)
