@@ -308,6 +308,9 @@ func (c *Checker) Handle(ctx context.Context, m *invalidation.Message) error {
 }
 
 func (c *Checker) handleTxnRecord(m *invalidation.Message) error {
+	if m.Pos.Seq == 0 {
+		return nil // BEGIN (see Decode): the END record says all there is
+	}
 	var r txnRecord
 	if err := json.Unmarshal(m.Value, &r); err != nil {
 		return err
