@@ -113,7 +113,7 @@ func (e *env) waitTargets(cfg *config.Config, timeout time.Duration) {
 		e.t.Logf("slot %s confirmed %s, current WAL insert LSN %s", cfg.Postgres.Slot, e.slotConfirmed(cfg.Postgres.Slot), e.currentLSN())
 		e.t.Fatalf("pipeline did not pass the current LSN within %s: %v", timeout, err)
 	}
-	q := fmt.Sprintf(`SELECT count(*) FROM %s.notify_rooms WHERE dirty`, cfg.Targets.Postgres.Schema)
+	q := fmt.Sprintf(`SELECT (SELECT count(*) FROM %[1]s.notify_rooms WHERE dirty) + (SELECT count(*) FROM %[1]s.notify_outbox)`, cfg.Targets.Postgres.Schema)
 	for {
 		var n int
 		if err := e.pool.QueryRow(ctx, q).Scan(&n); err != nil {
@@ -123,7 +123,7 @@ func (e *env) waitTargets(cfg *config.Config, timeout time.Duration) {
 			return
 		}
 		if ctx.Err() != nil {
-			e.t.Fatalf("%d room(s) still unsettled after %s", n, timeout)
+			e.t.Fatalf("%d room(s) or outbox record(s) still unsettled after %s", n, timeout)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -162,6 +162,7 @@ type changeRec struct {
 	User     string `json:"user_id"`
 	Change   string `json:"change"`
 	Reason   string `json:"reason"`
+	Version  uint64 `json:"version"`
 	Position string `json:"position"`
 }
 
@@ -442,6 +443,7 @@ func runTargetScenario(t *testing.T, sc targetScenario) {
 		}
 	}
 	checkEnds()
+	e.checkOutputs(cfg)
 	// The compacted topic's latest value per room is the kept set.
 	latest := e.latestTargets(prefix + ".notify_targets")
 	byRoom := map[string][]string{}
@@ -469,6 +471,79 @@ func canonicalEnv(t *testing.T, prefix string, mod func(*config.Targets)) (*env,
 	e.start(cfg)
 	_, stop := e.startTargets(cfg)
 	return e, cfg, stop
+}
+
+// checkOutputs checks the topics against the kept state: per room, the
+// change records (a record repeated after a crash, same position, aside)
+// each flip a member's state and end at the kept set, and the compacted
+// topic's latest value is the kept set.
+func (e *env) checkOutputs(cfg *config.Config) {
+	e.t.Helper()
+	kept := map[string][]string{}
+	for _, p := range e.pairs(keptSQL(cfg)) {
+		r, u, _ := strings.Cut(p, " ")
+		kept[r] = append(kept[r], u)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	recs, err := kafkatest.ReadAll(ctx, e.kafka.Brokers(), cfg.Kafka.TopicPrefix+".notify_target_changes")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	// A consumer's view: per room, versions only grow; a version seen
+	// before is a republication after a crash and is skipped.
+	state := map[string]map[string]bool{}
+	version := map[string]uint64{}
+	inVersion := map[string]map[string]bool{}
+	for _, m := range byPartitionOffset(toMsgs(recs)) {
+		var c changeRec
+		if err := json.Unmarshal(m.Value, &c); err != nil {
+			e.t.Fatal(err)
+		}
+		cur := version[c.Room]
+		switch {
+		case c.Version < cur || (c.Version == cur && inVersion[c.Room][c.User]):
+			continue // published again after a crash
+		case c.Version > cur+1:
+			e.t.Errorf("room %s: version %d follows %d: an update was lost", c.Room, c.Version, cur)
+		}
+		if c.Version > cur {
+			version[c.Room] = c.Version
+			inVersion[c.Room] = map[string]bool{}
+		}
+		inVersion[c.Room][c.User] = true
+		if state[c.Room] == nil {
+			state[c.Room] = map[string]bool{}
+		}
+		added := c.Change == "added"
+		if state[c.Room][c.User] == added {
+			e.t.Errorf("change record %v at %d/%d changes nothing: the stream is out of order or lost a record", c, m.Partition, m.Offset)
+		}
+		state[c.Room][c.User] = added
+	}
+	rooms := map[string]bool{}
+	for r := range state {
+		rooms[r] = true
+	}
+	for r := range kept {
+		rooms[r] = true
+	}
+	latest := e.latestTargets(cfg.Kafka.TopicPrefix + ".notify_targets")
+	for r := range rooms {
+		var folded []string
+		for u, in := range state[r] {
+			if in {
+				folded = append(folded, u)
+			}
+		}
+		sort.Strings(folded)
+		if !slices.Equal(folded, kept[r]) {
+			e.t.Errorf("room %s: change records fold to %v, kept %v", r, folded, kept[r])
+		}
+		if len(latest[r])+len(kept[r]) > 0 && !slices.Equal(latest[r], kept[r]) {
+			e.t.Errorf("room %s: latest notify_targets %v, kept %v", r, latest[r], kept[r])
+		}
+	}
 }
 
 // TestTargetsDeactivateFiftyRooms (acceptance 2): deactivating a user who
@@ -672,6 +747,7 @@ loop:
 	if kept, truth := e.pairs(keptSQL(cfg)), e.pairs(canonicalTruth); !slices.Equal(kept, truth) {
 		t.Fatalf("kept state differs from the database after catch-up:\nkept  %v\ntruth %v", kept, truth)
 	}
+	e.checkOutputs(cfg)
 	rep, err := app.AuditTargets(context.Background(), cfg, 0, 30*time.Second)
 	if err != nil {
 		t.Fatal(err)
@@ -739,6 +815,7 @@ func TestTargetsConsumerKilled(t *testing.T) {
 	if kept, truth := e.pairs(keptSQL(cfg)), e.pairs(canonicalTruth); !slices.Equal(kept, truth) {
 		t.Fatalf("kept state differs from the database after the restart:\nkept  %v\ntruth %v", kept, truth)
 	}
+	e.checkOutputs(cfg)
 	rep, err := app.AuditTargets(context.Background(), cfg, 0, 30*time.Second)
 	if err != nil {
 		t.Fatal(err)

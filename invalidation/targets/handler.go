@@ -259,6 +259,7 @@ func (h *Handler) settleReady(ctx context.Context) {
 	for start := 0; start < len(list); start += 500 {
 		chunk := list[start:min(start+500, len(list))]
 		ups, err := h.cfg.Store.Settle(ctx, chunk, h.cfg.Publish)
+		h.count(ups)
 		if err != nil {
 			h.stats.SettleErrors.Add(1)
 			if ctx.Err() == nil && now.Sub(h.lastErr) > 10*time.Second {
@@ -280,7 +281,6 @@ func (h *Handler) settleReady(ctx context.Context) {
 			h.forget(ready)
 			return
 		}
-		h.count(ups)
 		if p := h.pending[0]; p != nil {
 			for _, r := range chunk {
 				delete(p.rooms, r)

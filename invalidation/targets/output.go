@@ -12,12 +12,16 @@ import (
 // (so one room's records keep their order):
 //
 //   - Targets (compacted, <prefix>.notify_targets): the room's full target
-//     set and position, {"room_id":"!r","users":["@a","@b"],"position":"<lsn>:<seq>"};
+//     set, version and position,
+//     {"room_id":"!r","users":["@a","@b"],"version":7,"position":"<lsn>:<seq>"};
 //     an empty set is published as "users":[] (not a tombstone), so
 //     consumers see the removal.
 //   - Changes (<prefix>.notify_target_changes): one record per added or
 //     removed user, {"room_id","user_id","change":"added|removed","reason",
-//     "position"}.
+//     "version","position"}; position is the source change that caused it.
+//
+// Versions count a room's updates; a record published again (after a
+// crash) repeats its version.
 //
 // Records carry the tidemark-lsn and tidemark-seq headers.
 type KafkaOutput struct {
@@ -33,11 +37,11 @@ func (k *KafkaOutput) Publish(ctx context.Context, ups []RoomUpdate) error {
 		key := []byte(u.Room)
 		if k.ChangesTopic != "" {
 			for _, c := range u.Changes {
-				msgs = append(msgs, pipeline.Message{Topic: k.ChangesTopic, Key: key, Value: changeJSON(u.Room, c), Headers: posHeaders(c.Pos), Pos: c.Pos})
+				msgs = append(msgs, pipeline.Message{Topic: k.ChangesTopic, Key: key, Value: changeJSON(u.Room, u.Version, c), Headers: posHeaders(c.Pos), Pos: c.Pos})
 			}
 		}
 		if k.TargetsTopic != "" {
-			msgs = append(msgs, pipeline.Message{Topic: k.TargetsTopic, Key: key, Value: TargetsJSON(u.Room, u.Users, u.Pos), Headers: posHeaders(u.Pos), Pos: u.Pos})
+			msgs = append(msgs, pipeline.Message{Topic: k.TargetsTopic, Key: key, Value: TargetsJSON(u.Room, u.Users, u.Version, u.Pos), Headers: posHeaders(u.Pos), Pos: u.Pos})
 		}
 	}
 	if len(msgs) == 0 {
@@ -54,7 +58,7 @@ func posHeaders(p pipeline.Position) []pipeline.Header {
 }
 
 // TargetsJSON is the value of a notify_targets record.
-func TargetsJSON(room string, users []string, pos pipeline.Position) []byte {
+func TargetsJSON(room string, users []string, version uint64, pos pipeline.Position) []byte {
 	b := append([]byte(`{"room_id":`), pipeline.AppendJSONString(nil, room)...)
 	b = append(b, `,"users":[`...)
 	for i, u := range users {
@@ -63,12 +67,14 @@ func TargetsJSON(room string, users []string, pos pipeline.Position) []byte {
 		}
 		b = pipeline.AppendJSONString(b, u)
 	}
-	b = append(b, `],"position":"`...)
+	b = append(b, `],"version":`...)
+	b = strconv.AppendUint(b, version, 10)
+	b = append(b, `,"position":"`...)
 	b = append(b, pos.String()...)
 	return append(b, `"}`...)
 }
 
-func changeJSON(room string, c Change) []byte {
+func changeJSON(room string, version uint64, c Change) []byte {
 	b := append([]byte(`{"room_id":`), pipeline.AppendJSONString(nil, room)...)
 	b = append(b, `,"user_id":`...)
 	b = pipeline.AppendJSONString(b, c.User)
@@ -79,7 +85,9 @@ func changeJSON(room string, c Change) []byte {
 	}
 	b = append(b, `,"reason":"`...)
 	b = append(b, c.Reason...)
-	b = append(b, `","position":"`...)
+	b = append(b, `","version":`...)
+	b = strconv.AppendUint(b, version, 10)
+	b = append(b, `,"position":"`...)
 	b = append(b, c.Pos.String()...)
 	return append(b, `"}`...)
 }

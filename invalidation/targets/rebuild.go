@@ -207,7 +207,10 @@ func (b *Rebuilder) rebuildRooms(ctx context.Context, c *compiled, stx pgx.Tx, s
 			return err
 		}
 	}
-	return b.stateTx(ctx, func(tx pgx.Tx) error {
+	var settled []string
+	var res RebuildReport
+	err = b.stateTx(ctx, func(tx pgx.Tx) error {
+		res = RebuildReport{}
 		if err := b.Store.mergeMembersTx(ctx, tx, stamp, rooms, src); err != nil {
 			return err
 		}
@@ -233,24 +236,30 @@ func (b *Rebuilder) rebuildRooms(ctx context.Context, c *compiled, stx pgx.Tx, s
 		if err != nil {
 			return err
 		}
-		if len(ups) > 0 && b.Publish != nil {
-			if err := b.Publish(ctx, ups); err != nil {
-				return err
-			}
+		if err := b.Store.writeOutbox(ctx, tx, ups); err != nil {
+			return err
 		}
-		rep.Rooms += len(dedupeSorted(settle))
-		rep.Changed += len(ups)
+		settled = dedupeSorted(settle)
+		res.Rooms, res.Changed = len(settled), len(ups)
 		for _, u := range ups {
 			for _, ch := range u.Changes {
 				if ch.Added {
-					rep.Added++
+					res.Added++
 				} else {
-					rep.Removed++
+					res.Removed++
 				}
 			}
 		}
 		return nil
 	})
+	if err != nil {
+		return err
+	}
+	rep.Rooms += res.Rooms
+	rep.Changed += res.Changed
+	rep.Added += res.Added
+	rep.Removed += res.Removed
+	return b.Store.Drain(ctx, settled, b.Publish)
 }
 
 // stateTx runs fn in a state transaction, retrying transient failures

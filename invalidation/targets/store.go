@@ -2,6 +2,7 @@ package targets
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"math"
 	"sort"
@@ -18,19 +19,22 @@ import (
 //	notify_memberships (room_id, user_id, membership, joined, lsn, seq)  what the membership source says, per pair
 //	notify_users       (user_id, active, lsn, seq)                       what the user source says, per user
 //	notify_targets     (room_id, user_id, lsn, seq)                      the kept (published) targets
-//	notify_rooms       (room_id, lsn, seq, dirty)                        per room: latest position, and whether
-//	                                                                     notify_targets may lag the facts
+//	notify_rooms       (room_id, lsn, seq, dirty, version)               per room: latest position, whether
+//	                                                                     notify_targets may lag the facts, and
+//	                                                                     the number of updates published
+//	notify_outbox      (id, room_id, payload)                            committed updates not yet published
 //
 // Facts are last-writer-wins by position: a change applies only when its
 // position is above the stored one, so replays and out-of-order delivery
 // across partitions change nothing. notify_targets is derived from the facts
 // (joined and active) when a room is settled; a room's settlement runs in one
-// transaction holding the room's row lock, and publishes to the outputs
-// before it commits.
+// transaction holding the room's row lock and writes the update to the
+// outbox, which is then published under the same lock and emptied (so
+// outputs follow the committed state, in order, at least once).
 type Store struct {
 	pool   *pgxpool.Pool
 	schema string
-	t      struct{ members, users, targets, rooms string }
+	t      struct{ members, users, targets, rooms, outbox string }
 }
 
 // NewStore uses pool and schema (default "tidemark"). It starts nothing.
@@ -41,6 +45,7 @@ func NewStore(pool *pgxpool.Pool, schema string) *Store {
 	s := &Store{pool: pool, schema: schema}
 	q := func(n string) string { return pgx.Identifier{schema, n}.Sanitize() }
 	s.t.members, s.t.users, s.t.targets, s.t.rooms = q("notify_memberships"), q("notify_users"), q("notify_targets"), q("notify_rooms")
+	s.t.outbox = q("notify_outbox")
 	return s
 }
 
@@ -54,9 +59,12 @@ CREATE INDEX IF NOT EXISTS notify_memberships_user ON %[2]s (user_id) WHERE join
 CREATE TABLE IF NOT EXISTS %[3]s (user_id text PRIMARY KEY, active boolean NOT NULL, lsn bigint NOT NULL, seq bigint NOT NULL);
 CREATE TABLE IF NOT EXISTS %[4]s (room_id text NOT NULL, user_id text NOT NULL, lsn bigint NOT NULL, seq bigint NOT NULL,
   PRIMARY KEY (room_id, user_id));
-CREATE TABLE IF NOT EXISTS %[5]s (room_id text PRIMARY KEY, lsn bigint NOT NULL, seq bigint NOT NULL, dirty boolean NOT NULL);
-CREATE INDEX IF NOT EXISTS notify_rooms_dirty ON %[5]s (room_id) WHERE dirty;`,
-		pgx.Identifier{s.schema}.Sanitize(), s.t.members, s.t.users, s.t.targets, s.t.rooms)
+CREATE TABLE IF NOT EXISTS %[5]s (room_id text PRIMARY KEY, lsn bigint NOT NULL, seq bigint NOT NULL, dirty boolean NOT NULL,
+  version bigint NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS notify_rooms_dirty ON %[5]s (room_id) WHERE dirty;
+CREATE TABLE IF NOT EXISTS %[6]s (id bigserial PRIMARY KEY, room_id text NOT NULL, payload jsonb NOT NULL);
+CREATE INDEX IF NOT EXISTS notify_outbox_room ON %[6]s (room_id, id);`,
+		pgx.Identifier{s.schema}.Sanitize(), s.t.members, s.t.users, s.t.targets, s.t.rooms, s.t.outbox)
 	// Concurrent setups (the consumer and a rebuild starting together)
 	// would race on CREATE SCHEMA IF NOT EXISTS: serialise them.
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
@@ -287,10 +295,10 @@ func latestUsers(fs []UserFact) []UserFact {
 	return out
 }
 
-// DirtyRooms lists rooms whose kept targets may lag their facts (at most
-// limit).
+// DirtyRooms lists rooms whose kept targets may lag their facts, or whose
+// outbox holds unpublished records (at most limit).
 func (s *Store) DirtyRooms(ctx context.Context, limit int) ([]string, error) {
-	rows, err := s.pool.Query(ctx, fmt.Sprintf(`SELECT room_id FROM %s WHERE dirty ORDER BY room_id LIMIT $1`, s.t.rooms), limit)
+	rows, err := s.pool.Query(ctx, fmt.Sprintf(`SELECT room_id FROM %s WHERE dirty UNION SELECT room_id FROM %s ORDER BY 1 LIMIT $1`, s.t.rooms, s.t.outbox), limit)
 	if err != nil {
 		return nil, fmt.Errorf("listing dirty rooms: %w", err)
 	}
@@ -308,35 +316,158 @@ type Change struct {
 // RoomUpdate is a room whose targets changed: the full new set and the
 // changes that led to it.
 type RoomUpdate struct {
-	Room    string
-	Users   []string // sorted
-	Pos     pipeline.Position
+	Room  string
+	Users []string // sorted
+	// Pos is the room's position: the latest change applied to it.
+	Pos pipeline.Position
+	// Version numbers the room's updates 1, 2, 3, ... in the order they
+	// are committed and published; a record published again after a crash
+	// repeats its version, so consumers skip versions they have seen.
+	Version uint64
 	Changes []Change
 }
 
-// Publisher makes room updates durable in the outputs (topics, Redis). It
-// MUST be idempotent: an update can be published again after a failure.
+// Publisher makes room updates durable in the outputs (topics, Redis),
+// returning once they are. It MUST tolerate an update published again
+// after a failure (at least once), and is never called concurrently for
+// the same room.
 type Publisher func(ctx context.Context, ups []RoomUpdate) error
 
-// Settle recomputes the kept targets of rooms from the facts, writes the
-// difference, publishes it, then commits (a failed publish rolls back, so
-// the rooms stay dirty and are settled again).
-func (s *Store) Settle(ctx context.Context, rooms []string, publish Publisher) ([]RoomUpdate, error) {
-	var ups []RoomUpdate
-	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+// Settle recomputes the kept targets of rooms from the facts and commits
+// the difference together with its outbox records, then publishes the
+// rooms' outbox (Drain). The outputs never get ahead of the committed
+// state: a crash or a failed publish leaves the records in the outbox, and
+// settling the room again publishes them, in order. ups are the committed
+// updates, also when publishing failed.
+func (s *Store) Settle(ctx context.Context, rooms []string, publish Publisher) (ups []RoomUpdate, err error) {
+	err = pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		var err error
 		if ups, err = s.settleTx(ctx, tx, rooms, "", nil); err != nil {
 			return err
 		}
-		if len(ups) > 0 && publish != nil {
-			return publish(ctx, ups)
-		}
-		return nil
+		return s.writeOutbox(ctx, tx, ups)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("settling %d room(s): %w", len(rooms), err)
 	}
-	return ups, nil
+	return ups, s.Drain(ctx, rooms, publish)
+}
+
+// outboxRecord is a RoomUpdate as stored in notify_outbox.
+type outboxRecord struct {
+	Users   []string       `json:"users"`
+	Version uint64         `json:"version"`
+	LSN     uint64         `json:"lsn"`
+	Seq     uint32         `json:"seq"`
+	Changes []outboxChange `json:"changes"`
+}
+
+type outboxChange struct {
+	User   string `json:"user"`
+	Added  bool   `json:"added"`
+	Reason Reason `json:"reason"`
+	LSN    uint64 `json:"lsn"`
+	Seq    uint32 `json:"seq"`
+}
+
+// writeOutbox stores updates for publishing, in the transaction that
+// commits them.
+func (s *Store) writeOutbox(ctx context.Context, tx pgx.Tx, ups []RoomUpdate) error {
+	if len(ups) == 0 {
+		return nil
+	}
+	rooms := make([]string, len(ups))
+	payloads := make([]string, len(ups))
+	for i, u := range ups {
+		rec := outboxRecord{Users: u.Users, Version: u.Version, LSN: uint64(u.Pos.CommitLSN), Seq: u.Pos.Seq}
+		if rec.Users == nil {
+			rec.Users = []string{}
+		}
+		for _, c := range u.Changes {
+			rec.Changes = append(rec.Changes, outboxChange{User: c.User, Added: c.Added, Reason: c.Reason, LSN: uint64(c.Pos.CommitLSN), Seq: c.Pos.Seq})
+		}
+		b, err := json.Marshal(rec)
+		if err != nil {
+			return err
+		}
+		rooms[i], payloads[i] = u.Room, string(b)
+	}
+	_, err := tx.Exec(ctx, fmt.Sprintf(`INSERT INTO %s (room_id, payload) SELECT r, p::jsonb FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(r, p, o) ORDER BY o`, s.t.outbox), rooms, payloads)
+	return err
+}
+
+// Drain publishes the outbox records of rooms (nil: every room with
+// records) in commit order, under the rooms' row locks so that two
+// processes never publish one room's records out of order, and deletes
+// them once publish returned. At least once: a crash republishes.
+func (s *Store) Drain(ctx context.Context, rooms []string, publish Publisher) error {
+	if rooms == nil {
+		rows, err := s.pool.Query(ctx, fmt.Sprintf(`SELECT DISTINCT room_id FROM %s`, s.t.outbox))
+		if err != nil {
+			return fmt.Errorf("listing outbox rooms: %w", err)
+		}
+		if rooms, err = pgx.CollectRows(rows, pgx.RowTo[string]); err != nil {
+			return err
+		}
+	}
+	if len(rooms) == 0 {
+		return nil
+	}
+	rooms = dedupeSorted(rooms)
+	for {
+		n := 0
+		err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, fmt.Sprintf(`SELECT 1 FROM %s WHERE room_id = ANY($1::text[]) ORDER BY room_id FOR UPDATE`, s.t.rooms), rooms); err != nil {
+				return err
+			}
+			rows, err := tx.Query(ctx, fmt.Sprintf(`SELECT id, room_id, payload::text FROM %s WHERE room_id = ANY($1::text[]) ORDER BY id LIMIT 1000`, s.t.outbox), rooms)
+			if err != nil {
+				return err
+			}
+			var ids []int64
+			var ups []RoomUpdate
+			var id int64
+			var room, payload string
+			if _, err := pgx.ForEachRow(rows, []any{&id, &room, &payload}, func() error {
+				var rec outboxRecord
+				if err := json.Unmarshal([]byte(payload), &rec); err != nil {
+					return fmt.Errorf("outbox record %d: %w", id, err)
+				}
+				u := RoomUpdate{Room: room, Users: rec.Users, Version: rec.Version, Pos: pipeline.Position{CommitLSN: pipeline.LSN(rec.LSN), Seq: rec.Seq}}
+				for _, c := range rec.Changes {
+					u.Changes = append(u.Changes, Change{User: c.User, Added: c.Added, Reason: c.Reason, Pos: pipeline.Position{CommitLSN: pipeline.LSN(c.LSN), Seq: c.Seq}})
+				}
+				ids = append(ids, id)
+				ups = append(ups, u)
+				return nil
+			}); err != nil {
+				return err
+			}
+			if n = len(ids); n == 0 {
+				return nil
+			}
+			if publish != nil {
+				if err := publish(ctx, ups); err != nil {
+					return err
+				}
+			}
+			_, err = tx.Exec(ctx, fmt.Sprintf(`DELETE FROM %s WHERE id = ANY($1::bigint[])`, s.t.outbox), ids)
+			return err
+		})
+		if err != nil {
+			return fmt.Errorf("publishing the outbox of %d room(s): %w", len(rooms), err)
+		}
+		if n < 1000 {
+			return nil
+		}
+	}
+}
+
+// Pending counts rooms waiting to be settled and outbox records waiting to
+// be published.
+func (s *Store) Pending(ctx context.Context) (dirty, outbox int, err error) {
+	err = s.pool.QueryRow(ctx, fmt.Sprintf(`SELECT (SELECT count(*) FROM %s WHERE dirty), (SELECT count(*) FROM %s)`, s.t.rooms, s.t.outbox)).Scan(&dirty, &outbox)
+	return dirty, outbox, err
 }
 
 type factRow struct {
@@ -362,14 +493,15 @@ ON CONFLICT (room_id) DO NOTHING`, s.t.rooms), rooms); err != nil {
 		return nil, err
 	}
 	roomPos := map[string]pipeline.Position{}
-	rows, err := tx.Query(ctx, fmt.Sprintf(`SELECT room_id, lsn, seq FROM %s WHERE room_id = ANY($1::text[]) ORDER BY room_id FOR UPDATE`, s.t.rooms), rooms)
+	roomVersion := map[string]int64{}
+	rows, err := tx.Query(ctx, fmt.Sprintf(`SELECT room_id, lsn, seq, version FROM %s WHERE room_id = ANY($1::text[]) ORDER BY room_id FOR UPDATE`, s.t.rooms), rooms)
 	if err != nil {
 		return nil, err
 	}
 	var r, u, mem string
-	var l, q, ul, uq int64
+	var l, q, ul, uq, ver int64
 	var joined, active bool
-	if _, err = pgx.ForEachRow(rows, []any{&r, &l, &q}, func() error { roomPos[r] = posOf(l, q); return nil }); err != nil {
+	if _, err = pgx.ForEachRow(rows, []any{&r, &l, &q, &ver}, func() error { roomPos[r], roomVersion[r] = posOf(l, q), ver; return nil }); err != nil {
 		return nil, err
 	}
 	if at != nil {
@@ -460,6 +592,8 @@ FROM %s m LEFT JOIN %s u ON u.user_id = m.user_id WHERE m.room_id = ANY($1::text
 			continue
 		}
 		sort.Strings(up.Users)
+		roomVersion[room]++
+		up.Version = uint64(roomVersion[room])
 		sort.Slice(up.Changes, func(i, j int) bool { return up.Changes[i].User < up.Changes[j].User })
 		for _, c := range up.Changes {
 			if c.Added {
@@ -483,12 +617,13 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[]) ORDER B
 			return nil, err
 		}
 	}
-	ls, qs := make([]int64, len(rooms)), make([]int64, len(rooms))
+	ls, qs, vs := make([]int64, len(rooms)), make([]int64, len(rooms)), make([]int64, len(rooms))
 	for i, room := range rooms {
 		ls[i], qs[i] = lsnSeq(roomPos[room])
+		vs[i] = roomVersion[room]
 	}
-	if _, err := tx.Exec(ctx, fmt.Sprintf(`UPDATE %s r SET dirty = false, lsn = t.lsn, seq = t.seq
-FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS t(room_id, lsn, seq) WHERE r.room_id = t.room_id`, s.t.rooms), rooms, ls, qs); err != nil {
+	if _, err := tx.Exec(ctx, fmt.Sprintf(`UPDATE %s r SET dirty = false, lsn = t.lsn, seq = t.seq, version = t.version
+FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS t(room_id, lsn, seq, version) WHERE r.room_id = t.room_id`, s.t.rooms), rooms, ls, qs, vs); err != nil {
 		return nil, err
 	}
 	return ups, nil
