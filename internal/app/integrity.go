@@ -249,6 +249,8 @@ func (i *Integrity) Register(reg prometheus.Registerer) {
 		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "tidemark", Subsystem: "consumer", Name: name, Help: help, ConstLabels: labels}, f))
 	}
 	counter("messages_total", "Changes applied.", func() float64 { return float64(st.Messages.Load()) })
+	counter("skipped_total", "Redelivered positions skipped.", func() float64 { return float64(st.Skipped.Load()) })
+	counter("retries_total", "Failed attempts that were retried.", func() float64 { return float64(st.Retries.Load()) })
 	counter("dlq_total", "Changes sent to the dead-letter topic.", func() float64 { return float64(st.DLQ.Load()) })
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "tidemark", Subsystem: "consumer", Name: "lag_messages",
 		Help: "Messages behind the end of the subscribed partitions.", ConstLabels: labels}, func() float64 { return float64(st.Lag.Load()) }))

@@ -320,6 +320,31 @@ func TestIntegrityPrecisionRecall(t *testing.T) {
 	if st.Violations != int64(injected) {
 		t.Errorf("violations counter %d, want %d", st.Violations, injected)
 	}
+	// The Prometheus counter per rule (and kind).
+	reg := prometheus.NewRegistry()
+	ig.Register(reg)
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	perRule := map[string]float64{}
+	for _, mf := range mfs {
+		if mf.GetName() != "tidemark_integrity_violations_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			l := map[string]string{}
+			for _, lp := range m.GetLabel() {
+				l[lp.GetName()] = lp.GetValue()
+			}
+			perRule[l["rule"]+"/"+l["kind"]] += m.GetCounter().GetValue()
+		}
+	}
+	wantPerRule := map[string]float64{"events_have_json/missing": 10, "events_have_json/orphaned": 8,
+		"read_marker_event_exists/missing": 8, "read_marker_monotonic/regressed": 8}
+	if fmt.Sprint(perRule) != fmt.Sprint(wantPerRule) {
+		t.Errorf("tidemark_integrity_violations_total %v, want %v", perRule, wantPerRule)
+	}
 
 	// A missing row that appears later resolves its violation.
 	e.exec(`INSERT INTO event_json(event_id, room_id, json) VALUES ('$orphan0:bench.test', $1, '{}')`, benchRoom(1))
