@@ -3,6 +3,7 @@ package integrity
 import (
 	"context"
 	"os"
+	"slices"
 	"testing"
 	"time"
 
@@ -120,5 +121,74 @@ func TestStoreIdempotent(t *testing.T) {
 	st, err := s.LoadState(ctx)
 	if err != nil || len(st) != 0 {
 		t.Errorf("state after delete: %v %v", st, err)
+	}
+}
+
+// TestRestartResumesState: what one checker held (an undecided
+// transaction, a pending expectation, a monotonic value, its positions) is
+// picked up by the next one with the same group, and changes it applied
+// before the restart are skipped, not counted twice.
+func TestRestartResumesState(t *testing.T) {
+	pool := testPool(t)
+	ctx := context.Background()
+	rules := DefaultRules()
+	ApplyDefaults(rules)
+	eng, err := Compile("integrity.rules", rules, canonicalSchema())
+	if err != nil {
+		t.Fatal(err)
+	}
+	newChecker := func() *Checker {
+		c := NewChecker(eng, NewStore(pool, "tidemark", "g"), nil, Options{Group: "g"}, nil, nil)
+		if err := c.Load(ctx); err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	both := map[string]int{"public.events": 1, "public.event_json": 1}
+	a := newChecker()
+	evA := change("events", "c", 10, 0, key("$a"), nil, ev("$a"))
+	evB := change("events", "c", 20, 0, key("$b"), nil, ev("$b"))
+	feed(t, a, evA, end(t, 10, both), evB, end(t, 20, map[string]int{"public.events": 1}),
+		change("read_markers", "c", 30, 0, mkey("@u", "!r"), nil, marker("@u", "!r", "$nowhere", 100)),
+		end(t, 30, map[string]int{"public.read_markers": 1}))
+	if err := a.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if p := a.Progress(); p.OpenTransactions != 1 || p.Pending != 1 || a.Stats().Violations != 1 {
+		t.Fatalf("before the restart: %+v %+v", p, a.Stats())
+	}
+
+	b := newChecker()
+	if p := b.Progress(); p.OpenTransactions != 1 || p.Pending != 1 {
+		t.Fatalf("after the restart: %+v, want the open transaction and the pending expectation back", p)
+	}
+	// Redelivered (applied before the restart): skipped.
+	feed(t, b, evA, evB)
+	// The rest of transaction 10 (its END record arrived before the
+	// restart), and a regression of the kept marker.
+	feed(t, b, change("event_json", "c", 10, 1, key("$a"), nil, js("$a")),
+		change("read_markers", "u", 40, 0, mkey("@u", "!r"), nil, marker("@u", "!r", "$nowhere", 90)),
+		end(t, 40, map[string]int{"public.read_markers": 1}))
+	if err := b.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := kinds(b); len(got) != 0 {
+		t.Errorf("unflushed violations %v", got)
+	}
+	st := b.Stats()
+	if st.Violations != 1 || st.Decided != 2 {
+		t.Errorf("after the restart: %+v, want transaction 10 decided clean and only the regression flagged", st)
+	}
+	vs, err := List(ctx, pool, "tidemark", Filter{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, v := range vs {
+		got = append(got, v.Rule+"/"+v.Kind)
+	}
+	slices.Sort(got)
+	if want := []string{"events_have_json/missing", "read_marker_monotonic/regressed"}; !slices.Equal(got, want) {
+		t.Errorf("stored violations %v, want %v", got, want)
 	}
 }
