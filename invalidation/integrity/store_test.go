@@ -2,6 +2,7 @@ package integrity
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"slices"
 	"testing"
@@ -9,12 +10,19 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/tidemark/tidemark/internal/leakcheck"
 	"github.com/tidemark/tidemark/internal/pgserver"
 	"github.com/tidemark/tidemark/pipeline"
 )
 
 func TestMain(m *testing.M) {
 	code := m.Run()
+	if code == 0 {
+		if leaked := leakcheck.Wait(5*time.Second, "tidemark/invalidation/integrity."); leaked != "" {
+			fmt.Fprintf(os.Stderr, "goroutines leaked by the tests:\n%s\n", leaked)
+			code = 1
+		}
+	}
 	pgserver.StopShared()
 	os.Exit(code)
 }
@@ -190,5 +198,61 @@ func TestRestartResumesState(t *testing.T) {
 	slices.Sort(got)
 	if want := []string{"events_have_json/missing", "read_marker_monotonic/regressed"}; !slices.Equal(got, want) {
 		t.Errorf("stored violations %v, want %v", got, want)
+	}
+}
+
+// TestTickConfirmsAndRunStops: due expectations are confirmed against the
+// database by the ticker (an earlier-written row satisfies, a missing one is
+// flagged once durable), and Run stops when its context ends.
+func TestTickConfirmsAndRunStops(t *testing.T) {
+	pool := testPool(t)
+	ctx := context.Background()
+	if _, err := pool.Exec(ctx, `CREATE TABLE events (event_id text PRIMARY KEY, room_id text, sender text, type text, stream_ordering bigint, origin_ts bigint);
+INSERT INTO events(event_id) VALUES ('$old')`); err != nil {
+		t.Fatal(err)
+	}
+	rules := DefaultRules()[1:2] // read markers point to events within 30s
+	ApplyDefaults(rules)
+	eng, err := Compile("integrity.rules", rules, canonicalSchema())
+	if err != nil {
+		t.Fatal(err)
+	}
+	eng.rules[0].related.Types = map[string]string{"event_id": `"pg_catalog"."text"`}
+	now := time.UnixMilli(100_000)
+	c := NewChecker(eng, NewStore(pool, "tidemark", "tick"), NewProber(pool, 100, 10),
+		Options{Group: "tick", TickInterval: 10 * time.Millisecond, Now: func() time.Time { return now }}, nil, nil)
+	if err := c.Load(ctx); err != nil {
+		t.Fatal(err)
+	}
+	feed(t, c, change("read_markers", "c", 50, 0, mkey("@a", "!r"), nil, marker("@a", "!r", "$old", 1)),
+		change("read_markers", "c", 60, 0, mkey("@b", "!r"), nil, marker("@b", "!r", "$gone", 1)))
+	if n, err := c.Tick(ctx); err != nil || n != 0 {
+		t.Fatalf("tick before the deadline decided %d (%v)", n, err)
+	}
+	c.mu.Lock()
+	c.recvAt = now.Add(-31 * time.Second) // idle: stream time moves on with the clock
+	c.mu.Unlock()
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- c.Run(runCtx) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for c.Stats().Checked < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the ticker did not confirm the expectations: %+v", c.Stats())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Run did not stop when its context ended")
+	}
+	vs, err := List(ctx, pool, "tidemark", Filter{})
+	if err != nil || len(vs) != 1 || vs[0].Match["event_id"] != "$gone" {
+		t.Fatalf("violations %v %+v, want the marker to $gone only", err, vs)
 	}
 }
