@@ -217,6 +217,9 @@ func (c *Checker) Load(ctx context.Context) error {
 		case "txn":
 			t := &txnState{}
 			if json.Unmarshal(v, t) == nil {
+				if t.Seen == nil {
+					t.Seen = map[string]int{}
+				}
 				c.txns[t.LSN] = t
 			}
 		case "pend":
