@@ -90,7 +90,8 @@ snapshot, so lag raises no false alarm. Exit code 4 when a room differs.`,
 				return err
 			}
 			out := cmd.OutOrStdout()
-			fmt.Fprintf(out, "audited %d room(s) as of LSN %s: %d consistent, ratio %.4f\n", rep.Rooms, rep.LSN, rep.Consistent, rep.Ratio)
+			fmt.Fprintf(out, "audited %d room(s) as of LSN %s: %d consistent, ratio %.4f (%d re-checked once the pipeline passed that LSN)\n",
+				rep.Rooms, rep.LSN, rep.Consistent, rep.Ratio, rep.Suspected)
 			if rep.Unconfirmed {
 				fmt.Fprintf(out, "the pipeline did not pass LSN %s within %s: differences are unconfirmed and counted as inconsistent\n", rep.LSN, wait)
 			}

@@ -590,7 +590,7 @@ INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!other', '@o
 // reason "rebuild"); a second audit reports 1.0.
 func TestTargetsAuditAndRebuild(t *testing.T) {
 	rd := redistest.ForTest(t)
-	e, cfg, _ := canonicalEnv(t, "audit", func(tc *config.Targets) {
+	e, cfg, stop := canonicalEnv(t, "audit", func(tc *config.Targets) {
 		tc.Redis = &config.TargetsRedis{Redis: config.Redis{Addr: rd.Addr()}}
 	})
 	ctx := context.Background()
@@ -671,6 +671,39 @@ DELETE FROM tidemark.notify_targets WHERE room_id = '!c3'`)
 	if rb, err = app.RebuildTargets(ctx, cfg, nil, nil, true); err != nil || rb.Changed != 0 {
 		t.Errorf("second rebuild --all = %+v, %v; want no change", rb, err)
 	}
+
+	// Lag is no inconsistency: with the consumer stopped, the database
+	// moves on (a join, a deactivation touching every room); the audit sees
+	// the differences, waits for the pipeline to pass the LSN it read at,
+	// re-checks and reports 1.0.
+	stop()
+	e.exec(`INSERT INTO users(user_id) VALUES ('@late');
+INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!c4', '@late', 'join');
+UPDATE users SET deactivated = true WHERE user_id = '@u1'`)
+	type result struct {
+		rep targets.AuditReport
+		err error
+	}
+	res := make(chan result, 1)
+	go func() {
+		rep, err := app.AuditTargets(ctx, cfg, 0, 60*time.Second)
+		res <- result{rep, err}
+	}()
+	time.Sleep(time.Second)
+	select {
+	case r := <-res:
+		t.Fatalf("audit finished while the consumer was stopped: %+v, %v", r.rep, r.err)
+	default:
+	}
+	e.startTargets(cfg)
+	r := <-res
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	if r.rep.Ratio != 1 || r.rep.Unconfirmed || r.rep.Suspected != 20 {
+		t.Errorf("audit while lagging: ratio %v, unconfirmed %v, suspected %d (want 1, false, 20), mismatches %v",
+			r.rep.Ratio, r.rep.Unconfirmed, r.rep.Suspected, r.rep.Mismatches)
+	}
 }
 
 // membershipWorkload commits n random membership transactions on the
@@ -709,13 +742,39 @@ ON CONFLICT (user_id) DO UPDATE SET deactivated = EXCLUDED.deactivated`, user, r
 // TestTargetsRebuildDuringWorkload (acceptance 4): rebuilds of all rooms
 // and of single rooms run while a membership workload commits; once the
 // pipeline has caught up, the kept state equals the database and the
-// audit reports 1.0.
+// audit reports 1.0. Audits running during the workload (the consumer
+// lagging, rebuilds rewriting) report 1.0 too: lag raises no false alarm.
 func TestTargetsRebuildDuringWorkload(t *testing.T) {
 	e, cfg, _ := canonicalEnv(t, "rbw", nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	done := make(chan error, 1)
 	go func() { done <- membershipWorkload(ctx, e, 2500, 4) }()
+	// Audits run meanwhile, while the consumer lags the workload and
+	// rebuilds rewrite the state: none may raise a false alarm.
+	auditDone, auditStop := make(chan struct{}), make(chan struct{})
+	audits := 0
+	var auditErr error
+	go func() {
+		defer close(auditDone)
+		for ctx.Err() == nil {
+			select {
+			case <-auditStop:
+				return
+			default:
+			}
+			rep, err := app.AuditTargets(ctx, cfg, 0, 30*time.Second)
+			if err != nil {
+				auditErr = err
+				return
+			}
+			if rep.Ratio != 1 || rep.Unconfirmed {
+				auditErr = fmt.Errorf("audit during the workload: ratio %v (unconfirmed %v), mismatches %v", rep.Ratio, rep.Unconfirmed, rep.Mismatches)
+				return
+			}
+			audits++
+		}
+	}()
 	rebuilds := 0
 	var lastRep targets.RebuildReport
 loop:
@@ -739,9 +798,15 @@ loop:
 		lastRep = rep
 		rebuilds++
 	}
-	if rebuilds < 3 {
-		t.Fatalf("only %d rebuilds ran during the workload", rebuilds)
+	close(auditStop)
+	<-auditDone
+	if auditErr != nil {
+		t.Fatal(auditErr)
 	}
+	if rebuilds < 3 || audits < 1 {
+		t.Fatalf("only %d rebuilds and %d audits ran during the workload", rebuilds, audits)
+	}
+	t.Logf("%d audits ran during the workload, each with ratio 1", audits)
 	t.Logf("%d rebuilds ran during the workload (last: %+v)", rebuilds, lastRep)
 	e.waitTargets(cfg, 60*time.Second)
 	if kept, truth := e.pairs(keptSQL(cfg)), e.pairs(canonicalTruth); !slices.Equal(kept, truth) {

@@ -39,6 +39,9 @@ type AuditReport struct {
 	Rooms      int          // rooms compared
 	Consistent int
 	Ratio      float64 // Consistent / Rooms (1 when no room was compared)
+	// Suspected counts rooms that differed at first sight and were
+	// re-checked once the pipeline had passed LSN.
+	Suspected  int
 	Mismatches []Mismatch
 	// Unconfirmed is set when mismatches could not be re-checked (the
 	// pipeline did not pass LSN within Wait); they count as inconsistent.
@@ -127,6 +130,7 @@ func (a *Auditor) Audit(ctx context.Context, sample int) (AuditReport, error) {
 		return rep, err
 	}
 	rep.Rooms = len(rooms)
+	rep.Suspected = len(suspects)
 	bad := map[string]Mismatch{}
 	if len(suspects) > 0 {
 		wctx, cancel := context.WithTimeout(ctx, wait)
