@@ -60,6 +60,15 @@ func benchUser(i int) string { return fmt.Sprintf("@u%d:bench.test", i) }
 // returns the event ids it created.
 func cleanWorkload(t *testing.T, pool *pgxpool.Pool, prefix string, total, workers int) []string {
 	t.Helper()
+	events, err := runWorkload(pool, prefix, total, workers)
+	if err != nil {
+		t.Fatalf("workload: %v", err)
+	}
+	return events
+}
+
+// runWorkload is cleanWorkload for any goroutine.
+func runWorkload(pool *pgxpool.Pool, prefix string, total, workers int) ([]string, error) {
 	var n atomic.Int64
 	var mu sync.Mutex
 	var events []string
@@ -104,10 +113,10 @@ func cleanWorkload(t *testing.T, pool *pgxpool.Pool, prefix string, total, worke
 	wg.Wait()
 	close(errs)
 	for err := range errs {
-		t.Fatalf("workload: %v", err)
+		return nil, err
 	}
 	sort.Strings(events)
-	return events
+	return events, nil
 }
 
 // integrityEnv is a captured canonical database with the integrity consumer.
@@ -249,7 +258,9 @@ func TestIntegrityPrecisionRecall(t *testing.T) {
 	e.start(e.cfg)
 	ig, _ := e.startIntegrity("ipr-integrity")
 
+	began := time.Now()
 	events := cleanWorkload(t, e.pool, "a", 1000, 4)
+	t.Logf("first half of the workload: %s", time.Since(began).Round(time.Millisecond))
 	want := map[string]bool{}
 	// Regressions need markers the checker has seen move forward first.
 	for i := 0; i < 8; i++ {
@@ -257,6 +268,16 @@ func TestIntegrityPrecisionRecall(t *testing.T) {
 		e.exec(itxRead, u, r)
 		e.exec(itxRead, u, r) // no-op: never backwards
 	}
+	// The faults go in while the second half of the clean workload runs.
+	type result struct {
+		events []string
+		err    error
+	}
+	second := make(chan result, 1)
+	go func() {
+		evs, err := runWorkload(e.pool, "b", 1000, 3)
+		second <- result{evs, err}
+	}()
 	injected := 0
 	for i := 0; i < 10; i++ {
 		id := fmt.Sprintf("$orphan%d:bench.test", i)
@@ -287,11 +308,17 @@ func TestIntegrityPrecisionRecall(t *testing.T) {
 	// neither.
 	e.inTx(`DELETE FROM event_json WHERE event_id = $1`, `INSERT INTO event_json(event_id, room_id, json) VALUES ($1, 'x', '{}')`, events[1])
 	e.inTx(`DELETE FROM event_json WHERE event_id = $1`, `DELETE FROM events WHERE event_id = $1`, events[2])
-	events2 := cleanWorkload(t, e.pool, "b", 1000, 4)
+	r2 := <-second
+	if r2.err != nil {
+		t.Fatalf("workload: %v", r2.err)
+	}
+	events2 := r2.events
 	if len(want) != injected {
 		t.Fatalf("injected %d faults but %d distinct identities", injected, len(want))
 	}
+	t.Logf("workload and faults: %s", time.Since(began).Round(time.Millisecond))
 	e.settle(ig, 2*time.Second, 60*time.Second)
+	t.Logf("settled: %s", time.Since(began).Round(time.Millisecond))
 
 	got := map[string]bool{}
 	vs := e.violations()
@@ -368,8 +395,10 @@ func TestIntegrityPrecisionRecall(t *testing.T) {
 
 	// Replay every topic from the beginning with a new group: the same
 	// violations are found again and none is stored twice.
+	t.Logf("resolved: %s", time.Since(began).Round(time.Millisecond))
 	rg, _ := e.startIntegrity("ipr-replay")
 	e.settle(rg, 2*time.Second, 60*time.Second)
+	t.Logf("replayed: %s", time.Since(began).Round(time.Millisecond))
 	after := e.violations()
 	if len(after) != len(vs) {
 		t.Errorf("after the replay %d violations are stored, before %d", len(after), len(vs))
