@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -39,6 +40,7 @@ type Targets struct {
 	cfg    *config.Config
 	log    *zap.Logger
 	ratio  prometheus.Gauge
+	audits atomic.Uint64
 }
 
 // targetOutputs are the Kafka producer, the Redis sink and the publisher
@@ -276,6 +278,7 @@ func (t *Targets) auditLoop(ctx context.Context) {
 		if t.ratio != nil {
 			t.ratio.Set(rep.Ratio)
 		}
+		t.audits.Add(1)
 		if len(rep.Mismatches) > 0 {
 			t.log.Warn("notification targets differ from the database", zap.Float64("ratio", rep.Ratio),
 				zap.Int("rooms", rep.Rooms), zap.Int("mismatched", len(rep.Mismatches)), zap.String("first_room", rep.Mismatches[0].Room))
@@ -319,6 +322,7 @@ func (t *Targets) Register(reg prometheus.Registerer) {
 		Help: "Share of audited rooms whose kept targets equal the database (periodic audit; 1 before the first).", ConstLabels: labels})
 	t.ratio.Set(1)
 	reg.MustRegister(t.ratio)
+	counter("notify_targets", "audits_total", "Periodic audits completed (targets.audit_interval).", func() float64 { return float64(t.audits.Load()) })
 }
 
 // openTargets opens the source and state pools and the store for the

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 	"gopkg.in/yaml.v3"
@@ -64,11 +65,19 @@ func targetsConfig(e *env, prefix string, tables []string, tc *config.Targets) *
 // startTargets runs the targets consumer in the test process; stop is
 // idempotent and also runs at cleanup.
 func (e *env) startTargets(cfg *config.Config) (*app.Targets, func()) {
+	return e.startTargetsWith(cfg, nil)
+}
+
+// startTargetsWith also registers the role's metrics in reg (when set).
+func (e *env) startTargetsWith(cfg *config.Config, reg prometheus.Registerer) (*app.Targets, func()) {
 	e.t.Helper()
 	log := zaptest.NewLogger(e.t, zaptest.Level(zap.WarnLevel))
 	tg, err := app.PrepareTargets(context.Background(), cfg, log)
 	if err != nil {
 		e.t.Fatalf("prepare targets: %v", err)
+	}
+	if reg != nil {
+		tg.Register(reg)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -590,9 +599,46 @@ INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!other', '@o
 // reason "rebuild"); a second audit reports 1.0.
 func TestTargetsAuditAndRebuild(t *testing.T) {
 	rd := redistest.ForTest(t)
-	e, cfg, stop := canonicalEnv(t, "audit", func(tc *config.Targets) {
-		tc.Redis = &config.TargetsRedis{Redis: config.Redis{Addr: rd.Addr()}}
+	e := newEnv(t, "")
+	e.exec(demoSchemaTargets)
+	cfg := targetsConfig(e, "audit", []string{"public.users", "public.room_memberships"}, &config.Targets{
+		Redis:         &config.TargetsRedis{Redis: config.Redis{Addr: rd.Addr()}},
+		AuditInterval: 200 * time.Millisecond, // the role's periodic audit feeds the gauge
 	})
+	e.start(cfg)
+	reg := prometheus.NewRegistry()
+	_, stop := e.startTargetsWith(cfg, reg)
+	gauge := func(name string) float64 {
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mf := range mfs {
+			if mf.GetName() == name {
+				m := mf.GetMetric()[0]
+				if m.GetGauge() != nil {
+					return m.GetGauge().GetValue()
+				}
+				return m.GetCounter().GetValue()
+			}
+		}
+		t.Fatalf("no metric %s", name)
+		return 0
+	}
+	// waitGauge waits for a periodic audit that started after now to
+	// report want.
+	waitGauge := func(want float64) {
+		t.Helper()
+		start := gauge("tidemark_notify_targets_audits_total")
+		deadline := time.Now().Add(30 * time.Second)
+		for gauge("tidemark_notify_targets_audits_total") < start+2 || gauge("tidemark_notify_targets_consistency_ratio") != want {
+			if time.Now().After(deadline) {
+				t.Fatalf("consistency gauge %v after %v audits, want %v", gauge("tidemark_notify_targets_consistency_ratio"),
+					gauge("tidemark_notify_targets_audits_total")-start, want)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
 	ctx := context.Background()
 	e.exec(`INSERT INTO users(user_id) SELECT '@u' || g FROM generate_series(1, 8) g;
 INSERT INTO room_memberships(room_id, user_id, membership)
@@ -623,6 +669,7 @@ DELETE FROM tidemark.notify_targets WHERE room_id = '!c3'`)
 	if got != want {
 		t.Fatalf("mismatches %s, want %s", got, want)
 	}
+	waitGauge(17.0 / 20)
 	changes := &changeReader{e: e, seen: map[string]bool{}}
 	topic := cfg.Kafka.TopicPrefix + ".notify_target_changes"
 	changes.next(topic) // skip the seeding's records
@@ -646,6 +693,7 @@ DELETE FROM tidemark.notify_targets WHERE room_id = '!c3'`)
 	if rep := audit(); rep.Ratio != 1 || rep.Rooms != 20 {
 		t.Fatalf("audit after rebuild: ratio %v, mismatches %v", rep.Ratio, rep.Mismatches)
 	}
+	waitGauge(1)
 	wantChanges := []string{"!c1 @u2 added rebuild", "!c2 @stranger removed rebuild"}
 	for u := 1; u <= 5; u++ {
 		wantChanges = append(wantChanges, fmt.Sprintf("!c3 @u%d added rebuild", u))
