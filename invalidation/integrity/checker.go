@@ -414,6 +414,12 @@ func (c *Checker) handleChange(ctx context.Context, m *invalidation.Message) err
 	if c.decided.has(strconv.FormatUint(lsn, 10)) {
 		return nil // its transaction was decided (or dropped) already
 	}
+	// The only step that can fail comes first, so that a failed (and
+	// retried) change has changed nothing.
+	stored, err := c.lookupMono(ctx, m.Table, env)
+	if err != nil {
+		return err
+	}
 	c.advanceClock(env.Source.TsMs)
 	t := c.txns[lsn]
 	if t == nil && !c.trackTxns {
@@ -455,9 +461,7 @@ func (c *Checker) handleChange(ctx context.Context, m *invalidation.Message) err
 	// The row as a parent: expectations it raises, and its deletion.
 	for _, r := range c.eng.byTable[m.Table] {
 		if r.Monotonic != nil {
-			if err := c.monotonic(ctx, r, env, base); err != nil {
-				return err
-			}
+			c.monotonic(r, env, base, stored)
 			continue
 		}
 		img := env.After
@@ -562,8 +566,47 @@ func (c *Checker) handleChange(ctx context.Context, m *invalidation.Message) err
 	return nil
 }
 
-// monotonic checks a monotonic rule's column against its previous value.
-func (c *Checker) monotonic(ctx context.Context, r *compiled, env *pipeline.Envelope, base item) error {
+// lookupMono reads from the state table the kept values of the monotonic
+// keys a change touches that memory no longer holds (only once a bound
+// evicted some).
+func (c *Checker) lookupMono(ctx context.Context, table string, env *pipeline.Envelope) (map[string]monoVal, error) {
+	if c.monoAll || (env.Op != "c" && env.Op != "u") {
+		return nil, nil
+	}
+	var out map[string]monoVal
+	for _, r := range c.eng.byTable[table] {
+		if r.Monotonic == nil {
+			continue
+		}
+		vals, ok := values(env.After, r.cols)
+		if !ok {
+			continue
+		}
+		k := r.Name + "|" + matchKey(vals)
+		if _, ok := c.mono.peek(k); ok {
+			continue
+		}
+		if _, ok := c.monoEvicted[k]; ok {
+			continue
+		}
+		v, found, err := c.store.stateValue(ctx, stateKey{"mono", k})
+		if err != nil {
+			return nil, err
+		}
+		var mv monoVal
+		if found && json.Unmarshal(v, &mv) == nil {
+			if out == nil {
+				out = map[string]monoVal{}
+			}
+			out[k] = mv
+		}
+	}
+	return out, nil
+}
+
+// monotonic checks a monotonic rule's column against its previous value
+// (stored holds what lookupMono read from the state table).
+func (c *Checker) monotonic(r *compiled, env *pipeline.Envelope, base item, stored map[string]monoVal) {
 	op := opOf(env)
 	pos := base.pos()
 	if op == 'd' {
@@ -575,35 +618,29 @@ func (c *Checker) monotonic(ctx context.Context, r *compiled, env *pipeline.Enve
 				c.dirtyMono[k] = true
 			}
 		}
-		return nil
+		return
 	}
 	if !strings.ContainsRune(r.ops, rune(op)) || !whereHolds(env.After, r.Where, false) {
-		return nil
+		return
 	}
 	keyVals, ok := values(env.After, r.cols)
 	if !ok {
-		return nil
+		return
 	}
 	nv, ok := pipeline.Text(env.After, r.Monotonic.Column)
 	if !ok {
-		return nil // NULL or unchanged TOAST: nothing to compare
+		return // NULL or unchanged TOAST: nothing to compare
 	}
 	k := r.Name + "|" + matchKey(keyVals)
 	cur, known := c.mono.get(k)
 	if !known {
 		cur, known = c.monoEvicted[k]
 	}
-	if !known && !c.monoAll {
-		v, found, err := c.store.stateValue(ctx, stateKey{"mono", k})
-		if err != nil {
-			return err
-		}
-		if found && json.Unmarshal(v, &cur) == nil {
-			known = true
-		}
+	if !known {
+		cur, known = stored[k]
 	}
 	if known && !cur.pos().Less(pos) {
-		return nil // applied already
+		return // applied already
 	}
 	prev, havePrev := "", false
 	if env.Before != nil {
@@ -627,7 +664,6 @@ func (c *Checker) monotonic(ctx context.Context, r *compiled, env *pipeline.Enve
 		c.warnSometimes("mono", "integrity: monotonic keys at their memory bound (integrity.max_keys); older keys are read from the state table")
 	}
 	c.dirtyMono[k] = true
-	return nil
 }
 
 // tryDecide decides a transaction's same-transaction expectations once its

@@ -257,3 +257,33 @@ INSERT INTO events(event_id) VALUES ('$old')`); err != nil {
 		t.Fatalf("violations %v %+v, want the marker to $gone only", err, vs)
 	}
 }
+
+// TestMonotonicBeyondMemory: with more keys than max_keys, an evicted key's
+// last value is read back from the state table, so its regression is still
+// flagged.
+func TestMonotonicBeyondMemory(t *testing.T) {
+	pool := testPool(t)
+	ctx := context.Background()
+	rules := DefaultRules()[2:]
+	ApplyDefaults(rules)
+	eng, err := Compile("integrity.rules", rules, canonicalSchema())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := NewChecker(eng, NewStore(pool, "tidemark", "mono"), nil, Options{Group: "mono", MaxKeys: 1}, nil, nil)
+	if err := c.Load(ctx); err != nil {
+		t.Fatal(err)
+	}
+	feed(t, c, change("read_markers", "c", 10, 0, mkey("@a", "!r"), nil, marker("@a", "!r", "$e", 100)),
+		change("read_markers", "c", 20, 0, mkey("@b", "!r"), nil, marker("@b", "!r", "$e", 5))) // evicts @a from memory
+	if err := c.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if c.mono.len() != 1 || c.monoAll {
+		t.Fatalf("memory holds %d keys (all: %v), want 1 and not all", c.mono.len(), c.monoAll)
+	}
+	feed(t, c, change("read_markers", "u", 30, 0, mkey("@a", "!r"), nil, marker("@a", "!r", "$e", 50)))
+	if got := kinds(c); len(got) != 1 || got[0] != "read_marker_monotonic/regressed" {
+		t.Errorf("violations %v, want the regression of the evicted key", got)
+	}
+}
