@@ -185,6 +185,12 @@ func checkCmd() *cobra.Command {
 				}
 				fmt.Fprintf(out, "integrity rules: %d checked against the tables\n", len(cfg.Integrity.Rules))
 			}
+			if cfg.Targets != nil {
+				if err := app.CheckTargets(cmd.Context(), cfg); err != nil {
+					return &exitError{3, err}
+				}
+				fmt.Fprintln(out, "targets mapping: checked against the tables")
+			}
 			fmt.Fprintln(out, "no problems found")
 			return nil
 		},

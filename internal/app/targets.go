@@ -120,6 +120,16 @@ func (o *targetOutputs) close() error {
 	return err
 }
 
+// CheckTargets compares the targets mapping with the database's tables
+// (columns, replica identities) and returns every problem, by field path,
+// with the fix where there is one.
+func CheckTargets(ctx context.Context, cfg *config.Config) error {
+	if cfg.Targets == nil {
+		return errors.New("no targets section in the config")
+	}
+	return checkTargetsMapping(ctx, cfg)
+}
+
 // checkTargetsMapping compares the mapping with the captured tables.
 func checkTargetsMapping(ctx context.Context, cfg *config.Config) error {
 	infos, _, _, err := Check(ctx, cfg)

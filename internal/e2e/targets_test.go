@@ -951,6 +951,9 @@ func TestTargetsConsumerKilled(t *testing.T) {
 		}
 		return string(out)
 	}
+	if out := cli(0, "check"); !strings.Contains(out, "targets mapping: checked against the tables") {
+		t.Errorf("check output: %s", out)
+	}
 	if out := cli(0, "audit", "targets"); !strings.Contains(out, "ratio 1.0000") {
 		t.Errorf("audit output: %s", out)
 	}
@@ -966,5 +969,37 @@ func TestTargetsConsumerKilled(t *testing.T) {
 	_ = cmd.Process.Signal(syscall.SIGTERM)
 	if err := cmd.Wait(); err != nil {
 		t.Errorf("graceful stop: %v", err)
+	}
+}
+
+// TestTargetsMappingChecked: a mapping that does not fit the database is
+// refused before anything runs, every problem named by field path, with
+// the fix.
+func TestTargetsMappingChecked(t *testing.T) {
+	e := newEnv(t, "")
+	e.exec(`CREATE TABLE current_state_events (event_id text NOT NULL, room_id text NOT NULL, type text NOT NULL,
+  state_key text NOT NULL, membership text);
+CREATE TABLE synapse_users (name text PRIMARY KEY, deactivated smallint NOT NULL DEFAULT 0);
+ALTER TABLE synapse_users REPLICA IDENTITY FULL;`)
+	tc := synapseTargets()
+	tc.Membership.Filter = "kind = 'm.room.member'"
+	tc.Users.DeactivatedColumn = "is_deactivated"
+	cfg := targetsConfig(e, "map", []string{"public.current_state_events", "public.synapse_users"}, tc)
+	_, err := app.PrepareTargets(context.Background(), cfg, nil)
+	if err == nil {
+		t.Fatal("PrepareTargets accepted a mapping that does not fit")
+	}
+	for _, want := range []string{
+		`targets.membership.room_column: "room_id" is not in public.current_state_events's replica identity`,
+		`ALTER TABLE "public"."current_state_events" REPLICA IDENTITY FULL;`,
+		`targets.membership.filter: public.current_state_events has no column "kind"`,
+		`targets.users.deactivated_column: public.synapse_users has no column "is_deactivated"`,
+	} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error lacks %q:\n%v", want, err)
+		}
+	}
+	if err := app.CheckTargets(context.Background(), cfg); err == nil || !strings.Contains(err.Error(), "REPLICA IDENTITY FULL") {
+		t.Errorf("CheckTargets = %v", err)
 	}
 }
