@@ -178,6 +178,17 @@ func NewChecker(eng *Engine, store *Store, probe *Prober, opt Options, metrics *
 		if r.related != nil && r.window > 0 {
 			c.recent[r.Name] = newFIFOSet(opt.MaxKeys)
 		}
+		// Every rule's counter exists from the start, at 0.
+		switch {
+		case r.Monotonic != nil:
+			metrics.Violations.WithLabelValues(r.Name, KindRegressed, r.Severity)
+		default:
+			metrics.Violations.WithLabelValues(r.Name, KindMissing, r.Severity)
+			if r.Reverse {
+				metrics.Violations.WithLabelValues(r.Name, KindOrphaned, r.Severity)
+			}
+		}
+		metrics.Resolved.WithLabelValues(r.Name)
 	}
 	return c
 }
