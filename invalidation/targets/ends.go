@@ -34,6 +34,24 @@ type TxnIndex struct {
 	mu    sync.Mutex
 	ends  map[pipeline.LSN]map[string]int
 	order []pipeline.LSN
+	first pipeline.LSN // commit LSN of the first END record read
+}
+
+// Covers reports whether the index has read from before lsn: the END
+// record of a transaction committed at lsn is (or will be) in it. A
+// transaction older than the index's start will never be found; the
+// handler then settles it at the end of its batch instead of waiting.
+func (x *TxnIndex) Covers(lsn pipeline.LSN) bool {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	return x.first != 0 && lsn >= x.first
+}
+
+// Started reports whether the index has read an END record.
+func (x *TxnIndex) Started() bool {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	return x.first != 0
 }
 
 // Lookup returns the per-table change counts of the transaction committed
@@ -66,6 +84,11 @@ func (x *TxnIndex) add(v []byte) {
 	if err := json.Unmarshal(v, &r); err != nil || r.Status != "END" {
 		return
 	}
+	x.mu.Lock()
+	if x.first == 0 {
+		x.first = pipeline.LSN(r.LSN)
+	}
+	x.mu.Unlock()
 	var counts map[string]int
 	for _, dc := range r.DataCollections {
 		if slices.Contains(x.Tables, dc.Name) {

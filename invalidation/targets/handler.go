@@ -211,7 +211,9 @@ func (h *Handler) complete(lsn pipeline.LSN, p *pendingTxn) bool {
 	}
 	counts, ok := h.cfg.Ends.Lookup(lsn)
 	if !ok {
-		return false
+		// Older than the index (a backlog from before it started): its END
+		// will never be read, so do as without an index.
+		return lsn != 0 && h.cfg.Ends.Started() && !h.cfg.Ends.Covers(lsn)
 	}
 	for t, n := range counts {
 		if p.seen[t] < n {

@@ -225,4 +225,9 @@ func TestTxnIndex(t *testing.T) {
 	if _, ok := x.Lookup(13); !ok {
 		t.Error("lost the newest transaction")
 	}
+	// The index started at the first END it read (LSN 10, a transaction
+	// without mapped tables counts): older transactions are not covered.
+	if !x.Started() || x.Covers(9) || !x.Covers(10) || !x.Covers(1000) {
+		t.Errorf("Started %v, Covers(9) %v, Covers(10) %v", x.Started(), x.Covers(9), x.Covers(10))
+	}
 }
