@@ -3,11 +3,13 @@ package targets
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"sort"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/tidemark/tidemark/pipeline"
@@ -52,21 +54,28 @@ func NewStore(pool *pgxpool.Pool, schema string) *Store {
 // Setup creates the schema and tables when missing.
 func (s *Store) Setup(ctx context.Context) error {
 	ddl := fmt.Sprintf(`
-CREATE SCHEMA IF NOT EXISTS %[1]s;
-CREATE TABLE IF NOT EXISTS %[2]s (room_id text NOT NULL, user_id text NOT NULL, membership text NOT NULL, joined boolean NOT NULL,
+CREATE TABLE IF NOT EXISTS %[1]s (room_id text NOT NULL, user_id text NOT NULL, membership text NOT NULL, joined boolean NOT NULL,
   lsn bigint NOT NULL, seq bigint NOT NULL, PRIMARY KEY (room_id, user_id));
-CREATE INDEX IF NOT EXISTS notify_memberships_user ON %[2]s (user_id) WHERE joined;
-CREATE TABLE IF NOT EXISTS %[3]s (user_id text PRIMARY KEY, active boolean NOT NULL, lsn bigint NOT NULL, seq bigint NOT NULL);
-CREATE TABLE IF NOT EXISTS %[4]s (room_id text NOT NULL, user_id text NOT NULL, lsn bigint NOT NULL, seq bigint NOT NULL,
+CREATE INDEX IF NOT EXISTS notify_memberships_user ON %[1]s (user_id) WHERE joined;
+CREATE TABLE IF NOT EXISTS %[2]s (user_id text PRIMARY KEY, active boolean NOT NULL, lsn bigint NOT NULL, seq bigint NOT NULL);
+CREATE TABLE IF NOT EXISTS %[3]s (room_id text NOT NULL, user_id text NOT NULL, lsn bigint NOT NULL, seq bigint NOT NULL,
   PRIMARY KEY (room_id, user_id));
-CREATE TABLE IF NOT EXISTS %[5]s (room_id text PRIMARY KEY, lsn bigint NOT NULL, seq bigint NOT NULL, dirty boolean NOT NULL,
+CREATE TABLE IF NOT EXISTS %[4]s (room_id text PRIMARY KEY, lsn bigint NOT NULL, seq bigint NOT NULL, dirty boolean NOT NULL,
   version bigint NOT NULL DEFAULT 0);
-CREATE INDEX IF NOT EXISTS notify_rooms_dirty ON %[5]s (room_id) WHERE dirty;
-CREATE TABLE IF NOT EXISTS %[6]s (id bigserial PRIMARY KEY, room_id text NOT NULL, payload jsonb NOT NULL);
-CREATE INDEX IF NOT EXISTS notify_outbox_room ON %[6]s (room_id, id);`,
-		pgx.Identifier{s.schema}.Sanitize(), s.t.members, s.t.users, s.t.targets, s.t.rooms, s.t.outbox)
-	// Concurrent setups (the consumer and a rebuild starting together)
-	// would race on CREATE SCHEMA IF NOT EXISTS: serialise them.
+CREATE INDEX IF NOT EXISTS notify_rooms_dirty ON %[4]s (room_id) WHERE dirty;
+CREATE TABLE IF NOT EXISTS %[5]s (id bigserial PRIMARY KEY, room_id text NOT NULL, payload jsonb NOT NULL);
+CREATE INDEX IF NOT EXISTS notify_outbox_room ON %[5]s (room_id, id);`,
+		s.t.members, s.t.users, s.t.targets, s.t.rooms, s.t.outbox)
+	// CREATE ... IF NOT EXISTS races with itself: another part creating the
+	// same schema (the integrity consumer shares "tidemark") may win, which
+	// is fine; our own setups (the consumer and a rebuild starting
+	// together) are serialised by an advisory lock.
+	if _, err := s.pool.Exec(ctx, `CREATE SCHEMA IF NOT EXISTS `+pgx.Identifier{s.schema}.Sanitize()); err != nil {
+		var pe *pgconn.PgError
+		if !errors.As(err, &pe) || (pe.Code != "23505" && pe.Code != "42P06") {
+			return fmt.Errorf("creating schema %s: %w", s.schema, err)
+		}
+	}
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtext('tidemark.notify_targets.setup'))`); err != nil {
 			return err
