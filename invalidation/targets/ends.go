@@ -143,7 +143,8 @@ func (x *TxnIndex) Run(ctx context.Context) error {
 	}
 	var r *kafkago.Reader
 	bo := backoff.NewExponentialBackOff()
-	bo.MaxInterval = 5 * time.Second
+	bo.InitialInterval = 100 * time.Millisecond // the topic usually appears within a second
+	bo.MaxInterval = 2 * time.Second
 	bo.MaxElapsedTime = 0
 	attempt := 0
 	err := backoff.Retry(func() error {
