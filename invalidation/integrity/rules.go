@@ -132,6 +132,7 @@ type Problem struct {
 	Msg  string
 }
 
+// Error renders "path: message".
 func (p Problem) Error() string { return p.Path + ": " + p.Msg }
 
 var (
