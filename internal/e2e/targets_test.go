@@ -413,7 +413,11 @@ func runTargetScenario(t *testing.T, sc targetScenario) {
 	e := newEnv(t, "")
 	e.exec(sc.schema)
 	prefix := "tg" + sc.name[:3]
-	cfg := targetsConfig(e, prefix, sc.tables, sc.tc())
+	tc := sc.tc()
+	// Settling waits for END records, not for the hold: a long hold keeps
+	// a loaded machine from settling by timeout (checkEnds below).
+	tc.Hold = 10 * time.Second
+	cfg := targetsConfig(e, prefix, sc.tables, tc)
 	e.start(cfg)
 	tg, stop := e.startTargets(cfg)
 	changes := &changeReader{e: e, seen: map[string]bool{}}
