@@ -84,6 +84,18 @@ func (d *decoder) decodeTuple(rel *pipeline.Relation, cols []rawCol, keyOnly boo
 		case pglogrepl.TupleDataTypeToast:
 			out[i].Unchanged = true
 		case pglogrepl.TupleDataTypeText:
+			switch col.TypeOID {
+			case pgtype.TextOID, pgtype.VarcharOID, pgtype.BPCharOID, pgtype.NameOID, pgtype.UUIDOID:
+				out[i].Text, out[i].IsText = str(c.data), true
+				continue
+			case pgtype.Int2OID, pgtype.Int4OID, pgtype.Int8OID:
+				n, err := strconv.ParseInt(str(c.data), 10, 64)
+				if err != nil {
+					return nil, &DecodeError{Table: rel.QualifiedName(), Column: col.Name, TypeOID: col.TypeOID, Err: err}
+				}
+				out[i].Int, out[i].IsInt = n, true
+				continue
+			}
 			v, err := d.value(col.TypeOID, c.data)
 			if err != nil {
 				return nil, &DecodeError{Table: rel.QualifiedName(), Column: col.Name, TypeOID: col.TypeOID, Err: err}

@@ -107,7 +107,7 @@ func TestDecodeTuple(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if tup[0].Value != "$e1" || tup[1].Value != nil || tup[1].Absent || tup[1].Unchanged || !tup[2].Unchanged || tup[2].Value != nil {
+	if tup[0].Get() != "$e1" || tup[1].Get() != nil || tup[1].Absent || tup[1].Unchanged || !tup[2].Unchanged || tup[2].Value != nil {
 		t.Errorf("tuple %+v", tup)
 	}
 	// Old-key image: nulls in non-key columns mean "not sent".

@@ -38,9 +38,11 @@ type Config struct {
 	// StandbyInterval is the longest time between two standby status
 	// messages. Default 10s.
 	StandbyInterval time.Duration
-	// Buffer bounds the events buffered between the replication connection
-	// and the pipeline. Events travel in batches (a transaction, or up to
-	// 256 events of a larger one). Default 4096.
+	// Buffer sizes the hand-over between the replication connection and
+	// the pipeline: events travel in batches (a transaction, or up to 256
+	// events of a larger one), and Buffer/256 batches may wait, so at most
+	// Buffer events (plus one batch) for large transactions, or Buffer/256
+	// small transactions. Default 8192.
 	Buffer int
 	// ReconnectMax bounds the backoff between reconnect attempts. Default 30s.
 	ReconnectMax time.Duration
@@ -59,7 +61,7 @@ func (c *Config) defaults() {
 		c.StandbyInterval = 10 * time.Second
 	}
 	if c.Buffer <= 0 {
-		c.Buffer = 4096
+		c.Buffer = 8192
 	}
 	if c.ReconnectMax <= 0 {
 		c.ReconnectMax = 30 * time.Second
@@ -317,6 +319,10 @@ func (s *Stream) session(ctx context.Context) error {
 	s.txn, s.open = nil, false
 	s.idleWALEnd = 0
 	s.lastStatus = time.Time{}
+	// Events of a transaction left open by the previous session are
+	// dropped: Postgres sends the transaction again, whole, and the
+	// pipeline abandons an open transaction at the next Begin.
+	clear(s.pending)
 	s.pending = s.pending[:0]
 	s.statusTimer = time.NewTicker(statusTick)
 	defer s.statusTimer.Stop()
@@ -443,40 +449,7 @@ func (s *Stream) handleWAL(ctx context.Context, conn *pgconn.PgConn, xld pglogre
 		// local ones.
 	case *pglogrepl.LogicalDecodingMessage:
 		s.stats.LogicalMsgs.Add(1)
-	case *pglogrepl.InsertMessage:
-		rel, err := s.relation(m.RelationID, at)
-		if err != nil {
-			return err
-		}
-		after, err := s.dec.tuple(rel, m.Tuple, false)
-		if err != nil {
-			return fmt.Errorf("%w: insert at %s: %v", ErrTerminal, at, err)
-		}
-		return s.change(ctx, conn, pipeline.Change{Op: pipeline.OpCreate, Rel: rel, After: after, WALLSN: at})
-	case *pglogrepl.UpdateMessage:
-		rel, err := s.relation(m.RelationID, at)
-		if err != nil {
-			return err
-		}
-		before, err := s.dec.tuple(rel, m.OldTuple, m.OldTupleType == pglogrepl.UpdateMessageTupleTypeKey)
-		if err != nil {
-			return fmt.Errorf("%w: update at %s: %v", ErrTerminal, at, err)
-		}
-		after, err := s.dec.tuple(rel, m.NewTuple, false)
-		if err != nil {
-			return fmt.Errorf("%w: update at %s: %v", ErrTerminal, at, err)
-		}
-		return s.change(ctx, conn, pipeline.Change{Op: pipeline.OpUpdate, Rel: rel, Before: before, After: after, WALLSN: at})
-	case *pglogrepl.DeleteMessage:
-		rel, err := s.relation(m.RelationID, at)
-		if err != nil {
-			return err
-		}
-		before, err := s.dec.tuple(rel, m.OldTuple, m.OldTupleType == pglogrepl.DeleteMessageTupleTypeKey)
-		if err != nil {
-			return fmt.Errorf("%w: delete at %s: %v", ErrTerminal, at, err)
-		}
-		return s.change(ctx, conn, pipeline.Change{Op: pipeline.OpDelete, Rel: rel, Before: before, WALLSN: at})
+	// Insert, Update and Delete never get here: handleRow decodes them.
 	case *pglogrepl.TruncateMessage:
 		for _, id := range m.RelationIDs {
 			rel, err := s.relation(id, at)

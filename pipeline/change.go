@@ -108,6 +108,16 @@ func (r *Relation) ColumnIndex(name string) int {
 // in a string.
 type Datum struct {
 	Value any
+	// Text holds a text-like value (text, varchar, char, name, uuid) when
+	// IsText is set; Value is then nil. Decoders use it so that a string is
+	// not boxed in an interface (one allocation per column saved); Get
+	// returns either form.
+	Text   string
+	IsText bool
+	// Int holds an integer value (int2, int4, int8) when IsInt is set;
+	// Value is then nil (no boxing, as for Text).
+	Int   int64
+	IsInt bool
 	// Unchanged is true for a TOASTed column whose value the update did not
 	// change: Postgres did not send it. Value is nil then, and the column is
 	// absent from the envelope's "after" and listed in "unchanged".
@@ -115,6 +125,18 @@ type Datum struct {
 	// Absent is true for a column the image does not carry (non-key columns
 	// of an old-key image).
 	Absent bool
+}
+
+// Get returns the datum's value: Text when IsText is set, Int when IsInt
+// is set, else Value.
+func (d *Datum) Get() any {
+	switch {
+	case d.IsText:
+		return d.Text
+	case d.IsInt:
+		return d.Int
+	}
+	return d.Value
 }
 
 // Tuple is a row image aligned with its Relation's Columns.

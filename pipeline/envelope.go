@@ -129,7 +129,7 @@ func (l *envelopeLayout) appendImage(dst []byte, t Tuple) []byte {
 			dst = AppendJSONString(dst, l.rel.Columns[i].Name)
 			dst = append(dst, ':')
 		}
-		dst = AppendValue(dst, t[i].Value)
+		dst = appendDatum(dst, &t[i])
 	}
 	return append(dst, '}')
 }
@@ -157,9 +157,30 @@ func AppendKey(dst []byte, rel *Relation, t Tuple, cols []int) (out []byte, ok b
 		}
 		dst = AppendJSONString(dst, rel.Columns[i].Name)
 		dst = append(dst, ':')
-		dst = AppendValue(dst, t[i].Value)
+		dst = appendDatum(dst, &t[i])
 	}
 	return append(dst, '}'), true
+}
+
+// appendDatum appends the JSON form of a datum's value.
+func appendDatum(dst []byte, d *Datum) []byte {
+	switch {
+	case d.IsText:
+		return AppendJSONString(dst, d.Text)
+	case d.IsInt:
+		return appendInt(dst, d.Int)
+	}
+	return AppendValue(dst, d.Value)
+}
+
+// appendInt writes integers beyond ±2^53 as strings (see AppendValue).
+func appendInt(dst []byte, x int64) []byte {
+	if x > maxSafeInt || x < -maxSafeInt {
+		dst = append(dst, '"')
+		dst = strconv.AppendInt(dst, x, 10)
+		return append(dst, '"')
+	}
+	return strconv.AppendInt(dst, x, 10)
 }
 
 // AppendValue appends the JSON form of one column value (see Datum for the
@@ -173,12 +194,7 @@ func AppendValue(dst []byte, v any) []byte {
 	case bool:
 		return strconv.AppendBool(dst, x)
 	case int64:
-		if x > maxSafeInt || x < -maxSafeInt {
-			dst = append(dst, '"')
-			dst = strconv.AppendInt(dst, x, 10)
-			return append(dst, '"')
-		}
-		return strconv.AppendInt(dst, x, 10)
+		return appendInt(dst, x)
 	case int32:
 		return strconv.AppendInt(dst, int64(x), 10)
 	case int16:

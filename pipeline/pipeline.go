@@ -287,6 +287,7 @@ type queue struct {
 	bytes    int64
 	maxCount int
 	maxBytes int64
+	blocked  bool // the reader waits for budget (see fill)
 	space    chan struct{}
 	ready    chan struct{}
 	stats    *Stats
@@ -328,10 +329,12 @@ func (q *queue) push(ctx context.Context, e entry) error {
 			q.bytes += e.size
 			q.stats.InFlight.Store(int64(q.count))
 			q.stats.InFlightSize.Store(q.bytes)
+			q.blocked = false
 			q.mu.Unlock()
 			signal(q.ready)
 			return nil
 		}
+		q.blocked = true
 		q.mu.Unlock()
 		// Wake a lingering writer (see fill): no more is coming until it
 		// writes.
@@ -397,7 +400,7 @@ func (q *queue) fill(ctx context.Context, dst []entry, max, want int, d time.Dur
 			q.head = (q.head + n) % len(q.ring)
 			q.n -= n
 			more := q.n > 0
-			full := q.count >= q.maxCount || q.bytes >= q.maxBytes
+			full := q.blocked
 			q.mu.Unlock()
 			if more {
 				signal(q.ready)

@@ -203,11 +203,17 @@ func (r *Router) emit(dst []Message, st *txnState, ch *Change, op Op, before, af
 	// Encode the value, the position digits and every route's key straight
 	// into the current slab (see headerSet), where the messages share them:
 	// a message owns its bytes until the sink has written them.
-	if cap(r.slab)-len(r.slab) < slabHeadroom {
-		r.slab = make([]byte, 0, slabSize)
+	// A change that may not fit the headroom (a large row) is encoded in
+	// the scratch buffer instead and copied once at its exact size.
+	inSlab := approxSize(before)+approxSize(after) < slabHeadroom/2
+	buf, base := r.scratch[:0], 0
+	if inSlab {
+		if cap(r.slab)-len(r.slab) < slabHeadroom {
+			r.slab = make([]byte, 0, slabSize)
+		}
+		buf, base = r.slab, len(r.slab)
 	}
-	base := len(r.slab)
-	b := ri.layout.append(r.slab, st.info, ch, op, before, after, pos, order, now)
+	b := ri.layout.append(buf, st.info, ch, op, before, after, pos, order, now)
 	valueEnd := len(b)
 	b = strconv.AppendUint(b, uint64(pos.CommitLSN), 10)
 	lsnEnd := len(b)
@@ -236,15 +242,18 @@ func (r *Router) emit(dst []Message, st *txnState, ch *Change, op Op, before, af
 		ends = append(ends, len(b))
 	}
 	var mem []byte
-	if cap(b) == cap(r.slab) {
+	if inSlab && cap(b) == cap(r.slab) {
 		// Encoded in place (append did not move to a new array).
 		mem = b[base:len(b):len(b)]
 		r.slab = b
 	} else {
-		// The change outgrew the slab's headroom (a large row): it gets an
-		// allocation of its exact size, so the larger array append made
-		// (holding a copy of the slab) is not kept alive by it.
+		// Encoded in scratch, or it outgrew the slab after all: it gets an
+		// allocation of its exact size (so no larger array that append
+		// made is kept alive by it).
 		mem = append([]byte(nil), b[base:]...)
+		if !inSlab {
+			r.scratch = b[:0]
+		}
 	}
 	valueEnd, lsnEnd, seqEnd = valueEnd-base, lsnEnd-base, seqEnd-base
 	for i := range ends {
@@ -270,6 +279,31 @@ func (r *Router) emit(dst []Message, st *txnState, ch *Change, op Op, before, af
 		dst = append(dst, m)
 	}
 	return dst, nil
+}
+
+// approxSize estimates the encoded size of a row image from its values'
+// lengths (exact enough to route large rows around the slab).
+func approxSize(t Tuple) int {
+	n := 0
+	for i := range t {
+		d := &t[i]
+		n += 24
+		switch v := d.Value.(type) {
+		case nil:
+			n += len(d.Text)
+		case string:
+			n += len(v)
+		case []byte:
+			n += len(v) * 4 / 3
+		case JSON:
+			n += len(v)
+		case Decimal:
+			n += len(v)
+		case []any:
+			n += 32 * len(v)
+		}
+	}
+	return n
 }
 
 // headerSet holds a change's headers.

@@ -71,6 +71,22 @@ func (e *batchEncoder) appendBatch(dst []byte, recs []*record, timestampMs int64
 	return dst, nil
 }
 
+// restamp sets the timestamps of an encoded record set (its int32 size,
+// then the batch) to timestampMs and recomputes the batch CRC. Records keep
+// their zero deltas, so every record takes the new time.
+func restamp(set []byte, timestampMs int64) []byte {
+	batch := set[4:]
+	putInt64(batch[27:], timestampMs) // FirstTimestamp
+	putInt64(batch[35:], timestampMs) // MaxTimestamp
+	putInt32(batch[17:], int32(crc32.Checksum(batch[crcStart:], crc32c)))
+	return set
+}
+
+func putInt64(b []byte, v int64) {
+	putInt32(b, int32(v>>32))
+	putInt32(b[4:], int32(v))
+}
+
 func putInt32(b []byte, v int32) {
 	_ = b[3]
 	b[0], b[1], b[2], b[3] = byte(v>>24), byte(v>>16), byte(v>>8), byte(v)

@@ -59,6 +59,7 @@ func TestBatchEncoding(t *testing.T) {
 			}
 			if b.Magic != 2 || b.NumRecords != int32(len(recs)) || b.LastOffsetDelta != int32(len(recs)-1) ||
 				b.FirstTimestamp != 1732262400123 || b.MaxTimestamp != 1732262400123 || b.ProducerID != -1 ||
+				b.FirstOffset != 0 || b.PartitionLeaderEpoch != -1 || b.ProducerEpoch != -1 || b.FirstSequence != -1 ||
 				b.Attributes&7 != int16(codec) {
 				t.Fatalf("header: %+v", b)
 			}
@@ -101,5 +102,35 @@ func TestBatchEncoding(t *testing.T) {
 				t.Fatalf("%d trailing bytes", len(records))
 			}
 		})
+	}
+}
+
+// TestRestamp: a re-stamped record set still decodes, with the new
+// timestamps, a valid CRC and unchanged records; the other header fields
+// keep their values.
+func TestRestamp(t *testing.T) {
+	recs := []*record{{key: []byte("k"), value: []byte("v")}, {value: []byte("w")}}
+	enc := batchEncoder{}
+	set, err := enc.appendBatch([]byte{0, 0, 0, 0}, recs, 1000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := append([]byte(nil), set...)
+	restamp(set, 1732262400999)
+	var b kmsg.RecordBatch
+	if err := b.ReadFrom(set[4:]); err != nil {
+		t.Fatal(err)
+	}
+	if b.FirstTimestamp != 1732262400999 || b.MaxTimestamp != 1732262400999 {
+		t.Fatalf("timestamps %d/%d", b.FirstTimestamp, b.MaxTimestamp)
+	}
+	if want := int32(crc32.Checksum(set[4+21:], crc32.MakeTable(crc32.Castagnoli))); b.CRC != want {
+		t.Fatalf("CRC %d, want %d", b.CRC, want)
+	}
+	if b.FirstOffset != 0 || b.PartitionLeaderEpoch != -1 || b.ProducerEpoch != -1 || b.FirstSequence != -1 || b.NumRecords != 2 {
+		t.Fatalf("header: %+v", b)
+	}
+	if !bytes.Equal(set[4+61:], before[4+61:]) {
+		t.Fatal("records changed")
 	}
 }

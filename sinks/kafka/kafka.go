@@ -416,7 +416,17 @@ func (s *Sink) writeRound(ctx context.Context, batches []partBatch) error {
 		if errors.As(err, &terminal) {
 			return err
 		}
-		pending = failed
+		// A failed attempt's request may still be in kafka-go's hands
+		// (e.g. after a timeout): never write to its bytes again. The next
+		// round gets a fresh arena, and each batch retried here is a copy,
+		// re-stamped with the current time (a broker may refuse a batch
+		// whose timestamp is older than message.timestamp.before.max.ms).
+		s.arena = nil
+		pending = append([]partBatch(nil), failed...)
+		stamp := time.Now().UnixMilli()
+		for i := range pending {
+			pending[i].encoded = restamp(append([]byte(nil), pending[i].encoded...), stamp)
+		}
 		failures++
 		s.noteFailure(err)
 		s.refreshMetadata(ctx)
