@@ -3,6 +3,8 @@ package main
 import (
 	"fmt"
 	"net"
+	"os"
+	"runtime/pprof"
 
 	"github.com/spf13/cobra"
 
@@ -29,6 +31,17 @@ development and benchmarks, not production.`,
 			var port int
 			if _, err := fmt.Sscanf(portS, "%d", &port); err != nil {
 				return &exitError{2, fmt.Errorf("--listen port %q: %v", portS, err)}
+			}
+			// A CPU profile of the broker, for benchmark analysis.
+			if path := os.Getenv("TIDEMARK_DEVKAFKA_CPUPROFILE"); path != "" {
+				f, err := os.Create(path)
+				if err != nil {
+					return err
+				}
+				if err := pprof.StartCPUProfile(f); err != nil {
+					return err
+				}
+				defer pprof.StopCPUProfile()
 			}
 			kc, err := kafkatest.StartOn(port, dataDir, partitions)
 			if err != nil {

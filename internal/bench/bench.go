@@ -781,14 +781,16 @@ func (e *env) live(ctx context.Context) (*Live, error) {
 		key string
 		at  time.Time
 	}
-	dels := make(chan delRecv, 1<<16)
+	// Every PUBLISH is recorded as it arrives (go-redis drops messages when
+	// its channel is not drained for a minute).
+	var dels []delRecv
 	var dwg sync.WaitGroup
 	if rsub != nil {
 		dwg.Add(1)
 		go func() {
 			defer dwg.Done()
 			for m := range rsub.Channel() {
-				dels <- delRecv{m.Payload, time.Now()}
+				dels = append(dels, delRecv{m.Payload, time.Now()})
 			}
 		}()
 	}
@@ -834,8 +836,7 @@ func (e *env) live(ctx context.Context) (*Live, error) {
 	if rsub != nil {
 		_ = rsub.Close()
 		dwg.Wait()
-		close(dels)
-		for d := range dels {
+		for _, d := range dels {
 			id := strings.TrimPrefix(d.key, "event:")
 			if c, ok := committed.Load(id); ok {
 				delLat = append(delLat, math.Max(0, float64(d.at.Sub(c.(time.Time)))/1e6))
