@@ -188,6 +188,12 @@ func (s *Stream) receive(ctx context.Context) error {
 	}
 	var b []pipeline.Event
 	select {
+	case b = <-s.out: // the common case, without the cost of a full select
+		s.cur, s.curPos = b, 0
+		return nil
+	default:
+	}
+	select {
 	case b = <-s.out:
 	case <-ctx.Done():
 		return ctx.Err()
@@ -337,21 +343,14 @@ func (s *Stream) session(ctx context.Context) error {
 	// statusTick), which also re-arms the deadline, not per message.
 	netConn := conn.Conn()
 	armed := false
-	for {
-		select {
-		case <-s.ackCh:
-			if err := s.maybeSendStatus(ctx, conn, false); err != nil {
+	for n := uint(0); ; n++ {
+		// Looking at the channels costs more than a message: do it every
+		// statusEvery messages. A quiet stream still gets here on every
+		// read timeout (at most readDeadline after the deadline was armed).
+		if n%statusEvery == 0 {
+			if err := s.checkStatus(ctx, conn, &armed); err != nil {
 				return err
 			}
-		case <-s.statusTimer.C:
-			if err := ctx.Err(); err != nil {
-				return err
-			}
-			if err := s.maybeSendStatus(ctx, conn, false); err != nil {
-				return err
-			}
-			armed = false
-		default:
 		}
 		if !armed {
 			if err := netConn.SetReadDeadline(time.Now().Add(readDeadline)); err != nil {
@@ -366,9 +365,7 @@ func (s *Stream) session(ctx context.Context) error {
 			}
 			if pgconn.Timeout(err) {
 				armed = false
-				if err := s.maybeSendStatus(ctx, conn, false); err != nil {
-					return err
-				}
+				n = statusEvery - 1 // check the channels next
 				continue
 			}
 			return fmt.Errorf("receiving replication data: %w", err)
@@ -384,6 +381,32 @@ func (s *Stream) session(ctx context.Context) error {
 			// CopyDone, notices: nothing to do.
 		}
 	}
+}
+
+// statusEvery is how many messages the receive loop handles between two
+// looks at the acknowledgement and status-tick channels.
+const statusEvery = 64
+
+// checkStatus sends standby status when an acknowledgement or the status
+// tick arrived, and on the tick notices ctx and asks for the read deadline
+// to be re-armed.
+func (s *Stream) checkStatus(ctx context.Context, conn *pgconn.PgConn, armed *bool) error {
+	select {
+	case <-s.ackCh:
+		if err := s.maybeSendStatus(ctx, conn, false); err != nil {
+			return err
+		}
+	case <-s.statusTimer.C:
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if err := s.maybeSendStatus(ctx, conn, false); err != nil {
+			return err
+		}
+		*armed = false
+	default:
+	}
+	return nil
 }
 
 func (s *Stream) handleCopyData(ctx context.Context, conn *pgconn.PgConn, data []byte) error {

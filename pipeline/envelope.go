@@ -25,7 +25,7 @@ const maxSafeInt = 1 << 53
 // change's 1-based index among the transaction's changes to the same table.
 func AppendEnvelope(dst []byte, src EnvelopeSource, txn *TxnInfo, ch *Change, op Op, before, after Tuple,
 	pos Position, dataCollectionOrder int, now time.Time) []byte {
-	return newEnvelopeLayout(src, ch.Rel).append(dst, txn, ch, op, before, after, pos, dataCollectionOrder, now)
+	return newEnvelopeLayout(src, ch.Rel).append(dst, newTxnDigits(txn), ch, op, before, after, pos, dataCollectionOrder, now)
 }
 
 // envelopeLayout holds the parts of a relation's envelopes that do not
@@ -56,7 +56,22 @@ func newEnvelopeLayout(src EnvelopeSource, rel *Relation) *envelopeLayout {
 	return l
 }
 
-func (l *envelopeLayout) append(dst []byte, txn *TxnInfo, ch *Change, op Op, before, after Tuple,
+// txnDigits holds a transaction's numbers in decimal, computed once for all
+// of its changes.
+type txnDigits struct {
+	xid, lsn, commitMs []byte
+}
+
+func newTxnDigits(txn *TxnInfo) *txnDigits {
+	b := strconv.AppendUint(make([]byte, 0, 48), uint64(txn.Xid), 10)
+	x := len(b)
+	b = strconv.AppendUint(b, uint64(txn.CommitLSN), 10)
+	l := len(b)
+	b = strconv.AppendInt(b, txn.CommitTime.UnixMilli(), 10)
+	return &txnDigits{xid: b[:x:x], lsn: b[x:l:l], commitMs: b[l:]}
+}
+
+func (l *envelopeLayout) append(dst []byte, txn *txnDigits, ch *Change, op Op, before, after Tuple,
 	pos Position, dataCollectionOrder int, now time.Time) []byte {
 	dst = append(dst, `{"before":`...)
 	dst = l.appendImage(dst, before)
@@ -84,23 +99,23 @@ func (l *envelopeLayout) append(dst []byte, txn *TxnInfo, ch *Change, op Op, bef
 	dst = append(dst, `","ts_ms":`...)
 	dst = strconv.AppendInt(dst, now.UnixMilli(), 10)
 	dst = append(dst, l.source...)
-	dst = strconv.AppendUint(dst, uint64(txn.Xid), 10)
+	dst = append(dst, txn.xid...)
 	dst = append(dst, `,"lsn":`...)
-	dst = strconv.AppendUint(dst, uint64(txn.CommitLSN), 10)
+	dst = append(dst, txn.lsn...)
 	dst = append(dst, `,"sequence":"[\"`...)
 	dst = strconv.AppendUint(dst, uint64(ch.WALLSN), 10)
 	dst = append(dst, `\",\"`...)
-	dst = strconv.AppendUint(dst, uint64(txn.CommitLSN), 10)
+	dst = append(dst, txn.lsn...)
 	dst = append(dst, `\"]","ts_ms":`...)
-	dst = strconv.AppendInt(dst, txn.CommitTime.UnixMilli(), 10)
+	dst = append(dst, txn.commitMs...)
 	if op == OpRead {
 		dst = append(dst, `,"snapshot":"true"},"transaction":{"id":"`...)
 	} else {
 		dst = append(dst, `,"snapshot":"false"},"transaction":{"id":"`...)
 	}
-	dst = strconv.AppendUint(dst, uint64(txn.Xid), 10)
+	dst = append(dst, txn.xid...)
 	dst = append(dst, ':')
-	dst = strconv.AppendUint(dst, uint64(txn.CommitLSN), 10)
+	dst = append(dst, txn.lsn...)
 	dst = append(dst, `","total_order":`...)
 	dst = strconv.AppendUint(dst, uint64(pos.Seq)+1, 10)
 	dst = append(dst, `,"data_collection_order":`...)

@@ -138,6 +138,7 @@ func (r *Router) info(rel *Relation) (*relInfo, error) {
 // txnState accumulates what the END record needs.
 type txnState struct {
 	info   *TxnInfo
+	digits *txnDigits // set by the first change
 	seq    uint32
 	tables []tableCount
 }
@@ -213,9 +214,12 @@ func (r *Router) emit(dst []Message, st *txnState, ch *Change, op Op, before, af
 		}
 		buf, base = r.slab, len(r.slab)
 	}
-	b := ri.layout.append(buf, st.info, ch, op, before, after, pos, order, now)
+	if st.digits == nil {
+		st.digits = newTxnDigits(st.info)
+	}
+	b := ri.layout.append(buf, st.digits, ch, op, before, after, pos, order, now)
 	valueEnd := len(b)
-	b = strconv.AppendUint(b, uint64(pos.CommitLSN), 10)
+	b = append(b, st.digits.lsn...)
 	lsnEnd := len(b)
 	b = strconv.AppendUint(b, uint64(pos.Seq), 10)
 	seqEnd := len(b)
