@@ -53,6 +53,7 @@ func TestRowMessageParse(t *testing.T) {
 			typ: 'U', oldKind: 'O', old: []rawCol{{'t', []byte("k")}, {'t', []byte("v0")}}, new: []rawCol{{'t', []byte("k")}, {'t', []byte("v")}}},
 		{name: "delete", data: cat([]byte{'D'}, rel, []byte{'K'}, tupleBytes(sp("k"), nil)), typ: 'D', oldKind: 'K',
 			old: []rawCol{{'t', []byte("k")}, {'n', nil}}},
+		{name: "insert into a table without columns", data: cat([]byte{'I'}, rel, []byte{'N', 0, 0}), typ: 'I', new: []rawCol{}},
 		{name: "truncated header", data: []byte{'I', 0, 0}, wantErr: true},
 		{name: "insert without N", data: cat([]byte{'I'}, rel, []byte{'K'}, tupleBytes(sp("x"))), wantErr: true},
 		{name: "length beyond message", data: cat([]byte{'I'}, rel, []byte{'N', 0, 1, 't', 0, 0, 0, 9, 'a'}), wantErr: true},
@@ -116,6 +117,13 @@ func FuzzRowMessage(f *testing.F) {
 			return
 		}
 		if refErr != nil {
+			// pglogrepl requires 8 bytes after an Insert's type byte, which
+			// a table without columns does not send ('I', relid, 'N', 0
+			// columns: 7). Anything else it refuses, the in-place decoder
+			// must refuse too.
+			if m.typ == 'I' && len(m.new) == 0 && len(data) == 8 {
+				return
+			}
 			t.Fatalf("in-place decoder accepted what pglogrepl rejects (%v): %x", refErr, data)
 		}
 		var relID uint32
