@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -34,7 +35,6 @@ func (s *Store) t(name string) string { return s.schema + "." + name }
 // Setup creates the schema and tables when missing.
 func (s *Store) Setup(ctx context.Context) error {
 	ddl := strings.NewReplacer("$S", s.schema).Replace(`
-CREATE SCHEMA IF NOT EXISTS $S;
 CREATE TABLE IF NOT EXISTS $S.violations (
   id             text PRIMARY KEY,
   rule           text NOT NULL,
@@ -65,6 +65,15 @@ CREATE TABLE IF NOT EXISTS $S.integrity_state (
   value    jsonb NOT NULL,
   PRIMARY KEY (consumer, kind, key)
 );`)
+	// CREATE SCHEMA IF NOT EXISTS races with itself: another part creating
+	// the same schema (the notification-targets store shares "tidemark")
+	// may win, which is fine.
+	if _, err := s.pool.Exec(ctx, "CREATE SCHEMA IF NOT EXISTS "+s.schema); err != nil {
+		var pe *pgconn.PgError
+		if !errors.As(err, &pe) || (pe.Code != "23505" && pe.Code != "42P06") {
+			return fmt.Errorf("integrity store: creating schema %s: %w", s.schema, err)
+		}
+	}
 	// Concurrent starts: serialize the DDL.
 	tx, err := s.pool.Begin(ctx)
 	if err != nil {

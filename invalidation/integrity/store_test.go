@@ -287,3 +287,28 @@ func TestMonotonicBeyondMemory(t *testing.T) {
 		t.Errorf("violations %v, want the regression of the evicted key", got)
 	}
 }
+
+// TestSetupRacesOtherSchemaCreators: the integrity store shares its schema
+// with the notification-targets store, which creates it on its own; setups
+// racing with other creators of the same (new) schema all succeed.
+func TestSetupRacesOtherSchemaCreators(t *testing.T) {
+	pool := testPool(t)
+	ctx := context.Background()
+	for round := 0; round < 5; round++ {
+		schema := fmt.Sprintf("shared_%d", round)
+		errs := make(chan error, 16)
+		for i := 0; i < 8; i++ {
+			go func() { errs <- NewStore(pool, schema, "c").Setup(ctx) }()
+			go func() {
+				// What another part does (ignoring that it may lose the race).
+				_, _ = pool.Exec(ctx, "CREATE SCHEMA IF NOT EXISTS "+schema)
+				errs <- nil
+			}()
+		}
+		for i := 0; i < 16; i++ {
+			if err := <-errs; err != nil {
+				t.Fatalf("round %d: %v", round, err)
+			}
+		}
+	}
+}
