@@ -172,6 +172,54 @@ func NewConsumer(cfg Config, log *zap.Logger) (*Consumer, error) {
 // Stats returns the live counters.
 func (c *Consumer) Stats() *Stats { return &c.stats }
 
+// waitTopics returns once every topic exists with partitions, warning
+// while some are missing.
+func (c *Consumer) waitTopics(ctx context.Context, topics []string) error {
+	client := &kafkago.Client{Addr: kafkago.TCP(c.cfg.Brokers...), Timeout: 10 * time.Second}
+	bo := backoff.NewExponentialBackOff()
+	bo.InitialInterval = 100 * time.Millisecond
+	bo.MaxInterval = 5 * time.Second
+	bo.MaxElapsedTime = 0
+	var warned time.Time
+	return backoff.Retry(func() error {
+		missing, err := missingTopics(ctx, client, topics)
+		if err == nil && len(missing) == 0 {
+			return nil
+		}
+		if err == nil {
+			err = fmt.Errorf("topics %s do not exist yet (capture creates them)", strings.Join(missing, ", "))
+		}
+		if ctx.Err() != nil {
+			return backoff.Permanent(ctx.Err())
+		}
+		if time.Since(warned) > time.Minute {
+			warned = time.Now()
+			c.log.Warn("consumer waiting for its topics", zap.String("group", c.cfg.Group), zap.Error(err))
+		}
+		return err
+	}, backoff.WithContext(bo, ctx))
+}
+
+func missingTopics(ctx context.Context, client *kafkago.Client, topics []string) ([]string, error) {
+	meta, err := client.Metadata(ctx, &kafkago.MetadataRequest{Topics: topics})
+	if err != nil {
+		return nil, fmt.Errorf("reading topic metadata: %w", err)
+	}
+	ok := map[string]bool{}
+	for _, t := range meta.Topics {
+		if t.Error == nil && len(t.Partitions) > 0 {
+			ok[t.Name] = true
+		}
+	}
+	var missing []string
+	for _, t := range topics {
+		if !ok[t] {
+			missing = append(missing, t)
+		}
+	}
+	return missing, nil
+}
+
 type fetched struct {
 	m  kafkago.Message
 	at time.Time
@@ -186,6 +234,15 @@ func (c *Consumer) Run(ctx context.Context) error {
 		topics = append(topics, t)
 	}
 	sort.Strings(topics)
+	// A member that joins the group before its topics exist is assigned
+	// no partitions and would wait silently: wait for capture to create
+	// them first.
+	if err := c.waitTopics(ctx, topics); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
 	r := kafkago.NewReader(kafkago.ReaderConfig{
 		Brokers: c.cfg.Brokers, GroupID: c.cfg.Group, GroupTopics: topics,
 		MinBytes: 1, MaxBytes: 8 << 20, MaxWait: 10 * time.Millisecond,

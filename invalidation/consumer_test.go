@@ -1,0 +1,70 @@
+package invalidation
+
+import (
+	"context"
+	"fmt"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	kafkago "github.com/segmentio/kafka-go"
+
+	"github.com/tidemark/tidemark/internal/kafkatest"
+	"github.com/tidemark/tidemark/pipeline"
+)
+
+type countingHandler struct{ n atomic.Int64 }
+
+func (h *countingHandler) Handle(context.Context, *Message) error { h.n.Add(1); return nil }
+
+type discardSink struct{}
+
+func (discardSink) Write(context.Context, []pipeline.Message) error { return nil }
+func (discardSink) Close(context.Context) error                     { return nil }
+
+// TestConsumerWaitsForItsTopics: a consumer started before capture created
+// its topic (a group member joining then would be assigned nothing) applies
+// what is written once the topic exists.
+func TestConsumerWaitsForItsTopics(t *testing.T) {
+	cl := kafkatest.ForTest(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	h := &countingHandler{}
+	c, err := NewConsumer(Config{Brokers: cl.Brokers(), Group: "late", Topics: map[string][]string{"late.public.events": {"public.events"}},
+		Handlers: map[string]Handler{"public.events": h}, DLQTopic: "late.dlq", DLQ: discardSink{}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	time.Sleep(1500 * time.Millisecond) // the consumer is up, the topic is not
+
+	client := &kafkago.Client{Addr: kafkago.TCP(cl.Brokers()...)}
+	if _, err := client.CreateTopics(ctx, &kafkago.CreateTopicsRequest{Topics: []kafkago.TopicConfig{
+		{Topic: "late.public.events", NumPartitions: 3, ReplicationFactor: 1}}}); err != nil {
+		t.Fatal(err)
+	}
+	w := &kafkago.Writer{Addr: kafkago.TCP(cl.Brokers()...), Topic: "late.public.events", RequiredAcks: kafkago.RequireAll, BatchTimeout: time.Millisecond}
+	defer w.Close()
+	var msgs []kafkago.Message
+	for i := 0; i < 30; i++ {
+		v := fmt.Sprintf(`{"before":null,"after":{"event_id":"$e%d"},"op":"c","source":{"schema":"public","table":"events","lsn":%d,"txId":1},"transaction":{"total_order":1}}`, i, 100+i)
+		msgs = append(msgs, kafkago.Message{Key: []byte{byte(i)}, Value: []byte(v)})
+	}
+	if err := w.WriteMessages(ctx, msgs...); err != nil {
+		t.Fatal(err)
+	}
+	for h.n.Load() < 30 {
+		select {
+		case err := <-done:
+			t.Fatalf("consumer stopped: %v", err)
+		case <-ctx.Done():
+			t.Fatalf("applied %d of 30 messages written after the consumer started", h.n.Load())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
