@@ -317,7 +317,7 @@ func TestIntegrityPrecisionRecall(t *testing.T) {
 		t.Fatalf("injected %d faults but %d distinct identities", injected, len(want))
 	}
 	t.Logf("workload and faults: %s", time.Since(began).Round(time.Millisecond))
-	e.settle(ig, 2*time.Second, 60*time.Second)
+	e.settle(ig, 2*time.Second, 3*time.Minute)
 	t.Logf("settled: %s", time.Since(began).Round(time.Millisecond))
 
 	got := map[string]bool{}
@@ -375,7 +375,7 @@ func TestIntegrityPrecisionRecall(t *testing.T) {
 
 	// A missing row that appears later resolves its violation.
 	e.exec(`INSERT INTO event_json(event_id, room_id, json) VALUES ('$orphan0:bench.test', $1, '{}')`, benchRoom(1))
-	e.settle(ig, 0, 30*time.Second)
+	e.settle(ig, 0, 3*time.Minute)
 	resolved := 0
 	for _, v := range e.violations() {
 		if v.Status == integrity.StatusResolved {
@@ -397,7 +397,7 @@ func TestIntegrityPrecisionRecall(t *testing.T) {
 	// violations are found again and none is stored twice.
 	t.Logf("resolved: %s", time.Since(began).Round(time.Millisecond))
 	rg, _ := e.startIntegrity("ipr-replay")
-	e.settle(rg, 2*time.Second, 60*time.Second)
+	e.settle(rg, 2*time.Second, 3*time.Minute)
 	t.Logf("replayed: %s", time.Since(began).Round(time.Millisecond))
 	after := e.violations()
 	if len(after) != len(vs) {
@@ -422,7 +422,7 @@ func TestIntegrityNoFalseAlarmsUnderLag(t *testing.T) {
 	e.start(e.cfg)
 	ig, stop := e.startIntegrity("ilag-integrity")
 	cleanWorkload(t, e.pool, "a", 400, 2)
-	e.settle(ig, time.Second, 60*time.Second)
+	e.settle(ig, time.Second, 3*time.Minute)
 	decided := ig.Checker.Stats().Decided
 	stop() // paused
 	pausedAt := time.Now()
@@ -431,7 +431,7 @@ func TestIntegrityNoFalseAlarmsUnderLag(t *testing.T) {
 		time.Sleep(3*time.Second - d) // paused for three windows at least
 	}
 	ig2, _ := e.startIntegrity("ilag-integrity")
-	e.settle(ig2, time.Second, 60*time.Second)
+	e.settle(ig2, time.Second, 3*time.Minute)
 	if vs := e.violations(); len(vs) != 0 {
 		for _, v := range vs {
 			t.Errorf("false alarm: %s %s %s %s", v.Rule, v.Kind, v.RowKey, v.Detail)
@@ -455,7 +455,7 @@ func TestIntegrityEarlierRowViaDatabase(t *testing.T) {
 	ig, _ := e.startIntegrity("iold-integrity")
 	e.exec(itxDangling, benchUser(2), benchRoom(1), "$old:bench.test")
 	e.exec(itxDangling, benchUser(3), benchRoom(1), "$never:bench.test")
-	e.settle(ig, time.Second, 60*time.Second)
+	e.settle(ig, time.Second, 3*time.Minute)
 	vs := e.violations()
 	var ids []string
 	for _, v := range vs {
