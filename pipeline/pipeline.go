@@ -361,14 +361,7 @@ func (q *queue) take(ctx context.Context, dst []entry, max int) ([]entry, error)
 	for {
 		q.mu.Lock()
 		if q.n > 0 {
-			n := min(q.n, max)
-			for i := 0; i < n; i++ {
-				j := (q.head + i) % len(q.ring)
-				dst = append(dst, q.ring[j])
-				q.ring[j] = entry{}
-			}
-			q.head = (q.head + n) % len(q.ring)
-			q.n -= n
+			dst = q.popLocked(dst, max)
 			q.mu.Unlock()
 			return dst, nil
 		}
@@ -381,6 +374,20 @@ func (q *queue) take(ctx context.Context, dst []entry, max int) ([]entry, error)
 	}
 }
 
+// popLocked moves up to max of the oldest queued entries to dst. q.mu is
+// held.
+func (q *queue) popLocked(dst []entry, max int) []entry {
+	n := min(q.n, max)
+	for i := 0; i < n; i++ {
+		j := (q.head + i) % len(q.ring)
+		dst = append(dst, q.ring[j])
+		q.ring[j] = entry{}
+	}
+	q.head = (q.head + n) % len(q.ring)
+	q.n -= n
+	return dst
+}
+
 // fill adds queued entries to dst (up to max) as they arrive, until it
 // holds want, d has passed, or the budget is used up (the reader then waits
 // for this writer). t is a stopped timer it may use.
@@ -391,14 +398,7 @@ func (q *queue) fill(ctx context.Context, dst []entry, max, want int, d time.Dur
 		select {
 		case <-q.ready:
 			q.mu.Lock()
-			n := min(q.n, max-len(dst))
-			for i := 0; i < n; i++ {
-				j := (q.head + i) % len(q.ring)
-				dst = append(dst, q.ring[j])
-				q.ring[j] = entry{}
-			}
-			q.head = (q.head + n) % len(q.ring)
-			q.n -= n
+			dst = q.popLocked(dst, max-len(dst))
 			more := q.n > 0
 			full := q.blocked
 			q.mu.Unlock()

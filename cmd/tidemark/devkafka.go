@@ -3,8 +3,6 @@ package main
 import (
 	"fmt"
 	"net"
-	"os"
-	"runtime/pprof"
 
 	"github.com/spf13/cobra"
 
@@ -33,16 +31,11 @@ development and benchmarks, not production.`,
 				return &exitError{2, fmt.Errorf("--listen port %q: %v", portS, err)}
 			}
 			// A CPU profile of the broker, for benchmark analysis.
-			if path := os.Getenv("TIDEMARK_DEVKAFKA_CPUPROFILE"); path != "" {
-				f, err := os.Create(path)
-				if err != nil {
-					return err
-				}
-				if err := pprof.StartCPUProfile(f); err != nil {
-					return err
-				}
-				defer pprof.StopCPUProfile()
+			stop, err := cpuProfile("TIDEMARK_DEVKAFKA_CPUPROFILE")
+			if err != nil {
+				return err
 			}
+			defer stop()
 			kc, err := kafkatest.StartOn(port, dataDir, partitions)
 			if err != nil {
 				return err

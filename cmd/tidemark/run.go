@@ -15,6 +15,24 @@ import (
 	"github.com/tidemark/tidemark/internal/config"
 )
 
+// cpuProfile writes a CPU profile to the file named by the environment
+// variable env, if set, until stop is called.
+func cpuProfile(env string) (stop func(), err error) {
+	path := os.Getenv(env)
+	if path == "" {
+		return func() {}, nil
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", env, err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%s: %w", env, err)
+	}
+	return func() { pprof.StopCPUProfile(); f.Close() }, nil
+}
+
 func runCmd() *cobra.Command {
 	var path, role string
 	cmd := &cobra.Command{
@@ -30,16 +48,11 @@ func runCmd() *cobra.Command {
 				return &exitError{2, err}
 			}
 			defer func() { _ = log.Sync() }()
-			if path := os.Getenv("TIDEMARK_CPUPROFILE"); path != "" {
-				f, err := os.Create(path)
-				if err != nil {
-					return err
-				}
-				if err := pprof.StartCPUProfile(f); err != nil {
-					return err
-				}
-				defer pprof.StopCPUProfile()
+			stop, err := cpuProfile("TIDEMARK_CPUPROFILE")
+			if err != nil {
+				return err
 			}
+			defer stop()
 			tuneGC(cfg.Pipeline.MaxInFlightBytes)
 			ctx := cmd.Context()
 			runCapture := role == "all" || role == "capture"
