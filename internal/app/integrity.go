@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sort"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -34,7 +33,6 @@ type Integrity struct {
 	checkPool       *pgxpool.Pool
 	storePool       *pgxpool.Pool
 	log             *zap.Logger
-	brokers         []string
 }
 
 // IntegrityOption adjusts the checker's options (tests, benchmarks).
@@ -131,7 +129,7 @@ func PrepareIntegrity(ctx context.Context, cfg *config.Config, log *zap.Logger, 
 		return nil, err
 	}
 	return &Integrity{Consumer: consumer, Checker: checker, Metrics: metrics, Producer: producer, Topics: topics,
-		DLQTopic: dlqTopic, ViolationsTopic: violationsTopic, checkPool: checkPool, storePool: storePool, log: log, brokers: cfg.Kafka.Brokers}, nil
+		DLQTopic: dlqTopic, ViolationsTopic: violationsTopic, checkPool: checkPool, storePool: storePool, log: log}, nil
 }
 
 // compileIntegrity checks rules against the real columns and replica
@@ -182,12 +180,8 @@ func (i *Integrity) Run(ctx context.Context) error {
 	bo.MaxElapsedTime = 0
 	attempt := 0
 	err := backoff.Retry(func() error {
+		// (The consumer runtime waits for the subscribed topics itself.)
 		err := i.Producer.EnsureTopics(ctx, topics, specs)
-		if err == nil {
-			// A group that joins before its topics exist is assigned
-			// nothing: wait for capture to create them.
-			err = i.topicsExist(ctx)
-		}
 		if err == nil {
 			err = i.Checker.Load(ctx)
 		}
@@ -216,42 +210,8 @@ func (i *Integrity) Run(ctx context.Context) error {
 	return errors.Join(ignoreCanceled(err), i.Producer.Close(closeCtx))
 }
 
-// topicsExist checks that every subscribed topic exists.
-func (i *Integrity) topicsExist(ctx context.Context) error {
-	names := make([]string, 0, len(i.Topics))
-	for t := range i.Topics {
-		names = append(names, t)
-	}
-	sort.Strings(names)
-	client := &kafkago.Client{Addr: kafkago.TCP(i.brokers...), Timeout: 10 * time.Second}
-	meta, err := client.Metadata(ctx, &kafkago.MetadataRequest{Topics: names})
-	if err != nil {
-		return fmt.Errorf("reading topic metadata: %w", err)
-	}
-	var missing []string
-	for _, t := range meta.Topics {
-		if t.Error != nil || len(t.Partitions) == 0 {
-			missing = append(missing, t.Name)
-		}
-	}
-	if len(missing) > 0 || len(meta.Topics) < len(names) {
-		return fmt.Errorf("waiting for topics %v (capture creates them)", missing)
-	}
-	return nil
-}
-
 // Register adds the consumer's and the checker's metrics to reg.
 func (i *Integrity) Register(reg prometheus.Registerer) {
 	i.Metrics.Register(reg)
-	st := i.Consumer.Stats()
-	labels := prometheus.Labels{"role": "integrity"}
-	counter := func(name, help string, f func() float64) {
-		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "tidemark", Subsystem: "consumer", Name: name, Help: help, ConstLabels: labels}, f))
-	}
-	counter("messages_total", "Changes applied.", func() float64 { return float64(st.Messages.Load()) })
-	counter("skipped_total", "Redelivered positions skipped.", func() float64 { return float64(st.Skipped.Load()) })
-	counter("retries_total", "Failed attempts that were retried.", func() float64 { return float64(st.Retries.Load()) })
-	counter("dlq_total", "Changes sent to the dead-letter topic.", func() float64 { return float64(st.DLQ.Load()) })
-	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "tidemark", Subsystem: "consumer", Name: "lag_messages",
-		Help: "Messages behind the end of the subscribed partitions.", ConstLabels: labels}, func() float64 { return float64(st.Lag.Load()) }))
+	registerConsumerMetrics(reg, i.Consumer, "integrity")
 }

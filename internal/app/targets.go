@@ -308,7 +308,7 @@ func (t *Targets) auditor() *targets.Auditor {
 // Register adds the consumer's and handler's metrics to reg (label
 // role="targets"). Call it before Run.
 func (t *Targets) Register(reg prometheus.Registerer) {
-	st := t.Consumer.Stats()
+	registerConsumerMetrics(reg, t.Consumer, "targets")
 	hs := t.Handler.Stats()
 	labels := prometheus.Labels{"role": "targets"}
 	counter := func(sub, name, help string, f func() float64) {
@@ -317,11 +317,6 @@ func (t *Targets) Register(reg prometheus.Registerer) {
 	gauge := func(sub, name, help string, f func() float64) {
 		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "tidemark", Subsystem: sub, Name: name, Help: help, ConstLabels: labels}, f))
 	}
-	counter("consumer", "messages_total", "Changes applied.", func() float64 { return float64(st.Messages.Load()) })
-	counter("consumer", "skipped_total", "Redelivered positions skipped.", func() float64 { return float64(st.Skipped.Load()) })
-	counter("consumer", "retries_total", "Failed attempts that were retried.", func() float64 { return float64(st.Retries.Load()) })
-	counter("consumer", "dlq_total", "Changes sent to the dead-letter topic.", func() float64 { return float64(st.DLQ.Load()) })
-	gauge("consumer", "lag_messages", "Messages behind the end of the subscribed partitions.", func() float64 { return float64(st.Lag.Load()) })
 	counter("notify_targets", "added_total", "Users added to a room's notification targets.", func() float64 { return float64(hs.Added.Load()) })
 	counter("notify_targets", "removed_total", "Users removed from a room's notification targets.", func() float64 { return float64(hs.Removed.Load()) })
 	counter("notify_targets", "rooms_settled_total", "Room settlements that changed targets.", func() float64 { return float64(hs.RoomsSettled.Load()) })

@@ -301,3 +301,29 @@ func byPartitionOffset(ms []msg) []msg {
 	})
 	return sorted
 }
+
+// runConsumer runs a consumer until the returned stop is called (or the
+// test ends) and reports its error, or that it did not stop within 30 s.
+func runConsumer(t testing.TB, name string, run func(context.Context) error) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- run(ctx) }()
+	stopped := false
+	stop = func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("%s consumer: %v", name, err)
+			}
+		case <-time.After(30 * time.Second):
+			t.Errorf("%s consumer did not stop", name)
+		}
+	}
+	t.Cleanup(stop)
+	return stop
+}

@@ -155,26 +155,7 @@ func (e *integrityEnv) startIntegrity(group string, opts ...app.IntegrityOption)
 	if err != nil {
 		e.t.Fatalf("prepare integrity: %v", err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- ig.Run(ctx) }()
-	stopped := false
-	stop := func() {
-		if stopped {
-			return
-		}
-		stopped = true
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				e.t.Errorf("integrity consumer: %v", err)
-			}
-		case <-time.After(30 * time.Second):
-			e.t.Error("integrity consumer did not stop")
-		}
-	}
-	e.t.Cleanup(stop)
+	stop := runConsumer(e.t, "integrity", ig.Run)
 	return ig, stop
 }
 

@@ -57,26 +57,7 @@ func (e *env) startInvalidation(cfg *config.Config) (*app.Invalidation, func()) 
 	if err != nil {
 		e.t.Fatalf("prepare invalidation: %v", err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- inv.Run(ctx) }()
-	stopped := false
-	stop := func() {
-		if stopped {
-			return
-		}
-		stopped = true
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				e.t.Errorf("invalidation consumer: %v", err)
-			}
-		case <-time.After(30 * time.Second):
-			e.t.Error("invalidation consumer did not stop")
-		}
-	}
-	e.t.Cleanup(stop)
+	stop := runConsumer(e.t, "invalidation", inv.Run)
 	return inv, stop
 }
 

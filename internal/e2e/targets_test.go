@@ -79,26 +79,7 @@ func (e *env) startTargetsWith(cfg *config.Config, reg prometheus.Registerer) (*
 	if reg != nil {
 		tg.Register(reg)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- tg.Run(ctx) }()
-	stopped := false
-	stop := func() {
-		if stopped {
-			return
-		}
-		stopped = true
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				e.t.Errorf("targets consumer: %v", err)
-			}
-		case <-time.After(30 * time.Second):
-			e.t.Error("targets consumer did not stop")
-		}
-	}
-	e.t.Cleanup(stop)
+	stop := runConsumer(e.t, "targets", tg.Run)
 	return tg, stop
 }
 

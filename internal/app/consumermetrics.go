@@ -1,0 +1,33 @@
+package app
+
+import (
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tidemark/tidemark/invalidation"
+)
+
+// registerConsumerMetrics adds the consumer runtime's metrics, labelled
+// role=role, to reg: tidemark_consumer_{messages,skipped,retries,dlq}_total,
+// ..._lag_messages, ..._apply_seconds (histogram) and
+// ..._apply_seconds_total. Call it before the consumer runs.
+func registerConsumerMetrics(reg prometheus.Registerer, c *invalidation.Consumer, role string) {
+	st := c.Stats()
+	labels := prometheus.Labels{"role": role}
+	apply := prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: "tidemark", Subsystem: "consumer", Name: "apply_seconds",
+		Help:        "Seconds from fetching a change to committing it, effects durable.",
+		ConstLabels: labels, Buckets: []float64{.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 5, 30}})
+	reg.MustRegister(apply)
+	c.OnApplied = func(d time.Duration) { apply.Observe(d.Seconds()) }
+	counter := func(name, help string, f func() float64) {
+		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "tidemark", Subsystem: "consumer", Name: name, Help: help, ConstLabels: labels}, f))
+	}
+	counter("messages_total", "Changes applied.", func() float64 { return float64(st.Messages.Load()) })
+	counter("skipped_total", "Redelivered positions skipped.", func() float64 { return float64(st.Skipped.Load()) })
+	counter("retries_total", "Failed attempts that were retried.", func() float64 { return float64(st.Retries.Load()) })
+	counter("dlq_total", "Changes sent to the dead-letter topic.", func() float64 { return float64(st.DLQ.Load()) })
+	counter("apply_seconds_total", "Sum of fetch-to-commit seconds of applied changes.", func() float64 { return float64(st.ApplyNanos.Load()) / 1e9 })
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "tidemark", Subsystem: "consumer", Name: "lag_messages",
+		Help: "Messages behind the end of the subscribed partitions.", ConstLabels: labels}, func() float64 { return float64(st.Lag.Load()) }))
+}
