@@ -241,6 +241,16 @@ func parseMessage(data []byte) (m pglogrepl.Message, err error) {
 			return nil, fmt.Errorf("malformed pgoutput truncate: %d relations in %d bytes", n, len(data))
 		}
 	}
+	// pglogrepl allocates each tuple column at its declared length before
+	// checking it against the message (a 30-byte message can ask for 4 GiB),
+	// so row messages are validated by the bounds-checked in-place decoder
+	// first. (The stream decodes them in place and never gets here.)
+	if isRowMessage(data) {
+		var rm rowMessage
+		if err := rm.parse(data); err != nil {
+			return nil, err
+		}
+	}
 	defer func() {
 		if r := recover(); r != nil {
 			m, err = nil, fmt.Errorf("malformed pgoutput message (type %q, %d bytes): %v", data[0], len(data), r)

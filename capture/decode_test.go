@@ -4,6 +4,7 @@ import (
 	"errors"
 	"math"
 	"reflect"
+	"runtime"
 	"testing"
 	"time"
 
@@ -157,4 +158,25 @@ func FuzzParseAndDecode(f *testing.F) {
 			_ = relationFromMessage(m, nil)
 		}
 	})
+}
+
+// A row message whose column declares a length beyond the message is an
+// error, without allocating that length first (pglogrepl would allocate
+// 808 MB for these 16 bytes: 'b' column, length 0x30303030).
+func TestParseMessageRefusesForgedColumnLength(t *testing.T) {
+	for _, data := range [][]byte{
+		[]byte("I0000N00b0000000"),
+		append([]byte{'U', 0, 0, 0, 1, 'N', 0, 1, 't'}, 0xff, 0xff, 0xff, 0xf0, 'x'),
+	} {
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		_, err := parseMessage(data)
+		runtime.ReadMemStats(&after)
+		if err == nil {
+			t.Errorf("parseMessage(%q) accepted a column longer than the message", data)
+		}
+		if n := after.TotalAlloc - before.TotalAlloc; n > 1<<20 {
+			t.Errorf("parseMessage(%q) allocated %d bytes for a %d-byte message", data, n, len(data))
+		}
+	}
 }
