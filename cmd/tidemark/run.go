@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"runtime/debug"
@@ -13,6 +14,8 @@ import (
 	"github.com/tidemark/tidemark/capture"
 	"github.com/tidemark/tidemark/internal/app"
 	"github.com/tidemark/tidemark/internal/config"
+	"github.com/tidemark/tidemark/invalidation/integrity"
+	"github.com/tidemark/tidemark/invalidation/targets"
 )
 
 // cpuProfile writes a CPU profile to the file named by the environment
@@ -145,6 +148,12 @@ func runCmd() *cobra.Command {
 				})
 			}
 			if *cfg.HTTP.Listen != "" {
+				admin := app.AdminHandler(adminDeps(cfg, log), log)
+				if cfg.HTTP.AdminToken != "" {
+					log.Info("admin API enabled", zap.String("listen", *cfg.HTTP.Listen), zap.String("path", "/admin/"))
+				} else {
+					log.Info("admin API disabled (set http.admin_token or " + config.EnvAdminToken + ")")
+				}
 				g.Go(func() error {
 					err := app.Serve(gctx, *cfg.HTTP.Listen, reg, func() error {
 						for _, r := range ready {
@@ -153,12 +162,14 @@ func runCmd() *cobra.Command {
 							}
 						}
 						return nil
-					})
+					}, admin)
 					if err != nil {
 						return fmt.Errorf("http listener %s: %w", *cfg.HTTP.Listen, err)
 					}
 					return nil
 				})
+			} else if cfg.HTTP.AdminToken != "" {
+				log.Warn("http.admin_token is set but http.listen is empty: the admin API is not served")
 			}
 			return g.Wait()
 		},
@@ -166,6 +177,30 @@ func runCmd() *cobra.Command {
 	cmd.Flags().StringVar(&role, "role", "all", "what to run: all, capture, invalidation, integrity or targets")
 	cmd.Flags().StringVarP(&path, "config", "c", "", "YAML config file (required)")
 	return cmd
+}
+
+// adminDeps builds the admin API's features from the config: violations
+// with an integrity section, rebuild and audit with a targets section
+// (whatever --role runs: they need only the databases and Kafka).
+func adminDeps(cfg *config.Config, log *zap.Logger) app.AdminDeps {
+	d := app.AdminDeps{
+		Token:  cfg.HTTP.AdminToken,
+		Status: nil, // TODO(status): app.CollectStatus
+	}
+	if cfg.Integrity != nil {
+		d.Violations = func(ctx context.Context, f integrity.Filter) ([]*integrity.Violation, error) {
+			return app.ListViolations(ctx, cfg, f)
+		}
+	}
+	if cfg.Targets != nil {
+		d.RebuildTargets = func(ctx context.Context, rooms []string, all bool) (targets.RebuildReport, error) {
+			return app.RebuildTargets(ctx, cfg, log, rooms, all)
+		}
+		d.AuditTargets = func(ctx context.Context, sample int) (targets.AuditReport, error) {
+			return app.AuditTargets(ctx, cfg, sample, app.DefaultAuditWait)
+		}
+	}
+	return d
 }
 
 func checkCmd() *cobra.Command {

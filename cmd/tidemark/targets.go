@@ -120,7 +120,7 @@ snapshot, so lag raises no false alarm. Exit code 4 when a room differs.`,
 	}
 	targets.Flags().StringVarP(&path, "config", "c", "", "YAML config file (required)")
 	targets.Flags().IntVar(&sample, "sample", 0, "audit this many random rooms (0: all)")
-	targets.Flags().DurationVar(&wait, "wait", time.Minute, "longest wait for the pipeline to pass the snapshot before re-checking")
+	targets.Flags().DurationVar(&wait, "wait", app.DefaultAuditWait, "longest wait for the pipeline to pass the snapshot before re-checking")
 	targets.Flags().StringVar(&textfile, "textfile", "", "also write the tidemark_notify_targets_consistency_ratio gauge to this node_exporter textfile")
 	cmd.AddCommand(targets)
 	return cmd

@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/spf13/cobra"
 
+	"github.com/tidemark/tidemark/internal/app"
 	"github.com/tidemark/tidemark/invalidation/integrity"
 )
 
@@ -37,8 +38,8 @@ func violationsCmd() *cobra.Command {
 				return &exitError{2, fmt.Errorf("--status %q: want open, resolved or all", status)}
 			}
 			if since != "" {
-				if f.Since, err = parseSince(since, time.Now()); err != nil {
-					return &exitError{2, err}
+				if f.Since, err = app.ParseSince(since, time.Now()); err != nil {
+					return &exitError{2, fmt.Errorf("--since %w", err)}
 				}
 			}
 			conn, err := pgx.Connect(cmd.Context(), cfg.Integrity.DSN)
@@ -80,15 +81,4 @@ func violationsCmd() *cobra.Command {
 	cmd.Flags().IntVar(&limit, "limit", 1000, "at most this many (0: no limit)")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "one JSON object per line")
 	return cmd
-}
-
-// parseSince accepts an RFC 3339 time or a duration before now.
-func parseSince(s string, now time.Time) (time.Time, error) {
-	if t, err := time.Parse(time.RFC3339, s); err == nil {
-		return t, nil
-	}
-	if d, err := time.ParseDuration(s); err == nil && d > 0 {
-		return now.Add(-d), nil
-	}
-	return time.Time{}, fmt.Errorf("--since %q: want an RFC 3339 time (2026-11-26T10:00:00Z) or a duration such as 1h", s)
 }

@@ -70,9 +70,11 @@ func (a *App) Ready() error {
 	return nil
 }
 
-// Serve serves /healthz, /readyz (ready returns nil) and /metrics (reg) on
-// addr until ctx ends.
-func Serve(ctx context.Context, addr string, reg *prometheus.Registry, ready func() error) error {
+// Serve serves /healthz, /readyz (ready returns nil), /metrics (reg) and
+// the admin API under /admin/ (admin, see AdminHandler; nil answers every
+// /admin/ request that the API is disabled) on addr until ctx ends, which
+// also cancels requests in progress.
+func Serve(ctx context.Context, addr string, reg *prometheus.Registry, ready func() error, admin http.Handler) error {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
@@ -83,11 +85,15 @@ func Serve(ctx context.Context, addr string, reg *prometheus.Registry, ready fun
 		_, _ = w.Write([]byte("ready\n"))
 	})
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	if admin == nil {
+		admin = AdminHandler(AdminDeps{}, nil)
+	}
+	mux.Handle("/admin/", admin)
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, BaseContext: func(net.Listener) context.Context { return ctx }}
 	go func() {
 		<-ctx.Done()
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -28,6 +28,7 @@ const (
 	EnvKafkaBrokers     = "TIDEMARK_KAFKA_BROKERS"
 	EnvRedisPassword    = "TIDEMARK_REDIS_PASSWORD"
 	EnvWebhookSecret    = "TIDEMARK_WEBHOOK_SECRET"
+	EnvAdminToken       = "TIDEMARK_ADMIN_TOKEN"
 )
 
 // Config is the whole file.
@@ -159,6 +160,10 @@ type HTTP struct {
 	// Listen address for /healthz, /readyz and /metrics; empty disables.
 	// Default "127.0.0.1:9187".
 	Listen *string `yaml:"listen"`
+	// AdminToken is the bearer token of the admin API under /admin/ on the
+	// same listener (env TIDEMARK_ADMIN_TOKEN overrides; at least 16
+	// characters). Default "": the admin API is disabled.
+	AdminToken string `yaml:"admin_token"`
 }
 
 // Log configures zap.
@@ -248,6 +253,9 @@ func (c *Config) ApplyEnv(getenv func(string) string) {
 	}
 	if v := getenv(EnvWebhookSecret); v != "" && c.Invalidation != nil && c.Invalidation.Webhook != nil {
 		c.Invalidation.Webhook.Secret = v
+	}
+	if v := getenv(EnvAdminToken); v != "" {
+		c.HTTP.AdminToken = v
 	}
 	c.applyTargetsEnv(getenv)
 	c.applyIntegrityEnv(getenv)
@@ -516,6 +524,9 @@ func (c *Config) Validate() []FieldError {
 	}
 	ps = append(ps, c.validateTargets(seen)...)
 	ps = append(ps, c.validateIntegrity(seen)...)
+	if t := c.HTTP.AdminToken; t != "" && len([]rune(t)) < 16 {
+		add("http.admin_token", "too short: use at least 16 characters (or set %s)", EnvAdminToken)
+	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
 	default:
