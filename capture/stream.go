@@ -13,6 +13,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -76,7 +77,11 @@ type Stats struct {
 	Reconnects   atomic.Uint64
 	Messages     atomic.Uint64 // pgoutput messages decoded
 	LogicalMsgs  atomic.Uint64 // pg_logical_emit_message records seen
-	Connected    atomic.Bool
+	// Heartbeats received (see Watcher) and, for the last one, nanoseconds
+	// from its write to its receipt here: replication lag, also when idle.
+	HeartbeatsSeen atomic.Uint64
+	HeartbeatLag   atomic.Int64
+	Connected      atomic.Bool
 }
 
 // ErrTerminal marks errors that reconnecting cannot fix.
@@ -472,6 +477,12 @@ func (s *Stream) handleWAL(ctx context.Context, conn *pgconn.PgConn, xld pglogre
 		// local ones.
 	case *pglogrepl.LogicalDecodingMessage:
 		s.stats.LogicalMsgs.Add(1)
+		if !m.Transactional && m.Prefix == HeartbeatPrefix {
+			if sent, err := strconv.ParseInt(string(m.Content), 10, 64); err == nil {
+				s.stats.HeartbeatsSeen.Add(1)
+				s.stats.HeartbeatLag.Store(time.Now().UnixNano() - sent)
+			}
+		}
 	// Insert, Update and Delete never get here: handleRow decodes them.
 	case *pglogrepl.TruncateMessage:
 		for _, id := range m.RelationIDs {

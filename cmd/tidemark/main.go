@@ -37,7 +37,7 @@ func main() {
 	}
 	root.AddCommand(runCmd(), checkCmd(), demoCmd(), devKafkaCmd(), benchCmd())
 	root.AddCommand(rebuildCmd(), auditCmd())
-	root.AddCommand(violationsCmd())
+	root.AddCommand(violationsCmd(), statusCmd())
 	err := root.ExecuteContext(ctx)
 	if err == nil {
 		return

@@ -185,7 +185,7 @@ func runCmd() *cobra.Command {
 func adminDeps(cfg *config.Config, log *zap.Logger) app.AdminDeps {
 	d := app.AdminDeps{
 		Token:  cfg.HTTP.AdminToken,
-		Status: nil, // TODO(status): app.CollectStatus
+		Status: func(ctx context.Context) (any, error) { return app.CollectStatus(ctx, cfg) },
 	}
 	if cfg.Integrity != nil {
 		d.Violations = func(ctx context.Context, f integrity.Filter) ([]*integrity.Violation, error) {

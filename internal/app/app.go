@@ -28,6 +28,8 @@ type App struct {
 	Stream   *capture.Stream
 	Pipeline *pipeline.Pipeline
 	Sink     *kafkasink.Sink
+	// Watcher reads the slot's WAL retention and writes heartbeats.
+	Watcher  *capture.Watcher
 	Tables   map[string]capture.TableInfo
 	Database string
 	Topics   []string
@@ -157,7 +159,10 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger) (*App, er
 	if err != nil {
 		return nil, err
 	}
-	return &App{Cfg: cfg, Log: log, Stream: stream, Pipeline: pipe, Sink: sink, Tables: infos, Database: db,
+	watcher := capture.NewWatcher(capture.WatcherConfig{
+		DSN: cfg.Postgres.DSN, Slot: cfg.Postgres.Slot, Interval: cfg.Postgres.SlotCheckInterval, Heartbeat: *cfg.Postgres.HeartbeatInterval,
+	}, log.With(zap.String("component", "slot-watch")))
+	return &App{Cfg: cfg, Log: log, Stream: stream, Pipeline: pipe, Sink: sink, Watcher: watcher, Tables: infos, Database: db,
 		Topics: rc.Topics(cfg.Postgres.Tables), CommitToAck: commitToAck}, nil
 }
 
@@ -202,6 +207,7 @@ func (a *App) Run(ctx context.Context) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return a.Stream.Run(gctx) })
 	g.Go(func() error { return a.Pipeline.Run(gctx) })
+	g.Go(func() error { return a.Watcher.Run(gctx) })
 	err := g.Wait()
 	closeCtx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()

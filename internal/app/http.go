@@ -3,6 +3,8 @@ package app
 import (
 	"context"
 	"errors"
+	"fmt"
+	"math"
 	"net"
 	"net/http"
 	"time"
@@ -10,6 +12,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/tidemark/tidemark/capture"
 )
 
 // NewRegistry returns a Prometheus registry with the Go and process
@@ -51,6 +55,39 @@ func (a *App) Register(reg prometheus.Registerer) {
 		}
 		return 0
 	})
+	ws := a.Watcher.Stats()
+	slot := func(f func(h *capture.SlotHealth) float64) func() float64 {
+		return func() float64 {
+			if h := a.Watcher.Last(); h != nil {
+				return f(h)
+			}
+			return math.NaN()
+		}
+	}
+	gauge("slot_retained_wal_bytes", "WAL the server keeps for the slot (current LSN - restart_lsn), read every postgres.slot_check_interval.",
+		slot(func(h *capture.SlotHealth) float64 { return float64(h.RetainedBytes) }))
+	gauge("slot_lag_bytes", "WAL not yet confirmed by the slot (current LSN - confirmed_flush_lsn).",
+		slot(func(h *capture.SlotHealth) float64 { return float64(h.LagBytes) }))
+	gauge("slot_safe_wal_size_bytes", "WAL that can still be written before max_slot_wal_keep_size endangers the slot; -1 when unlimited.",
+		slot(func(h *capture.SlotHealth) float64 { return float64(h.SafeWALSize) }))
+	gauge("slot_wal_status", "pg_replication_slots.wal_status: 0 reserved, 1 extended, 2 unreserved, 3 lost, -1 unknown or no slot.",
+		slot(func(h *capture.SlotHealth) float64 { return h.WALStatusCode() }))
+	gauge("slot_active", "1 while the slot has an active walsender.", slot(func(h *capture.SlotHealth) float64 {
+		if h.Active {
+			return 1
+		}
+		return 0
+	}))
+	counter("slot_check_errors_total", "Failed slot checks (retried on the next interval).", func() float64 { return float64(ws.CheckErrors.Load()) })
+	counter("heartbeats_written_total", "Heartbeat messages written (pg_logical_emit_message).", func() float64 { return float64(ws.Heartbeats.Load()) })
+	counter("heartbeat_errors_total", "Heartbeat writes that failed.", func() float64 { return float64(ws.HeartbeatErrors.Load()) })
+	counter("heartbeats_received_total", "Heartbeat messages received through the replication stream.", func() float64 { return float64(cs.HeartbeatsSeen.Load()) })
+	gauge("heartbeat_lag_seconds", "Seconds from the last received heartbeat's write to its receipt (replication lag, also when idle).", func() float64 {
+		if cs.HeartbeatsSeen.Load() == 0 {
+			return math.NaN()
+		}
+		return float64(cs.HeartbeatLag.Load()) / 1e9
+	})
 	gauge("replication_connected", "1 while the replication connection is streaming.", func() float64 {
 		if cs.Connected.Load() {
 			return 1
@@ -66,6 +103,9 @@ func (a *App) Ready() error {
 	}
 	if !a.Sink.Healthy() {
 		return errors.New("kafka writes failing")
+	}
+	if h := a.Watcher.Last(); h != nil && h.WALStatus == "lost" {
+		return fmt.Errorf("replication slot %q is invalidated (wal_status lost)", h.Slot)
 	}
 	return nil
 }

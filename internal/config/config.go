@@ -114,6 +114,16 @@ type Postgres struct {
 	// StandbyInterval is the longest gap between standby status messages.
 	// Default 10s.
 	StandbyInterval time.Duration `yaml:"standby_interval"`
+	// SlotCheckInterval is how often the slot's WAL retention is read from
+	// pg_replication_slots (metrics, warnings before max_slot_wal_keep_size
+	// invalidates it). Default 10s.
+	SlotCheckInterval time.Duration `yaml:"slot_check_interval"`
+	// HeartbeatInterval: how often a non-transactional
+	// pg_logical_emit_message('tidemark.heartbeat') is written, so an idle
+	// slot keeps confirming and replication lag is measured end to end
+	// (tidemark_heartbeat_lag_seconds). Default 1m; 0s disables (needs
+	// EXECUTE on pg_logical_emit_message, which PUBLIC lacks).
+	HeartbeatInterval *time.Duration `yaml:"heartbeat_interval"`
 }
 
 // Kafka is the output cluster.
@@ -303,6 +313,13 @@ func (c *Config) ApplyDefaults() {
 	if p.StandbyInterval == 0 {
 		p.StandbyInterval = 10 * time.Second
 	}
+	if p.SlotCheckInterval == 0 {
+		p.SlotCheckInterval = 10 * time.Second
+	}
+	if p.HeartbeatInterval == nil {
+		d := time.Minute
+		p.HeartbeatInterval = &d
+	}
 	for i, t := range p.Tables {
 		if identRe.MatchString(t) {
 			p.Tables[i] = "public." + t
@@ -425,6 +442,12 @@ func (c *Config) Validate() []FieldError {
 	}
 	if p.StandbyInterval < 100*time.Millisecond || p.StandbyInterval > 60*time.Second {
 		add("postgres.standby_interval", "%s is outside 100ms..60s (Postgres' wal_sender_timeout defaults to 60s)", p.StandbyInterval)
+	}
+	if p.SlotCheckInterval < time.Second || p.SlotCheckInterval > time.Hour {
+		add("postgres.slot_check_interval", "%s is outside 1s..1h", p.SlotCheckInterval)
+	}
+	if h := p.HeartbeatInterval; h != nil && *h != 0 && (*h < time.Second || *h > 24*time.Hour) {
+		add("postgres.heartbeat_interval", "%s is outside 1s..24h (0s disables heartbeats)", *h)
 	}
 	k := c.Kafka
 	if len(k.Brokers) == 0 {

@@ -53,6 +53,8 @@ func TestLoadGoodConfigAppliesDefaults(t *testing.T) {
 			ManagePublication: ptr(true),
 			Tables:            []string{"public.events", "public.users", "public.room_memberships"},
 			StandbyInterval:   10 * time.Second,
+			SlotCheckInterval: 10 * time.Second,
+			HeartbeatInterval: ptr(time.Minute),
 		},
 		Kafka: config.Kafka{
 			Brokers:           []string{"kafka-1:9092", "kafka-2:9092"},
@@ -226,6 +228,12 @@ func TestBadConfigs(t *testing.T) {
 			file:  "standby.bad.yml",
 			errs:  []string{"postgres.standby_interval: 50ms is outside 100ms..60s"},
 			paths: []string{"postgres.standby_interval"},
+		},
+		{
+			file: "slotwatch.bad.yml",
+			errs: []string{"postgres.slot_check_interval: 500ms is outside 1s..1h",
+				"postgres.heartbeat_interval: 200ms is outside 1s..24h (0s disables heartbeats)"},
+			paths: []string{"postgres.heartbeat_interval", "postgres.slot_check_interval"},
 		},
 		{
 			file:  "brokers.bad.yml",
@@ -584,5 +592,18 @@ func TestDefaultBatchFitsInFlight(t *testing.T) {
 		if c.Pipeline.MaxBatchMessages != tc.wantBatch {
 			t.Errorf("inflight=%q batch=%q: max_batch_messages = %d, want %d", tc.inflight, tc.batch, c.Pipeline.MaxBatchMessages, tc.wantBatch)
 		}
+	}
+}
+
+// heartbeat_interval: 0s disables heartbeats (it is not replaced by the
+// default, unlike an absent field).
+func TestHeartbeatZeroDisables(t *testing.T) {
+	c, err := config.Parse("hb.yml", []byte("postgres:\n  dsn: postgres://u@h/db\n  heartbeat_interval: 0s\n  tables: [public.t]\nkafka:\n  brokers: [\"k:9092\"]\n"),
+		func(string) string { return "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Postgres.HeartbeatInterval == nil || *c.Postgres.HeartbeatInterval != 0 {
+		t.Fatalf("heartbeat_interval 0s became %v", c.Postgres.HeartbeatInterval)
 	}
 }
