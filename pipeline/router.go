@@ -78,7 +78,7 @@ type route struct {
 type Router struct {
 	cfg       RouterConfig
 	byName    map[string][]EntityStream
-	cache     map[*Relation]*relInfo
+	cache     map[uint32]*relInfo // by relation OID; see info
 	scratch   []byte
 	slab      []byte      // see headerSet
 	headers   []headerSet // unused part of the current header chunk
@@ -89,6 +89,7 @@ type Router struct {
 
 // relInfo is what the router derives once per relation shape.
 type relInfo struct {
+	rel       *Relation // the shape it was derived from
 	routes    []route
 	name      string // schema.table
 	nameBytes []byte
@@ -97,7 +98,7 @@ type relInfo struct {
 
 // NewRouter builds a Router.
 func NewRouter(cfg RouterConfig) *Router {
-	r := &Router{cfg: cfg, byName: map[string][]EntityStream{}, cache: map[*Relation]*relInfo{}, txnTopic: cfg.TransactionsTopicName()}
+	r := &Router{cfg: cfg, byName: map[string][]EntityStream{}, cache: map[uint32]*relInfo{}, txnTopic: cfg.TransactionsTopicName()}
 	for _, s := range cfg.EntityStreams {
 		for _, t := range s.Tables {
 			r.byName[t] = append(r.byName[t], s)
@@ -106,8 +107,13 @@ func NewRouter(cfg RouterConfig) *Router {
 	return r
 }
 
+// info returns what the router derives from rel. Capture builds a new
+// *Relation whenever Postgres sends a Relation message (after DDL, and
+// again after every reconnect), so the cache keeps one entry per relation
+// OID, replaced when the shape changes: it stays as small as the set of
+// captured tables however long the process runs.
 func (r *Router) info(rel *Relation) (*relInfo, error) {
-	if ri, ok := r.cache[rel]; ok {
+	if ri, ok := r.cache[rel.OID]; ok && ri.rel == rel {
 		return ri, nil
 	}
 	var rs []route
@@ -129,9 +135,9 @@ func (r *Router) info(rel *Relation) (*relInfo, error) {
 		rs = append(rs, route{topic: r.cfg.TableTopic(rel.Schema, rel.Table), keyCols: keys})
 	}
 	name := rel.QualifiedName()
-	ri := &relInfo{routes: rs, name: name, nameBytes: []byte(name),
+	ri := &relInfo{rel: rel, routes: rs, name: name, nameBytes: []byte(name),
 		layout: newEnvelopeLayout(EnvelopeSource{Name: r.cfg.TopicPrefix, Database: r.cfg.Database}, rel)}
-	r.cache[rel] = ri
+	r.cache[rel.OID] = ri
 	return ri, nil
 }
 
