@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -48,27 +50,59 @@ type Targets struct {
 type targetOutputs struct {
 	producer       *kafkasink.Sink
 	redis          *redissink.Sink
+	kafka          *targets.KafkaOutput // nil when targets.topics is false
 	publish        targets.Publisher
 	targetsTopic   string
 	changesTopic   string
 	dlqTopic       string
+	maxRecord      int64 // targets.max_record_bytes
 	ensureAttempts int
+	log            *zap.Logger
+
+	truncated       atomic.Uint64 // notify_targets records published without their list
+	truncatedLogged map[string]bool
+	truncMu         sync.Mutex
+}
+
+// maxTruncatedLogged bounds the rooms whose truncation is logged by name
+// (each update of such a room is truncated again; the metric counts all).
+const maxTruncatedLogged = 100
+
+// recordSlack is what a record batch adds around its records on the wire;
+// topics get max.message.bytes = targets.max_record_bytes + recordSlack.
+const recordSlack = 1 << 10
+
+func (o *targetOutputs) onTruncated(room string, users, bytes int) {
+	o.truncated.Add(1)
+	o.truncMu.Lock()
+	defer o.truncMu.Unlock()
+	if o.truncatedLogged[room] || len(o.truncatedLogged) >= maxTruncatedLogged {
+		return
+	}
+	o.truncatedLogged[room] = true
+	o.log.Warn("room's notification targets too large for one notify_targets record: published without the list (\"truncated\": true); read it from the Postgres tables or Redis, or raise targets.max_record_bytes and the topic's max.message.bytes",
+		zap.String("topic", o.targetsTopic), zap.String("room", room), zap.Int("users", users), zap.Int("record_bytes", bytes),
+		zap.Int64("max_record_bytes", o.kafka.MaxRecordBytes))
 }
 
 func newTargetOutputs(cfg *config.Config, log *zap.Logger) (*targetOutputs, error) {
 	tc := cfg.Targets
+	targetsTopic := cfg.Kafka.TopicPrefix + ".notify_targets"
 	producer, err := kafkasink.New(kafkasink.Config{Brokers: cfg.Kafka.Brokers, ClientID: cfg.Kafka.ClientID + "-targets",
-		Partitions: cfg.Kafka.Partitions, ReplicationFactor: cfg.Kafka.ReplicationFactor}, log.With(zap.String("component", "targets-producer")))
+		Partitions: cfg.Kafka.Partitions, ReplicationFactor: cfg.Kafka.ReplicationFactor, Compression: cfg.Kafka.Compression,
+		TopicBatchBytes: map[string]int64{targetsTopic: tc.MaxRecordBytes}}, log.With(zap.String("component", "targets-producer")))
 	if err != nil {
 		return nil, err
 	}
-	o := &targetOutputs{producer: producer, dlqTopic: cfg.Kafka.TopicPrefix + ".dlq"}
+	o := &targetOutputs{producer: producer, dlqTopic: cfg.Kafka.TopicPrefix + ".dlq", maxRecord: tc.MaxRecordBytes,
+		log: log.With(zap.String("component", "targets")), truncatedLogged: map[string]bool{}}
 	var pubs []targets.Publisher
 	if *tc.Topics {
-		o.targetsTopic = cfg.Kafka.TopicPrefix + ".notify_targets"
+		o.targetsTopic = targetsTopic
 		o.changesTopic = cfg.Kafka.TopicPrefix + ".notify_target_changes"
-		ko := &targets.KafkaOutput{Sink: producer, TargetsTopic: o.targetsTopic, ChangesTopic: o.changesTopic}
-		pubs = append(pubs, ko.Publish)
+		o.kafka = &targets.KafkaOutput{Sink: producer, TargetsTopic: o.targetsTopic, ChangesTopic: o.changesTopic,
+			MaxRecordBytes: tc.MaxRecordBytes, Truncated: o.onTruncated}
+		pubs = append(pubs, o.kafka.Publish)
 	}
 	if r := tc.Redis; r != nil {
 		rs, err := redissink.New(redissink.Config{Addr: r.Addr, Username: r.Username, Password: r.Password, DB: r.DB}, log)
@@ -90,12 +124,13 @@ func (o *targetOutputs) ensureTopics(ctx context.Context, log *zap.Logger) error
 	specs := map[string]kafkasink.TopicSpec{}
 	if o.targetsTopic != "" {
 		topics = append(topics, o.targetsTopic, o.changesTopic)
-		specs[o.targetsTopic] = kafkasink.TopicSpec{Configs: map[string]string{"cleanup.policy": "compact"}}
+		specs[o.targetsTopic] = kafkasink.TopicSpec{Configs: map[string]string{"cleanup.policy": "compact",
+			"max.message.bytes": strconv.FormatInt(o.maxRecord+recordSlack, 10)}}
 	}
 	bo := backoff.NewExponentialBackOff()
 	bo.MaxInterval = 5 * time.Second
 	bo.MaxElapsedTime = 0
-	return backoff.Retry(func() error {
+	err := backoff.Retry(func() error {
 		err := o.producer.EnsureTopics(ctx, topics, specs)
 		if err != nil && ctx.Err() == nil {
 			o.ensureAttempts++
@@ -108,6 +143,34 @@ func (o *targetOutputs) ensureTopics(ctx context.Context, log *zap.Logger) error
 		}
 		return err
 	}, backoff.WithContext(bo, ctx))
+	if err != nil || o.kafka == nil {
+		return err
+	}
+	o.fitRecordLimit(ctx, log)
+	return nil
+}
+
+// fitRecordLimit lowers the targets record bound to what the topic accepts
+// when it existed before with a smaller max.message.bytes (Tidemark does
+// not change configs of existing topics), and says how to raise it.
+func (o *targetOutputs) fitRecordLimit(ctx context.Context, log *zap.Logger) {
+	m, err := o.producer.MaxMessageBytes(ctx, o.targetsTopic)
+	if err != nil {
+		log.Warn("cannot read the notify_targets topic's max.message.bytes; assuming targets.max_record_bytes fits", zap.Error(err),
+			zap.Int64("max_record_bytes", o.maxRecord))
+		return
+	}
+	if m-recordSlack >= o.maxRecord {
+		return
+	}
+	limit := m - recordSlack
+	if limit < 1<<10 {
+		limit = 1 << 10
+	}
+	o.producer.SetTopicBatchBytes(o.targetsTopic, limit)
+	o.kafka.MaxRecordBytes = limit
+	log.Warn("the notify_targets topic accepts smaller records than targets.max_record_bytes: rooms whose set does not fit are published without their list; to raise it run kafka-configs.sh --alter --entity-type topics --entity-name "+o.targetsTopic+" --add-config max.message.bytes="+strconv.FormatInt(o.maxRecord+recordSlack, 10),
+		zap.String("topic", o.targetsTopic), zap.Int64("max_message_bytes", m), zap.Int64("max_record_bytes", o.maxRecord))
 }
 
 func (o *targetOutputs) close() error {
@@ -327,6 +390,13 @@ func (t *Targets) Register(reg prometheus.Registerer) {
 		Help: "Share of audited rooms whose kept targets equal the database (periodic audit; 1 before the first).", ConstLabels: labels})
 	t.ratio.Set(1)
 	reg.MustRegister(t.ratio)
+	counter("notify_targets", "truncated_records_total", "notify_targets records published without their list (the set exceeded targets.max_record_bytes or the topic's max.message.bytes).",
+		func() float64 {
+			if t.out == nil {
+				return 0
+			}
+			return float64(t.out.truncated.Load())
+		})
 	counter("notify_targets", "audits_total", "Periodic audits completed (targets.audit_interval).", func() float64 { return float64(t.audits.Load()) })
 }
 

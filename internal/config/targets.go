@@ -31,6 +31,13 @@ type Targets struct {
 	// value the full set and position) and <topic_prefix>.notify_target_changes
 	// (one record per added or removed user, with the reason). Default true.
 	Topics *bool `yaml:"topics"`
+	// MaxRecordBytes bounds one notify_targets record (a room's full set):
+	// the topic is created with max.message.bytes to match, so rooms of
+	// hundreds of thousands of members fit. A room beyond it (or beyond an
+	// existing topic's max.message.bytes) is published without its list
+	// ("users": null, "truncated": true, "user_count"), never blocking the
+	// consumer. Default 16 MiB.
+	MaxRecordBytes int64 `yaml:"max_record_bytes"`
 	// Postgres is where the state is kept (tables in Schema).
 	Postgres TargetsPostgres `yaml:"postgres"`
 	// Redis, when set, keeps one set per room.
@@ -110,6 +117,9 @@ func (c *Config) applyTargetsDefaults() {
 	if t.AuditSample == 0 {
 		t.AuditSample = 100
 	}
+	if t.MaxRecordBytes == 0 {
+		t.MaxRecordBytes = 16 << 20
+	}
 }
 
 // validateTargets reports the targets section's problems; captured is the
@@ -136,6 +146,9 @@ func (c *Config) validateTargets(captured map[string]bool) []FieldError {
 	}
 	if c.Pipeline.TableTopics != nil && !*c.Pipeline.TableTopics {
 		add("targets", "reads the tables' own topics: set pipeline.table_topics: true")
+	}
+	if t.MaxRecordBytes < 64<<10 || t.MaxRecordBytes > 256<<20 {
+		add("targets.max_record_bytes", "%d is outside 65536..268435456", t.MaxRecordBytes)
 	}
 	if t.MaxAttempts < 1 {
 		add("targets.max_attempts", "%d must be at least 1", t.MaxAttempts)

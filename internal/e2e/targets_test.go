@@ -988,3 +988,95 @@ ALTER TABLE synapse_users REPLICA IDENTITY FULL;`)
 		t.Errorf("CheckTargets = %v", err)
 	}
 }
+
+// A room whose full target set is larger than Kafka's default 1 MiB record
+// limit (50,000 members, ~1.7 MB of JSON) is published whole, and a later
+// join updates it: one big room must not stall the consumer.
+func TestTargetsLargeRoom(t *testing.T) {
+	e, cfg, _ := canonicalEnv(t, "bigroom", nil)
+	const n = 50000
+	e.exec(`INSERT INTO room_memberships(room_id, user_id, membership)
+  SELECT '!big', '@member-' || lpad(g::text, 6, '0') || ':big.example.org', 'join' FROM generate_series(1, $1) g`, n)
+	e.waitTargets(cfg, 3*time.Minute)
+	e.exec(`INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!big', '@late:big.example.org', 'join'), ('!small', '@a', 'join')`)
+	e.waitTargets(cfg, time.Minute)
+	latest := e.latestTargets(cfg.Kafka.TopicPrefix + ".notify_targets")
+	if got := len(latest["!big"]); got != n+1 {
+		t.Fatalf("latest notify_targets of !big lists %d users, want %d", got, n+1)
+	}
+	if !slices.Equal(latest["!small"], []string{"@a"}) {
+		t.Fatalf("latest notify_targets of !small = %v", latest["!small"])
+	}
+	if kept, truth := e.pairs(keptSQL(cfg)), e.pairs(canonicalTruth); !slices.Equal(kept, truth) {
+		t.Errorf("kept %d pairs, database %d", len(kept), len(truth))
+	}
+}
+
+// When the notify_targets topic already exists with the broker's default
+// max.message.bytes (1 MiB), a room too large for it is published without
+// its list ("truncated": true, "user_count"), counted, and the other rooms
+// keep flowing.
+func TestTargetsLargeRoomOnSmallTopic(t *testing.T) {
+	e := newEnv(t, "")
+	e.exec(demoSchemaTargets)
+	cfg := targetsConfig(e, "smalltopic", []string{"public.users", "public.room_memberships"}, &config.Targets{})
+	pre, err := kafkasink.New(kafkasink.Config{Brokers: cfg.Kafka.Brokers, Partitions: cfg.Kafka.Partitions}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	topic := cfg.Kafka.TopicPrefix + ".notify_targets"
+	if err := pre.EnsureTopics(context.Background(), []string{topic}, nil); err != nil {
+		t.Fatal(err)
+	}
+	_ = pre.Close(context.Background())
+	e.start(cfg)
+	reg := prometheus.NewRegistry()
+	e.startTargetsWith(cfg, reg)
+	const n = 50000
+	e.exec(`INSERT INTO room_memberships(room_id, user_id, membership)
+  SELECT '!big', '@member-' || lpad(g::text, 6, '0') || ':big.example.org', 'join' FROM generate_series(1, $1) g`, n)
+	e.exec(`INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!small', '@a', 'join')`)
+	e.waitTargets(cfg, 3*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	recs, err := kafkatest.ReadAll(ctx, e.kafka.Brokers(), topic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	type rec struct {
+		Room      string   `json:"room_id"`
+		Users     []string `json:"users"`
+		Truncated bool     `json:"truncated"`
+		Count     int      `json:"user_count"`
+	}
+	latest := map[string]rec{}
+	for _, m := range byPartitionOffset(toMsgs(recs)) {
+		var r rec
+		if err := json.Unmarshal(m.Value, &r); err != nil {
+			t.Fatalf("%s record %s: %v", topic, m.Value, err)
+		}
+		latest[r.Room] = r
+	}
+	if b := latest["!big"]; !b.Truncated || b.Count != n || b.Users != nil {
+		t.Fatalf("latest !big record: truncated %v, user_count %d, %d users listed; want truncated, %d, none", b.Truncated, b.Count, len(b.Users), n)
+	}
+	if s := latest["!small"]; s.Truncated || !slices.Equal(s.Users, []string{"@a"}) {
+		t.Fatalf("latest !small record: %+v", s)
+	}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var truncated float64
+	for _, mf := range mfs {
+		if mf.GetName() == "tidemark_notify_targets_truncated_records_total" {
+			truncated = mf.GetMetric()[0].GetCounter().GetValue()
+		}
+	}
+	if truncated < 1 {
+		t.Errorf("tidemark_notify_targets_truncated_records_total = %v, want >= 1", truncated)
+	}
+	if kept, truth := e.pairs(keptSQL(cfg)), e.pairs(canonicalTruth); !slices.Equal(kept, truth) {
+		t.Errorf("kept %d pairs, database %d", len(kept), len(truth))
+	}
+}

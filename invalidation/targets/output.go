@@ -24,11 +24,27 @@ import (
 // crash) repeats its version.
 //
 // Records carry the tidemark-lsn and tidemark-seq headers.
+//
+// A room whose full set would exceed MaxRecordBytes is published without
+// its list: {"room_id","users":null,"truncated":true,"user_count",...}
+// (consumers read that room from the Postgres tables or Redis set); its
+// change records are published as usual. One huge room never stalls the
+// others.
 type KafkaOutput struct {
 	Sink         pipeline.Sink
 	TargetsTopic string // "" disables
 	ChangesTopic string // "" disables
+	// MaxRecordBytes bounds a targets record (key, value and headers); 0
+	// is no bound. Set it before the first Publish.
+	MaxRecordBytes int64
+	// Truncated, when set, is told of each record published without its
+	// list: the room, its member count and the size the full record had.
+	Truncated func(room string, users, bytes int)
 }
+
+// recordOverhead covers a targets record's key framing and headers in the
+// sink's size accounting.
+const recordOverhead = 256
 
 // Publish writes the updates and returns once Kafka acknowledged them.
 func (k *KafkaOutput) Publish(ctx context.Context, ups []RoomUpdate) error {
@@ -41,7 +57,14 @@ func (k *KafkaOutput) Publish(ctx context.Context, ups []RoomUpdate) error {
 			}
 		}
 		if k.TargetsTopic != "" {
-			msgs = append(msgs, pipeline.Message{Topic: k.TargetsTopic, Key: key, Value: TargetsJSON(u.Room, u.Users, u.Version, u.Pos), Headers: posHeaders(u.Pos), Pos: u.Pos})
+			v := TargetsJSON(u.Room, u.Users, u.Version, u.Pos)
+			if size := int64(len(key) + len(v) + recordOverhead); k.MaxRecordBytes > 0 && size > k.MaxRecordBytes {
+				if k.Truncated != nil {
+					k.Truncated(u.Room, len(u.Users), int(size))
+				}
+				v = truncatedTargetsJSON(u.Room, len(u.Users), u.Version, u.Pos)
+			}
+			msgs = append(msgs, pipeline.Message{Topic: k.TargetsTopic, Key: key, Value: v, Headers: posHeaders(u.Pos), Pos: u.Pos})
 		}
 	}
 	if len(msgs) == 0 {
@@ -68,6 +91,18 @@ func TargetsJSON(room string, users []string, version uint64, pos pipeline.Posit
 		b = pipeline.AppendJSONString(b, u)
 	}
 	b = append(b, `],"version":`...)
+	b = strconv.AppendUint(b, version, 10)
+	b = append(b, `,"position":"`...)
+	b = append(b, pos.String()...)
+	return append(b, `"}`...)
+}
+
+// truncatedTargetsJSON stands for a set too large for one record.
+func truncatedTargetsJSON(room string, users int, version uint64, pos pipeline.Position) []byte {
+	b := append([]byte(`{"room_id":`), pipeline.AppendJSONString(nil, room)...)
+	b = append(b, `,"users":null,"truncated":true,"user_count":`...)
+	b = strconv.AppendInt(b, int64(users), 10)
+	b = append(b, `,"version":`...)
 	b = strconv.AppendUint(b, version, 10)
 	b = append(b, `,"position":"`...)
 	b = append(b, pos.String()...)

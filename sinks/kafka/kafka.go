@@ -26,7 +26,9 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -57,6 +59,9 @@ type Config struct {
 	Compression string
 	// BatchBytes bounds one produce request per partition. Default 1 MiB.
 	BatchBytes int64
+	// TopicBatchBytes overrides BatchBytes for some topics (whose
+	// max.message.bytes is larger); SetTopicBatchBytes changes it later.
+	TopicBatchBytes map[string]int64
 	// WriteTimeout bounds one produce attempt. Default 10s.
 	WriteTimeout time.Duration
 	// MaxBackoff bounds the wait between retries of a failed write. Default 5s.
@@ -123,6 +128,8 @@ type Sink struct {
 	parts   map[string]int // partition counts by topic
 	leaders map[tp]int     // leader broker by partition
 
+	topicLimits atomic.Pointer[map[string]int64] // see SetTopicBatchBytes
+
 	// Owned by Write (never called concurrently).
 	enc   batchEncoder
 	arena []byte // the encoded batches of the current round
@@ -164,9 +171,38 @@ func New(cfg Config, log *zap.Logger) (*Sink, error) {
 	}
 	transport := &kafkago.Transport{ClientID: cfg.ClientID, MetadataTTL: 30 * time.Second, DialTimeout: 5 * time.Second}
 	addr := kafkago.TCP(cfg.Brokers...)
-	return &Sink{cfg: cfg, log: log, codec: codec, addr: addr, transport: transport,
+	sink := &Sink{cfg: cfg, log: log, codec: codec, addr: addr, transport: transport,
 		parts: map[string]int{}, leaders: map[tp]int{}, enc: batchEncoder{codec: codec},
-		client: &kafkago.Client{Addr: addr, Timeout: 30 * time.Second, Transport: transport}}, nil
+		client: &kafkago.Client{Addr: addr, Timeout: 30 * time.Second, Transport: transport}}
+	for t, n := range cfg.TopicBatchBytes {
+		sink.SetTopicBatchBytes(t, n)
+	}
+	return sink, nil
+}
+
+// MaxMessageBytes reads a topic's max.message.bytes (the largest record
+// batch the brokers accept for it).
+func (s *Sink) MaxMessageBytes(ctx context.Context, topic string) (int64, error) {
+	resp, err := s.client.DescribeConfigs(ctx, &kafkago.DescribeConfigsRequest{Resources: []kafkago.DescribeConfigRequestResource{{
+		ResourceType: kafkago.ResourceTypeTopic, ResourceName: topic, ConfigNames: []string{"max.message.bytes"}}}})
+	if err != nil {
+		return 0, fmt.Errorf("describing topic %s: %w", topic, err)
+	}
+	for _, r := range resp.Resources {
+		if r.Error != nil {
+			return 0, fmt.Errorf("describing topic %s: %w", topic, r.Error)
+		}
+		for _, e := range r.ConfigEntries {
+			if e.ConfigName == "max.message.bytes" {
+				n, err := strconv.ParseInt(e.ConfigValue, 10, 64)
+				if err != nil {
+					return 0, fmt.Errorf("topic %s: max.message.bytes %q: %w", topic, e.ConfigValue, err)
+				}
+				return n, nil
+			}
+		}
+	}
+	return 0, fmt.Errorf("topic %s: the brokers did not report max.message.bytes", topic)
 }
 
 // TopicSpec overrides the partition count and configs of one topic.
@@ -291,17 +327,51 @@ type record struct {
 	pos        pipeline.Position
 }
 
+// SetTopicBatchBytes sets the batch bound of topic (n <= 0 restores
+// BatchBytes). Writes after it returns use the new bound.
+func (s *Sink) SetTopicBatchBytes(topic string, n int64) {
+	for {
+		old := s.topicLimits.Load()
+		m := map[string]int64{}
+		if old != nil {
+			for k, v := range *old {
+				m[k] = v
+			}
+		}
+		if n > 0 {
+			m[topic] = n
+		} else {
+			delete(m, topic)
+		}
+		if s.topicLimits.CompareAndSwap(old, &m) {
+			return
+		}
+	}
+}
+
+// batchLimit is the batch bound of topic under limits (a snapshot of
+// topicLimits; nil for none).
+func (s *Sink) batchLimit(limits *map[string]int64, topic string) int64 {
+	if limits != nil {
+		if n, ok := (*limits)[topic]; ok {
+			return n
+		}
+	}
+	return s.cfg.BatchBytes
+}
+
 func (s *Sink) convert(msgs []pipeline.Message) ([]record, error) {
 	out := make([]record, 0, len(msgs))
+	limits := s.topicLimits.Load()
 	for i := range msgs {
 		m := &msgs[i]
 		size := int64(len(m.Key) + len(m.Value) + 64)
 		for _, h := range m.Headers {
 			size += int64(len(h.Key) + len(h.Value))
 		}
-		if size > s.cfg.BatchBytes {
+		if limit := s.batchLimit(limits, m.Topic); size > limit {
 			return nil, fmt.Errorf("message for topic %s at position %s is %d bytes, over the %d-byte batch limit (kafka.batch_bytes; also check the topic's max.message.bytes)",
-				m.Topic, m.Pos, size, s.cfg.BatchBytes)
+				m.Topic, m.Pos, size, limit)
 		}
 		n := s.Partitions(m.Topic)
 		if n == 0 {
@@ -340,6 +410,7 @@ func (s *Sink) plan(recs []record) [][]partBatch {
 	}
 	parts := map[tp]*state{}
 	var rounds [][]partBatch
+	limits := s.topicLimits.Load()
 	for i := range recs {
 		r := &recs[i]
 		k := tp{r.topic, r.part}
@@ -348,7 +419,7 @@ func (s *Sink) plan(recs []record) [][]partBatch {
 		case st == nil:
 			st = &state{round: 0, idx: -1}
 			parts[k] = st
-		case st.bytes > 0 && st.bytes+r.size > s.cfg.BatchBytes:
+		case st.bytes > 0 && st.bytes+r.size > s.batchLimit(limits, r.topic):
 			st.round++
 			st.bytes = 0
 			st.idx = -1

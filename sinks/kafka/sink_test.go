@@ -1,9 +1,11 @@
 package kafka
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -94,5 +96,61 @@ func TestWriteReadBack(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// A topic created with a larger max.message.bytes takes records beyond
+// BatchBytes once its bound is raised (SetTopicBatchBytes); other topics
+// keep BatchBytes and name the refused message; several big records to the
+// topic go in batches the broker accepts.
+func TestTopicBatchBytes(t *testing.T) {
+	cl := kafkatest.ForTest(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	s, err := New(Config{Brokers: cl.Brokers(), Partitions: 1}, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close(ctx)
+	const limit = 4 << 20
+	if err := s.EnsureTopics(ctx, []string{"big", "small"}, map[string]TopicSpec{
+		"big": {Configs: map[string]string{"max.message.bytes": strconv.Itoa(limit + 1024)}}}); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := s.MaxMessageBytes(ctx, "big"); err != nil || n != limit+1024 {
+		t.Fatalf("MaxMessageBytes(big) = %d, %v", n, err)
+	}
+	if n, err := s.MaxMessageBytes(ctx, "small"); err != nil || n <= 0 || n > 2<<20 {
+		t.Fatalf("MaxMessageBytes(small) = %d, %v; want the broker default", n, err)
+	}
+	value := make([]byte, 3<<20) // 3 MiB
+	for i := range value {
+		value[i] = 'a' + byte(i%26)
+	}
+	big := func(topic string, seq uint32) pipeline.Message {
+		return pipeline.Message{Topic: topic, Key: []byte("k"), Value: value, Pos: pipeline.Position{CommitLSN: 7, Seq: seq}}
+	}
+	if err := s.Write(ctx, []pipeline.Message{big("big", 0)}); err == nil {
+		t.Fatal("a 3 MiB message passed the default 1 MiB bound")
+	}
+	s.SetTopicBatchBytes("big", limit)
+	if err := s.Write(ctx, []pipeline.Message{big("big", 1), big("big", 2), big("big", 3)}); err != nil {
+		t.Fatalf("three 3 MiB messages to a topic with a 4 MiB bound: %v", err)
+	}
+	err = s.Write(ctx, []pipeline.Message{big("small", 4)})
+	if err == nil || !strings.Contains(err.Error(), "message for topic small at position 7:4 is") {
+		t.Fatalf("3 MiB to a topic with the default bound: %v", err)
+	}
+	recs, err := kafkatest.ReadAll(ctx, cl.Brokers(), "big")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(recs) != 3 {
+		t.Fatalf("read %d records of topic big, want 3", len(recs))
+	}
+	for _, r := range recs {
+		if !bytes.Equal(r.Value, value) {
+			t.Fatalf("a big record came back with %d bytes", len(r.Value))
+		}
 	}
 }
