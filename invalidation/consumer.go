@@ -243,9 +243,16 @@ func (c *Consumer) Run(ctx context.Context) error {
 		}
 		return err
 	}
+	// MaxWait is both the broker's long-poll time and, in kafka-go, the
+	// deadline by which a fetch response must start arriving: the broker is
+	// asked to wait MaxWait-1s, leaving a second for the round trip and for
+	// building a large response. (10ms left none: a fetch of a few MB, slow
+	// to build or over a few ms of network, timed out on every attempt and
+	// the consumer never advanced.) MinBytes 1 makes the broker answer as
+	// soon as anything arrives, so latency does not depend on it.
 	r := kafkago.NewReader(kafkago.ReaderConfig{
 		Brokers: c.cfg.Brokers, GroupID: c.cfg.Group, GroupTopics: topics,
-		MinBytes: 1, MaxBytes: 8 << 20, MaxWait: 10 * time.Millisecond,
+		MinBytes: 1, MaxBytes: 8 << 20, MaxWait: fetchMaxWait,
 		ReadBackoffMin: time.Millisecond, ReadBackoffMax: 10 * time.Millisecond,
 		StartOffset: c.cfg.StartOffset, CommitInterval: 0,
 		HeartbeatInterval: time.Second, SessionTimeout: 10 * time.Second, RebalanceTimeout: 10 * time.Second,
@@ -287,6 +294,9 @@ func (c *Consumer) Run(ctx context.Context) error {
 	}
 	return errors.Join(err, cerr)
 }
+
+// fetchMaxWait: see the reader in Run.
+const fetchMaxWait = 2 * time.Second
 
 func (c *Consumer) loop(ctx context.Context, r *kafkago.Reader, ch <-chan fetched) error {
 	batch := make([]fetched, 0, c.cfg.MaxBatch)

@@ -68,3 +68,51 @@ func TestConsumerWaitsForItsTopics(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A broker that takes 50ms to answer each fetch (a remote cluster, or a
+// large response) still feeds the consumer: kafka-go's MaxWait is also its
+// deadline for a fetch response to start arriving, and a 10ms MaxWait made
+// every fetch time out, so the consumer never advanced.
+func TestConsumerToleratesSlowFetches(t *testing.T) {
+	cl := kafkatest.ForTest(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	client := &kafkago.Client{Addr: kafkago.TCP(cl.Brokers()...)}
+	if _, err := client.CreateTopics(ctx, &kafkago.CreateTopicsRequest{Topics: []kafkago.TopicConfig{
+		{Topic: "slow.public.events", NumPartitions: 2, ReplicationFactor: 1}}}); err != nil {
+		t.Fatal(err)
+	}
+	w := &kafkago.Writer{Addr: kafkago.TCP(cl.Brokers()...), Topic: "slow.public.events", RequiredAcks: kafkago.RequireAll, BatchTimeout: time.Millisecond}
+	defer w.Close()
+	var msgs []kafkago.Message
+	for i := 0; i < 20; i++ {
+		v := fmt.Sprintf(`{"before":null,"after":{"event_id":"$e%d"},"op":"c","source":{"schema":"public","table":"events","lsn":%d,"txId":1},"transaction":{"total_order":1}}`, i, 100+i)
+		msgs = append(msgs, kafkago.Message{Key: []byte{byte(i)}, Value: []byte(v)})
+	}
+	if err := w.WriteMessages(ctx, msgs...); err != nil {
+		t.Fatal(err)
+	}
+	cl.DelayFetches(50 * time.Millisecond)
+	h := &countingHandler{}
+	c, err := NewConsumer(Config{Brokers: cl.Brokers(), Group: "slow", Topics: map[string][]string{"slow.public.events": {"public.events"}},
+		Handlers: map[string]Handler{"public.events": h}, DLQTopic: "slow.dlq", DLQ: discardSink{}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	deadline := time.After(30 * time.Second)
+	for h.n.Load() < 20 {
+		select {
+		case err := <-done:
+			t.Fatalf("consumer stopped: %v", err)
+		case <-deadline:
+			t.Fatalf("applied %d of 20 messages in 30s with 50ms fetches", h.n.Load())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}

@@ -990,13 +990,13 @@ ALTER TABLE synapse_users REPLICA IDENTITY FULL;`)
 }
 
 // A room whose full target set is larger than Kafka's default 1 MiB record
-// limit (50,000 members, ~1.7 MB of JSON) is published whole, and a later
+// limit (12,000 members of 107-byte ids, ~1.3 MB of JSON) is published whole, and a later
 // join updates it: one big room must not stall the consumer.
 func TestTargetsLargeRoom(t *testing.T) {
 	e, cfg, _ := canonicalEnv(t, "bigroom", nil)
-	const n = 50000
+	const n = 12000
 	e.exec(`INSERT INTO room_memberships(room_id, user_id, membership)
-  SELECT '!big', '@member-' || lpad(g::text, 6, '0') || ':big.example.org', 'join' FROM generate_series(1, $1) g`, n)
+  SELECT '!big', '@member-' || lpad(g::text, 6, '0') || ':' || repeat('x', 80) || '.example.org', 'join' FROM generate_series(1, $1) g`, n)
 	e.waitTargets(cfg, 3*time.Minute)
 	e.exec(`INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!big', '@late:big.example.org', 'join'), ('!small', '@a', 'join')`)
 	e.waitTargets(cfg, time.Minute)
@@ -1032,9 +1032,9 @@ func TestTargetsLargeRoomOnSmallTopic(t *testing.T) {
 	e.start(cfg)
 	reg := prometheus.NewRegistry()
 	e.startTargetsWith(cfg, reg)
-	const n = 50000
+	const n = 12000
 	e.exec(`INSERT INTO room_memberships(room_id, user_id, membership)
-  SELECT '!big', '@member-' || lpad(g::text, 6, '0') || ':big.example.org', 'join' FROM generate_series(1, $1) g`, n)
+  SELECT '!big', '@member-' || lpad(g::text, 6, '0') || ':' || repeat('x', 80) || '.example.org', 'join' FROM generate_series(1, $1) g`, n)
 	e.exec(`INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!small', '@a', 'join')`)
 	e.waitTargets(cfg, 3*time.Minute)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

@@ -12,6 +12,7 @@ import (
 
 	kafkago "github.com/segmentio/kafka-go"
 	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kmsg"
 )
 
 // Cluster is a running kfake cluster.
@@ -85,6 +86,16 @@ func (cl *Cluster) Restart() error {
 		time.Sleep(100 * time.Millisecond)
 	}
 	return err
+}
+
+// DelayFetches makes the broker take at least d to answer each fetch (it
+// stalls while doing so), like a broker behind a slow network or one
+// building a large response.
+func (cl *Cluster) DelayFetches(d time.Duration) {
+	cl.c.ControlKey(int16(kmsg.Fetch), func(kmsg.Request) (kmsg.Response, error, bool) {
+		time.Sleep(d)
+		return nil, nil, false // not handled: the broker answers as usual, and the control stays
+	})
 }
 
 // Close stops the cluster.

@@ -149,7 +149,10 @@ func (x *TxnIndex) Run(ctx context.Context) error {
 	attempt := 0
 	err := backoff.Retry(func() error {
 		r = kafkago.NewReader(kafkago.ReaderConfig{Brokers: x.Brokers, Topic: x.Topic, Partition: 0,
-			MinBytes: 1, MaxBytes: 4 << 20, MaxWait: 50 * time.Millisecond,
+			// MaxWait is also kafka-go's deadline for a fetch response to
+			// start arriving (the broker waits MaxWait-1s): see the consumer
+			// runtime's reader. MinBytes 1 returns records at once.
+			MinBytes: 1, MaxBytes: 4 << 20, MaxWait: 2 * time.Second,
 			ReadBackoffMin: 5 * time.Millisecond, ReadBackoffMax: 50 * time.Millisecond})
 		err := r.SetOffsetAt(ctx, time.Now().Add(-lookback))
 		if err != nil {
