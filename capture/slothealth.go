@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -17,8 +18,24 @@ import (
 )
 
 // HeartbeatPrefix is the pg_logical_emit_message prefix of Tidemark's
-// heartbeats; their content is the emit time in Unix nanoseconds.
+// heartbeats; their content is the emit time in Unix nanoseconds, a space
+// and the slot of the Tidemark that wrote it (every slot of the database
+// decodes every heartbeat; each counts only its own).
 const HeartbeatPrefix = "tidemark.heartbeat"
+
+func heartbeatContent(at time.Time, slot string) string {
+	return strconv.FormatInt(at.UnixNano(), 10) + " " + slot
+}
+
+// parseHeartbeat returns the emit time of a heartbeat written for slot.
+func parseHeartbeat(content []byte, slot string) (int64, bool) {
+	ts, s, ok := strings.Cut(string(content), " ")
+	if !ok || s != slot {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(ts, 10, 64)
+	return n, err == nil
+}
 
 // SlotHealth is what the server says about a slot's WAL retention (DESIGN
 // §6): how much WAL it pins, and how close it is to being invalidated by
@@ -38,8 +55,10 @@ type SlotHealth struct {
 	// WALStatus: reserved, extended, unreserved or lost (pg_replication_slots).
 	WALStatus string `json:"wal_status"`
 	// SafeWALSize is the WAL that can still be written before the slot is
-	// in danger of invalidation; -1 when max_slot_wal_keep_size is unlimited.
-	SafeWALSize int64 `json:"safe_wal_size_bytes"`
+	// in danger of invalidation (negative once it is unreserved); nil when
+	// max_slot_wal_keep_size is unlimited, the slot is lost, or the server
+	// predates Postgres 13.
+	SafeWALSize *int64 `json:"safe_wal_size_bytes"`
 	// MaxSlotWALKeepSize in bytes; -1 is unlimited.
 	MaxSlotWALKeepSize int64     `json:"max_slot_wal_keep_size_bytes"`
 	CheckedAt          time.Time `json:"checked_at"`
@@ -76,24 +95,40 @@ func (h SlotHealth) WALStatusCode() float64 {
 // slot is reported at risk.
 const safeWarnFraction = 0.2
 
+// SlotProblem is one condition an operator must act on: ID names the
+// condition (stable while it lasts, so it is logged once), Text says it
+// with the current figures.
+type SlotProblem struct {
+	ID   string // missing, lost, unreserved, extended, near_limit
+	Text string
+}
+
 // Problems describes, one sentence each, what an operator must act on.
 func (h SlotHealth) Problems() []string {
-	if !h.Exists {
-		return []string{fmt.Sprintf("replication slot %q does not exist", h.Slot)}
+	var out []string
+	for _, p := range h.problems() {
+		out = append(out, p.Text)
 	}
-	var ps []string
+	return out
+}
+
+func (h SlotHealth) problems() []SlotProblem {
+	if !h.Exists {
+		return []SlotProblem{{"missing", fmt.Sprintf("replication slot %q does not exist", h.Slot)}}
+	}
+	var ps []SlotProblem
 	switch h.WALStatus {
 	case "lost":
-		ps = append(ps, fmt.Sprintf("replication slot %q is invalidated (wal_status lost): WAL it needed was removed, changes were lost; drop the slot and re-snapshot", h.Slot))
+		ps = append(ps, SlotProblem{"lost", fmt.Sprintf("replication slot %q is invalidated (wal_status lost): WAL it needed was removed, changes were lost; drop the slot and re-snapshot", h.Slot)})
 	case "unreserved":
-		ps = append(ps, fmt.Sprintf("replication slot %q retains %s of WAL, beyond max_slot_wal_keep_size: the next checkpoint invalidates it unless capture catches up", h.Slot, bytesText(h.RetainedBytes)))
+		ps = append(ps, SlotProblem{"unreserved", fmt.Sprintf("replication slot %q retains %s of WAL, beyond max_slot_wal_keep_size: the next checkpoint invalidates it unless capture catches up", h.Slot, bytesText(h.RetainedBytes))})
 	case "extended":
-		ps = append(ps, fmt.Sprintf("replication slot %q retains %s of WAL, beyond max_wal_size (wal_status extended): capture is behind", h.Slot, bytesText(h.RetainedBytes)))
+		ps = append(ps, SlotProblem{"extended", fmt.Sprintf("replication slot %q retains %s of WAL, beyond max_wal_size (wal_status extended): capture is behind", h.Slot, bytesText(h.RetainedBytes))})
 	}
-	if h.WALStatus != "lost" && h.WALStatus != "unreserved" && h.MaxSlotWALKeepSize > 0 && h.SafeWALSize >= 0 &&
-		float64(h.SafeWALSize) < safeWarnFraction*float64(h.MaxSlotWALKeepSize) {
-		ps = append(ps, fmt.Sprintf("replication slot %q: only %s of WAL left before max_slot_wal_keep_size (%s) invalidates it",
-			h.Slot, bytesText(h.SafeWALSize), bytesText(h.MaxSlotWALKeepSize)))
+	if h.WALStatus != "lost" && h.WALStatus != "unreserved" && h.MaxSlotWALKeepSize > 0 && h.SafeWALSize != nil && *h.SafeWALSize >= 0 &&
+		float64(*h.SafeWALSize) < safeWarnFraction*float64(h.MaxSlotWALKeepSize) {
+		ps = append(ps, SlotProblem{"near_limit", fmt.Sprintf("replication slot %q: only %s of WAL left before max_slot_wal_keep_size (%s) invalidates it",
+			h.Slot, bytesText(*h.SafeWALSize), bytesText(h.MaxSlotWALKeepSize))})
 	}
 	return ps
 }
@@ -118,22 +153,29 @@ type Querier interface {
 // ReadSlotHealth reads pg_replication_slots and max_slot_wal_keep_size. A
 // missing slot is not an error: Exists is false.
 func ReadSlotHealth(ctx context.Context, q Querier, slot string) (SlotHealth, error) {
-	h := SlotHealth{Slot: slot, CheckedAt: time.Now(), SafeWALSize: -1, MaxSlotWALKeepSize: -1}
+	h := SlotHealth{Slot: slot, CheckedAt: time.Now(), MaxSlotWALKeepSize: -1}
 	var cur, confirmed, restart string
-	var safe *int64
+	var version int
 	var keepMB int64
-	err := q.QueryRow(ctx, `SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() ELSE pg_current_wal_lsn() END)::text`).Scan(&cur)
+	err := q.QueryRow(ctx, `SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() ELSE pg_current_wal_lsn() END)::text,
+		current_setting('server_version_num')::int`).Scan(&cur, &version)
 	if err != nil {
 		return h, fmt.Errorf("reading the server's WAL position: %w", err)
 	}
 	if h.CurrentLSN, err = pipeline.ParseLSN(cur); err != nil {
 		return h, err
 	}
+	// wal_status, safe_wal_size and max_slot_wal_keep_size exist from
+	// Postgres 13 on.
+	retention := `'', NULL::bigint, -1::bigint`
+	if version >= 130000 {
+		retention = `coalesce(s.wal_status, ''), s.safe_wal_size,
+		coalesce((SELECT setting::bigint FROM pg_settings WHERE name = 'max_slot_wal_keep_size'), -1)`
+	}
 	err = q.QueryRow(ctx, `SELECT s.active, coalesce(s.active_pid, 0), coalesce(s.confirmed_flush_lsn::text, '0/0'),
-		coalesce(s.restart_lsn::text, '0/0'), coalesce(s.wal_status, ''), s.safe_wal_size,
-		coalesce((SELECT setting::bigint FROM pg_settings WHERE name = 'max_slot_wal_keep_size'), -1)
+		coalesce(s.restart_lsn::text, '0/0'), `+retention+`
 		FROM pg_replication_slots s WHERE s.slot_name = $1`, slot).
-		Scan(&h.Active, &h.ActivePID, &confirmed, &restart, &h.WALStatus, &safe, &keepMB)
+		Scan(&h.Active, &h.ActivePID, &confirmed, &restart, &h.WALStatus, &h.SafeWALSize, &keepMB)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return h, nil
 	}
@@ -146,9 +188,6 @@ func ReadSlotHealth(ctx context.Context, q Querier, slot string) (SlotHealth, er
 	}
 	if h.RestartLSN, err = pipeline.ParseLSN(restart); err != nil {
 		return h, err
-	}
-	if safe != nil {
-		h.SafeWALSize = *safe
 	}
 	if keepMB >= 0 {
 		h.MaxSlotWALKeepSize = keepMB << 20
@@ -192,10 +231,11 @@ type Watcher struct {
 	stats WatcherStats
 
 	// Owned by Run.
-	conn       *pgx.Conn
-	warned     map[string]time.Time
-	connFailed bool
-	hbFailed   bool
+	conn        *pgx.Conn
+	warned      map[string]time.Time // by SlotProblem.ID
+	connFailed  bool
+	checkFailed bool
+	hbFailed    bool
 }
 
 // RepeatWarning is how often a lasting slot problem is logged again.
@@ -296,33 +336,43 @@ func (w *Watcher) check(ctx context.Context) {
 	if err != nil {
 		if ctx.Err() == nil {
 			w.stats.CheckErrors.Add(1)
-			w.log.Warn("slot check failed", zap.String("slot", w.cfg.Slot), zap.Error(err))
+			if !w.checkFailed {
+				w.log.Warn("slot check failed; retrying every interval", zap.String("slot", w.cfg.Slot), zap.Error(err))
+			}
+			w.checkFailed = true
 		}
 		w.dropConn()
 		return
 	}
+	if w.checkFailed {
+		w.log.Info("slot checks work again", zap.String("slot", w.cfg.Slot))
+	}
+	w.checkFailed = false
 	w.stats.Checks.Add(1)
 	w.last.Store(&h)
-	w.report(h.Problems(), h)
+	w.report(h.problems(), h)
 }
 
 // report logs each problem when it first appears and every RepeatWarning
 // while it lasts, and once when all have cleared.
-func (w *Watcher) report(problems []string, h SlotHealth) {
+func (w *Watcher) report(problems []SlotProblem, h SlotHealth) {
 	now := time.Now()
 	current := map[string]bool{}
 	for _, p := range problems {
-		current[p] = true
-		if last, ok := w.warned[p]; ok && now.Sub(last) < RepeatWarning {
+		current[p.ID] = true
+		if last, ok := w.warned[p.ID]; ok && now.Sub(last) < RepeatWarning {
 			continue
 		}
-		w.warned[p] = now
+		w.warned[p.ID] = now
 		lvl := w.log.Warn
-		if h.WALStatus == "lost" {
+		if p.ID == "lost" {
 			lvl = w.log.Error
 		}
-		lvl(p, zap.String("slot", h.Slot), zap.String("wal_status", h.WALStatus), zap.Int64("retained_wal_bytes", h.RetainedBytes),
-			zap.Int64("safe_wal_size_bytes", h.SafeWALSize))
+		fields := []zap.Field{zap.String("slot", h.Slot), zap.String("wal_status", h.WALStatus), zap.Int64("retained_wal_bytes", h.RetainedBytes)}
+		if h.SafeWALSize != nil {
+			fields = append(fields, zap.Int64("safe_wal_size_bytes", *h.SafeWALSize))
+		}
+		lvl(p.Text, fields...)
 	}
 	cleared := false
 	for p := range w.warned {
@@ -348,7 +398,7 @@ func (w *Watcher) heartbeat(ctx context.Context) {
 	}
 	qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	_, err = conn.Exec(qctx, "SELECT pg_logical_emit_message(false, $1, $2)", HeartbeatPrefix, strconv.FormatInt(time.Now().UnixNano(), 10))
+	_, err = conn.Exec(qctx, "SELECT pg_logical_emit_message(false, $1, $2)", HeartbeatPrefix, heartbeatContent(time.Now(), w.cfg.Slot))
 	if err != nil {
 		if ctx.Err() != nil {
 			return
@@ -358,7 +408,7 @@ func (w *Watcher) heartbeat(ctx context.Context) {
 			msg := err.Error()
 			var pe *pgconn.PgError
 			if errors.As(err, &pe) && pe.Code == "42501" {
-				msg += "; grant it (GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO <tidemark's user>) or set postgres.heartbeat_interval: 0s"
+				msg += "; grant EXECUTE on pg_logical_emit_message to Tidemark's user (\\df pg_logical_emit_message shows its signature) or set postgres.heartbeat_interval: 0s"
 			}
 			w.log.Warn("heartbeat failed; retrying every interval", zap.String("error", msg))
 		}

@@ -13,7 +13,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -478,7 +477,7 @@ func (s *Stream) handleWAL(ctx context.Context, conn *pgconn.PgConn, xld pglogre
 	case *pglogrepl.LogicalDecodingMessage:
 		s.stats.LogicalMsgs.Add(1)
 		if !m.Transactional && m.Prefix == HeartbeatPrefix {
-			if sent, err := strconv.ParseInt(string(m.Content), 10, 64); err == nil {
+			if sent, ok := parseHeartbeat(m.Content, s.cfg.Slot); ok {
 				s.stats.HeartbeatsSeen.Add(1)
 				s.stats.HeartbeatLag.Store(time.Now().UnixNano() - sent)
 			}

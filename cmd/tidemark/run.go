@@ -56,7 +56,6 @@ func runCmd() *cobra.Command {
 				return err
 			}
 			defer stop()
-			tuneGC(cfg.Pipeline.MaxInFlightBytes)
 			ctx := cmd.Context()
 			runCapture := role == "all" || role == "capture"
 			runInvalidation := (role == "all" || role == "invalidation") && cfg.Invalidation != nil
@@ -74,6 +73,13 @@ func runCmd() *cobra.Command {
 			if role != "all" && role != "capture" && role != "invalidation" && role != "integrity" && role != "targets" {
 				return &exitError{2, fmt.Errorf("--role %q: want all, capture, invalidation, integrity or targets", role)}
 			}
+			// The heap holds the in-flight budget and, with targets, a
+			// round of notify_targets records of up to max_record_bytes.
+			heapBudget := cfg.Pipeline.MaxInFlightBytes
+			if runTargets {
+				heapBudget += cfg.Targets.MaxRecordBytes
+			}
+			tuneGC(heapBudget)
 			// Prepare every part before starting any, so a bad part stops the
 			// process before anything runs.
 			reg := app.NewRegistry()
@@ -249,7 +255,8 @@ func checkCmd() *cobra.Command {
 
 // tuneGC trades a little memory for much less garbage-collection CPU: the
 // heap may grow to 5x its live size (GOGC=400), but a soft memory limit of
-// twice the in-flight byte budget plus 32 MiB makes the collector work
+// twice the byte budget (in flight, plus a notify_targets record with the
+// targets role) plus 32 MiB makes the collector work
 // harder before the process grows past it (measured on the canonical drain:
 // 62 MB RSS at the same CPU per row as with 3x + 40 MiB, which gave 77 MB).
 // GOGC and GOMEMLIMIT in the environment take precedence.

@@ -43,9 +43,12 @@ func statusCmd() *cobra.Command {
 						if s.Active {
 							active = fmt.Sprintf("active (pid %d)", s.ActivePID)
 						}
-						safe := "unlimited (max_slot_wal_keep_size -1)"
-						if s.SafeWALSize >= 0 {
-							safe = fmt.Sprintf("%d bytes", s.SafeWALSize)
+						safe := "unknown"
+						switch {
+						case s.SafeWALSize != nil:
+							safe = fmt.Sprintf("%d bytes", *s.SafeWALSize)
+						case s.MaxSlotWALKeepSize < 0 && s.WALStatus != "":
+							safe = "unlimited (max_slot_wal_keep_size -1)"
 						}
 						fmt.Fprintf(out, "slot         %s: %s, wal_status %s, confirmed %s, lag %d bytes, retained %d bytes, safe_wal_size %s\n",
 							s.Slot, active, s.WALStatus, s.ConfirmedFlush, s.LagBytes, s.RetainedBytes, safe)

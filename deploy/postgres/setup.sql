@@ -14,9 +14,9 @@ GRANT CONNECT ON DATABASE chat TO tidemark;
 GRANT USAGE ON SCHEMA public TO tidemark;
 GRANT SELECT ON public.users, public.rooms, public.room_memberships,
                 public.events, public.event_json, public.read_markers TO tidemark;
--- Heartbeats (postgres.heartbeat_interval; `tidemark status` and the slot
--- metrics warn well before max_slot_wal_keep_size invalidates the slot):
-GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO tidemark;
+-- Heartbeats (postgres.heartbeat_interval) call pg_logical_emit_message,
+-- which PUBLIC may execute by default; if your installation revoked it, grant
+-- it back to tidemark or set heartbeat_interval: 0s.
 
 -- Either let Tidemark manage the publication (manage_publication: true), which
 -- needs the role to own the tables or be a superuser, or create it here and

@@ -68,8 +68,15 @@ func (a *App) Register(reg prometheus.Registerer) {
 		slot(func(h *capture.SlotHealth) float64 { return float64(h.RetainedBytes) }))
 	gauge("slot_lag_bytes", "WAL not yet confirmed by the slot (current LSN - confirmed_flush_lsn).",
 		slot(func(h *capture.SlotHealth) float64 { return float64(h.LagBytes) }))
-	gauge("slot_safe_wal_size_bytes", "WAL that can still be written before max_slot_wal_keep_size endangers the slot; -1 when unlimited.",
-		slot(func(h *capture.SlotHealth) float64 { return float64(h.SafeWALSize) }))
+	gauge("slot_safe_wal_size_bytes", "WAL that can still be written before max_slot_wal_keep_size endangers the slot (negative once unreserved); NaN when unlimited or lost.",
+		slot(func(h *capture.SlotHealth) float64 {
+			if h.SafeWALSize == nil {
+				return math.NaN()
+			}
+			return float64(*h.SafeWALSize)
+		}))
+	gauge("slot_checked_timestamp_seconds", "Unix time of the last successful slot check (the slot metrics are that old).",
+		slot(func(h *capture.SlotHealth) float64 { return float64(h.CheckedAt.UnixNano()) / 1e9 }))
 	gauge("slot_wal_status", "pg_replication_slots.wal_status: 0 reserved, 1 extended, 2 unreserved, 3 lost, -1 unknown or no slot.",
 		slot(func(h *capture.SlotHealth) float64 { return h.WALStatusCode() }))
 	gauge("slot_active", "1 while the slot has an active walsender.", slot(func(h *capture.SlotHealth) float64 {

@@ -122,7 +122,7 @@ type Postgres struct {
 	// pg_logical_emit_message('tidemark.heartbeat') is written, so an idle
 	// slot keeps confirming and replication lag is measured end to end
 	// (tidemark_heartbeat_lag_seconds). Default 1m; 0s disables (needs
-	// EXECUTE on pg_logical_emit_message, which PUBLIC lacks).
+	// EXECUTE on pg_logical_emit_message, which PUBLIC has by default).
 	HeartbeatInterval *time.Duration `yaml:"heartbeat_interval"`
 }
 

@@ -147,8 +147,8 @@ func (c *Config) validateTargets(captured map[string]bool) []FieldError {
 	if c.Pipeline.TableTopics != nil && !*c.Pipeline.TableTopics {
 		add("targets", "reads the tables' own topics: set pipeline.table_topics: true")
 	}
-	if t.MaxRecordBytes < 64<<10 || t.MaxRecordBytes > 256<<20 {
-		add("targets.max_record_bytes", "%d is outside 65536..268435456", t.MaxRecordBytes)
+	if t.MaxRecordBytes < 64<<10 || t.MaxRecordBytes > 64<<20 {
+		add("targets.max_record_bytes", "%d is outside 65536..67108864 (one produce request carries a batch per partition; Kafka's socket.request.max.bytes is 100 MiB)", t.MaxRecordBytes)
 	}
 	if t.MaxAttempts < 1 {
 		add("targets.max_attempts", "%d must be at least 1", t.MaxAttempts)

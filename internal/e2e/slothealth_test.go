@@ -112,7 +112,8 @@ func TestSlotWatcherWarnsBeforeInvalidation(t *testing.T) {
 	defer func() { cancel(); <-done }()
 
 	// Write WAL in ~8 MiB steps (one segment switch each) until the slot is
-	// lost, checking what the watcher said on the way.
+	// lost. Once a step leaves it at risk, wait for the watcher's warning
+	// before going on.
 	var sawRisk bool
 	for i := 0; i < 40; i++ {
 		mustExec(`INSERT INTO filler (pad) SELECT repeat(md5(g::text), 8) FROM generate_series(1, 25000) g`)
@@ -122,12 +123,21 @@ func TestSlotWatcherWarnsBeforeInvalidation(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if h.WALStatus != "reserved" || (h.SafeWALSize >= 0 && h.SafeWALSize < 64<<20/5) {
-			sawRisk = true
-		}
 		if h.WALStatus == "lost" {
 			break
 		}
+		if h.WALStatus == "extended" || h.WALStatus == "unreserved" || (h.SafeWALSize != nil && *h.SafeWALSize < 64<<20/5) {
+			if !sawRisk {
+				deadline := time.Now().Add(10 * time.Second)
+				for logs.FilterLevelExact(zapcore.WarnLevel).Len() == 0 && time.Now().Before(deadline) {
+					time.Sleep(50 * time.Millisecond)
+				}
+			}
+			sawRisk = true
+		}
+	}
+	if !sawRisk {
+		t.Fatal("the slot went from healthy to lost without a check seeing it at risk first")
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	for w.Last() == nil || w.Last().WALStatus != "lost" {
@@ -136,8 +146,9 @@ func TestSlotWatcherWarnsBeforeInvalidation(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	if !sawRisk {
-		t.Error("the slot went from healthy to lost without a check seeing it at risk first")
+	warns := logs.FilterLevelExact(zapcore.WarnLevel).All()
+	if len(warns) == 0 || !strings.Contains(warns[0].Message, `replication slot "stuck"`) {
+		t.Fatalf("warnings before the invalidation: %v, want the slot named at risk", warns)
 	}
 	errs := logs.FilterLevelExact(zapcore.ErrorLevel).All()
 	if len(errs) != 1 || !strings.Contains(errs[0].Message, `replication slot "stuck" is invalidated`) {

@@ -270,3 +270,15 @@ func TestHandlerOutputDown(t *testing.T) {
 		t.Errorf("pending entries left: %d", len(h.pending))
 	}
 }
+
+func TestJSONStringSizeMatchesEncoder(t *testing.T) {
+	for _, s := range []string{"", "@a:example.org", "quote\"back\\slash", "ctl\x01\n\r\t", "bad\xffutf8", "line\u2028sep\u2029", "中文用户", "\x00"} {
+		if got, want := jsonStringSize(s), int64(len(pipeline.AppendJSONString(nil, s))); got != want {
+			t.Errorf("jsonStringSize(%q) = %d, encoder writes %d", s, got, want)
+		}
+	}
+	users := []string{"@a", "@b\"", "@c\xff"}
+	if got, real := targetsSize("!r", users), int64(len(TargetsJSON("!r", users, 123456789, pipeline.Position{CommitLSN: 1 << 40, Seq: 99999}))); got < real || got > real+100 {
+		t.Errorf("targetsSize = %d, record is %d bytes", got, real)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"strconv"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/tidemark/tidemark/pipeline"
 )
@@ -57,12 +58,15 @@ func (k *KafkaOutput) Publish(ctx context.Context, ups []RoomUpdate) error {
 			}
 		}
 		if k.TargetsTopic != "" {
-			v := TargetsJSON(u.Room, u.Users, u.Version, u.Pos)
-			if size := int64(len(key) + len(v) + recordOverhead); k.MaxRecordBytes > 0 && size > k.MaxRecordBytes {
+			var v []byte
+			// Sized before it is built: a set too large is never encoded.
+			if size := targetsSize(u.Room, u.Users) + int64(len(key)+recordOverhead); k.MaxRecordBytes > 0 && size > k.MaxRecordBytes {
 				if k.Truncated != nil {
 					k.Truncated(u.Room, len(u.Users), int(size))
 				}
 				v = truncatedTargetsJSON(u.Room, len(u.Users), u.Version, u.Pos)
+			} else {
+				v = TargetsJSON(u.Room, u.Users, u.Version, u.Pos)
 			}
 			msgs = append(msgs, pipeline.Message{Topic: k.TargetsTopic, Key: key, Value: v, Headers: posHeaders(u.Pos), Pos: u.Pos})
 		}
@@ -95,6 +99,43 @@ func TargetsJSON(room string, users []string, version uint64, pos pipeline.Posit
 	b = append(b, `,"position":"`...)
 	b = append(b, pos.String()...)
 	return append(b, `"}`...)
+}
+
+// targetsSize is the length of TargetsJSON's value, up to the digits of
+// version and position (counted generously), computed without building it.
+func targetsSize(room string, users []string) int64 {
+	n := jsonStringSize(room) + 100
+	for _, u := range users {
+		n += jsonStringSize(u) + 1
+	}
+	return n
+}
+
+// jsonStringSize is len(pipeline.AppendJSONString(nil, s)).
+func jsonStringSize(s string) int64 {
+	n := int64(len(s) + 2)
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c < utf8.RuneSelf {
+			switch {
+			case c == '"' || c == '\\' || c == '\n' || c == '\r' || c == '\t':
+				n++
+			case c < 0x20:
+				n += 5
+			}
+			i++
+			continue
+		}
+		r, size := utf8.DecodeRuneInString(s[i:])
+		switch {
+		case r == utf8.RuneError && size == 1:
+			n += 5 // \ufffd
+		case r == '\u2028' || r == '\u2029':
+			n += 3
+		}
+		i += size
+	}
+	return n
 }
 
 // truncatedTargetsJSON stands for a set too large for one record.
