@@ -30,19 +30,9 @@ import (
 	"github.com/tidemark/tidemark/invalidation/integrity"
 )
 
-// The canonical transactions (shared/bench), parameterised.
+// The canonical transactions are bench.SQLMessage, bench.SQLRead and
+// bench.SQLMember.
 const (
-	itxMessage = `WITH e AS (
-  INSERT INTO events(event_id, room_id, sender, type, origin_ts) VALUES ($1, $2, $3, 'm.room.message', $4)
-  RETURNING event_id, room_id)
-INSERT INTO event_json(event_id, room_id, json) SELECT event_id, room_id, '{"type":"m.room.message"}' FROM e`
-	itxRead = `INSERT INTO read_markers(user_id, room_id, event_id, stream_ordering)
-  SELECT $1, room_id, event_id, stream_ordering FROM events
-  WHERE room_id = $2 ORDER BY stream_ordering DESC LIMIT 1
-ON CONFLICT (user_id, room_id) DO UPDATE SET event_id = EXCLUDED.event_id, stream_ordering = EXCLUDED.stream_ordering, updated_at = now()
-  WHERE read_markers.stream_ordering < EXCLUDED.stream_ordering`
-	itxMember = `INSERT INTO room_memberships(room_id, user_id, membership) VALUES ($1, $2, $3)
-  ON CONFLICT (room_id, user_id) DO UPDATE SET membership = EXCLUDED.membership, updated_at = now()`
 	// The fault transactions (tx_orphan.sql, tx_dangling.sql, tx_regress.sql)
 	// and an event_json deleted under its live event.
 	itxOrphan   = `INSERT INTO events(event_id, room_id, sender, type, origin_ts) VALUES ($1, $2, $3, 'm.room.message', 0)`
@@ -69,50 +59,14 @@ func cleanWorkload(t *testing.T, pool *pgxpool.Pool, prefix string, total, worke
 
 // runWorkload is cleanWorkload for any goroutine.
 func runWorkload(pool *pgxpool.Pool, prefix string, total, workers int) ([]string, error) {
-	var n atomic.Int64
 	var mu sync.Mutex
 	var events []string
-	var wg sync.WaitGroup
-	errs := make(chan error, workers)
-	for w := 0; w < workers; w++ {
-		wg.Add(1)
-		go func(w int) {
-			defer wg.Done()
-			rng := rand.New(rand.NewPCG(uint64(w)+1, 42))
-			ctx := context.Background()
-			for {
-				i := n.Add(1)
-				if i > int64(total) {
-					return
-				}
-				room, user := benchRoom(1+rng.IntN(50)), benchUser(1+rng.IntN(2000))
-				var err error
-				switch p := rng.IntN(10); {
-				case p < 7:
-					id := fmt.Sprintf("$%s%d:bench.test", prefix, i)
-					_, err = pool.Exec(ctx, itxMessage, id, room, user, time.Now().UnixMilli())
-					mu.Lock()
-					events = append(events, id)
-					mu.Unlock()
-				case p < 9:
-					_, err = pool.Exec(ctx, itxRead, user, room)
-				default:
-					m := "join"
-					if rng.IntN(2) == 0 {
-						m = "leave"
-					}
-					_, err = pool.Exec(ctx, itxMember, room, user, m)
-				}
-				if err != nil {
-					errs <- err
-					return
-				}
-			}
-		}(w)
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
+	w := &bench.Workload{Pool: pool, Prefix: prefix, Rooms: 50, OnEvent: func(id string, _ time.Time) {
+		mu.Lock()
+		events = append(events, id)
+		mu.Unlock()
+	}}
+	if err := w.Run(context.Background(), total, workers); err != nil {
 		return nil, err
 	}
 	sort.Strings(events)
@@ -246,8 +200,8 @@ func TestIntegrityPrecisionRecall(t *testing.T) {
 	// Regressions need markers the checker has seen move forward first.
 	for i := 0; i < 8; i++ {
 		u, r := fmt.Sprintf("@reg%d:bench.test", i), benchRoom(1+i)
-		e.exec(itxRead, u, r)
-		e.exec(itxRead, u, r) // no-op: never backwards
+		e.exec(bench.SQLRead, u, r)
+		e.exec(bench.SQLRead, u, r) // no-op: never backwards
 	}
 	// The faults go in while the second half of the clean workload runs.
 	type result struct {
@@ -431,7 +385,7 @@ func TestIntegrityNoFalseAlarmsUnderLag(t *testing.T) {
 // flagged.
 func TestIntegrityEarlierRowViaDatabase(t *testing.T) {
 	e := newIntegrityEnv(t, "iold", "1s")
-	e.exec(itxMessage, "$old:bench.test", benchRoom(1), benchUser(1), 1)
+	e.exec(bench.SQLMessage, "$old:bench.test", benchRoom(1), benchUser(1), 1)
 	e.start(e.cfg)
 	ig, _ := e.startIntegrity("iold-integrity")
 	e.exec(itxDangling, benchUser(2), benchRoom(1), "$old:bench.test")
@@ -586,7 +540,7 @@ func BenchmarkIntegrityDetectionLatency(b *testing.B) {
 		if i > 600 {
 			b.Fatal("the integrity consumer decided nothing within 60s")
 		}
-		if _, err := pool.Exec(ctx, itxMessage, fmt.Sprintf("$warm%d", i), benchRoom(1), benchUser(1), 0); err != nil {
+		if _, err := pool.Exec(ctx, bench.SQLMessage, fmt.Sprintf("$warm%d", i), benchRoom(1), benchUser(1), 0); err != nil {
 			b.Fatal(err)
 		}
 		time.Sleep(100 * time.Millisecond)
@@ -615,11 +569,11 @@ func BenchmarkIntegrityDetectionLatency(b *testing.B) {
 					mu.Unlock()
 					orphans.Add(1)
 				case p < 70:
-					_, err = pool.Exec(ctx, itxMessage, fmt.Sprintf("$m%d", i), room, user, time.Now().UnixMilli())
+					_, err = pool.Exec(ctx, bench.SQLMessage, fmt.Sprintf("$m%d", i), room, user, time.Now().UnixMilli())
 				case p < 90:
-					_, err = pool.Exec(ctx, itxRead, user, room)
+					_, err = pool.Exec(ctx, bench.SQLRead, user, room)
 				default:
-					_, err = pool.Exec(ctx, itxMember, room, user, "join")
+					_, err = pool.Exec(ctx, bench.SQLMember, room, user, "join", fmt.Sprintf("$j%d", i))
 				}
 				if err != nil {
 					errs.Add(1)
