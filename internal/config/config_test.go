@@ -286,18 +286,8 @@ func TestBadConfigs(t *testing.T) {
 					t.Errorf("error lacks %q:\n%s", want, msg)
 				}
 			}
-			var ce *config.Error
-			if !errors.As(err, &ce) {
-				t.Fatalf("error is %T, want *config.Error", err)
-			}
-			if tc.paths != nil {
-				var got []string
-				for _, p := range ce.Problems {
-					got = append(got, p.Path)
-				}
-				if !slices.Equal(got, tc.paths) {
-					t.Errorf("problem paths %q, want %q (all problems, sorted):\n%s", got, tc.paths, msg)
-				}
+			if got := problemPaths(t, err); tc.paths != nil && !slices.Equal(got, tc.paths) {
+				t.Errorf("problem paths %q, want %q (all problems, sorted):\n%s", got, tc.paths, msg)
 			}
 		})
 	}
@@ -563,6 +553,21 @@ func TestParseEmptyFile(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// problemPaths returns the field paths of err, which must be a
+// *config.Error.
+func problemPaths(t *testing.T, err error) []string {
+	t.Helper()
+	var ce *config.Error
+	if !errors.As(err, &ce) {
+		t.Fatalf("error %v (%T), want *config.Error", err, err)
+	}
+	var paths []string
+	for _, p := range ce.Problems {
+		paths = append(paths, p.Path)
+	}
+	return paths
+}
 
 // TestDefaultBatchFitsInFlight: lowering max_inflight_messages alone must not
 // make the default max_batch_messages invalid.

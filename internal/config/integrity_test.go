@@ -1,7 +1,6 @@
 package config_test
 
 import (
-	"errors"
 	"path/filepath"
 	"reflect"
 	"slices"
@@ -44,14 +43,7 @@ func TestIntegrityEnvOverridesDSN(t *testing.T) {
 // TestIntegrityBadConfig: every problem of the file, by field path.
 func TestIntegrityBadConfig(t *testing.T) {
 	_, err := config.Parse("integrity_rules.invalid.yml", readFile(t, "integrity_rules.invalid.yml"), noEnv)
-	var ce *config.Error
-	if !errors.As(err, &ce) {
-		t.Fatalf("error %v (%T), want *config.Error", err, err)
-	}
-	var got []string
-	for _, p := range ce.Problems {
-		got = append(got, p.Path)
-	}
+	got := problemPaths(t, err)
 	want := []string{
 		"integrity.check_rate",
 		"integrity.rules",

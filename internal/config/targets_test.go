@@ -1,7 +1,6 @@
 package config_test
 
 import (
-	"errors"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -51,14 +50,7 @@ func TestTargetsZulipMapping(t *testing.T) {
 // TestTargetsBadConfig: every problem of the file, by field path.
 func TestTargetsBadConfig(t *testing.T) {
 	_, err := config.Parse("targets_mapping.invalid.yml", readFile(t, "targets_mapping.invalid.yml"), noEnv)
-	var ce *config.Error
-	if !errors.As(err, &ce) {
-		t.Fatalf("error %v (%T), want *config.Error", err, err)
-	}
-	var got []string
-	for _, p := range ce.Problems {
-		got = append(got, p.Path)
-	}
+	got := problemPaths(t, err)
 	want := []string{
 		"targets",
 		"targets.hold",
