@@ -11,6 +11,7 @@ package pipeline
 
 import (
 	"fmt"
+	"regexp"
 	"strconv"
 	"time"
 )
@@ -83,6 +84,25 @@ type Relation struct {
 	// ReplicaIdentity is Postgres' relreplident: 'd' default (primary key),
 	// 'n' nothing, 'f' full, 'i' index.
 	ReplicaIdentity byte
+}
+
+var (
+	identRe = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_$]*$`)
+	tableRe = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_$]*\.[A-Za-z_][A-Za-z0-9_$]*$`)
+)
+
+// IsIdentifier reports whether s is a plain (unquoted) SQL identifier.
+func IsIdentifier(s string) bool { return identRe.MatchString(s) }
+
+// IsQualifiedTable reports whether s is "schema.table" of plain identifiers.
+func IsQualifiedTable(s string) bool { return tableRe.MatchString(s) }
+
+// QualifyTable returns t with "public." prepended when it names no schema.
+func QualifyTable(t string) string {
+	if identRe.MatchString(t) {
+		return "public." + t
+	}
+	return t
 }
 
 // QualifiedName returns "schema.table".

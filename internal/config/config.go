@@ -321,9 +321,7 @@ func (c *Config) ApplyDefaults() {
 		p.HeartbeatInterval = &d
 	}
 	for i, t := range p.Tables {
-		if identRe.MatchString(t) {
-			p.Tables[i] = "public." + t
-		}
+		p.Tables[i] = pipeline.QualifyTable(t)
 	}
 	k := &c.Kafka
 	if k.TopicPrefix == "" {
@@ -367,9 +365,7 @@ func (c *Config) ApplyDefaults() {
 	}
 	for i := range pl.EntityStreams {
 		for j, t := range pl.EntityStreams[i].Tables {
-			if identRe.MatchString(t) {
-				pl.EntityStreams[i].Tables[j] = "public." + t
-			}
+			pl.EntityStreams[i].Tables[j] = pipeline.QualifyTable(t)
 		}
 	}
 	if inv := c.Invalidation; inv != nil {
@@ -383,9 +379,7 @@ func (c *Config) ApplyDefaults() {
 			inv.Topic = boolPtr(true)
 		}
 		for i, r := range inv.Rules {
-			if identRe.MatchString(r.Table) {
-				inv.Rules[i].Table = "public." + r.Table
-			}
+			inv.Rules[i].Table = pipeline.QualifyTable(r.Table)
 		}
 	}
 	c.applyTargetsDefaults()
@@ -403,8 +397,6 @@ func (c *Config) ApplyDefaults() {
 }
 
 var (
-	identRe = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_$]*$`)
-	tableRe = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_$]*\.[A-Za-z_][A-Za-z0-9_$]*$`)
 	topicRe = regexp.MustCompile(`^[A-Za-z0-9._-]+$`)
 )
 
@@ -420,10 +412,10 @@ func (c *Config) Validate() []FieldError {
 	} else if err := checkDSN(p.DSN); err != nil {
 		add("postgres.dsn", "%v", err)
 	}
-	if !identRe.MatchString(p.Slot) || strings.ToLower(p.Slot) != p.Slot {
+	if !pipeline.IsIdentifier(p.Slot) || strings.ToLower(p.Slot) != p.Slot {
 		add("postgres.slot", "%q is not a valid slot name (lower-case letters, digits, underscores)", p.Slot)
 	}
-	if !identRe.MatchString(p.Publication) {
+	if !pipeline.IsIdentifier(p.Publication) {
 		add("postgres.publication", "%q is not a plain identifier", p.Publication)
 	}
 	if len(p.Tables) == 0 {
@@ -432,7 +424,7 @@ func (c *Config) Validate() []FieldError {
 	seen := map[string]bool{}
 	for i, t := range p.Tables {
 		path := fmt.Sprintf("postgres.tables[%d]", i)
-		if !tableRe.MatchString(t) {
+		if !pipeline.IsQualifiedTable(t) {
 			add(path, "%q is not schema.table", t)
 		}
 		if seen[t] {
@@ -498,7 +490,7 @@ func (c *Config) Validate() []FieldError {
 		if s.Name == "transactions" {
 			add(path+".name", "\"transactions\" is reserved for the transaction-metadata topic")
 		}
-		if !identRe.MatchString(s.Key) {
+		if !pipeline.IsIdentifier(s.Key) {
 			add(path+".key", "%q is not a column name", s.Key)
 		}
 		if len(s.Tables) == 0 {

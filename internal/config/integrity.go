@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/tidemark/tidemark/invalidation/integrity"
+	"github.com/tidemark/tidemark/pipeline"
 )
 
 // EnvIntegrityDSN overrides integrity.dsn.
@@ -154,7 +155,7 @@ func (c *Config) validateIntegrity(captured map[string]bool) []FieldError {
 	} else if err := checkDSN(in.DSN); err != nil {
 		add("integrity.dsn", "%v", err)
 	}
-	if !identRe.MatchString(in.Schema) {
+	if !pipeline.IsIdentifier(in.Schema) {
 		add("integrity.schema", "%q is not a plain identifier", in.Schema)
 	}
 	for _, t := range c.Postgres.Tables {

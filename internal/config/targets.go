@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/tidemark/tidemark/invalidation/targets"
+	"github.com/tidemark/tidemark/pipeline"
 )
 
 // EnvTargetsPostgresDSN overrides targets.postgres.dsn.
@@ -161,7 +162,7 @@ func (c *Config) validateTargets(captured map[string]bool) []FieldError {
 	} else if err := checkDSN(t.Postgres.DSN); err != nil {
 		add("targets.postgres.dsn", "%v", err)
 	}
-	if !identRe.MatchString(t.Postgres.Schema) {
+	if !pipeline.IsIdentifier(t.Postgres.Schema) {
 		add("targets.postgres.schema", "%q is not a plain identifier", t.Postgres.Schema)
 	}
 	for tbl := range captured {

@@ -44,6 +44,8 @@ import (
 	"sort"
 	"strings"
 	"time"
+
+	"github.com/tidemark/tidemark/pipeline"
 )
 
 // Rule is one declarative integrity rule.
@@ -135,27 +137,15 @@ type Problem struct {
 // Error renders "path: message".
 func (p Problem) Error() string { return p.Path + ": " + p.Msg }
 
-var (
-	nameRe  = regexp.MustCompile(`^[A-Za-z0-9_.-]+$`)
-	identRe = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_$]*$`)
-	tableRe = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_$]*\.[A-Za-z_][A-Za-z0-9_$]*$`)
-)
-
-// Qualify returns t with "public." prepended when it has no schema.
-func Qualify(t string) string {
-	if identRe.MatchString(t) {
-		return "public." + t
-	}
-	return t
-}
+var nameRe = regexp.MustCompile(`^[A-Za-z0-9_.-]+$`)
 
 // ApplyDefaults qualifies table names and fills On, Within and Severity.
 func ApplyDefaults(rules []Rule) {
 	for i := range rules {
 		r := &rules[i]
-		r.Table = Qualify(r.Table)
+		r.Table = pipeline.QualifyTable(r.Table)
 		if r.Expect != nil {
-			r.Expect.Table = Qualify(r.Expect.Table)
+			r.Expect.Table = pipeline.QualifyTable(r.Expect.Table)
 			if r.Within == "" {
 				r.Within = SameTransaction
 			}
@@ -194,7 +184,7 @@ func Validate(at string, rules []Rule) []Problem {
 			}
 			names[r.Name] = i
 		}
-		if !tableRe.MatchString(r.Table) {
+		if !pipeline.IsQualifiedTable(r.Table) {
 			add(p+".table", "%q is not schema.table", r.Table)
 		}
 		for j, op := range r.On {
@@ -203,7 +193,7 @@ func Validate(at string, rules []Rule) []Problem {
 			}
 		}
 		for _, c := range sortedKeys(r.Where) {
-			if !identRe.MatchString(c) {
+			if !pipeline.IsIdentifier(c) {
 				add(p+".where", "%q is not a column name", c)
 			}
 		}
@@ -219,19 +209,19 @@ func Validate(at string, rules []Rule) []Problem {
 			add(p, "sets neither expect nor monotonic")
 		case r.Expect != nil:
 			e := r.Expect
-			if !tableRe.MatchString(e.Table) {
+			if !pipeline.IsQualifiedTable(e.Table) {
 				add(p+".expect.table", "%q is not schema.table", e.Table)
 			}
 			if len(e.Match) == 0 {
 				add(p+".expect.match", "required: map this table's columns to the related table's, e.g. {event_id: event_id}")
 			}
 			for _, c := range sortedKeys(e.Match) {
-				if !identRe.MatchString(c) || !identRe.MatchString(e.Match[c]) {
+				if !pipeline.IsIdentifier(c) || !pipeline.IsIdentifier(e.Match[c]) {
 					add(p+".expect.match", "%q: %q is not a pair of column names", c, e.Match[c])
 				}
 			}
 			for _, c := range sortedKeys(e.Where) {
-				if !identRe.MatchString(c) {
+				if !pipeline.IsIdentifier(c) {
 					add(p+".expect.where", "%q is not a column name", c)
 				}
 			}
@@ -243,14 +233,14 @@ func Validate(at string, rules []Rule) []Problem {
 			}
 		default:
 			m := r.Monotonic
-			if !identRe.MatchString(m.Column) {
+			if !pipeline.IsIdentifier(m.Column) {
 				add(p+".monotonic.column", "%q is not a column name", m.Column)
 			}
 			if len(m.Key) == 0 {
 				add(p+".monotonic.key", "required: the columns that identify the row, e.g. [user_id, room_id]")
 			}
 			for j, c := range m.Key {
-				if !identRe.MatchString(c) {
+				if !pipeline.IsIdentifier(c) {
 					add(fmt.Sprintf("%s.monotonic.key[%d]", p, j), "%q is not a column name", c)
 				}
 			}

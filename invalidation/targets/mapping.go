@@ -63,9 +63,8 @@ func (m *Mapping) ApplyDefaults() {
 	ms := &m.Membership
 	if ms.Table == "" {
 		ms.Table = "public.room_memberships"
-	} else if identRe.MatchString(ms.Table) {
-		ms.Table = "public." + ms.Table
 	}
+	ms.Table = pipeline.QualifyTable(ms.Table)
 	if ms.RoomColumn == "" {
 		ms.RoomColumn = "room_id"
 	}
@@ -81,9 +80,8 @@ func (m *Mapping) ApplyDefaults() {
 	us := &m.Users
 	if us.Table == "" {
 		us.Table = "public.users"
-	} else if identRe.MatchString(us.Table) {
-		us.Table = "public." + us.Table
 	}
+	us.Table = pipeline.QualifyTable(us.Table)
 	if us.UserColumn == "" {
 		us.UserColumn = "user_id"
 	}
@@ -92,10 +90,7 @@ func (m *Mapping) ApplyDefaults() {
 	}
 }
 
-var (
-	identRe = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_$]*$`)
-	tableRe = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_$]*\.[A-Za-z_][A-Za-z0-9_$]*$`)
-)
+var ()
 
 // Validate reports every problem by field path under prefix (e.g.
 // "targets"). It needs no database; Check compares with the tables.
@@ -105,11 +100,11 @@ func (m *Mapping) Validate(prefix string) []string {
 		ps = append(ps, prefix+"."+path+": "+fmt.Sprintf(format, args...))
 	}
 	ms := m.Membership
-	if !tableRe.MatchString(ms.Table) {
+	if !pipeline.IsQualifiedTable(ms.Table) {
 		add("membership.table", "%q is not schema.table", ms.Table)
 	}
 	for f, v := range map[string]string{"room_column": ms.RoomColumn, "user_column": ms.UserColumn, "membership_column": ms.MembershipColumn} {
-		if !identRe.MatchString(v) {
+		if !pipeline.IsIdentifier(v) {
 			add("membership."+f, "%q is not a column name", v)
 		}
 	}
@@ -125,18 +120,18 @@ func (m *Mapping) Validate(prefix string) []string {
 		add("membership.filter", "%v", err)
 	}
 	us := m.Users
-	if !tableRe.MatchString(us.Table) {
+	if !pipeline.IsQualifiedTable(us.Table) {
 		add("users.table", "%q is not schema.table", us.Table)
 	}
-	if !identRe.MatchString(us.UserColumn) {
+	if !pipeline.IsIdentifier(us.UserColumn) {
 		add("users.user_column", "%q is not a column name", us.UserColumn)
 	}
 	switch {
 	case us.DeactivatedColumn != "" && us.ActiveColumn != "":
 		add("users.active_column", "set either deactivated_column or active_column, not both (deactivated_column is %q)", us.DeactivatedColumn)
-	case us.DeactivatedColumn != "" && !identRe.MatchString(us.DeactivatedColumn):
+	case us.DeactivatedColumn != "" && !pipeline.IsIdentifier(us.DeactivatedColumn):
 		add("users.deactivated_column", "%q is not a column name", us.DeactivatedColumn)
-	case us.ActiveColumn != "" && !identRe.MatchString(us.ActiveColumn):
+	case us.ActiveColumn != "" && !pipeline.IsIdentifier(us.ActiveColumn):
 		add("users.active_column", "%q is not a column name", us.ActiveColumn)
 	}
 	if ms.Table == us.Table && ms.Table != "" {
