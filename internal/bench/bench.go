@@ -26,6 +26,7 @@ import (
 	"github.com/redis/go-redis/v9"
 	kafkago "github.com/segmentio/kafka-go"
 
+	"github.com/tidemark/tidemark/internal/freeport"
 	"github.com/tidemark/tidemark/internal/pgserver"
 	"github.com/tidemark/tidemark/internal/redistest"
 	"github.com/tidemark/tidemark/pipeline"
@@ -267,7 +268,7 @@ func (e *env) restartBroker() error {
 	if e.stopBroker != nil {
 		e.stopBroker()
 	}
-	port, err := freePort()
+	port, err := freeport.Get()
 	if err != nil {
 		return err
 	}
@@ -292,15 +293,6 @@ func (e *env) restartBroker() error {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 func (e *env) exec(ctx context.Context, sql string, args ...any) error {
@@ -670,7 +662,7 @@ func (e *env) live(ctx context.Context) (*Live, error) {
 	if err := e.exec(ctx, "SELECT pg_create_logical_replication_slot($1, 'pgoutput')", slot); err != nil {
 		return nil, err
 	}
-	port, err := freePort()
+	port, err := freeport.Get()
 	if err != nil {
 		return nil, err
 	}

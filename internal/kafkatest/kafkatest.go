@@ -5,7 +5,6 @@ package kafkatest
 import (
 	"context"
 	"fmt"
-	"net"
 	"sort"
 	"testing"
 	"time"
@@ -13,6 +12,8 @@ import (
 	kafkago "github.com/segmentio/kafka-go"
 	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kmsg"
+
+	"github.com/tidemark/tidemark/internal/freeport"
 )
 
 // Cluster is a running kfake cluster.
@@ -26,7 +27,7 @@ type Cluster struct {
 // Start starts a one-broker kfake cluster on a free port on 127.0.0.1. With a
 // dataDir, records persist there and survive Restart.
 func Start(dataDir string) (*Cluster, error) {
-	port, err := freePort()
+	port, err := freeport.Get()
 	if err != nil {
 		return nil, err
 	}
@@ -110,15 +111,6 @@ func ForTest(t testing.TB) *Cluster {
 	}
 	t.Cleanup(cl.Close)
 	return cl
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 // Record is one message read back, with its partition and offset.

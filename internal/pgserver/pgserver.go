@@ -35,6 +35,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/tidemark/tidemark/internal/freeport"
 )
 
 const (
@@ -164,7 +166,7 @@ var errPortInUse = errors.New("port in use")
 // startPostgres starts the postmaster on a fresh port and waits until it is
 // ready. On failure the process is gone when it returns.
 func (s *Server) startPostgres(ctx context.Context, binDir string, cred *syscall.Credential, logFile *os.File, extra map[string]string) error {
-	port, err := freePort()
+	port, err := freeport.Get()
 	if err != nil {
 		return err
 	}
@@ -387,15 +389,6 @@ func fileSize(path string) int64 {
 		return 0
 	}
 	return fi.Size()
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, fmt.Errorf("pgserver: find free port: %w", err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 // childEnv is the environment for initdb/postgres: ours minus libpq/PG

@@ -29,6 +29,8 @@ import (
 
 	"github.com/redis/go-redis/v9"
 	"github.com/redis/go-redis/v9/maintnotifications"
+
+	"github.com/tidemark/tidemark/internal/freeport"
 )
 
 const (
@@ -80,7 +82,7 @@ func Start(ctx context.Context) (*Server, error) {
 	}
 	s := &Server{bin: bin}
 	for attempt := 1; ; attempt++ {
-		if s.port, err = freePort(); err != nil {
+		if s.port, err = freeport.Get(); err != nil {
 			return nil, err
 		}
 		p, err := s.run(ctx)
@@ -343,15 +345,6 @@ func findBinary() (string, error) {
 		return defaultBinary, nil
 	}
 	return "", errNotInstalled
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, fmt.Errorf("redistest: find free port: %w", err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 // tailBuffer keeps roughly the last max bytes written to it.
