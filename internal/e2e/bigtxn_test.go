@@ -601,7 +601,7 @@ func TestHugeTransactionBounded(t *testing.T) {
 		txBytes += int64(len(m.Key) + len(m.Value))
 	}
 	checkEnd(t, readTxnsAt(t, brokers, "huge.transactions"), big, commitLSN, false)
-	checkKeyOrder(t, topic, msgs, false)
+	e.checkKeyOrder(topic, msgs, false)
 	checkPartitionOrder(t, topic, msgs, false)
 
 	// The slot never covered the transaction before all of it was in Kafka.
@@ -792,7 +792,7 @@ func TestAbortedHugeTransactionPublishesNothing(t *testing.T) {
 	if n := r.Pipeline.Stats().Changes.Load(); n != committedRows {
 		t.Errorf("pipeline received %d changes, want the %d committed ones", n, committedRows)
 	}
-	checkKeyOrder(t, "abort.public.big", msgs, false)
+	e.checkKeyOrder("abort.public.big", msgs, false)
 	t.Logf("rolled back xid %d (%d rows) and a %d-row subtransaction of xid %d; published xids %v: %d messages, %d transaction records",
 		abortedXid, rows, rows/2, withSavepoint, []uint32{during, uint32(withSavepoint), after}, len(msgs), len(recs))
 }
@@ -956,7 +956,7 @@ func TestCrashDuringHugeTransaction(t *testing.T) {
 	// unacknowledged transaction again from its start.
 	dups := checkBigTxn(t, msgs, commitLSN, rows)
 	checkEnd(t, readTxnsAt(t, brokers, "crashbig.transactions"), big, commitLSN, true)
-	checkKeyOrder(t, topic, msgs, true)
+	e.checkKeyOrder(topic, msgs, true)
 	checkPartitionOrder(t, topic, msgs, true)
 	if n := e.spilledTxns(cfg.Postgres.Slot); n == 0 {
 		t.Errorf("the server did not spill the transaction to disk (spill_txns 0)")

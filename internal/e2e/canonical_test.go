@@ -123,7 +123,7 @@ COMMIT;`)
 			}
 		}
 	}
-	checkKeyOrder(t, "canon.public.room_memberships", mt, false)
+	e.checkKeyOrder("canon.public.room_memberships", mt, false)
 
 	// TOAST: the update of event_json lists json as unchanged, never null.
 	ej := e.read("canon.public.event_json")
@@ -187,7 +187,7 @@ COMMIT;`)
 	if g := strings.Join(tables, ","); g != wantRooms {
 		t.Errorf("rooms stream order\n got %s\nwant %s", g, wantRooms)
 	}
-	checkKeyOrder(t, "canon.rooms", rooms, false)
+	e.checkKeyOrder("canon.rooms", rooms, false)
 
 	// BEGIN/END records match the transactions seen in the table topics.
 	perTxn := map[uint64]map[string]map[uint32]bool{}

@@ -215,7 +215,7 @@ func TestCrashNoLoss(t *testing.T) {
 		t.Fatalf("after the final run Kafka lacks %d of %d transactions, e.g. %v", len(miss), len(txns), miss[:min(3, len(miss))])
 	}
 	for _, topic := range canonicalTopics {
-		checkKeyOrder(t, "crash."+topic, e.read("crash."+topic), true)
+		e.checkKeyOrder("crash."+topic, e.read("crash."+topic), true)
 	}
 	if int64(len(txns)) < counts.Transactions.Load() {
 		t.Errorf("server saw %d transactions, workload committed %d", len(txns), counts.Transactions.Load())
@@ -292,7 +292,7 @@ func TestKafkaOutage(t *testing.T) {
 		t.Fatalf("after the outage Kafka lacks %d of %d transactions, e.g. %v", len(miss), len(txns), miss[:min(3, len(miss))])
 	}
 	for _, topic := range canonicalTopics {
-		checkKeyOrder(t, "outage."+topic, e.read("outage."+topic), true)
+		e.checkKeyOrder("outage."+topic, e.read("outage."+topic), true)
 	}
 	t.Logf("%d transactions (%d during the run), max in flight %d, slot held at %s during the outage", len(txns), counts.Transactions.Load(), maxInFlight, c0)
 }

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"os"
 	"sort"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -152,7 +151,10 @@ func (e *env) slotConfirmed(slot string) pipeline.LSN {
 	if s == nil {
 		return 0
 	}
-	l, _ := pipeline.ParseLSN(*s)
+	l, err := pipeline.ParseLSN(*s)
+	if err != nil {
+		e.t.Fatalf("slot %s: confirmed_flush_lsn %q: %v", slot, *s, err)
+	}
 	return l
 }
 
@@ -205,7 +207,38 @@ type msg struct {
 	Pos pipeline.Position
 }
 
+// read reads every change record of topic. Each must be an envelope
+// carrying its position in the tidemark-lsn and tidemark-seq headers, and
+// the headers must agree with the envelope's transaction block.
 func (e *env) read(topic string) []msg {
+	e.t.Helper()
+	recs := e.readRaw(topic)
+	out := make([]msg, 0, len(recs))
+	for _, r := range recs {
+		at := fmt.Sprintf("%s/%d@%d", topic, r.Partition, r.Offset)
+		m := msg{Record: r}
+		if err := json.Unmarshal(r.Value, &m.Env); err != nil {
+			e.t.Fatalf("%s: value is not JSON: %v", at, err)
+		}
+		pos, err := pipeline.ParsePositionHeaders(r.Headers["tidemark-lsn"], r.Headers["tidemark-seq"])
+		if err != nil {
+			e.t.Fatalf("%s: position headers: %v (headers %v)", at, err, r.Headers)
+		}
+		m.Pos = pos
+		if want := fmt.Sprintf(":%d", pos.CommitLSN); !strings.HasSuffix(m.Env.Transaction.ID, want) || m.Env.Transaction.TotalOrder != int(pos.Seq)+1 {
+			e.t.Fatalf("%s: headers say position %s, the envelope's transaction block says id %q total_order %d",
+				at, pos, m.Env.Transaction.ID, m.Env.Transaction.TotalOrder)
+		}
+		if got := r.Headers["tidemark-op"]; got != m.Env.Op {
+			e.t.Fatalf("%s: header tidemark-op %q, envelope op %q", at, got, m.Env.Op)
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+// readRaw reads every record of topic as it is.
+func (e *env) readRaw(topic string) []kafkatest.Record {
 	e.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -213,20 +246,7 @@ func (e *env) read(topic string) []msg {
 	if err != nil {
 		e.t.Fatalf("reading %s: %v", topic, err)
 	}
-	out := make([]msg, 0, len(recs))
-	for _, r := range recs {
-		m := msg{Record: r}
-		if err := json.Unmarshal(r.Value, &m.Env); err != nil {
-			e.t.Fatalf("%s/%d@%d: value is not JSON: %v", topic, r.Partition, r.Offset, err)
-		}
-		lsn, err1 := strconv.ParseUint(r.Headers["tidemark-lsn"], 10, 64)
-		seq, err2 := strconv.ParseUint(r.Headers["tidemark-seq"], 10, 32)
-		if err1 == nil && err2 == nil {
-			m.Pos = pipeline.Position{CommitLSN: pipeline.LSN(lsn), Seq: uint32(seq)}
-		}
-		out = append(out, m)
-	}
-	return out
+	return recs
 }
 
 // txnRecord is a BEGIN or END record.
@@ -245,31 +265,82 @@ type txnRecord struct {
 
 func (e *env) readTxns(topic string) []txnRecord {
 	e.t.Helper()
-	ms := e.read(topic)
+	ms := e.readRaw(topic)
 	out := make([]txnRecord, len(ms))
 	for i, m := range ms {
 		if err := json.Unmarshal(m.Value, &out[i]); err != nil {
-			e.t.Fatalf("transactions record: %v", err)
+			e.t.Fatalf("%s/%d@%d: transactions record: %v", topic, m.Partition, m.Offset, err)
 		}
 	}
 	return out
 }
 
-// checkKeyOrder asserts per-key order: within a partition, each key's
-// positions increase with offsets. With allowReplay, a position may repeat
-// (at-least-once redelivery after a restart: consumers skip positions at or
-// below the last applied), but a position never seen before must not arrive
-// after a later one.
-func checkKeyOrder(t *testing.T, topic string, ms []msg, allowReplay bool) {
-	t.Helper()
+// checkKeyOrder asserts per-key order: every key stays in one partition,
+// and within it each key's positions increase with offsets. With
+// allowReplay, a position may repeat (at-least-once redelivery after a
+// restart: consumers skip positions at or below the last applied), but a
+// position never seen before must not arrive after a later one.
+//
+// Truncates (op "t") concern every key, so they are broadcast: each must be
+// in every partition of the topic, and within a partition it orders
+// against every record, whatever its key: nothing new before it is newer,
+// nothing new after it is older.
+func (e *env) checkKeyOrder(topic string, ms []msg, allowReplay bool) {
+	e.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	nparts, err := kafkatest.PartitionCount(ctx, e.kafka.Brokers(), topic)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	for _, p := range keyOrderProblems(topic, nparts, ms, allowReplay) {
+		e.t.Error(p)
+	}
+}
+
+// keyOrderProblems is checkKeyOrder's judgement of ms, one sentence per
+// violation.
+func keyOrderProblems(topic string, nparts int, ms []msg, allowReplay bool) []string {
+	var out []string
+	errorf := func(format string, args ...any) { out = append(out, fmt.Sprintf(format, args...)) }
 	sorted := byPartitionOffset(ms)
 	last := map[string]pipeline.Position{}
 	seen := map[string]map[pipeline.Position]bool{}
 	parts := map[string]int{}
+	type partState struct {
+		newest    pipeline.Position // newest position of any record
+		barrier   pipeline.Position // newest truncate
+		truncates map[pipeline.Position]bool
+	}
+	ps := map[int]*partState{}
+	allTruncates := map[pipeline.Position]bool{}
 	for _, m := range sorted {
-		k := string(m.Key) + "\x00" + m.Headers["tidemark-partition"]
-		if p, ok := parts[k]; ok && p != m.Partition {
-			t.Errorf("%s: key %s in partitions %d and %d", topic, m.Key, p, m.Partition)
+		p := ps[m.Partition]
+		if p == nil {
+			p = &partState{truncates: map[pipeline.Position]bool{}}
+			ps[m.Partition] = p
+		}
+		if m.Env.Op == "t" {
+			if len(m.Key) != 0 {
+				errorf("%s: truncate at %s has key %s (truncates are broadcast without a key)", topic, m.Pos, m.Key)
+			}
+			switch {
+			case p.truncates[m.Pos]:
+				if !allowReplay {
+					errorf("%s: truncate at %s twice in partition %d (offset %d)", topic, m.Pos, m.Partition, m.Offset)
+				}
+			case !p.newest.Less(m.Pos) && p.newest != (pipeline.Position{}):
+				errorf("%s: truncate at %s arrived after %s in partition %d (offset %d)", topic, m.Pos, p.newest, m.Partition, m.Offset)
+			default:
+				p.barrier, p.newest = m.Pos, m.Pos
+			}
+			p.truncates[m.Pos] = true
+			allTruncates[m.Pos] = true
+			continue
+		}
+		k := string(m.Key)
+		if q, ok := parts[k]; ok && q != m.Partition {
+			errorf("%s: key %s in partitions %d and %d", topic, m.Key, q, m.Partition)
 		}
 		parts[k] = m.Partition
 		if seen[k] == nil {
@@ -277,15 +348,28 @@ func checkKeyOrder(t *testing.T, topic string, ms []msg, allowReplay bool) {
 		}
 		prev, ok := last[k]
 		switch {
-		case !ok || prev.Less(m.Pos):
-			last[k] = m.Pos
 		case allowReplay && seen[k][m.Pos]:
 			// redelivered
+		case ok && !prev.Less(m.Pos):
+			errorf("%s: key %s position %s arrived after %s (partition %d offset %d)", topic, m.Key, m.Pos, prev, m.Partition, m.Offset)
+		case !p.barrier.Less(m.Pos) && p.barrier != (pipeline.Position{}):
+			errorf("%s: key %s position %s arrived after the truncate at %s (partition %d offset %d)", topic, m.Key, m.Pos, p.barrier, m.Partition, m.Offset)
 		default:
-			t.Errorf("%s: key %s position %s arrived after %s (partition %d offset %d)", topic, m.Key, m.Pos, prev, m.Partition, m.Offset)
+			last[k] = m.Pos
+			if p.newest.Less(m.Pos) {
+				p.newest = m.Pos
+			}
 		}
 		seen[k][m.Pos] = true
 	}
+	for pos := range allTruncates {
+		for part := 0; part < nparts; part++ {
+			if ps[part] == nil || !ps[part].truncates[pos] {
+				errorf("%s: truncate at %s missing from partition %d of %d", topic, pos, part, nparts)
+			}
+		}
+	}
+	return out
 }
 
 var binDir string

@@ -62,7 +62,7 @@ func TestReplicationConnectionKilled(t *testing.T) {
 		t.Fatalf("Kafka lacks %d of %d transactions, e.g. %v", len(miss), len(txns), miss[:min(3, len(miss))])
 	}
 	for _, topic := range canonicalTopics {
-		checkKeyOrder(t, "reconn."+topic, e.read("reconn."+topic), true)
+		e.checkKeyOrder("reconn."+topic, e.read("reconn."+topic), true)
 	}
 }
 

@@ -4,7 +4,9 @@ package kafkatest
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"sort"
 	"testing"
 	"time"
@@ -123,6 +125,22 @@ type Record struct {
 	Headers   map[string]string
 }
 
+// PartitionCount returns the number of partitions of topic.
+func PartitionCount(ctx context.Context, brokers []string, topic string) (int, error) {
+	client := &kafkago.Client{Addr: kafkago.TCP(brokers...), Timeout: 10 * time.Second}
+	meta, err := client.Metadata(ctx, &kafkago.MetadataRequest{Topics: []string{topic}})
+	if err != nil {
+		return 0, fmt.Errorf("metadata for %s: %w", topic, err)
+	}
+	if len(meta.Topics) != 1 {
+		return 0, fmt.Errorf("topic %s not found", topic)
+	}
+	if meta.Topics[0].Error != nil {
+		return 0, fmt.Errorf("topic %s: %w", topic, meta.Topics[0].Error)
+	}
+	return len(meta.Topics[0].Partitions), nil
+}
+
 // ReadAll reads every record currently in topic, partition by partition, in
 // offset order within each partition.
 func ReadAll(ctx context.Context, brokers []string, topic string) ([]Record, error) {
@@ -182,16 +200,22 @@ func readPartition(ctx context.Context, client *kafkago.Client, topic string, pa
 		n := 0
 		for {
 			r, err := resp.Records.ReadRecord()
+			if errors.Is(err, io.EOF) {
+				break // the end of this response's records
+			}
 			if err != nil {
-				// io.EOF (or kafka-go's end-of-records error) ends the batch.
-				break
+				return nil, fmt.Errorf("reading %s/%d after offset %d: %w", topic, part, offset, err)
 			}
 			rec := Record{Topic: topic, Partition: part, Offset: r.Offset, Headers: map[string]string{}}
 			if r.Key != nil {
-				rec.Key, _ = readAllBytes(r.Key)
+				if rec.Key, err = readAllBytes(r.Key); err != nil {
+					return nil, fmt.Errorf("reading the key of %s/%d@%d: %w", topic, part, r.Offset, err)
+				}
 			}
 			if r.Value != nil {
-				rec.Value, _ = readAllBytes(r.Value)
+				if rec.Value, err = readAllBytes(r.Value); err != nil {
+					return nil, fmt.Errorf("reading the value of %s/%d@%d: %w", topic, part, r.Offset, err)
+				}
 			}
 			for _, h := range r.Headers {
 				rec.Headers[h.Key] = string(h.Value)
