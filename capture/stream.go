@@ -444,12 +444,12 @@ func (s *Stream) handleWAL(ctx context.Context, conn *pgconn.PgConn, xld pglogre
 	if isRowMessage(xld.WALData) {
 		return s.handleRow(ctx, conn, xld)
 	}
+	at := pipeline.LSN(xld.WALStart)
 	msg, err := parseMessage(xld.WALData)
 	if err != nil {
-		return fmt.Errorf("%w: decoding pgoutput message at %s: %v", ErrTerminal, xld.WALStart, err)
+		return undecodable(xld.WALData, at, err)
 	}
 	s.stats.Messages.Add(1)
-	at := pipeline.LSN(xld.WALStart)
 	switch m := msg.(type) {
 	case *pglogrepl.BeginMessage:
 		s.txn = &pipeline.TxnInfo{Xid: m.Xid, CommitLSN: pipeline.LSN(m.FinalLSN), CommitTime: m.CommitTime}
@@ -484,20 +484,43 @@ func (s *Stream) handleWAL(ctx context.Context, conn *pgconn.PgConn, xld pglogre
 		}
 	// Insert, Update and Delete never get here: handleRow decodes them.
 	case *pglogrepl.TruncateMessage:
-		for _, id := range m.RelationIDs {
-			rel, err := s.relation(id, at)
-			if err != nil {
+		// Every relation is resolved before any change is emitted: a
+		// message is refused whole, never half handed to the pipeline.
+		rels := make([]*pipeline.Relation, len(m.RelationIDs))
+		for i, id := range m.RelationIDs {
+			if rels[i], err = s.relation(id, at); err != nil {
 				return err
 			}
+		}
+		for _, rel := range rels {
 			if err := s.change(ctx, conn, pipeline.Change{Op: pipeline.OpTruncate, Rel: rel, WALLSN: at}); err != nil {
 				return err
 			}
 		}
 	default:
-		// Stream* messages only appear with protocol version 2.
+		// pglogrepl.Parse returns no other message type (it refuses the
+		// Stream* messages of protocol version 2: see undecodable).
 		return fmt.Errorf("%w: unexpected pgoutput message %s at %s", ErrTerminal, msg.Type(), at)
 	}
 	return nil
+}
+
+// undecodable is the error for a pgoutput message that parseMessage
+// refused: it names the message type and position. The Stream Start, Stop,
+// Commit and Abort messages of protocol version 2 (streaming of in-progress
+// transactions), which pglogrepl's version 1 parser does not know, get their
+// own explanation: Tidemark requests version 1 and cannot handle them.
+func undecodable(data []byte, at pipeline.LSN, err error) error {
+	if len(data) == 0 {
+		return fmt.Errorf("%w: decoding pgoutput message at %s: %v", ErrTerminal, at, err)
+	}
+	t := pglogrepl.MessageType(data[0])
+	switch t {
+	case pglogrepl.MessageTypeStreamStart, pglogrepl.MessageTypeStreamStop, pglogrepl.MessageTypeStreamCommit, pglogrepl.MessageTypeStreamAbort:
+		return fmt.Errorf("%w: pgoutput message %q (%s) at %s belongs to protocol version 2 (streaming of in-progress transactions); Tidemark requests version 1 and cannot decode it",
+			ErrTerminal, data[0], t, at)
+	}
+	return fmt.Errorf("%w: decoding pgoutput message %q (%s) at %s: %v", ErrTerminal, data[0], t, at, err)
 }
 
 // handleRow decodes an Insert, Update or Delete in place (see rowMessage).
