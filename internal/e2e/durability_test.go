@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -14,9 +15,12 @@ import (
 	"testing"
 	"time"
 
+	kafkago "github.com/segmentio/kafka-go"
+
 	"github.com/tidemark/tidemark/internal/app"
 	"github.com/tidemark/tidemark/internal/config"
 	"github.com/tidemark/tidemark/internal/demo"
+	"github.com/tidemark/tidemark/internal/kafkatest"
 	"github.com/tidemark/tidemark/internal/pgserver"
 	"github.com/tidemark/tidemark/pipeline"
 )
@@ -52,35 +56,81 @@ func (e *env) workload(rate int) (stop func() *demo.Counts) {
 
 // TestCheckpointPrecision: the slot's confirmed_flush_lsn follows the
 // pipeline's acknowledgements within a second, and never covers a
-// transaction that is not in Kafka.
+// transaction that is not in Kafka. A sampler reads confirmed_flush_lsn and
+// then the end offset of every partition; afterwards every transaction
+// whose end LSN is at or below a sample must have had every change and its
+// END record below the end offsets read just after that sample. The broker
+// delays each produce, so that a slot confirming what is still on its way
+// to Kafka is caught, not raced.
 func TestCheckpointPrecision(t *testing.T) {
 	e := newEnv(t, "")
 	e.exec(demo.Schema)
-	e.exec(`SELECT 1`)
 	cfg := e.config("ckpt", demo.Tables, nil)
 	tr := e.newTruth("truth_ckpt")
 	r := e.start(cfg)
 	if err := demo.Seed(context.Background(), e.pool); err != nil {
 		t.Fatal(err)
 	}
+	topics := []string{"ckpt.transactions"}
+	for _, tb := range canonicalTopics {
+		topics = append(topics, "ckpt."+tb)
+	}
+	ctx := context.Background()
+	parts := map[string]int{}
+	for deadline := time.Now().Add(30 * time.Second); len(parts) < len(topics); time.Sleep(50 * time.Millisecond) {
+		for _, topic := range topics {
+			if n, err := kafkatest.PartitionCount(ctx, e.kafka.Brokers(), topic); err == nil {
+				parts[topic] = n
+			} else if time.Now().After(deadline) {
+				t.Fatalf("topic %s not created within 30s of the seed: %v", topic, err)
+			}
+		}
+	}
+	e.kafka.DelayProduces(100 * time.Millisecond)
 
-	var samples []pipeline.LSN
-	sctx, stopSampling := context.WithCancel(context.Background())
+	type sample struct {
+		confirmed pipeline.LSN
+		ends      map[string][]int64 // read after confirmed
+	}
+	var samples []sample
+	var sampleErr error
+	transport := &kafkago.Transport{}
+	defer transport.CloseIdleConnections()
+	client := &kafkago.Client{Addr: kafkago.TCP(e.kafka.Brokers()...), Timeout: 5 * time.Second, Transport: transport}
+	sctx, stopSampling := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
 		for sctx.Err() == nil {
 			var s *string
-			if err := e.pool.QueryRow(sctx, "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", cfg.Postgres.Slot).Scan(&s); err == nil && s != nil {
-				l, _ := pipeline.ParseLSN(*s)
-				samples = append(samples, l)
+			err := e.pool.QueryRow(sctx, "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", cfg.Postgres.Slot).Scan(&s)
+			if sctx.Err() != nil {
+				return
 			}
-			time.Sleep(10 * time.Millisecond)
+			if err != nil || s == nil {
+				sampleErr = fmt.Errorf("slot %s: confirmed_flush_lsn %v, %v", cfg.Postgres.Slot, s, err)
+				return
+			}
+			c, err := pipeline.ParseLSN(*s)
+			if err != nil {
+				sampleErr = err
+				return
+			}
+			ends, err := kafkatest.EndOffsets(sctx, client, parts)
+			if sctx.Err() != nil {
+				return
+			}
+			if err != nil {
+				sampleErr = err
+				return
+			}
+			samples = append(samples, sample{c, ends})
+			time.Sleep(5 * time.Millisecond)
 		}
 	}()
 	stop := e.workload(200)
-	time.Sleep(2 * time.Second)
+	time.Sleep(2 * time.Second) // the workload's length
 	stop()
 
 	txns := tr.txns()
@@ -99,7 +149,17 @@ func TestCheckpointPrecision(t *testing.T) {
 	}
 	stopSampling()
 	wg.Wait()
+	if sampleErr != nil {
+		t.Fatalf("sampling: %v", sampleErr)
+	}
 
+	// With synchronous_commit off the truth slot sees only flushed WAL: read
+	// it again now that the WAL writer has caught up, and wait for what it
+	// adds, so that the per-sample check covers the last transactions too.
+	for txns = tr.txns(); txns[len(txns)-1].end != last; txns = tr.txns() {
+		last = txns[len(txns)-1].end
+		e.waitSlot(cfg.Postgres.Slot, last, 10*time.Second)
+	}
 	view := e.kafkaView("ckpt", canonicalTopics)
 	if miss := view.missing(txns, 0); len(miss) > 0 {
 		t.Fatalf("Kafka lacks committed transactions: %v", miss[:min(5, len(miss))])
@@ -107,22 +167,116 @@ func TestCheckpointPrecision(t *testing.T) {
 	if len(samples) < 50 {
 		t.Fatalf("only %d slot samples", len(samples))
 	}
-	advanced := 0
-	for i, c := range samples {
-		if i > 0 && c < samples[i-1] {
-			t.Errorf("confirmed_flush_lsn went backwards: %s after %s", c, samples[i-1])
+	held := e.heldAt("ckpt", canonicalTopics, parts, last)
+	advanced, covering := 0, 0
+	for i, sm := range samples {
+		c := sm.confirmed
+		if i > 0 && c < samples[i-1].confirmed {
+			t.Errorf("confirmed_flush_lsn went backwards: %s after %s", c, samples[i-1].confirmed)
 		}
-		if i > 0 && c > samples[i-1] {
+		if i > 0 && c > samples[i-1].confirmed {
 			advanced++
 		}
 		if c > last && c > e.currentLSN() {
 			t.Errorf("confirmed %s beyond the server's WAL", c)
 		}
+		for _, tt := range txns {
+			if tt.end > c {
+				break // txns is in commit order
+			}
+			covering++
+			if why := held.lacks(tt, sm.ends); why != "" {
+				t.Fatalf("sample %d: slot confirmed %s, covering xid %d (end %s), but Kafka did not hold it yet: %s",
+					i, c, tt.xid, tt.end, why)
+			}
+		}
 	}
 	if advanced < 5 {
 		t.Errorf("slot advanced only %d times during the workload", advanced)
 	}
-	t.Logf("%d transactions, %d slot samples, %d advances", len(txns), len(samples), advanced)
+	t.Logf("%d transactions, %d slot samples, %d advances, %d (sample, covered transaction) pairs checked against Kafka's end offsets",
+		len(txns), len(samples), advanced, covering)
+}
+
+// heldView says, for each transaction (by xid) committed at or below upTo,
+// the offsets Kafka had to reach to hold it wholly: per topic and
+// partition, one past the first copy of its END record and of each of its
+// positions.
+type heldView struct {
+	need    map[uint32]map[string][]int64
+	changes map[uint32]int
+}
+
+func (e *env) heldAt(prefix string, tables []string, parts map[string]int, upTo pipeline.LSN) heldView {
+	e.t.Helper()
+	v := heldView{need: map[uint32]map[string][]int64{}, changes: map[uint32]int{}}
+	require := func(xid uint32, topic string, part int, offset int64) {
+		if v.need[xid] == nil {
+			v.need[xid] = map[string][]int64{}
+		}
+		if v.need[xid][topic] == nil {
+			v.need[xid][topic] = make([]int64, parts[topic])
+		}
+		if n := v.need[xid][topic]; offset+1 > n[part] {
+			n[part] = offset + 1
+		}
+	}
+	xidOf := map[uint64]uint32{} // commit LSN -> xid
+	txTopic := prefix + ".transactions"
+	for _, r := range e.readRaw(txTopic) {
+		var tr txnRecord
+		if err := json.Unmarshal(r.Value, &tr); err != nil {
+			e.t.Fatalf("%s/%d@%d: %v", txTopic, r.Partition, r.Offset, err)
+		}
+		if tr.Status != "END" {
+			continue
+		}
+		if _, dup := xidOf[tr.LSN]; dup {
+			continue // a later copy; the first is the one that counts
+		}
+		xidOf[tr.LSN] = tr.TxID
+		require(tr.TxID, txTopic, r.Partition, r.Offset)
+	}
+	for _, tb := range tables {
+		topic := prefix + "." + tb
+		first := map[pipeline.Position]bool{}
+		for _, m := range byPartitionOffset(e.read(topic)) {
+			if first[m.Pos] {
+				continue
+			}
+			first[m.Pos] = true
+			if m.Pos.CommitLSN > upTo {
+				continue // committed after the transactions the test knows
+			}
+			xid, ok := xidOf[uint64(m.Pos.CommitLSN)]
+			if !ok {
+				e.t.Fatalf("%s/%d@%d: position %s of no transaction with an END record", topic, m.Partition, m.Offset, m.Pos)
+			}
+			v.changes[xid]++
+			require(xid, topic, m.Partition, m.Offset)
+		}
+	}
+	return v
+}
+
+// lacks says why Kafka, with the given end offsets, did not hold tt wholly
+// ("" when it did).
+func (v heldView) lacks(tt truthTxn, ends map[string][]int64) string {
+	need, ok := v.need[tt.xid]
+	if !ok {
+		return "no END record at all"
+	}
+	if v.changes[tt.xid] != tt.changes {
+		return fmt.Sprintf("%d of %d changes ever published", v.changes[tt.xid], tt.changes)
+	}
+	for topic, n := range need {
+		for p, off := range n {
+			if ends[topic][p] < off {
+				return fmt.Sprintf("%s/%d held offsets below %d, the transaction has a record at offset %d", topic, p, ends[topic][p], off-1)
+			}
+		}
+	}
+	return ""
 }
 
 func writeConfig(t *testing.T, cfg *config.Config) string {

@@ -287,14 +287,20 @@ func (e *env) readTxns(topic string) []txnRecord {
 // nothing new after it is older.
 func (e *env) checkKeyOrder(topic string, ms []msg, allowReplay bool) {
 	e.t.Helper()
+	checkKeyOrderAt(e.t, e.kafka.Brokers(), topic, ms, allowReplay)
+}
+
+// checkKeyOrderAt is checkKeyOrder for a topic on the given brokers.
+func checkKeyOrderAt(t *testing.T, brokers []string, topic string, ms []msg, allowReplay bool) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	nparts, err := kafkatest.PartitionCount(ctx, e.kafka.Brokers(), topic)
+	nparts, err := kafkatest.PartitionCount(ctx, brokers, topic)
 	if err != nil {
-		e.t.Fatal(err)
+		t.Fatal(err)
 	}
 	for _, p := range keyOrderProblems(topic, nparts, ms, allowReplay) {
-		e.t.Error(p)
+		t.Error(p)
 	}
 }
 

@@ -323,7 +323,7 @@ func TestIntegrityPrecisionRecall(t *testing.T) {
 	if resolved != 1 {
 		t.Errorf("%d resolved violations, want 1", resolved)
 	}
-	recs := e.read(e.prefix + ".violations")
+	recs := e.readRaw(e.prefix + ".violations")
 	if len(recs) < injected+1 {
 		t.Errorf("violations topic holds %d records, want at least %d (one per violation and the resolution)", len(recs), injected+1)
 	}

@@ -2,12 +2,14 @@ package e2e
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"sync"
+	"syscall"
 	"testing"
 
 	"github.com/tidemark/tidemark/pipeline"
@@ -57,7 +59,10 @@ func (tr *truth) txns() []truthTxn {
 		if end == nil {
 			continue // not committed (cannot happen for a peek; be safe)
 		}
-		x, _ := strconv.ParseUint(xidS, 10, 32)
+		x, err := strconv.ParseUint(xidS, 10, 32)
+		if err != nil {
+			tr.e.t.Fatalf("truth slot xid %q: %v", xidS, err)
+		}
 		l, err := pipeline.ParseLSN(*end)
 		if err != nil {
 			tr.e.t.Fatal(err)
@@ -140,4 +145,23 @@ func binary(t *testing.T) string {
 		t.Fatal(buildErr)
 	}
 	return filepath.Join(binDir, "tidemark")
+}
+
+// kill SIGKILLs a running binary and waits for it, failing the test (not
+// fatally) unless it died of that signal: a process that had already exited
+// was not killed mid-anything, and its exit status says why it stopped.
+func kill(t *testing.T, cmd *exec.Cmd) {
+	t.Helper()
+	if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Errorf("SIGKILL pid %d: %v", cmd.Process.Pid, err)
+	}
+	err := cmd.Wait()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) {
+		t.Errorf("pid %d after SIGKILL: wait returned %v, not a kill", cmd.Process.Pid, err)
+		return
+	}
+	if ws, ok := ee.Sys().(syscall.WaitStatus); !ok || !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
+		t.Errorf("pid %d was not killed by SIGKILL: %v", cmd.Process.Pid, err)
+	}
 }

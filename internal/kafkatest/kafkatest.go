@@ -101,6 +101,51 @@ func (cl *Cluster) DelayFetches(d time.Duration) {
 	})
 }
 
+// DelayProduces makes the broker wait at least d before it appends the
+// records of each produce request (other connections are served
+// meanwhile), like a broker whose replicas are slow to acknowledge.
+func (cl *Cluster) DelayProduces(d time.Duration) {
+	c := cl.c
+	c.ControlKey(int16(kmsg.Produce), func(kmsg.Request) (kmsg.Response, error, bool) {
+		c.SleepControl(func() { time.Sleep(d) })
+		return nil, nil, false // not handled: the broker appends as usual, and the control stays
+	})
+}
+
+// EndOffsets returns the end offset of every partition of topics, by topic
+// and partition, in one ListOffsets request.
+func EndOffsets(ctx context.Context, client *kafkago.Client, partitions map[string]int) (map[string][]int64, error) {
+	req := &kafkago.ListOffsetsRequest{Topics: map[string][]kafkago.OffsetRequest{}}
+	for topic, n := range partitions {
+		for p := 0; p < n; p++ {
+			req.Topics[topic] = append(req.Topics[topic], kafkago.LastOffsetOf(p))
+		}
+	}
+	resp, err := client.ListOffsets(ctx, req)
+	if err != nil {
+		return nil, fmt.Errorf("list offsets: %w", err)
+	}
+	out := map[string][]int64{}
+	for topic, n := range partitions {
+		ends := make([]int64, n)
+		got := 0
+		for _, po := range resp.Topics[topic] {
+			if po.Error != nil {
+				return nil, fmt.Errorf("list offsets %s/%d: %w", topic, po.Partition, po.Error)
+			}
+			if po.Partition >= 0 && po.Partition < n {
+				ends[po.Partition] = po.LastOffset
+				got++
+			}
+		}
+		if got != n {
+			return nil, fmt.Errorf("list offsets %s: %d of %d partitions answered", topic, got, n)
+		}
+		out[topic] = ends
+	}
+	return out, nil
+}
+
 // Close stops the cluster.
 func (cl *Cluster) Close() { cl.Stop() }
 
