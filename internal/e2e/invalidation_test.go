@@ -244,8 +244,12 @@ func TestInvalidationDeadLetters(t *testing.T) {
 
 // TestInvalidationCrashAndReplay: the invalidation role (the real binary)
 // is SIGKILLed mid-stream and restarted; every key that had to be deleted
-// is deleted. Replaying all changes again (a new consumer group from the
-// first offset) leaves the same end state.
+// is deleted. The kill lands while deletions are certainly pending: the
+// first half of the changes is applied, then Redis pauses writes, the
+// second half is committed, and the binary is killed once its DEL is
+// blocked on the pause. Replaying all changes again (a new consumer group
+// from the first offset) after the keys are cached again deletes them
+// again.
 func TestInvalidationCrashAndReplay(t *testing.T) {
 	if testing.Short() {
 		t.Skip("runs the binary")
@@ -265,30 +269,46 @@ func TestInvalidationCrashAndReplay(t *testing.T) {
 	}
 	ctx := context.Background()
 	rc := rd.Client()
-	const rooms, users, changes = 300, 300, 3000
-	var want []string
-	for r := 1; r <= rooms; r++ {
-		want = append(want, fmt.Sprintf("room:!r%d:members", r))
+	// Two halves of 150 rooms and 150 users; every room and every user of a
+	// half gets at least one of its 1500 membership changes.
+	const half, changesPerHalf = 150, 1500
+	keys := func(from int) []string {
+		var out []string
+		for i := from; i < from+half; i++ {
+			out = append(out, fmt.Sprintf("room:!r%d:members", i), fmt.Sprintf("user:@u%d:rooms", i))
+		}
+		return out
 	}
-	for u := 1; u <= users; u++ {
-		want = append(want, fmt.Sprintf("user:@u%d:rooms", u))
-	}
-	for _, k := range append(want, "unrelated:1", "unrelated:2") {
-		if err := rc.Set(ctx, k, "cached", 0).Err(); err != nil {
-			t.Fatal(err)
+	first, second := keys(1), keys(1+half)
+	want := append(append([]string(nil), first...), second...)
+	cacheAll := func() {
+		for _, k := range append(want, "unrelated:1", "unrelated:2") {
+			if err := rc.Set(ctx, k, "cached", 0).Err(); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
-	// Every room and every user gets at least one membership change.
-	e.exec(fmt.Sprintf(`DO $$ BEGIN FOR i IN 1..%d LOOP
-  INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!r' || (1 + i %% %d), '@u' || (1 + (i * 7) %% %d), 'join')
+	commitHalf := func(from int) {
+		e.exec(fmt.Sprintf(`DO $$ BEGIN FOR i IN 1..%d LOOP
+  INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!r' || (%d + i %% %d), '@u' || (%d + (i * 7) %% %d), 'join')
   ON CONFLICT (room_id, user_id) DO UPDATE SET membership = 'leave';
-  COMMIT; END LOOP; END $$`, changes, rooms, users))
-	remaining := func() int64 {
-		n, err := rc.Exists(ctx, want...).Result()
+  COMMIT; END LOOP; END $$`, changesPerHalf, from, half, from, half))
+	}
+	exists := func(ks []string) int64 {
+		t.Helper()
+		n, err := rc.Exists(ctx, ks...).Result()
 		if err != nil {
 			t.Fatal(err)
 		}
 		return n
+	}
+	waitGone := func(what string, ks []string, within time.Duration) {
+		t.Helper()
+		for deadline := time.Now().Add(within); exists(ks) > 0; time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: %d of %d keys never deleted", what, exists(ks), len(ks))
+			}
+		}
 	}
 	run := func() *exec.Cmd {
 		cmd := exec.Command(binary(t), "run", "--role", "invalidation", "--config", path)
@@ -298,45 +318,58 @@ func TestInvalidationCrashAndReplay(t *testing.T) {
 		}
 		return cmd
 	}
+	cacheAll()
+	commitHalf(1)
 	cmd := run()
-	deadline := time.Now().Add(60 * time.Second)
-	for remaining() == int64(len(want)) {
-		if time.Now().After(deadline) {
-			t.Fatal("the consumer deleted nothing within 60s")
-		}
-		time.Sleep(5 * time.Millisecond)
+	waitGone("first half, first run", first, 60*time.Second)
+
+	if err := rc.Do(ctx, "CLIENT", "PAUSE", "60000", "WRITE").Err(); err != nil {
+		t.Fatal(err)
 	}
-	_ = cmd.Process.Signal(syscall.SIGKILL)
-	_ = cmd.Wait()
-	left := remaining()
-	t.Logf("killed with %d of %d keys still to delete", left, len(want))
+	commitHalf(1 + half)
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		info, err := rc.Info(ctx, "clients").Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(info, "blocked_clients:0") {
+			break // the consumer's DEL waits for the pause
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the consumer never tried to delete a key of the second half within 30s:\n%s", info)
+		}
+	}
+	kill(t, cmd)
+	if err := rc.Do(ctx, "CLIENT", "UNPAUSE").Err(); err != nil {
+		t.Fatal(err)
+	}
+	left := exists(second)
+	if left != int64(len(second)) {
+		t.Fatalf("%d of the %d keys of the second half still exist after the kill, want all: the kill did not interrupt the consumer", left, len(second))
+	}
 	cmd = run()
-	deadline = time.Now().Add(90 * time.Second)
-	for remaining() > 0 {
-		if time.Now().After(deadline) {
-			t.Fatalf("after the restart %d keys were never deleted", remaining())
-		}
-		time.Sleep(20 * time.Millisecond)
+	waitGone("after the restart", second, 90*time.Second)
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
 	}
-	_ = cmd.Process.Signal(syscall.SIGTERM)
 	if err := cmd.Wait(); err != nil {
 		t.Errorf("graceful stop: %v", err)
 	}
-	// Replay every change a second time with a new group.
+
+	// Cache every key again and replay every change with a new group: the
+	// replay has to delete them all once more.
+	cacheAll()
 	cfg.Invalidation.Group = "crashinv-replay"
 	inv, stop := e.startInvalidation(cfg)
-	deadline = time.Now().Add(60 * time.Second)
-	for inv.Consumer.Stats().Messages.Load() < changes {
+	deadline := time.Now().Add(60 * time.Second)
+	for inv.Consumer.Stats().Messages.Load() < 2*changesPerHalf || exists(want) > 0 {
 		if time.Now().After(deadline) {
-			t.Fatalf("replay applied %d of %d changes", inv.Consumer.Stats().Messages.Load(), changes)
+			t.Fatalf("replay applied %d of %d changes, %d keys left", inv.Consumer.Stats().Messages.Load(), 2*changesPerHalf, exists(want))
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 	stop()
-	if n := remaining(); n != 0 {
-		t.Errorf("after the replay %d keys exist", n)
-	}
-	if n, _ := rc.Exists(ctx, "unrelated:1", "unrelated:2").Result(); n != 2 {
+	if n := exists([]string{"unrelated:1", "unrelated:2"}); n != 2 {
 		t.Errorf("unrelated keys deleted (%d left)", n)
 	}
 	if d := inv.Consumer.Stats().DLQ.Load(); d != 0 {
@@ -398,15 +431,31 @@ func TestInvalidationWebhook(t *testing.T) {
 	mu.Unlock()
 	stop()
 
-	// A receiver that always fails: the batch is dead-lettered.
-	bad := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
-		http.Error(w, "down", http.StatusInternalServerError)
+	// A receiver that always fails on the first change's keys: that batch is
+	// dead-lettered, and a later change is still delivered.
+	var later []string
+	bad := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, err := io.ReadAll(r.Body)
+		if err != nil || strings.Contains(string(body), "!w1") {
+			http.Error(w, "down", http.StatusInternalServerError)
+			return
+		}
+		var p struct {
+			Keys []string `json:"keys"`
+		}
+		if err := json.Unmarshal(body, &p); err != nil {
+			t.Errorf("body: %v", err)
+		}
+		mu.Lock()
+		later = append(later, p.Keys...)
+		mu.Unlock()
 	}))
 	defer bad.Close()
 	cfg.Invalidation.Group = "hook-bad"
 	cfg.Invalidation.Webhook = &config.Webhook{URL: bad.URL, Secret: secret, MaxAttempts: 2}
-	e.startInvalidation(cfg)
+	inv, _ := e.startInvalidation(cfg)
 	ctx := context.Background()
+	deadline = time.Now().Add(20 * time.Second)
 	for {
 		recs, err := kafkatest.ReadAll(ctx, e.kafka.Brokers(), "hook.dlq")
 		if err == nil && len(recs) > 0 {
@@ -417,10 +466,24 @@ func TestInvalidationWebhook(t *testing.T) {
 			}
 			break
 		}
-		if time.Now().After(deadline.Add(20 * time.Second)) {
-			t.Fatal("the failing webhook's batch never reached the dead-letter topic")
+		if time.Now().After(deadline) {
+			t.Fatalf("the failing webhook's batch never reached the dead-letter topic (last read: %v)", err)
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+	e.exec(`INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!w2', '@w2', 'join')`)
+	for deadline = time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		mu.Lock()
+		done := slices.Contains(later, "room:!w2:members") && slices.Contains(later, "user:@w2:rooms")
+		mu.Unlock()
+		if done {
+			break
+		}
+		if time.Now().After(deadline) {
+			mu.Lock()
+			t.Fatalf("after the dead letter, the next change was not delivered within 20s (received %v; the consumer applied %d changes)",
+				later, inv.Consumer.Stats().Messages.Load())
+		}
 	}
 }
 
@@ -438,9 +501,25 @@ func TestInvalidationRebalance(t *testing.T) {
 		c.Invalidation.Rules = c.Invalidation.Rules[:1] // room_memberships only
 	})
 	e.start(cfg)
+	ctx := context.Background()
 	a, stopA := e.startInvalidation(cfg)
 	b, _ := e.startInvalidation(cfg)
-	ctx := context.Background()
+	group := cfg.Invalidation.Group
+	if group == "" {
+		group = cfg.Kafka.TopicPrefix + "-invalidation"
+	}
+	topic := "rebal.public.room_memberships"
+	nparts, err := kafkatest.PartitionCount(ctx, e.kafka.Brokers(), topic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if nparts < 2 {
+		t.Fatalf("%s has %d partition(s); the test needs two members to share it", topic, nparts)
+	}
+	// Both members own partitions before any change is committed.
+	waitAssignment(t, e.kafka.Brokers(), group, topic, func(owned []int) bool {
+		return len(owned) == 2 && owned[0] > 0 && owned[1] > 0 && owned[0]+owned[1] == nparts
+	})
 	rc := rd.Client()
 	const rooms = 200
 	var want []string
@@ -474,11 +553,57 @@ func TestInvalidationRebalance(t *testing.T) {
 	e.exec(fmt.Sprintf(`DO $$ BEGIN FOR i IN 1..%d LOOP
   INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!q' || i, '@x', 'join'); COMMIT; END LOOP; END $$`, rooms))
 	waitGone("both members")
-	if a.Consumer.Stats().Messages.Load() == 0 || b.Consumer.Stats().Messages.Load() == 0 {
-		t.Logf("partitions were not shared (a %d, b %d messages)", a.Consumer.Stats().Messages.Load(), b.Consumer.Stats().Messages.Load())
+	na, nb := a.Consumer.Stats().Messages.Load(), b.Consumer.Stats().Messages.Load()
+	if na == 0 || nb == 0 || na+nb != rooms {
+		t.Fatalf("partitions were not shared: a applied %d, b %d of %d changes", na, nb, rooms)
 	}
 	stopA()
+	// The remaining member takes over every partition.
+	waitAssignment(t, e.kafka.Brokers(), group, topic, func(owned []int) bool {
+		return len(owned) == 1 && owned[0] == nparts
+	})
 	set()
 	e.exec(fmt.Sprintf(`UPDATE room_memberships SET membership = 'leave' WHERE user_id = '@x' AND room_id IN (SELECT '!q' || g FROM generate_series(1, %d) g)`, rooms))
 	waitGone("after one member left")
+	if got := b.Consumer.Stats().Messages.Load() - nb; got < rooms {
+		t.Errorf("after a left, b applied %d changes, want all %d", got, rooms)
+	}
+}
+
+// waitAssignment waits until ok accepts the number of topic's partitions
+// each member of group owns (one entry per member, in member order).
+func waitAssignment(t *testing.T, brokers []string, group, topic string, ok func(owned []int) bool) {
+	t.Helper()
+	transport := &kafkago.Transport{}
+	defer transport.CloseIdleConnections()
+	client := &kafkago.Client{Addr: kafkago.TCP(brokers...), Timeout: 5 * time.Second, Transport: transport}
+	var last []int
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		resp, err := client.DescribeGroups(context.Background(), &kafkago.DescribeGroupsRequest{GroupIDs: []string{group}})
+		if err != nil {
+			t.Fatalf("describe group %s: %v", group, err)
+		}
+		if len(resp.Groups) != 1 {
+			t.Fatalf("describe group %s: %d groups in the answer", group, len(resp.Groups))
+		}
+		g := resp.Groups[0]
+		if g.Error == nil && g.GroupState == "Stable" {
+			last = last[:0]
+			for _, m := range g.Members {
+				n := 0
+				for _, tp := range m.MemberAssignments.Topics {
+					if tp.Topic == topic {
+						n += len(tp.Partitions)
+					}
+				}
+				last = append(last, n)
+			}
+			if ok(last) {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("group %s: partitions of %s per member %v (state %s, error %v) after 60s", group, topic, last, g.GroupState, g.Error)
+		}
+	}
 }
