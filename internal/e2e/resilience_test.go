@@ -2,10 +2,14 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
+	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -81,26 +85,28 @@ func TestSchemaChangeFollowed(t *testing.T) {
 	e.exec(`UPDATE rooms SET topic = 'chat' WHERE room_id = '!a'`)
 	e.waitSlot(cfg.Postgres.Slot, e.currentLSN(), 30*time.Second)
 	ms := e.read("ddl.public.rooms")
-	var shapes []string
+	// Per room, in position order: the columns of each row image as the
+	// table had them when the change was made, and the values written.
+	sort.Slice(ms, func(i, j int) bool { return ms[i].Pos.Less(ms[j].Pos) })
+	got := map[string][]string{}
 	for _, m := range ms {
-		var cols []string
-		for _, c := range []string{"room_id", "name", "topic"} {
-			if _, ok := m.Env.After[c]; ok {
-				cols = append(cols, c)
-			}
+		var id string
+		if err := json.Unmarshal(m.Env.After["room_id"], &id); err != nil {
+			t.Fatalf("%s/%d@%d: after image without a room_id: %v", m.Topic, m.Partition, m.Offset, m.Env.After)
 		}
-		shapes = append(shapes, strings.Join(cols, "+"))
-	}
-	// Sorted by partition, so compare as a set keyed by room.
-	want := map[string]bool{"room_id+name": true, "room_id+name+topic": true, "room_id+topic": true}
-	if len(shapes) != 3 {
-		t.Fatalf("got %d messages, want 3", len(shapes))
-	}
-	for _, s := range shapes {
-		if !want[s] {
-			t.Errorf("unexpected row shape %s (all: %v)", s, shapes)
+		cols := make([]string, 0, len(m.Env.After))
+		for c, v := range m.Env.After {
+			cols = append(cols, fmt.Sprintf("%s=%s", c, v))
 		}
-		delete(want, s)
+		sort.Strings(cols)
+		got[id] = append(got[id], m.Env.Op+" "+strings.Join(cols, ","))
+	}
+	want := map[string][]string{
+		"!a": {`c name="Lobby",room_id="!a"`, `u room_id="!a",topic="chat"`},
+		"!b": {`c name="Ops",room_id="!b",topic="incidents"`},
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("row shapes per room:\n got %v\nwant %v", got, want)
 	}
 }
 
