@@ -72,6 +72,8 @@ func (c *Config) defaults() {
 type Stats struct {
 	ReceivedLSN  atomic.Uint64 // end LSN of the last commit received
 	ConfirmedLSN atomic.Uint64 // flush LSN last sent to Postgres
+	// StatusUpdates counts standby status messages sent.
+	StatusUpdates atomic.Uint64
 	ServerWALEnd atomic.Uint64 // the server's WAL end from its last keepalive
 	Reconnects   atomic.Uint64
 	Messages     atomic.Uint64 // pgoutput messages decoded
@@ -685,5 +687,6 @@ func (s *Stream) maybeSendStatus(ctx context.Context, conn *pgconn.PgConn, force
 	s.lastStatus = now
 	s.lastFlush = flush
 	s.stats.ConfirmedLSN.Store(uint64(flush))
+	s.stats.StatusUpdates.Add(1)
 	return nil
 }

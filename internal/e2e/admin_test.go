@@ -54,12 +54,14 @@ INSERT INTO room_memberships(room_id, user_id, membership)
 	defer stop()
 	post := func(auth string) (int, []byte) {
 		t.Helper()
-		req, _ := http.NewRequest(http.MethodPost, "http://"+addr+"/admin/rebuild/targets?room=%21c1", nil)
+		req, err := http.NewRequest(http.MethodPost, "http://"+addr+"/admin/rebuild/targets?room=%21c1", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
 		if auth != "" {
 			req.Header.Set("Authorization", auth)
 		}
 		var resp *http.Response
-		var err error
 		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 			if resp, err = http.DefaultClient.Do(req); err == nil || time.Now().After(deadline) {
 				break
@@ -69,7 +71,10 @@ INSERT INTO room_memberships(room_id, user_id, membership)
 			t.Fatal(err)
 		}
 		defer resp.Body.Close()
-		body, _ := io.ReadAll(resp.Body)
+		body, err := io.ReadAll(resp.Body)
+		if err != nil {
+			t.Fatalf("reading the admin response: %v", err)
+		}
 		return resp.StatusCode, body
 	}
 	kept := func() []string { return e.pairs(keptSQL(cfg) + " WHERE room_id = '!c1'") }

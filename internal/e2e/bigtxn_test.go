@@ -379,7 +379,9 @@ func startDevKafka(t *testing.T) []string {
 		t.Fatal(err)
 	}
 	addr := l.Addr().String()
-	_ = l.Close()
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
 	// No auto-creation: topics exist only as Tidemark creates them.
 	cmd := exec.Command(binary(t), "dev-kafka", "--listen", addr, "--default-partitions", "0")
 	var stderr bytes.Buffer
@@ -392,12 +394,19 @@ func startDevKafka(t *testing.T) []string {
 		t.Fatalf("starting dev-kafka: %v", err)
 	}
 	exited := make(chan struct{})
+	var waitErr error
 	t.Cleanup(func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
+		if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+			t.Errorf("stopping dev-kafka: %v (it had exited: %v)\n%s", err, waitErr, &stderr)
+		}
 		select {
 		case <-exited:
+			if waitErr != nil {
+				t.Errorf("dev-kafka: %v\n%s", waitErr, &stderr)
+			}
 		case <-time.After(10 * time.Second):
-			_ = cmd.Process.Kill()
+			t.Errorf("dev-kafka did not stop within 10s of SIGTERM; killing it")
+			kill(t, cmd)
 			<-exited
 		}
 	})
@@ -410,8 +419,12 @@ func startDevKafka(t *testing.T) []string {
 				once()
 			}
 		}
-		_, _ = io.Copy(io.Discard, stdout)
-		_ = cmd.Wait()
+		if _, err := io.Copy(io.Discard, stdout); err != nil && !errors.Is(err, os.ErrClosed) {
+			waitErr = fmt.Errorf("reading its output: %w", err)
+		}
+		if err := cmd.Wait(); err != nil && waitErr == nil {
+			waitErr = err
+		}
 		close(exited)
 	}()
 	select {
@@ -493,6 +506,7 @@ func TestHugeTransactionBounded(t *testing.T) {
 		changesAtFirst  uint64 // changes received when the first change was durable
 		firstSeen       bool
 		slotSamples     []slotSample
+		slotErr         error // what stopped the slot sampler early
 	)
 	sctx, stopSampling := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
@@ -527,13 +541,22 @@ func TestHugeTransactionBounded(t *testing.T) {
 		for sctx.Err() == nil {
 			var s *string
 			err := e.pool.QueryRow(sctx, "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", cfg.Postgres.Slot).Scan(&s)
-			if err == nil && s != nil {
-				c, _ := pipeline.ParseLSN(*s)
-				pub := stats.Published.Load()
-				mu.Lock()
-				slotSamples = append(slotSamples, slotSample{c, pub})
-				mu.Unlock()
+			if sctx.Err() != nil {
+				return
 			}
+			if err != nil || s == nil {
+				slotErr = fmt.Errorf("slot %s: confirmed_flush_lsn %v, %v", cfg.Postgres.Slot, s, err)
+				return
+			}
+			c, err := pipeline.ParseLSN(*s)
+			if err != nil {
+				slotErr = err
+				return
+			}
+			pub := stats.Published.Load()
+			mu.Lock()
+			slotSamples = append(slotSamples, slotSample{c, pub})
+			mu.Unlock()
 			time.Sleep(50 * time.Millisecond)
 		}
 	}()
@@ -558,6 +581,9 @@ func TestHugeTransactionBounded(t *testing.T) {
 	drained := time.Since(began)
 	stopSampling()
 	wg.Wait()
+	if slotErr != nil {
+		t.Fatalf("sampling the slot: %v", slotErr)
+	}
 
 	txns := tr.txns()
 	big := findTxn(t, txns, xid)
@@ -766,7 +792,9 @@ func TestAbortedHugeTransactionPublishesNothing(t *testing.T) {
 	}
 	for _, m := range msgs {
 		var id int64
-		_ = json.Unmarshal(m.Env.After["id"], &id)
+		if err := json.Unmarshal(m.Env.After["id"], &id); err != nil {
+			t.Fatalf("%s/%d@%d: id %s: %v", m.Topic, m.Partition, m.Offset, m.Env.After["id"], err)
+		}
 		if !commitLSNs[m.Pos.CommitLSN] || id <= 1_000_000 {
 			t.Errorf("table topic holds a change not from the committed rows: position %s, id %d, txId %d", m.Pos, id, m.Env.Source.TxID)
 		}

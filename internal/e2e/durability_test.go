@@ -333,8 +333,7 @@ func TestCrashNoLoss(t *testing.T) {
 	for i := 0; i < 4; i++ {
 		cmd, stderr := start()
 		time.Sleep(time.Duration(1500+rand.IntN(1000)) * time.Millisecond)
-		_ = cmd.Process.Signal(syscall.SIGKILL)
-		_ = cmd.Wait()
+		kill(t, cmd)
 		c := e.slotConfirmed(cfg.Postgres.Slot)
 		confirmed = append(confirmed, c)
 		view := e.kafkaView("crash", canonicalTopics)
@@ -354,12 +353,14 @@ func TestCrashNoLoss(t *testing.T) {
 	deadline := time.Now().Add(60 * time.Second)
 	for e.slotConfirmed(cfg.Postgres.Slot) < end {
 		if time.Now().After(deadline) {
-			_ = cmd.Process.Kill()
+			kill(t, cmd)
 			t.Fatalf("final run did not catch up to %s\nlog:\n%s", end, stderr)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	_ = cmd.Process.Signal(syscall.SIGTERM)
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
 	if err := cmd.Wait(); err != nil {
 		t.Errorf("graceful stop: %v\nlog:\n%s", err, stderr)
 	}
@@ -410,7 +411,20 @@ func TestKafkaOutage(t *testing.T) {
 	}()
 
 	e.kafka.Stop()
-	time.Sleep(time.Second) // acknowledgements of writes that completed before the stop settle
+	// Acknowledgements of writes that completed before the stop settle: the
+	// pipeline's acknowledged LSN stops moving and the slot reaches it.
+	acked := r.Pipeline.Stats().AckedLSN.Load()
+	for since, deadline := time.Now(), time.Now().Add(20*time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if a := r.Pipeline.Stats().AckedLSN.Load(); a != acked {
+			acked, since = a, time.Now()
+		}
+		if time.Since(since) >= 500*time.Millisecond && e.slotConfirmed(cfg.Postgres.Slot) == pipeline.LSN(acked) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("acknowledgements did not settle within 20s of the broker stop (acked %s, slot %s)", pipeline.LSN(acked), e.slotConfirmed(cfg.Postgres.Slot))
+		}
+	}
 	c0 := e.slotConfirmed(cfg.Postgres.Slot)
 	changes0 := r.Pipeline.Stats().Changes.Load()
 	time.Sleep(7 * time.Second) // longer than the test server's wal_sender_timeout
@@ -478,7 +492,6 @@ func TestNoConfirmBeforeFirstAck(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 		txns = tr.txns()
 	}
-	// Several standby status messages go out meanwhile (standby_interval 1s).
 	deadline = time.Now().Add(10 * time.Second)
 	for r.Stream.Stats().ReceivedLSN.Load() < uint64(txns[0].end) {
 		if time.Now().After(deadline) {
@@ -486,7 +499,12 @@ func TestNoConfirmBeforeFirstAck(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	time.Sleep(3 * time.Second)
+	// Three standby status messages go out meanwhile (standby_interval 1s).
+	for sent, deadline := r.Stream.Stats().StatusUpdates.Load(), time.Now().Add(20*time.Second); r.Stream.Stats().StatusUpdates.Load() < sent+3; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("capture sent %d standby status messages in 20s, want 3", r.Stream.Stats().StatusUpdates.Load()-sent)
+		}
+	}
 	if c := e.slotConfirmed(cfg.Postgres.Slot); c >= txns[0].end {
 		t.Fatalf("slot confirmed %s, covering transaction %d (end %s) that Kafka never acknowledged", c, txns[0].xid, txns[0].end)
 	}

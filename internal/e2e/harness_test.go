@@ -26,7 +26,9 @@ import (
 func TestMain(m *testing.M) {
 	code := m.Run()
 	if binDir != "" {
-		_ = os.RemoveAll(binDir)
+		if err := os.RemoveAll(binDir); err != nil {
+			fmt.Fprintf(os.Stderr, "removing the test binary: %v\n", err)
+		}
 	}
 	pgserver.StopShared()
 	os.Exit(code)

@@ -405,14 +405,7 @@ func TestIntegrityEarlierRowViaDatabase(t *testing.T) {
 
 	// tidemark violations lists them, filtered by rule and time.
 	path := writeConfig(t, e.cfg)
-	f, err := os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := f.WriteString("integrity: {}\n"); err != nil {
-		t.Fatal(err)
-	}
-	_ = f.Close()
+	appendFile(t, path, "integrity: {}\n")
 	bin := binary(t)
 	run := func(args ...string) (string, int) {
 		t.Helper()
@@ -445,12 +438,7 @@ func TestIntegrityEarlierRowViaDatabase(t *testing.T) {
 		t.Errorf("check: %v\n%s", err, out)
 	}
 	bad := writeConfig(t, e.cfg)
-	f, err = os.OpenFile(bad, os.O_APPEND|os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, _ = f.WriteString("integrity:\n  rules:\n    - name: marker_target\n      table: read_markers\n      expect: {table: events, match: {event_id: id}}\n")
-	_ = f.Close()
+	appendFile(t, bad, "integrity:\n  rules:\n    - name: marker_target\n      table: read_markers\n      expect: {table: events, match: {event_id: id}}\n")
 	cout, err := exec.Command(bin, "check", "--config", bad).CombinedOutput()
 	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 3 ||
 		!strings.Contains(string(cout), `integrity.rules[0] (marker_target).expect.match: public.events has no column "id"`) {
@@ -640,4 +628,19 @@ func envInt(name string, def int) int {
 		return v
 	}
 	return def
+}
+
+// appendFile appends text to the file at path.
+func appendFile(t *testing.T, path, text string) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteString(text); err != nil {
+		t.Fatalf("appending to %s: %v", path, err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatalf("closing %s: %v", path, err)
+	}
 }

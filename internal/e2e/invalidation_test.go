@@ -71,6 +71,10 @@ func TestInvalidationDeletesExpectedKeys(t *testing.T) {
 	cfg := invalidationConfig(e, "inv", rd.Addr(), nil)
 	e.start(cfg)
 	e.startInvalidation(cfg)
+	var invTopics []string
+	for _, r := range cfg.Invalidation.Rules {
+		invTopics = append(invTopics, "inv."+r.Table)
+	}
 	rc := rd.Client()
 	ctx := context.Background()
 	all := []string{"room:!r1:members", "room:!r2:members", "user:@a:rooms", "user:@b:rooms",
@@ -97,10 +101,11 @@ func TestInvalidationDeletesExpectedKeys(t *testing.T) {
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
-		// Let any extra (wrong) deletions of this change land, then check
-		// that nothing else was deleted.
+		// Once the change is in Kafka and the consumer has committed past
+		// it, any extra (wrong) deletion of it has landed: check that
+		// nothing else was deleted.
 		e.waitSlot(cfg.Postgres.Slot, e.currentLSN(), 20*time.Second)
-		time.Sleep(300 * time.Millisecond)
+		e.waitGroupCaughtUp(cfg.Invalidation.Group, invTopics, 20*time.Second)
 		for _, k := range all {
 			expected := false
 			for _, w := range want {
@@ -109,7 +114,11 @@ func TestInvalidationDeletesExpectedKeys(t *testing.T) {
 			if expected {
 				continue
 			}
-			if n, _ := rc.Exists(ctx, k).Result(); n != 1 {
+			n, err := rc.Exists(ctx, k).Result()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if n != 1 {
 				t.Errorf("%s: key %s was deleted but should not have been", name, k)
 			}
 		}
@@ -198,11 +207,17 @@ func TestInvalidationDeadLetters(t *testing.T) {
 	e.exec(`TRUNCATE read_markers`)
 	rc := rd.Client()
 	ctx := context.Background()
-	_ = rc.Set(ctx, "unread:@z:!r9", "cached", 0).Err()
+	if err := rc.Set(ctx, "unread:@z:!r9", "cached", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
 	e.exec(`INSERT INTO read_markers(user_id, room_id, event_id, stream_ordering) VALUES ('@z', '!r9', '$x', 1)`)
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		if n, _ := rc.Exists(ctx, "unread:@z:!r9").Result(); n == 0 {
+		n, err := rc.Exists(ctx, "unread:@z:!r9").Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n == 0 {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -387,7 +402,12 @@ func TestInvalidationWebhook(t *testing.T) {
 	var mu sync.Mutex
 	var got []string
 	ok := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		body, _ := io.ReadAll(r.Body)
+		body, err := io.ReadAll(r.Body)
+		if err != nil {
+			t.Errorf("reading the webhook request: %v", err)
+			http.Error(w, "unreadable body", http.StatusBadRequest)
+			return
+		}
 		if err := webhook.Verify(secret, r.Header.Get(webhook.TimestampHeader), string(body), r.Header.Get(webhook.DefaultHeader), time.Minute); err != nil {
 			t.Errorf("signature: %v", err)
 			http.Error(w, "bad signature", http.StatusUnauthorized)
@@ -604,6 +624,36 @@ func waitAssignment(t *testing.T, brokers []string, group, topic string, ok func
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("group %s: partitions of %s per member %v (state %s, error %v) after 60s", group, topic, last, g.GroupState, g.Error)
+		}
+	}
+}
+
+// waitGroupCaughtUp waits until group has committed every record topics
+// hold (their end offsets read at each check).
+func (e *env) waitGroupCaughtUp(group string, topics []string, within time.Duration) {
+	e.t.Helper()
+	ctx := context.Background()
+	transport := &kafkago.Transport{}
+	defer transport.CloseIdleConnections()
+	client := &kafkago.Client{Addr: kafkago.TCP(e.kafka.Brokers()...), Timeout: 5 * time.Second, Transport: transport}
+	parts := map[string]int{}
+	for _, topic := range topics {
+		n, err := kafkatest.PartitionCount(ctx, e.kafka.Brokers(), topic)
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		parts[topic] = n
+	}
+	for deadline := time.Now().Add(within); ; time.Sleep(20 * time.Millisecond) {
+		behind, err := kafkatest.GroupBehind(ctx, client, group, parts)
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		if behind == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			e.t.Fatalf("group %s still %d records behind %v after %s", group, behind, topics, within)
 		}
 	}
 }

@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -90,7 +91,11 @@ func TestSlotWatcherWarnsBeforeInvalidation(t *testing.T) {
 		}
 		t.Skipf("no throwaway postgres: %v", err)
 	}
-	defer func() { _ = srv.Stop() }()
+	defer func() {
+		if err := srv.Stop(); err != nil {
+			t.Errorf("stopping the throwaway postgres: %v", err)
+		}
+	}()
 	conn, err := pgx.Connect(ctx, srv.DSN("postgres"))
 	if err != nil {
 		t.Fatal(err)
@@ -109,8 +114,15 @@ func TestSlotWatcherWarnsBeforeInvalidation(t *testing.T) {
 	w := capture.NewWatcher(capture.WatcherConfig{DSN: srv.DSN("postgres"), Slot: "stuck", Interval: time.Second}, zap.New(core))
 	wctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
-	go func() { _ = w.Run(wctx); close(done) }()
-	defer func() { cancel(); <-done }()
+	var runErr error
+	go func() { runErr = w.Run(wctx); close(done) }()
+	defer func() {
+		cancel()
+		<-done
+		if runErr != nil && !errors.Is(runErr, context.Canceled) {
+			t.Errorf("slot watcher: %v", runErr)
+		}
+	}()
 
 	// Write WAL in ~8 MiB steps (one segment switch each) until the slot is
 	// lost. Once a step leaves it at risk, wait for the watcher's warning
@@ -187,8 +199,7 @@ func TestStatusReport(t *testing.T) {
 				return
 			}
 			if time.Now().After(deadline) {
-				b, _ := json.MarshalIndent(rep, "", " ")
-				t.Fatalf("status never showed %s:\n%s", what, b)
+				t.Fatalf("status never showed %s:\n%+v", what, rep)
 			}
 			time.Sleep(200 * time.Millisecond)
 		}
@@ -212,7 +223,11 @@ func TestStatusReport(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if b, _ := json.Marshal(pwRep); strings.Contains(string(b), "s3cret-pw") || pwRep.Slot == nil {
+	b, err := json.Marshal(pwRep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(b), "s3cret-pw") || pwRep.Slot == nil {
 		t.Errorf("status with a password in the DSN: %s", b)
 	}
 	// The same report through the admin API.
@@ -220,7 +235,10 @@ func TestStatusReport(t *testing.T) {
 	srv := httptest.NewServer(app.AdminHandler(app.AdminDeps{Token: token,
 		Status: func(ctx context.Context) (any, error) { return app.CollectStatus(ctx, cfg) }}, zap.NewNop()))
 	defer srv.Close()
-	req, _ := http.NewRequest(http.MethodGet, srv.URL+"/admin/status", nil)
+	req, err := http.NewRequest(http.MethodGet, srv.URL+"/admin/status", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
 	req.Header.Set("Authorization", "Bearer "+token)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {

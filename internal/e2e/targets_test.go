@@ -235,7 +235,11 @@ func (e *env) replayTopics(topics []string) int {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	defer func() { _ = sink.Close(context.Background()) }()
+	defer func() {
+		if err := sink.Close(context.Background()); err != nil {
+			e.t.Errorf("closing the replayer: %v", err)
+		}
+	}()
 	if err := sink.EnsureTopics(ctx, topics, nil); err != nil {
 		e.t.Fatal(err)
 	}
@@ -442,7 +446,10 @@ func runTargetScenario(t *testing.T, sc targetScenario) {
 	latest := e.latestTargets(prefix + ".notify_targets")
 	byRoom := map[string][]string{}
 	for _, p := range e.pairs(sc.truth) {
-		r, u, _ := strings.Cut(p, " ")
+		r, u, ok := strings.Cut(p, " ")
+		if !ok {
+			t.Fatalf("pair %q is not \"room user\"", p)
+		}
 		byRoom[r] = append(byRoom[r], u)
 	}
 	for r, us := range byRoom {
@@ -475,7 +482,10 @@ func (e *env) checkOutputs(cfg *config.Config) {
 	e.t.Helper()
 	kept := map[string][]string{}
 	for _, p := range e.pairs(keptSQL(cfg)) {
-		r, u, _ := strings.Cut(p, " ")
+		r, u, ok := strings.Cut(p, " ")
+		if !ok {
+			e.t.Fatalf("pair %q is not \"room user\"", p)
+		}
 		kept[r] = append(kept[r], u)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -898,8 +908,7 @@ func TestTargetsConsumerKilled(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	_ = cmd.Process.Signal(syscall.SIGKILL)
-	_ = cmd.Wait()
+	kill(t, cmd)
 	select {
 	case err := <-done:
 		t.Fatalf("the workload ended before the kill (%v): make it longer", err)
@@ -951,7 +960,9 @@ func TestTargetsConsumerKilled(t *testing.T) {
 		t.Errorf("rebuild output: %s", out)
 	}
 	cli(0, "audit", "targets")
-	_ = cmd.Process.Signal(syscall.SIGTERM)
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
 	if err := cmd.Wait(); err != nil {
 		t.Errorf("graceful stop: %v", err)
 	}
@@ -1028,7 +1039,9 @@ func TestTargetsLargeRoomOnSmallTopic(t *testing.T) {
 	if err := pre.EnsureTopics(context.Background(), []string{topic}, nil); err != nil {
 		t.Fatal(err)
 	}
-	_ = pre.Close(context.Background())
+	if err := pre.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
 	e.start(cfg)
 	reg := prometheus.NewRegistry()
 	e.startTargetsWith(cfg, reg)

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"strconv"
 	"testing"
 	"time"
 )
@@ -85,4 +86,4 @@ CREATE TABLE typed (
 	}
 }
 
-func jsonInt(i int) string { b, _ := json.Marshal(i); return string(b) }
+func jsonInt(i int) string { return strconv.Itoa(i) }

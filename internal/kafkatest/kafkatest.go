@@ -277,3 +277,43 @@ func readPartition(ctx context.Context, client *kafkago.Client, topic string, pa
 	}
 	return out, nil
 }
+
+// GroupBehind returns how many records of topics (by topic, their partition
+// counts) group has not committed: the sum over partitions of the end offset
+// minus the committed offset (a partition without a commit counts from 0).
+// 0 means the group has committed everything the topics held when asked.
+func GroupBehind(ctx context.Context, client *kafkago.Client, group string, partitions map[string]int) (int64, error) {
+	ends, err := EndOffsets(ctx, client, partitions)
+	if err != nil {
+		return 0, err
+	}
+	req := &kafkago.OffsetFetchRequest{GroupID: group, Topics: map[string][]int{}}
+	for topic, n := range partitions {
+		for p := 0; p < n; p++ {
+			req.Topics[topic] = append(req.Topics[topic], p)
+		}
+	}
+	resp, err := client.OffsetFetch(ctx, req)
+	if err != nil {
+		return 0, fmt.Errorf("offset fetch for group %s: %w", group, err)
+	}
+	if resp.Error != nil {
+		return 0, fmt.Errorf("offset fetch for group %s: %w", group, resp.Error)
+	}
+	var behind int64
+	for topic, n := range partitions {
+		committed := make([]int64, n)
+		for _, po := range resp.Topics[topic] {
+			if po.Error != nil {
+				return 0, fmt.Errorf("offset fetch for group %s, %s/%d: %w", group, topic, po.Partition, po.Error)
+			}
+			if po.Partition >= 0 && po.Partition < n && po.CommittedOffset > 0 {
+				committed[po.Partition] = po.CommittedOffset
+			}
+		}
+		for p, end := range ends[topic] {
+			behind += max(end-committed[p], 0)
+		}
+	}
+	return behind, nil
+}
