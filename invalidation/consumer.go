@@ -53,6 +53,11 @@ type Handler interface {
 }
 
 // Flusher is implemented by handlers that buffer effects.
+//
+// A Flush error is retried, with backoff and without bound, until Flush
+// succeeds or the consumer stops: the batch's offsets are held meanwhile
+// (a restarted member is handed the same messages again) and nothing is
+// dead-lettered; MaxAttempts does not apply.
 type Flusher interface {
 	Flush(ctx context.Context) error
 }
@@ -84,6 +89,13 @@ type Config struct {
 	// StartOffset for a new group: kafka-go's FirstOffset (default) or
 	// LastOffset.
 	StartOffset int64
+	// SessionTimeout is how long the group waits for a member that stopped
+	// heartbeating (a killed process) before it hands that member's
+	// partitions to the others. The heartbeat interval is a tenth of it, at
+	// most 1s, and the rebalance timeout equals it. The broker bounds it by
+	// group.min.session.timeout.ms (6s by default, also in kfake): a member
+	// asking for less cannot join. Default 10s.
+	SessionTimeout time.Duration
 	// Decode, for topics whose records are not change envelopes (e.g.
 	// <prefix>.transactions), decodes a record instead of
 	// pipeline.ParseEnvelope. The Message's Table selects the handler and
@@ -98,6 +110,13 @@ type Stats struct {
 	Retries  atomic.Uint64
 	DLQ      atomic.Uint64
 	Lag      atomic.Int64 // messages behind the partition ends (reader estimate)
+	// WaitingForTopics is true while Run waits, before joining its group,
+	// for subscribed topics that do not exist yet (or for topic metadata
+	// it cannot read), and false once they all exist or Run stops waiting.
+	WaitingForTopics atomic.Bool
+	// TopicWaits counts the topic checks that found a subscribed topic
+	// missing (or could not read the metadata).
+	TopicWaits atomic.Uint64
 	// ApplyNanos accumulates fetch-to-commit time of applied messages.
 	ApplyNanos atomic.Uint64
 }
@@ -108,6 +127,9 @@ type Consumer struct {
 	log   *zap.Logger
 	stats Stats
 	last  map[string]pipeline.Position // by "topic/partition"
+	// grace bounds how long a batch fetched before a stop may still take to
+	// be applied and committed (tests shorten it).
+	grace time.Duration
 	// OnApplied, when set, observes each applied message's fetch-to-durable
 	// latency (called from the consumer goroutine; must be fast).
 	OnApplied func(d time.Duration)
@@ -163,17 +185,21 @@ func NewConsumer(cfg Config, log *zap.Logger) (*Consumer, error) {
 	if cfg.StartOffset == 0 {
 		cfg.StartOffset = kafkago.FirstOffset
 	}
+	if cfg.SessionTimeout <= 0 {
+		cfg.SessionTimeout = 10 * time.Second
+	}
 	if log == nil {
 		log = zap.NewNop()
 	}
-	return &Consumer{cfg: cfg, log: log, last: map[string]pipeline.Position{}}, nil
+	return &Consumer{cfg: cfg, log: log, last: map[string]pipeline.Position{}, grace: 15 * time.Second}, nil
 }
 
 // Stats returns the live counters.
 func (c *Consumer) Stats() *Stats { return &c.stats }
 
 // waitTopics returns once every topic exists with partitions, warning
-// while some are missing.
+// while some are missing (and saying so in Stats.WaitingForTopics and
+// TopicWaits, which tests wait for).
 func (c *Consumer) waitTopics(ctx context.Context, topics []string) error {
 	client := &kafkago.Client{Addr: kafkago.TCP(c.cfg.Brokers...), Timeout: 10 * time.Second}
 	bo := backoff.NewExponentialBackOff()
@@ -181,11 +207,14 @@ func (c *Consumer) waitTopics(ctx context.Context, topics []string) error {
 	bo.MaxInterval = 5 * time.Second
 	bo.MaxElapsedTime = 0
 	var warned time.Time
+	defer c.stats.WaitingForTopics.Store(false)
 	return backoff.Retry(func() error {
 		missing, err := missingTopics(ctx, client, topics)
 		if err == nil && len(missing) == 0 {
 			return nil
 		}
+		c.stats.TopicWaits.Add(1)
+		c.stats.WaitingForTopics.Store(true)
 		if err == nil {
 			err = fmt.Errorf("topics %s do not exist yet (capture creates them)", strings.Join(missing, ", "))
 		}
@@ -243,21 +272,7 @@ func (c *Consumer) Run(ctx context.Context) error {
 		}
 		return err
 	}
-	// MaxWait is both the broker's long-poll time and, in kafka-go, the
-	// deadline by which a fetch response must start arriving: the broker is
-	// asked to wait MaxWait-1s, leaving a second for the round trip and for
-	// building a large response. (10ms left none: a fetch of a few MB, slow
-	// to build or over a few ms of network, timed out on every attempt and
-	// the consumer never advanced.) MinBytes 1 makes the broker answer as
-	// soon as anything arrives, so latency does not depend on it.
-	r := kafkago.NewReader(kafkago.ReaderConfig{
-		Brokers: c.cfg.Brokers, GroupID: c.cfg.Group, GroupTopics: topics,
-		MinBytes: 1, MaxBytes: 8 << 20, MaxWait: fetchMaxWait,
-		ReadBackoffMin: time.Millisecond, ReadBackoffMax: 10 * time.Millisecond,
-		StartOffset: c.cfg.StartOffset, CommitInterval: 0,
-		HeartbeatInterval: time.Second, SessionTimeout: 10 * time.Second, RebalanceTimeout: 10 * time.Second,
-		JoinGroupBackoff: 500 * time.Millisecond,
-	})
+	r := kafkago.NewReader(c.readerConfig(topics))
 	c.log.Info("consumer started", zap.String("group", c.cfg.Group), zap.Strings("topics", topics))
 	fctx, stopFetch := context.WithCancel(ctx)
 	ch := make(chan fetched, c.cfg.MaxBatch)
@@ -295,8 +310,30 @@ func (c *Consumer) Run(ctx context.Context) error {
 	return errors.Join(err, cerr)
 }
 
-// fetchMaxWait: see the reader in Run.
+// fetchMaxWait: see readerConfig.
 const fetchMaxWait = 2 * time.Second
+
+// readerConfig is the group reader's configuration.
+//
+// MaxWait is both the broker's long-poll time and, in kafka-go, the
+// deadline by which a fetch response must start arriving: the broker is
+// asked to wait MaxWait-1s, leaving a second for the round trip and for
+// building a large response. (10ms left none: a fetch of a few MB, slow to
+// build or over a few ms of network, timed out on every attempt and the
+// consumer never advanced.) MinBytes 1 makes the broker answer as soon as
+// anything arrives, so latency does not depend on it.
+func (c *Consumer) readerConfig(topics []string) kafkago.ReaderConfig {
+	session := c.cfg.SessionTimeout
+	heartbeat := min(session/10, time.Second)
+	return kafkago.ReaderConfig{
+		Brokers: c.cfg.Brokers, GroupID: c.cfg.Group, GroupTopics: topics,
+		MinBytes: 1, MaxBytes: 8 << 20, MaxWait: fetchMaxWait,
+		ReadBackoffMin: time.Millisecond, ReadBackoffMax: 10 * time.Millisecond,
+		StartOffset: c.cfg.StartOffset, CommitInterval: 0,
+		HeartbeatInterval: max(heartbeat, time.Millisecond), SessionTimeout: session, RebalanceTimeout: session,
+		JoinGroupBackoff: 500 * time.Millisecond,
+	}
+}
 
 func (c *Consumer) loop(ctx context.Context, r *kafkago.Reader, ch <-chan fetched) error {
 	batch := make([]fetched, 0, c.cfg.MaxBatch)
@@ -325,7 +362,7 @@ func (c *Consumer) loop(ctx context.Context, r *kafkago.Reader, ch <-chan fetche
 		}
 		// A batch that was fetched is finished and committed even when ctx
 		// ends meanwhile (graceful stop), within a grace period.
-		actx, cancel := graceful(ctx, 15*time.Second)
+		actx, cancel := graceful(ctx, c.grace)
 		err := c.apply(actx, r, batch)
 		cancel()
 		if err != nil {

@@ -23,8 +23,9 @@ func (discardSink) Write(context.Context, []pipeline.Message) error { return nil
 func (discardSink) Close(context.Context) error                     { return nil }
 
 // TestConsumerWaitsForItsTopics: a consumer started before capture created
-// its topic (a group member joining then would be assigned nothing) applies
-// what is written once the topic exists.
+// its topic (a group member joining then would be assigned nothing) says
+// it waits (Stats.WaitingForTopics, TopicWaits) and applies what is written
+// once the topic exists.
 func TestConsumerWaitsForItsTopics(t *testing.T) {
 	cl := kafkatest.ForTest(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
@@ -37,7 +38,17 @@ func TestConsumerWaitsForItsTopics(t *testing.T) {
 	}
 	done := make(chan error, 1)
 	go func() { done <- c.Run(ctx) }()
-	time.Sleep(1500 * time.Millisecond) // the consumer is up, the topic is not
+	// The consumer is up, the topic is not: it says it waits.
+	waiting := time.After(10 * time.Second)
+	for !c.Stats().WaitingForTopics.Load() || c.Stats().TopicWaits.Load() == 0 {
+		select {
+		case err := <-done:
+			t.Fatalf("consumer stopped: %v", err)
+		case <-waiting:
+			t.Fatal("the consumer did not report waiting for its topic within 10s")
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
 
 	client := &kafkago.Client{Addr: kafkago.TCP(cl.Brokers()...)}
 	if _, err := client.CreateTopics(ctx, &kafkago.CreateTopicsRequest{Topics: []kafkago.TopicConfig{
@@ -62,6 +73,9 @@ func TestConsumerWaitsForItsTopics(t *testing.T) {
 			t.Fatalf("applied %d of 30 messages written after the consumer started", h.n.Load())
 		case <-time.After(50 * time.Millisecond):
 		}
+	}
+	if c.Stats().WaitingForTopics.Load() {
+		t.Error("Stats.WaitingForTopics still set once the topic exists")
 	}
 	cancel()
 	if err := <-done; err != nil {

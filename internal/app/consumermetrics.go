@@ -10,8 +10,8 @@ import (
 
 // registerConsumerMetrics adds the consumer runtime's metrics, labelled
 // role=role, to reg: tidemark_consumer_{messages,skipped,retries,dlq}_total,
-// ..._lag_messages, ..._apply_seconds (histogram) and
-// ..._apply_seconds_total. Call it before the consumer runs.
+// ..._lag_messages, ..._waiting_for_topics, ..._apply_seconds (histogram)
+// and ..._apply_seconds_total. Call it before the consumer runs.
 func registerConsumerMetrics(reg prometheus.Registerer, c *invalidation.Consumer, role string) {
 	st := c.Stats()
 	labels := prometheus.Labels{"role": role}
@@ -30,4 +30,12 @@ func registerConsumerMetrics(reg prometheus.Registerer, c *invalidation.Consumer
 	counter("apply_seconds_total", "Sum of fetch-to-commit seconds of applied changes.", func() float64 { return float64(st.ApplyNanos.Load()) / 1e9 })
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "tidemark", Subsystem: "consumer", Name: "lag_messages",
 		Help: "Messages behind the end of the subscribed partitions.", ConstLabels: labels}, func() float64 { return float64(st.Lag.Load()) }))
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "tidemark", Subsystem: "consumer", Name: "waiting_for_topics",
+		Help: "1 while the consumer waits, before joining its group, for subscribed topics that do not exist yet.", ConstLabels: labels},
+		func() float64 {
+			if st.WaitingForTopics.Load() {
+				return 1
+			}
+			return 0
+		}))
 }

@@ -43,7 +43,7 @@ func TestTargetsMetricsBesideInvalidation(t *testing.T) {
 			t.Errorf("consistency ratio starts at %v", mf.GetMetric()[0].GetGauge().GetValue())
 		}
 	}
-	if found["tidemark_consumer_messages_total"] != 2 || found["tidemark_notify_targets_consistency_ratio"] != 1 ||
+	if found["tidemark_consumer_messages_total"] != 2 || found["tidemark_consumer_waiting_for_topics"] != 2 || found["tidemark_notify_targets_consistency_ratio"] != 1 ||
 		found["tidemark_notify_targets_removed_total"] != 1 {
 		var names []string
 		for n := range found {

@@ -37,6 +37,10 @@ type HandlerConfig struct {
 	// Hold bounds how long a room waits for an incomplete transaction
 	// (whose END record or remaining changes have not arrived). Default 2s.
 	Hold time.Duration
+	// Now is the clock that starts and ends holds and stamps
+	// Stats.LastSettledAt (Run still ticks in real time, settling what Now
+	// says is due). Default time.Now; tests pass a fake clock.
+	Now func() time.Time
 }
 
 // Handler turns membership and user changes into facts (Flush stores them
@@ -83,6 +87,9 @@ func NewHandler(cfg HandlerConfig, log *zap.Logger) (*Handler, error) {
 	if cfg.Hold <= 0 {
 		cfg.Hold = 2 * time.Second
 	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
 	if log == nil {
 		log = zap.NewNop()
 	}
@@ -103,7 +110,7 @@ func (h *Handler) Handle(_ context.Context, m *invalidation.Message) error {
 	pos := m.Pos
 	p := h.pending[pos.CommitLSN]
 	if p == nil {
-		p = &pendingTxn{seen: map[string]int{}, rooms: map[string]bool{}, since: time.Now()}
+		p = &pendingTxn{seen: map[string]int{}, rooms: map[string]bool{}, since: h.cfg.Now()}
 		h.pending[pos.CommitLSN] = p
 	}
 	if env.Op == "t" {
@@ -161,7 +168,7 @@ func (h *Handler) Flush(ctx context.Context) error {
 		for _, rp := range touched {
 			p := h.pending[rp.Pos.CommitLSN]
 			if p == nil { // settled meanwhile (cannot happen under the lock); keep the room
-				p = &pendingTxn{seen: map[string]int{}, rooms: map[string]bool{}, since: time.Now()}
+				p = &pendingTxn{seen: map[string]int{}, rooms: map[string]bool{}, since: h.cfg.Now()}
 				h.pending[rp.Pos.CommitLSN] = p
 			}
 			p.rooms[rp.Room] = true
@@ -179,7 +186,7 @@ func (h *Handler) Recover(rooms []string) {
 	defer h.mu.Unlock()
 	p := h.pending[0]
 	if p == nil {
-		p = &pendingTxn{seen: map[string]int{}, rooms: map[string]bool{}, since: time.Now()}
+		p = &pendingTxn{seen: map[string]int{}, rooms: map[string]bool{}, since: h.cfg.Now()}
 		h.pending[0] = p
 	}
 	for _, r := range rooms {
@@ -230,7 +237,7 @@ func (h *Handler) settleReady(ctx context.Context) {
 	if len(h.pending) == 0 {
 		return
 	}
-	now := time.Now()
+	now := h.cfg.Now()
 	blocked := map[string]bool{}
 	var ready []pipeline.LSN
 	for lsn, p := range h.pending {
@@ -321,7 +328,7 @@ func (h *Handler) count(ups []RoomUpdate) {
 		}
 	}
 	if len(ups) > 0 {
-		h.stats.LastSettledAt.Store(time.Now().UnixNano())
+		h.stats.LastSettledAt.Store(h.cfg.Now().UnixNano())
 	}
 }
 

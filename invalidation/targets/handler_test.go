@@ -106,12 +106,15 @@ func expect(t *testing.T, step string, r *recorder, want ...string) {
 // TestHandlerNetEffectAcrossBatches: a DELETE+INSERT rewrite split over
 // two consumer batches publishes nothing, because the room waits until the
 // transaction's END record says all its changes were seen; an incomplete
-// transaction is settled after the hold.
+// transaction is settled once the hold has passed, not before. The clock is
+// fake: time passes only where the test says so.
 func TestHandlerNetEffectAcrossBatches(t *testing.T) {
 	s, _ := newTestStore(t)
 	r := &recorder{}
 	x := &TxnIndex{Tables: []string{"public.room_memberships", "public.users"}}
-	h, err := NewHandler(HandlerConfig{Store: s, Publish: r.publish, Ends: x, Hold: 300 * time.Millisecond}, nil)
+	now := time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)
+	const hold = 300 * time.Millisecond
+	h, err := NewHandler(HandlerConfig{Store: s, Publish: r.publish, Ends: x, Hold: hold, Now: func() time.Time { return now }}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -142,10 +145,16 @@ func TestHandlerNetEffectAcrossBatches(t *testing.T) {
 	end(x, 130, 2, 0)
 	batch(t, h, change("room_memberships", "u", membership("!r", "@a", "join"), membership("!r", "@a", "ban"), 130, 0))
 	expect(t, "incomplete transaction", r)
-	time.Sleep(350 * time.Millisecond)
-	h.mu.Lock()
-	h.settleReady(context.Background())
-	h.mu.Unlock()
+	settle := func() {
+		h.mu.Lock()
+		h.settleReady(context.Background())
+		h.mu.Unlock()
+	}
+	now = now.Add(hold - time.Millisecond)
+	settle()
+	expect(t, "just before the hold ends", r)
+	now = now.Add(time.Millisecond)
+	settle()
 	expect(t, "after the hold", r, "!r @a removed ban")
 	if n := h.Stats().HeldExpired.Load(); n != 1 {
 		t.Errorf("HeldExpired = %d, want 1", n)
