@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -22,7 +21,6 @@ import (
 	"github.com/tidemark/tidemark/internal/app"
 	"github.com/tidemark/tidemark/internal/config"
 	"github.com/tidemark/tidemark/internal/demo"
-	"github.com/tidemark/tidemark/internal/pgserver"
 	"github.com/tidemark/tidemark/internal/redistest"
 )
 
@@ -78,24 +76,11 @@ func TestHeartbeatsAndSlotHealth(t *testing.T) {
 // checkpoint removes WAL it needed. Runs its own server: the setting would
 // endanger other tests' slots.
 func TestSlotWatcherWarnsBeforeInvalidation(t *testing.T) {
-	if os.Getenv(pgserver.EnvTestDSN) != "" {
-		t.Skip("needs a throwaway server it can configure (TIDEMARK_TEST_PG_DSN is set)")
-	}
+	// Its own server, also when TIDEMARK_TEST_PG_DSN names a shared one.
 	ctx := context.Background()
-	srv, err := pgserver.Start(ctx, pgserver.Options{ExtraConfig: map[string]string{
+	srv := throwawayServer(t, map[string]string{
 		"max_slot_wal_keep_size": "64MB", "max_wal_size": "32MB", "min_wal_size": "32MB", "wal_keep_size": "0",
-	}})
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("starting a throwaway postgres: %v", err)
-		}
-		t.Skipf("no throwaway postgres: %v", err)
-	}
-	defer func() {
-		if err := srv.Stop(); err != nil {
-			t.Errorf("stopping the throwaway postgres: %v", err)
-		}
-	}()
+	})
 	conn, err := pgx.Connect(ctx, srv.DSN("postgres"))
 	if err != nil {
 		t.Fatal(err)
