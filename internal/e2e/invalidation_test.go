@@ -284,9 +284,12 @@ func TestInvalidationCrashAndReplay(t *testing.T) {
 	}
 	ctx := context.Background()
 	rc := rd.Client()
-	// Two halves of 150 rooms and 150 users; every room and every user of a
-	// half gets at least one of its 1500 membership changes.
-	const half, changesPerHalf = 150, 1500
+	// Two halves of 150 rooms and 150 users. The first half's 1500
+	// membership changes touch each of its rooms and users at least once;
+	// the second half's 150 changes touch each of its rooms and users
+	// exactly once, so that a change lost at the kill leaves its keys.
+	const half, firstChanges = 150, 1500
+	const changes = firstChanges + half
 	keys := func(from int) []string {
 		var out []string
 		for i := from; i < from+half; i++ {
@@ -303,11 +306,16 @@ func TestInvalidationCrashAndReplay(t *testing.T) {
 			}
 		}
 	}
-	commitHalf := func(from int) {
+	commitFirst := func() {
 		e.exec(fmt.Sprintf(`DO $$ BEGIN FOR i IN 1..%d LOOP
-  INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!r' || (%d + i %% %d), '@u' || (%d + (i * 7) %% %d), 'join')
+  INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!r' || (1 + i %% %d), '@u' || (1 + (i * 7) %% %d), 'join')
   ON CONFLICT (room_id, user_id) DO UPDATE SET membership = 'leave';
-  COMMIT; END LOOP; END $$`, changesPerHalf, from, half, from, half))
+  COMMIT; END LOOP; END $$`, firstChanges, half, half))
+	}
+	commitSecond := func() {
+		e.exec(fmt.Sprintf(`DO $$ BEGIN FOR i IN %d..%d LOOP
+  INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!r' || i, '@u' || i, 'join');
+  COMMIT; END LOOP; END $$`, 1+half, 2*half))
 	}
 	exists := func(ks []string) int64 {
 		t.Helper()
@@ -334,14 +342,14 @@ func TestInvalidationCrashAndReplay(t *testing.T) {
 		return cmd
 	}
 	cacheAll()
-	commitHalf(1)
+	commitFirst()
 	cmd := run()
 	waitGone("first half, first run", first, 60*time.Second)
 
 	if err := rc.Do(ctx, "CLIENT", "PAUSE", "60000", "WRITE").Err(); err != nil {
 		t.Fatal(err)
 	}
-	commitHalf(1 + half)
+	commitSecond()
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 		info, err := rc.Info(ctx, "clients").Result()
 		if err != nil {
@@ -377,9 +385,9 @@ func TestInvalidationCrashAndReplay(t *testing.T) {
 	cfg.Invalidation.Group = "crashinv-replay"
 	inv, stop := e.startInvalidation(cfg)
 	deadline := time.Now().Add(60 * time.Second)
-	for inv.Consumer.Stats().Messages.Load() < 2*changesPerHalf || exists(want) > 0 {
+	for inv.Consumer.Stats().Messages.Load() < changes || exists(want) > 0 {
 		if time.Now().After(deadline) {
-			t.Fatalf("replay applied %d of %d changes, %d keys left", inv.Consumer.Stats().Messages.Load(), 2*changesPerHalf, exists(want))
+			t.Fatalf("replay applied %d of %d changes, %d keys left", inv.Consumer.Stats().Messages.Load(), changes, exists(want))
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
