@@ -3,6 +3,7 @@ package capture
 import (
 	"encoding/binary"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -136,6 +137,11 @@ func (d *decoder) value(oid uint32, data []byte) (any, error) {
 	case pgtype.TextOID, pgtype.VarcharOID, pgtype.BPCharOID, pgtype.NameOID, pgtype.UUIDOID:
 		return str(data), nil
 	case pgtype.JSONOID, pgtype.JSONBOID:
+		// Envelopes embed it verbatim (pipeline.JSON): text that is not
+		// JSON would make the whole envelope unreadable to consumers.
+		if !json.Valid(data) {
+			return nil, errors.New("not valid JSON")
+		}
 		return pipeline.JSON(data[:len(data):len(data)]), nil
 	case pgtype.ByteaOID:
 		if len(data) >= 2 && data[0] == '\\' && data[1] == 'x' {

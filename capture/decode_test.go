@@ -1,10 +1,12 @@
 package capture
 
 import (
+	"encoding/json"
 	"errors"
 	"math"
 	"reflect"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -130,6 +132,15 @@ func TestDecodeTuple(t *testing.T) {
 	if !errors.As(err, &de) || de.Table != "public.t" || de.Column != "n" {
 		t.Errorf("decode error = %v, want one naming public.t column n", err)
 	}
+	// json and jsonb are embedded verbatim in envelopes: text that is not
+	// JSON is refused (FuzzParseAndDecodeTyped found it breaking envelopes).
+	jsonRel := &pipeline.Relation{Schema: "public", Table: "t", Columns: []pipeline.Column{{Name: "doc", TypeOID: pgtype.JSONBOID}}}
+	for _, v := range []string{"00", `{"a":`, "", `{"a":1}x`} {
+		_, err = d.tuple(jsonRel, &pglogrepl.TupleData{ColumnNum: 1, Columns: []*pglogrepl.TupleDataColumn{col('t', v)}}, false)
+		if !errors.As(err, &de) || de.Table != "public.t" || de.Column != "doc" {
+			t.Errorf("jsonb %q: error = %v, want one naming public.t column doc", v, err)
+		}
+	}
 	if _, err := d.tuple(intRel, &pglogrepl.TupleData{ColumnNum: 1, Columns: []*pglogrepl.TupleDataColumn{col('b', "\x00")}}, false); err == nil {
 		t.Error("binary tuple data accepted without binary mode")
 	}
@@ -179,4 +190,149 @@ func TestParseMessageRefusesForgedColumnLength(t *testing.T) {
 			t.Errorf("parseMessage(%q) allocated %d bytes for a %d-byte message", data, n, len(data))
 		}
 	}
+}
+
+// typedColumns is a relation over every type the decoder gives its own Go
+// form (and a few it keeps as text), with a valid and an edge-case value
+// of each in Postgres' text output format.
+var typedColumns = []struct {
+	name        string
+	oid         uint32
+	valid, edge string // "" in edge: NULL
+}{
+	{"id", pgtype.Int8OID, "9007199254740993", "-9223372036854775808"},
+	{"i2", pgtype.Int2OID, "-32768", "0"},
+	{"i4", pgtype.Int4OID, "2147483647", ""},
+	{"oid", pgtype.OIDOID, "4294967295", "0"},
+	{"xid", pgtype.XIDOID, "12345", "1"},
+	{"f4", pgtype.Float4OID, "1.1", "-Infinity"},
+	{"f8", pgtype.Float8OID, "2.5e-300", "NaN"},
+	{"num", pgtype.NumericOID, "123456789012345678901234567890.5", "-0.000"},
+	{"b", pgtype.BoolOID, "t", "f"},
+	{"txt", pgtype.TextOID, "héllo \"x\"\n\t\\", "\u2028"},
+	{"vc", pgtype.VarcharOID, "v", ""},
+	{"bp", pgtype.BPCharOID, "ab  ", " "},
+	{"nm", pgtype.NameOID, "pg_class", "x"},
+	{"u", pgtype.UUIDOID, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "00000000-0000-0000-0000-000000000000"},
+	{"j", pgtype.JSONOID, `{"a": [1, 2.5, "x"], "b": null}`, `"\u0000"`},
+	{"jb", pgtype.JSONBOID, `{"a": 1}`, `[]`},
+	{"by", pgtype.ByteaOID, `\xdeadbeef`, `\x`},
+	{"ts", pgtype.TimestampOID, "2024-03-01 10:34:56.123456", "infinity"},
+	{"tstz", pgtype.TimestamptzOID, "2024-03-01 10:34:56.123456+00", "0001-01-01 00:00:00+00 BC"},
+	{"d", pgtype.DateOID, "2024-02-29", "-infinity"},
+	{"iv", pgtype.IntervalOID, "1 day 02:03:04", "-00:00:01"},
+	{"inet", pgtype.InetOID, "10.0.0.1/8", "::1"},
+	{"mood", 99999, "sad", ""},
+	{"ba", pgtype.BoolArrayOID, "{t,f,NULL}", "{}"},
+	{"i2a", pgtype.Int2ArrayOID, "{1,-2}", "{NULL}"},
+	{"i4a", pgtype.Int4ArrayOID, "{{1,2},{3,4}}", "[0:1]={5,6}"},
+	{"i8a", pgtype.Int8ArrayOID, "{1,NULL,9007199254740993}", "{-9223372036854775808}"},
+	{"f4a", pgtype.Float4ArrayOID, "{1.5,-0}", "{Infinity}"},
+	{"f8a", pgtype.Float8ArrayOID, "{1.5,NaN,-Infinity}", "{1e308}"},
+	{"na", pgtype.NumericArrayOID, "{1.5,NaN,12345678901234567890}", "{Infinity,-Infinity}"},
+	{"ta", pgtype.TextArrayOID, `{a,"b c","d\"e",NULL,"NULL"}`, `{"\\","{}"}`},
+	{"vca", pgtype.VarcharArrayOID, "{x,y}", `{""}`},
+	{"ua", pgtype.UUIDArrayOID, "{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}", "{}"},
+	{"tsa", pgtype.TimestampArrayOID, `{"2024-03-01 10:34:56"}`, `{infinity}`},
+	{"tstza", pgtype.TimestamptzArrayOID, `{"2024-03-01 10:34:56+00",infinity}`, `{"2024-03-01 10:34:56.5+05:30"}`},
+	{"da", pgtype.DateArrayOID, "{2024-02-29,-infinity}", "{0001-01-01}"},
+	{"bya", pgtype.ByteaArrayOID, `{"\\xdead"}`, `{NULL}`},
+	{"jba", pgtype.JSONBArrayOID, `{"{\"a\": 1}"}`, `{}`},
+}
+
+func typedRelMsg() *pglogrepl.RelationMessage {
+	m := &pglogrepl.RelationMessage{RelationID: 43, Namespace: "public", RelationName: "typed", ReplicaIdentity: 'd'}
+	for i, c := range typedColumns {
+		var flags uint8
+		if i == 0 {
+			flags = 1 // the key
+		}
+		m.Columns = append(m.Columns, &pglogrepl.RelationMessageColumn{Flags: flags, Name: c.name, DataType: c.oid})
+	}
+	return m
+}
+
+// typedTuple encodes a typed row: edge values in the columns marked, and
+// an unchanged TOAST value in column toast (-1: none).
+func typedTuple(edge func(i int) bool, toast int) []byte {
+	vals := make([]*string, len(typedColumns))
+	for i, c := range typedColumns {
+		switch {
+		case i == toast:
+			vals[i] = sp("\x00u")
+		case edge(i) && c.edge == "":
+			vals[i] = nil
+		case edge(i):
+			vals[i] = sp(c.edge)
+		default:
+			vals[i] = sp(c.valid)
+		}
+	}
+	return tupleBytes(vals...)
+}
+
+// FuzzParseAndDecodeTyped: row messages for a table of every column type
+// the decoder knows, through the capture hot path (the in-place row
+// decoder, then value decoding). Nothing may panic; a value that does not
+// decode is an error naming its table, column and type; and what decodes
+// becomes an envelope that is valid JSON which consumers accept, with a
+// valid JSON key.
+func FuzzParseAndDecodeTyped(f *testing.F) {
+	rel := []byte{0, 0, 0, 43}
+	none := func(int) bool { return false }
+	all := func(int) bool { return true }
+	odd := func(i int) bool { return i%2 == 1 }
+	f.Add(cat([]byte{'I'}, rel, []byte{'N'}, typedTuple(none, -1)))
+	f.Add(cat([]byte{'I'}, rel, []byte{'N'}, typedTuple(all, -1)))
+	key := make([]*string, len(typedColumns)) // an old-key image: NULL but the key
+	key[0] = sp("1")
+	f.Add(cat([]byte{'U'}, rel, []byte{'K'}, tupleBytes(key...), []byte{'N'}, typedTuple(odd, 14)))
+	f.Add(cat([]byte{'U'}, rel, []byte{'O'}, typedTuple(odd, -1), []byte{'N'}, typedTuple(none, 30)))
+	f.Add(cat([]byte{'D'}, rel, []byte{'O'}, typedTuple(all, -1)))
+	d := newDecoder()
+	r := relationFromMessage(typedRelMsg(), []string{"id"})
+	txn := &pipeline.TxnInfo{Xid: 7, CommitLSN: 99, EndLSN: 107, CommitTime: time.Unix(1700000000, 0)}
+	src := pipeline.EnvelopeSource{Name: "tm", Database: "app"}
+	var m rowMessage
+	f.Fuzz(func(t *testing.T, data []byte) {
+		if !isRowMessage(data) || m.parse(data) != nil {
+			return
+		}
+		ch := pipeline.Change{Rel: r, Op: pipeline.Op(map[byte]byte{'I': 'c', 'U': 'u', 'D': 'd'}[m.typ])}
+		var err error
+		if m.oldKind != 0 {
+			ch.Before, err = d.decodeTuple(r, m.old, m.oldKind == 'K')
+		}
+		if err == nil && m.hasNew {
+			ch.After, err = d.decodeTuple(r, m.new, false)
+		}
+		if err != nil {
+			var de *DecodeError
+			switch {
+			case errors.As(err, &de):
+				i := r.ColumnIndex(de.Column)
+				if de.Table != "public.typed" || i < 0 || r.Columns[i].TypeOID != de.TypeOID ||
+					!strings.Contains(err.Error(), "public.typed."+de.Column) {
+					t.Fatalf("decode error %q names no column of public.typed (%+v)", err, de)
+				}
+			case !strings.Contains(err.Error(), "tuple for public.typed has"):
+				t.Fatalf("error %q is neither a value's nor a column count's", err)
+			}
+			return
+		}
+		env := pipeline.AppendEnvelope(nil, src, txn, &ch, ch.Op, ch.Before, ch.After, pipeline.Position{CommitLSN: 99}, 1, time.Unix(1700000001, 0))
+		if !json.Valid(env) {
+			t.Fatalf("envelope is not valid JSON: %s", env)
+		}
+		if _, err := pipeline.ParseEnvelope(env); err != nil {
+			t.Fatalf("consumers refuse the envelope: %v: %s", err, env)
+		}
+		img := ch.After
+		if img == nil {
+			img = ch.Before
+		}
+		if key, ok := pipeline.AppendKey(nil, r, img, []int{0}); ok && !json.Valid(key) {
+			t.Fatalf("key is not valid JSON: %s", key)
+		}
+	})
 }

@@ -5,7 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
+	"reflect"
 	"strconv"
+	"strings"
 )
 
 // Envelope is a decoded change envelope (DESIGN §3), for consumers.
@@ -30,31 +33,112 @@ type Envelope struct {
 	} `json:"transaction"`
 }
 
-// ParseEnvelope decodes and checks a change envelope.
+// ParseEnvelope decodes and checks a change envelope: it must be a JSON
+// object with a known op, source.schema and source.table, and a position
+// (source.lsn, transaction.total_order); a transaction.id, when present,
+// must agree with source.txId and source.lsn. The error names what is
+// wrong.
 func ParseEnvelope(b []byte) (*Envelope, error) {
 	var e Envelope
 	if err := json.Unmarshal(b, &e); err != nil {
-		return nil, fmt.Errorf("envelope is not valid JSON: %w", err)
+		return nil, jsonError("envelope", err)
 	}
-	switch Op(opByte(e.Op)) {
-	case OpCreate, OpUpdate, OpDelete, OpRead, OpTruncate:
-	default:
-		return nil, fmt.Errorf("envelope has unknown op %q", e.Op)
+	if !isObject(b) {
+		return nil, errors.New("envelope is not a JSON object")
 	}
-	if e.Source.Table == "" || e.Source.Schema == "" {
-		return nil, errors.New("envelope lacks source.schema or source.table")
+	switch {
+	case e.Op == "":
+		return nil, errors.New("envelope lacks op")
+	case !validOp(e.Op):
+		return nil, fmt.Errorf("envelope has unknown op %q (want c, u, d, r or t)", e.Op)
+	case e.Source == (Envelope{}).Source:
+		return nil, errors.New("envelope has no source block")
+	case e.Source.Schema == "":
+		return nil, errors.New("envelope lacks source.schema")
+	case e.Source.Table == "":
+		return nil, errors.New("envelope lacks source.table")
+	case e.Source.LSN == 0:
+		return nil, errors.New("envelope lacks its position: source.lsn (the commit LSN) is missing or 0")
+	case e.Transaction.TotalOrder == 0:
+		return nil, errors.New("envelope lacks its position: transaction.total_order is missing or 0")
 	}
-	if e.Transaction.TotalOrder == 0 || e.Source.LSN == 0 {
-		return nil, errors.New("envelope lacks its position (source.lsn, transaction.total_order)")
+	if err := checkTxnID(e.Transaction.ID, e.Source.TxID, e.Source.LSN); err != nil {
+		return nil, fmt.Errorf("envelope transaction.id: %w", err)
 	}
 	return &e, nil
 }
 
-func opByte(s string) byte {
+func validOp(s string) bool {
 	if len(s) != 1 {
-		return 0
+		return false
 	}
-	return s[0]
+	switch Op(s[0]) {
+	case OpCreate, OpUpdate, OpDelete, OpRead, OpTruncate:
+		return true
+	}
+	return false
+}
+
+// isObject reports whether b, valid JSON, is an object.
+func isObject(b []byte) bool {
+	b = bytes.TrimLeft(b, " \t\r\n")
+	return len(b) > 0 && b[0] == '{'
+}
+
+// jsonError explains a json.Unmarshal error of what (a record kind): a
+// syntax error, or a field of the wrong type named by its path.
+func jsonError(what string, err error) error {
+	var te *json.UnmarshalTypeError
+	if errors.As(err, &te) {
+		if te.Field == "" {
+			return fmt.Errorf("%s is not a JSON object (got %s)", what, te.Value)
+		}
+		return fmt.Errorf("%s field %s: got %s, want %s", what, te.Field, te.Value, jsonKind(te.Type))
+	}
+	return fmt.Errorf("%s is not valid JSON: %w", what, err)
+}
+
+// jsonKind describes the JSON values a Go type accepts.
+func jsonKind(t reflect.Type) string {
+	switch t.Kind() {
+	case reflect.Struct, reflect.Map:
+		return "an object"
+	case reflect.Slice, reflect.Array:
+		return "an array"
+	case reflect.String:
+		return "a string"
+	case reflect.Bool:
+		return "true or false"
+	case reflect.Float32, reflect.Float64:
+		return "a number"
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
+		n := uint64(1) << (t.Bits() - 1)
+		return fmt.Sprintf("an integer from -%d to %d", n, n-1)
+	case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return fmt.Sprintf("an integer from 0 to %d", uint64(math.MaxUint64)>>(64-t.Bits()))
+	}
+	return t.String()
+}
+
+// checkTxnID checks a transaction id ("txId:lsn", as the encoder writes it;
+// empty when absent) against the record's txId (0 when absent) and commit
+// LSN.
+func checkTxnID(id string, xid uint32, lsn uint64) error {
+	if id == "" {
+		return nil
+	}
+	x, l, ok := strings.Cut(id, ":")
+	xv, err1 := strconv.ParseUint(x, 10, 32)
+	lv, err2 := strconv.ParseUint(l, 10, 64)
+	switch {
+	case !ok || err1 != nil || err2 != nil:
+		return fmt.Errorf("%q is not txId:lsn", id)
+	case lv != lsn:
+		return fmt.Errorf("%q names commit LSN %d, the record says %d", id, lv, lsn)
+	case xid != 0 && uint32(xv) != xid:
+		return fmt.Errorf("%q names txId %d, the record says %d", id, xv, xid)
+	}
+	return nil
 }
 
 // Table returns "schema.table".

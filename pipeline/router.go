@@ -2,7 +2,11 @@ package pipeline
 
 import (
 	"bytes"
+	"encoding/json"
+	"errors"
 	"fmt"
+	"math"
+	"slices"
 	"strconv"
 	"time"
 )
@@ -429,3 +433,90 @@ var (
 	statusBegin = []byte("BEGIN")
 	statusEnd   = []byte("END")
 )
+
+// TxnRecord is a decoded BEGIN or END record of the transactions topic, for
+// consumers; Router.txnRecord above writes them.
+type TxnRecord struct {
+	Status string `json:"status"`  // "BEGIN" or "END"
+	ID     string `json:"id"`      // "txId:lsn"; optional
+	TxID   uint32 `json:"txId"`    // optional
+	LSN    uint64 `json:"lsn"`     // the commit LSN
+	TsMs   int64  `json:"ts_ms"`   // the commit time; optional
+	EndLSN uint64 `json:"end_lsn"` // END: the end of the commit record; optional
+	// EventCount is the number of changes of the transaction (END; optional),
+	// the sum of DataCollections' counts.
+	EventCount *uint32 `json:"event_count"`
+	// DataCollections counts the changes per table (END: required, one
+	// entry per table, possibly none).
+	DataCollections []TxnTableCount `json:"data_collections"`
+}
+
+// TxnTableCount is one table's change count in an END record.
+type TxnTableCount struct {
+	Table string `json:"data_collection"` // schema.table
+	Count int    `json:"event_count"`
+}
+
+// IsEnd reports whether r is an END record.
+func (r *TxnRecord) IsEnd() bool { return r.Status == "END" }
+
+// ParseTxnRecord decodes and checks a record of the transactions topic: a
+// JSON object with status BEGIN or END and a commit LSN; an id, when
+// present, must agree with txId and lsn. An END record must list its
+// tables (data_collections: a table at most once, each with a count from
+// 0 to 2^32-1) and, when it has event_count, count as many changes in
+// total. The error names what is wrong.
+func ParseTxnRecord(b []byte) (TxnRecord, error) {
+	var r TxnRecord
+	if err := json.Unmarshal(b, &r); err != nil {
+		return TxnRecord{}, jsonError("transaction record", err)
+	}
+	if !isObject(b) {
+		return TxnRecord{}, errors.New("transaction record is not a JSON object")
+	}
+	switch {
+	case r.Status == "":
+		return TxnRecord{}, errors.New("transaction record lacks status")
+	case r.Status != "BEGIN" && r.Status != "END":
+		return TxnRecord{}, fmt.Errorf("transaction record has unknown status %q (want BEGIN or END)", r.Status)
+	case r.LSN == 0:
+		return TxnRecord{}, fmt.Errorf("%s record lacks its position: lsn (the commit LSN) is missing or 0", r.Status)
+	}
+	if err := checkTxnID(r.ID, r.TxID, r.LSN); err != nil {
+		return TxnRecord{}, fmt.Errorf("%s record at lsn %d: id %w", r.Status, r.LSN, err)
+	}
+	if !r.IsEnd() {
+		return r, nil
+	}
+	if r.DataCollections == nil {
+		return TxnRecord{}, fmt.Errorf("END record at lsn %d lacks data_collections", r.LSN)
+	}
+	var total uint64
+	var seen map[string]bool // for long lists; short ones are scanned
+	if len(r.DataCollections) > 8 {
+		seen = make(map[string]bool, len(r.DataCollections))
+	}
+	for i, dc := range r.DataCollections {
+		switch {
+		case dc.Table == "":
+			return TxnRecord{}, fmt.Errorf("END record at lsn %d: data_collections[%d] lacks data_collection", r.LSN, i)
+		case dc.Count < 0 || dc.Count > math.MaxUint32:
+			return TxnRecord{}, fmt.Errorf("END record at lsn %d: data_collections[%d] (%s) has event_count %d, want 0 to %d",
+				r.LSN, i, dc.Table, dc.Count, uint32(math.MaxUint32))
+		}
+		dup := seen[dc.Table]
+		if seen != nil {
+			seen[dc.Table] = true
+		} else {
+			dup = slices.ContainsFunc(r.DataCollections[:i], func(p TxnTableCount) bool { return p.Table == dc.Table })
+		}
+		if dup {
+			return TxnRecord{}, fmt.Errorf("END record at lsn %d lists data_collection %q twice", r.LSN, dc.Table)
+		}
+		total += uint64(dc.Count)
+	}
+	if r.EventCount != nil && uint64(*r.EventCount) != total {
+		return TxnRecord{}, fmt.Errorf("END record at lsn %d: event_count %d, but data_collections count %d", r.LSN, *r.EventCount, total)
+	}
+	return r, nil
+}

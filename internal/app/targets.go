@@ -385,6 +385,13 @@ func (t *Targets) Register(reg prometheus.Registerer) {
 	counter("notify_targets", "rooms_settled_total", "Room settlements that changed targets.", func() float64 { return float64(hs.RoomsSettled.Load()) })
 	counter("notify_targets", "held_expired_total", "Transactions settled after the hold without being known complete.", func() float64 { return float64(hs.HeldExpired.Load()) })
 	counter("notify_targets", "settle_errors_total", "Failed settlements (retried).", func() float64 { return float64(hs.SettleErrors.Load()) })
+	counter("notify_targets", "malformed_transaction_records_total", "Records of the transactions topic skipped as not valid BEGIN or END records (their transactions are settled after targets.hold).",
+		func() float64 {
+			if t.Ends == nil {
+				return 0
+			}
+			return float64(t.Ends.Malformed())
+		})
 	gauge("notify_targets", "pending_rooms", "Rooms waiting for their transactions to complete.", func() float64 { return float64(hs.PendingRooms.Load()) })
 	t.ratio = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: "tidemark", Subsystem: "notify_targets", Name: "consistency_ratio",
 		Help: "Share of audited rooms whose kept targets equal the database (periodic audit; 1 before the first).", ConstLabels: labels})

@@ -44,7 +44,7 @@ func TestTargetsMetricsBesideInvalidation(t *testing.T) {
 		}
 	}
 	if found["tidemark_consumer_messages_total"] != 2 || found["tidemark_consumer_waiting_for_topics"] != 2 || found["tidemark_notify_targets_consistency_ratio"] != 1 ||
-		found["tidemark_notify_targets_removed_total"] != 1 {
+		found["tidemark_notify_targets_removed_total"] != 1 || found["tidemark_notify_targets_malformed_transaction_records_total"] != 1 {
 		var names []string
 		for n := range found {
 			names = append(names, n)

@@ -265,33 +265,20 @@ func (c *Checker) Load(ctx context.Context) error {
 }
 
 // Decode is the consumer runtime's decoder for the transactions topic: a
-// BEGIN record gets position (lsn, 0) and an END record (lsn, 1).
+// BEGIN record gets position (lsn, 0) and an END record (lsn, 1). A record
+// pipeline.ParseTxnRecord refuses is an error, which the runtime
+// dead-letters with the reason.
 func Decode(m *kafkago.Message) (*invalidation.Message, error) {
-	var r txnRecord
-	if err := json.Unmarshal(m.Value, &r); err != nil {
-		return nil, fmt.Errorf("transaction record is not valid JSON: %w", err)
-	}
-	if r.LSN == 0 || (r.Status != "BEGIN" && r.Status != "END") {
-		return nil, fmt.Errorf("transaction record lacks status BEGIN/END or lsn")
+	r, err := pipeline.ParseTxnRecord(m.Value)
+	if err != nil {
+		return nil, err
 	}
 	pos := pipeline.Position{CommitLSN: pipeline.LSN(r.LSN)}
-	if r.Status == "END" {
+	if r.IsEnd() {
 		pos.Seq = 1
 	}
 	return &invalidation.Message{Topic: m.Topic, Partition: m.Partition, Offset: m.Offset, Key: m.Key, Value: m.Value,
 		Table: TransactionsTable, Pos: pos}, nil
-}
-
-// txnRecord is a BEGIN or END record of the transactions topic.
-type txnRecord struct {
-	Status          string `json:"status"`
-	ID              string `json:"id"`
-	LSN             uint64 `json:"lsn"`
-	TsMs            int64  `json:"ts_ms"`
-	DataCollections []struct {
-		Name  string `json:"data_collection"`
-		Count int    `json:"event_count"`
-	} `json:"data_collections"`
 }
 
 var _ invalidation.Handler = (*Checker)(nil)
@@ -325,18 +312,18 @@ func (c *Checker) handleTxnRecord(m *invalidation.Message) error {
 	if m.Pos.Seq == 0 {
 		return nil // BEGIN (see Decode): the END record says all there is
 	}
-	var r txnRecord
-	if err := json.Unmarshal(m.Value, &r); err != nil {
+	r, err := pipeline.ParseTxnRecord(m.Value)
+	if err != nil {
 		return err
 	}
 	c.advanceClock(r.TsMs)
-	if r.Status != "END" || !c.trackTxns {
+	if !r.IsEnd() || !c.trackTxns {
 		return nil
 	}
 	end := map[string]int{}
 	for _, dc := range r.DataCollections {
-		if c.subscribed[dc.Name] {
-			end[dc.Name] += dc.Count
+		if c.subscribed[dc.Table] {
+			end[dc.Table] += dc.Count
 		}
 	}
 	t := c.txns[r.LSN]

@@ -2,11 +2,11 @@ package targets
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -22,7 +22,9 @@ import (
 // handler knows when it has seen a whole transaction.
 //
 // It keeps at most Max transactions (oldest dropped first; a dropped one is
-// settled after the hold instead) and starts Lookback before now.
+// settled after the hold instead) and starts Lookback before now. A record
+// pipeline.ParseTxnRecord refuses is skipped, counted (Malformed) and
+// logged: the transaction it would have ended is settled after the hold.
 type TxnIndex struct {
 	Brokers  []string
 	Topic    string
@@ -31,11 +33,16 @@ type TxnIndex struct {
 	Lookback time.Duration // default 1m
 	Log      *zap.Logger
 
-	mu    sync.Mutex
-	ends  map[pipeline.LSN]map[string]int
-	order []pipeline.LSN
-	first pipeline.LSN // commit LSN of the first END record read
+	mu        sync.Mutex
+	ends      map[pipeline.LSN]map[string]int
+	order     []pipeline.LSN
+	first     pipeline.LSN // commit LSN of the first END record read
+	malformed atomic.Uint64
 }
+
+// Malformed returns the number of records skipped because they are not
+// valid BEGIN or END records.
+func (x *TxnIndex) Malformed() uint64 { return x.malformed.Load() }
 
 // Covers reports whether the index has read from before lsn: the END
 // record of a transaction committed at lsn is (or will be) in it. A
@@ -70,19 +77,16 @@ func (x *TxnIndex) Forget(lsn pipeline.LSN) {
 	delete(x.ends, lsn)
 }
 
-type endRecord struct {
-	Status          string `json:"status"`
-	LSN             uint64 `json:"lsn"`
-	DataCollections []struct {
-		Name  string `json:"data_collection"`
-		Count int    `json:"event_count"`
-	} `json:"data_collections"`
-}
-
-func (x *TxnIndex) add(v []byte) {
-	var r endRecord
-	if err := json.Unmarshal(v, &r); err != nil || r.Status != "END" {
-		return
+// add indexes one record of the topic: an END record's counts of the
+// mapped tables (a BEGIN record says nothing the index needs). A record
+// that is not a valid BEGIN or END record is an error, and changes nothing.
+func (x *TxnIndex) add(v []byte) error {
+	r, err := pipeline.ParseTxnRecord(v)
+	if err != nil {
+		return err
+	}
+	if !r.IsEnd() {
+		return nil
 	}
 	x.mu.Lock()
 	if x.first == 0 {
@@ -91,15 +95,15 @@ func (x *TxnIndex) add(v []byte) {
 	x.mu.Unlock()
 	var counts map[string]int
 	for _, dc := range r.DataCollections {
-		if slices.Contains(x.Tables, dc.Name) {
+		if slices.Contains(x.Tables, dc.Table) {
 			if counts == nil {
 				counts = map[string]int{}
 			}
-			counts[dc.Name] = dc.Count
+			counts[dc.Table] = dc.Count
 		}
 	}
 	if counts == nil {
-		return
+		return nil
 	}
 	x.mu.Lock()
 	defer x.mu.Unlock()
@@ -127,6 +131,21 @@ func (x *TxnIndex) add(v []byte) {
 			}
 		}
 		x.order = live
+	}
+	return nil
+}
+
+// read indexes one record read from the topic; a malformed one is counted
+// and logged (the first, then every 100th), and skipped.
+func (x *TxnIndex) read(log *zap.Logger, m *kafkago.Message) {
+	err := x.add(m.Value)
+	if err == nil {
+		return
+	}
+	if n := x.malformed.Add(1); n == 1 || n%100 == 0 {
+		log.Warn("skipped a malformed record of the transactions topic; the transaction it ends is settled after the hold (targets.hold)",
+			zap.String("topic", m.Topic), zap.Int("partition", m.Partition), zap.Int64("offset", m.Offset),
+			zap.Uint64("malformed_total", n), zap.Error(err))
 	}
 }
 
@@ -182,6 +201,6 @@ func (x *TxnIndex) Run(ctx context.Context) error {
 			}
 			return fmt.Errorf("reading %s: %w", x.Topic, err)
 		}
-		x.add(m.Value)
+		x.read(log, &m)
 	}
 }

@@ -1,0 +1,74 @@
+package targets
+
+import (
+	"strings"
+	"testing"
+
+	kafkago "github.com/segmentio/kafka-go"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
+)
+
+// TestTxnIndexMalformedRecords: a record of the transactions topic that is
+// not a valid BEGIN or END record changes nothing in the index (before, an
+// END without its tables started the index, one with a negative or
+// duplicated count was kept and could mark an incomplete transaction
+// complete); it is counted and logged with its offset and the reason, the
+// first and then every 100th, never dropped silently.
+func TestTxnIndexMalformedRecords(t *testing.T) {
+	malformed := []struct {
+		name, value, wantErr string
+	}{
+		{"not JSON", `not json`, "not valid JSON"},
+		{"unknown status", `{"status":"COMMIT","lsn":10,"data_collections":[]}`, `unknown status "COMMIT"`},
+		{"END without lsn", `{"status":"END","data_collections":[{"data_collection":"public.users","event_count":1}]}`, "lacks its position"},
+		{"END without its tables", `{"status":"END","lsn":10}`, "lacks data_collections"},
+		{"negative count", `{"status":"END","lsn":10,"data_collections":[{"data_collection":"public.users","event_count":-1}]}`, "event_count -1"},
+		{"table twice", `{"status":"END","lsn":10,"data_collections":[{"data_collection":"public.users","event_count":2},{"data_collection":"public.users","event_count":1}]}`,
+			`"public.users" twice`},
+		{"lsn as a string", `{"status":"END","lsn":"10","data_collections":[]}`, "field lsn: got string"},
+	}
+	for _, tc := range malformed {
+		t.Run(tc.name, func(t *testing.T) {
+			core, logs := observer.New(zapcore.WarnLevel)
+			x := &TxnIndex{Tables: []string{"public.room_memberships", "public.users"}}
+			x.read(zap.New(core), &kafkago.Message{Topic: "tm.transactions", Offset: 41, Value: []byte(tc.value)})
+			if _, ok := x.Lookup(10); ok || x.Started() || x.Malformed() != 1 {
+				t.Errorf("after %s: Lookup(10) ok %v, Started %v, Malformed %d; want false, false, 1", tc.value, ok, x.Started(), x.Malformed())
+			}
+			entries := logs.All()
+			if len(entries) != 1 {
+				t.Fatalf("logged %d entries, want one warning", len(entries))
+			}
+			f := entries[0].ContextMap()
+			if f["offset"] != int64(41) || f["topic"] != "tm.transactions" || !strings.Contains(f["error"].(string), tc.wantErr) {
+				t.Errorf("warning %q %v, want offset 41 and an error containing %q", entries[0].Message, f, tc.wantErr)
+			}
+		})
+	}
+
+	// Valid records count nothing and log nothing; repeated malformed ones
+	// warn at the first and the 100th.
+	core, logs := observer.New(zapcore.WarnLevel)
+	log := zap.New(core)
+	x := &TxnIndex{Tables: []string{"public.users"}}
+	for _, v := range []string{
+		`{"status":"BEGIN","id":"7:10","txId":7,"lsn":10,"ts_ms":1,"event_count":null,"data_collections":null}`,
+		`{"status":"END","id":"7:10","txId":7,"lsn":10,"ts_ms":1,"end_lsn":11,"event_count":3,"data_collections":[{"data_collection":"public.users","event_count":1},{"data_collection":"public.events","event_count":2}]}`,
+	} {
+		x.read(log, &kafkago.Message{Value: []byte(v)})
+	}
+	if c, ok := x.Lookup(10); !ok || c["public.users"] != 1 || x.Malformed() != 0 || logs.Len() != 0 {
+		t.Fatalf("valid records: Lookup(10) = %v, %v; Malformed %d; %d log entries", c, ok, x.Malformed(), logs.Len())
+	}
+	for i := 0; i < 150; i++ {
+		x.read(log, &kafkago.Message{Value: []byte(`{"status":"END","lsn":12}`)})
+	}
+	if x.Malformed() != 150 || logs.Len() != 2 {
+		t.Errorf("150 malformed records: Malformed %d, %d warnings; want 150, 2", x.Malformed(), logs.Len())
+	}
+	if _, ok := x.Lookup(12); ok {
+		t.Error("a malformed END was indexed")
+	}
+}
