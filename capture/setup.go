@@ -88,6 +88,22 @@ func quoteIdent(s string) string { return pgx.Identifier{s}.Sanitize() }
 
 func quoteTable(schema, table string) string { return pgx.Identifier{schema, table}.Sanitize() }
 
+// MinServerVersion is the oldest Postgres Tidemark runs against (as
+// server_version_num): capture asks pgoutput for logical messages (the
+// messages option, added in 14) and reads pg_replication_slots.wal_status
+// (added in 13).
+const MinServerVersion = 140000
+
+// versionProblem is the problem with a server of version num (text: its
+// server_version), or nil.
+func versionProblem(num int, text string) *Problem {
+	if num >= MinServerVersion {
+		return nil
+	}
+	return &Problem{What: fmt.Sprintf("Postgres %s is too old: Tidemark needs 14 or later (pgoutput's messages option, pg_replication_slots.wal_status)", text),
+		Fix: "upgrade the server to Postgres 14 or later"}
+}
+
 // Inspect reads the server settings and the configured tables' shapes and
 // replica identities. It returns every problem found, including tables whose
 // UPDATE and DELETE would start failing if they were published (no replica
@@ -101,6 +117,14 @@ func Inspect(ctx context.Context, conn *pgx.Conn, tables []string) (map[string]T
 	if walLevel != "logical" {
 		problems = append(problems, Problem{What: "wal_level is " + walLevel + ", logical replication needs logical",
 			Fix: "ALTER SYSTEM SET wal_level = logical; then restart Postgres"})
+	}
+	var versionNum int
+	var version string
+	if err := conn.QueryRow(ctx, "SELECT current_setting('server_version_num')::int, current_setting('server_version')").Scan(&versionNum, &version); err != nil {
+		return nil, nil, fmt.Errorf("reading server_version_num: %w", err)
+	}
+	if p := versionProblem(versionNum, version); p != nil {
+		problems = append(problems, *p)
 	}
 	infos := map[string]TableInfo{}
 	for _, name := range tables {
