@@ -74,10 +74,10 @@ type Stats struct {
 	ConfirmedLSN atomic.Uint64 // flush LSN last sent to Postgres
 	// StatusUpdates counts standby status messages sent.
 	StatusUpdates atomic.Uint64
-	ServerWALEnd atomic.Uint64 // the server's WAL end from its last keepalive
-	Reconnects   atomic.Uint64
-	Messages     atomic.Uint64 // pgoutput messages decoded
-	LogicalMsgs  atomic.Uint64 // pg_logical_emit_message records seen
+	ServerWALEnd  atomic.Uint64 // the server's WAL end from its last keepalive
+	Reconnects    atomic.Uint64
+	Messages      atomic.Uint64 // pgoutput messages decoded
+	LogicalMsgs   atomic.Uint64 // pg_logical_emit_message records seen
 	// Heartbeats received (see Watcher) and, for the last one, nanoseconds
 	// from its write to its receipt here: replication lag, also when idle.
 	HeartbeatsSeen atomic.Uint64
