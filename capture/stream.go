@@ -13,7 +13,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -54,7 +57,25 @@ type Config struct {
 	// (its primary key; see TableInfo.KeyColumns). Tables not listed are
 	// keyed by the replica identity columns pgoutput flags.
 	KeyColumns map[string][]string
+	// Tables are the configured tables ("schema.table"). They are tracked
+	// by OID: a table renamed while running keeps its configured name (and
+	// so its topics), with one warning. A relation in the stream that is
+	// none of them (an extra table of an unmanaged publication, one added
+	// to the publication at runtime) is handled as UnknownTables says.
+	// Empty: every relation in the stream is captured under its own name.
+	Tables []string
+	// UnknownTables is UnknownSkip (the default: the changes of a relation
+	// that is not in Tables are counted in Stats.Skipped and not
+	// published, with one warning per table) or UnknownStop (a terminal
+	// error naming the table).
+	UnknownTables string
 }
+
+// What Config.UnknownTables may say.
+const (
+	UnknownSkip = "skip"
+	UnknownStop = "stop"
+)
 
 func (c *Config) defaults() {
 	if c.StandbyInterval <= 0 {
@@ -65,6 +86,9 @@ func (c *Config) defaults() {
 	}
 	if c.ReconnectMax <= 0 {
 		c.ReconnectMax = 30 * time.Second
+	}
+	if c.UnknownTables == "" {
+		c.UnknownTables = UnknownSkip
 	}
 }
 
@@ -83,6 +107,27 @@ type Stats struct {
 	HeartbeatsSeen atomic.Uint64
 	HeartbeatLag   atomic.Int64
 	Connected      atomic.Bool
+
+	skipped sync.Map // "schema.table" -> *atomic.Uint64 (see Skipped)
+}
+
+// Skipped returns, by table ("schema.table", as the stream names it), the
+// changes of relations that are not configured that were skipped.
+func (st *Stats) Skipped() map[string]uint64 {
+	out := map[string]uint64{}
+	st.skipped.Range(func(k, v any) bool {
+		out[k.(string)] = v.(*atomic.Uint64).Load()
+		return true
+	})
+	return out
+}
+
+func (st *Stats) skip(table string) {
+	v, ok := st.skipped.Load(table)
+	if !ok {
+		v, _ = st.skipped.LoadOrStore(table, new(atomic.Uint64))
+	}
+	v.(*atomic.Uint64).Add(1)
 }
 
 // ErrTerminal marks errors that reconnecting cannot fix.
@@ -108,6 +153,9 @@ type Stream struct {
 	lastStatus  time.Time
 	dec         *decoder
 	rels        map[uint32]*pipeline.Relation
+	skipRels    map[uint32]string // relations not configured, by id: their names
+	tableOIDs   map[uint32]string // configured tables by OID (kept across sessions)
+	warned      map[string]bool   // unknown tables and renames already warned about
 	typeNames   map[uint32]string
 	txn         *pipeline.TxnInfo
 	statusTimer *time.Ticker
@@ -146,7 +194,8 @@ func New(cfg Config, log *zap.Logger) (*Stream, error) {
 	}
 	batches := max(cfg.Buffer/maxBatch, 2)
 	st := &Stream{cfg: cfg, log: log, out: make(chan []pipeline.Event, batches), free: make(chan []pipeline.Event, batches+2),
-		done: make(chan struct{}), ackCh: make(chan struct{}, 1), dec: newDecoder()}
+		done: make(chan struct{}), ackCh: make(chan struct{}, 1), dec: newDecoder(),
+		tableOIDs: map[uint32]string{}, warned: map[string]bool{}}
 	st.acked.Store(uint64(cfg.ConfirmedLSN))
 	return st, nil
 }
@@ -314,6 +363,9 @@ func (s *Stream) session(ctx context.Context) error {
 	if _, err := pglogrepl.IdentifySystem(ctx, conn); err != nil {
 		return fmt.Errorf("IDENTIFY_SYSTEM: %w", err)
 	}
+	if err := s.resolveTables(ctx, conn); err != nil {
+		return err
+	}
 	// Resume after what was already handed to the pipeline in this process;
 	// Postgres starts at the slot's confirmed position when that is later.
 	start := s.handedEnd
@@ -327,6 +379,7 @@ func (s *Stream) session(ctx context.Context) error {
 	s.stats.Connected.Store(true)
 	s.log.Info("replication started", zap.String("slot", s.cfg.Slot), zap.Stringer("from", start))
 	s.rels = map[uint32]*pipeline.Relation{}
+	s.skipRels = map[uint32]string{}
 	s.typeNames = map[uint32]string{}
 	s.txn, s.open = nil, false
 	s.idleWALEnd = 0
@@ -470,7 +523,7 @@ func (s *Stream) handleWAL(ctx context.Context, conn *pgconn.PgConn, xld pglogre
 		s.stats.ReceivedLSN.Store(uint64(s.txn.EndLSN))
 		s.txn, s.open = nil, false
 	case *pglogrepl.RelationMessage:
-		s.rels[m.RelationID] = relationFromMessage(m, s.cfg.KeyColumns[m.Namespace+"."+m.RelationName])
+		return s.handleRelation(m, at)
 	case *pglogrepl.TypeMessage:
 		s.typeNames[m.DataType] = m.Namespace + "." + m.Name
 	case *pglogrepl.OriginMessage:
@@ -488,11 +541,17 @@ func (s *Stream) handleWAL(ctx context.Context, conn *pgconn.PgConn, xld pglogre
 	case *pglogrepl.TruncateMessage:
 		// Every relation is resolved before any change is emitted: a
 		// message is refused whole, never half handed to the pipeline.
-		rels := make([]*pipeline.Relation, len(m.RelationIDs))
-		for i, id := range m.RelationIDs {
-			if rels[i], err = s.relation(id, at); err != nil {
+		rels := make([]*pipeline.Relation, 0, len(m.RelationIDs))
+		for _, id := range m.RelationIDs {
+			if name, skip := s.skipRels[id]; skip {
+				s.stats.skip(name)
+				continue
+			}
+			rel, err := s.relation(id, at)
+			if err != nil {
 				return err
 			}
+			rels = append(rels, rel)
 		}
 		for _, rel := range rels {
 			if err := s.change(ctx, conn, pipeline.Change{Op: pipeline.OpTruncate, Rel: rel, WALLSN: at}); err != nil {
@@ -536,6 +595,10 @@ func (s *Stream) handleRow(ctx context.Context, conn *pgconn.PgConn, xld pglogre
 		return fmt.Errorf("%w: decoding pgoutput message at %s: %v", ErrTerminal, at, err)
 	}
 	s.stats.Messages.Add(1)
+	if name, skip := s.skipRels[m.relID]; skip {
+		s.stats.skip(name)
+		return nil
+	}
 	rel, err := s.relation(m.relID, at)
 	if err != nil {
 		return err
@@ -579,6 +642,81 @@ func (s *Stream) own(data []byte) []byte {
 	start := len(s.slab)
 	s.slab = append(s.slab, data...)
 	return s.slab[start:len(s.slab):len(s.slab)]
+}
+
+// resolveTables maps the configured tables that exist to their OIDs, so
+// that a table renamed later is still known by its configured name. It
+// keeps what earlier sessions found: a table renamed while disconnected is
+// still recognised.
+func (s *Stream) resolveTables(ctx context.Context, conn *pgconn.PgConn) error {
+	if len(s.cfg.Tables) == 0 {
+		return nil
+	}
+	names := make([]string, len(s.cfg.Tables))
+	for i, t := range s.cfg.Tables {
+		names[i] = "'" + strings.ReplaceAll(t, "'", "''") + "'"
+	}
+	// A replication connection speaks the simple query protocol only.
+	res, err := conn.Exec(ctx, `SELECT c.oid, n.nspname || '.' || c.relname FROM pg_catalog.pg_class c
+		JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+		WHERE n.nspname || '.' || c.relname IN (`+strings.Join(names, ", ")+`)`).ReadAll()
+	if err != nil {
+		return fmt.Errorf("resolving the configured tables: %w", err)
+	}
+	for _, r := range res {
+		if r.Err != nil {
+			return fmt.Errorf("resolving the configured tables: %w", r.Err)
+		}
+		for _, row := range r.Rows {
+			oid, err := strconv.ParseUint(string(row[0]), 10, 32)
+			if err != nil {
+				return fmt.Errorf("resolving the configured tables: oid %q: %w", row[0], err)
+			}
+			s.tableOIDs[uint32(oid)] = string(row[1])
+		}
+	}
+	return nil
+}
+
+// handleRelation records a relation of the stream: under its configured
+// name (found by OID, so a renamed table keeps it), or as one whose
+// changes are skipped (or refused, see Config.UnknownTables).
+func (s *Stream) handleRelation(m *pglogrepl.RelationMessage, at pipeline.LSN) error {
+	name := m.Namespace + "." + m.RelationName
+	configured, ok := name, true
+	if len(s.cfg.Tables) > 0 {
+		if c, known := s.tableOIDs[m.RelationID]; known {
+			configured = c
+		} else if ok = slices.Contains(s.cfg.Tables, name); ok {
+			s.tableOIDs[m.RelationID] = name // e.g. created after the start
+		}
+	}
+	if !ok {
+		delete(s.rels, m.RelationID)
+		if s.cfg.UnknownTables == UnknownStop {
+			return fmt.Errorf("%w: table %s (relation %d, at %s) is published by %q but is not in postgres.tables; add it to postgres.tables, remove it from the publication, or set postgres.unknown_tables: skip",
+				ErrTerminal, name, m.RelationID, at, s.cfg.Publication)
+		}
+		s.skipRels[m.RelationID] = name
+		if !s.warned["unknown "+name] {
+			s.warned["unknown "+name] = true
+			s.log.Warn("skipping the changes of a table that is not in postgres.tables (counted in tidemark_skipped_changes_total; add it to postgres.tables, or remove it from the publication)",
+				zap.String("table", name), zap.Uint32("relation", m.RelationID), zap.String("publication", s.cfg.Publication))
+		}
+		return nil
+	}
+	delete(s.skipRels, m.RelationID)
+	rel := relationFromMessage(m, s.cfg.KeyColumns[configured])
+	if configured != name {
+		if key := "renamed " + configured + " " + name; !s.warned[key] {
+			s.warned[key] = true
+			s.log.Warn("a configured table was renamed; its changes keep going to the topics of its configured name (tables are tracked by OID): rename it in postgres.tables when convenient",
+				zap.String("configured", configured), zap.String("now", name), zap.Uint32("relation", m.RelationID))
+		}
+		rel.Schema, rel.Table, _ = strings.Cut(configured, ".")
+	}
+	s.rels[m.RelationID] = rel
+	return nil
 }
 
 func (s *Stream) relation(id uint32, at pipeline.LSN) (*pipeline.Relation, error) {

@@ -131,6 +131,7 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger) (*App, er
 	stream, err := capture.New(capture.Config{
 		DSN: cfg.Postgres.DSN, Slot: cfg.Postgres.Slot, Publication: cfg.Postgres.Publication,
 		StandbyInterval: cfg.Postgres.StandbyInterval, KeyColumns: keys, ConfirmedLSN: confirmed,
+		Tables: cfg.Postgres.Tables, UnknownTables: cfg.Postgres.UnknownTables,
 	}, log.With(zap.String("component", "capture")))
 	if err != nil {
 		return nil, err

@@ -43,6 +43,7 @@ func (a *App) Register(reg prometheus.Registerer) {
 	counter("sink_batches_total", "Successful writes to Kafka.", func() float64 { return float64(ps.Batches.Load()) })
 	counter("sink_retries_total", "Failed Kafka write attempts (retried).", func() float64 { return float64(a.Sink.Retries()) })
 	counter("replication_reconnects_total", "Replication connection re-establishments.", func() float64 { return float64(cs.Reconnects.Load()) })
+	reg.MustRegister(skippedCollector{cs})
 	gauge("inflight_messages", "Messages accepted but not yet durable in Kafka.", func() float64 { return float64(ps.InFlight.Load()) })
 	gauge("inflight_bytes", "Bytes of those messages.", func() float64 { return float64(ps.InFlightSize.Load()) })
 	gauge("received_lsn", "End LSN of the last transaction received.", func() float64 { return float64(cs.ReceivedLSN.Load()) })
@@ -151,4 +152,19 @@ func Serve(ctx context.Context, addr string, reg *prometheus.Registry, ready fun
 		return err
 	}
 	return nil
+}
+
+// skippedCollector exports tidemark_skipped_changes_total{table}: changes of
+// tables that are not configured, skipped (postgres.unknown_tables: skip).
+type skippedCollector struct{ st *capture.Stats }
+
+var skippedDesc = prometheus.NewDesc("tidemark_skipped_changes_total",
+	"Changes of published tables that are not in postgres.tables, skipped (postgres.unknown_tables: skip).", []string{"table"}, nil)
+
+func (c skippedCollector) Describe(ch chan<- *prometheus.Desc) { ch <- skippedDesc }
+
+func (c skippedCollector) Collect(ch chan<- prometheus.Metric) {
+	for table, n := range c.st.Skipped() {
+		ch <- prometheus.MustNewConstMetric(skippedDesc, prometheus.CounterValue, float64(n), table)
+	}
 }

@@ -109,6 +109,13 @@ type Postgres struct {
 	// ManagePublication lets Tidemark create the publication and keep its
 	// table list equal to Tables. Default true.
 	ManagePublication *bool `yaml:"manage_publication"`
+	// UnknownTables says what a change of a table that is not in Tables
+	// does when it arrives (an extra table of an unmanaged or FOR ALL
+	// TABLES publication, a table added to the publication at runtime):
+	// "skip" (default) counts it in tidemark_skipped_changes_total{table}
+	// and warns once per table; "stop" stops capture with an error naming
+	// the table.
+	UnknownTables string `yaml:"unknown_tables"`
 	// Tables to capture, "schema.table" (required).
 	Tables []string `yaml:"tables"`
 	// StandbyInterval is the longest gap between standby status messages.
@@ -310,6 +317,9 @@ func (c *Config) ApplyDefaults() {
 	if p.ManagePublication == nil {
 		p.ManagePublication = boolPtr(true)
 	}
+	if p.UnknownTables == "" {
+		p.UnknownTables = "skip"
+	}
 	if p.StandbyInterval == 0 {
 		p.StandbyInterval = 10 * time.Second
 	}
@@ -431,6 +441,9 @@ func (c *Config) Validate() []FieldError {
 			add(path, "%q is listed twice", t)
 		}
 		seen[t] = true
+	}
+	if p.UnknownTables != "" && p.UnknownTables != "skip" && p.UnknownTables != "stop" {
+		add("postgres.unknown_tables", "%q is neither skip nor stop", p.UnknownTables)
 	}
 	if p.StandbyInterval < 100*time.Millisecond || p.StandbyInterval > 60*time.Second {
 		add("postgres.standby_interval", "%s is outside 100ms..60s (Postgres' wal_sender_timeout defaults to 60s)", p.StandbyInterval)

@@ -50,7 +50,7 @@ func TestLoadGoodConfigAppliesDefaults(t *testing.T) {
 			DSN:               "postgres://tidemark@db.internal:5432/chat?sslmode=require",
 			Slot:              "tidemark",
 			Publication:       "tidemark",
-			ManagePublication: ptr(true),
+			ManagePublication: ptr(true), UnknownTables: "skip",
 			Tables:            []string{"public.events", "public.users", "public.room_memberships"},
 			StandbyInterval:   10 * time.Second,
 			SlotCheckInterval: 10 * time.Second,
@@ -154,6 +154,11 @@ func TestBadConfigs(t *testing.T) {
 				`postgres.tables[3]: "1users" is not schema.table`,
 			},
 			paths: []string{"postgres.tables[1]", "postgres.tables[2]", "postgres.tables[3]"},
+		},
+		{
+			file:  "unknown_tables.bad.yml",
+			errs:  []string{`postgres.unknown_tables: "ignore" is neither skip nor stop`},
+			paths: []string{"postgres.unknown_tables"},
 		},
 		{
 			file:  "compression.bad.yml",

@@ -1,0 +1,213 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/tidemark/tidemark/internal/app"
+	"github.com/tidemark/tidemark/internal/config"
+	"github.com/tidemark/tidemark/internal/kafkatest"
+)
+
+// startObserved runs the app like env.start, logging Info and above to an
+// observer the test reads.
+func (e *env) startObserved(cfg *config.Config) (*running, *observer.ObservedLogs) {
+	e.t.Helper()
+	core, logs := observer.New(zapcore.InfoLevel)
+	a, err := app.Prepare(context.Background(), cfg, zap.New(core))
+	if err != nil {
+		e.t.Fatalf("prepare: %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &running{App: a, cancel: cancel, done: make(chan struct{})}
+	go func() {
+		r.err = a.Run(ctx)
+		close(r.done)
+	}()
+	e.t.Cleanup(func() {
+		select {
+		case <-r.done:
+			return // ended by itself: the test judges r.err
+		default:
+		}
+		if err := r.stop(e.t); err != nil && !errors.Is(err, context.Canceled) {
+			e.t.Errorf("app: %v", err)
+		}
+	})
+	return r, logs
+}
+
+// waitRecords waits until topic holds n records and returns them.
+func (e *env) waitRecords(topic string, n int, within time.Duration) []msg {
+	e.t.Helper()
+	var ms []msg
+	for deadline := time.Now().Add(within); ; time.Sleep(50 * time.Millisecond) {
+		if _, err := e.partitionCount(topic); err == nil {
+			if ms = e.read(topic); len(ms) >= n {
+				return ms
+			}
+		}
+		if time.Now().After(deadline) {
+			e.t.Fatalf("%s holds %d records after %s, want %d", topic, len(ms), within, n)
+		}
+	}
+}
+
+func (e *env) partitionCount(topic string) (int, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return kafkatest.PartitionCount(ctx, e.kafka.Brokers(), topic)
+}
+
+// warnings returns the Warn entries whose message contains substr.
+func warnings(logs *observer.ObservedLogs, substr string) []observer.LoggedEntry {
+	return logs.Filter(func(le observer.LoggedEntry) bool {
+		return le.Level == zapcore.WarnLevel && strings.Contains(le.Message, substr)
+	}).All()
+}
+
+func sourceTable(t *testing.T, m msg) string {
+	t.Helper()
+	return m.Env.Source.Schema + "." + m.Env.Source.Table
+}
+
+func afterID(t *testing.T, m msg) int {
+	t.Helper()
+	var id int
+	if err := json.Unmarshal(m.Env.After["id"], &id); err != nil {
+		t.Fatalf("%s/%d@%d: id %s: %v", m.Topic, m.Partition, m.Offset, m.Env.After["id"], err)
+	}
+	return id
+}
+
+// TestUnknownAndRenamedTables: a table added to the publication at runtime
+// that is not configured never blocks the configured ones: its changes are
+// skipped, counted by table in tidemark_skipped_changes_total, and warned
+// about once. A configured table renamed while running keeps publishing to
+// its configured topic (tracked by OID, also across a reconnect), with one
+// warning naming both names. With postgres.unknown_tables: stop, the
+// unknown table stops capture with an error naming it.
+func TestUnknownAndRenamedTables(t *testing.T) {
+	e := newEnv(t, "")
+	e.exec(`CREATE TABLE notes (id int PRIMARY KEY, body text); CREATE TABLE extra (id int PRIMARY KEY)`)
+	cfg := e.config("unk", []string{"public.notes"}, nil)
+	r, logs := e.startObserved(cfg)
+	reg := prometheus.NewRegistry()
+	r.Register(reg)
+	topic := "unk.public.notes"
+	e.exec(`INSERT INTO notes VALUES (1, 'before')`)
+	e.waitRecords(topic, 1, 20*time.Second)
+
+	e.exec(`ALTER PUBLICATION unk_pub ADD TABLE extra`)
+	e.exec(`INSERT INTO extra VALUES (1), (2), (3)`)
+	e.exec(`INSERT INTO notes VALUES (2, 'after the extra table')`)
+	e.exec(`INSERT INTO extra VALUES (4), (5)`)
+	e.exec(`INSERT INTO notes VALUES (3, 'still')`)
+	ms := e.waitRecords(topic, 3, 20*time.Second)
+	e.waitSlot(cfg.Postgres.Slot, e.currentLSN(), 20*time.Second)
+	if got := r.Stream.Stats().Skipped(); len(got) != 1 || got["public.extra"] != 5 {
+		t.Errorf("skipped changes by table = %v, want public.extra: 5", got)
+	}
+	if n := counterValue(t, reg, "tidemark_skipped_changes_total", "table", "public.extra"); n != 5 {
+		t.Errorf("tidemark_skipped_changes_total{table=public.extra} = %v, want 5", n)
+	}
+	if w := warnings(logs, "not in postgres.tables"); len(w) != 1 || w[0].ContextMap()["table"] != "public.extra" {
+		t.Errorf("warnings about the unknown table: %+v, want one naming public.extra", w)
+	}
+	if _, err := e.partitionCount("unk.public.extra"); err == nil {
+		t.Errorf("a topic was created for the unconfigured table")
+	}
+
+	// Rename the configured table: its changes keep their topic and name.
+	e.exec(`ALTER TABLE notes RENAME TO notes_renamed`)
+	e.exec(`INSERT INTO notes_renamed VALUES (4, 'renamed')`)
+	ms = e.waitRecords(topic, 4, 20*time.Second)
+	// A new session (the walsender terminated) learns the relation again,
+	// under its new name only.
+	reconnects := r.Stream.Stats().Reconnects.Load()
+	e.exec(`SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1`, cfg.Postgres.Slot)
+	for deadline := time.Now().Add(20 * time.Second); r.Stream.Stats().Reconnects.Load() == reconnects || !r.Stream.Stats().Connected.Load(); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("capture did not reconnect within 20s")
+		}
+	}
+	e.exec(`INSERT INTO notes_renamed VALUES (5, 'renamed, after a reconnect')`)
+	ms = e.waitRecords(topic, 5, 20*time.Second)
+	ids := map[int]bool{}
+	for _, m := range ms {
+		ids[afterID(t, m)] = true
+		if got := sourceTable(t, m); got != "public.notes" {
+			t.Errorf("%s/%d@%d: source table %s, want the configured public.notes", m.Topic, m.Partition, m.Offset, got)
+		}
+	}
+	for id := 1; id <= 5; id++ {
+		if !ids[id] {
+			t.Errorf("row %d missing from %s", id, topic)
+		}
+	}
+	w := warnings(logs, "renamed")
+	if len(w) != 1 || w[0].ContextMap()["configured"] != "public.notes" || w[0].ContextMap()["now"] != "public.notes_renamed" {
+		t.Errorf("warnings about the rename: %+v, want one naming public.notes and public.notes_renamed", w)
+	}
+	if n := r.Stream.Stats().Skipped()["public.notes_renamed"]; n != 0 {
+		t.Errorf("%d changes of the renamed table skipped", n)
+	}
+}
+
+// counterValue is the value of the counter name{label=value} in reg.
+func counterValue(t *testing.T, reg *prometheus.Registry, name, label, value string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, lp := range m.GetLabel() {
+				if lp.GetName() == label && lp.GetValue() == value {
+					return m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	t.Fatalf("no metric %s{%s=%q}", name, label, value)
+	return 0
+}
+
+// TestUnknownTableStops: with postgres.unknown_tables: stop, a change of a
+// table that is not configured stops capture with an error naming it, and
+// the slot does not pass it.
+func TestUnknownTableStops(t *testing.T) {
+	e := newEnv(t, "")
+	e.exec(`CREATE TABLE notes (id int PRIMARY KEY, body text); CREATE TABLE extra (id int PRIMARY KEY)`)
+	cfg := e.config("unkstop", []string{"public.notes"}, func(c *config.Config) { c.Postgres.UnknownTables = "stop" })
+	r, _ := e.startObserved(cfg)
+	e.exec(`INSERT INTO notes VALUES (1, 'before')`)
+	e.waitRecords("unkstop.public.notes", 1, 20*time.Second)
+	e.exec(`ALTER PUBLICATION unkstop_pub ADD TABLE extra`)
+	before := e.currentLSN()
+	e.exec(`INSERT INTO extra VALUES (1)`)
+	select {
+	case <-r.done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("capture kept running after a change of an unconfigured table")
+	}
+	if r.err == nil || !strings.Contains(r.err.Error(), "table public.extra") || !strings.Contains(r.err.Error(), "not in postgres.tables") {
+		t.Fatalf("run ended with %v, want an error naming public.extra", r.err)
+	}
+	if c := e.slotConfirmed(cfg.Postgres.Slot); c > before {
+		t.Errorf("slot confirmed %s, past the refused change (before %s)", c, before)
+	}
+}
