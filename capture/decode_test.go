@@ -1,6 +1,7 @@
 package capture
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"math"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgtype"
 
 	"github.com/tidemark/tidemark/pipeline"
@@ -71,6 +73,189 @@ func TestDecodeValue(t *testing.T) {
 	}
 }
 
+// Arrays are nested per dimension; bounds other than 1 keep the text.
+func TestDecodeArray(t *testing.T) {
+	d := newDecoder()
+	ts := time.Date(2024, 3, 1, 10, 34, 56, 0, time.UTC)
+	cases := []struct {
+		name string
+		oid  uint32
+		text string
+		want any
+	}{
+		{"one dimension", pgtype.Int4ArrayOID, "{1,2,3}", []any{int64(1), int64(2), int64(3)}},
+		{"empty", pgtype.Int4ArrayOID, "{}", []any{}},
+		{"two dimensions", pgtype.Int4ArrayOID, "{{1,2},{3,4}}", []any{[]any{int64(1), int64(2)}, []any{int64(3), int64(4)}}},
+		{"three dimensions", pgtype.Int8ArrayOID, "{{{1}},{{NULL}}}", []any{[]any{[]any{int64(1)}}, []any{[]any{nil}}}},
+		{"null elements", pgtype.Int4ArrayOID, "{NULL,1,null}", []any{nil, int64(1), nil}},
+		{"lower bound kept as text", pgtype.Int4ArrayOID, "[0:2]={1,2,3}", "[0:2]={1,2,3}"},
+		{"bounds of two dimensions", pgtype.Int4ArrayOID, "[-1:0][1:2]={{1,2},{3,4}}", "[-1:0][1:2]={{1,2},{3,4}}"},
+		{"quoted and escaped text", pgtype.TextArrayOID, `{a,NULL,"NULL","say \"hi\"","back\\slash","","x,y","{b}"," sp "}`,
+			[]any{"a", nil, "NULL", `say "hi"`, `back\slash`, "", "x,y", "{b}", " sp "}},
+		{"text in two dimensions", pgtype.TextArrayOID, `{{a,"b c"},{NULL,"\\"}}`, []any{[]any{"a", "b c"}, []any{nil, `\`}}},
+		{"numeric keeps its digits", pgtype.NumericArrayOID, "{1.50,NaN}", []any{pipeline.Decimal("1.50"), pipeline.Decimal("NaN")}},
+		{"bytea elements", pgtype.ByteaArrayOID, `{"\\xdead",NULL}`, []any{[]byte{0xde, 0xad}, nil}},
+		{"timestamptz elements", pgtype.TimestamptzArrayOID, `{"2024-03-01 10:34:56+00",infinity}`, []any{ts.Local(), "infinity"}},
+		{"date elements", pgtype.DateArrayOID, `{{2024-03-01}}`, []any{[]any{pipeline.Date{Time: time.Date(2024, 3, 1, 0, 0, 0, 0, time.UTC)}}}},
+		{"array of another type keeps its text", pgtype.IntervalArrayOID, `{"1 day"}`, `{"1 day"}`},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			got, err := d.value(c.oid, []byte(c.text))
+			if err != nil {
+				t.Fatalf("value(%s): %v", c.text, err)
+			}
+			if !reflect.DeepEqual(got, c.want) {
+				t.Fatalf("value(%s) = %#v, want %#v", c.text, got, c.want)
+			}
+		})
+	}
+	for _, bad := range []string{"", "{", "{1,2", "{1,}", "{,1}", "{{1},2}", "{1,{2}}", "{1}}", "{1}x", `{"a}`, `{a"b}`, `{a\b}`,
+		"{{{{{{{1}}}}}}}", "[0:2]{1}", "[0:2]=", "[a:2]={1}", "[0:2={1}", "[0:2][0:1][0:1][0:1][0:1][0:1][0:1]={1}", "{x}", `{"\\xzz"}`} {
+		oid := uint32(pgtype.Int4ArrayOID)
+		if strings.Contains(bad, `\x`) {
+			oid = pgtype.ByteaArrayOID
+		}
+		if v, err := d.value(oid, []byte(bad)); err == nil {
+			t.Errorf("value(%q) = %#v, want an error", bad, v)
+		}
+	}
+}
+
+// FuzzDecodeArray: any text given as an array decodes or is an error, and
+// what decodes is valid JSON in an envelope.
+func FuzzDecodeArray(f *testing.F) {
+	for _, s := range []string{"{1,2,3}", "{{1,NULL},{3,4}}", "[0:2]={1,2,3}", `{a,"b \"c\"",NULL}`, `{"\\xdead"}`, "{}", "{{{1}}}"} {
+		f.Add(s, uint8(0))
+	}
+	oids := []uint32{pgtype.Int4ArrayOID, pgtype.TextArrayOID, pgtype.NumericArrayOID, pgtype.ByteaArrayOID,
+		pgtype.TimestamptzArrayOID, pgtype.Float8ArrayOID, pgtype.BoolArrayOID}
+	d := newDecoder()
+	f.Fuzz(func(t *testing.T, text string, which uint8) {
+		v, err := d.value(oids[int(which)%len(oids)], []byte(text))
+		if err != nil {
+			return
+		}
+		if b := pipeline.AppendValue(nil, v); !json.Valid(b) {
+			t.Fatalf("%q decodes to invalid JSON %s", text, b)
+		}
+	})
+}
+
+// bytea in the escape format (bytea_output = escape) is refused, saying
+// why: the replication connection pins hex (textFormats).
+func TestDecodeByteaEscapeRefused(t *testing.T) {
+	_, err := newDecoder().value(pgtype.ByteaOID, []byte(`\336\255abc`))
+	if err == nil || !strings.Contains(err.Error(), "bytea_output = hex") {
+		t.Fatalf("escape-format bytea: error %v, want one naming bytea_output = hex", err)
+	}
+}
+
+// The settings the decoder assumes override what the DSN says.
+func TestPinTextFormats(t *testing.T) {
+	cfg, err := pgconn.ParseConfig("postgres://u@h/db?bytea_output=escape&IntervalStyle=iso_8601&DateStyle=SQL")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pinTextFormats(cfg.RuntimeParams)
+	for k, want := range map[string]string{"bytea_output": "hex", "IntervalStyle": "postgres", "DateStyle": "ISO",
+		"TimeZone": "UTC", "extra_float_digits": "3", "client_encoding": "UTF8"} {
+		if got := cfg.RuntimeParams[k]; got != want {
+			t.Errorf("%s = %q, want %q", k, got, want)
+		}
+	}
+}
+
+// Domains decode as their base types, arrays of domains as arrays of the
+// base type; other types that are not built in keep their text.
+func TestResolveTypes(t *testing.T) {
+	const (
+		posint    = 20000 // CREATE DOMAIN posint AS int4
+		small     = 20001 // CREATE DOMAIN small AS posint
+		label     = 20002 // CREATE DOMAIN label AS text
+		amount    = 20003 // CREATE DOMAIN amount AS numeric(10,2)
+		posints   = 20004 // posint[]
+		pair      = 20005 // CREATE DOMAIN pair AS int4[]
+		mood      = 20006 // an enum
+		moods     = 20007 // mood[]
+		moodish   = 20008 // CREATE DOMAIN moodish AS mood
+		gone      = 20009 // dropped meanwhile: no row
+		smalls    = 20010 // small[]
+		labelPair = 20011 // CREATE DOMAIN labels AS label[]
+		labels    = 20012 // label[]
+	)
+	rows := map[uint32]pgType{
+		posint: {Domain: true, Base: pgtype.Int4OID}, small: {Domain: true, Base: posint}, label: {Domain: true, Base: pgtype.TextOID},
+		amount: {Domain: true, Base: pgtype.NumericOID}, posints: {Elem: posint}, pair: {Domain: true, Base: pgtype.Int4ArrayOID},
+		mood: {}, moods: {Elem: mood}, moodish: {Domain: true, Base: mood}, smalls: {Elem: small},
+		labelPair: {Domain: true, Base: labels}, labels: {Elem: label},
+	}
+	var asked [][]uint32
+	lookup := func(_ context.Context, oids []uint32) (map[uint32]pgType, error) {
+		asked = append(asked, oids)
+		return rows, nil
+	}
+	d := newDecoder()
+	cols := []uint32{pgtype.Int4OID, posint, small, label, amount, posints, pair, mood, moods, moodish, gone, smalls, labelPair, posint}
+	if err := d.resolveTypes(context.Background(), cols, lookup); err != nil {
+		t.Fatal(err)
+	}
+	if len(asked) != 1 || len(asked[0]) != len(cols)-2 {
+		t.Fatalf("lookups %v, want one for the %d types that are not built in, each once", asked, len(cols)-2)
+	}
+	if err := d.resolveTypes(context.Background(), cols, lookup); err != nil || len(asked) != 1 {
+		t.Fatalf("resolved types were looked up again (%v, err %v)", asked, err)
+	}
+	cases := []struct {
+		oid  uint32
+		text string
+		want any
+	}{
+		{posint, "7", int64(7)},
+		{small, "-3", int64(-3)},
+		{label, "hi", "hi"},
+		{amount, "12.50", pipeline.Decimal("12.50")},
+		{posints, "{1,NULL}", []any{int64(1), nil}},
+		{smalls, "{{1},{2}}", []any{[]any{int64(1)}, []any{int64(2)}}},
+		{pair, "{1,2}", []any{int64(1), int64(2)}},
+		{labelPair, `{a,"b c"}`, []any{"a", "b c"}},
+		{mood, "sad", "sad"},
+		{moods, "{sad,happy}", "{sad,happy}"},
+		{moodish, "sad", "sad"},
+		{gone, "x", "x"},
+	}
+	for _, c := range cases {
+		got, err := d.value(c.oid, []byte(c.text))
+		if err != nil || !reflect.DeepEqual(got, c.want) {
+			t.Errorf("value(%d, %q) = %#v, %v; want %#v", c.oid, c.text, got, err, c.want)
+		}
+	}
+	// Through a tuple: a domain over int4 is a number in the envelope.
+	rel := &pipeline.Relation{Schema: "public", Table: "t", Columns: []pipeline.Column{{Name: "n", TypeOID: posint}, {Name: "a", TypeOID: posints}}}
+	tup, err := d.decodeTuple(rel, []rawCol{{kind: 't', data: []byte("5")}, {kind: 't', data: []byte("{{1,2},{3,4}}")}}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := string(pipeline.AppendValue(nil, tup[0].Get())) + " " + string(pipeline.AppendValue(nil, tup[1].Get())); got != "5 [[1,2],[3,4]]" {
+		t.Errorf("tuple values %s, want 5 [[1,2],[3,4]]", got)
+	}
+	// A failed lookup is an error, and nothing is cached: the next
+	// session asks again.
+	d = newDecoder()
+	fail := func(context.Context, []uint32) (map[uint32]pgType, error) {
+		return nil, errors.New("connection refused")
+	}
+	if err := d.resolveTypes(context.Background(), []uint32{posint}, fail); err == nil || !strings.Contains(err.Error(), "connection refused") {
+		t.Errorf("failed lookup: error %v", err)
+	}
+	if err := d.resolveTypes(context.Background(), []uint32{posint}, lookup); err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := d.value(posint, []byte("9")); v != int64(9) {
+		t.Errorf("after a failed lookup and a good one, posint 9 = %#v", v)
+	}
+}
+
 func relMsg() *pglogrepl.RelationMessage {
 	return &pglogrepl.RelationMessage{RelationID: 42, Namespace: "public", RelationName: "event_json", ReplicaIdentity: 'f',
 		Columns: []*pglogrepl.RelationMessageColumn{
@@ -87,10 +272,15 @@ func TestRelationKeys(t *testing.T) {
 	if !r.Columns[0].Key || r.Columns[1].Key || r.Columns[2].Key {
 		t.Errorf("keys with primary key known: %+v", r.Columns)
 	}
+	for _, c := range r.Columns {
+		if !c.Identity {
+			t.Errorf("identity follows pgoutput's flags whatever the key: %+v", r.Columns)
+		}
+	}
 	r = relationFromMessage(relMsg(), nil)
 	for _, c := range r.Columns {
-		if !c.Key {
-			t.Errorf("without a primary key the flags decide: %+v", r.Columns)
+		if !c.Key || !c.Identity {
+			t.Errorf("without a chosen key the flags decide: %+v", r.Columns)
 		}
 	}
 	if r.QualifiedName() != "public.event_json" || r.ReplicaIdentity != 'f' {
@@ -101,6 +291,11 @@ func TestRelationKeys(t *testing.T) {
 func TestDecodeTuple(t *testing.T) {
 	d := newDecoder()
 	rel := relationFromMessage(relMsg(), []string{"event_id"})
+	// As under the default replica identity: pgoutput flags event_id only,
+	// and old-key images ('K') carry just that column.
+	for i := range rel.Columns {
+		rel.Columns[i].Identity = i == 0
+	}
 	col := func(kind byte, data string) *pglogrepl.TupleDataColumn {
 		return &pglogrepl.TupleDataColumn{DataType: kind, Data: []byte(data), Length: uint32(len(data))}
 	}

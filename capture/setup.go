@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sort"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
@@ -22,11 +21,25 @@ type TableInfo struct {
 	// PrimaryKey lists the primary key columns (empty without one).
 	PrimaryKey []string
 	Columns    []string
+	// OID is the table's pg_class oid.
+	OID uint32
+	// Partitioned reports a partitioned table (relkind 'p'). Its rows live
+	// in its leaf partitions; Tidemark captures their changes under the
+	// partitioned table's name (publish_via_partition_root), and its
+	// IdentityColumns are those every leaf sends in old-row images.
+	Partitioned bool
+	// Key is the key chosen for the table's messages (ChooseKey), once
+	// chosen.
+	Key *KeyChoice
 }
 
-// KeyColumns returns the columns that key the table's messages: the primary
-// key, or the replica identity when there is none.
+// KeyColumns returns the columns that key the table's messages: Key's when
+// it was chosen (see ChooseKey), else the primary key, or the replica
+// identity when there is none.
 func (t TableInfo) KeyColumns() []string {
+	if t.Key != nil {
+		return t.Key.Columns
+	}
 	if len(t.PrimaryKey) > 0 {
 		return t.PrimaryKey
 	}
@@ -129,13 +142,11 @@ func Inspect(ctx context.Context, conn *pgx.Conn, tables []string) (map[string]T
 	infos := map[string]TableInfo{}
 	for _, name := range tables {
 		schema, table := splitTable(name)
-		ti, p, err := inspectTable(ctx, conn, schema, table)
+		ti, ps, err := inspectTable(ctx, conn, schema, table)
 		if err != nil {
 			return nil, nil, err
 		}
-		if p != nil {
-			problems = append(problems, *p)
-		}
+		problems = append(problems, ps...)
 		if ti != nil {
 			infos[ti.Qualified()] = *ti
 		}
@@ -143,39 +154,55 @@ func Inspect(ctx context.Context, conn *pgx.Conn, tables []string) (map[string]T
 	return infos, problems, nil
 }
 
-func inspectTable(ctx context.Context, conn *pgx.Conn, schema, table string) (*TableInfo, *Problem, error) {
+func inspectTable(ctx context.Context, conn *pgx.Conn, schema, table string) (*TableInfo, []Problem, error) {
 	qualified := schema + "." + table
 	var oid uint32
-	var ident string
-	err := conn.QueryRow(ctx, `SELECT c.oid, c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-		WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r','p')`, schema, table).Scan(&oid, &ident)
+	var ident, kind string
+	err := conn.QueryRow(ctx, `SELECT c.oid, c.relreplident::text, c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+		WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r','p')`, schema, table).Scan(&oid, &ident, &kind)
 	if errors.Is(err, pgx.ErrNoRows) {
-		return nil, &Problem{Table: qualified, What: "table does not exist"}, nil
+		return nil, []Problem{{Table: qualified, What: "table does not exist"}}, nil
 	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("inspecting %s: %w", qualified, err)
 	}
-	ti := &TableInfo{Schema: schema, Table: table, ReplicaIdentity: ident[0]}
-	rows, err := conn.Query(ctx, `SELECT attname FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum`, oid)
+	ti := &TableInfo{Schema: schema, Table: table, ReplicaIdentity: ident[0], OID: oid, Partitioned: kind == "p"}
+	if err := readIdentity(ctx, conn, ti); err != nil {
+		return nil, nil, err
+	}
+	if ti.Partitioned {
+		return inspectPartitions(ctx, conn, ti)
+	}
+	p, err := identityProblem(ctx, conn, ti)
+	if err != nil || p == nil {
+		return ti, nil, err
+	}
+	return ti, []Problem{*p}, nil
+}
+
+// readIdentity fills ti's columns, primary key and identity columns.
+func readIdentity(ctx context.Context, conn *pgx.Conn, ti *TableInfo) error {
+	qualified := ti.Qualified()
+	rows, err := conn.Query(ctx, `SELECT attname FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum`, ti.OID)
 	if err != nil {
-		return nil, nil, fmt.Errorf("reading columns of %s: %w", qualified, err)
+		return fmt.Errorf("reading columns of %s: %w", qualified, err)
 	}
 	ti.Columns, err = pgx.CollectRows(rows, pgx.RowTo[string])
 	if err != nil {
-		return nil, nil, fmt.Errorf("reading columns of %s: %w", qualified, err)
+		return fmt.Errorf("reading columns of %s: %w", qualified, err)
 	}
 	indexCols := func(cond string) ([]string, error) {
 		rows, err := conn.Query(ctx, `SELECT a.attname FROM pg_index i
 			JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true
 			JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-			WHERE i.indrelid = $1 AND `+cond+` ORDER BY k.ord`, oid)
+			WHERE i.indrelid = $1 AND `+cond+` ORDER BY k.ord`, ti.OID)
 		if err != nil {
 			return nil, err
 		}
 		return pgx.CollectRows(rows, pgx.RowTo[string])
 	}
 	if ti.PrimaryKey, err = indexCols("i.indisprimary"); err != nil {
-		return nil, nil, fmt.Errorf("reading primary key of %s: %w", qualified, err)
+		return fmt.Errorf("reading primary key of %s: %w", qualified, err)
 	}
 	switch ti.ReplicaIdentity {
 	case 'f':
@@ -186,23 +213,30 @@ func inspectTable(ctx context.Context, conn *pgx.Conn, schema, table string) (*T
 		ti.IdentityColumns, err = indexCols("i.indisreplident")
 	}
 	if err != nil {
-		return nil, nil, fmt.Errorf("reading replica identity of %s: %w", qualified, err)
+		return fmt.Errorf("reading replica identity of %s: %w", qualified, err)
 	}
+	return nil
+}
+
+// identityProblem is the problem of a table without a usable replica
+// identity (nil when it has one): publishing UPDATE/DELETE would make the
+// application's own UPDATE and DELETE on it fail. It suggests the cheapest
+// fix.
+func identityProblem(ctx context.Context, conn *pgx.Conn, ti *TableInfo) (*Problem, error) {
 	if len(ti.IdentityColumns) > 0 {
-		return ti, nil, nil
+		return nil, nil
 	}
-	// No usable identity: publishing UPDATE/DELETE would make the
-	// application's own UPDATE and DELETE fail. Suggest the cheapest fix.
-	fix := fmt.Sprintf("ALTER TABLE %s REPLICA IDENTITY FULL;", quoteTable(schema, table))
+	qualified := ti.Qualified()
+	fix := fmt.Sprintf("ALTER TABLE %s REPLICA IDENTITY FULL;", quoteTable(ti.Schema, ti.Table))
 	var idx string
-	err = conn.QueryRow(ctx, `SELECT ic.relname FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+	err := conn.QueryRow(ctx, `SELECT ic.relname FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
 		WHERE i.indrelid = $1 AND i.indisunique AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL
 		  AND NOT EXISTS (SELECT 1 FROM unnest(i.indkey) k JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k WHERE NOT a.attnotnull)
-		ORDER BY ic.relname LIMIT 1`, oid).Scan(&idx)
+		ORDER BY ic.relname LIMIT 1`, ti.OID).Scan(&idx)
 	if err == nil {
-		fix = fmt.Sprintf("ALTER TABLE %s REPLICA IDENTITY USING INDEX %s;", quoteTable(schema, table), quoteIdent(idx))
+		fix = fmt.Sprintf("ALTER TABLE %s REPLICA IDENTITY USING INDEX %s;", quoteTable(ti.Schema, ti.Table), quoteIdent(idx))
 	} else if !errors.Is(err, pgx.ErrNoRows) {
-		return nil, nil, fmt.Errorf("looking for a unique index on %s: %w", qualified, err)
+		return nil, fmt.Errorf("looking for a unique index on %s: %w", qualified, err)
 	}
 	what := "has no replica identity (no primary key)"
 	if ti.ReplicaIdentity == 'n' {
@@ -211,66 +245,367 @@ func inspectTable(ctx context.Context, conn *pgx.Conn, schema, table string) (*T
 		what = "has REPLICA IDENTITY USING INDEX but the index is gone"
 	}
 	what += "; publishing it would make the application's UPDATE and DELETE on it fail, so Tidemark refuses to capture it"
-	return ti, &Problem{Table: qualified, What: what, Fix: fix}, nil
+	return &Problem{Table: qualified, What: what, Fix: fix}, nil
 }
 
-// EnsurePublication makes the publication cover exactly the tables (when
-// manage is true) or verifies that it exists and covers them. It must only
-// be called after Inspect reported no problem for these tables.
-func EnsurePublication(ctx context.Context, conn *pgx.Conn, name string, tables []string, manage bool) error {
-	var exists, all, upd, del bool
-	err := conn.QueryRow(ctx, `SELECT true, puballtables, pubupdate, pubdelete FROM pg_publication WHERE pubname = $1`, name).Scan(&exists, &all, &upd, &del)
-	if err != nil && !errors.Is(err, pgx.ErrNoRows) {
-		return fmt.Errorf("reading publication %q: %w", name, err)
+// inspectPartitions checks the leaf partitions of the partitioned table ti.
+// Postgres checks the replica identity of the partition a row is in, not the
+// partitioned table's own setting (ALTER TABLE on the partitioned table does
+// not change its partitions), so each leaf needs one; the old-row images of
+// ti carry the columns every leaf sends. Without partitions, ti's own
+// identity decides.
+func inspectPartitions(ctx context.Context, conn *pgx.Conn, ti *TableInfo) (*TableInfo, []Problem, error) {
+	rows, err := conn.Query(ctx, `SELECT n.nspname, c.relname FROM pg_partition_tree($1) t
+		JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+		WHERE t.isleaf AND c.relkind = 'r' ORDER BY 1, 2`, ti.OID)
+	if err != nil {
+		return nil, nil, fmt.Errorf("reading the partitions of %s: %w", ti.Qualified(), err)
 	}
-	quoted := make([]string, len(tables))
-	for i, t := range tables {
-		quoted[i] = quoteTable(splitTable(t))
+	type leaf struct{ schema, table string }
+	leaves, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (leaf, error) {
+		var l leaf
+		return l, r.Scan(&l.schema, &l.table)
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("reading the partitions of %s: %w", ti.Qualified(), err)
 	}
-	if !exists {
-		if !manage {
-			return fmt.Errorf("publication %q does not exist; create it with: CREATE PUBLICATION %s FOR TABLE %s; (or set postgres.manage_publication: true)",
-				name, quoteIdent(name), strings.Join(quoted, ", "))
+	if len(leaves) == 0 {
+		p, err := identityProblem(ctx, conn, ti)
+		if err != nil || p == nil {
+			return ti, nil, err
 		}
-		if _, err := conn.Exec(ctx, fmt.Sprintf("CREATE PUBLICATION %s FOR TABLE %s", quoteIdent(name), strings.Join(quoted, ", "))); err != nil {
+		return ti, []Problem{*p}, nil
+	}
+	var problems []Problem
+	ids := ti.Columns
+	for _, l := range leaves {
+		lt, ps, err := inspectTable(ctx, conn, l.schema, l.table)
+		if err != nil {
+			return nil, nil, err
+		}
+		if lt == nil {
+			continue // dropped meanwhile
+		}
+		for _, p := range ps {
+			p.What = "partition of " + ti.Qualified() + " " + p.What
+			problems = append(problems, p)
+		}
+		var keep []string
+		for _, c := range ids {
+			if lt.HasIdentityColumn(c) {
+				keep = append(keep, c)
+			}
+		}
+		ids = keep
+	}
+	ti.IdentityColumns = ids
+	return ti, problems, nil
+}
+
+// PublishOps is the publish option capture needs: an operation a
+// publication does not publish is silently missing from the topics.
+const PublishOps = "insert, update, delete, truncate"
+
+// Publication is the server's record of a publication (pg_publication).
+type Publication struct {
+	Name   string
+	OID    uint32
+	Exists bool
+	// AllTables is FOR ALL TABLES.
+	AllTables                        bool
+	Insert, Update, Delete, Truncate bool
+	// ViaRoot is publish_via_partition_root: the changes of a partition are
+	// published as its partitioned table's (the root's). Off, they carry the
+	// partitions' own names, which are not captured.
+	ViaRoot bool
+}
+
+// MissingOps lists, in PublishOps order, the operations p does not publish.
+func (p Publication) MissingOps() []string {
+	var out []string
+	for _, op := range []struct {
+		name string
+		on   bool
+	}{{"insert", p.Insert}, {"update", p.Update}, {"delete", p.Delete}, {"truncate", p.Truncate}} {
+		if !op.on {
+			out = append(out, op.name)
+		}
+	}
+	return out
+}
+
+// ReadPublication reads pg_publication for the named publication; Exists is
+// false when there is none.
+func ReadPublication(ctx context.Context, conn *pgx.Conn, name string) (Publication, error) {
+	p := Publication{Name: name}
+	err := conn.QueryRow(ctx, `SELECT oid, puballtables, pubinsert, pubupdate, pubdelete, pubtruncate, pubviaroot
+		FROM pg_publication WHERE pubname = $1`, name).
+		Scan(&p.OID, &p.AllTables, &p.Insert, &p.Update, &p.Delete, &p.Truncate, &p.ViaRoot)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return Publication{Name: name}, nil
+	}
+	if err != nil {
+		return Publication{}, fmt.Errorf("reading publication %q: %w", name, err)
+	}
+	p.Exists = true
+	return p, nil
+}
+
+func serverVersion(ctx context.Context, conn *pgx.Conn) (int, error) {
+	var v int
+	if err := conn.QueryRow(ctx, "SELECT current_setting('server_version_num')::int").Scan(&v); err != nil {
+		return 0, fmt.Errorf("reading server_version_num: %w", err)
+	}
+	return v, nil
+}
+
+func quoteTables(tables []TableInfo) []string {
+	out := make([]string, len(tables))
+	for i, t := range tables {
+		out[i] = quoteTable(t.Schema, t.Table)
+	}
+	return out
+}
+
+// PublicationProblems checks a publication that Tidemark does not manage
+// against the tables (as Inspect found them, in the configured order) and
+// changes nothing. Each problem is something that would make capture miss
+// changes silently, with the statement that fixes it: the publication is
+// missing, does not cover a table, does not publish insert, update, delete
+// and truncate, publishes a partitioned table under its partitions' names
+// (publish_via_partition_root off), or (Postgres 15 and later) has a row
+// filter or column list on a captured table. On a server older than
+// MinServerVersion it reports nothing (Inspect reports the version).
+func PublicationProblems(ctx context.Context, conn *pgx.Conn, name string, tables []TableInfo) ([]Problem, error) {
+	version, err := serverVersion(ctx, conn)
+	if err != nil || version < MinServerVersion {
+		return nil, err
+	}
+	pub, err := ReadPublication(ctx, conn, name)
+	if err != nil {
+		return nil, err
+	}
+	var partitioned []string
+	for _, t := range tables {
+		if t.Partitioned {
+			partitioned = append(partitioned, t.Qualified())
+		}
+	}
+	if !pub.Exists {
+		with := ""
+		if len(partitioned) > 0 {
+			with = " WITH (publish_via_partition_root = true)"
+		}
+		return []Problem{{What: fmt.Sprintf("publication %q does not exist (postgres.manage_publication is false, so Tidemark does not create it)", name),
+			Fix: fmt.Sprintf("CREATE PUBLICATION %s FOR TABLE %s%s;", quoteIdent(name), strings.Join(quoteTables(tables), ", "), with)}}, nil
+	}
+	var ps []Problem
+	if missing := pub.MissingOps(); len(missing) > 0 {
+		ps = append(ps, Problem{
+			What: fmt.Sprintf("publication %q does not publish %s: those changes would not be captured", name, strings.Join(missing, ", ")),
+			Fix:  fmt.Sprintf("ALTER PUBLICATION %s SET (publish = '%s');", quoteIdent(name), PublishOps)})
+	}
+	var uncovered []string
+	var covered []TableInfo
+	for _, t := range tables {
+		ok, err := covers(ctx, conn, pub, t, version)
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			covered = append(covered, t)
+		} else {
+			uncovered = append(uncovered, quoteTable(t.Schema, t.Table))
+		}
+	}
+	if len(uncovered) > 0 {
+		ps = append(ps, Problem{
+			What: fmt.Sprintf("publication %q does not cover %s: their changes would not be captured", name, strings.Join(uncovered, ", ")),
+			Fix:  fmt.Sprintf("ALTER PUBLICATION %s ADD TABLE %s;", quoteIdent(name), strings.Join(uncovered, ", "))})
+	}
+	if !pub.ViaRoot && len(partitioned) > 0 {
+		ps = append(ps, Problem{
+			What: fmt.Sprintf("publication %q has publish_via_partition_root off: the changes of partitioned table(s) %s would be published under their partitions' names and not reach their topics",
+				name, strings.Join(partitioned, ", ")),
+			Fix: fmt.Sprintf("ALTER PUBLICATION %s SET (publish_via_partition_root = true);", quoteIdent(name))})
+	}
+	if version >= 150000 {
+		for _, t := range covered {
+			fps, err := filterProblems(ctx, conn, pub, t)
+			if err != nil {
+				return nil, err
+			}
+			ps = append(ps, fps...)
+		}
+	}
+	return ps, nil
+}
+
+// covers reports whether pub publishes the changes of t: pg_publication_tables
+// lists it, or (a partitioned table, whose partitions pg_publication_tables
+// lists instead while publish_via_partition_root is off) it or an ancestor
+// is a member, itself or (Postgres 15 and later) through its schema.
+func covers(ctx context.Context, conn *pgx.Conn, pub Publication, t TableInfo, version int) (bool, error) {
+	if pub.AllTables {
+		return true, nil
+	}
+	q := `SELECT EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)
+		OR EXISTS (SELECT 1 FROM pg_publication_rel WHERE prpubid = $4 AND prrelid IN (SELECT relid FROM pg_partition_ancestors($5)))`
+	if version >= 150000 {
+		q += `
+		OR EXISTS (SELECT 1 FROM pg_publication_namespace pn JOIN pg_class c ON c.relnamespace = pn.pnnspid
+			WHERE pn.pnpubid = $4 AND c.oid IN (SELECT relid FROM pg_partition_ancestors($5)))`
+	}
+	var ok bool
+	if err := conn.QueryRow(ctx, q, pub.Name, t.Schema, t.Table, pub.OID, t.OID).Scan(&ok); err != nil {
+		return false, fmt.Errorf("reading whether publication %q covers %s: %w", pub.Name, t.Qualified(), err)
+	}
+	return ok, nil
+}
+
+// filterProblems reports the row filters and column lists (Postgres 15 and
+// later) of pub on t, its ancestors and its partitions: each makes capture
+// miss changes silently.
+func filterProblems(ctx context.Context, conn *pgx.Conn, pub Publication, t TableInfo) ([]Problem, error) {
+	rows, err := conn.Query(ctx, `SELECT n.nspname, c.relname, pg_get_expr(pr.prqual, pr.prrelid),
+			(SELECT string_agg(a.attname, ', ' ORDER BY a.attnum) FROM pg_attribute a
+			 WHERE a.attrelid = pr.prrelid AND a.attnum = ANY (pr.prattrs::int2[]))
+		FROM pg_publication_rel pr JOIN pg_class c ON c.oid = pr.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+		WHERE pr.prpubid = $1 AND (pr.prqual IS NOT NULL OR pr.prattrs IS NOT NULL)
+		  AND (pr.prrelid = $2 OR pr.prrelid IN (SELECT relid FROM pg_partition_ancestors($2))
+		       OR pr.prrelid IN (SELECT relid FROM pg_partition_tree($2)))
+		ORDER BY 1, 2`, pub.OID, t.OID)
+	if err != nil {
+		return nil, fmt.Errorf("reading the row filters and column lists of publication %q: %w", pub.Name, err)
+	}
+	var ps []Problem
+	for rows.Next() {
+		var schema, table string
+		var qual, cols *string
+		if err := rows.Scan(&schema, &table, &qual, &cols); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("reading the row filters and column lists of publication %q: %w", pub.Name, err)
+		}
+		var only []string
+		if qual != nil {
+			only = append(only, "the rows WHERE "+*qual)
+		}
+		if cols != nil {
+			only = append(only, "the columns "+*cols)
+		}
+		of := ""
+		if schema != t.Schema || table != t.Table {
+			of = " of " + schema + "." + table
+		}
+		rel := quoteTable(schema, table)
+		ps = append(ps, Problem{Table: t.Qualified(),
+			What: fmt.Sprintf("publication %q publishes only %s%s: the other changes would silently not be captured", pub.Name, strings.Join(only, " and only "), of),
+			Fix: fmt.Sprintf("BEGIN; ALTER PUBLICATION %s DROP TABLE %s; ALTER PUBLICATION %s ADD TABLE %s; COMMIT;",
+				quoteIdent(pub.Name), rel, quoteIdent(pub.Name), rel)})
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("reading the row filters and column lists of publication %q: %w", pub.Name, err)
+	}
+	return ps, nil
+}
+
+// EnsurePublication, when manage is true, creates the publication or
+// alters it to publish exactly the tables (as Inspect found them), without
+// row filters or column lists, with publish = PublishOps and
+// publish_via_partition_root = true (a FOR ALL TABLES publication keeps its
+// tables). When manage is false it changes nothing and returns a
+// *PreflightError listing PublicationProblems, if any. It must only be
+// called after Inspect reported no problem for these tables.
+func EnsurePublication(ctx context.Context, conn *pgx.Conn, name string, tables []TableInfo, manage bool) error {
+	if !manage {
+		ps, err := PublicationProblems(ctx, conn, name, tables)
+		if err != nil {
+			return err
+		}
+		if len(ps) > 0 {
+			return &PreflightError{Problems: ps}
+		}
+		return nil
+	}
+	pub, err := ReadPublication(ctx, conn, name)
+	if err != nil {
+		return err
+	}
+	list := strings.Join(quoteTables(tables), ", ")
+	if !pub.Exists {
+		if _, err := conn.Exec(ctx, fmt.Sprintf("CREATE PUBLICATION %s FOR TABLE %s WITH (publish = '%s', publish_via_partition_root = true)",
+			quoteIdent(name), list, PublishOps)); err != nil {
 			return fmt.Errorf("creating publication %q: %w", name, err)
 		}
 		return nil
 	}
-	if all {
-		return nil
-	}
-	rows, err := conn.Query(ctx, `SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1`, name)
-	if err != nil {
-		return fmt.Errorf("reading tables of publication %q: %w", name, err)
-	}
-	have, err := pgx.CollectRows(rows, pgx.RowTo[string])
-	if err != nil {
-		return fmt.Errorf("reading tables of publication %q: %w", name, err)
-	}
-	haveSet := map[string]bool{}
-	for _, h := range have {
-		haveSet[h] = true
-	}
-	var missing []string
-	for _, t := range tables {
-		s, tb := splitTable(t)
-		if !haveSet[s+"."+tb] {
-			missing = append(missing, quoteTable(s, tb))
+	if !pub.AllTables {
+		same, err := publishesExactly(ctx, conn, pub, tables)
+		if err != nil {
+			return err
+		}
+		if !same {
+			// SET TABLE also drops row filters, column lists and schemas.
+			if _, err := conn.Exec(ctx, fmt.Sprintf("ALTER PUBLICATION %s SET TABLE %s", quoteIdent(name), list)); err != nil {
+				return fmt.Errorf("updating publication %q: %w", name, err)
+			}
 		}
 	}
-	if len(missing) == 0 && (!manage || len(have) == len(tables)) {
-		return nil
-	}
-	if !manage {
-		sort.Strings(missing)
-		return fmt.Errorf("publication %q does not cover %s; add with: ALTER PUBLICATION %s ADD TABLE %s; (or set postgres.manage_publication: true)",
-			name, strings.Join(missing, ", "), quoteIdent(name), strings.Join(missing, ", "))
-	}
-	if _, err := conn.Exec(ctx, fmt.Sprintf("ALTER PUBLICATION %s SET TABLE %s", quoteIdent(name), strings.Join(quoted, ", "))); err != nil {
-		return fmt.Errorf("updating publication %q: %w", name, err)
+	if len(pub.MissingOps()) > 0 || !pub.ViaRoot {
+		if _, err := conn.Exec(ctx, fmt.Sprintf("ALTER PUBLICATION %s SET (publish = '%s', publish_via_partition_root = true)",
+			quoteIdent(name), PublishOps)); err != nil {
+			return fmt.Errorf("updating publication %q: %w", name, err)
+		}
 	}
 	return nil
+}
+
+// publishesExactly reports whether pub's members are exactly tables, with
+// no row filter, column list or (Postgres 15 and later) schema.
+func publishesExactly(ctx context.Context, conn *pgx.Conn, pub Publication, tables []TableInfo) (bool, error) {
+	version, err := serverVersion(ctx, conn)
+	if err != nil {
+		return false, err
+	}
+	filtered := "false"
+	if version >= 150000 {
+		var schemas int
+		if err := conn.QueryRow(ctx, "SELECT count(*) FROM pg_publication_namespace WHERE pnpubid = $1", pub.OID).Scan(&schemas); err != nil {
+			return false, fmt.Errorf("reading the schemas of publication %q: %w", pub.Name, err)
+		}
+		if schemas > 0 {
+			return false, nil
+		}
+		filtered = "prqual IS NOT NULL OR prattrs IS NOT NULL"
+	}
+	type member struct {
+		oid      uint32
+		filtered bool
+	}
+	rows, err := conn.Query(ctx, "SELECT prrelid, "+filtered+" FROM pg_publication_rel WHERE prpubid = $1", pub.OID)
+	if err != nil {
+		return false, fmt.Errorf("reading the tables of publication %q: %w", pub.Name, err)
+	}
+	members, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (member, error) {
+		var m member
+		return m, r.Scan(&m.oid, &m.filtered)
+	})
+	if err != nil {
+		return false, fmt.Errorf("reading the tables of publication %q: %w", pub.Name, err)
+	}
+	if len(members) != len(tables) {
+		return false, nil
+	}
+	want := map[uint32]bool{}
+	for _, t := range tables {
+		want[t.OID] = true
+	}
+	for _, m := range members {
+		if m.filtered || !want[m.oid] {
+			return false, nil
+		}
+	}
+	return true, nil
 }
 
 // SlotState is the server's record of a replication slot.
@@ -301,9 +636,13 @@ func ReadSlot(ctx context.Context, conn *pgx.Conn, slot string) (SlotState, erro
 	return s, nil
 }
 
-// EnsureSlot creates the permanent pgoutput slot when missing and verifies an
-// existing one belongs to this database and plugin.
-func EnsureSlot(ctx context.Context, conn *pgx.Conn, slot string) (created bool, err error) {
+// EnsureSlot verifies that an existing slot belongs to this database and
+// plugin and is not invalidated, or creates the permanent pgoutput slot when
+// it is missing. A new slot starts at the current WAL position: whatever was
+// committed before is never decoded. So before creating one it calls
+// mayCreate (when not nil), and creates nothing when that returns an error,
+// which it returns.
+func EnsureSlot(ctx context.Context, conn *pgx.Conn, slot string, mayCreate func(context.Context) error) (created bool, err error) {
 	s, err := ReadSlot(ctx, conn, slot)
 	if err != nil {
 		return false, err
@@ -320,12 +659,23 @@ func EnsureSlot(ctx context.Context, conn *pgx.Conn, slot string) (created bool,
 			return false, fmt.Errorf("replication slot %q belongs to database %q, not %q; choose another postgres.slot", slot, s.Database, db)
 		}
 		if s.WALStatus == "lost" {
-			return false, fmt.Errorf("replication slot %q is invalidated (wal_status lost): changes were lost; drop it and re-snapshot", slot)
+			return false, fmt.Errorf("replication slot %q is invalidated (wal_status lost): %s", slot, LostSlotAdvice(slot))
 		}
 		return false, nil
+	}
+	if mayCreate != nil {
+		if err := mayCreate(ctx); err != nil {
+			return false, err
+		}
 	}
 	if _, err := conn.Exec(ctx, "SELECT pg_create_logical_replication_slot($1, 'pgoutput')", slot); err != nil {
 		return false, fmt.Errorf("creating replication slot %q: %w", slot, err)
 	}
 	return true, nil
+}
+
+// LostSlotAdvice says what an invalidated slot means and how to go on.
+func LostSlotAdvice(slot string) string {
+	return fmt.Sprintf("Postgres removed WAL it still needed, so changes committed after its confirmed_flush_lsn are lost to capture; "+
+		"to continue from now, leaving that gap, drop it (SELECT pg_drop_replication_slot('%s');) and start with `tidemark run --accept-gap`", slot)
 }

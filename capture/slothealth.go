@@ -119,7 +119,7 @@ func (h SlotHealth) problems() []SlotProblem {
 	var ps []SlotProblem
 	switch h.WALStatus {
 	case "lost":
-		ps = append(ps, SlotProblem{"lost", fmt.Sprintf("replication slot %q is invalidated (wal_status lost): WAL it needed was removed, changes were lost; drop the slot and re-snapshot", h.Slot)})
+		ps = append(ps, SlotProblem{"lost", fmt.Sprintf("replication slot %q is invalidated (wal_status lost): %s", h.Slot, LostSlotAdvice(h.Slot))})
 	case "unreserved":
 		ps = append(ps, SlotProblem{"unreserved", fmt.Sprintf("replication slot %q retains %s of WAL, beyond max_slot_wal_keep_size: the next checkpoint invalidates it unless capture catches up", h.Slot, bytesText(h.RetainedBytes))})
 	case "extended":

@@ -39,7 +39,13 @@ type Config struct {
 	// Publication is the pgoutput publication (required).
 	Publication string
 	// StandbyInterval is the longest time between two standby status
-	// messages. Default 10s.
+	// messages. Default 10s. It is also the unit of the liveness check:
+	// after 2 x StandbyInterval without any message from the server, a
+	// status message asks for a reply, and the connection is dropped and
+	// re-established when none arrives within another StandbyInterval (a
+	// half-open connection, e.g. behind a proxy that stopped forwarding).
+	// A session uses at most a third of the server's wal_sender_timeout
+	// (with a warning), so that the server does not time it out.
 	StandbyInterval time.Duration
 	// Buffer sizes the hand-over between the replication connection and
 	// the pipeline: events travel in batches (a transaction, or up to 256
@@ -47,6 +53,15 @@ type Config struct {
 	// Buffer events (plus one batch) for large transactions, or Buffer/256
 	// small transactions. Default 8192.
 	Buffer int
+	// BufferBytes bounds the hand-over by bytes too: the row messages of
+	// the batches waiting for the pipeline (a batch is also cut once it
+	// holds an eighth of it), however wide the rows. One batch may exceed
+	// it when nothing else waits. Default 8 MiB.
+	BufferBytes int64
+	// MaxRowBytes refuses a row message larger than this before decoding
+	// it, with a terminal error naming the table and position: its message
+	// could never be published (e.g. kafka.batch_bytes). 0: no limit.
+	MaxRowBytes int
 	// ReconnectMax bounds the backoff between reconnect attempts. Default 30s.
 	ReconnectMax time.Duration
 	// ConfirmedLSN is the slot's confirmed_flush_lsn when the stream is
@@ -84,6 +99,9 @@ func (c *Config) defaults() {
 	if c.Buffer <= 0 {
 		c.Buffer = 8192
 	}
+	if c.BufferBytes <= 0 {
+		c.BufferBytes = 8 << 20
+	}
 	if c.ReconnectMax <= 0 {
 		c.ReconnectMax = 30 * time.Second
 	}
@@ -98,10 +116,13 @@ type Stats struct {
 	ConfirmedLSN atomic.Uint64 // flush LSN last sent to Postgres
 	// StatusUpdates counts standby status messages sent.
 	StatusUpdates atomic.Uint64
-	ServerWALEnd  atomic.Uint64 // the server's WAL end from its last keepalive
-	Reconnects    atomic.Uint64
-	Messages      atomic.Uint64 // pgoutput messages decoded
-	LogicalMsgs   atomic.Uint64 // pg_logical_emit_message records seen
+	// Probes counts status messages that asked the server for a reply
+	// because it had sent nothing for a while (see Config.StandbyInterval).
+	Probes       atomic.Uint64
+	ServerWALEnd atomic.Uint64 // the server's WAL end from its last keepalive
+	Reconnects   atomic.Uint64
+	Messages     atomic.Uint64 // pgoutput messages decoded
+	LogicalMsgs  atomic.Uint64 // pg_logical_emit_message records seen
 	// Heartbeats received (see Watcher) and, for the last one, nanoseconds
 	// from its write to its receipt here: replication lag, also when idle.
 	HeartbeatsSeen atomic.Uint64
@@ -137,7 +158,7 @@ var ErrTerminal = errors.New("capture: terminal error")
 type Stream struct {
 	cfg   Config
 	log   *zap.Logger
-	out   chan []pipeline.Event // batches, in order
+	out   chan handed           // batches, in order
 	free  chan []pipeline.Event // emptied batches, for reuse
 	done  chan struct{}
 	err   error
@@ -151,6 +172,11 @@ type Stream struct {
 	idleWALEnd  pipeline.LSN // keepalive WAL end seen while idle
 	lastFlush   pipeline.LSN
 	lastStatus  time.Time
+	standby     time.Duration // this session's StandbyInterval
+	recvCount   uint64        // messages received (counted, not timed, per message)
+	seenCount   uint64        // recvCount at lastRecv
+	lastRecv    time.Time     // when the status tick last saw recvCount move
+	probeAt     time.Time     // when a reply was requested (zero: none pending)
 	dec         *decoder
 	rels        map[uint32]*pipeline.Relation
 	skipRels    map[uint32]string // relations not configured, by id: their names
@@ -164,8 +190,19 @@ type Stream struct {
 	pending     []pipeline.Event // events not yet handed over (see emit)
 
 	// Owned by the consumer (Next, NextBatch).
-	cur    []pipeline.Event
-	curPos int
+	cur      []pipeline.Event
+	curPos   int
+	curBytes int64
+
+	queued       atomic.Int64  // bytes of the batches handed over and not yet consumed
+	released     chan struct{} // signalled when queued shrinks
+	pendingBytes int64         // bytes of the rows in pending (Run goroutine)
+}
+
+// handed is a batch with the bytes of its row messages.
+type handed struct {
+	evs   []pipeline.Event
+	bytes int64
 }
 
 // maxBatch bounds the events of one batch handed to the pipeline.
@@ -193,9 +230,10 @@ func New(cfg Config, log *zap.Logger) (*Stream, error) {
 		log = zap.NewNop()
 	}
 	batches := max(cfg.Buffer/maxBatch, 2)
-	st := &Stream{cfg: cfg, log: log, out: make(chan []pipeline.Event, batches), free: make(chan []pipeline.Event, batches+2),
-		done: make(chan struct{}), ackCh: make(chan struct{}, 1), dec: newDecoder(),
-		tableOIDs: map[uint32]string{}, warned: map[string]bool{}}
+	st := &Stream{cfg: cfg, log: log, out: make(chan handed, batches), free: make(chan []pipeline.Event, batches+2),
+		released: make(chan struct{}, 1),
+		done:     make(chan struct{}), ackCh: make(chan struct{}, 1), dec: newDecoder(),
+		tableOIDs: map[uint32]string{}, warned: map[string]bool{}, standby: cfg.StandbyInterval}
 	st.acked.Store(uint64(cfg.ConfirmedLSN))
 	return st, nil
 }
@@ -241,10 +279,19 @@ func (s *Stream) receive(ctx context.Context) error {
 		}
 		s.cur, s.curPos = nil, 0
 	}
-	var b []pipeline.Event
+	if s.curBytes > 0 {
+		// The previous batch is handled: its rows are encoded.
+		s.queued.Add(-s.curBytes)
+		s.curBytes = 0
+		select {
+		case s.released <- struct{}{}:
+		default:
+		}
+	}
+	var b handed
 	select {
 	case b = <-s.out: // the common case, without the cost of a full select
-		s.cur, s.curPos = b, 0
+		s.cur, s.curPos, s.curBytes = b.evs, 0, b.bytes
 		return nil
 	default:
 	}
@@ -259,7 +306,7 @@ func (s *Stream) receive(ctx context.Context) error {
 			return s.err
 		}
 	}
-	s.cur, s.curPos = b, 0
+	s.cur, s.curPos, s.curBytes = b.evs, 0, b.bytes
 	return nil
 }
 
@@ -303,7 +350,7 @@ func (s *Stream) run(ctx context.Context) error {
 			return ctx.Err()
 		}
 		if errors.Is(err, ErrTerminal) || isTerminalPG(err) {
-			return err
+			return s.explainTerminal(err)
 		}
 		if time.Since(start) > time.Minute {
 			bo.Reset()
@@ -328,10 +375,28 @@ func isTerminalPG(err error) bool {
 	switch pgErr.Code {
 	case "42704", // undefined_object: slot or publication missing
 		"28P01", "28000", // authentication
-		"42501": // insufficient privilege
+		"42501", // insufficient privilege
+		"55000", // object_not_in_prerequisite_state: e.g. the slot was invalidated
+		"22023", // invalid_parameter_value: e.g. a pgoutput option the server does not know
+		"0A000": // feature_not_supported: e.g. the protocol version
 		return true
 	}
 	return false
+}
+
+// explainTerminal adds what a terminal server error means for the
+// operator: an invalidated slot lost changes for good.
+func (s *Stream) explainTerminal(err error) error {
+	var pgErr *pgconn.PgError
+	// Postgres 15 says "cannot read from logical replication slot", with
+	// "This slot has been invalidated ..." as the detail; 16 and later "can
+	// no longer get changes from replication slot".
+	if errors.As(err, &pgErr) && pgErr.Code == "55000" && (strings.Contains(pgErr.Detail, "invalidated") ||
+		strings.Contains(pgErr.Message, "can no longer get changes") || strings.Contains(pgErr.Message, "cannot read from logical replication slot")) {
+		return fmt.Errorf("%w: replication slot %q is invalidated (wal_status lost): Postgres removed WAL it still needed (max_slot_wal_keep_size), so the changes committed since its confirmed position are lost; drop the slot and start again from now with `tidemark run --accept-gap` (%v)",
+			ErrTerminal, s.cfg.Slot, err)
+	}
+	return err
 }
 
 func (s *Stream) connect(ctx context.Context) (*pgconn.PgConn, error) {
@@ -341,10 +406,8 @@ func (s *Stream) connect(ctx context.Context) (*pgconn.PgConn, error) {
 	}
 	pcfg.RuntimeParams["replication"] = "database"
 	pcfg.RuntimeParams["application_name"] = "tidemark"
-	// Fix the text output formats pgoutput uses for values.
-	pcfg.RuntimeParams["DateStyle"] = "ISO"
-	pcfg.RuntimeParams["TimeZone"] = "UTC"
-	pcfg.RuntimeParams["extra_float_digits"] = "3"
+	// Fix the text output formats pgoutput uses for values (see textFormats).
+	pinTextFormats(pcfg.RuntimeParams)
 	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	conn, err := pgconn.ConnectConfig(cctx, pcfg)
@@ -366,6 +429,9 @@ func (s *Stream) session(ctx context.Context) error {
 	if err := s.resolveTables(ctx, conn); err != nil {
 		return err
 	}
+	if err := s.setStandby(ctx, conn); err != nil {
+		return err
+	}
 	// Resume after what was already handed to the pipeline in this process;
 	// Postgres starts at the slot's confirmed position when that is later.
 	start := s.handedEnd
@@ -384,6 +450,7 @@ func (s *Stream) session(ctx context.Context) error {
 	s.txn, s.open = nil, false
 	s.idleWALEnd = 0
 	s.lastStatus = time.Time{}
+	s.seenCount, s.lastRecv, s.probeAt = s.recvCount, time.Now(), time.Time{}
 	// Events of a transaction left open by the previous session are
 	// dropped: Postgres sends the transaction again, whole, and the
 	// pipeline abandons an open transaction at the next Begin.
@@ -429,6 +496,7 @@ func (s *Stream) session(ctx context.Context) error {
 			}
 			return fmt.Errorf("receiving replication data: %w", err)
 		}
+		s.recvCount++
 		switch m := msg.(type) {
 		case *pgproto3.CopyData:
 			if err := s.handleCopyData(ctx, conn, m.Data); err != nil {
@@ -462,10 +530,82 @@ func (s *Stream) checkStatus(ctx context.Context, conn *pgconn.PgConn, armed *bo
 		if err := s.maybeSendStatus(ctx, conn, false); err != nil {
 			return err
 		}
+		if err := s.checkLiveness(ctx, conn); err != nil {
+			return err
+		}
 		*armed = false
 	default:
 	}
 	return nil
+}
+
+// checkLiveness runs on the status tick while the loop reads: after
+// 2 x standby without a message from the server it asks for a reply; when
+// none comes within another standby, the connection is half-open and the
+// session ends (to be re-established).
+func (s *Stream) checkLiveness(ctx context.Context, conn *pgconn.PgConn) error {
+	now := time.Now()
+	if s.recvCount != s.seenCount {
+		s.seenCount, s.lastRecv, s.probeAt = s.recvCount, now, time.Time{}
+		return nil
+	}
+	silent := now.Sub(s.lastRecv)
+	switch {
+	case s.probeAt.IsZero() && silent >= 2*s.standby:
+		s.probeAt = now
+		s.stats.Probes.Add(1)
+		return s.sendStatus(ctx, conn, s.flushLSN(), now, true)
+	case !s.probeAt.IsZero() && now.Sub(s.probeAt) >= s.standby:
+		return fmt.Errorf("the server sent nothing for %s, not even the reply to a keepalive request sent %s ago: the replication connection is half-open",
+			silent.Round(time.Millisecond), now.Sub(s.probeAt).Round(time.Millisecond))
+	}
+	return nil
+}
+
+// setStandby sets this session's standby interval: Config.StandbyInterval,
+// or a third of the server's wal_sender_timeout when that is shorter.
+func (s *Stream) setStandby(ctx context.Context, conn *pgconn.PgConn) error {
+	s.standby = s.cfg.StandbyInterval
+	res, err := conn.Exec(ctx, "SHOW wal_sender_timeout").ReadAll()
+	if err != nil {
+		return fmt.Errorf("reading wal_sender_timeout: %w", err)
+	}
+	if len(res) != 1 || res[0].Err != nil || len(res[0].Rows) != 1 || len(res[0].Rows[0]) != 1 {
+		return fmt.Errorf("reading wal_sender_timeout: unexpected answer %+v", res)
+	}
+	timeout, err := parsePGDuration(string(res[0].Rows[0][0]))
+	if err != nil {
+		return fmt.Errorf("reading wal_sender_timeout: %w", err)
+	}
+	if limit := timeout / 3; timeout > 0 && s.standby > limit {
+		if !s.warned["standby"] {
+			s.warned["standby"] = true
+			s.log.Warn("postgres.standby_interval is more than a third of the server's wal_sender_timeout; using a third of it, so that the server does not time the connection out",
+				zap.Duration("standby_interval", s.cfg.StandbyInterval), zap.Duration("wal_sender_timeout", timeout), zap.Duration("using", limit))
+		}
+		s.standby = limit
+	}
+	return nil
+}
+
+// parsePGDuration parses a time setting as SHOW prints it ("60s", "500ms",
+// "1min", "0").
+func parsePGDuration(v string) (time.Duration, error) {
+	i := 0
+	for i < len(v) && v[i] >= '0' && v[i] <= '9' {
+		i++
+	}
+	n, err := strconv.ParseInt(v[:i], 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("%q is not a duration", v)
+	}
+	units := map[string]time.Duration{"": time.Millisecond, "us": time.Microsecond, "ms": time.Millisecond, "s": time.Second,
+		"min": time.Minute, "h": time.Hour, "d": 24 * time.Hour}
+	u, ok := units[v[i:]]
+	if !ok {
+		return 0, fmt.Errorf("%q has an unknown unit", v)
+	}
+	return time.Duration(n) * u, nil
 }
 
 func (s *Stream) handleCopyData(ctx context.Context, conn *pgconn.PgConn, data []byte) error {
@@ -523,6 +663,9 @@ func (s *Stream) handleWAL(ctx context.Context, conn *pgconn.PgConn, xld pglogre
 		s.stats.ReceivedLSN.Store(uint64(s.txn.EndLSN))
 		s.txn, s.open = nil, false
 	case *pglogrepl.RelationMessage:
+		if err := s.resolveTypes(ctx, m); err != nil {
+			return err
+		}
 		return s.handleRelation(m, at)
 	case *pglogrepl.TypeMessage:
 		s.typeNames[m.DataType] = m.Namespace + "." + m.Name
@@ -544,7 +687,9 @@ func (s *Stream) handleWAL(ctx context.Context, conn *pgconn.PgConn, xld pglogre
 		rels := make([]*pipeline.Relation, 0, len(m.RelationIDs))
 		for _, id := range m.RelationIDs {
 			if name, skip := s.skipRels[id]; skip {
-				s.stats.skip(name)
+				if err := s.skipChange(id, name, at); err != nil {
+					return err
+				}
 				continue
 			}
 			rel, err := s.relation(id, at)
@@ -596,13 +741,17 @@ func (s *Stream) handleRow(ctx context.Context, conn *pgconn.PgConn, xld pglogre
 	}
 	s.stats.Messages.Add(1)
 	if name, skip := s.skipRels[m.relID]; skip {
-		s.stats.skip(name)
-		return nil
+		return s.skipChange(m.relID, name, at)
 	}
 	rel, err := s.relation(m.relID, at)
 	if err != nil {
 		return err
 	}
+	if n := len(xld.WALData); s.cfg.MaxRowBytes > 0 && n > s.cfg.MaxRowBytes {
+		return fmt.Errorf("%w: %s on %s at %s is %d bytes, more than the %d a message may have (kafka.batch_bytes): it cannot be published; raise kafka.batch_bytes (and the topic's max.message.bytes) or make the row smaller",
+			ErrTerminal, rowMessageName(m.typ), rel.QualifiedName(), at, n, s.cfg.MaxRowBytes)
+	}
+	s.pendingBytes += int64(len(xld.WALData))
 	ch := pipeline.Change{Rel: rel, WALLSN: at}
 	if m.oldKind != 0 {
 		if ch.Before, err = s.dec.decodeTuple(rel, m.old, m.oldKind == 'K'); err != nil {
@@ -692,17 +841,11 @@ func (s *Stream) handleRelation(m *pglogrepl.RelationMessage, at pipeline.LSN) e
 		}
 	}
 	if !ok {
+		// Judged when one of its changes arrives (skipChange): under
+		// publish_via_partition_root Postgres also describes each
+		// partition, whose changes then come under the root's relation.
 		delete(s.rels, m.RelationID)
-		if s.cfg.UnknownTables == UnknownStop {
-			return fmt.Errorf("%w: table %s (relation %d, at %s) is published by %q but is not in postgres.tables; add it to postgres.tables, remove it from the publication, or set postgres.unknown_tables: skip",
-				ErrTerminal, name, m.RelationID, at, s.cfg.Publication)
-		}
 		s.skipRels[m.RelationID] = name
-		if !s.warned["unknown "+name] {
-			s.warned["unknown "+name] = true
-			s.log.Warn("skipping the changes of a table that is not in postgres.tables (counted in tidemark_skipped_changes_total; add it to postgres.tables, or remove it from the publication)",
-				zap.String("table", name), zap.Uint32("relation", m.RelationID), zap.String("publication", s.cfg.Publication))
-		}
 		return nil
 	}
 	delete(s.skipRels, m.RelationID)
@@ -716,6 +859,23 @@ func (s *Stream) handleRelation(m *pglogrepl.RelationMessage, at pipeline.LSN) e
 		rel.Schema, rel.Table, _ = strings.Cut(configured, ".")
 	}
 	s.rels[m.RelationID] = rel
+	return nil
+}
+
+// skipChange handles a change of a relation that is not configured (see
+// Config.UnknownTables): counted and, the first time for its table,
+// warned about; or a terminal error naming it.
+func (s *Stream) skipChange(id uint32, name string, at pipeline.LSN) error {
+	if s.cfg.UnknownTables == UnknownStop {
+		return fmt.Errorf("%w: a change of table %s (relation %d, at %s) arrived: it is published by %q but is not in postgres.tables; add it to postgres.tables, remove it from the publication, or set postgres.unknown_tables: skip",
+			ErrTerminal, name, id, at, s.cfg.Publication)
+	}
+	s.stats.skip(name)
+	if !s.warned["unknown "+name] {
+		s.warned["unknown "+name] = true
+		s.log.Warn("skipping the changes of a table that is not in postgres.tables (counted in tidemark_skipped_changes_total; add it to postgres.tables, or remove it from the publication)",
+			zap.String("table", name), zap.Uint32("relation", id), zap.String("publication", s.cfg.Publication))
+	}
 	return nil
 }
 
@@ -754,18 +914,35 @@ func (s *Stream) emit(ctx context.Context, conn *pgconn.PgConn, ev pipeline.Even
 		}
 	}
 	s.pending = append(s.pending, ev)
-	if ev.Kind != pipeline.EventCommit && len(s.pending) < maxBatch {
+	if ev.Kind != pipeline.EventCommit && len(s.pending) < maxBatch && s.pendingBytes < s.cfg.BufferBytes/8 {
 		return nil
 	}
-	b := s.pending
-	s.pending = nil
+	b := handed{evs: s.pending, bytes: s.pendingBytes}
+	s.pending, s.pendingBytes = nil, 0
 	return s.handOver(ctx, conn, b)
 }
 
 // handOver gives a batch to the pipeline. While the pipeline is full it
 // keeps sending standby status, so Postgres does not time the connection
 // out.
-func (s *Stream) handOver(ctx context.Context, conn *pgconn.PgConn, b []pipeline.Event) error {
+func (s *Stream) handOver(ctx context.Context, conn *pgconn.PgConn, b handed) error {
+	// Wait for bytes first (unless nothing waits: one batch always goes).
+	for q := s.queued.Load(); q > 0 && q+b.bytes > s.cfg.BufferBytes; q = s.queued.Load() {
+		select {
+		case <-s.released:
+		case <-s.ackCh:
+			if err := s.maybeSendStatus(ctx, conn, false); err != nil {
+				return err
+			}
+		case <-s.statusTimer.C:
+			if err := s.maybeSendStatus(ctx, conn, false); err != nil {
+				return err
+			}
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	s.queued.Add(b.bytes)
 	select {
 	case s.out <- b:
 		return nil
@@ -803,11 +980,16 @@ func (s *Stream) flushLSN() pipeline.LSN {
 func (s *Stream) maybeSendStatus(ctx context.Context, conn *pgconn.PgConn, force bool) error {
 	flush := s.flushLSN()
 	now := time.Now()
-	due := now.Sub(s.lastStatus) >= s.cfg.StandbyInterval
+	due := now.Sub(s.lastStatus) >= s.standby
 	advanced := flush > s.lastFlush && now.Sub(s.lastStatus) >= 100*time.Millisecond
 	if !force && !due && !advanced {
 		return nil
 	}
+	return s.sendStatus(ctx, conn, flush, now, false)
+}
+
+// sendStatus reports flush, asking the server for a reply when reply is set.
+func (s *Stream) sendStatus(ctx context.Context, conn *pgconn.PgConn, flush pipeline.LSN, now time.Time, reply bool) error {
 	// Report only what is confirmed, in all three positions. (pglogrepl
 	// replaces a zero flush position with the write position, so reporting
 	// a write position beyond flush could confirm transactions that are not
@@ -818,6 +1000,7 @@ func (s *Stream) maybeSendStatus(ctx context.Context, conn *pgconn.PgConn, force
 		WALFlushPosition: pglogrepl.LSN(flush),
 		WALApplyPosition: pglogrepl.LSN(flush),
 		ClientTime:       now,
+		ReplyRequested:   reply,
 	})
 	if err != nil {
 		return fmt.Errorf("sending standby status at %s: %w", flush, err)

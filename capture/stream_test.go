@@ -88,7 +88,7 @@ func emitted(s *Stream) []pipeline.Event {
 	for {
 		select {
 		case b := <-s.out:
-			evs = append(evs, b...)
+			evs = append(evs, b.evs...)
 			continue
 		default:
 		}

@@ -69,8 +69,13 @@ func (o Op) String() string { return string(rune(o)) }
 type Column struct {
 	Name    string
 	TypeOID uint32
-	// Key is true when the column is part of the table's replica identity.
+	// Key is true when the column keys the table's messages (see the
+	// README on keys: the primary key, the replica identity index, a
+	// unique index, postgres.key_columns or the whole row).
 	Key bool
+	// Identity is true when the column is part of the replica identity
+	// (pgoutput's flag): old-row key images carry exactly these columns.
+	Identity bool
 }
 
 // Relation is the shape of a captured table at some point in the WAL. A new

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"runtime/debug"
@@ -38,6 +39,7 @@ func cpuProfile(env string) (stop func(), err error) {
 
 func runCmd() *cobra.Command {
 	var path, role string
+	var acceptGap bool
 	cmd := &cobra.Command{
 		Use:   "run",
 		Short: "Capture the configured tables into Kafka until interrupted",
@@ -75,7 +77,7 @@ func runCmd() *cobra.Command {
 			}
 			// The heap holds the in-flight budget and, with targets, a
 			// round of notify_targets records of up to max_record_bytes.
-			heapBudget := cfg.Pipeline.MaxInFlightBytes
+			heapBudget := cfg.Pipeline.MaxInFlightBytes + app.HandoverBytes(cfg)
 			if runTargets {
 				heapBudget += cfg.Targets.MaxRecordBytes
 			}
@@ -87,8 +89,14 @@ func runCmd() *cobra.Command {
 			var a *app.App
 			var inv *app.Invalidation
 			if runCapture {
-				if a, err = app.Prepare(ctx, cfg, log); err != nil {
-					if _, ok := err.(*capture.PreflightError); ok {
+				var opts []app.PrepareOption
+				if acceptGap {
+					opts = append(opts, app.AcceptGap())
+				}
+				if a, err = app.Prepare(ctx, cfg, log, opts...); err != nil {
+					var pe *capture.PreflightError
+					var gap *app.SlotGapError
+					if errors.As(err, &pe) || errors.As(err, &gap) {
 						return &exitError{3, err}
 					}
 					return err
@@ -182,6 +190,8 @@ func runCmd() *cobra.Command {
 	}
 	cmd.Flags().StringVar(&role, "role", "all", "what to run: all, capture, invalidation, integrity or targets")
 	cmd.Flags().StringVarP(&path, "config", "c", "", "YAML config file (required)")
+	cmd.Flags().BoolVar(&acceptGap, "accept-gap", false,
+		"when the replication slot is missing although the topic prefix has published, create a new one at the current WAL position anyway, knowingly leaving the changes committed in between uncaptured")
 	return cmd
 }
 
@@ -227,7 +237,14 @@ func checkCmd() *cobra.Command {
 			fmt.Fprintf(out, "config %s: ok\ndatabase %s (%s)\n", path, db, config.Redact(cfg.Postgres.DSN))
 			for _, t := range cfg.Postgres.Tables {
 				if ti, ok := infos[t]; ok {
-					fmt.Fprintf(out, "  %-32s replica identity %c, key %v\n", t, ti.ReplicaIdentity, ti.IdentityColumns)
+					key := fmt.Sprintf("key %v", ti.KeyColumns())
+					if ti.Key != nil {
+						key = ti.Key.String()
+					}
+					fmt.Fprintf(out, "  %-32s replica identity %c, %s\n", t, ti.ReplicaIdentity, key)
+					if ti.Key != nil && ti.Key.Warning != "" {
+						fmt.Fprintf(out, "  warning: %s: %s\n", t, ti.Key.Warning)
+					}
 				}
 			}
 			if len(problems) > 0 {
@@ -255,8 +272,8 @@ func checkCmd() *cobra.Command {
 
 // tuneGC trades a little memory for much less garbage-collection CPU: the
 // heap may grow to 5x its live size (GOGC=400), but a soft memory limit of
-// twice the byte budget (in flight, plus a notify_targets record with the
-// targets role) plus 32 MiB makes the collector work
+// twice the byte budget (in flight and in the capture hand-over, plus a
+// notify_targets record with the targets role) plus 32 MiB makes the collector work
 // harder before the process grows past it (measured on the canonical drain:
 // 62 MB RSS at the same CPU per row as with 3x + 40 MiB, which gave 77 MB).
 // GOGC and GOMEMLIMIT in the environment take precedence.

@@ -1,4 +1,4 @@
--- Prepare a Postgres (10+; 15 tested) for Tidemark. Run as a superuser.
+-- Prepare a Postgres (14+; 15 tested) for Tidemark. Run as a superuser.
 --
 -- 1. Server settings (postgresql.conf), then restart:
 --      wal_level = logical
@@ -22,7 +22,8 @@ GRANT SELECT ON public.users, public.rooms, public.room_memberships,
 -- needs the role to own the tables or be a superuser, or create it here and
 -- set manage_publication: false:
 CREATE PUBLICATION tidemark FOR TABLE public.users, public.rooms, public.room_memberships,
-  public.events, public.event_json, public.read_markers;
+  public.events, public.event_json, public.read_markers
+  WITH (publish_via_partition_root = true);
 
 -- Tables without a primary key need a replica identity before they can be
 -- published; `tidemark check` prints the exact statement for each.

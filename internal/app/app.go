@@ -39,7 +39,11 @@ type App struct {
 }
 
 // Check inspects the database for the config: server settings, tables,
-// replica identities and entity-stream keys. It returns every problem.
+// replica identities (of each partition of a partitioned table), the
+// publication when Tidemark does not manage it (postgres.manage_publication
+// false: its tables, operations, publish_via_partition_root, row filters and
+// column lists) and entity-stream keys. It changes nothing and returns every
+// problem.
 func Check(ctx context.Context, cfg *config.Config) (map[string]capture.TableInfo, string, []capture.Problem, error) {
 	conn, err := pgx.Connect(ctx, cfg.Postgres.DSN)
 	if err != nil {
@@ -54,8 +58,32 @@ func Check(ctx context.Context, cfg *config.Config) (map[string]capture.TableInf
 	if err != nil {
 		return nil, "", nil, err
 	}
+	keyProblems, err := chooseKeys(ctx, conn, cfg, infos)
+	if err != nil {
+		return nil, "", nil, err
+	}
+	problems = append(problems, keyProblems...)
+	if !*cfg.Postgres.ManagePublication {
+		ps, err := capture.PublicationProblems(ctx, conn, cfg.Postgres.Publication, configuredTables(cfg, infos))
+		if err != nil {
+			return nil, "", nil, err
+		}
+		problems = append(problems, ps...)
+	}
 	problems = append(problems, streamProblems(cfg, infos)...)
 	return infos, db, problems, nil
+}
+
+// configuredTables returns the tables of infos in the order of
+// postgres.tables (those that exist).
+func configuredTables(cfg *config.Config, infos map[string]capture.TableInfo) []capture.TableInfo {
+	var out []capture.TableInfo
+	for _, t := range cfg.Postgres.Tables {
+		if ti, ok := infos[t]; ok {
+			out = append(out, ti)
+		}
+	}
+	return out
 }
 
 // streamProblems checks that each entity stream's key column exists in its
@@ -88,11 +116,31 @@ func streamProblems(cfg *config.Config, infos map[string]capture.TableInfo) []ca
 	return ps
 }
 
+// PrepareOption changes what Prepare may do.
+type PrepareOption func(*prepareOptions)
+
+type prepareOptions struct{ acceptGap bool }
+
+// AcceptGap lets Prepare create a missing replication slot although the
+// topic prefix has published before (`tidemark run --accept-gap`): the new
+// slot starts at the current WAL position, so the changes committed between
+// the last published transaction and now are never captured. Prepare logs
+// that at Warn. Without it, Prepare returns a *SlotGapError instead.
+func AcceptGap() PrepareOption { return func(o *prepareOptions) { o.acceptGap = true } }
+
 // Prepare checks the database, makes sure the publication and slot exist,
-// and builds the parts. It starts nothing and touches no Kafka broker.
-func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger) (*App, error) {
+// and builds the parts. It starts nothing. It touches Kafka only when the
+// slot is missing: a first start (nothing published under the topic prefix)
+// creates it; once the prefix has published, a missing slot means changes
+// were lost, and Prepare returns a *SlotGapError (see AcceptGap), retrying
+// while Kafka is unreachable.
+func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger, opts ...PrepareOption) (*App, error) {
 	if log == nil {
 		log = zap.NewNop()
+	}
+	var o prepareOptions
+	for _, opt := range opts {
+		opt(&o)
 	}
 	infos, db, problems, err := Check(ctx, cfg)
 	if err != nil {
@@ -106,15 +154,25 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger) (*App, er
 		return nil, fmt.Errorf("connecting to postgres: %w", err)
 	}
 	defer conn.Close(context.Background())
-	if err := capture.EnsurePublication(ctx, conn, cfg.Postgres.Publication, cfg.Postgres.Tables, *cfg.Postgres.ManagePublication); err != nil {
+	if err := capture.EnsurePublication(ctx, conn, cfg.Postgres.Publication, configuredTables(cfg, infos), *cfg.Postgres.ManagePublication); err != nil {
 		return nil, err
 	}
-	created, err := capture.EnsureSlot(ctx, conn, cfg.Postgres.Slot)
+	rc := cfg.RouterConfig(db)
+	topics := rc.Topics(cfg.Postgres.Tables)
+	var accepted *Published
+	created, err := capture.EnsureSlot(ctx, conn, cfg.Postgres.Slot, func(ctx context.Context) error {
+		p, err := lastPublished(ctx, cfg, topics, rc, log)
+		if err != nil || !p.Any {
+			return err
+		}
+		if !o.acceptGap {
+			return &SlotGapError{Slot: cfg.Postgres.Slot, Prefix: cfg.Kafka.TopicPrefix, Last: p}
+		}
+		accepted = &p
+		return nil
+	})
 	if err != nil {
 		return nil, err
-	}
-	if created {
-		log.Info("created replication slot", zap.String("slot", cfg.Postgres.Slot))
 	}
 	slot, err := capture.ReadSlot(ctx, conn, cfg.Postgres.Slot)
 	if err != nil {
@@ -124,6 +182,14 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger) (*App, er
 	if err != nil {
 		return nil, fmt.Errorf("replication slot %q: confirmed_flush_lsn: %w", cfg.Postgres.Slot, err)
 	}
+	switch {
+	case created && accepted != nil:
+		log.Warn("replication slot was missing although the topic prefix had published; created a new one at the current WAL position, accepting the gap (--accept-gap): changes committed after the last published transaction until the new slot's start are not captured",
+			zap.String("slot", cfg.Postgres.Slot), zap.String("topic_prefix", cfg.Kafka.TopicPrefix),
+			zap.String("last_published_lsn", accepted.lsnText()), zap.Stringer("slot_start_lsn", confirmed))
+	case created:
+		log.Info("created replication slot", zap.String("slot", cfg.Postgres.Slot), zap.Stringer("start_lsn", confirmed))
+	}
 	keys := map[string][]string{}
 	for name, ti := range infos {
 		keys[name] = ti.KeyColumns()
@@ -132,6 +198,7 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger) (*App, er
 		DSN: cfg.Postgres.DSN, Slot: cfg.Postgres.Slot, Publication: cfg.Postgres.Publication,
 		StandbyInterval: cfg.Postgres.StandbyInterval, KeyColumns: keys, ConfirmedLSN: confirmed,
 		Tables: cfg.Postgres.Tables, UnknownTables: cfg.Postgres.UnknownTables,
+		BufferBytes: HandoverBytes(cfg), MaxRowBytes: int(cfg.Kafka.BatchBytes),
 	}, log.With(zap.String("component", "capture")))
 	if err != nil {
 		return nil, err
@@ -144,7 +211,6 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger) (*App, er
 	if err != nil {
 		return nil, err
 	}
-	rc := cfg.RouterConfig(db)
 	commitToAck := prometheus.NewHistogram(prometheus.HistogramOpts{
 		Namespace: "tidemark", Name: "commit_to_ack_seconds",
 		Help:    "Seconds from a transaction's commit in Postgres to its acknowledgement by Kafka.",
@@ -164,7 +230,7 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger) (*App, er
 		DSN: cfg.Postgres.DSN, Slot: cfg.Postgres.Slot, Interval: cfg.Postgres.SlotCheckInterval, Heartbeat: *cfg.Postgres.HeartbeatInterval,
 	}, log.With(zap.String("component", "slot-watch")))
 	return &App{Cfg: cfg, Log: log, Stream: stream, Pipeline: pipe, Sink: sink, Watcher: watcher, Tables: infos, Database: db,
-		Topics: rc.Topics(cfg.Postgres.Tables), CommitToAck: commitToAck}, nil
+		Topics: topics, CommitToAck: commitToAck}, nil
 }
 
 // EnsureTopics creates missing topics, retrying while Kafka is unreachable.

@@ -118,6 +118,12 @@ type Postgres struct {
 	UnknownTables string `yaml:"unknown_tables"`
 	// Tables to capture, "schema.table" (required).
 	Tables []string `yaml:"tables"`
+	// KeyColumns sets the columns that key a table's messages, by table
+	// ("schema.table"), for tables whose primary key, replica identity
+	// index or unique index is not the right key (Debezium's
+	// message.key.columns). The columns must be sent in deletes (be in the
+	// replica identity). Default: see the README on keys.
+	KeyColumns map[string][]string `yaml:"key_columns"`
 	// StandbyInterval is the longest gap between standby status messages.
 	// Default 10s.
 	StandbyInterval time.Duration `yaml:"standby_interval"`
@@ -333,6 +339,13 @@ func (c *Config) ApplyDefaults() {
 	for i, t := range p.Tables {
 		p.Tables[i] = pipeline.QualifyTable(t)
 	}
+	if len(p.KeyColumns) > 0 {
+		qualified := make(map[string][]string, len(p.KeyColumns))
+		for t, cols := range p.KeyColumns {
+			qualified[pipeline.QualifyTable(t)] = cols
+		}
+		p.KeyColumns = qualified
+	}
 	k := &c.Kafka
 	if k.TopicPrefix == "" {
 		k.TopicPrefix = "tidemark"
@@ -441,6 +454,31 @@ func (c *Config) Validate() []FieldError {
 			add(path, "%q is listed twice", t)
 		}
 		seen[t] = true
+	}
+	keyTables := make([]string, 0, len(p.KeyColumns))
+	for t := range p.KeyColumns {
+		keyTables = append(keyTables, t)
+	}
+	sort.Strings(keyTables)
+	for _, t := range keyTables {
+		path := "postgres.key_columns." + t
+		if !seen[t] {
+			add(path, "%q is not in postgres.tables", t)
+		}
+		cols := p.KeyColumns[t]
+		if len(cols) == 0 {
+			add(path, "lists no columns")
+		}
+		dup := map[string]bool{}
+		for i, c := range cols {
+			if !pipeline.IsIdentifier(c) {
+				add(fmt.Sprintf("%s[%d]", path, i), "%q is not a column name", c)
+			}
+			if dup[c] {
+				add(fmt.Sprintf("%s[%d]", path, i), "%q is listed twice", c)
+			}
+			dup[c] = true
+		}
 	}
 	if p.UnknownTables != "" && p.UnknownTables != "skip" && p.UnknownTables != "stop" {
 		add("postgres.unknown_tables", "%q is neither skip nor stop", p.UnknownTables)

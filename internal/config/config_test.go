@@ -156,6 +156,17 @@ func TestBadConfigs(t *testing.T) {
 			paths: []string{"postgres.tables[1]", "postgres.tables[2]", "postgres.tables[3]"},
 		},
 		{
+			file: "key_columns.bad.yml",
+			errs: []string{
+				`postgres.key_columns.public.events: lists no columns`,
+				`postgres.key_columns.public.missing: "public.missing" is not in postgres.tables`,
+				`postgres.key_columns.public.read_markers[1]: "room id" is not a column name`,
+				`postgres.key_columns.public.read_markers[2]: "user_id" is listed twice`,
+			},
+			paths: []string{"postgres.key_columns.public.events", "postgres.key_columns.public.missing",
+				"postgres.key_columns.public.read_markers[1]", "postgres.key_columns.public.read_markers[2]"},
+		},
+		{
 			file:  "unknown_tables.bad.yml",
 			errs:  []string{`postgres.unknown_tables: "ignore" is neither skip nor stop`},
 			paths: []string{"postgres.unknown_tables"},

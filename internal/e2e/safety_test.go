@@ -174,12 +174,12 @@ func TestUnmanagedPublication(t *testing.T) {
 	off := false
 	cfg := e.config("unmanaged", []string{"public.a", "public.b"}, func(c *config.Config) { c.Postgres.ManagePublication = &off })
 	_, err := app.Prepare(context.Background(), cfg, nil)
-	if err == nil || !strings.Contains(err.Error(), `publication "unmanaged_pub" does not exist; create it with: CREATE PUBLICATION "unmanaged_pub" FOR TABLE "public"."a", "public"."b";`) {
+	if err == nil || !strings.Contains(err.Error(), `publication "unmanaged_pub" does not exist (postgres.manage_publication is false, so Tidemark does not create it); fix: CREATE PUBLICATION "unmanaged_pub" FOR TABLE "public"."a", "public"."b";`) {
 		t.Fatalf("missing publication: %v", err)
 	}
 	e.exec(`CREATE PUBLICATION unmanaged_pub FOR TABLE a`)
 	_, err = app.Prepare(context.Background(), cfg, nil)
-	if err == nil || !strings.Contains(err.Error(), `does not cover "public"."b"; add with: ALTER PUBLICATION "unmanaged_pub" ADD TABLE "public"."b";`) {
+	if err == nil || !strings.Contains(err.Error(), `does not cover "public"."b": their changes would not be captured; fix: ALTER PUBLICATION "unmanaged_pub" ADD TABLE "public"."b";`) {
 		t.Fatalf("incomplete publication: %v", err)
 	}
 	e.exec(`ALTER PUBLICATION unmanaged_pub ADD TABLE b`)

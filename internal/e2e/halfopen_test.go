@@ -1,0 +1,152 @@
+package e2e
+
+import (
+	"net"
+	"net/url"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// freezingProxy forwards TCP connections to a target until freeze, after
+// which the connections open at that moment forward nothing more in either
+// direction while staying open (a proxy or NAT that silently stopped
+// forwarding); later connections are forwarded normally.
+type freezingProxy struct {
+	ln     net.Listener
+	target string
+	mu     sync.Mutex
+	conns  []*proxied
+}
+
+type proxied struct {
+	frozen atomic.Bool
+	a, b   net.Conn
+}
+
+func startFreezingProxy(t *testing.T, target string) *freezingProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &freezingProxy{ln: ln, target: target}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return // closed
+			}
+			u, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			pc := &proxied{a: c, b: u}
+			p.mu.Lock()
+			p.conns = append(p.conns, pc)
+			p.mu.Unlock()
+			go pc.pump(c, u)
+			go pc.pump(u, c)
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		<-done
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		for _, pc := range p.conns {
+			pc.a.Close()
+			pc.b.Close()
+		}
+	})
+	return p
+}
+
+// pump copies src to dst until either closes; once frozen, it drops what it
+// reads (the peer never sees it) without closing anything.
+func (pc *proxied) pump(src, dst net.Conn) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 && !pc.frozen.Load() {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			return // closed (io.EOF or a reset)
+		}
+	}
+}
+
+func (p *freezingProxy) freeze() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, pc := range p.conns {
+		pc.frozen.Store(true)
+	}
+}
+
+// TestHalfOpenReplicationConnection: a replication connection that stays
+// open but carries nothing more (the proxy in between stopped forwarding)
+// is noticed: after 2 x standby_interval of silence capture asks the server
+// for a reply, and when none comes within another standby_interval it
+// drops the connection and reconnects; changes committed meanwhile arrive.
+// On a healthy idle connection the same request is answered and nothing is
+// dropped.
+func TestHalfOpenReplicationConnection(t *testing.T) {
+	e := newEnv(t, "")
+	e.exec(`CREATE TABLE notes (id int PRIMARY KEY, body text)`)
+	u, err := url.Parse(e.dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := startFreezingProxy(t, u.Host)
+	u.Host = proxy.ln.Addr().String()
+	cfg := e.config("halfopen", []string{"public.notes"}, nil)
+	cfg.Postgres.DSN = u.String()
+	standby := cfg.Postgres.StandbyInterval
+	r, logs := e.startObserved(cfg)
+	e.exec(`INSERT INTO notes VALUES (1, 'before')`)
+	e.waitRecords("halfopen.public.notes", 1, 20*time.Second)
+
+	// Idle and healthy: requests for a reply are answered.
+	st := r.Stream.Stats()
+	for deadline := time.Now().Add(10 * standby); st.Probes.Load() < 2; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d keepalive requests in %s of idleness, want 2", st.Probes.Load(), 10*standby)
+		}
+	}
+	if n := st.Reconnects.Load(); n != 0 {
+		t.Fatalf("%d reconnects on a healthy idle connection", n)
+	}
+
+	proxy.freeze()
+	frozen := time.Now()
+	for deadline := frozen.Add(10 * standby); st.Reconnects.Load() == 0; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("a silent connection was not dropped within %s (keepalive requests: %d)", 10*standby, st.Probes.Load())
+		}
+	}
+	// Documented bound: 2 x standby of silence, then one standby for the
+	// reply (the silence may have begun up to one status tick before the
+	// freeze was noticed; allow a second of scheduling).
+	if d := time.Since(frozen); d > 3*standby+time.Second {
+		t.Errorf("half-open connection dropped after %s, want within %s", d.Round(time.Millisecond), 3*standby+time.Second)
+	}
+	if w := warnings(logs, "reconnecting"); len(w) == 0 {
+		t.Errorf("no warning when the half-open connection was dropped")
+	}
+	e.exec(`INSERT INTO notes VALUES (2, 'after the freeze')`)
+	ids := map[int]bool{}
+	for _, m := range e.waitRecords("halfopen.public.notes", 2, 60*time.Second) {
+		ids[afterID(t, m)] = true
+	}
+	if !ids[1] || !ids[2] {
+		t.Errorf("rows %v in the topic, want 1 and 2", ids)
+	}
+}
