@@ -748,8 +748,12 @@ func (s *Stream) handleRow(ctx context.Context, conn *pgconn.PgConn, xld pglogre
 		return err
 	}
 	if n := len(xld.WALData); s.cfg.MaxRowBytes > 0 && n > s.cfg.MaxRowBytes {
-		return fmt.Errorf("%w: %s on %s at %s is %d bytes, more than the %d a message may have (kafka.batch_bytes): it cannot be published; raise kafka.batch_bytes (and the topic's max.message.bytes) or make the row smaller",
-			ErrTerminal, rowMessageName(m.typ), rel.QualifiedName(), at, n, s.cfg.MaxRowBytes)
+		var commit pipeline.LSN
+		if s.txn != nil {
+			commit = s.txn.CommitLSN
+		}
+		return fmt.Errorf("%w: %s on %s at %s (in the transaction with commit LSN %d, %s) is %d bytes, more than the %d a message may have (kafka.batch_bytes): it cannot be published; raise kafka.batch_bytes (and the topic's max.message.bytes) or make the row smaller",
+			ErrTerminal, rowMessageName(m.typ), rel.QualifiedName(), at, uint64(commit), commit, n, s.cfg.MaxRowBytes)
 	}
 	s.pendingBytes += int64(len(xld.WALData))
 	ch := pipeline.Change{Rel: rel, WALLSN: at}
