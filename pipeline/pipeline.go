@@ -173,17 +173,22 @@ func (p *Pipeline) handle(ctx context.Context, ev *Event, st *txnState, msgs []M
 	switch ev.Kind {
 	case EventBegin:
 		// A Begin while a transaction is open: the source reconnected and
-		// will deliver the open transaction again from its start.
+		// will deliver the open transaction again from its start. Its BEGIN
+		// record waits for its first change: a transaction without one
+		// (empty, as Postgres 14 and older send them, or whose changes were
+		// all skipped) publishes no BEGIN and no END, and is still
+		// acknowledged.
 		st = &txnState{info: ev.Txn}
 		p.stats.ReceivedLSN.Store(uint64(ev.Txn.CommitLSN))
-		if p.cfg.Router.TransactionsTopic {
-			if err := p.q.push(ctx, entry{msg: p.router.txnRecord(st, false)}); err != nil {
-				return st, msgs, err
-			}
-		}
 	case EventChange:
 		if st == nil || st.info != ev.Txn {
 			return st, msgs, fmt.Errorf("pipeline: change on %s outside its transaction", ev.Change.Rel.QualifiedName())
+		}
+		if p.cfg.Router.TransactionsTopic && !st.begun {
+			st.begun = true
+			if err := p.q.push(ctx, entry{msg: p.router.txnRecord(st, false)}); err != nil {
+				return st, msgs, err
+			}
 		}
 		p.stats.Changes.Add(1)
 		msgs, err = p.router.encodeChange(msgs[:0], st, &ev.Change, now)
@@ -202,7 +207,7 @@ func (p *Pipeline) handle(ctx context.Context, ev *Event, st *txnState, msgs []M
 		}
 		p.stats.Transactions.Add(1)
 		e := entry{ack: ev.Txn.EndLSN, commitTime: ev.Txn.CommitTime}
-		if p.cfg.Router.TransactionsTopic {
+		if p.cfg.Router.TransactionsTopic && st.begun {
 			e.msg = p.router.txnRecord(st, true)
 		}
 		if err := p.q.push(ctx, e); err != nil {

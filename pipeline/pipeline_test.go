@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -547,9 +548,11 @@ func TestPipelineBackpressure(t *testing.T) {
 	evs := buildEvents(txns...)
 	for _, tc := range []struct{ max, batch int }{{1, 1}, {4, 1}, {4, 3}, {9, 3}, {9, 100}} {
 		t.Run(fmt.Sprintf("max=%d/batch=%d", tc.max, tc.batch), func(t *testing.T) {
-			// With the transactions topic on, every event (Begin, Change,
-			// Commit) becomes exactly one queue entry carrying one message,
-			// so messages accepted = Next calls - 1 at the start of a call.
+			// With the transactions topic on, every Change and Commit
+			// becomes one queue entry carrying one message, and a Begin's
+			// BEGIN record is queued with its first change: messages
+			// accepted = Next calls - 1 at the start of a call, less one
+			// when the last event returned was a Begin.
 			src, sink := newFakeSource(evs), newFakeSink()
 			sink.block = make(chan struct{})
 			p := newPipeline(t, pipeline.Config{
@@ -570,7 +573,11 @@ func TestPipelineBackpressure(t *testing.T) {
 				sink.mu.Unlock()
 				// Entries accepted and not yet durable can only be fewer
 				// than accepted - returned; more means the bound was broken.
-				if open := call - 1 - durable; open > tc.max {
+				accepted := call - 1
+				if call >= 2 && evs[call-2].Kind == pipeline.EventBegin {
+					accepted--
+				}
+				if open := accepted - durable; open > tc.max {
 					report("Next call %d with %d messages accepted and not durable (max %d)", call, open, tc.max)
 				}
 				if in := p.Stats().InFlight.Load(); in > int64(tc.max) {
@@ -589,10 +596,31 @@ func TestPipelineBackpressure(t *testing.T) {
 			done := make(chan error, 1)
 			go func() { done <- p.Run(ctx) }()
 
+			// The reader holds the first event whose entries would exceed
+			// the bound (a Begin has none; a first change also carries its
+			// transaction's BEGIN record).
+			wantCalls, queued, begun := 0, 0, false
+		walk:
+			for i, ev := range evs {
+				entries := 1
+				switch {
+				case ev.Kind == pipeline.EventBegin:
+					entries, begun = 0, false
+				case ev.Kind == pipeline.EventChange && !begun:
+					entries, begun = 2, true
+				}
+				for range entries {
+					if queued == tc.max {
+						wantCalls = i + 1
+						break walk
+					}
+					queued++
+				}
+			}
 			// Wait (polling, bounded by ctx) until the reader is stuck: the
 			// sink holds the first batch and the queue is full.
 			sinkCalls := func() int { sink.mu.Lock(); defer sink.mu.Unlock(); return sink.calls }
-			for src.Calls() < tc.max+1 || p.Stats().InFlight.Load() < int64(tc.max) || sinkCalls() == 0 {
+			for src.Calls() < wantCalls || p.Stats().InFlight.Load() < int64(tc.max) || sinkCalls() == 0 {
 				select {
 				case <-ctx.Done():
 					t.Fatalf("reader never filled the queue: %d Next calls, InFlight %d", src.Calls(), p.Stats().InFlight.Load())
@@ -601,8 +629,8 @@ func TestPipelineBackpressure(t *testing.T) {
 				case <-time.After(time.Millisecond):
 				}
 			}
-			if got := src.Calls(); got != tc.max+1 {
-				t.Errorf("reader made %d Next calls while the sink was blocked, want %d (max in flight + the one it holds)", got, tc.max+1)
+			if got := src.Calls(); got != wantCalls {
+				t.Errorf("reader made %d Next calls while the sink was blocked, want %d (up to the event it holds)", got, wantCalls)
 			}
 			if got := p.Stats().InFlight.Load(); got != int64(tc.max) {
 				t.Errorf("Stats().InFlight = %d while blocked, want %d", got, tc.max)
@@ -779,5 +807,35 @@ func TestPipelineRejectsBrokenEventStreams(t *testing.T) {
 				t.Errorf("acks %v", acks)
 			}
 		})
+	}
+}
+
+// TestEmptyTransactionPublishesNothing: a transaction without a captured
+// change (Postgres 14 and older send empty ones; capture may have skipped
+// all of its changes) publishes no BEGIN and no END record, and is still
+// acknowledged; the transactions around it publish theirs.
+func TestEmptyTransactionPublishesNothing(t *testing.T) {
+	evs := buildEvents(txnN(1, insertEvent("$1", "!r")), txnN(2), txnN(3, insertEvent("$3", "!r")))
+	src, sink := newFakeSource(evs), newFakeSink()
+	p := newPipeline(t, pipeline.Config{Router: pipeline.RouterConfig{TransactionsTopic: true}}, src, sink)
+	if err := p.Run(testCtx(t)); !errors.Is(err, errDrained) {
+		t.Fatalf("Run: %v", err)
+	}
+	var txnRecords []string
+	for _, m := range sink.Written() {
+		if strings.HasSuffix(m.Topic, ".transactions") {
+			r, err := pipeline.ParseTxnRecord(m.Value)
+			if err != nil {
+				t.Fatal(err)
+			}
+			txnRecords = append(txnRecords, fmt.Sprintf("%s %d", r.Status, r.TxID))
+		}
+	}
+	if want := []string{"BEGIN 501", "END 501", "BEGIN 503", "END 503"}; !slices.Equal(txnRecords, want) {
+		t.Errorf("transaction records %v, want %v", txnRecords, want)
+	}
+	// Acknowledgements are cumulative: the last covers the empty one too.
+	if acks := src.Acks(); len(acks) == 0 || acks[len(acks)-1] != txnN(3).end {
+		t.Errorf("acks %v, want the last at %s", acks, txnN(3).end)
 	}
 }

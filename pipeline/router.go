@@ -151,6 +151,7 @@ type txnState struct {
 	digits *txnDigits // set by the first change
 	seq    uint32
 	tables []tableCount
+	begun  bool // its BEGIN record is queued
 }
 
 type tableCount struct {

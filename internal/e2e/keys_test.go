@@ -119,3 +119,49 @@ func byPosition(ms []msg) []msg {
 	sort.Slice(ms, func(i, j int) bool { return ms[i].Pos.Less(ms[j].Pos) })
 	return ms
 }
+
+// TestKeyColumnRenamed: a key column renamed while running never yields
+// keyless messages. A table keyed by its replica identity (here its
+// primary key) goes on keyed by the identity columns under their new name,
+// with one warning; a table keyed by a unique index under REPLICA IDENTITY
+// FULL stops capture with an error naming the table and the column, and
+// the slot stays before the change.
+func TestKeyColumnRenamed(t *testing.T) {
+	e := newEnv(t, "")
+	e.exec(`CREATE TABLE rk (id int PRIMARY KEY, body text);
+CREATE TABLE rkfull (a int NOT NULL UNIQUE, b text);
+ALTER TABLE rkfull REPLICA IDENTITY FULL`)
+	cfg := e.config("rk", []string{"public.rk", "public.rkfull"}, nil)
+	r, logs := e.startObserved(cfg)
+	e.exec(`INSERT INTO rk VALUES (1, 'x'); INSERT INTO rkfull VALUES (1, 'x')`)
+	e.waitRecords("rk.public.rk", 1, 20*time.Second)
+	e.exec(`ALTER TABLE rk RENAME COLUMN id TO rk_id`)
+	e.exec(`INSERT INTO rk VALUES (2, 'y')`)
+	ms := byPosition(e.waitRecords("rk.public.rk", 2, 20*time.Second))
+	if string(ms[0].Key) != `{"id":1}` || string(ms[1].Key) != `{"rk_id":2}` {
+		t.Errorf("keys %s, %s; want {\"id\":1} then {\"rk_id\":2}", ms[0].Key, ms[1].Key)
+	}
+	if w := warnings(logs, "key column of a table was renamed"); len(w) != 1 {
+		t.Errorf("%d warnings about the renamed key column, want 1", len(w))
+	}
+
+	e.exec(`ALTER TABLE rkfull RENAME COLUMN a TO a2`)
+	before := e.currentLSN()
+	e.exec(`INSERT INTO rkfull VALUES (2, 'y')`)
+	select {
+	case <-r.done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("capture kept running after the key column of public.rkfull was renamed")
+	}
+	if r.err == nil || !strings.Contains(r.err.Error(), "the key column(s) a of table public.rkfull are gone") {
+		t.Fatalf("run ended with %v, want an error naming public.rkfull and column a", r.err)
+	}
+	if c := e.slotConfirmed(cfg.Postgres.Slot); c > before {
+		t.Errorf("slot confirmed %s, past the refused change (before %s)", c, before)
+	}
+	for _, m := range e.read("rk.public.rkfull") {
+		if len(m.Key) == 0 || string(m.Key) == "{}" {
+			t.Errorf("%s/%d@%d: keyless message", m.Topic, m.Partition, m.Offset)
+		}
+	}
+}

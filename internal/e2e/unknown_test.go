@@ -161,6 +161,21 @@ func TestUnknownAndRenamedTables(t *testing.T) {
 	if n := r.Stream.Stats().Skipped()["public.notes_renamed"]; n != 0 {
 		t.Errorf("%d changes of the renamed table skipped", n)
 	}
+	// The transactions of skipped changes only publish no BEGIN or END:
+	// one END per transaction of notes, each naming only public.notes.
+	var ends int
+	for _, tr := range e.readTxns("unk.transactions") {
+		if tr.Status != "END" {
+			continue
+		}
+		ends++
+		if len(tr.DataCollections) != 1 || tr.DataCollections[0].Name != "public.notes" {
+			t.Errorf("END %s: data collections %+v, want public.notes only", tr.ID, tr.DataCollections)
+		}
+	}
+	if ends != 5 {
+		t.Errorf("%d END records, want 5 (one per transaction of notes; none for those of the skipped table)", ends)
+	}
 }
 
 // counterValue is the value of the counter name{label=value} in reg.
