@@ -7,6 +7,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/tidemark/tidemark/internal/config"
 )
 
 // freezingProxy forwards TCP connections to a target until freeze, after
@@ -148,5 +150,40 @@ func TestHalfOpenReplicationConnection(t *testing.T) {
 	}
 	if !ids[1] || !ids[2] {
 		t.Errorf("rows %v in the topic, want 1 and 2", ids)
+	}
+}
+
+// TestStandbyIntervalClampedToSenderTimeout: a standby_interval longer than
+// a third of the server's wal_sender_timeout (5s on the test server) is
+// used as that third, with one warning naming both, so the server never
+// times the connection out between two status messages.
+func TestStandbyIntervalClampedToSenderTimeout(t *testing.T) {
+	e := newEnv(t, "")
+	e.exec(`CREATE TABLE notes (id int PRIMARY KEY, body text)`)
+	cfg := e.config("clamp", []string{"public.notes"}, func(c *config.Config) { c.Postgres.StandbyInterval = 10 * time.Second })
+	r, logs := e.startObserved(cfg)
+	for deadline := time.Now().Add(20 * time.Second); !r.Stream.Stats().Connected.Load(); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("capture did not connect")
+		}
+	}
+	w := warnings(logs, "more than a third of the server's wal_sender_timeout")
+	if len(w) != 1 {
+		t.Fatalf("%d clamp warnings, want 1", len(w))
+	}
+	f := w[0].ContextMap()
+	if f["standby_interval"] != 10*time.Second || f["wal_sender_timeout"] != 5*time.Second || f["using"] != 5*time.Second/3 {
+		t.Errorf("clamp warning fields %v", f)
+	}
+	// Idle for longer than the server's timeout: status messages keep the
+	// connection alive (no reconnect).
+	sent := r.Stream.Stats().StatusUpdates.Load()
+	for deadline := time.Now().Add(20 * time.Second); r.Stream.Stats().StatusUpdates.Load() < sent+4; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d status messages in 20s", r.Stream.Stats().StatusUpdates.Load()-sent)
+		}
+	}
+	if n := r.Stream.Stats().Reconnects.Load(); n != 0 {
+		t.Errorf("%d reconnects while idle", n)
 	}
 }
