@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sort"
 	"time"
 
@@ -109,10 +110,25 @@ func (r *StatusReport) postgres(ctx context.Context, conn *pgx.Conn, cfg *config
 	for _, t := range p.Tables {
 		published[t] = true
 	}
+	// pg_publication_tables lists the partitions of a partitioned table
+	// (unless the publication publishes via the root), and an unmanaged
+	// publication may lack operations or carry filters: the preflight's
+	// judgement of the publication says all of that precisely.
+	infos, _, err := capture.Inspect(ctx, conn, cfg.Postgres.Tables)
+	if err != nil {
+		r.Problems = append(r.Problems, fmt.Sprintf("postgres: inspecting the tables: %v", err))
+		return
+	}
+	partitionOf := map[string]bool{}
+	for _, ti := range infos {
+		if ti.Partitioned {
+			partitionOf[ti.Qualified()] = true
+		}
+	}
 	configured := map[string]bool{}
 	for _, t := range cfg.Postgres.Tables {
 		configured[t] = true
-		if !published[t] {
+		if !published[t] && !partitionOf[t] {
 			p.Missing = append(p.Missing, t)
 		}
 	}
@@ -123,6 +139,16 @@ func (r *StatusReport) postgres(ctx context.Context, conn *pgx.Conn, cfg *config
 	}
 	if len(p.Missing) > 0 {
 		r.Problems = append(r.Problems, fmt.Sprintf("publication %q lacks configured table(s) %v: their changes are not captured", p.Name, p.Missing))
+	}
+	pps, err := capture.PublicationProblems(ctx, conn, p.Name, configuredTables(cfg, infos))
+	if err != nil {
+		r.Problems = append(r.Problems, fmt.Sprintf("postgres: checking publication %q: %v", p.Name, err))
+		return
+	}
+	for _, pp := range pps {
+		if s := pp.String(); !strings.Contains(s, "does not cover") { // the missing tables, said above
+			r.Problems = append(r.Problems, "publication: "+s)
+		}
 	}
 }
 

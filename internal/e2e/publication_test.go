@@ -115,6 +115,22 @@ func TestPartitionedTableUnmanaged(t *testing.T) {
 		Fix:  fix,
 	}})
 	e.checkNoSlot(cfg.Postgres.Slot)
+	// tidemark status says the same, not that the table is missing (the
+	// publication lists its partitions).
+	rep, err := app.CollectStatus(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var viaRootProblem bool
+	for _, p := range rep.Problems {
+		if strings.Contains(p, "lacks configured table") {
+			t.Errorf("status: %s", p)
+		}
+		viaRootProblem = viaRootProblem || strings.Contains(p, "publish_via_partition_root off")
+	}
+	if !viaRootProblem || len(rep.Publication.Missing) != 0 {
+		t.Errorf("status problems %q (missing %v), want the publish_via_partition_root problem", rep.Problems, rep.Publication.Missing)
+	}
 
 	e.exec(fix)
 	e.start(cfg)
