@@ -1,9 +1,13 @@
 package capture
 
 import (
+	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 func TestVersionProblem(t *testing.T) {
@@ -41,5 +45,37 @@ func TestParsePGDuration(t *testing.T) {
 		if got, err := parsePGDuration(in); err == nil {
 			t.Errorf("parsePGDuration(%q) = %v, want an error", in, got)
 		}
+	}
+}
+
+// TestTerminalServerErrors: server errors no reconnect can fix end capture;
+// the others (e.g. the slot still held by an old walsender) are retried.
+// An invalidated slot's error says that changes were lost.
+func TestTerminalServerErrors(t *testing.T) {
+	for code, terminal := range map[string]bool{
+		"42704": true,  // slot or publication missing
+		"28P01": true,  // authentication
+		"42501": true,  // privilege
+		"55000": true,  // slot invalidated
+		"22023": true,  // e.g. unrecognized pgoutput option
+		"0A000": true,  // feature not supported
+		"55006": false, // slot active for another PID: it is released
+		"57P01": false, // admin shutdown: the server comes back
+		"08006": false, // connection failure
+	} {
+		err := fmt.Errorf("START_REPLICATION: %w", &pgconn.PgError{Code: code, Message: "m"})
+		if got := isTerminalPG(err); got != terminal {
+			t.Errorf("isTerminalPG(%s) = %v, want %v", code, got, terminal)
+		}
+	}
+	s := &Stream{cfg: Config{Slot: "tm"}}
+	err := s.explainTerminal(&pgconn.PgError{Code: "55000", Message: `cannot read from logical replication slot "tm"`,
+		Detail: "This slot has been invalidated because it exceeded the maximum reserved size."})
+	if !errors.Is(err, ErrTerminal) || !strings.Contains(err.Error(), `replication slot "tm" is invalidated (wal_status lost)`) || !strings.Contains(err.Error(), "lost") {
+		t.Errorf("explainTerminal = %v", err)
+	}
+	other := &pgconn.PgError{Code: "22023", Message: `unrecognized pgoutput option: "messages"`}
+	if err := s.explainTerminal(other); err != other {
+		t.Errorf("explainTerminal changed an unrelated error: %v", err)
 	}
 }
