@@ -138,3 +138,54 @@ func TestHandOverBoundedByBytes(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestHandOverUncountsDroppedBatch: a batch given up while waiting for the
+// pipeline (the session ends) leaves no bytes counted behind, so the next
+// session's batches are not held back by bytes nobody will release.
+func TestHandOverUncountsDroppedBatch(t *testing.T) {
+	s := receiverWith(t, func(c *Config) { c.BufferBytes = 1 << 20; c.Buffer = 2 * maxBatch })
+	// Fill the channel (capacity 2 batches), then one more batch waits.
+	for i := 0; i < cap(s.out); i++ {
+		s.out <- handed{bytes: 10}
+	}
+	s.queued.Store(20)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.handOver(ctx, nil, handed{bytes: 1000}) }()
+	for s.queued.Load() != 1020 {
+		time.Sleep(time.Millisecond)
+	}
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("handOver = %v", err)
+	}
+	if q := s.queued.Load(); q != 20 {
+		t.Errorf("%d bytes counted after the batch was dropped, want 20 (the batches in the channel)", q)
+	}
+}
+
+// TestReceiveNameMovesToNewTable: after a swap migration (the configured
+// table renamed away, a new one created under its name), the name follows
+// the new table; the old one's changes are skipped and counted, never
+// published under the configured name beside the new table's.
+func TestReceiveNameMovesToNewTable(t *testing.T) {
+	s := receiverWith(t, func(c *Config) { c.Tables = []string{"public.items"} })
+	feed(t, s, xlogData(0x1000, relationBytes(42)))
+	feed(t, s, xlogData(0x1100, beginBytes(0x3000, 77)))
+	feed(t, s, xlogData(0x1200, insertOne(42, "old table, before")))
+	feed(t, s, xlogData(0x1300, relationBytes(43))) // the new public.items
+	feed(t, s, xlogData(0x1400, insertOne(43, "new table")))
+	feed(t, s, xlogData(0x1500, insertOne(42, "old table, after")))
+	var rels []uint32
+	for _, ev := range emitted(s) {
+		if ev.Kind == pipeline.EventChange {
+			rels = append(rels, ev.Change.Rel.OID)
+		}
+	}
+	if len(rels) != 2 || rels[0] != 42 || rels[1] != 43 {
+		t.Errorf("changes emitted for relations %v, want 42 (before the new table) then 43", rels)
+	}
+	if got := s.Stats().Skipped(); got["public.items (renamed, relation 42)"] != 1 {
+		t.Errorf("skipped = %v, want the old table's later change", got)
+	}
+}

@@ -42,8 +42,10 @@ type Config struct {
 	// messages. Default 10s. It is also the unit of the liveness check:
 	// after 2 x StandbyInterval without any message from the server, a
 	// status message asks for a reply, and the connection is dropped and
-	// re-established when none arrives within another StandbyInterval (a
-	// half-open connection, e.g. behind a proxy that stopped forwarding).
+	// re-established when none arrives and the silence reaches the larger
+	// of 3 x StandbyInterval and the server's wal_sender_timeout plus a
+	// StandbyInterval (a half-open connection, e.g. behind a proxy that
+	// stopped forwarding).
 	// A session uses at most a third of the server's wal_sender_timeout
 	// (with a warning), so that the server does not time it out.
 	StandbyInterval time.Duration
@@ -167,27 +169,28 @@ type Stream struct {
 	stats Stats
 
 	// Owned by the Run goroutine.
-	handedEnd   pipeline.LSN // end LSN of the last commit handed to the pipeline
-	open        bool         // inside a transaction
-	idleWALEnd  pipeline.LSN // keepalive WAL end seen while idle
-	lastFlush   pipeline.LSN
-	lastStatus  time.Time
-	standby     time.Duration // this session's StandbyInterval
-	recvCount   uint64        // messages received (counted, not timed, per message)
-	seenCount   uint64        // recvCount at lastRecv
-	lastRecv    time.Time     // when the status tick last saw recvCount move
-	probeAt     time.Time     // when a reply was requested (zero: none pending)
-	dec         *decoder
-	rels        map[uint32]*pipeline.Relation
-	skipRels    map[uint32]string // relations not configured, by id: their names
-	tableOIDs   map[uint32]string // configured tables by OID (kept across sessions)
-	warned      map[string]bool   // unknown tables and renames already warned about
-	typeNames   map[uint32]string
-	txn         *pipeline.TxnInfo
-	statusTimer *time.Ticker
-	row         rowMessage       // reused by handleRow
-	slab        []byte           // see own
-	pending     []pipeline.Event // events not yet handed over (see emit)
+	handedEnd     pipeline.LSN // end LSN of the last commit handed to the pipeline
+	open          bool         // inside a transaction
+	idleWALEnd    pipeline.LSN // keepalive WAL end seen while idle
+	lastFlush     pipeline.LSN
+	lastStatus    time.Time
+	standby       time.Duration // this session's StandbyInterval
+	senderTimeout time.Duration // the server's wal_sender_timeout (0: none)
+	recvCount     uint64        // messages received (counted, not timed, per message)
+	seenCount     uint64        // recvCount at lastRecv
+	lastRecv      time.Time     // when the status tick last saw recvCount move
+	probeAt       time.Time     // when a reply was requested (zero: none pending)
+	dec           *decoder
+	rels          map[uint32]*pipeline.Relation
+	skipRels      map[uint32]string // relations not configured, by id: their names
+	tableOIDs     map[uint32]string // configured tables by OID (kept across sessions)
+	warned        map[string]bool   // unknown tables and renames already warned about
+	typeNames     map[uint32]string
+	txn           *pipeline.TxnInfo
+	statusTimer   *time.Ticker
+	row           rowMessage       // reused by handleRow
+	slab          []byte           // see own
+	pending       []pipeline.Event // events not yet handed over (see emit)
 
 	// Owned by the consumer (Next, NextBatch).
 	cur      []pipeline.Event
@@ -376,24 +379,34 @@ func isTerminalPG(err error) bool {
 	case "42704", // undefined_object: slot or publication missing
 		"28P01", "28000", // authentication
 		"42501", // insufficient privilege
-		"55000", // object_not_in_prerequisite_state: e.g. the slot was invalidated
-		"22023", // invalid_parameter_value: e.g. a pgoutput option the server does not know
-		"0A000": // feature_not_supported: e.g. the protocol version
+		"22023": // invalid_parameter_value: e.g. a pgoutput option the server does not know
 		return true
+	case "55000": // object_not_in_prerequisite_state: terminal only for an invalidated slot
+		// (not, e.g., a failover slot still being synchronized on a standby)
+		return slotInvalidated(pgErr)
+	case "0A000": // feature_not_supported: terminal for the protocol version only
+		// (not "logical decoding cannot be used while in recovery": a
+		// standby about to be promoted)
+		return strings.Contains(pgErr.Message, "proto_version") || strings.Contains(pgErr.Message, "protocol version")
 	}
 	return false
+}
+
+// slotInvalidated reports the server's error for a slot it invalidated.
+// Postgres 15 says "cannot read from logical replication slot", with "This
+// slot has been invalidated ..." as the detail; 16 and later "can no longer
+// get changes from replication slot".
+func slotInvalidated(pgErr *pgconn.PgError) bool {
+	return pgErr.Code == "55000" && (strings.Contains(pgErr.Detail, "invalidated") ||
+		strings.Contains(pgErr.Message, "can no longer get changes") || strings.Contains(pgErr.Message, "cannot read from logical replication slot"))
 }
 
 // explainTerminal adds what a terminal server error means for the
 // operator: an invalidated slot lost changes for good.
 func (s *Stream) explainTerminal(err error) error {
 	var pgErr *pgconn.PgError
-	// Postgres 15 says "cannot read from logical replication slot", with
-	// "This slot has been invalidated ..." as the detail; 16 and later "can
-	// no longer get changes from replication slot".
-	if errors.As(err, &pgErr) && pgErr.Code == "55000" && (strings.Contains(pgErr.Detail, "invalidated") ||
-		strings.Contains(pgErr.Message, "can no longer get changes") || strings.Contains(pgErr.Message, "cannot read from logical replication slot")) {
-		return fmt.Errorf("%w: replication slot %q is invalidated (wal_status lost): Postgres removed WAL it still needed (max_slot_wal_keep_size), so the changes committed since its confirmed position are lost; drop the slot and start again from now with `tidemark run --accept-gap` (%v)",
+	if errors.As(err, &pgErr) && slotInvalidated(pgErr) {
+		return fmt.Errorf("%w: replication slot %q is invalidated (wal_status lost): Postgres removed WAL it still needed (max_slot_wal_keep_size; on 16 and later also a conflict with recovery on a standby), so the changes committed since its confirmed position are lost; drop the slot and start again from now with `tidemark run --accept-gap` (%v)",
 			ErrTerminal, s.cfg.Slot, err)
 	}
 	return err
@@ -455,7 +468,7 @@ func (s *Stream) session(ctx context.Context) error {
 	// dropped: Postgres sends the transaction again, whole, and the
 	// pipeline abandons an open transaction at the next Begin.
 	clear(s.pending)
-	s.pending = s.pending[:0]
+	s.pending, s.pendingBytes = s.pending[:0], 0
 	s.statusTimer = time.NewTicker(statusTick)
 	defer s.statusTimer.Stop()
 	if err := s.maybeSendStatus(ctx, conn, false); err != nil {
@@ -541,8 +554,8 @@ func (s *Stream) checkStatus(ctx context.Context, conn *pgconn.PgConn, armed *bo
 
 // checkLiveness runs on the status tick while the loop reads: after
 // 2 x standby without a message from the server it asks for a reply; when
-// none comes within another standby, the connection is half-open and the
-// session ends (to be re-established).
+// none comes and the silence reaches deadAfter, the connection is
+// half-open and the session ends (to be re-established).
 func (s *Stream) checkLiveness(ctx context.Context, conn *pgconn.PgConn) error {
 	now := time.Now()
 	if s.recvCount != s.seenCount {
@@ -555,11 +568,20 @@ func (s *Stream) checkLiveness(ctx context.Context, conn *pgconn.PgConn) error {
 		s.probeAt = now
 		s.stats.Probes.Add(1)
 		return s.sendStatus(ctx, conn, s.flushLSN(), now, true)
-	case !s.probeAt.IsZero() && now.Sub(s.probeAt) >= s.standby:
+	case !s.probeAt.IsZero() && now.Sub(s.probeAt) >= s.standby && silent >= s.deadAfter():
 		return fmt.Errorf("the server sent nothing for %s, not even the reply to a keepalive request sent %s ago: the replication connection is half-open",
 			silent.Round(time.Millisecond), now.Sub(s.probeAt).Round(time.Millisecond))
 	}
 	return nil
+}
+
+// deadAfter is how long the server may stay silent before the connection
+// is taken for half-open: 3 x standby, and at least the server's
+// wal_sender_timeout plus a standby, since a walsender busy decoding (e.g.
+// a large transaction of tables it does not publish) may not answer a
+// request for a reply before half of its timeout has passed.
+func (s *Stream) deadAfter() time.Duration {
+	return max(3*s.standby, s.senderTimeout+s.standby)
 }
 
 // setStandby sets this session's standby interval: Config.StandbyInterval,
@@ -577,6 +599,7 @@ func (s *Stream) setStandby(ctx context.Context, conn *pgconn.PgConn) error {
 	if err != nil {
 		return fmt.Errorf("reading wal_sender_timeout: %w", err)
 	}
+	s.senderTimeout = timeout
 	if limit := timeout / 3; timeout > 0 && s.standby > limit {
 		if !s.warned["standby"] {
 			s.warned["standby"] = true
@@ -825,10 +848,32 @@ func (s *Stream) resolveTables(ctx context.Context, conn *pgconn.PgConn) error {
 			if err != nil {
 				return fmt.Errorf("resolving the configured tables: oid %q: %w", row[0], err)
 			}
-			s.tableOIDs[uint32(oid)] = string(row[1])
+			s.claim(uint32(oid), string(row[1]))
 		}
 	}
 	return nil
+}
+
+// claim gives the configured name to relation oid. Another relation that
+// had it (renamed away, e.g. by a swap migration that then created a new
+// table under the name) loses it: its changes are skipped from now on, as a
+// table that is not configured, with one warning.
+func (s *Stream) claim(oid uint32, name string) {
+	for other, n := range s.tableOIDs {
+		if n != name || other == oid {
+			continue
+		}
+		delete(s.tableOIDs, other)
+		if s.rels != nil {
+			delete(s.rels, other)
+		}
+		if s.skipRels != nil {
+			s.skipRels[other] = fmt.Sprintf("%s (renamed, relation %d)", name, other)
+		}
+		s.log.Warn("another table now has a configured table's name: its changes are captured under the name, those of the table that had it (renamed) are skipped from now on",
+			zap.String("table", name), zap.Uint32("relation", oid), zap.Uint32("previous_relation", other))
+	}
+	s.tableOIDs[oid] = name
 }
 
 // handleRelation records a relation of the stream: under its configured
@@ -841,7 +886,7 @@ func (s *Stream) handleRelation(m *pglogrepl.RelationMessage, at pipeline.LSN) e
 		if c, known := s.tableOIDs[m.RelationID]; known {
 			configured = c
 		} else if ok = slices.Contains(s.cfg.Tables, name); ok {
-			s.tableOIDs[m.RelationID] = name // e.g. created after the start
+			s.claim(m.RelationID, name) // e.g. created after the start
 		}
 	}
 	if !ok {
@@ -982,6 +1027,9 @@ func (s *Stream) handOver(ctx context.Context, conn *pgconn.PgConn, b handed) er
 			return ctx.Err()
 		}
 	}
+	// Counted before it is in the channel (so the consumer, which
+	// subtracts, never sees it uncounted), and uncounted again when the
+	// batch is dropped: a failed status write or the end of ctx.
 	s.queued.Add(b.bytes)
 	select {
 	case s.out <- b:
@@ -989,19 +1037,20 @@ func (s *Stream) handOver(ctx context.Context, conn *pgconn.PgConn, b handed) er
 	default:
 	}
 	for {
+		var err error
 		select {
 		case s.out <- b:
 			return nil
 		case <-s.ackCh:
-			if err := s.maybeSendStatus(ctx, conn, false); err != nil {
-				return err
-			}
+			err = s.maybeSendStatus(ctx, conn, false)
 		case <-s.statusTimer.C:
-			if err := s.maybeSendStatus(ctx, conn, false); err != nil {
-				return err
-			}
+			err = s.maybeSendStatus(ctx, conn, false)
 		case <-ctx.Done():
-			return ctx.Err()
+			err = ctx.Err()
+		}
+		if err != nil {
+			s.queued.Add(-b.bytes)
+			return err
 		}
 	}
 }

@@ -52,20 +52,26 @@ func TestParsePGDuration(t *testing.T) {
 // the others (e.g. the slot still held by an old walsender) are retried.
 // An invalidated slot's error says that changes were lost.
 func TestTerminalServerErrors(t *testing.T) {
-	for code, terminal := range map[string]bool{
-		"42704": true,  // slot or publication missing
-		"28P01": true,  // authentication
-		"42501": true,  // privilege
-		"55000": true,  // slot invalidated
-		"22023": true,  // e.g. unrecognized pgoutput option
-		"0A000": true,  // feature not supported
-		"55006": false, // slot active for another PID: it is released
-		"57P01": false, // admin shutdown: the server comes back
-		"08006": false, // connection failure
+	for _, c := range []struct {
+		code, msg, detail string
+		terminal          bool
+	}{
+		{"42704", `replication slot "tm" does not exist`, "", true},
+		{"28P01", "password authentication failed", "", true},
+		{"42501", "permission denied", "", true},
+		{"55000", `cannot read from logical replication slot "tm"`, "This slot has been invalidated because it exceeded the maximum reserved size.", true},
+		{"55000", `can no longer get changes from replication slot "tm"`, "", true},
+		{"55000", `cannot use replication slot "tm" for logical decoding`, "This slot is being synchronized from the primary server.", false},
+		{"22023", `unrecognized pgoutput option: "messages"`, "", true},
+		{"0A000", "client sent proto_version=9 but server only supports protocol 4 or lower", "", true},
+		{"0A000", "logical decoding cannot be used while in recovery", "", false},
+		{"55006", `replication slot "tm" is active for PID 42`, "", false},
+		{"57P01", "terminating connection due to administrator command", "", false},
+		{"08006", "connection failure", "", false},
 	} {
-		err := fmt.Errorf("START_REPLICATION: %w", &pgconn.PgError{Code: code, Message: "m"})
-		if got := isTerminalPG(err); got != terminal {
-			t.Errorf("isTerminalPG(%s) = %v, want %v", code, got, terminal)
+		err := fmt.Errorf("START_REPLICATION: %w", &pgconn.PgError{Code: c.code, Message: c.msg, Detail: c.detail})
+		if got := isTerminalPG(err); got != c.terminal {
+			t.Errorf("isTerminalPG(%s %q) = %v, want %v", c.code, c.msg, got, c.terminal)
 		}
 	}
 	s := &Stream{cfg: Config{Slot: "tm"}}
