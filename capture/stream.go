@@ -686,10 +686,13 @@ func (s *Stream) handleWAL(ctx context.Context, conn *pgconn.PgConn, xld pglogre
 		s.stats.ReceivedLSN.Store(uint64(s.txn.EndLSN))
 		s.txn, s.open = nil, false
 	case *pglogrepl.RelationMessage:
-		if err := s.resolveTypes(ctx, m); err != nil {
+		if err := s.handleRelation(m, at); err != nil {
 			return err
 		}
-		return s.handleRelation(m, at)
+		if _, captured := s.rels[m.RelationID]; !captured {
+			return nil // skipped: its types are never decoded
+		}
+		return s.resolveTypes(ctx, m)
 	case *pglogrepl.TypeMessage:
 		s.typeNames[m.DataType] = m.Namespace + "." + m.Name
 	case *pglogrepl.OriginMessage:
