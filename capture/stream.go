@@ -901,43 +901,11 @@ func (s *Stream) handleRelation(m *pglogrepl.RelationMessage, at pipeline.LSN) e
 		return nil
 	}
 	delete(s.skipRels, m.RelationID)
-	if keys := s.cfg.KeyColumns[configured]; len(keys) > 0 {
-		var missing []string
-		for _, k := range keys {
-			if !slices.ContainsFunc(m.Columns, func(c *pglogrepl.RelationMessageColumn) bool { return c.Name == k }) {
-				missing = append(missing, k)
-			}
-		}
-		if len(missing) > 0 {
-			var flagged []string
-			for _, c := range m.Columns {
-				if c.Flags&1 == 1 {
-					flagged = append(flagged, c.Name)
-				}
-			}
-			if m.ReplicaIdentity == 'f' || len(flagged) != len(keys) {
-				// Publishing on would key its messages by nothing (or by
-				// less), breaking per-key order; the slot stays before it.
-				return fmt.Errorf("%w: the key column(s) %s of table %s are gone at %s (renamed or dropped); set postgres.key_columns for it to columns it has, or restart Tidemark to key it by what it has now (tidemark check shows the key)",
-					ErrTerminal, strings.Join(missing, ", "), configured, at)
-			}
-			// Keyed by its replica identity (the primary key or the identity
-			// index): pgoutput flags those columns under the names they
-			// had when the change was made, renamed or not.
-			if key := "key " + configured + " " + strings.Join(flagged, ","); !s.warned[key] {
-				s.warned[key] = true
-				s.log.Warn("a key column of a table was renamed; its messages are keyed by the replica identity columns under their names at the time of the change (the key's JSON field names change with them)",
-					zap.String("table", configured), zap.Strings("configured_key", keys), zap.Strings("key_now", flagged), zap.Stringer("at", at))
-			}
-			rel := relationFromMessage(m, flagged)
-			if configured != name {
-				rel.Schema, rel.Table, _ = strings.Cut(configured, ".")
-			}
-			s.rels[m.RelationID] = rel
-			return nil
-		}
+	keys, err := s.relationKey(m, configured, at)
+	if err != nil {
+		return err
 	}
-	rel := relationFromMessage(m, s.cfg.KeyColumns[configured])
+	rel := relationFromMessage(m, keys)
 	if configured != name {
 		if key := "renamed " + configured + " " + name; !s.warned[key] {
 			s.warned[key] = true
@@ -948,6 +916,42 @@ func (s *Stream) handleRelation(m *pglogrepl.RelationMessage, at pipeline.LSN) e
 	}
 	s.rels[m.RelationID] = rel
 	return nil
+}
+
+// relationKey returns the key columns for m, a relation of the configured
+// table: the ones preflight chose, while m has them all. When some are gone
+// (a key column renamed or dropped), a table keyed by its replica identity
+// (the primary key or the identity index) is keyed by the columns pgoutput
+// flags, under the names they had when the change was made, with one
+// warning; any other is a terminal error: publishing on would key its
+// messages by nothing (or by less), and the slot stays before it.
+func (s *Stream) relationKey(m *pglogrepl.RelationMessage, configured string, at pipeline.LSN) ([]string, error) {
+	keys := s.cfg.KeyColumns[configured]
+	var missing []string
+	for _, k := range keys {
+		if !slices.ContainsFunc(m.Columns, func(c *pglogrepl.RelationMessageColumn) bool { return c.Name == k }) {
+			missing = append(missing, k)
+		}
+	}
+	if len(missing) == 0 {
+		return keys, nil
+	}
+	var flagged []string
+	for _, c := range m.Columns {
+		if c.Flags&1 == 1 {
+			flagged = append(flagged, c.Name)
+		}
+	}
+	if m.ReplicaIdentity == 'f' || len(flagged) != len(keys) {
+		return nil, fmt.Errorf("%w: the key column(s) %s of table %s are gone at %s (renamed or dropped); set postgres.key_columns for it to columns it has, or restart Tidemark to key it by what it has now (tidemark check shows the key)",
+			ErrTerminal, strings.Join(missing, ", "), configured, at)
+	}
+	if key := "key " + configured + " " + strings.Join(flagged, ","); !s.warned[key] {
+		s.warned[key] = true
+		s.log.Warn("a key column of a table was renamed; its messages are keyed by the replica identity columns under their names at the time of the change (the key's JSON field names change with them)",
+			zap.String("table", configured), zap.Strings("configured_key", keys), zap.Strings("key_now", flagged), zap.Stringer("at", at))
+	}
+	return flagged, nil
 }
 
 // skipChange handles a change of a relation that is not configured (see

@@ -539,16 +539,10 @@ func TestHugeTransactionBounded(t *testing.T) {
 	go func() {
 		defer wg.Done()
 		for sctx.Err() == nil {
-			var s *string
-			err := e.pool.QueryRow(sctx, "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", cfg.Postgres.Slot).Scan(&s)
+			c, err := e.readConfirmed(sctx, cfg.Postgres.Slot, false)
 			if sctx.Err() != nil {
 				return
 			}
-			if err != nil || s == nil {
-				slotErr = fmt.Errorf("slot %s: confirmed_flush_lsn %v, %v", cfg.Postgres.Slot, s, err)
-				return
-			}
-			c, err := pipeline.ParseLSN(*s)
 			if err != nil {
 				slotErr = err
 				return
@@ -866,21 +860,15 @@ func settledEndOffsets(t *testing.T, ctx context.Context, client *kafkago.Client
 }
 
 // endOffsets returns the sum of the end offsets of topic's partitions (0
-// while the topic does not exist yet).
+// while the topic cannot be read, e.g. before it exists: callers poll).
 func endOffsets(ctx context.Context, client *kafkago.Client, topic string, parts int) int64 {
-	reqs := make([]kafkago.OffsetRequest, parts)
-	for p := range reqs {
-		reqs[p] = kafkago.LastOffsetOf(p)
-	}
-	resp, err := client.ListOffsets(ctx, &kafkago.ListOffsetsRequest{Topics: map[string][]kafkago.OffsetRequest{topic: reqs}})
+	ends, err := kafkatest.EndOffsets(ctx, client, map[string]int{topic: parts})
 	if err != nil {
 		return 0
 	}
 	var sum int64
-	for _, po := range resp.Topics[topic] {
-		if po.Error == nil {
-			sum += po.LastOffset
-		}
+	for _, n := range ends[topic] {
+		sum += n
 	}
 	return sum
 }

@@ -103,16 +103,10 @@ func TestCheckpointPrecision(t *testing.T) {
 	go func() {
 		defer wg.Done()
 		for sctx.Err() == nil {
-			var s *string
-			err := e.pool.QueryRow(sctx, "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", cfg.Postgres.Slot).Scan(&s)
+			c, err := e.readConfirmed(sctx, cfg.Postgres.Slot, false)
 			if sctx.Err() != nil {
 				return
 			}
-			if err != nil || s == nil {
-				sampleErr = fmt.Errorf("slot %s: confirmed_flush_lsn %v, %v", cfg.Postgres.Slot, s, err)
-				return
-			}
-			c, err := pipeline.ParseLSN(*s)
 			if err != nil {
 				sampleErr = err
 				return

@@ -5,6 +5,7 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"sort"
@@ -103,7 +104,12 @@ type running struct {
 
 func (e *env) start(cfg *config.Config) *running {
 	e.t.Helper()
-	log := zaptest.NewLogger(e.t, zaptest.Level(zap.WarnLevel))
+	return e.startWith(cfg, zaptest.NewLogger(e.t, zaptest.Level(zap.WarnLevel)))
+}
+
+// startWith is start logging to log.
+func (e *env) startWith(cfg *config.Config, log *zap.Logger) *running {
+	e.t.Helper()
 	a, err := app.Prepare(context.Background(), cfg, log)
 	if err != nil {
 		e.t.Fatalf("prepare: %v", err)
@@ -114,7 +120,16 @@ func (e *env) start(cfg *config.Config) *running {
 		r.err = a.Run(ctx)
 		close(r.done)
 	}()
-	e.t.Cleanup(func() { r.stop(e.t) })
+	e.t.Cleanup(func() {
+		select {
+		case <-r.done:
+			return // ended by itself: the test judges r.err
+		default:
+		}
+		if err := r.stop(e.t); err != nil && !errors.Is(err, context.Canceled) {
+			e.t.Errorf("app: %v", err)
+		}
+	})
 	return r
 }
 
@@ -146,18 +161,31 @@ func (e *env) currentLSN() pipeline.LSN {
 // slotConfirmed reads confirmed_flush_lsn of slot.
 func (e *env) slotConfirmed(slot string) pipeline.LSN {
 	e.t.Helper()
+	l, err := e.readConfirmed(context.Background(), slot, true)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return l
+}
+
+// readConfirmed reads the slot's confirmed_flush_lsn (0 while it has none,
+// when nullOK; an error otherwise). Safe from any goroutine.
+func (e *env) readConfirmed(ctx context.Context, slot string, nullOK bool) (pipeline.LSN, error) {
 	var s *string
-	if err := e.pool.QueryRow(context.Background(), "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", slot).Scan(&s); err != nil {
-		e.t.Fatalf("reading slot %s: %v", slot, err)
+	if err := e.pool.QueryRow(ctx, "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", slot).Scan(&s); err != nil {
+		return 0, fmt.Errorf("reading slot %s: %w", slot, err)
 	}
 	if s == nil {
-		return 0
+		if nullOK {
+			return 0, nil
+		}
+		return 0, fmt.Errorf("slot %s has no confirmed_flush_lsn", slot)
 	}
 	l, err := pipeline.ParseLSN(*s)
 	if err != nil {
-		e.t.Fatalf("slot %s: confirmed_flush_lsn %q: %v", slot, *s, err)
+		return 0, fmt.Errorf("slot %s: confirmed_flush_lsn %q: %w", slot, *s, err)
 	}
-	return l
+	return l, nil
 }
 
 // waitSlot waits until the slot's confirmed_flush_lsn reaches lsn.

@@ -407,30 +407,8 @@ func TestInvalidationWebhook(t *testing.T) {
 	e := newEnv(t, "")
 	e.exec(demo.Schema)
 	const secret = "s3cret-for-test"
-	var mu sync.Mutex
-	var got []string
-	ok := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		body, err := io.ReadAll(r.Body)
-		if err != nil {
-			t.Errorf("reading the webhook request: %v", err)
-			http.Error(w, "unreadable body", http.StatusBadRequest)
-			return
-		}
-		if err := webhook.Verify(secret, r.Header.Get(webhook.TimestampHeader), string(body), r.Header.Get(webhook.DefaultHeader), time.Minute); err != nil {
-			t.Errorf("signature: %v", err)
-			http.Error(w, "bad signature", http.StatusUnauthorized)
-			return
-		}
-		var p struct {
-			Keys []string `json:"keys"`
-		}
-		if err := json.Unmarshal(body, &p); err != nil {
-			t.Errorf("body: %v", err)
-		}
-		mu.Lock()
-		got = append(got, p.Keys...)
-		mu.Unlock()
-	}))
+	got := &webhookReceiver{t: t, secret: secret}
+	ok := httptest.NewServer(got)
 	defer ok.Close()
 	cfg := invalidationConfig(e, "hook", "", func(c *config.Config) {
 		c.Invalidation.Redis = nil
@@ -439,51 +417,21 @@ func TestInvalidationWebhook(t *testing.T) {
 	e.start(cfg)
 	_, stop := e.startInvalidation(cfg)
 	e.exec(`INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!w1', '@w', 'join')`)
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		mu.Lock()
-		n := len(got)
-		mu.Unlock()
-		if n >= 2 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("webhook received %v", got)
-		}
-		time.Sleep(20 * time.Millisecond)
+	if got.wait("room:!w1:members", "user:@w:rooms") {
+		t.FailNow()
 	}
-	mu.Lock()
-	if !slices.Contains(got, "room:!w1:members") || !slices.Contains(got, "user:@w:rooms") {
-		t.Errorf("webhook keys %v", got)
-	}
-	mu.Unlock()
 	stop()
 
 	// A receiver that always fails on the first change's keys: that batch is
 	// dead-lettered, and a later change is still delivered.
-	var later []string
-	bad := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		body, err := io.ReadAll(r.Body)
-		if err != nil || strings.Contains(string(body), "!w1") {
-			http.Error(w, "down", http.StatusInternalServerError)
-			return
-		}
-		var p struct {
-			Keys []string `json:"keys"`
-		}
-		if err := json.Unmarshal(body, &p); err != nil {
-			t.Errorf("body: %v", err)
-		}
-		mu.Lock()
-		later = append(later, p.Keys...)
-		mu.Unlock()
-	}))
+	later := &webhookReceiver{t: t, secret: secret, refuse: func(body string) bool { return strings.Contains(body, "!w1") }}
+	bad := httptest.NewServer(later)
 	defer bad.Close()
 	cfg.Invalidation.Group = "hook-bad"
 	cfg.Invalidation.Webhook = &config.Webhook{URL: bad.URL, Secret: secret, MaxAttempts: 2}
 	inv, _ := e.startInvalidation(cfg)
 	ctx := context.Background()
-	deadline = time.Now().Add(20 * time.Second)
+	deadline := time.Now().Add(20 * time.Second)
 	for {
 		recs, err := kafkatest.ReadAll(ctx, e.kafka.Brokers(), "hook.dlq")
 		if err == nil && len(recs) > 0 {
@@ -500,17 +448,66 @@ func TestInvalidationWebhook(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	e.exec(`INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!w2', '@w2', 'join')`)
-	for deadline = time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		mu.Lock()
-		done := slices.Contains(later, "room:!w2:members") && slices.Contains(later, "user:@w2:rooms")
-		mu.Unlock()
-		if done {
-			break
+	if missing := later.wait("room:!w2:members", "user:@w2:rooms"); missing {
+		t.Fatalf("after the dead letter, the next change was not delivered within 20s (the consumer applied %d changes)", inv.Consumer.Stats().Messages.Load())
+	}
+}
+
+// webhookReceiver records the keys of the invalidation batches it accepts:
+// each must be signed with secret; a body refuse accepts is answered 500.
+type webhookReceiver struct {
+	t      *testing.T
+	secret string
+	refuse func(body string) bool
+	mu     sync.Mutex
+	keys   []string
+}
+
+func (wr *webhookReceiver) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	body, err := io.ReadAll(r.Body)
+	if err != nil {
+		wr.t.Errorf("reading the webhook request: %v", err)
+		http.Error(w, "unreadable body", http.StatusBadRequest)
+		return
+	}
+	if err := webhook.Verify(wr.secret, r.Header.Get(webhook.TimestampHeader), string(body), r.Header.Get(webhook.DefaultHeader), time.Minute); err != nil {
+		wr.t.Errorf("signature: %v", err)
+		http.Error(w, "bad signature", http.StatusUnauthorized)
+		return
+	}
+	if wr.refuse != nil && wr.refuse(string(body)) {
+		http.Error(w, "down", http.StatusInternalServerError)
+		return
+	}
+	var p struct {
+		Keys []string `json:"keys"`
+	}
+	if err := json.Unmarshal(body, &p); err != nil {
+		wr.t.Errorf("body: %v", err)
+	}
+	wr.mu.Lock()
+	wr.keys = append(wr.keys, p.Keys...)
+	wr.mu.Unlock()
+}
+
+// wait waits up to 20s until every key was received; it fails the test
+// (not fatally) and reports true when some never were.
+func (wr *webhookReceiver) wait(keys ...string) (missing bool) {
+	wr.t.Helper()
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		wr.mu.Lock()
+		got := slices.Clone(wr.keys)
+		wr.mu.Unlock()
+		all := true
+		for _, k := range keys {
+			all = all && slices.Contains(got, k)
+		}
+		if all {
+			return false
 		}
 		if time.Now().After(deadline) {
-			mu.Lock()
-			t.Fatalf("after the dead letter, the next change was not delivered within 20s (received %v; the consumer applied %d changes)",
-				later, inv.Consumer.Stats().Messages.Load())
+			wr.t.Errorf("webhook received %v, want %v among them", got, keys)
+			return true
 		}
 	}
 }

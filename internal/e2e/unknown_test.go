@@ -3,7 +3,6 @@ package e2e
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -13,7 +12,6 @@ import (
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 
-	"github.com/tidemark/tidemark/internal/app"
 	"github.com/tidemark/tidemark/internal/config"
 	"github.com/tidemark/tidemark/internal/kafkatest"
 )
@@ -23,27 +21,7 @@ import (
 func (e *env) startObserved(cfg *config.Config) (*running, *observer.ObservedLogs) {
 	e.t.Helper()
 	core, logs := observer.New(zapcore.InfoLevel)
-	a, err := app.Prepare(context.Background(), cfg, zap.New(core))
-	if err != nil {
-		e.t.Fatalf("prepare: %v", err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	r := &running{App: a, cancel: cancel, done: make(chan struct{})}
-	go func() {
-		r.err = a.Run(ctx)
-		close(r.done)
-	}()
-	e.t.Cleanup(func() {
-		select {
-		case <-r.done:
-			return // ended by itself: the test judges r.err
-		default:
-		}
-		if err := r.stop(e.t); err != nil && !errors.Is(err, context.Canceled) {
-			e.t.Errorf("app: %v", err)
-		}
-	})
-	return r, logs
+	return e.startWith(cfg, zap.New(core)), logs
 }
 
 // waitRecords waits until topic holds n records and returns them.

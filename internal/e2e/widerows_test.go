@@ -118,11 +118,11 @@ func TestWideRowsWhileKafkaPaused(t *testing.T) {
 	if len(distinct) != rows+1 {
 		t.Errorf("%d distinct positions in wide.public.wide, want %d rows", len(distinct), rows+1)
 	}
-	t.Logf("after the broker returned: %d records (%d distinct), final peak RSS %d MB", len(msgs), len(distinct), vmHWM2(cmd)>>20)
+	t.Logf("after the broker returned: %d records (%d distinct), final peak RSS %d MB", len(msgs), len(distinct), exitedPeakRSS(cmd)>>20)
 }
 
-// vmHWM2 is the peak RSS of an exited process (from its rusage).
-func vmHWM2(cmd *exec.Cmd) int64 {
+// exitedPeakRSS is the peak RSS of an exited process (from its rusage).
+func exitedPeakRSS(cmd *exec.Cmd) int64 {
 	if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
 		return ru.Maxrss << 10
 	}
