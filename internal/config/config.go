@@ -95,6 +95,9 @@ type Redis struct {
 	DB int `yaml:"db"`
 	// Channel, when set, also receives a PUBLISH of every invalidated key.
 	Channel string `yaml:"channel"`
+	// TLS, when enabled, encrypts the connection (managed Redis services
+	// need it, often with Username for an ACL user).
+	TLS *TLS `yaml:"tls"`
 }
 
 // Postgres is the captured database.
@@ -586,6 +589,9 @@ func (c *Config) Validate() []FieldError {
 		}
 		if inv.Redis != nil && !strings.Contains(inv.Redis.Addr, ":") {
 			add("invalidation.redis.addr", "%q needs host:port", inv.Redis.Addr)
+		}
+		if inv.Redis != nil {
+			validateTLS("invalidation.redis.tls", inv.Redis.TLS, add)
 		}
 	}
 	ps = append(ps, c.validateTargets(seen)...)

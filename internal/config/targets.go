@@ -177,6 +177,7 @@ func (c *Config) validateTargets(captured map[string]bool) []FieldError {
 		if !strings.Contains(r.Key, "{room_id}") {
 			add("targets.redis.key", "%q does not contain {room_id}", r.Key)
 		}
+		validateTLS("targets.redis.tls", r.TLS, add)
 	}
 	if t.AuditInterval < 0 {
 		add("targets.audit_interval", "%s must not be negative", t.AuditInterval)
