@@ -16,6 +16,7 @@ package invalidation
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"sort"
@@ -26,7 +27,10 @@ import (
 
 	"github.com/cenkalti/backoff/v4"
 	kafkago "github.com/segmentio/kafka-go"
+	"github.com/segmentio/kafka-go/sasl"
 	"go.uber.org/zap"
+
+	"github.com/tidemark/tidemark/internal/kafkanet"
 
 	"github.com/tidemark/tidemark/pipeline"
 )
@@ -101,7 +105,16 @@ type Config struct {
 	// pipeline.ParseEnvelope. The Message's Table selects the handler and
 	// its Pos is used for redelivery skipping. Default: none.
 	Decode map[string]func(m *kafkago.Message) (*Message, error)
+	// TLS, when set, encrypts every connection to the brokers.
+	TLS *tls.Config
+	// SASL, when set, authenticates every connection (kafka-go's plain or
+	// scram mechanisms).
+	SASL sasl.Mechanism
+	// ClientID names the consumer to the brokers. Default "tidemark".
+	ClientID string
 }
+
+func (c *Config) net() kafkanet.Settings { return kafkanet.Settings{TLS: c.TLS, SASL: c.SASL} }
 
 // Stats are the consumer's counters.
 type Stats struct {
@@ -188,6 +201,9 @@ func NewConsumer(cfg Config, log *zap.Logger) (*Consumer, error) {
 	if cfg.SessionTimeout <= 0 {
 		cfg.SessionTimeout = 10 * time.Second
 	}
+	if cfg.ClientID == "" {
+		cfg.ClientID = "tidemark"
+	}
 	if log == nil {
 		log = zap.NewNop()
 	}
@@ -200,8 +216,13 @@ func (c *Consumer) Stats() *Stats { return &c.stats }
 // waitTopics returns once every topic exists with partitions, warning
 // while some are missing (and saying so in Stats.WaitingForTopics and
 // TopicWaits, which tests wait for).
+//
+// A failure waiting cannot heal (TLS, SASL, an ACL on a topic) is returned
+// at once, naming the broker and the cause.
 func (c *Consumer) waitTopics(ctx context.Context, topics []string) error {
-	client := &kafkago.Client{Addr: kafkago.TCP(c.cfg.Brokers...), Timeout: 10 * time.Second}
+	transport := c.cfg.net().Transport(c.cfg.ClientID, 0)
+	defer transport.CloseIdleConnections()
+	client := &kafkago.Client{Addr: kafkago.TCP(c.cfg.Brokers...), Timeout: 10 * time.Second, Transport: transport}
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval = 100 * time.Millisecond
 	bo.MaxInterval = 5 * time.Second
@@ -212,6 +233,11 @@ func (c *Consumer) waitTopics(ctx context.Context, topics []string) error {
 		missing, err := missingTopics(ctx, client, topics)
 		if err == nil && len(missing) == 0 {
 			return nil
+		}
+		if err != nil {
+			if err = kafkanet.Explain(err, "", c.cfg.net()); kafkanet.IsAccess(err) {
+				return backoff.Permanent(fmt.Errorf("consumer group %s: %w", c.cfg.Group, err))
+			}
 		}
 		c.stats.TopicWaits.Add(1)
 		c.stats.WaitingForTopics.Store(true)
@@ -236,6 +262,9 @@ func missingTopics(ctx context.Context, client *kafkago.Client, topics []string)
 	}
 	ok := map[string]bool{}
 	for _, t := range meta.Topics {
+		if t.Error != nil && kafkanet.IsAccess(t.Error) {
+			return nil, fmt.Errorf("topic %s: %w", t.Name, t.Error)
+		}
 		if t.Error == nil && len(t.Partitions) > 0 {
 			ok[t.Name] = true
 		}
@@ -247,6 +276,37 @@ func missingTopics(ctx context.Context, client *kafkago.Client, topics []string)
 		}
 	}
 	return missing, nil
+}
+
+// checkGroup reads the group's committed offsets once, before joining:
+// an ACL that denies the group (or a topic) fails here, at start, with a
+// message naming it, where kafka-go's group reader would retry the join
+// without end. Other errors are left to the reader, which retries them.
+func (c *Consumer) checkGroup(ctx context.Context, topics []string) error {
+	transport := c.cfg.net().Transport(c.cfg.ClientID, 0)
+	defer transport.CloseIdleConnections()
+	client := &kafkago.Client{Addr: kafkago.TCP(c.cfg.Brokers...), Timeout: 10 * time.Second, Transport: transport}
+	req := &kafkago.OffsetFetchRequest{GroupID: c.cfg.Group, Topics: map[string][]int{}}
+	for _, t := range topics {
+		req.Topics[t] = []int{0}
+	}
+	resp, err := client.OffsetFetch(ctx, req)
+	if err == nil {
+		err = resp.Error
+	}
+	if err == nil {
+		for _, parts := range resp.Topics {
+			for _, p := range parts {
+				if p.Error != nil && kafkanet.IsAccess(p.Error) {
+					err = p.Error
+				}
+			}
+		}
+	}
+	if err = kafkanet.Explain(err, "", c.cfg.net()); kafkanet.IsAccess(err) {
+		return fmt.Errorf("consumer group %s: %w", c.cfg.Group, err)
+	}
+	return nil
 }
 
 type fetched struct {
@@ -267,6 +327,12 @@ func (c *Consumer) Run(ctx context.Context) error {
 	// no partitions and would wait silently: wait for capture to create
 	// them first.
 	if err := c.waitTopics(ctx, topics); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
+	if err := c.checkGroup(ctx, topics); err != nil {
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -332,6 +398,7 @@ func (c *Consumer) readerConfig(topics []string) kafkago.ReaderConfig {
 		StartOffset: c.cfg.StartOffset, CommitInterval: 0,
 		HeartbeatInterval: max(heartbeat, time.Millisecond), SessionTimeout: session, RebalanceTimeout: session,
 		JoinGroupBackoff: 500 * time.Millisecond,
+		Dialer:           c.cfg.net().Dialer(c.cfg.ClientID),
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"os"
 	"runtime/debug"
 	"runtime/pprof"
@@ -82,6 +83,11 @@ func runCmd() *cobra.Command {
 				heapBudget += cfg.Targets.MaxRecordBytes
 			}
 			tuneGC(heapBudget)
+			// Kafka first: a certificate, login or ACL problem is named
+			// now rather than retried by every client.
+			if err := app.PreflightKafka(ctx, cfg, log); err != nil {
+				return &exitError{3, err}
+			}
 			// Prepare every part before starting any, so a bad part stops the
 			// process before anything runs.
 			reg := app.NewRegistry()
@@ -235,6 +241,14 @@ func checkCmd() *cobra.Command {
 			}
 			out := cmd.OutOrStdout()
 			fmt.Fprintf(out, "config %s: ok\ndatabase %s (%s)\n", path, db, config.Redact(cfg.Postgres.DSN))
+			kr, kerr := app.CheckKafka(cmd.Context(), cfg)
+			for _, w := range kr.Warnings {
+				fmt.Fprintf(out, "  warning: %s\n", w)
+			}
+			if kerr != nil {
+				return &exitError{3, fmt.Errorf("kafka %s: %w", strings.Join(cfg.Kafka.Brokers, ","), kerr)}
+			}
+			fmt.Fprintf(out, "kafka %s: reachable (%s)\n", strings.Join(cfg.Kafka.Brokers, ","), kr.Security)
 			for _, t := range cfg.Postgres.Tables {
 				if ti, ok := infos[t]; ok {
 					key := fmt.Sprintf("key %v", ti.KeyColumns())

@@ -17,6 +17,7 @@ import (
 
 	"github.com/tidemark/tidemark/capture"
 	"github.com/tidemark/tidemark/internal/config"
+	"github.com/tidemark/tidemark/internal/kafkanet"
 	"github.com/tidemark/tidemark/pipeline"
 	kafkasink "github.com/tidemark/tidemark/sinks/kafka"
 )
@@ -36,6 +37,9 @@ type App struct {
 	// CommitToAck observes, per transaction, the seconds from its commit in
 	// Postgres to its acknowledgement by Kafka.
 	CommitToAck prometheus.Histogram
+	// DurabilityWarnings are the topics' replication problems found at
+	// start (set by EnsureTopics).
+	DurabilityWarnings []string
 }
 
 // Check inspects the database for the config: server settings, tables,
@@ -203,10 +207,14 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger, opts ...P
 	if err != nil {
 		return nil, err
 	}
+	knet, err := cfg.Kafka.Net()
+	if err != nil {
+		return nil, err
+	}
 	sink, err := kafkasink.New(kafkasink.Config{
 		Brokers: cfg.Kafka.Brokers, ClientID: cfg.Kafka.ClientID, Partitions: cfg.Kafka.Partitions,
 		ReplicationFactor: cfg.Kafka.ReplicationFactor, TopicConfigs: cfg.Kafka.TopicConfigs,
-		Compression: cfg.Kafka.Compression, BatchBytes: cfg.Kafka.BatchBytes,
+		Compression: cfg.Kafka.Compression, BatchBytes: cfg.Kafka.BatchBytes, TLS: knet.TLS, SASL: knet.SASL,
 	}, log.With(zap.String("component", "kafka")))
 	if err != nil {
 		return nil, err
@@ -244,8 +252,11 @@ func (a *App) EnsureTopics(ctx context.Context) error {
 	bo.MaxInterval = 10 * time.Second
 	bo.MaxElapsedTime = 0
 	attempt := 0
-	return backoff.Retry(func() error {
+	err := backoff.Retry(func() error {
 		err := a.Sink.EnsureTopics(ctx, a.Topics, specs)
+		if kafkanet.IsAccess(err) {
+			return backoff.Permanent(err)
+		}
 		if err != nil && ctx.Err() == nil {
 			attempt++
 			if attempt == 1 || attempt%10 == 0 {
@@ -257,6 +268,28 @@ func (a *App) EnsureTopics(ctx context.Context) error {
 		}
 		return err
 	}, backoff.WithContext(bo, ctx))
+	if err != nil {
+		return err
+	}
+	a.warnDurability(ctx)
+	return nil
+}
+
+// warnDurability warns once, at start, about each topic Tidemark writes
+// that the brokers keep with too little redundancy for acks=all to mean
+// much (see kafkasink.Sink.DurabilityWarnings).
+func (a *App) warnDurability(ctx context.Context) {
+	txn := a.Cfg.RouterConfig(a.Database).TransactionsTopicName()
+	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	warnings, err := a.Sink.DurabilityWarnings(dctx, a.Topics, map[string]bool{txn: true})
+	if err != nil {
+		a.Log.Warn("could not read the topics' replication settings", zap.Error(err))
+	}
+	for _, w := range warnings {
+		a.Log.Warn("kafka durability: " + w)
+	}
+	a.DurabilityWarnings = warnings
 }
 
 // Run ensures topics, then runs capture and the pipeline until ctx ends or

@@ -86,8 +86,13 @@ func PrepareIntegrity(ctx context.Context, cfg *config.Config, log *zap.Logger, 
 			storePool.Close()
 		}
 	}()
+	knet, err := cfg.Kafka.Net()
+	if err != nil {
+		return nil, err
+	}
 	producer, err := kafkasink.New(kafkasink.Config{Brokers: cfg.Kafka.Brokers, ClientID: cfg.Kafka.ClientID + "-integrity",
-		Partitions: cfg.Kafka.Partitions, ReplicationFactor: cfg.Kafka.ReplicationFactor}, log.With(zap.String("component", "integrity-producer")))
+		Partitions: cfg.Kafka.Partitions, ReplicationFactor: cfg.Kafka.ReplicationFactor, TLS: knet.TLS, SASL: knet.SASL},
+		log.With(zap.String("component", "integrity-producer")))
 	if err != nil {
 		return nil, err
 	}
@@ -124,6 +129,7 @@ func PrepareIntegrity(ctx context.Context, cfg *config.Config, log *zap.Logger, 
 	consumer, err := invalidation.NewConsumer(invalidation.Config{
 		Brokers: cfg.Kafka.Brokers, Group: in.Group, Topics: topics, Handlers: handlers, Decode: decode,
 		DLQTopic: dlqTopic, DLQ: producer, MaxAttempts: in.MaxAttempts,
+		TLS: knet.TLS, SASL: knet.SASL, ClientID: cfg.Kafka.ClientID + "-integrity",
 	}, log)
 	if err != nil {
 		return nil, err

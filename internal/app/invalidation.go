@@ -70,8 +70,13 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 			topics[cfg.Kafka.TopicPrefix+"."+t] = []string{t}
 		}
 	}
+	knet, err := cfg.Kafka.Net()
+	if err != nil {
+		return nil, err
+	}
 	dlq, err := kafkasink.New(kafkasink.Config{Brokers: cfg.Kafka.Brokers, ClientID: cfg.Kafka.ClientID + "-consumer",
-		Partitions: cfg.Kafka.Partitions, ReplicationFactor: cfg.Kafka.ReplicationFactor}, log.With(zap.String("component", "consumer-producer")))
+		Partitions: cfg.Kafka.Partitions, ReplicationFactor: cfg.Kafka.ReplicationFactor, TLS: knet.TLS, SASL: knet.SASL},
+		log.With(zap.String("component", "consumer-producer")))
 	if err != nil {
 		return nil, err
 	}
@@ -117,6 +122,7 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 	consumer, err := invalidation.NewConsumer(invalidation.Config{
 		Brokers: cfg.Kafka.Brokers, Group: inv.Group, Topics: topics, Handlers: handlers,
 		DLQTopic: dlqTopic, DLQ: dlq, MaxAttempts: inv.MaxAttempts,
+		TLS: knet.TLS, SASL: knet.SASL, ClientID: cfg.Kafka.ClientID + "-invalidation",
 	}, log.With(zap.String("component", "invalidation")))
 	if err != nil {
 		if rs != nil {

@@ -14,6 +14,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tidemark/tidemark/internal/config"
+	"github.com/tidemark/tidemark/internal/kafkanet"
 	"github.com/tidemark/tidemark/pipeline"
 )
 
@@ -79,7 +80,11 @@ func (e *SlotGapError) Error() string {
 // lastPublished reads what the prefix's topics hold (see Published),
 // retrying while Kafka cannot be asked, until ctx ends.
 func lastPublished(ctx context.Context, cfg *config.Config, topics []string, rc pipeline.RouterConfig, log *zap.Logger) (Published, error) {
-	transport := &kafkago.Transport{ClientID: cfg.Kafka.ClientID, DialTimeout: 5 * time.Second}
+	knet, err := cfg.Kafka.Net()
+	if err != nil {
+		return Published{}, err
+	}
+	transport := knet.Transport(cfg.Kafka.ClientID, 0)
 	defer transport.CloseIdleConnections()
 	client := &kafkago.Client{Addr: kafkago.TCP(cfg.Kafka.Brokers...), Timeout: 10 * time.Second, Transport: transport}
 	txnTopic := ""
@@ -91,11 +96,14 @@ func lastPublished(ctx context.Context, cfg *config.Config, topics []string, rc 
 	bo.MaxElapsedTime = 0
 	attempt := 0
 	var p Published
-	err := backoff.Retry(func() error {
+	err = backoff.Retry(func() error {
 		var err error
 		p, err = readPublished(ctx, client, topics, txnTopic)
 		if ctx.Err() != nil {
 			return backoff.Permanent(ctx.Err())
+		}
+		if err = kafkanet.Explain(err, "", knet); kafkanet.IsAccess(err) {
+			return backoff.Permanent(err)
 		}
 		if err != nil {
 			attempt++

@@ -165,7 +165,14 @@ func (r *StatusReport) kafka(ctx context.Context, cfg *config.Config) {
 	if cfg.Integrity != nil {
 		groups = append(groups, GroupStatus{Role: "integrity", Group: cfg.Integrity.Group})
 	}
-	client := &kafkago.Client{Addr: kafkago.TCP(cfg.Kafka.Brokers...), Timeout: 10 * time.Second}
+	knet, err := cfg.Kafka.Net()
+	if err != nil {
+		r.Problems = append(r.Problems, err.Error())
+		return
+	}
+	transport := knet.Transport(cfg.Kafka.ClientID+"-status", 0)
+	defer transport.CloseIdleConnections()
+	client := &kafkago.Client{Addr: kafkago.TCP(cfg.Kafka.Brokers...), Timeout: 10 * time.Second, Transport: transport}
 	for _, g := range groups {
 		if err := groupLag(ctx, client, &g); err != nil {
 			g.Error = err.Error()

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/tidemark/tidemark/internal/config"
+	"github.com/tidemark/tidemark/internal/kafkanet"
 	"github.com/tidemark/tidemark/invalidation"
 	"github.com/tidemark/tidemark/invalidation/targets"
 	kafkasink "github.com/tidemark/tidemark/sinks/kafka"
@@ -40,6 +41,7 @@ type Targets struct {
 	state  *pgxpool.Pool
 	source *pgxpool.Pool
 	cfg    *config.Config
+	knet   kafkanet.Settings
 	log    *zap.Logger
 	ratio  prometheus.Gauge
 	audits atomic.Uint64
@@ -88,8 +90,13 @@ func (o *targetOutputs) onTruncated(room string, users, bytes int) {
 func newTargetOutputs(cfg *config.Config, log *zap.Logger) (*targetOutputs, error) {
 	tc := cfg.Targets
 	targetsTopic := cfg.Kafka.TopicPrefix + ".notify_targets"
+	knet, err := cfg.Kafka.Net()
+	if err != nil {
+		return nil, err
+	}
 	producer, err := kafkasink.New(kafkasink.Config{Brokers: cfg.Kafka.Brokers, ClientID: cfg.Kafka.ClientID + "-targets",
 		Partitions: cfg.Kafka.Partitions, ReplicationFactor: cfg.Kafka.ReplicationFactor, Compression: cfg.Kafka.Compression,
+		TLS: knet.TLS, SASL: knet.SASL,
 		TopicBatchBytes: map[string]int64{targetsTopic: tc.MaxRecordBytes}}, log.With(zap.String("component", "targets-producer")))
 	if err != nil {
 		return nil, err
@@ -224,7 +231,11 @@ func PrepareTargets(ctx context.Context, cfg *config.Config, log *zap.Logger) (_
 	if err := checkTargetsMapping(ctx, cfg); err != nil {
 		return nil, err
 	}
-	t := &Targets{cfg: cfg, log: log}
+	knet, err := cfg.Kafka.Net()
+	if err != nil {
+		return nil, err
+	}
+	t := &Targets{cfg: cfg, knet: knet, log: log}
 	defer func() {
 		if err != nil {
 			t.closeAll()
@@ -244,7 +255,8 @@ func PrepareTargets(ctx context.Context, cfg *config.Config, log *zap.Logger) (_
 	m := tc.Mapping()
 	tables := []string{m.Membership.Table, m.Users.Table}
 	if *cfg.Pipeline.TransactionsTopic {
-		t.Ends = &targets.TxnIndex{Brokers: cfg.Kafka.Brokers, Topic: cfg.RouterConfig("").TransactionsTopicName(), Tables: tables, Log: log}
+		t.Ends = &targets.TxnIndex{Brokers: cfg.Kafka.Brokers, Topic: cfg.RouterConfig("").TransactionsTopicName(), Tables: tables, Log: log,
+			Dialer: knet.Dialer(cfg.Kafka.ClientID + "-targets")}
 	}
 	t.Handler, err = targets.NewHandler(targets.HandlerConfig{Mapping: m, Store: t.Store, Publish: t.out.publish, Ends: t.Ends, Hold: tc.Hold}, log)
 	if err != nil {
@@ -261,6 +273,7 @@ func PrepareTargets(ctx context.Context, cfg *config.Config, log *zap.Logger) (_
 	t.Consumer, err = invalidation.NewConsumer(invalidation.Config{
 		Brokers: cfg.Kafka.Brokers, Group: tc.Group, Topics: t.Topics, Handlers: handlers,
 		DLQTopic: t.DLQTopic, DLQ: t.out.producer, MaxAttempts: tc.MaxAttempts,
+		TLS: knet.TLS, SASL: knet.SASL, ClientID: cfg.Kafka.ClientID + "-targets",
 	}, log)
 	if err != nil {
 		return nil, err
@@ -365,7 +378,7 @@ func (t *Targets) auditor() *targets.Auditor {
 		topics = append(topics, tp)
 	}
 	return &targets.Auditor{Mapping: t.cfg.Targets.Mapping(), Source: t.source, Store: t.Store,
-		Passed: targets.PipelinePassed(t.source, t.cfg.Postgres.Slot, t.cfg.Kafka.Brokers, t.cfg.Targets.Group, topics)}
+		Passed: targets.PipelinePassed(t.source, t.cfg.Postgres.Slot, t.cfg.Kafka.Brokers, t.knet.Transport(t.cfg.Kafka.ClientID+"-audit", 0), t.cfg.Targets.Group, topics)}
 }
 
 // Register adds the consumer's and handler's metrics to reg (label
@@ -467,6 +480,10 @@ func AuditTargets(ctx context.Context, cfg *config.Config, sample int, wait time
 	}
 	defer source.Close()
 	defer state.Close()
+	knet, err := cfg.Kafka.Net()
+	if err != nil {
+		return targets.AuditReport{}, err
+	}
 	m := cfg.Targets.Mapping()
 	rc := cfg.RouterConfig("")
 	var topics []string
@@ -475,6 +492,6 @@ func AuditTargets(ctx context.Context, cfg *config.Config, sample int, wait time
 		topics = append(topics, rc.TableTopic(schema, name))
 	}
 	a := &targets.Auditor{Mapping: m, Source: source, Store: store, Wait: wait,
-		Passed: targets.PipelinePassed(source, cfg.Postgres.Slot, cfg.Kafka.Brokers, cfg.Targets.Group, topics)}
+		Passed: targets.PipelinePassed(source, cfg.Postgres.Slot, cfg.Kafka.Brokers, knet.Transport(cfg.Kafka.ClientID+"-audit", 0), cfg.Targets.Group, topics)}
 	return a.Audit(ctx, sample)
 }

@@ -17,18 +17,20 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/tidemark/tidemark/internal/kafkanet"
 	"github.com/tidemark/tidemark/invalidation"
 	"github.com/tidemark/tidemark/pipeline"
 )
 
 // Environment variables that override the file.
 const (
-	EnvPostgresDSN      = "TIDEMARK_POSTGRES_DSN"
-	EnvPostgresPassword = "TIDEMARK_POSTGRES_PASSWORD"
-	EnvKafkaBrokers     = "TIDEMARK_KAFKA_BROKERS"
-	EnvRedisPassword    = "TIDEMARK_REDIS_PASSWORD"
-	EnvWebhookSecret    = "TIDEMARK_WEBHOOK_SECRET"
-	EnvAdminToken       = "TIDEMARK_ADMIN_TOKEN"
+	EnvPostgresDSN       = "TIDEMARK_POSTGRES_DSN"
+	EnvPostgresPassword  = "TIDEMARK_POSTGRES_PASSWORD"
+	EnvKafkaBrokers      = "TIDEMARK_KAFKA_BROKERS"
+	EnvRedisPassword     = "TIDEMARK_REDIS_PASSWORD"
+	EnvWebhookSecret     = "TIDEMARK_WEBHOOK_SECRET"
+	EnvAdminToken        = "TIDEMARK_ADMIN_TOKEN"
+	EnvKafkaSASLPassword = "TIDEMARK_KAFKA_SASL_PASSWORD"
 )
 
 // Config is the whole file.
@@ -161,6 +163,59 @@ type Kafka struct {
 	TopicConfigs map[string]string `yaml:"topic_configs"`
 	// ClientID. Default "tidemark".
 	ClientID string `yaml:"client_id"`
+	// TLS encrypts every Kafka connection (managed clusters need it).
+	TLS *TLS `yaml:"tls"`
+	// SASL authenticates every Kafka connection.
+	SASL *SASL `yaml:"sasl"`
+}
+
+// SASL is the Kafka SASL login shared by every Kafka client.
+type SASL struct {
+	// Mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (required).
+	Mechanism string `yaml:"mechanism"`
+	// Username (required).
+	Username string `yaml:"username"`
+	// Password; prefer PasswordFile or env TIDEMARK_KAFKA_SASL_PASSWORD
+	// (which overrides both).
+	Password string `yaml:"password"`
+	// PasswordFile holds the password (trailing newlines are dropped).
+	PasswordFile string `yaml:"password_file"`
+}
+
+// On reports whether s asks for SASL (any field set).
+func (s *SASL) On() bool {
+	return s != nil && (s.Mechanism != "" || s.Username != "" || s.Password != "" || s.PasswordFile != "")
+}
+
+// String prints s with the password masked, so a config printed with %v
+// or %+v never shows it.
+func (s SASL) String() string {
+	pw := `""`
+	if s.Password != "" {
+		pw = redacted
+	}
+	return fmt.Sprintf("{Mechanism:%s Username:%s Password:%s PasswordFile:%s}", s.Mechanism, s.Username, pw, s.PasswordFile)
+}
+
+// GoString is String for %#v.
+func (s SASL) GoString() string { return "config.SASL" + s.String() }
+
+// Net returns the connection security every Kafka client uses.
+func (k *Kafka) Net() (kafkanet.Settings, error) {
+	var s kafkanet.Settings
+	tc, err := k.TLS.Config()
+	if err != nil {
+		return s, fmt.Errorf("kafka.tls: %w", err)
+	}
+	s.TLS = tc
+	if k.SASL.On() {
+		m, err := kafkanet.Mechanism(k.SASL.Mechanism, k.SASL.Username, k.SASL.Password)
+		if err != nil {
+			return s, fmt.Errorf("kafka.sasl.mechanism: %w", err)
+		}
+		s.SASL = m
+	}
+	return s, nil
 }
 
 // Pipeline shapes routing and bounds memory.
@@ -252,7 +307,8 @@ func Parse(name string, data []byte, getenv func(string) string) (*Config, error
 	}
 	c.ApplyEnv(getenv)
 	c.ApplyDefaults()
-	if probs := c.Validate(); len(probs) > 0 {
+	probs := c.readSecretFiles(getenv)
+	if probs = append(probs, c.Validate()...); len(probs) > 0 {
 		return nil, &Error{File: name, Problems: probs}
 	}
 	return &c, nil
@@ -285,6 +341,12 @@ func (c *Config) ApplyEnv(getenv func(string) string) {
 	}
 	c.applyTargetsEnv(getenv)
 	c.applyIntegrityEnv(getenv)
+	if v := getenv(EnvKafkaSASLPassword); v != "" {
+		if c.Kafka.SASL == nil {
+			c.Kafka.SASL = &SASL{}
+		}
+		c.Kafka.SASL.Password = v
+	}
 	if v := getenv(EnvKafkaBrokers); v != "" {
 		c.Kafka.Brokers = nil
 		for _, b := range strings.Split(v, ",") {
@@ -293,6 +355,21 @@ func (c *Config) ApplyEnv(getenv func(string) string) {
 			}
 		}
 	}
+}
+
+// readSecretFiles reads the secrets configured as files (an environment
+// override wins over a file).
+func (c *Config) readSecretFiles(getenv func(string) string) []FieldError {
+	var ps []FieldError
+	if s := c.Kafka.SASL; s != nil && s.PasswordFile != "" && getenv(EnvKafkaSASLPassword) == "" {
+		data, err := os.ReadFile(s.PasswordFile)
+		if err != nil {
+			ps = append(ps, FieldError{Path: "kafka.sasl.password_file", Msg: err.Error()})
+		} else if s.Password = strings.TrimRight(string(data), "\r\n"); s.Password == "" {
+			ps = append(ps, FieldError{Path: "kafka.sasl.password_file", Msg: s.PasswordFile + " is empty"})
+		}
+	}
+	return ps
 }
 
 // withPassword sets the password of a URL or keyword/value DSN.
@@ -520,6 +597,20 @@ func (c *Config) Validate() []FieldError {
 	}
 	if k.BatchBytes < 1024 {
 		add("kafka.batch_bytes", "%d is below 1024", k.BatchBytes)
+	}
+	validateTLS("kafka.tls", k.TLS, add)
+	if sa := k.SASL; sa.On() {
+		if sa.Mechanism == "" {
+			add("kafka.sasl.mechanism", "required with kafka.sasl (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)")
+		} else if _, err := kafkanet.Mechanism(sa.Mechanism, "u", "p"); err != nil {
+			add("kafka.sasl.mechanism", "%v", err)
+		}
+		if sa.Username == "" {
+			add("kafka.sasl.username", "required with kafka.sasl")
+		}
+		if sa.Password == "" && sa.PasswordFile == "" {
+			add("kafka.sasl.password", "required with kafka.sasl: set password_file or %s", EnvKafkaSASLPassword)
+		}
 	}
 	pl := c.Pipeline
 	if pl.MaxInFlightMessages < 1 {

@@ -4,6 +4,7 @@ package kafkatest
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -22,9 +23,67 @@ import (
 type Cluster struct {
 	c          *kfake.Cluster
 	port       int
+	ports      []int // every broker's, ports[0] == port
 	dataDir    string
 	partitions int // >0: allow auto-creation of topics with this many partitions
+	opts       Options
 }
+
+// Options shape a cluster started with StartWith.
+type Options struct {
+	// Brokers is the number of brokers. Default 1.
+	Brokers int
+	// TLS, when set, makes every listener TLS-only with this server config.
+	TLS *tls.Config
+	// Superusers and Users enable SASL: each is mechanism (PLAIN,
+	// SCRAM-SHA-256, SCRAM-SHA-512), name and password. Superusers pass
+	// every ACL; Users are subject to ACLs (see ACLs).
+	Superusers []User
+	Users      []User
+	// ACLs turns on ACL checks.
+	ACLs bool
+	// BrokerConfigs are broker-level configs (e.g. min.insync.replicas).
+	BrokerConfigs map[string]string
+}
+
+// User is a SASL user of a test cluster, with its ACLs.
+type User struct {
+	Mechanism, Name, Password string
+	ACLs                      []kfake.ACL
+}
+
+// StartWith starts a cluster shaped by o on free ports of 127.0.0.1.
+func StartWith(o Options) (*Cluster, error) {
+	n := max(o.Brokers, 1)
+	cl := &Cluster{opts: o}
+	for i := 0; i < n; i++ {
+		port, err := freeport.Get()
+		if err != nil {
+			return nil, err
+		}
+		cl.ports = append(cl.ports, port)
+	}
+	cl.port = cl.ports[0]
+	if err := cl.start(); err != nil {
+		return nil, err
+	}
+	return cl, nil
+}
+
+// ForTestWith is StartWith for t, stopped at cleanup.
+func ForTestWith(t testing.TB, o Options) *Cluster {
+	t.Helper()
+	cl, err := StartWith(o)
+	if err != nil {
+		t.Fatalf("kafkatest: %v", err)
+	}
+	t.Cleanup(cl.Close)
+	return cl
+}
+
+// Fake is the running kfake cluster, for its control functions (moving
+// partition leaders, ...). It changes on Restart.
+func (cl *Cluster) Fake() *kfake.Cluster { return cl.c }
 
 // Start starts a one-broker kfake cluster on a free port on 127.0.0.1. With a
 // dataDir, records persist there and survive Restart.
@@ -51,8 +110,30 @@ func StartOn(port int, dataDir string, partitions int) (*Cluster, error) {
 }
 
 func (cl *Cluster) start() error {
-	opts := []kfake.Opt{kfake.NumBrokers(1), kfake.Ports(cl.port),
-		kfake.BrokerConfigs(map[string]string{"log.cleaner.backoff.ms": "1000"})}
+	ports := cl.ports
+	if len(ports) == 0 {
+		ports = []int{cl.port}
+	}
+	bc := map[string]string{"log.cleaner.backoff.ms": "1000"}
+	for k, v := range cl.opts.BrokerConfigs {
+		bc[k] = v
+	}
+	opts := []kfake.Opt{kfake.NumBrokers(len(ports)), kfake.Ports(ports...), kfake.BrokerConfigs(bc)}
+	if cl.opts.TLS != nil {
+		opts = append(opts, kfake.TLS(cl.opts.TLS))
+	}
+	if len(cl.opts.Superusers)+len(cl.opts.Users) > 0 {
+		opts = append(opts, kfake.EnableSASL())
+		for _, u := range cl.opts.Superusers {
+			opts = append(opts, kfake.Superuser(u.Mechanism, u.Name, u.Password))
+		}
+		for _, u := range cl.opts.Users {
+			opts = append(opts, kfake.User(u.Mechanism, u.Name, u.Password, u.ACLs...))
+		}
+	}
+	if cl.opts.ACLs {
+		opts = append(opts, kfake.EnableACLs())
+	}
 	if cl.dataDir != "" {
 		opts = append(opts, kfake.DataDir(cl.dataDir))
 	}
@@ -68,7 +149,16 @@ func (cl *Cluster) start() error {
 }
 
 // Brokers returns the bootstrap addresses.
-func (cl *Cluster) Brokers() []string { return []string{fmt.Sprintf("127.0.0.1:%d", cl.port)} }
+func (cl *Cluster) Brokers() []string {
+	if len(cl.ports) == 0 {
+		return []string{fmt.Sprintf("127.0.0.1:%d", cl.port)}
+	}
+	out := make([]string, len(cl.ports))
+	for i, p := range cl.ports {
+		out[i] = fmt.Sprintf("127.0.0.1:%d", p)
+	}
+	return out
+}
 
 // Stop shuts the broker down (clients see it as unreachable).
 func (cl *Cluster) Stop() {
@@ -172,7 +262,13 @@ type Record struct {
 
 // PartitionCount returns the number of partitions of topic.
 func PartitionCount(ctx context.Context, brokers []string, topic string) (int, error) {
-	client := &kafkago.Client{Addr: kafkago.TCP(brokers...), Timeout: 10 * time.Second}
+	return PartitionCountVia(ctx, nil, brokers, topic)
+}
+
+// PartitionCountVia is PartitionCount through transport (nil: kafka-go's
+// default), for a cluster that needs TLS or SASL.
+func PartitionCountVia(ctx context.Context, transport kafkago.RoundTripper, brokers []string, topic string) (int, error) {
+	client := &kafkago.Client{Addr: kafkago.TCP(brokers...), Timeout: 10 * time.Second, Transport: transport}
 	meta, err := client.Metadata(ctx, &kafkago.MetadataRequest{Topics: []string{topic}})
 	if err != nil {
 		return 0, fmt.Errorf("metadata for %s: %w", topic, err)
@@ -189,7 +285,13 @@ func PartitionCount(ctx context.Context, brokers []string, topic string) (int, e
 // ReadAll reads every record currently in topic, partition by partition, in
 // offset order within each partition.
 func ReadAll(ctx context.Context, brokers []string, topic string) ([]Record, error) {
-	client := &kafkago.Client{Addr: kafkago.TCP(brokers...), Timeout: 10 * time.Second}
+	return ReadAllVia(ctx, nil, brokers, topic)
+}
+
+// ReadAllVia is ReadAll through transport (nil: kafka-go's default), for a
+// cluster that needs TLS or SASL.
+func ReadAllVia(ctx context.Context, transport kafkago.RoundTripper, brokers []string, topic string) ([]Record, error) {
+	client := &kafkago.Client{Addr: kafkago.TCP(brokers...), Timeout: 10 * time.Second, Transport: transport}
 	meta, err := client.Metadata(ctx, &kafkago.MetadataRequest{Topics: []string{topic}})
 	if err != nil {
 		return nil, fmt.Errorf("metadata for %s: %w", topic, err)

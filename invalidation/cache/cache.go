@@ -64,6 +64,7 @@ package cache
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"hash/maphash"
@@ -73,7 +74,10 @@ import (
 	"time"
 
 	"github.com/dgraph-io/ristretto/v2"
+	"github.com/segmentio/kafka-go/sasl"
 	"go.uber.org/zap"
+
+	"github.com/tidemark/tidemark/internal/kafkanet"
 )
 
 // Defaults of Config.
@@ -106,7 +110,15 @@ type Config[V any] struct {
 	// TTL, when > 0, expires every value that long after it was stored: an
 	// upper bound on staleness if the topic stalls. Default 0: no expiry.
 	TTL time.Duration
+	// TLS, when set, encrypts Follow's connections to the brokers (set
+	// RootCAs to the cluster's CA, and Certificates for mutual TLS).
+	TLS *tls.Config
+	// SASL, when set, authenticates Follow's connections: kafka-go's
+	// plain.Mechanism or a scram.Mechanism (SCRAM-SHA-256/512).
+	SASL sasl.Mechanism
 }
+
+func (c Config[V]) net() kafkanet.Settings { return kafkanet.Settings{TLS: c.TLS, SASL: c.SASL} }
 
 // Validate reports every problem of c, by field name.
 func (c Config[V]) Validate() error {

@@ -11,6 +11,8 @@ import (
 	"github.com/cenkalti/backoff/v4"
 	kafkago "github.com/segmentio/kafka-go"
 	"go.uber.org/zap"
+
+	"github.com/tidemark/tidemark/internal/kafkanet"
 )
 
 // errPositionLost ends a follow session whose position no longer covers
@@ -21,7 +23,11 @@ var errPositionLost = errors.New("position on the invalidations topic lost")
 // Invalidate, until ctx ends or Close is called; then it clears the cache,
 // makes Ready false and returns nil. It returns an error only for a config
 // without Brokers or Topic, ErrFollowing if Follow already runs, and
-// ErrClosed after Close.
+// ErrClosed after Close, and an error naming the broker and the cause when
+// the brokers refuse the connection in a way waiting cannot heal (a TLS
+// certificate this client does not trust or that does not carry the
+// broker's name, a SASL login the brokers reject, an ACL denying the
+// topic).
 //
 // Follow reads every partition with its own kafka-go Reader, without a
 // consumer group (each process needs every record, and nothing is
@@ -64,7 +70,7 @@ func (c *Cache[V]) Follow(ctx context.Context) error {
 	log := c.log.With(zap.String("topic", c.cfg.Topic))
 	// An own transport: the shared default one serves Metadata from a cache
 	// refreshed every 6 s, for every client of the process.
-	tr := &kafkago.Transport{MetadataTTL: min(c.refresh, 5*time.Second)}
+	tr := c.cfg.net().Transport("tidemark-cache", min(c.refresh, 5*time.Second))
 	defer tr.CloseIdleConnections()
 	client := &kafkago.Client{Addr: kafkago.TCP(c.cfg.Brokers...), Timeout: 10 * time.Second, Transport: tr}
 	bo := newBackoff()
@@ -78,6 +84,10 @@ func (c *Cache[V]) Follow(ctx context.Context) error {
 		}
 		if positioned {
 			bo.Reset()
+		}
+		if err = kafkanet.Explain(err, "", c.cfg.net()); kafkanet.IsAccess(err) {
+			log.Error("following the invalidations topic: giving up", zap.Error(err))
+			return fmt.Errorf("cache: following %s: %w", c.cfg.Topic, err)
 		}
 		d := bo.NextBackOff()
 		log.Warn("following the invalidations topic: positioning again", zap.Error(err), zap.Duration("backoff", d))
@@ -114,6 +124,7 @@ func (c *Cache[V]) session(ctx context.Context, client *kafkago.Client, log *zap
 			Brokers:        c.cfg.Brokers,
 			Topic:          c.cfg.Topic,
 			Partition:      partition,
+			Dialer:         c.cfg.net().Dialer("tidemark-cache"),
 			MaxWait:        500 * time.Millisecond, // idle long poll; records return at once
 			ReadBackoffMin: 100 * time.Millisecond,
 			ReadBackoffMax: 5 * time.Second,

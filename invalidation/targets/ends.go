@@ -26,7 +26,9 @@ import (
 // pipeline.ParseTxnRecord refuses is skipped, counted (Malformed) and
 // logged: the transaction it would have ended is settled after the hold.
 type TxnIndex struct {
-	Brokers  []string
+	Brokers []string
+	// Dialer connects to the brokers (TLS, SASL). Default: kafka-go's.
+	Dialer   *kafkago.Dialer
 	Topic    string
 	Tables   []string
 	Max      int           // default 200000
@@ -167,7 +169,7 @@ func (x *TxnIndex) Run(ctx context.Context) error {
 	bo.MaxElapsedTime = 0
 	attempt := 0
 	err := backoff.Retry(func() error {
-		r = kafkago.NewReader(kafkago.ReaderConfig{Brokers: x.Brokers, Topic: x.Topic, Partition: 0,
+		r = kafkago.NewReader(kafkago.ReaderConfig{Brokers: x.Brokers, Topic: x.Topic, Partition: 0, Dialer: x.Dialer,
 			// MaxWait is also kafka-go's deadline for a fetch response to
 			// start arriving (the broker waits MaxWait-1s): see the consumer
 			// runtime's reader. MinBytes 1 returns records at once.

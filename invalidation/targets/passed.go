@@ -15,7 +15,8 @@ import (
 // capture slot has confirmed lsn (every change committed before it is in
 // Kafka), then until the consumer group has committed offsets at or beyond
 // the ends its topics had at that moment (its effects are durable).
-func PipelinePassed(src *pgxpool.Pool, slot string, brokers []string, group string, topics []string) func(context.Context, pipeline.LSN) error {
+// transport carries the connection security (nil: kafka-go's default).
+func PipelinePassed(src *pgxpool.Pool, slot string, brokers []string, transport kafkago.RoundTripper, group string, topics []string) func(context.Context, pipeline.LSN) error {
 	return func(ctx context.Context, lsn pipeline.LSN) error {
 		for {
 			var confirmed *string
@@ -32,7 +33,7 @@ func PipelinePassed(src *pgxpool.Pool, slot string, brokers []string, group stri
 				return err
 			}
 		}
-		client := &kafkago.Client{Addr: kafkago.TCP(brokers...), Timeout: 10 * time.Second}
+		client := &kafkago.Client{Addr: kafkago.TCP(brokers...), Timeout: 10 * time.Second, Transport: transport}
 		meta, err := client.Metadata(ctx, &kafkago.MetadataRequest{Topics: topics})
 		if err != nil {
 			return fmt.Errorf("reading topic metadata: %w", err)

@@ -23,9 +23,11 @@ package kafka
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
+	"sort"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -36,8 +38,10 @@ import (
 	"github.com/segmentio/kafka-go/protocol"
 	produceapi "github.com/segmentio/kafka-go/protocol/produce"
 	"github.com/segmentio/kafka-go/protocol/rawproduce"
+	"github.com/segmentio/kafka-go/sasl"
 	"go.uber.org/zap"
 
+	"github.com/tidemark/tidemark/internal/kafkanet"
 	"github.com/tidemark/tidemark/pipeline"
 )
 
@@ -66,7 +70,14 @@ type Config struct {
 	WriteTimeout time.Duration
 	// MaxBackoff bounds the wait between retries of a failed write. Default 5s.
 	MaxBackoff time.Duration
+	// TLS, when set, encrypts every connection to the brokers.
+	TLS *tls.Config
+	// SASL, when set, authenticates every connection (kafka-go's plain or
+	// scram mechanisms).
+	SASL sasl.Mechanism
 }
+
+func (c *Config) net() kafkanet.Settings { return kafkanet.Settings{TLS: c.TLS, SASL: c.SASL} }
 
 func (c *Config) defaults() {
 	if c.ClientID == "" {
@@ -117,16 +128,17 @@ type Stats struct {
 
 // Sink writes to Kafka. It satisfies pipeline.Sink.
 type Sink struct {
-	cfg       Config
-	log       *zap.Logger
-	codec     kafkago.Compression
-	addr      net.Addr
-	transport *kafkago.Transport
-	client    *kafkago.Client
+	cfg   Config
+	log   *zap.Logger
+	codec kafkago.Compression
+	addr  net.Addr
 
-	mu      sync.Mutex
-	parts   map[string]int // partition counts by topic
-	leaders map[tp]int     // leader broker by partition
+	mu        sync.Mutex
+	transport *kafkago.Transport // replaced by refreshMetadata
+	client    *kafkago.Client    // uses transport
+	refreshes uint64
+	parts     map[string]int // partition counts by topic
+	leaders   map[tp]int     // leader broker by partition
 
 	topicLimits atomic.Pointer[map[string]int64] // see SetTopicBatchBytes
 
@@ -169,21 +181,35 @@ func New(cfg Config, log *zap.Logger) (*Sink, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	transport := &kafkago.Transport{ClientID: cfg.ClientID, MetadataTTL: 30 * time.Second, DialTimeout: 5 * time.Second}
 	addr := kafkago.TCP(cfg.Brokers...)
-	sink := &Sink{cfg: cfg, log: log, codec: codec, addr: addr, transport: transport,
-		parts: map[string]int{}, leaders: map[tp]int{}, enc: batchEncoder{codec: codec},
-		client: &kafkago.Client{Addr: addr, Timeout: 30 * time.Second, Transport: transport}}
+	sink := &Sink{cfg: cfg, log: log, codec: codec, addr: addr,
+		parts: map[string]int{}, leaders: map[tp]int{}, enc: batchEncoder{codec: codec}}
+	sink.transport, sink.client = sink.newTransport()
 	for t, n := range cfg.TopicBatchBytes {
 		sink.SetTopicBatchBytes(t, n)
 	}
 	return sink, nil
 }
 
+// newTransport builds a transport with its own metadata cache, and a
+// client on it.
+func (s *Sink) newTransport() (*kafkago.Transport, *kafkago.Client) {
+	t := s.cfg.net().Transport(s.cfg.ClientID, 30*time.Second)
+	return t, &kafkago.Client{Addr: s.addr, Timeout: 30 * time.Second, Transport: t}
+}
+
+// conn returns the current transport and client.
+func (s *Sink) conn() (*kafkago.Transport, *kafkago.Client) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.transport, s.client
+}
+
 // MaxMessageBytes reads a topic's max.message.bytes (the largest record
 // batch the brokers accept for it).
 func (s *Sink) MaxMessageBytes(ctx context.Context, topic string) (int64, error) {
-	resp, err := s.client.DescribeConfigs(ctx, &kafkago.DescribeConfigsRequest{Resources: []kafkago.DescribeConfigRequestResource{{
+	_, client := s.conn()
+	resp, err := client.DescribeConfigs(ctx, &kafkago.DescribeConfigsRequest{Resources: []kafkago.DescribeConfigRequestResource{{
 		ResourceType: kafkago.ResourceTypeTopic, ResourceName: topic, ConfigNames: []string{"max.message.bytes"}}}})
 	if err != nil {
 		return 0, fmt.Errorf("describing topic %s: %w", topic, err)
@@ -215,12 +241,16 @@ type TopicSpec struct {
 // partitions, replication factor and configs, overridden per topic by specs)
 // and learns every topic's partition count.
 func (s *Sink) EnsureTopics(ctx context.Context, topics []string, specs map[string]TopicSpec) error {
-	meta, err := s.client.Metadata(ctx, &kafkago.MetadataRequest{Topics: topics})
+	_, client := s.conn()
+	meta, err := client.Metadata(ctx, &kafkago.MetadataRequest{Topics: topics})
 	if err != nil {
-		return fmt.Errorf("reading topic metadata from %v: %w", s.cfg.Brokers, err)
+		return fmt.Errorf("reading topic metadata from %v: %w", s.cfg.Brokers, kafkanet.Explain(err, "", s.cfg.net()))
 	}
 	existing := map[string]int{}
 	for _, t := range meta.Topics {
+		if t.Error != nil && kafkanet.IsAccess(t.Error) {
+			return fmt.Errorf("topic %s: %w", t.Name, kafkanet.Explain(t.Error, "", s.cfg.net()))
+		}
 		if t.Error == nil && len(t.Partitions) > 0 {
 			existing[t.Name] = len(t.Partitions)
 		}
@@ -244,13 +274,13 @@ func (s *Sink) EnsureTopics(ctx context.Context, topics []string, specs map[stri
 		create = append(create, tc)
 	}
 	if len(create) > 0 {
-		resp, err := s.client.CreateTopics(ctx, &kafkago.CreateTopicsRequest{Topics: create})
+		resp, err := client.CreateTopics(ctx, &kafkago.CreateTopicsRequest{Topics: create})
 		if err != nil {
-			return fmt.Errorf("creating topics: %w", err)
+			return fmt.Errorf("creating topics: %w", kafkanet.Explain(err, "", s.cfg.net()))
 		}
 		for name, e := range resp.Errors {
 			if e != nil && !errors.Is(e, kafkago.TopicAlreadyExists) {
-				return fmt.Errorf("creating topic %s: %w", name, e)
+				return fmt.Errorf("creating topic %s: %w", name, kafkanet.Explain(e, "", s.cfg.net()))
 			}
 		}
 		for _, tc := range create {
@@ -259,7 +289,7 @@ func (s *Sink) EnsureTopics(ctx context.Context, topics []string, specs map[stri
 		// Wait until the brokers report the new topics' partitions.
 		deadline := time.Now().Add(15 * time.Second)
 		for {
-			meta, err := s.client.Metadata(ctx, &kafkago.MetadataRequest{Topics: topics})
+			meta, err := client.Metadata(ctx, &kafkago.MetadataRequest{Topics: topics})
 			ready := err == nil
 			if err == nil {
 				for _, t := range meta.Topics {
@@ -288,7 +318,7 @@ func (s *Sink) EnsureTopics(ctx context.Context, topics []string, specs map[stri
 		s.parts[t] = n
 	}
 	s.mu.Unlock()
-	if meta, err := s.client.Metadata(ctx, &kafkago.MetadataRequest{Topics: topics}); err == nil {
+	if meta, err := client.Metadata(ctx, &kafkago.MetadataRequest{Topics: topics}); err == nil {
 		s.learn(meta)
 	}
 	return nil
@@ -540,6 +570,7 @@ func (s *Sink) produce(ctx context.Context, batches []partBatch) ([]partBatch, e
 		err error
 	}
 	results := make(chan result, len(byLeader))
+	transport, _ := s.conn()
 	for _, idx := range byLeader {
 		go func(idx []int) {
 			req := &rawproduce.Request{Acks: -1, Timeout: int32(s.cfg.WriteTimeout / time.Millisecond)}
@@ -560,10 +591,14 @@ func (s *Sink) produce(ctx context.Context, batches []partBatch) ([]partBatch, e
 			}
 			rctx, cancel := context.WithTimeout(ctx, s.cfg.WriteTimeout+5*time.Second)
 			defer cancel()
-			resp, err := s.transport.RoundTrip(rctx, s.addr, req)
+			resp, err := transport.RoundTrip(rctx, s.addr, req)
 			res := result{idx: idx, ok: map[tp]bool{}}
 			if err != nil {
-				res.err = fmt.Errorf("producing to kafka: %w", err)
+				if err = kafkanet.Explain(err, "", s.cfg.net()); kafkanet.IsAccess(err) {
+					res.err = &terminalError{err}
+				} else {
+					res.err = fmt.Errorf("producing to kafka: %w", err)
+				}
 				results <- res
 				return
 			}
@@ -581,7 +616,9 @@ func (s *Sink) produce(ctx context.Context, batches []partBatch) ([]partBatch, e
 						continue
 					}
 					kerr := kafkago.Error(p.ErrorCode)
-					if errors.Is(kerr, kafkago.MessageSizeTooLarge) || errors.Is(kerr, kafkago.InvalidRecord) {
+					if kafkanet.IsAccess(kerr) {
+						res.err = &terminalError{fmt.Errorf("producing to %s partition %d: %w", k.topic, k.part, kafkanet.Explain(kerr, "", s.cfg.net()))}
+					} else if errors.Is(kerr, kafkago.MessageSizeTooLarge) || errors.Is(kerr, kafkago.InvalidRecord) {
 						res.err = &terminalError{fmt.Errorf("kafka rejected a batch for %s partition %d (from position %s): %w; raise the topic's max.message.bytes or lower kafka.batch_bytes",
 							k.topic, k.part, posOf(batches, idx, k), kerr)}
 					} else if res.err == nil {
@@ -633,20 +670,41 @@ func (s *Sink) leader(k tp) int {
 	return s.leaders[k]
 }
 
+// refreshMetadata makes the next produce route by metadata read from the
+// brokers now. kafka-go's transport routes produce requests by its own
+// cache, refreshed on a random timer of up to MetadataTTL, and answers
+// metadata requests from that cache: so after a failed write (a moved
+// leader, a broker restarting, a connection lost) the sink replaces the
+// transport, whose new pool reads the metadata afresh before its first
+// request. Requests still in flight on the old one finish; its connections
+// close once they have.
 func (s *Sink) refreshMetadata(ctx context.Context) {
+	t, c := s.newTransport()
 	s.mu.Lock()
+	old := s.transport
+	s.transport, s.client = t, c
+	s.refreshes++
 	topics := make([]string, 0, len(s.parts))
 	for t := range s.parts {
 		topics = append(topics, t)
 	}
 	s.mu.Unlock()
+	old.CloseIdleConnections()
 	mctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	meta, err := s.client.Metadata(mctx, &kafkago.MetadataRequest{Topics: topics})
+	meta, err := c.Metadata(mctx, &kafkago.MetadataRequest{Topics: topics})
 	if err != nil {
-		return
+		return // the next attempt fails or succeeds on its own; it is retried
 	}
 	s.learn(meta)
+}
+
+// MetadataRefreshes returns how many times the sink re-read the cluster's
+// metadata after a failed write.
+func (s *Sink) MetadataRefreshes() uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.refreshes
 }
 
 func (s *Sink) learn(meta *kafkago.MetadataResponse) {
@@ -696,6 +754,79 @@ func (s *Sink) Healthy() bool {
 // pipeline has stopped calling Write nothing is in flight.
 func (s *Sink) Close(ctx context.Context) error {
 	// Write is synchronous: nothing is in flight once it has returned.
-	s.transport.CloseIdleConnections()
+	t, _ := s.conn()
+	t.CloseIdleConnections()
 	return nil
+}
+
+// DurabilityWarnings reads how the brokers keep topics (those that exist)
+// and returns one warning per setting under which acks=all guarantees
+// little: a replicated topic whose min.insync.replicas is 1 (the leader
+// alone acknowledges), a topic with one replica on a cluster of several
+// brokers (a broker loss loses its records), and a topic of onePartition
+// (the transactions topic, whose records are ordered by commit only within
+// one partition) with more than one partition. Each names the topic and
+// the fix.
+func (s *Sink) DurabilityWarnings(ctx context.Context, topics []string, onePartition map[string]bool) ([]string, error) {
+	_, client := s.conn()
+	meta, err := client.Metadata(ctx, &kafkago.MetadataRequest{Topics: topics})
+	if err != nil {
+		return nil, fmt.Errorf("reading topic metadata: %w", err)
+	}
+	brokers := len(meta.Brokers)
+	replicas := map[string]int{}
+	var names []string
+	var res []kafkago.DescribeConfigRequestResource
+	var out []string
+	for _, t := range meta.Topics {
+		if t.Error != nil || len(t.Partitions) == 0 {
+			continue
+		}
+		n := len(t.Partitions[0].Replicas)
+		for _, p := range t.Partitions {
+			n = min(n, len(p.Replicas))
+		}
+		replicas[t.Name] = n
+		names = append(names, t.Name)
+		res = append(res, kafkago.DescribeConfigRequestResource{ResourceType: kafkago.ResourceTypeTopic, ResourceName: t.Name,
+			ConfigNames: []string{"min.insync.replicas"}})
+		if onePartition[t.Name] && len(t.Partitions) > 1 {
+			out = append(out, fmt.Sprintf("topic %s has %d partitions: the BEGIN/END records of transactions are in commit order only within one partition, "+
+				"so readers may see them out of order; recreate it with 1 partition (delete it while Tidemark is stopped: Tidemark creates it with one)", t.Name, len(t.Partitions)))
+		}
+	}
+	sort.Strings(names)
+	minISR := map[string]int{}
+	if len(res) > 0 {
+		resp, err := client.DescribeConfigs(ctx, &kafkago.DescribeConfigsRequest{Resources: res})
+		if err != nil {
+			return out, fmt.Errorf("describing topics: %w", err)
+		}
+		for _, r := range resp.Resources {
+			if r.Error != nil {
+				continue
+			}
+			for _, e := range r.ConfigEntries {
+				if e.ConfigName == "min.insync.replicas" {
+					if n, err := strconv.Atoi(e.ConfigValue); err == nil {
+						minISR[r.ResourceName] = n
+					}
+				}
+			}
+		}
+	}
+	for _, t := range names {
+		rf := replicas[t]
+		isr, known := minISR[t]
+		switch {
+		case rf == 1 && brokers > 1:
+			out = append(out, fmt.Sprintf("topic %s has replication factor 1 on a cluster of %d brokers: losing one broker loses its records, whatever acks=all says; "+
+				"add replicas (kafka-reassign-partitions) or recreate it with kafka.replication_factor 3", t, brokers))
+		case rf > 1 && known && isr <= 1:
+			out = append(out, fmt.Sprintf("topic %s has replication factor %d but min.insync.replicas=%d: acks=all is then satisfied by the leader alone, "+
+				"and a leader lost before its followers copied a write loses it; set min.insync.replicas to %d (kafka-configs --alter --entity-type topics --entity-name %s --add-config min.insync.replicas=%d)",
+				t, rf, isr, min(rf-1, 2), t, min(rf-1, 2)))
+		}
+	}
+	return out, nil
 }
