@@ -303,6 +303,7 @@ func (w *Watcher) connect(ctx context.Context) (*pgx.Conn, error) {
 	cfg.RuntimeParams["application_name"] = "tidemark-watch"
 	conn, err := pgx.ConnectConfig(cctx, cfg)
 	if err != nil {
+		err = ExplainTLS(err)
 		if !w.connFailed && ctx.Err() == nil {
 			w.log.Warn("slot watcher cannot connect to postgres; retrying", zap.Error(err))
 		}

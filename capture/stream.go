@@ -425,7 +425,7 @@ func (s *Stream) connect(ctx context.Context) (*pgconn.PgConn, error) {
 	defer cancel()
 	conn, err := pgconn.ConnectConfig(cctx, pcfg)
 	if err != nil {
-		return nil, fmt.Errorf("connecting for replication: %w", err)
+		return nil, fmt.Errorf("connecting for replication: %w", ExplainTLS(err))
 	}
 	return conn, nil
 }

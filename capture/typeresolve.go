@@ -56,7 +56,7 @@ func (s *Stream) lookupTypes(ctx context.Context, oids []uint32) (map[uint32]pgT
 	defer cancel()
 	conn, err := pgx.ConnectConfig(cctx, cfg)
 	if err != nil {
-		return nil, fmt.Errorf("connecting: %w", err)
+		return nil, fmt.Errorf("connecting: %w", ExplainTLS(err))
 	}
 	defer conn.Close(context.Background())
 	rows, err := conn.Query(cctx, typesQuery, oids)

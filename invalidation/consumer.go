@@ -235,7 +235,7 @@ func (c *Consumer) waitTopics(ctx context.Context, topics []string) error {
 			return nil
 		}
 		if err != nil {
-			if err = kafkanet.Explain(err, "", c.cfg.net()); kafkanet.IsAccess(err) {
+			if err = kafkanet.Explain(err, strings.Join(c.cfg.Brokers, ","), c.cfg.net()); kafkanet.IsAccess(err) {
 				return backoff.Permanent(fmt.Errorf("consumer group %s: %w", c.cfg.Group, err))
 			}
 		}
@@ -303,7 +303,7 @@ func (c *Consumer) checkGroup(ctx context.Context, topics []string) error {
 			}
 		}
 	}
-	if err = kafkanet.Explain(err, "", c.cfg.net()); kafkanet.IsAccess(err) {
+	if err = kafkanet.Explain(err, strings.Join(c.cfg.Brokers, ","), c.cfg.net()); kafkanet.IsAccess(err) {
 		return fmt.Errorf("consumer group %s: %w", c.cfg.Group, err)
 	}
 	return nil

@@ -14,6 +14,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
+	"github.com/tidemark/tidemark/capture"
 	"github.com/tidemark/tidemark/internal/config"
 )
 
@@ -42,7 +43,8 @@ func main() {
 	if err == nil {
 		return
 	}
-	fmt.Fprintln(os.Stderr, "tidemark:", err)
+	// A Postgres certificate check that failed says how to fix the DSN.
+	fmt.Fprintln(os.Stderr, "tidemark:", capture.ExplainTLS(err))
 	var ee *exitError
 	if errors.As(err, &ee) {
 		os.Exit(ee.code)

@@ -83,10 +83,10 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 	var sinks []invalidation.Invalidator
 	var rs *redissink.Sink
 	if inv.Redis != nil {
-		rs, err = redissink.New(redissink.Config{Addr: inv.Redis.Addr, Username: inv.Redis.Username, Password: inv.Redis.Password,
-			DB: inv.Redis.DB, Channel: inv.Redis.Channel}, log)
+		// TLS and the ACL user as configured; checked now (see newRedisSink).
+		rs, err = newRedisSink(ctx, "invalidation.redis", inv.Redis, inv.Redis.Channel, redissink.UseInvalidate, log)
 		if err != nil {
-			return nil, fmt.Errorf("invalidation.redis: %w", err)
+			return nil, err
 		}
 		sinks = append(sinks, rs)
 	}

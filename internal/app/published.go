@@ -102,7 +102,7 @@ func lastPublished(ctx context.Context, cfg *config.Config, topics []string, rc 
 		if ctx.Err() != nil {
 			return backoff.Permanent(ctx.Err())
 		}
-		if err = kafkanet.Explain(err, "", knet); kafkanet.IsAccess(err) {
+		if err = kafkanet.Explain(err, strings.Join(cfg.Kafka.Brokers, ","), knet); kafkanet.IsAccess(err) {
 			return backoff.Permanent(err)
 		}
 		if err != nil {

@@ -112,9 +112,11 @@ func newTargetOutputs(cfg *config.Config, log *zap.Logger) (*targetOutputs, erro
 		pubs = append(pubs, o.kafka.Publish)
 	}
 	if r := tc.Redis; r != nil {
-		rs, err := redissink.New(redissink.Config{Addr: r.Addr, Username: r.Username, Password: r.Password, DB: r.DB}, log)
+		// TLS and the ACL user as configured; checked now (see newRedisSink;
+		// bounded by its own timeout, as this has no ctx).
+		rs, err := newRedisSink(context.Background(), "targets.redis", &r.Redis, "", redissink.UseReplaceSets, log)
 		if err != nil {
-			return nil, fmt.Errorf("targets.redis: %w", err)
+			return nil, err
 		}
 		o.redis = rs
 		ro := &targets.RedisOutput{Sets: rs, KeyTemplate: r.Key}

@@ -14,6 +14,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -35,7 +36,8 @@ type Pair struct {
 	TLS               tls.Certificate
 }
 
-var serial int64
+// serial keeps serial numbers unique (parallel tests issue concurrently).
+var serial atomic.Int64
 
 // New makes a CA named name whose files go in dir.
 func New(t testing.TB, dir, name string) *CA {
@@ -44,9 +46,8 @@ func New(t testing.TB, dir, name string) *CA {
 	if err != nil {
 		t.Fatal(err)
 	}
-	serial++
 	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(time.Now().UnixNano() + serial),
+		SerialNumber:          big.NewInt(time.Now().UnixNano() + serial.Add(1)),
 		Subject:               pkix.Name{CommonName: name},
 		NotBefore:             time.Now().Add(-time.Hour),
 		NotAfter:              time.Now().Add(24 * time.Hour),
@@ -95,9 +96,8 @@ func (ca *CA) issue(t testing.TB, name string, usage x509.ExtKeyUsage, hosts []s
 	if err != nil {
 		t.Fatal(err)
 	}
-	serial++
 	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(time.Now().UnixNano() + serial),
+		SerialNumber: big.NewInt(time.Now().UnixNano() + serial.Add(1)),
 		Subject:      pkix.Name{CommonName: hosts[0]},
 		NotBefore:    time.Now().Add(-time.Hour),
 		NotAfter:     time.Now().Add(24 * time.Hour),

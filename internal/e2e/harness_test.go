@@ -14,11 +14,13 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+	kafkago "github.com/segmentio/kafka-go"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
 	"github.com/tidemark/tidemark/internal/app"
 	"github.com/tidemark/tidemark/internal/config"
+	"github.com/tidemark/tidemark/internal/kafkanet"
 	"github.com/tidemark/tidemark/internal/kafkatest"
 	"github.com/tidemark/tidemark/internal/pgserver"
 	"github.com/tidemark/tidemark/pipeline"
@@ -41,6 +43,34 @@ type env struct {
 	dsn   string
 	pool  *pgxpool.Pool
 	kafka *kafkatest.Cluster
+	// secure, when set, is how every client reaches kafka (TLS, SASL);
+	// e.config puts it in the configs it returns.
+	secure *secureKafka
+}
+
+// secureKafka is a TLS + SASL cluster's client side.
+type secureKafka struct {
+	caFile              string
+	mechanism, user, pw string
+	net                 kafkanet.Settings
+	brokers             []string // by the name in the certificate
+}
+
+// transport returns a transport that reaches the env's Kafka (nil, the
+// kafka-go default, when it is plaintext).
+func (e *env) transport() kafkago.RoundTripper {
+	if e.secure == nil {
+		return nil
+	}
+	return e.secure.net.Transport("e2e", 0)
+}
+
+// brokers are the addresses clients dial.
+func (e *env) brokers() []string {
+	if e.secure != nil {
+		return e.secure.brokers
+	}
+	return e.kafka.Brokers()
 }
 
 func newEnv(t *testing.T, kafkaDataDir string) *env {
@@ -81,8 +111,12 @@ func (e *env) config(prefix string, tables []string, mod func(*config.Config)) *
 	c := &config.Config{
 		Postgres: config.Postgres{DSN: e.dsn, Slot: prefix + "_slot", Publication: prefix + "_pub", Tables: tables,
 			StandbyInterval: time.Second},
-		Kafka: config.Kafka{Brokers: e.kafka.Brokers(), TopicPrefix: prefix, Partitions: 3},
+		Kafka: config.Kafka{Brokers: e.brokers(), TopicPrefix: prefix, Partitions: 3},
 		HTTP:  config.HTTP{Listen: &noHTTP},
+	}
+	if s := e.secure; s != nil {
+		c.Kafka.TLS = &config.TLS{CAFile: s.caFile}
+		c.Kafka.SASL = &config.SASL{Mechanism: s.mechanism, Username: s.user, Password: s.pw}
 	}
 	if mod != nil {
 		mod(c)
@@ -272,7 +306,7 @@ func (e *env) readRaw(topic string) []kafkatest.Record {
 	e.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	recs, err := kafkatest.ReadAll(ctx, e.kafka.Brokers(), topic)
+	recs, err := kafkatest.ReadAllVia(ctx, e.transport(), e.brokers(), topic)
 	if err != nil {
 		e.t.Fatalf("reading %s: %v", topic, err)
 	}

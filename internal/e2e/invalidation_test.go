@@ -652,12 +652,10 @@ func waitAssignment(t *testing.T, brokers []string, group, topic string, ok func
 func (e *env) waitGroupCaughtUp(group string, topics []string, within time.Duration) {
 	e.t.Helper()
 	ctx := context.Background()
-	transport := &kafkago.Transport{}
-	defer transport.CloseIdleConnections()
-	client := &kafkago.Client{Addr: kafkago.TCP(e.kafka.Brokers()...), Timeout: 5 * time.Second, Transport: transport}
+	client := &kafkago.Client{Addr: kafkago.TCP(e.brokers()...), Timeout: 5 * time.Second, Transport: e.transport()}
 	parts := map[string]int{}
 	for _, topic := range topics {
-		n, err := kafkatest.PartitionCount(ctx, e.kafka.Brokers(), topic)
+		n, err := kafkatest.PartitionCountVia(ctx, e.transport(), e.brokers(), topic)
 		if err != nil {
 			e.t.Fatal(err)
 		}

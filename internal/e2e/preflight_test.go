@@ -30,9 +30,16 @@ import (
 // reconfigured.
 func throwawayServer(t *testing.T, settings map[string]string) *pgserver.Server {
 	t.Helper()
+	return throwawayServerWith(t, pgserver.Options{ExtraConfig: settings})
+}
+
+// throwawayServerWith is throwawayServer with all of pgserver's options
+// (TLS, pg_hba lines).
+func throwawayServerWith(t *testing.T, opts pgserver.Options) *pgserver.Server {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	srv, err := pgserver.Start(ctx, pgserver.Options{ExtraConfig: settings})
+	srv, err := pgserver.Start(ctx, opts)
 	if err != nil {
 		if os.Getenv("CI") == "true" {
 			t.Fatalf("starting a throwaway postgres: %v", err)

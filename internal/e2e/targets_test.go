@@ -98,7 +98,7 @@ func (e *env) waitTargets(cfg *config.Config, timeout time.Duration) {
 	e.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	passed := targets.PipelinePassed(e.pool, cfg.Postgres.Slot, cfg.Kafka.Brokers, cfg.Targets.Group, targetTopics(cfg))
+	passed := targets.PipelinePassed(e.pool, cfg.Postgres.Slot, cfg.Kafka.Brokers, e.transport(), cfg.Targets.Group, targetTopics(cfg))
 	if err := passed(ctx, e.currentLSN()); err != nil {
 		e.t.Logf("slot %s confirmed %s, current WAL insert LSN %s", cfg.Postgres.Slot, e.slotConfirmed(cfg.Postgres.Slot), e.currentLSN())
 		e.t.Fatalf("pipeline did not pass the current LSN within %s: %v", timeout, err)

@@ -43,7 +43,7 @@ func (e *env) waitRecords(topic string, n int, within time.Duration) []msg {
 func (e *env) partitionCount(topic string) (int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	return kafkatest.PartitionCount(ctx, e.kafka.Brokers(), topic)
+	return kafkatest.PartitionCountVia(ctx, e.transport(), e.brokers(), topic)
 }
 
 // warnings returns the Warn entries whose message contains substr.

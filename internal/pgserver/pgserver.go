@@ -12,6 +12,11 @@
 // initdb and postgres are run as the `postgres` OS user, because initdb
 // refuses to run as root.
 //
+// With Options.TLS the server also accepts TLS connections (ssl=on) with
+// the given certificate; pg_hba.conf, which Start writes, lets in both plain
+// and TLS connections (host and hostssl, also for replication) from
+// 127.0.0.1 and ::1 without a password, after any Options.HBA lines.
+//
 // Tests should normally use ForTest (see testing.go) rather than Start.
 package pgserver
 
@@ -56,6 +61,29 @@ type Options struct {
 	// ExtraConfig holds additional server settings, passed as
 	// `-c key=value` after the defaults, so they can also override them.
 	ExtraConfig map[string]string
+
+	// TLS, if non-nil, turns TLS on (ssl=on) with these files.
+	TLS *TLS
+
+	// HBA holds pg_hba.conf lines put before the defaults (the first
+	// matching line wins), e.g. to require TLS and a password of a role:
+	//
+	//	hostssl   all  app  127.0.0.1/32  scram-sha-256
+	//	hostnossl all  app  all           reject
+	HBA []string
+}
+
+// TLS names the PEM files of a server certificate. Start copies them into
+// the data directory, the key readable only by the server's OS user (else
+// Postgres refuses to start), so they may live anywhere readable by the
+// current process.
+type TLS struct {
+	// CertFile and KeyFile are the server certificate (with any
+	// intermediates) and its private key (required).
+	CertFile, KeyFile string
+	// CAFile, if set, becomes ssl_ca_file: the CAs whose client
+	// certificates the server accepts (pg_hba's clientcert and cert).
+	CAFile string
 }
 
 // Server is a running throwaway PostgreSQL server started by Start.
@@ -146,10 +174,22 @@ func Start(ctx context.Context, opts Options) (_ *Server, err error) {
 	if err = initdb.Run(); err != nil {
 		return nil, fmt.Errorf("pgserver: initdb failed: %w\n%s", err, s.logTail())
 	}
+	if err = s.writeHBA(opts.HBA, owner); err != nil {
+		return nil, err
+	}
+	settings := map[string]string{}
+	if opts.TLS != nil {
+		if settings, err = s.installTLS(*opts.TLS, owner); err != nil {
+			return nil, err
+		}
+	}
+	for k, v := range opts.ExtraConfig {
+		settings[k] = v
+	}
 
 	// postgres; retried with a new port if another process grabbed ours.
 	for attempt := 1; ; attempt++ {
-		err = s.startPostgres(ctx, binDir, cred, logFile, opts.ExtraConfig)
+		err = s.startPostgres(ctx, binDir, cred, logFile, settings)
 		if err == nil {
 			logf("pgserver: PostgreSQL ready on 127.0.0.1:%d (data %s)", s.port, s.dataDir)
 			return s, nil
@@ -162,6 +202,74 @@ func Start(ctx context.Context, opts Options) (_ *Server, err error) {
 }
 
 var errPortInUse = errors.New("port in use")
+
+// writeHBA replaces initdb's pg_hba.conf: the extra lines first, then
+// passwordless local, host and hostssl connections (and replication) from
+// 127.0.0.1 and ::1. (host matches TLS connections too; the hostssl lines
+// say so explicitly for the lines above them that use hostnossl.)
+func (s *Server) writeHBA(extra []string, owner *osUser) error {
+	var b strings.Builder
+	b.WriteString("# written by tidemark's pgserver\n")
+	for _, l := range extra {
+		b.WriteString(l + "\n")
+	}
+	b.WriteString("local all all trust\nlocal replication all trust\n")
+	for _, typ := range []string{"hostssl", "host"} {
+		for _, db := range []string{"all", "replication"} {
+			for _, addr := range []string{"127.0.0.1/32", "::1/128"} {
+				fmt.Fprintf(&b, "%s %s all %s trust\n", typ, db, addr)
+			}
+		}
+	}
+	return s.writeOwned("pg_hba.conf", []byte(b.String()), 0o600, owner)
+}
+
+// installTLS copies the TLS files into the data directory and returns the
+// settings that use them.
+func (s *Server) installTLS(t TLS, owner *osUser) (map[string]string, error) {
+	if t.CertFile == "" || t.KeyFile == "" {
+		return nil, errors.New("pgserver: TLS needs both CertFile and KeyFile")
+	}
+	settings := map[string]string{"ssl": "on"}
+	for _, f := range []struct{ setting, from, to string }{
+		{"ssl_cert_file", t.CertFile, "server.crt"},
+		{"ssl_key_file", t.KeyFile, "server.key"},
+		{"ssl_ca_file", t.CAFile, "root.crt"},
+	} {
+		if f.from == "" {
+			continue
+		}
+		b, err := os.ReadFile(f.from)
+		if err != nil {
+			return nil, fmt.Errorf("pgserver: TLS: %w", err)
+		}
+		// The key must be 0600 (or 0640 owned by root) and owned by the
+		// server's user; the rest may be too.
+		if err := s.writeOwned(f.to, b, 0o600, owner); err != nil {
+			return nil, err
+		}
+		settings[f.setting] = filepath.Join(s.dataDir, f.to)
+	}
+	return settings, nil
+}
+
+// writeOwned writes name in the data directory with mode perm, owned by
+// the server's OS user.
+func (s *Server) writeOwned(name string, b []byte, perm os.FileMode, owner *osUser) error {
+	path := filepath.Join(s.dataDir, name)
+	if err := os.WriteFile(path, b, perm); err != nil {
+		return fmt.Errorf("pgserver: write %s: %w", path, err)
+	}
+	if err := os.Chmod(path, perm); err != nil { // WriteFile keeps an existing file's mode
+		return fmt.Errorf("pgserver: chmod %s: %w", path, err)
+	}
+	if owner != nil {
+		if err := os.Chown(path, owner.uid, owner.gid); err != nil {
+			return fmt.Errorf("pgserver: chown %s to %s: %w", path, owner.name, err)
+		}
+	}
+	return nil
+}
 
 // startPostgres starts the postmaster on a fresh port and waits until it is
 // ready. On failure the process is gone when it returns.

@@ -3,12 +3,18 @@ package pgserver
 import (
 	"context"
 	"errors"
+	"net/url"
 	"os"
+	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/tidemark/tidemark/internal/certtest"
 )
 
 func TestMain(m *testing.M) {
@@ -153,4 +159,76 @@ func TestDropDatabase(t *testing.T) {
 	if dbs != 0 || slots != 0 {
 		t.Fatalf("after dropDatabase: %d databases, %d slots named %s remain", dbs, slots, name)
 	}
+}
+
+// With Options.TLS the server takes TLS connections with the given
+// certificate (issued for localhost only, so verify-full needs that name),
+// plain connections still work, and Options.HBA lines come first.
+func TestStartTLS(t *testing.T) {
+	if _, err := findBinDir(); err != nil {
+		unavailable(t, "%v", err)
+	}
+	dir := t.TempDir()
+	ca := certtest.New(t, dir, "pg")
+	cert := ca.Server(t, "server", "localhost")
+	ctx := context.Background()
+	srv, err := Start(ctx, Options{
+		Logf: t.Logf,
+		TLS:  &TLS{CertFile: cert.CertFile, KeyFile: cert.KeyFile, CAFile: ca.CertFile},
+		HBA:  []string{"hostnossl all tlsonly all reject"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Stop()
+	port := strconv.Itoa(srv.Port())
+	dsn := func(user, host, query string) string {
+		return "postgres://" + user + "@" + host + ":" + port + "/postgres?connect_timeout=5&" + query
+	}
+	verifyFull := "sslmode=verify-full&sslrootcert=" + url.QueryEscape(ca.CertFile)
+
+	conn := connect(t, dsn("postgres", "localhost", verifyFull))
+	var ssl bool
+	var version string
+	if err := conn.QueryRow(ctx, "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()").Scan(&ssl, &version); err != nil {
+		t.Fatal(err)
+	}
+	if !ssl {
+		t.Fatalf("verify-full connection: pg_stat_ssl.ssl = false")
+	}
+	var caFile string
+	if err := conn.QueryRow(ctx, "SHOW ssl_ca_file").Scan(&caFile); err != nil || caFile == "" {
+		t.Errorf("ssl_ca_file = %q (%v), want the copied CA", caFile, err)
+	}
+	if _, err := conn.Exec(ctx, "CREATE ROLE tlsonly LOGIN"); err != nil {
+		t.Fatal(err)
+	}
+
+	// The certificate does not name 127.0.0.1.
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if c, err := pgx.Connect(cctx, dsn("postgres", "127.0.0.1", verifyFull)); err == nil {
+		c.Close(ctx)
+		t.Fatal("verify-full to 127.0.0.1 connected; the certificate names only localhost")
+	} else if !strings.Contains(err.Error(), "x509: cannot validate certificate for 127.0.0.1") {
+		t.Errorf("verify-full to 127.0.0.1: %v, want the host-name mismatch", err)
+	}
+
+	// Plain connections are still let in (host lines), except where an HBA
+	// line says otherwise.
+	plain := connect(t, srv.DSN("postgres"))
+	if err := plain.QueryRow(ctx, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").Scan(&ssl); err != nil || ssl {
+		t.Errorf("sslmode=disable connection: ssl = %v (%v), want false", ssl, err)
+	}
+	if c, err := pgx.Connect(cctx, dsn("tlsonly", "127.0.0.1", "sslmode=disable")); err == nil {
+		c.Close(ctx)
+		t.Error("tlsonly connected without TLS despite the HBA reject line")
+	}
+	connect(t, dsn("tlsonly", "localhost", verifyFull))
+	// Replication connections over TLS are let in too.
+	rc, err := pgconn.Connect(cctx, dsn("postgres", "localhost", verifyFull+"&replication=database"))
+	if err != nil {
+		t.Fatalf("replication connection over TLS: %v", err)
+	}
+	rc.Close(ctx)
 }

@@ -11,16 +11,25 @@
 // starts a fresh, empty server on the same port, and Freeze/Thaw suspend
 // and resume it (a server that accepts connections but never answers).
 //
+// Like a managed Redis, it can accept only TLS connections (WithTLS) and
+// have ACL users (WithUser), the default user then being password
+// protected (Client knows the password).
+//
 // Tests should normally use ForTest (see testing.go) rather than Start.
 package redistest
 
 import (
 	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -55,6 +64,7 @@ var errStopped = errors.New("redistest: server stopped")
 type Server struct {
 	bin  string
 	port int // fixed for the Server's life; Restart reuses it
+	opts options
 
 	mu      sync.Mutex
 	proc    *process // nil while halted
@@ -72,15 +82,61 @@ type process struct {
 	waitErr error         // valid after done is closed
 }
 
+// Option configures Start and ForTest.
+type Option func(*options)
+
+type options struct {
+	tls           *tlsFiles
+	users         []user
+	adminPassword string // the default user's, when there are users
+}
+
+type tlsFiles struct{ cert, key, ca string }
+
+type user struct {
+	name, password string
+	rules          []string
+}
+
+// WithTLS makes the server accept only TLS connections on its port
+// (--port 0 --tls-port PORT), with the PEM server certificate and key
+// certFile and keyFile, which must be valid for 127.0.0.1. caFile is the
+// PEM CA that signs it: the server is given it (--tls-ca-cert-file) but
+// asks clients for no certificate (--tls-auth-clients no), and Client
+// trusts it.
+func WithTLS(certFile, keyFile, caFile string) Option {
+	return func(o *options) { o.tls = &tlsFiles{cert: certFile, key: keyFile, ca: caFile} }
+}
+
+// WithUser adds the ACL user name, enabled, with password and rules in
+// ACL SETUSER syntax (e.g. "~*", "-@all", "+del"; none: no permissions).
+// With users, the default user keeps every permission but needs a random
+// password, which Client uses. Names, passwords and rules must not contain
+// spaces.
+func WithUser(name, password string, rules ...string) Option {
+	return func(o *options) { o.users = append(o.users, user{name: name, password: password, rules: rules}) }
+}
+
 // Start starts a redis-server on a free port of 127.0.0.1 and returns once
 // it answers PING (or fails after 10 seconds, with the tail of the server's
 // output in the error). ctx bounds the start only. The caller must call Stop.
-func Start(ctx context.Context) (*Server, error) {
+func Start(ctx context.Context, opts ...Option) (*Server, error) {
 	bin, err := findBinary()
 	if err != nil {
 		return nil, err
 	}
 	s := &Server{bin: bin}
+	for _, o := range opts {
+		o(&s.opts)
+	}
+	if len(s.opts.users) > 0 {
+		b := make([]byte, 16)
+		_, _ = rand.Read(b)
+		s.opts.adminPassword = hex.EncodeToString(b)
+	}
+	if _, err := s.opts.clientTLS(); err != nil {
+		return nil, err
+	}
 	for attempt := 1; ; attempt++ {
 		if s.port, err = freeport.Get(); err != nil {
 			return nil, err
@@ -106,15 +162,39 @@ func (s *Server) Addr() string {
 func (s *Server) Port() int { return s.port }
 
 // Client returns a go-redis client for the server, created on first use and
-// shared by later calls. It honours context deadlines. The Server owns it:
-// do not Close it; Stop does. It reconnects by itself after Restart.
+// shared by later calls: over TLS with WithTLS, as the default user (with
+// every permission) with WithUser. It honours context deadlines. The
+// Server owns it: do not Close it; Stop does. It reconnects by itself after
+// Restart.
 func (s *Server) Client() *redis.Client {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.client == nil {
-		s.client = newClient(s.Addr())
+		s.client = s.newClient()
 	}
 	return s.client
+}
+
+// TLSConfig returns a client TLS configuration trusting the CA given to
+// WithTLS (nil without WithTLS).
+func (s *Server) TLSConfig() *tls.Config {
+	c, _ := s.opts.clientTLS()
+	return c
+}
+
+func (o *options) clientTLS() (*tls.Config, error) {
+	if o.tls == nil {
+		return nil, nil
+	}
+	pem, err := os.ReadFile(o.tls.ca)
+	if err != nil {
+		return nil, fmt.Errorf("redistest: CA file: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("redistest: no PEM certificate in %s", o.tls.ca)
+	}
+	return &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}, nil
 }
 
 // Stop shuts the server down (SIGTERM to its process group; after 5 seconds
@@ -210,14 +290,34 @@ func (s *Server) run(ctx context.Context) (_ *process, err error) {
 		return nil, fmt.Errorf("redistest: create temp dir: %w", err)
 	}
 	p := &process{dir: dir, out: &tailBuffer{max: logTailBytes}, done: make(chan struct{})}
-	cmd := exec.Command(s.bin,
-		"--port", strconv.Itoa(s.port),
+	var args []string
+	if len(s.opts.users) > 0 {
+		// In a file, not on the command line, which ps shows.
+		conf := filepath.Join(dir, "users.conf")
+		lines := []string{"user default on >" + s.opts.adminPassword + " ~* &* +@all"}
+		for _, u := range s.opts.users {
+			lines = append(lines, "user "+strings.Join(append([]string{u.name, "on", ">" + u.password}, u.rules...), " "))
+		}
+		if err := os.WriteFile(conf, []byte(strings.Join(lines, "\n")+"\n"), 0o600); err != nil {
+			_ = os.RemoveAll(dir)
+			return nil, fmt.Errorf("redistest: write %s: %w", conf, err)
+		}
+		args = append(args, conf)
+	}
+	if t := s.opts.tls; t != nil {
+		args = append(args, "--port", "0", "--tls-port", strconv.Itoa(s.port),
+			"--tls-cert-file", t.cert, "--tls-key-file", t.key, "--tls-ca-cert-file", t.ca, "--tls-auth-clients", "no")
+	} else {
+		args = append(args, "--port", strconv.Itoa(s.port))
+	}
+	args = append(args,
 		"--bind", "127.0.0.1",
 		"--save", "",
 		"--appendonly", "no",
 		"--dir", dir,
 		"--daemonize", "no",
 	)
+	cmd := exec.Command(s.bin, args...)
 	cmd.Dir = dir
 	cmd.Stdout, cmd.Stderr = p.out, p.out
 	cmd.WaitDelay = time.Second // do not wait forever for the output pipe
@@ -237,7 +337,7 @@ func (s *Server) run(ctx context.Context) (_ *process, err error) {
 		close(p.done)
 	}()
 
-	if err := p.waitReady(ctx, s.Addr()); err != nil {
+	if err := p.waitReady(ctx, s.Addr(), s.newClient); err != nil {
 		_ = p.stop()
 		out := p.out.String()
 		if strings.Contains(out, "Address already in use") {
@@ -250,10 +350,10 @@ func (s *Server) run(ctx context.Context) (_ *process, err error) {
 
 // waitReady waits until the port accepts connections and PING answers, and
 // checks that the server answering is this process.
-func (p *process) waitReady(ctx context.Context, addr string) error {
+func (p *process) waitReady(ctx context.Context, addr string, newClient func() *redis.Client) error {
 	ctx, cancel := context.WithTimeout(ctx, readyTimeout)
 	defer cancel()
-	c := newClient(addr)
+	c := newClient()
 	defer c.Close()
 	var lastErr error
 	for {
@@ -326,10 +426,14 @@ func (p *process) stop() error {
 }
 
 // newClient returns a client that honours context deadlines and does not
-// probe for features a throwaway server lacks.
-func newClient(addr string) *redis.Client {
+// probe for features a throwaway server lacks, over TLS and as the
+// password-protected default user when the server has them.
+func (s *Server) newClient() *redis.Client {
+	tlsConfig, _ := s.opts.clientTLS() // checked by Start
 	return redis.NewClient(&redis.Options{
-		Addr:                     addr,
+		Addr:                     s.Addr(),
+		Password:                 s.opts.adminPassword,
+		TLSConfig:                tlsConfig,
 		ContextTimeoutEnabled:    true,
 		DisableIdentity:          true,
 		MaintNotificationsConfig: &maintnotifications.Config{Mode: maintnotifications.ModeDisabled},

@@ -10,6 +10,10 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/tidemark/tidemark/internal/certtest"
 )
 
 func TestStartStop(t *testing.T) {
@@ -171,4 +175,45 @@ func TestUnavailable(t *testing.T) {
 			}
 		})
 	}
+}
+
+// WithTLS and WithUser: only TLS connections are accepted, the ACL user
+// has exactly its rules, the default user needs the password Client has,
+// and Restart keeps all of it.
+func TestTLSAndUser(t *testing.T) {
+	dir := t.TempDir()
+	ca := certtest.New(t, dir, "redistest")
+	cert := ca.Server(t, "redis", "127.0.0.1")
+	s := ForTest(t, WithTLS(cert.CertFile, cert.KeyFile, ca.CertFile), WithUser("app", "app-pw", "~*", "-@all", "+del"))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	check := func() {
+		t.Helper()
+		if err := s.Client().Set(ctx, "k", "v", 0).Err(); err != nil {
+			t.Fatalf("SET through Client: %v", err)
+		}
+		user := redis.NewClient(&redis.Options{Addr: s.Addr(), Username: "app", Password: "app-pw", TLSConfig: s.TLSConfig(), DisableIdentity: true})
+		defer user.Close()
+		if n, err := user.Del(ctx, "k").Result(); err != nil || n != 1 {
+			t.Fatalf("DEL as app = %d, %v; want 1", n, err)
+		}
+		if err := user.Set(ctx, "k", "v", 0).Err(); !redis.IsPermissionError(err) {
+			t.Fatalf("SET as app = %v, want NOPERM", err)
+		}
+		anon := redis.NewClient(&redis.Options{Addr: s.Addr(), TLSConfig: s.TLSConfig(), DisableIdentity: true})
+		defer anon.Close()
+		if err := anon.Set(ctx, "k", "v", 0).Err(); !redis.IsAuthError(err) {
+			t.Fatalf("SET without a password = %v, want NOAUTH", err)
+		}
+		plain := redis.NewClient(&redis.Options{Addr: s.Addr(), Username: "app", Password: "app-pw", MaxRetries: -1, DisableIdentity: true})
+		defer plain.Close()
+		if err := plain.Del(ctx, "k").Err(); err == nil {
+			t.Fatalf("a plaintext connection was served")
+		}
+	}
+	check()
+	if err := s.Restart(ctx); err != nil {
+		t.Fatalf("Restart: %v", err)
+	}
+	check()
 }

@@ -7,17 +7,19 @@ import (
 	"time"
 )
 
-// ForTest starts a throwaway redis-server for test t and registers its Stop
-// with t.Cleanup. Every call starts its own server (a start takes a few
-// milliseconds), so tests may Halt, Restart or Freeze it freely.
+// ForTest starts a throwaway redis-server for test t, configured by opts
+// (see Start), and registers its Stop with t.Cleanup. Every call starts its
+// own server (a start takes a few milliseconds), so tests may Halt, Restart
+// or Freeze it freely.
 //
-// If redis-server is not installed or fails to start, the test is skipped
-// with the reason, or failed when the environment has CI=true.
-func ForTest(t testing.TB) *Server {
+// If redis-server is not installed or fails to start (also when it was
+// built without TLS and opts ask for it), the test is skipped with the
+// reason, or failed when the environment has CI=true.
+func ForTest(t testing.TB, opts ...Option) *Server {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	s, err := Start(ctx)
+	s, err := Start(ctx, opts...)
 	if err != nil {
 		unavailable(t, "no throwaway redis-server: %v", err)
 		return nil // unreachable with a real testing.TB

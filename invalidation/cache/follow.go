@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -85,7 +86,7 @@ func (c *Cache[V]) Follow(ctx context.Context) error {
 		if positioned {
 			bo.Reset()
 		}
-		if err = kafkanet.Explain(err, "", c.cfg.net()); kafkanet.IsAccess(err) {
+		if err = kafkanet.Explain(err, strings.Join(c.cfg.Brokers, ","), c.cfg.net()); kafkanet.IsAccess(err) {
 			log.Error("following the invalidations topic: giving up", zap.Error(err))
 			return fmt.Errorf("cache: following %s: %w", c.cfg.Topic, err)
 		}

@@ -29,6 +29,7 @@ import (
 	"net"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -198,6 +199,9 @@ func (s *Sink) newTransport() (*kafkago.Transport, *kafkago.Client) {
 	return t, &kafkago.Client{Addr: s.addr, Timeout: 30 * time.Second, Transport: t}
 }
 
+// brokerList names the bootstrap brokers in errors.
+func (s *Sink) brokerList() string { return strings.Join(s.cfg.Brokers, ",") }
+
 // conn returns the current transport and client.
 func (s *Sink) conn() (*kafkago.Transport, *kafkago.Client) {
 	s.mu.Lock()
@@ -244,12 +248,12 @@ func (s *Sink) EnsureTopics(ctx context.Context, topics []string, specs map[stri
 	_, client := s.conn()
 	meta, err := client.Metadata(ctx, &kafkago.MetadataRequest{Topics: topics})
 	if err != nil {
-		return fmt.Errorf("reading topic metadata from %v: %w", s.cfg.Brokers, kafkanet.Explain(err, "", s.cfg.net()))
+		return fmt.Errorf("reading topic metadata from %v: %w", s.cfg.Brokers, kafkanet.Explain(err, s.brokerList(), s.cfg.net()))
 	}
 	existing := map[string]int{}
 	for _, t := range meta.Topics {
 		if t.Error != nil && kafkanet.IsAccess(t.Error) {
-			return fmt.Errorf("topic %s: %w", t.Name, kafkanet.Explain(t.Error, "", s.cfg.net()))
+			return fmt.Errorf("topic %s: %w", t.Name, kafkanet.Explain(t.Error, s.brokerList(), s.cfg.net()))
 		}
 		if t.Error == nil && len(t.Partitions) > 0 {
 			existing[t.Name] = len(t.Partitions)
@@ -276,11 +280,11 @@ func (s *Sink) EnsureTopics(ctx context.Context, topics []string, specs map[stri
 	if len(create) > 0 {
 		resp, err := client.CreateTopics(ctx, &kafkago.CreateTopicsRequest{Topics: create})
 		if err != nil {
-			return fmt.Errorf("creating topics: %w", kafkanet.Explain(err, "", s.cfg.net()))
+			return fmt.Errorf("creating topics: %w", kafkanet.Explain(err, s.brokerList(), s.cfg.net()))
 		}
 		for name, e := range resp.Errors {
 			if e != nil && !errors.Is(e, kafkago.TopicAlreadyExists) {
-				return fmt.Errorf("creating topic %s: %w", name, kafkanet.Explain(e, "", s.cfg.net()))
+				return fmt.Errorf("creating topic %s: %w", name, kafkanet.Explain(e, s.brokerList(), s.cfg.net()))
 			}
 		}
 		for _, tc := range create {
@@ -594,7 +598,7 @@ func (s *Sink) produce(ctx context.Context, batches []partBatch) ([]partBatch, e
 			resp, err := transport.RoundTrip(rctx, s.addr, req)
 			res := result{idx: idx, ok: map[tp]bool{}}
 			if err != nil {
-				if err = kafkanet.Explain(err, "", s.cfg.net()); kafkanet.IsAccess(err) {
+				if err = kafkanet.Explain(err, s.brokerList(), s.cfg.net()); kafkanet.IsAccess(err) {
 					res.err = &terminalError{err}
 				} else {
 					res.err = fmt.Errorf("producing to kafka: %w", err)
@@ -617,7 +621,7 @@ func (s *Sink) produce(ctx context.Context, batches []partBatch) ([]partBatch, e
 					}
 					kerr := kafkago.Error(p.ErrorCode)
 					if kafkanet.IsAccess(kerr) {
-						res.err = &terminalError{fmt.Errorf("producing to %s partition %d: %w", k.topic, k.part, kafkanet.Explain(kerr, "", s.cfg.net()))}
+						res.err = &terminalError{fmt.Errorf("producing to %s partition %d: %w", k.topic, k.part, kafkanet.Explain(kerr, s.brokerList(), s.cfg.net()))}
 					} else if errors.Is(kerr, kafkago.MessageSizeTooLarge) || errors.Is(kerr, kafkago.InvalidRecord) {
 						res.err = &terminalError{fmt.Errorf("kafka rejected a batch for %s partition %d (from position %s): %w; raise the topic's max.message.bytes or lower kafka.batch_bytes",
 							k.topic, k.part, posOf(batches, idx, k), kerr)}

@@ -26,12 +26,19 @@
 // call dials again. Context deadlines bound every call, including socket
 // reads and writes, so a dead or hung server yields an error, never a hang.
 //
+// Managed Redis: Config.TLS encrypts the connections and Config.Username
+// authenticates as an ACL user. What waiting cannot fix (a rejected
+// certificate, wrong credentials, a command the ACL user may not run) is
+// found by Check before the first write; see Commands for what a user
+// needs.
+//
 // Protocol: https://redis.io/docs/latest/commands/del/ and
 // https://redis.io/docs/latest/commands/publish/.
 package redis
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -77,6 +84,10 @@ type Config struct {
 	DialTimeout time.Duration
 	// WriteTimeout bounds writing one pipeline to the socket. Default 5s.
 	WriteTimeout time.Duration
+	// TLS, when set, makes every connection TLS with this client
+	// configuration (an empty ServerName means the host of Addr). Default
+	// nil: plaintext.
+	TLS *tls.Config
 }
 
 // Validate reports every problem of c, each by field name. Values that
@@ -133,8 +144,8 @@ func (c Config) withDefaults() Config {
 
 // String describes c with the password masked.
 func (c Config) String() string {
-	return fmt.Sprintf("{Addr:%s Username:%s Password:%s DB:%d Channel:%s BatchSize:%d DialTimeout:%v WriteTimeout:%v}",
-		c.Addr, c.Username, mask(c.Password), c.DB, c.Channel, c.BatchSize, c.DialTimeout, c.WriteTimeout)
+	return fmt.Sprintf("{Addr:%s Username:%s Password:%s DB:%d Channel:%s BatchSize:%d DialTimeout:%v WriteTimeout:%v TLS:%v}",
+		c.Addr, c.Username, mask(c.Password), c.DB, c.Channel, c.BatchSize, c.DialTimeout, c.WriteTimeout, c.TLS != nil)
 }
 
 // GoString is like String, for the %#v verb.
@@ -151,6 +162,7 @@ func (c Config) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	enc.AddInt("batch_size", c.BatchSize)
 	enc.AddDuration("dial_timeout", c.DialTimeout)
 	enc.AddDuration("write_timeout", c.WriteTimeout)
+	enc.AddBool("tls", c.TLS != nil)
 	return nil
 }
 
@@ -175,7 +187,8 @@ type Sink struct {
 
 // New validates cfg and builds a Sink. It does not connect: the first
 // Invalidate or Ping does, and the client reconnects by itself after a
-// connection breaks. A nil log means a no-op logger.
+// connection breaks (Check verifies at start what reconnecting cannot
+// fix). A nil log means a no-op logger.
 func New(cfg Config, log *zap.Logger) (*Sink, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("redis sink config: %w", err)
@@ -185,20 +198,26 @@ func New(cfg Config, log *zap.Logger) (*Sink, error) {
 	}
 	cfg = cfg.withDefaults()
 	return &Sink{
-		cfg: cfg,
-		log: log.With(zap.String("component", "sinks/redis"), zap.String("addr", cfg.Addr)),
-		client: goredis.NewClient(&goredis.Options{
-			Addr:         cfg.Addr,
-			Username:     cfg.Username,
-			Password:     cfg.Password,
-			DB:           cfg.DB,
-			DialTimeout:  cfg.DialTimeout,
-			WriteTimeout: cfg.WriteTimeout,
-			// The caller's deadline also bounds socket reads and writes; without
-			// it go-redis ignores ctx once a command is on the wire.
-			ContextTimeoutEnabled: true,
-		}),
+		cfg:    cfg,
+		log:    log.With(zap.String("component", "sinks/redis"), zap.String("addr", cfg.Addr)),
+		client: goredis.NewClient(cfg.options()),
 	}, nil
+}
+
+// options are the go-redis client options for c (defaults applied).
+func (c Config) options() *goredis.Options {
+	return &goredis.Options{
+		Addr:         c.Addr,
+		Username:     c.Username,
+		Password:     c.Password,
+		DB:           c.DB,
+		DialTimeout:  c.DialTimeout,
+		WriteTimeout: c.WriteTimeout,
+		TLSConfig:    c.TLS.Clone(),
+		// The caller's deadline also bounds socket reads and writes; without
+		// it go-redis ignores ctx once a command is on the wire.
+		ContextTimeoutEnabled: true,
+	}
 }
 
 // Ping checks that the server answers (and that authentication works).
