@@ -42,6 +42,7 @@ func (a *App) Register(reg prometheus.Registerer) {
 	counter("messages_published_total", "Messages acknowledged by Kafka.", func() float64 { return float64(ps.Published.Load()) })
 	counter("sink_batches_total", "Successful writes to Kafka.", func() float64 { return float64(ps.Batches.Load()) })
 	counter("sink_retries_total", "Failed Kafka write attempts (retried).", func() float64 { return float64(a.Sink.Retries()) })
+	counter("kafka_metadata_refreshes_total", "Times the Kafka producer re-read the cluster metadata after a failed write (moved leaders, lost brokers).", func() float64 { return float64(a.Sink.MetadataRefreshes()) })
 	counter("replication_reconnects_total", "Replication connection re-establishments.", func() float64 { return float64(cs.Reconnects.Load()) })
 	reg.MustRegister(skippedCollector{cs})
 	gauge("inflight_messages", "Messages accepted but not yet durable in Kafka.", func() float64 { return float64(ps.InFlight.Load()) })
