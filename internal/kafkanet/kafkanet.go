@@ -124,7 +124,9 @@ func IsAccess(err error) bool {
 	if errors.As(err, &a) {
 		return true
 	}
-	return Explain(err, "", Settings{}) != err
+	// Not err != Explain(err): comparing two errors of an uncomparable
+	// dynamic type panics.
+	return errors.As(Explain(err, "", Settings{}), &a)
 }
 
 // Explain turns an error that waiting cannot heal into an *AccessError
