@@ -238,12 +238,8 @@ func checkBroker(ctx context.Context, d *kafkago.Dialer, broker string, topics [
 	}
 	defer conn.Close()
 	_ = conn.SetDeadline(time.Now().Add(d.Timeout))
-	parts, err := conn.ReadPartitions(topics...)
-	if err != nil {
-		return err
-	}
-	_ = parts
-	return nil
+	_, err = conn.ReadPartitions(topics...)
+	return err
 }
 
 // describeNet adds a hint to the connection errors a misconfigured client
