@@ -13,6 +13,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"slices"
 	"strconv"
 	"strings"
@@ -66,6 +68,12 @@ type Config struct {
 	MaxRowBytes int
 	// ReconnectMax bounds the backoff between reconnect attempts. Default 30s.
 	ReconnectMax time.Duration
+	// ReadCoalesce is how long the receive loop lets the walsender's
+	// messages gather when it is flowing and Tidemark has caught up with it
+	// (see wireReader): it bounds wake-ups per second instead of per
+	// message, and delays a transaction by at most this. Default 1ms;
+	// negative: never wait.
+	ReadCoalesce time.Duration
 	// ConfirmedLSN is the slot's confirmed_flush_lsn when the stream is
 	// built: the position already durable downstream, reported until the
 	// pipeline acknowledges more.
@@ -106,6 +114,9 @@ func (c *Config) defaults() {
 	}
 	if c.ReconnectMax <= 0 {
 		c.ReconnectMax = 30 * time.Second
+	}
+	if c.ReadCoalesce == 0 {
+		c.ReadCoalesce = time.Millisecond
 	}
 	if c.UnknownTables == "" {
 		c.UnknownTables = UnknownSkip
@@ -170,6 +181,11 @@ type Stream struct {
 
 	// Owned by the Run goroutine.
 	handedEnd     pipeline.LSN // end LSN of the last commit handed to the pipeline
+	pendingEnd    pipeline.LSN // end LSN of the last commit in pending
+	receivedEnd   pipeline.LSN // end LSN of the last commit received (handed or pending)
+	deferred      bool         // pending holds whole transactions held back (see emit)
+	wire          *wireReader  // this session's connection reader
+	conn          *pgconn.PgConn
 	open          bool         // inside a transaction
 	idleWALEnd    pipeline.LSN // keepalive WAL end seen while idle
 	lastFlush     pipeline.LSN
@@ -196,6 +212,12 @@ type Stream struct {
 	cur      []pipeline.Event
 	curPos   int
 	curBytes int64
+
+	// Waking the receive loop for an acknowledgement (see Ack).
+	lastStatusNanos atomic.Int64 // when the last status was sent (UnixNano)
+	wakeable        atomic.Bool  // the loop waits on the connection and may be woken
+	wakeMu          sync.Mutex
+	wakeConn        net.Conn // this session's connection, for its read deadline
 
 	queued       atomic.Int64  // bytes of the batches handed over and not yet consumed
 	released     chan struct{} // signalled when queued shrinks
@@ -314,7 +336,9 @@ func (s *Stream) receive(ctx context.Context) error {
 }
 
 // Ack records that every transaction with EndLSN <= lsn is durable; the
-// stream confirms it to Postgres within a few hundred milliseconds.
+// stream confirms it to Postgres within statusMinGap (a few tens of
+// milliseconds), waking its receive loop when that waits on a quiet
+// connection.
 func (s *Stream) Ack(lsn pipeline.LSN) {
 	for {
 		cur := s.acked.Load()
@@ -328,6 +352,14 @@ func (s *Stream) Ack(lsn pipeline.LSN) {
 	select {
 	case s.ackCh <- struct{}{}:
 	default:
+	}
+	// Rate-limited: at most one wake-up per statusMinGap.
+	if s.wakeable.Load() && time.Now().UnixNano()-s.lastStatusNanos.Load() >= int64(statusMinGap) && s.wakeable.CompareAndSwap(true, false) {
+		s.wakeMu.Lock()
+		if s.wakeConn != nil {
+			_ = s.wakeConn.SetReadDeadline(time.Now())
+		}
+		s.wakeMu.Unlock()
 	}
 }
 
@@ -421,12 +453,23 @@ func (s *Stream) connect(ctx context.Context) (*pgconn.PgConn, error) {
 	pcfg.RuntimeParams["application_name"] = "tidemark"
 	// Fix the text output formats pgoutput uses for values (see textFormats).
 	pinTextFormats(pcfg.RuntimeParams)
+	var wire *wireReader
+	pcfg.BuildFrontend = func(r io.Reader, w io.Writer) *pgproto3.Frontend {
+		wire = newWireReader(r)
+		return pgproto3.NewFrontend(wire, w)
+	}
 	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	conn, err := pgconn.ConnectConfig(cctx, pcfg)
 	if err != nil {
 		return nil, fmt.Errorf("connecting for replication: %w", ExplainTLS(err))
 	}
+	if wire == nil {
+		conn.Close(context.Background())
+		return nil, fmt.Errorf("%w: connecting for replication: pgconn did not build its frontend through BuildFrontend", ErrTerminal)
+	}
+	wire.raw = socketOf(conn.Conn())
+	s.wire, s.conn = wire, conn
 	return conn, nil
 }
 
@@ -456,6 +499,13 @@ func (s *Stream) session(ctx context.Context) error {
 		return fmt.Errorf("START_REPLICATION on slot %q: %w", s.cfg.Slot, err)
 	}
 	s.stats.Connected.Store(true)
+	// A clean stop (ctx ends) confirms what is durable before the
+	// connection closes, so a restart does not replay what Kafka has.
+	defer func() {
+		if ctx.Err() != nil {
+			s.finalStatus(conn)
+		}
+	}()
 	s.log.Info("replication started", zap.String("slot", s.cfg.Slot), zap.Stringer("from", start))
 	s.rels = map[uint32]*pipeline.Relation{}
 	s.skipRels = map[uint32]string{}
@@ -469,6 +519,11 @@ func (s *Stream) session(ctx context.Context) error {
 	// pipeline abandons an open transaction at the next Begin.
 	clear(s.pending)
 	s.pending, s.pendingBytes = s.pending[:0], 0
+	s.pendingEnd, s.receivedEnd, s.deferred = s.handedEnd, s.handedEnd, false
+	s.wire.flushFirst = func() bool { return s.deferred }
+	if s.cfg.ReadCoalesce > 0 {
+		s.wire.coalesce = s.cfg.ReadCoalesce
+	}
 	s.statusTimer = time.NewTicker(statusTick)
 	defer s.statusTimer.Stop()
 	if err := s.maybeSendStatus(ctx, conn, false); err != nil {
@@ -481,6 +536,18 @@ func (s *Stream) session(ctx context.Context) error {
 	// notice ctx. The clock is read only on the status tick (every
 	// statusTick), which also re-arms the deadline, not per message.
 	netConn := conn.Conn()
+	s.wakeMu.Lock()
+	s.wakeConn = netConn
+	s.wakeMu.Unlock()
+	defer func() {
+		s.wakeable.Store(false)
+		s.wakeMu.Lock()
+		s.wakeConn = nil
+		s.wakeMu.Unlock()
+	}()
+	// Stopping wakes the loop too.
+	stopWake := context.AfterFunc(ctx, func() { _ = netConn.SetReadDeadline(time.Now()) })
+	defer stopWake()
 	armed := false
 	for n := uint(0); ; n++ {
 		// Looking at the channels costs more than a message: do it every
@@ -492,18 +559,38 @@ func (s *Stream) session(ctx context.Context) error {
 			}
 		}
 		if !armed {
-			if err := netConn.SetReadDeadline(time.Now().Add(readDeadline)); err != nil {
+			d := s.readDeadline()
+			if err := netConn.SetReadDeadline(d); err != nil {
 				return fmt.Errorf("setting read deadline: %w", err)
 			}
 			armed = true
+			s.wakeable.Store(true)
+			// An acknowledgement or a stop that came while arming found
+			// the loop not yet wakeable: look again.
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if d2 := s.readDeadline(); d2.Before(d) {
+				if err := netConn.SetReadDeadline(d2); err != nil {
+					return fmt.Errorf("setting read deadline: %w", err)
+				}
+			}
 		}
 		msg, err := conn.ReceiveMessage(context.Background())
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
+			if pgconn.Timeout(err) && s.wire.tookFlush() {
+				// Nothing more is here: hand over the transactions held.
+				if err := s.flushPending(ctx, conn); err != nil {
+					return err
+				}
+				continue
+			}
 			if pgconn.Timeout(err) {
 				armed = false
+				s.wakeable.Store(false)
 				n = statusEvery - 1 // check the channels next
 				continue
 			}
@@ -527,14 +614,17 @@ func (s *Stream) session(ctx context.Context) error {
 // looks at the acknowledgement and status-tick channels.
 const statusEvery = 64
 
-// checkStatus sends standby status when an acknowledgement or the status
-// tick arrived, and on the tick notices ctx and asks for the read deadline
-// to be re-armed.
+// checkStatus sends standby status when an acknowledgement is not yet
+// confirmed (and statusMinGap has passed) or the status tick arrived, and on
+// the tick notices ctx and asks for the read deadline to be re-armed.
 func (s *Stream) checkStatus(ctx context.Context, conn *pgconn.PgConn, armed *bool) error {
 	select {
 	case <-s.ackCh:
 		if err := s.maybeSendStatus(ctx, conn, false); err != nil {
 			return err
+		}
+		if s.unconfirmed() {
+			*armed = false // re-armed to wake when the status is due
 		}
 	case <-s.statusTimer.C:
 		if err := ctx.Err(); err != nil {
@@ -548,8 +638,50 @@ func (s *Stream) checkStatus(ctx context.Context, conn *pgconn.PgConn, armed *bo
 		}
 		*armed = false
 	default:
+		if s.unconfirmed() {
+			if err := s.maybeSendStatus(ctx, conn, false); err != nil {
+				return err
+			}
+		}
 	}
 	return nil
+}
+
+// unconfirmed reports an acknowledgement not yet sent to Postgres.
+func (s *Stream) unconfirmed() bool { return s.acked.Load() > uint64(s.lastFlush) }
+
+// readDeadline is when a read that finds nothing gives up: readDeadline
+// from now, or sooner when an acknowledgement waits for statusMinGap to
+// pass since the last status.
+func (s *Stream) readDeadline() time.Time {
+	now := time.Now()
+	d := now.Add(readDeadline)
+	if s.unconfirmed() {
+		due := s.lastStatus.Add(statusMinGap)
+		if due.Before(now) {
+			due = now
+		}
+		if due.Before(d) {
+			d = due
+		}
+	}
+	return d
+}
+
+// finalStatus confirms what is durable as the session ends on a clean
+// stop. It is best effort: a failure only means the next start replays a
+// little (it is logged).
+func (s *Stream) finalStatus(conn *pgconn.PgConn) {
+	flush := s.flushLSN()
+	if flush == 0 {
+		return
+	}
+	_ = conn.Conn().SetWriteDeadline(time.Now().Add(5 * time.Second))
+	if err := s.sendStatus(context.Background(), conn, flush, time.Now(), false); err != nil {
+		s.log.Warn("could not confirm the last acknowledged position on stopping; the next start replays from the slot's position", zap.Error(err))
+		return
+	}
+	s.log.Debug("confirmed on stopping", zap.Stringer("flush", flush))
 }
 
 // checkLiveness runs on the status tick while the loop reads: after
@@ -679,12 +811,12 @@ func (s *Stream) handleWAL(ctx context.Context, conn *pgconn.PgConn, xld pglogre
 		}
 		s.txn.EndLSN = pipeline.LSN(m.TransactionEndLSN)
 		ev := pipeline.Event{Kind: pipeline.EventCommit, Txn: s.txn}
+		s.pendingEnd, s.receivedEnd = s.txn.EndLSN, s.txn.EndLSN
+		s.stats.ReceivedLSN.Store(uint64(s.txn.EndLSN))
+		s.txn, s.open = nil, false
 		if err := s.emit(ctx, conn, ev); err != nil {
 			return err
 		}
-		s.handedEnd = s.txn.EndLSN
-		s.stats.ReceivedLSN.Store(uint64(s.txn.EndLSN))
-		s.txn, s.open = nil, false
 	case *pglogrepl.RelationMessage:
 		if err := s.handleRelation(m, at); err != nil {
 			return err
@@ -990,12 +1122,21 @@ func (s *Stream) change(ctx context.Context, conn *pgconn.PgConn, ch pipeline.Ch
 const (
 	statusTick   = 100 * time.Millisecond // status checks and deadline re-arming
 	readDeadline = 250 * time.Millisecond // longest wait for data between checks
+	// statusMinGap is the least time between two status messages that
+	// confirm newly acknowledged positions: an acknowledgement is confirmed
+	// within about this, and Postgres gets at most 1/statusMinGap of them
+	// per second.
+	statusMinGap = 20 * time.Millisecond
 )
 
 // emit queues an event for the pipeline. Events travel in batches: a batch
-// is handed over at every commit (so a transaction becomes visible as soon
-// as it is complete) and whenever maxBatch events are pending (so a large
-// transaction streams through in bounded memory).
+// is handed over at a commit when nothing more has arrived yet (so a
+// transaction becomes visible as soon as it is complete; while a backlog
+// streams in, a batch carries many transactions and the pipeline wakes per
+// batch, not per transaction), and whenever maxBatch events or an eighth of
+// BufferBytes are pending (so a large transaction streams through in
+// bounded memory). Transactions held back are handed over before the
+// receive loop would wait for data (see wireReader.flushFirst).
 func (s *Stream) emit(ctx context.Context, conn *pgconn.PgConn, ev pipeline.Event) error {
 	if s.pending == nil {
 		select {
@@ -1006,12 +1147,43 @@ func (s *Stream) emit(ctx context.Context, conn *pgconn.PgConn, ev pipeline.Even
 		}
 	}
 	s.pending = append(s.pending, ev)
-	if ev.Kind != pipeline.EventCommit && len(s.pending) < maxBatch && s.pendingBytes < s.cfg.BufferBytes/8 {
+	if len(s.pending) < maxBatch && s.pendingBytes < s.cfg.BufferBytes/8 {
+		if ev.Kind != pipeline.EventCommit {
+			return nil
+		}
+		if s.moreBuffered(conn) {
+			s.deferred = true
+			return nil
+		}
+	}
+	return s.flushPending(ctx, conn)
+}
+
+// moreBuffered reports whether data already read from the connection waits
+// to be decoded: the next message is (most likely) here.
+func (s *Stream) moreBuffered(conn *pgconn.PgConn) bool {
+	if s.wire == nil || conn == nil { // driven without a connection (tests)
+		return false
+	}
+	return s.wire.Buffered() > 0 || conn.Frontend().ReadBufferLen() > 0
+}
+
+// flushPending hands the pending events to the pipeline.
+func (s *Stream) flushPending(ctx context.Context, conn *pgconn.PgConn) error {
+	s.deferred = false
+	if len(s.pending) == 0 {
 		return nil
 	}
 	b := handed{evs: s.pending, bytes: s.pendingBytes}
+	end := s.pendingEnd
 	s.pending, s.pendingBytes = nil, 0
-	return s.handOver(ctx, conn, b)
+	if err := s.handOver(ctx, conn, b); err != nil {
+		return err
+	}
+	if end > s.handedEnd {
+		s.handedEnd = end
+	}
+	return nil
 }
 
 // handOver gives a batch to the pipeline. While the pipeline is full it
@@ -1067,7 +1239,7 @@ func (s *Stream) handOver(ctx context.Context, conn *pgconn.PgConn, b handed) er
 // transaction is open.
 func (s *Stream) flushLSN() pipeline.LSN {
 	flush := pipeline.LSN(s.acked.Load())
-	if !s.open && flush >= s.handedEnd && s.idleWALEnd > flush {
+	if !s.open && flush >= s.receivedEnd && s.idleWALEnd > flush {
 		flush = s.idleWALEnd
 	}
 	return flush
@@ -1077,7 +1249,7 @@ func (s *Stream) maybeSendStatus(ctx context.Context, conn *pgconn.PgConn, force
 	flush := s.flushLSN()
 	now := time.Now()
 	due := now.Sub(s.lastStatus) >= s.standby
-	advanced := flush > s.lastFlush && now.Sub(s.lastStatus) >= 100*time.Millisecond
+	advanced := flush > s.lastFlush && now.Sub(s.lastStatus) >= statusMinGap
 	if !force && !due && !advanced {
 		return nil
 	}
@@ -1102,6 +1274,7 @@ func (s *Stream) sendStatus(ctx context.Context, conn *pgconn.PgConn, flush pipe
 		return fmt.Errorf("sending standby status at %s: %w", flush, err)
 	}
 	s.lastStatus = now
+	s.lastStatusNanos.Store(now.UnixNano())
 	s.lastFlush = flush
 	s.stats.ConfirmedLSN.Store(uint64(flush))
 	s.stats.StatusUpdates.Add(1)

@@ -28,6 +28,11 @@ type Config struct {
 	// Linger to the latency of a lightly loaded pipeline. Default 1ms;
 	// negative disables.
 	Linger time.Duration
+	// DrainTimeout is how long, on a clean stop (Run's ctx ends), the
+	// writer keeps writing what is already queued, acknowledging it, before
+	// it gives up on the rest (which the source delivers again on the next
+	// start). Default 10s; negative: stop at once.
+	DrainTimeout time.Duration
 }
 
 func (c *Config) defaults() {
@@ -42,6 +47,9 @@ func (c *Config) defaults() {
 	}
 	if c.Linger == 0 {
 		c.Linger = time.Millisecond
+	}
+	if c.DrainTimeout == 0 {
+		c.DrainTimeout = 10 * time.Second
 	}
 }
 
@@ -98,6 +106,7 @@ func New(cfg Config, src Source, sink Sink, opts ...Option) (*Pipeline, error) {
 		o(p)
 	}
 	p.q = newQueue(cfg.MaxInFlightMessages, cfg.MaxInFlightBytes, &p.stats)
+	p.q.batched = true
 	return p, nil
 }
 
@@ -105,25 +114,54 @@ func New(cfg Config, src Source, sink Sink, opts ...Option) (*Pipeline, error) {
 func (p *Pipeline) Stats() *Stats { return &p.stats }
 
 // Run reads from the source and writes to the sink until ctx ends or either
-// fails. It returns ctx's error on cancellation. Messages still in flight at
-// that point are not acknowledged: the source delivers them again later.
-func (p *Pipeline) Run(ctx context.Context) error {
-	ctx, cancel := context.WithCancelCause(ctx)
+// fails. It returns ctx's error on cancellation. When ctx ends, reading
+// stops at once and the writer drains: it writes and acknowledges what is
+// queued (up to Config.DrainTimeout), so a clean stop leaves little for the
+// next start to replay. Messages still unwritten then are not acknowledged:
+// the source delivers them again later.
+func (p *Pipeline) Run(parent context.Context) error {
+	ctx, cancel := context.WithCancelCause(parent)
 	defer cancel(nil)
-	var wg sync.WaitGroup
-	wg.Add(2)
+	// The writer's context outlives parent by the drain.
+	wctx, cancelWrite := context.WithCancelCause(context.WithoutCancel(parent))
+	defer cancelWrite(nil)
+	readDone := make(chan struct{})
+	writeDone := make(chan struct{})
 	var readErr, writeErr error
 	go func() {
-		defer wg.Done()
 		readErr = p.read(ctx)
-		cancel(readErr)
+		close(readDone)
+		if parent.Err() == nil {
+			cancelWrite(readErr) // a failure, not a stop: no drain
+		}
 	}()
 	go func() {
-		defer wg.Done()
-		writeErr = p.write(ctx)
+		defer close(writeDone)
+		writeErr = p.write(wctx, readDone)
+		if errors.Is(writeErr, errDrained) {
+			writeErr = nil
+		}
 		cancel(writeErr)
 	}()
-	wg.Wait()
+	select {
+	case <-writeDone:
+	case <-parent.Done():
+		if p.cfg.DrainTimeout < 0 {
+			cancelWrite(context.Cause(parent))
+			break
+		}
+		t := time.NewTimer(p.cfg.DrainTimeout)
+		select {
+		case <-writeDone:
+		case <-t.C:
+			p.log.Warn("stopping: the writer did not drain in time; what is left is delivered again on the next start",
+				zap.Duration("drain_timeout", p.cfg.DrainTimeout), zap.Int64("in_flight", p.stats.InFlight.Load()))
+			cancelWrite(context.Cause(parent))
+		}
+		t.Stop()
+	}
+	<-writeDone
+	<-readDone
 	if err := context.Cause(ctx); err != nil && !errors.Is(err, context.Canceled) {
 		return err
 	}
@@ -164,6 +202,8 @@ func (p *Pipeline) read(ctx context.Context) error {
 				return err
 			}
 		}
+		// One wake-up of the writer per source batch, not per message.
+		p.q.wake()
 	}
 }
 
@@ -220,19 +260,25 @@ func (p *Pipeline) handle(ctx context.Context, ev *Event, st *txnState, msgs []M
 	return st, msgs, nil
 }
 
-func (p *Pipeline) write(ctx context.Context) error {
+// errDrained ends the writer on a clean stop: the reader is done and
+// everything it queued was written.
+var errDrained = errors.New("pipeline: drained")
+
+// write writes queued entries until ctx ends or, once readDone is closed,
+// the queue is empty (errDrained).
+func (p *Pipeline) write(ctx context.Context, readDone <-chan struct{}) error {
 	batch := make([]entry, 0, p.cfg.MaxBatchMessages)
 	msgs := make([]Message, 0, p.cfg.MaxBatchMessages)
 	linger := time.NewTimer(time.Hour)
 	linger.Stop()
 	for {
 		var err error
-		batch, err = p.q.take(ctx, batch[:0], p.cfg.MaxBatchMessages)
+		batch, err = p.q.take(ctx, batch[:0], p.cfg.MaxBatchMessages, readDone)
 		if err != nil {
 			return err
 		}
 		if want := p.cfg.MaxBatchMessages / 4; p.cfg.Linger > 0 && len(batch) < want {
-			if batch, err = p.q.fill(ctx, batch, p.cfg.MaxBatchMessages, want, p.cfg.Linger, linger); err != nil {
+			if batch, err = p.q.fill(ctx, batch, p.cfg.MaxBatchMessages, want, p.cfg.Linger, linger, readDone); err != nil {
 				return err
 			}
 		}
@@ -293,6 +339,9 @@ type queue struct {
 	maxCount int
 	maxBytes int64
 	blocked  bool // the reader waits for budget (see fill)
+	// batched: push does not wake the writer; the reader calls wake after
+	// each batch of events (set once, before use).
+	batched bool
 	space    chan struct{}
 	ready    chan struct{}
 	stats    *Stats
@@ -336,7 +385,9 @@ func (q *queue) push(ctx context.Context, e entry) error {
 			q.stats.InFlightSize.Store(q.bytes)
 			q.blocked = false
 			q.mu.Unlock()
-			signal(q.ready)
+			if !q.batched {
+				signal(q.ready)
+			}
 			return nil
 		}
 		q.blocked = true
@@ -352,6 +403,9 @@ func (q *queue) push(ctx context.Context, e entry) error {
 	}
 }
 
+// wake tells the writer that entries are queued (see batched).
+func (q *queue) wake() { signal(q.ready) }
+
 // grow doubles the ring, unrolling it so the oldest entry is at index 0.
 func (q *queue) grow() {
 	bigger := make([]entry, max(2*len(q.ring), 16))
@@ -361,8 +415,10 @@ func (q *queue) grow() {
 	q.head = 0
 }
 
-// take moves up to max queued entries to dst, waiting for at least one.
-func (q *queue) take(ctx context.Context, dst []entry, max int) ([]entry, error) {
+// take moves up to max queued entries to dst, waiting for at least one. Once
+// done is closed (nothing more will be queued), an empty queue is
+// errDrained.
+func (q *queue) take(ctx context.Context, dst []entry, max int, done <-chan struct{}) ([]entry, error) {
 	for {
 		q.mu.Lock()
 		if q.n > 0 {
@@ -372,7 +428,13 @@ func (q *queue) take(ctx context.Context, dst []entry, max int) ([]entry, error)
 		}
 		q.mu.Unlock()
 		select {
+		case <-done:
+			return dst, errDrained
+		default:
+		}
+		select {
 		case <-q.ready:
+		case <-done:
 		case <-ctx.Done():
 			return dst, ctx.Err()
 		}
@@ -396,7 +458,7 @@ func (q *queue) popLocked(dst []entry, max int) []entry {
 // fill adds queued entries to dst (up to max) as they arrive, until it
 // holds want, d has passed, or the budget is used up (the reader then waits
 // for this writer). t is a stopped timer it may use.
-func (q *queue) fill(ctx context.Context, dst []entry, max, want int, d time.Duration, t *time.Timer) ([]entry, error) {
+func (q *queue) fill(ctx context.Context, dst []entry, max, want int, d time.Duration, t *time.Timer, done <-chan struct{}) ([]entry, error) {
 	t.Reset(d)
 	defer t.Stop()
 	for len(dst) < want {
@@ -414,6 +476,8 @@ func (q *queue) fill(ctx context.Context, dst []entry, max, want int, d time.Dur
 				return dst, nil
 			}
 		case <-t.C:
+			return dst, nil
+		case <-done:
 			return dst, nil
 		case <-ctx.Done():
 			return dst, ctx.Err()

@@ -26,14 +26,14 @@ func TestFillStopsWhenReaderBlocked(t *testing.T) {
 		}
 		pushed <- err
 	}()
-	batch, err := q.take(ctx, nil, 100)
+	batch, err := q.take(ctx, nil, 100, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
 	start := time.Now()
-	batch, err = q.fill(ctx, batch, 100, 50, 5*time.Second, timer)
+	batch, err = q.fill(ctx, batch, 100, 50, 5*time.Second, timer, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,7 +60,7 @@ func TestFillLingers(t *testing.T) {
 	q := newQueue(1000, 1<<20, &st)
 	ctx := context.Background()
 	_ = q.push(ctx, entry{msg: Message{Topic: "t"}})
-	batch, _ := q.take(ctx, nil, 100)
+	batch, _ := q.take(ctx, nil, 100, nil)
 	go func() {
 		time.Sleep(5 * time.Millisecond)
 		_ = q.push(ctx, entry{msg: Message{Topic: "t"}})
@@ -68,7 +68,7 @@ func TestFillLingers(t *testing.T) {
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
 	start := time.Now()
-	batch, err := q.fill(ctx, batch, 100, 50, 200*time.Millisecond, timer)
+	batch, err := q.fill(ctx, batch, 100, 50, 200*time.Millisecond, timer, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -305,8 +305,22 @@ func (a *App) Run(ctx context.Context) error {
 	a.Log.Info("capturing", zap.String("slot", a.Cfg.Postgres.Slot), zap.Strings("tables", a.Cfg.Postgres.Tables),
 		zap.Strings("brokers", a.Cfg.Kafka.Brokers))
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return a.Stream.Run(gctx) })
-	g.Go(func() error { return a.Pipeline.Run(gctx) })
+	// On a stop the pipeline drains first (it writes what it holds and
+	// acknowledges it); the stream stops after it, confirming to Postgres
+	// what is then durable, so a restart does not replay it.
+	sctx, stopStream := context.WithCancel(context.WithoutCancel(gctx))
+	defer stopStream()
+	g.Go(func() error {
+		err := a.Stream.Run(sctx)
+		if errors.Is(err, context.Canceled) && gctx.Err() == nil {
+			return nil // stopped by the pipeline's end, which reports
+		}
+		return err
+	})
+	g.Go(func() error {
+		defer stopStream()
+		return a.Pipeline.Run(gctx)
+	})
 	g.Go(func() error { return a.Watcher.Run(gctx) })
 	err := g.Wait()
 	closeCtx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
