@@ -55,11 +55,11 @@ histogram, interpolated within buckets).`,
 	f.StringVar(&o.PG, "pg", "", "Postgres DSN with wal_level=logical (default: a throwaway server)")
 	f.StringSliceVar(&o.Brokers, "brokers", nil, "Kafka brokers (default: tidemark dev-kafka in a separate process)")
 	f.IntVar(&o.Transactions, "transactions", 100000, "backlog size in transactions")
-	f.IntVar(&o.Repeat, "repeat", 3, "interleaved drain rounds")
+	f.IntVar(&o.Repeat, "repeat", 15, "interleaved drain rounds")
 	f.IntVar(&o.Rate, "rate", 2000, "live transactions per second")
 	f.DurationVar(&o.Duration, "duration", 60*time.Second, "live run length")
 	f.IntVar(&o.Workers, "workers", 4, "client connections driving the workload")
-	f.IntVar(&o.Partitions, "partitions", 6, "partitions per topic")
+	f.IntVar(&o.Partitions, "partitions", 12, "partitions of each table topic (created before each drain round)")
 	f.IntVar(&o.HugeRows, "huge-rows", 1000000, "rows of the one-transaction phase (-1 skips it)")
 	f.BoolVar(&o.SkipDrain, "skip-drain", false, "skip the backlog drain")
 	f.BoolVar(&o.SkipLive, "skip-live", false, "skip the live latency run")
@@ -71,20 +71,38 @@ func printBench(cmd *cobra.Command, r *bench.Result) {
 	out := cmd.OutOrStdout()
 	fmt.Fprintf(out, "\nmachine: %s\n", r.Machine)
 	if d := r.Drain; d != nil {
-		fmt.Fprintf(out, "\nbacklog drain: %d transactions, %d row changes, %d rounds (medians)\n", d.Transactions, d.Changes, len(d.Rounds))
-		fmt.Fprintf(out, "  %-34s %12.0f rows/s\n", "pg_recvlogical (to /dev/null)", d.RecvlogicalRowsPerSec)
-		fmt.Fprintf(out, "  %-34s %12.0f rows/s\n", "tidemark (to Kafka, acks=all)", d.TidemarkRowsPerSec)
-		fmt.Fprintf(out, "  %-34s %12.2fx\n", "paired ratio tidemark/pg_recvlogical", d.Ratio)
-		fmt.Fprintf(out, "  %-34s %12.2f µs\n", "tidemark CPU per row", d.CPUMicrosPerRow)
-		fmt.Fprintf(out, "  %-34s %12.0f MB\n", "tidemark peak RSS", d.PeakRSSMB)
+		fmt.Fprintf(out, "\nbacklog drain: %d transactions, %d row changes, %d interleaved rounds\n", d.Transactions, d.Changes, len(d.Rounds))
+		fmt.Fprintf(out, "  %-44s %12s %12s %12s\n", "", "min", "median", "max")
+		row := func(name, unit string, sp bench.Spread, prec int) {
+			fmt.Fprintf(out, "  %-44s %12.*f %12.*f %12.*f %s\n", name, prec, sp.Min, prec, sp.Median, prec, sp.Max, unit)
+		}
+		sp := d.Spread
+		row("pg_recvlogical (to /dev/null) wall", "s", sp.RecvlogicalSeconds, 2)
+		row("pg_recvlogical rows/s", "", sp.RecvlogicalRowsPerSec, 0)
+		row("pg_recvlogical CPU", "µs/row", sp.RecvlogicalCPUMicros, 2)
+		row("tidemark (to Kafka, acks=all) wall", "s", sp.TidemarkSeconds, 2)
+		row("tidemark rows/s", "", sp.TidemarkRowsPerSec, 0)
+		row("paired ratio tidemark/pg_recvlogical", "x", sp.Ratio, 2)
+		row("tidemark CPU (user + system)", "µs/row", sp.CPUMicros, 2)
+		row("tidemark user CPU", "µs/row", sp.UserMicros, 2)
+		row("tidemark system CPU", "µs/row", sp.SysMicros, 2)
+		row("tidemark voluntary context switches", "/row", sp.VoluntaryCSPerRow, 3)
+		row("tidemark involuntary context switches", "/row", sp.InvoluntaryCSPerRow, 3)
+		row("tidemark peak RSS", "MB", sp.RSSMB, 0)
 		if d.TidemarkWalsenderMicrosPerRow > 0 {
-			fmt.Fprintf(out, "  %-34s %12.2f µs\n", "walsender CPU/row, pg_recvlogical", d.RecvlogicalWalsenderMicrosPerRow)
-			fmt.Fprintf(out, "  %-34s %12.2f µs\n", "walsender CPU/row, tidemark", d.TidemarkWalsenderMicrosPerRow)
+			row("walsender CPU, serving pg_recvlogical", "µs/row", sp.RecvlogicalWalsenderMicro, 2)
+			row("walsender CPU, serving tidemark", "µs/row", sp.TidemarkWalsenderMicros, 2)
 		}
 		if d.BrokerMicrosPerRow > 0 {
-			fmt.Fprintf(out, "  %-34s %12.2f µs\n", "broker (dev-kafka) CPU/row", d.BrokerMicrosPerRow)
+			row("broker (dev-kafka) CPU", "µs/row", sp.BrokerMicros, 2)
 		}
-		fmt.Fprintf(out, "  %-34s %12v\n", "delivered exact, no duplicates", d.Exact)
+		if sp.TidemarkSeconds.Min > 0 {
+			fmt.Fprintf(out, "  %-44s %12.2fx\n", "tidemark slowest / fastest round", sp.TidemarkSeconds.Max/sp.TidemarkSeconds.Min)
+		}
+		if sp.RecvlogicalRowsPerSec.Median > 0 {
+			fmt.Fprintf(out, "  %-44s %12.2fx\n", "median rows/s, tidemark / pg_recvlogical", sp.TidemarkRowsPerSec.Median/sp.RecvlogicalRowsPerSec.Median)
+		}
+		fmt.Fprintf(out, "  %-44s %12v\n", "delivered exact, no duplicates", d.Exact)
 	}
 	if h := r.Huge; h != nil {
 		fmt.Fprintf(out, "\none transaction of %d rows: %.0f rows/s, %.2f µs CPU/row, peak RSS %.0f MB, complete and in order: %v\n",

@@ -37,11 +37,11 @@ type Options struct {
 	PG           string        // DSN; "" starts a throwaway Postgres
 	Brokers      []string      // "" starts `tidemark dev-kafka` as a separate process
 	Transactions int           // backlog size (100000)
-	Repeat       int           // interleaved drain rounds (3)
+	Repeat       int           // interleaved drain rounds (15)
 	Rate         int           // live transactions per second (2000)
 	Duration     time.Duration // live run length (60s)
 	Workers      int           // client connections for the workload (4)
-	Partitions   int           // partitions per topic (6)
+	Partitions   int           // partitions of each table topic, created before each round (12)
 	HugeRows     int           // rows in the one-transaction phase (1000000; <0 skips)
 	SkipDrain    bool
 	SkipLive     bool
@@ -51,12 +51,18 @@ type Options struct {
 
 // Round is one interleaved drain round.
 type Round struct {
-	RecvlogicalSeconds float64 `json:"pg_recvlogical_seconds"`
-	TidemarkSeconds    float64 `json:"tidemark_seconds"`
-	TidemarkCPUSeconds float64 `json:"tidemark_cpu_seconds"`
-	TidemarkMaxRSSMB   float64 `json:"tidemark_max_rss_mb"`
-	Delivered          int64   `json:"delivered"`
-	Distinct           int64   `json:"distinct_positions"`
+	RecvlogicalSeconds    float64 `json:"pg_recvlogical_seconds"`
+	RecvlogicalCPUSeconds float64 `json:"pg_recvlogical_cpu_seconds"`
+	TidemarkSeconds       float64 `json:"tidemark_seconds"`
+	TidemarkCPUSeconds    float64 `json:"tidemark_cpu_seconds"` // user + system
+	TidemarkUserSeconds   float64 `json:"tidemark_user_cpu_seconds"`
+	TidemarkSysSeconds    float64 `json:"tidemark_system_cpu_seconds"`
+	// Context switches of the Tidemark process (getrusage).
+	TidemarkVoluntaryCS   int64   `json:"tidemark_voluntary_context_switches"`
+	TidemarkInvoluntaryCS int64   `json:"tidemark_involuntary_context_switches"`
+	TidemarkMaxRSSMB      float64 `json:"tidemark_max_rss_mb"`
+	Delivered             int64   `json:"delivered"`
+	Distinct              int64   `json:"distinct_positions"`
 	// CPU seconds of the other processes on this machine (0 when they run
 	// elsewhere): the walsender serving each drain, and the broker.
 	RecvlogicalWalsenderCPU float64 `json:"pg_recvlogical_walsender_cpu_seconds"`
@@ -79,6 +85,44 @@ type Drain struct {
 	TidemarkWalsenderMicrosPerRow    float64 `json:"tidemark_walsender_cpu_us_per_row_median"`
 	BrokerMicrosPerRow               float64 `json:"broker_cpu_us_per_row_median"`
 	Exact                            bool    `json:"delivered_exact_no_duplicates"`
+	// Spread over the rounds of every figure: min, median, max.
+	Spread DrainSpread `json:"spread"`
+}
+
+// Spread is the minimum, median and maximum of a figure over the rounds.
+type Spread struct {
+	Min    float64 `json:"min"`
+	Median float64 `json:"median"`
+	Max    float64 `json:"max"`
+}
+
+func spreadOf(xs []float64) Spread {
+	if len(xs) == 0 {
+		return Spread{}
+	}
+	s := append([]float64(nil), xs...)
+	sort.Float64s(s)
+	return Spread{Min: s[0], Median: median(s), Max: s[len(s)-1]}
+}
+
+// DrainSpread holds the spread of each drain figure (per row: divided by
+// the backlog's row changes).
+type DrainSpread struct {
+	RecvlogicalRowsPerSec     Spread `json:"pg_recvlogical_rows_per_sec"`
+	RecvlogicalSeconds        Spread `json:"pg_recvlogical_seconds"`
+	RecvlogicalCPUMicros      Spread `json:"pg_recvlogical_cpu_us_per_row"`
+	TidemarkRowsPerSec        Spread `json:"tidemark_rows_per_sec"`
+	TidemarkSeconds           Spread `json:"tidemark_seconds"`
+	Ratio                     Spread `json:"ratio"`
+	CPUMicros                 Spread `json:"tidemark_cpu_us_per_row"`
+	UserMicros                Spread `json:"tidemark_user_us_per_row"`
+	SysMicros                 Spread `json:"tidemark_system_us_per_row"`
+	VoluntaryCSPerRow         Spread `json:"tidemark_voluntary_cs_per_row"`
+	InvoluntaryCSPerRow       Spread `json:"tidemark_involuntary_cs_per_row"`
+	RSSMB                     Spread `json:"tidemark_max_rss_mb"`
+	RecvlogicalWalsenderMicro Spread `json:"pg_recvlogical_walsender_us_per_row"`
+	TidemarkWalsenderMicros   Spread `json:"tidemark_walsender_us_per_row"`
+	BrokerMicros              Spread `json:"broker_us_per_row"`
 }
 
 // Live is the live-latency result.
@@ -151,7 +195,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		o.Transactions = 100000
 	}
 	if o.Repeat <= 0 {
-		o.Repeat = 3
+		o.Repeat = 15
 	}
 	if o.Rate <= 0 {
 		o.Rate = 2000
@@ -163,7 +207,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		o.Workers = 4
 	}
 	if o.Partitions <= 0 {
-		o.Partitions = 6
+		o.Partitions = 12
 	}
 	if o.Out == nil {
 		o.Out = io.Discard
@@ -359,12 +403,16 @@ func (e *env) drain(ctx context.Context) (*Drain, error) {
 		}
 		ws := e.sampleWalsender(ctx, slot)
 		t0 := time.Now()
-		out, err := exec.CommandContext(ctx, recv, "-d", e.dsn, "-S", slot, "--start", "-E", end.String(),
-			"-o", "proto_version=1", "-o", "publication_names=bench_pub", "-f", "/dev/null", "--no-loop").CombinedOutput()
+		rl := exec.CommandContext(ctx, recv, "-d", e.dsn, "-S", slot, "--start", "-E", end.String(),
+			"-o", "proto_version=1", "-o", "publication_names=bench_pub", "-f", "/dev/null", "--no-loop")
+		out, err := rl.CombinedOutput()
 		if err != nil {
 			return nil, fmt.Errorf("pg_recvlogical: %v: %s", err, out)
 		}
 		r.RecvlogicalSeconds = time.Since(t0).Seconds()
+		if ru, ok := rl.ProcessState.SysUsage().(*syscall.Rusage); ok {
+			r.RecvlogicalCPUSeconds = time.Duration(ru.Utime.Nano() + ru.Stime.Nano()).Seconds()
+		}
 		r.RecvlogicalWalsenderCPU = ws.Stop().Seconds()
 		_ = e.exec(ctx, "SELECT pg_drop_replication_slot($1)", slot)
 
@@ -375,6 +423,9 @@ func (e *env) drain(ctx context.Context) (*Drain, error) {
 		}
 		prefix := fmt.Sprintf("bench%d_%d", time.Now().Unix()%100000, i)
 		if err := e.restartBroker(); err != nil {
+			return nil, err
+		}
+		if err := e.createTopics(ctx, prefix); err != nil {
 			return nil, err
 		}
 		ws = e.sampleWalsender(ctx, slot)
@@ -397,12 +448,13 @@ func (e *env) drain(ctx context.Context) (*Drain, error) {
 		}
 		d.Rounds = append(d.Rounds, r)
 		us := func(sec float64) float64 { return sec * 1e6 / float64(d.Changes) }
-		e.printf("  round %d: pg_recvlogical %.0f rows/s, tidemark %.0f rows/s (%.2fx), %.2f µs CPU/row, %.0f MB RSS, delivered %d/%d distinct %d\n",
-			i, float64(d.Changes)/r.RecvlogicalSeconds, float64(d.Changes)/r.TidemarkSeconds,
-			r.RecvlogicalSeconds/r.TidemarkSeconds, us(r.TidemarkCPUSeconds), r.TidemarkMaxRSSMB,
+		e.printf("  round %2d: pg_recvlogical %.2fs %.0f rows/s | tidemark %.2fs %.0f rows/s (%.2fx), CPU %.2f µs/row (user %.2f, sys %.2f), %.2f cs/row, %.0f MB | delivered %d/%d distinct %d\n",
+			i, r.RecvlogicalSeconds, float64(d.Changes)/r.RecvlogicalSeconds, r.TidemarkSeconds, float64(d.Changes)/r.TidemarkSeconds,
+			r.RecvlogicalSeconds/r.TidemarkSeconds, us(r.TidemarkCPUSeconds), us(r.TidemarkUserSeconds), us(r.TidemarkSysSeconds),
+			float64(r.TidemarkVoluntaryCS+r.TidemarkInvoluntaryCS)/float64(d.Changes), r.TidemarkMaxRSSMB,
 			r.Delivered, d.Changes, r.Distinct)
-		e.printf("           CPU µs/row: walsender %.2f (pg_recvlogical) / %.2f (tidemark), broker %.2f\n",
-			us(r.RecvlogicalWalsenderCPU), us(r.TidemarkWalsenderCPU), us(r.BrokerCPU))
+		e.printf("            CPU µs/row: pg_recvlogical %.2f, walsender %.2f (pg_recvlogical) / %.2f (tidemark), broker %.2f\n",
+			us(r.RecvlogicalCPUSeconds), us(r.RecvlogicalWalsenderCPU), us(r.TidemarkWalsenderCPU), us(r.BrokerCPU))
 	}
 	var rl, tm, ratio, cpu, wrl, wtm, bk []float64
 	for _, r := range d.Rounds {
@@ -417,7 +469,55 @@ func (e *env) drain(ctx context.Context) (*Drain, error) {
 	}
 	d.RecvlogicalRowsPerSec, d.TidemarkRowsPerSec, d.Ratio, d.CPUMicrosPerRow = median(rl), median(tm), median(ratio), median(cpu)
 	d.RecvlogicalWalsenderMicrosPerRow, d.TidemarkWalsenderMicrosPerRow, d.BrokerMicrosPerRow = median(wrl), median(wtm), median(bk)
+	per := func(f func(r Round) float64) Spread {
+		xs := make([]float64, len(d.Rounds))
+		for i, r := range d.Rounds {
+			xs[i] = f(r)
+		}
+		return spreadOf(xs)
+	}
+	n := float64(d.Changes)
+	d.Spread = DrainSpread{
+		RecvlogicalRowsPerSec:     spreadOf(rl),
+		RecvlogicalSeconds:        per(func(r Round) float64 { return r.RecvlogicalSeconds }),
+		RecvlogicalCPUMicros:      per(func(r Round) float64 { return r.RecvlogicalCPUSeconds * 1e6 / n }),
+		TidemarkRowsPerSec:        spreadOf(tm),
+		TidemarkSeconds:           per(func(r Round) float64 { return r.TidemarkSeconds }),
+		Ratio:                     spreadOf(ratio),
+		CPUMicros:                 spreadOf(cpu),
+		UserMicros:                per(func(r Round) float64 { return r.TidemarkUserSeconds * 1e6 / n }),
+		SysMicros:                 per(func(r Round) float64 { return r.TidemarkSysSeconds * 1e6 / n }),
+		VoluntaryCSPerRow:         per(func(r Round) float64 { return float64(r.TidemarkVoluntaryCS) / n }),
+		InvoluntaryCSPerRow:       per(func(r Round) float64 { return float64(r.TidemarkInvoluntaryCS) / n }),
+		RSSMB:                     per(func(r Round) float64 { return r.TidemarkMaxRSSMB }),
+		RecvlogicalWalsenderMicro: spreadOf(wrl),
+		TidemarkWalsenderMicros:   spreadOf(wtm),
+		BrokerMicros:              spreadOf(bk),
+	}
 	return d, nil
+}
+
+// createTopics creates the round's table topics with Options.Partitions
+// partitions each and its transactions topic with one, as an operator would
+// before the first start (Tidemark's default config leaves existing topics
+// as they are).
+func (e *env) createTopics(ctx context.Context, prefix string) error {
+	client := &kafkago.Client{Addr: kafkago.TCP(e.brokers...), Timeout: 10 * time.Second}
+	req := &kafkago.CreateTopicsRequest{}
+	for _, t := range e.tableTopics(prefix) {
+		req.Topics = append(req.Topics, kafkago.TopicConfig{Topic: t, NumPartitions: e.o.Partitions, ReplicationFactor: 1})
+	}
+	req.Topics = append(req.Topics, kafkago.TopicConfig{Topic: prefix + ".transactions", NumPartitions: 1, ReplicationFactor: 1})
+	resp, err := client.CreateTopics(ctx, req)
+	if err != nil {
+		return fmt.Errorf("creating the round's topics: %w", err)
+	}
+	for t, err := range resp.Errors {
+		if err != nil {
+			return fmt.Errorf("creating topic %s: %w", t, err)
+		}
+	}
+	return nil
 }
 
 func findTool(name string) (string, error) {
@@ -581,6 +681,9 @@ func (e *env) runUntilDelivered(ctx context.Context, r *Round, path string, topi
 	}
 	if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
 		r.TidemarkCPUSeconds = time.Duration(ru.Utime.Nano() + ru.Stime.Nano()).Seconds()
+		r.TidemarkUserSeconds = time.Duration(ru.Utime.Nano()).Seconds()
+		r.TidemarkSysSeconds = time.Duration(ru.Stime.Nano()).Seconds()
+		r.TidemarkVoluntaryCS, r.TidemarkInvoluntaryCS = ru.Nvcsw, ru.Nivcsw
 		r.TidemarkMaxRSSMB = float64(ru.Maxrss) / 1024
 	}
 	var err error
