@@ -61,6 +61,8 @@ histogram, interpolated within buckets).`,
 	f.IntVar(&o.Workers, "workers", 4, "client connections driving the workload")
 	f.IntVar(&o.Partitions, "partitions", 12, "partitions of each table topic (created before each drain round)")
 	f.IntVar(&o.HugeRows, "huge-rows", 1000000, "rows of the one-transaction phase (-1 skips it)")
+	f.IntVar(&o.Kills, "kills", 0, "crash phase: SIGKILL tidemark run this many times (every 2-4 s) under load; 0 skips it")
+	f.IntVar(&o.CrashRate, "crash-rate", 1500, "crash phase: transactions per second")
 	f.BoolVar(&o.SkipDrain, "skip-drain", false, "skip the backlog drain")
 	f.BoolVar(&o.SkipLive, "skip-live", false, "skip the live latency run")
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON")
@@ -107,6 +109,11 @@ func printBench(cmd *cobra.Command, r *bench.Result) {
 	if h := r.Huge; h != nil {
 		fmt.Fprintf(out, "\none transaction of %d rows: %.0f rows/s, %.2f µs CPU/row, peak RSS %.0f MB, complete and in order: %v\n",
 			h.Rows, h.RowsPerSec, h.CPUMicros, h.MaxRSSMB, h.Complete)
+	}
+	if c := r.Crash; c != nil {
+		fmt.Fprintf(out, "\ncrash: %d SIGKILLs in %.0fs at %d tx/s: %d changes committed, %d records in Kafka, %d distinct positions\n",
+			c.Kills, c.Seconds, c.Rate, c.Expected, c.Delivered, c.Distinct)
+		fmt.Fprintf(out, "  missing %d, delivered %.4f x the expected changes; slot after the final clean stop %s\n", c.Missing, c.Ratio, c.FinalConfirmed)
 	}
 	if l := r.Live; l != nil {
 		fmt.Fprintf(out, "\nlive: %d tx/s target, %.0fs, %d transactions committed (%d ticks behind)\n", l.Rate, l.Seconds, l.Transactions, l.Behind)

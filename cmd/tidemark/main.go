@@ -43,6 +43,10 @@ func main() {
 	if err == nil {
 		return
 	}
+	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
+		// Stopped (SIGTERM, ^C) while starting: a clean stop too.
+		return
+	}
 	// A Postgres certificate check that failed says how to fix the DSN.
 	fmt.Fprintln(os.Stderr, "tidemark:", capture.ExplainTLS(err))
 	var ee *exitError

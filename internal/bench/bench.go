@@ -43,6 +43,8 @@ type Options struct {
 	Workers      int           // client connections for the workload (4)
 	Partitions   int           // partitions of each table topic, created before each round (12)
 	HugeRows     int           // rows in the one-transaction phase (1000000; <0 skips)
+	Kills        int           // crash phase: SIGKILLs of tidemark run under load (0 skips it)
+	CrashRate    int           // crash phase: transactions per second (1500)
 	SkipDrain    bool
 	SkipLive     bool
 	Binary       string // the tidemark binary to run as the measured process
@@ -165,6 +167,7 @@ type Result struct {
 	Drain   *Drain `json:"drain,omitempty"`
 	Huge    *Huge  `json:"huge_transaction,omitempty"`
 	Live    *Live  `json:"live,omitempty"`
+	Crash   *Crash `json:"crash,omitempty"`
 }
 
 type env struct {
@@ -206,6 +209,9 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if o.Workers <= 0 {
 		o.Workers = 4
 	}
+	if o.CrashRate <= 0 {
+		o.CrashRate = 1500
+	}
 	if o.Partitions <= 0 {
 		o.Partitions = 12
 	}
@@ -240,6 +246,11 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if !o.SkipLive {
 		if res.Live, err = e.live(ctx); err != nil {
 			return res, fmt.Errorf("live latency: %w", err)
+		}
+	}
+	if o.Kills > 0 {
+		if res.Crash, err = e.crash(ctx); err != nil {
+			return res, fmt.Errorf("crash: %w", err)
 		}
 	}
 	return res, nil
@@ -342,6 +353,13 @@ func (e *env) restartBroker() error {
 func (e *env) exec(ctx context.Context, sql string, args ...any) error {
 	_, err := e.pool.Exec(ctx, sql, args...)
 	return err
+}
+
+// metadataClient is a Kafka client whose metadata is fresh (kafka-go caches
+// it for 6 s by default, which would hide topics just created).
+func (e *env) metadataClient() *kafkago.Client {
+	return &kafkago.Client{Addr: kafkago.TCP(e.brokers...), Timeout: 10 * time.Second,
+		Transport: &kafkago.Transport{MetadataTTL: 20 * time.Millisecond}}
 }
 
 func (e *env) lsn(ctx context.Context, sql string) (pipeline.LSN, error) {
