@@ -342,9 +342,9 @@ type queue struct {
 	// batched: push does not wake the writer; the reader calls wake after
 	// each batch of events (set once, before use).
 	batched bool
-	space    chan struct{}
-	ready    chan struct{}
-	stats    *Stats
+	space   chan struct{}
+	ready   chan struct{}
+	stats   *Stats
 }
 
 func newQueue(maxCount int, maxBytes int64, stats *Stats) *queue {
