@@ -839,3 +839,68 @@ func TestEmptyTransactionPublishesNothing(t *testing.T) {
 		t.Errorf("acks %v, want the last at %s", acks, txnN(3).end)
 	}
 }
+
+// TestPipelineDrainsOnStop: when Run's ctx ends, reading stops and the
+// writer still writes and acknowledges what is queued (a clean stop leaves
+// nothing durable unacknowledged); with DrainTimeout < 0 it stops at once;
+// a sink that never returns is given up after DrainTimeout.
+func TestPipelineDrainsOnStop(t *testing.T) {
+	evs := buildEvents(txnN(3, insertEvent("$1", "!a")), txnN(3, insertEvent("$2", "!b")), txnN(3, insertEvent("$3", "!c")))
+	var final pipeline.LSN
+	for _, ev := range evs {
+		if ev.Kind == pipeline.EventCommit {
+			final = ev.Txn.EndLSN
+		}
+	}
+	run := func(t *testing.T, drain time.Duration, release bool) ([]pipeline.LSN, time.Duration) {
+		src, sink := newFakeSource(evs), newFakeSink()
+		sink.block = make(chan struct{})
+		p := newPipeline(t, pipeline.Config{MaxBatchMessages: 1, Linger: -1, DrainTimeout: drain}, src, sink)
+		ctx, cancel := context.WithCancel(testCtx(t))
+		done := make(chan error, 1)
+		go func() { done <- p.Run(ctx) }()
+		<-sink.entered // the first write is in flight
+		// Everything is queued before the stop.
+		for deadline := time.Now().Add(5 * time.Second); src.Calls() <= len(evs); time.Sleep(time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("the source was read %d times, want all %d events", src.Calls(), len(evs))
+			}
+		}
+		cancel()
+		stopped := time.Now()
+		if release {
+			time.Sleep(20 * time.Millisecond) // the stop is seen first
+			close(sink.block)
+		}
+		select {
+		case err := <-done:
+			if !errors.Is(err, context.Canceled) {
+				t.Errorf("Run after a stop: %v, want context.Canceled", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("Run did not return after the stop")
+		}
+		return src.Acks(), time.Since(stopped)
+	}
+	t.Run("drains", func(t *testing.T) {
+		acks, _ := run(t, 0, true)
+		if len(acks) == 0 || acks[len(acks)-1] != final {
+			t.Errorf("acks after a clean stop %v, want the last to be the final transaction's end %s", acks, final)
+		}
+	})
+	t.Run("no drain", func(t *testing.T) {
+		acks, _ := run(t, -1, true)
+		if len(acks) > 0 && acks[len(acks)-1] == final {
+			t.Errorf("with DrainTimeout < 0 the queue was still drained: acks %v", acks)
+		}
+	})
+	t.Run("gives up", func(t *testing.T) {
+		acks, took := run(t, 200*time.Millisecond, false)
+		if len(acks) > 0 {
+			t.Errorf("acks %v from a sink that never returned", acks)
+		}
+		if took < 150*time.Millisecond {
+			t.Errorf("gave up after %s, before the 200ms drain timeout", took)
+		}
+	})
+}
