@@ -353,11 +353,16 @@ func (s *Stream) Ack(lsn pipeline.LSN) {
 	case s.ackCh <- struct{}{}:
 	default:
 	}
-	// Rate-limited: at most one wake-up per statusMinGap.
-	if s.wakeable.Load() && time.Now().UnixNano()-s.lastStatusNanos.Load() >= int64(statusMinGap) && s.wakeable.CompareAndSwap(true, false) {
+	// Wake the loop when the status is due (at once, or statusMinGap after
+	// the last one): at most once until the loop waits again.
+	if s.wakeable.Load() && s.wakeable.CompareAndSwap(true, false) {
+		due := time.Unix(0, s.lastStatusNanos.Load()+int64(statusMinGap))
+		if now := time.Now(); due.Before(now) {
+			due = now
+		}
 		s.wakeMu.Lock()
 		if s.wakeConn != nil {
-			_ = s.wakeConn.SetReadDeadline(time.Now())
+			_ = s.wakeConn.SetReadDeadline(due)
 		}
 		s.wakeMu.Unlock()
 	}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -570,5 +571,47 @@ func TestCleanStopConfirmsDurable(t *testing.T) {
 		} else {
 			t.Logf("stop %d: slot confirmed %s; the last transaction in Kafka ends at %s", i, c, pipeline.LSN(last))
 		}
+	}
+}
+
+// TestAckConfirmedPromptly: on a quiet stream, a transaction is confirmed
+// to Postgres within tens of milliseconds of its acknowledgement (the
+// receive loop is woken for it), not at the next read timeout or status
+// tick. The median over 15 single transactions is compared, so one slow
+// sample on a loaded machine does not decide.
+func TestAckConfirmedPromptly(t *testing.T) {
+	e := newEnv(t, "")
+	e.exec(demo.Schema)
+	cfg := e.config("prompt", demo.Tables, nil)
+	r := e.start(cfg)
+	if err := demo.Seed(context.Background(), e.pool); err != nil {
+		t.Fatal(err)
+	}
+	waitFor := func(what string, cond func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(30 * time.Second); !cond(); time.Sleep(time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("timed out waiting for %s", what)
+			}
+		}
+	}
+	var gaps []time.Duration
+	for i := 0; i < 15; i++ {
+		// Quiet: everything so far acknowledged and confirmed, and the
+		// loop back to waiting on the connection.
+		time.Sleep(300 * time.Millisecond)
+		before := e.currentLSN()
+		e.exec("INSERT INTO users (user_id) VALUES ($1)", fmt.Sprintf("@prompt%d:x", i))
+		waitFor("the acknowledgement", func() bool { return pipeline.LSN(r.Pipeline.Stats().AckedLSN.Load()) > before })
+		acked := time.Now()
+		a := pipeline.LSN(r.Pipeline.Stats().AckedLSN.Load())
+		waitFor("the confirmation", func() bool { return pipeline.LSN(r.Stream.Stats().ConfirmedLSN.Load()) >= a })
+		gaps = append(gaps, time.Since(acked))
+	}
+	slices.Sort(gaps)
+	med := gaps[len(gaps)/2]
+	t.Logf("acknowledgement to confirmation: min %s, median %s, max %s", gaps[0], med, gaps[len(gaps)-1])
+	if med > 100*time.Millisecond {
+		t.Errorf("median acknowledgement-to-confirmation %s, want tens of milliseconds (all: %v)", med, gaps)
 	}
 }
