@@ -36,7 +36,9 @@ histogram, interpolated within buckets).`,
 			if err != nil {
 				return err
 			}
-			o.Binary = self
+			if o.Binary == "" {
+				o.Binary = self
+			}
 			o.Out = cmd.ErrOrStderr()
 			res, err := bench.Run(cmd.Context(), o)
 			if res != nil {
@@ -66,6 +68,7 @@ histogram, interpolated within buckets).`,
 	f.BoolVar(&o.SkipDrain, "skip-drain", false, "skip the backlog drain")
 	f.BoolVar(&o.SkipLive, "skip-live", false, "skip the live latency run")
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON")
+	f.StringVar(&o.Binary, "binary", "", "the tidemark binary to measure (default: this one), e.g. to compare two builds under one harness")
 	return cmd
 }
 

@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -203,6 +204,7 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger, opts ...P
 		StandbyInterval: cfg.Postgres.StandbyInterval, KeyColumns: keys, ConfirmedLSN: confirmed,
 		Tables: cfg.Postgres.Tables, UnknownTables: cfg.Postgres.UnknownTables,
 		BufferBytes: HandoverBytes(cfg), MaxRowBytes: int(cfg.Kafka.BatchBytes),
+		ReadCoalesce: readCoalesce(),
 	}, log.With(zap.String("component", "capture")))
 	if err != nil {
 		return nil, err
@@ -328,6 +330,21 @@ func (a *App) Run(ctx context.Context) error {
 	err = errors.Join(ignoreCanceled(err), a.Sink.Close(closeCtx))
 	a.Log.Info("stopped", zap.Stringer("confirmed_lsn", pipeline.LSN(a.Stream.Stats().ConfirmedLSN.Load())))
 	return err
+}
+
+// readCoalesce is capture's ReadCoalesce: the default, unless the
+// TIDEMARK_READ_COALESCE environment variable (a duration; negative turns
+// it off) says otherwise, for measurements.
+func readCoalesce() time.Duration {
+	if v := os.Getenv("TIDEMARK_READ_COALESCE"); v != "" {
+		if d, err := time.ParseDuration(v); err == nil {
+			if d == 0 {
+				d = -1
+			}
+			return d
+		}
+	}
+	return 0
 }
 
 func ignoreCanceled(err error) error {
