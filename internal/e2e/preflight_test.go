@@ -75,10 +75,13 @@ func checkUntouched(t *testing.T, pool *pgxpool.Pool, cfg *config.Config) {
 
 // checkRefused runs app.Check and app.Prepare on cfg: Check must report
 // exactly want, and Prepare must fail with a PreflightError whose message
-// holds each problem as printed (table, what, fix).
+// holds each problem as printed (table, what, fix). Both are bounded: a
+// preflight that lets a bad config through must fail the test, not leave
+// Prepare waiting for a broker (the wal_level test's is unreachable).
 func checkRefused(t *testing.T, cfg *config.Config, want []capture.Problem) {
 	t.Helper()
-	ctx := context.Background()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
 	_, _, problems, err := app.Check(ctx, cfg)
 	if err != nil {
 		t.Fatalf("Check: %v", err)
