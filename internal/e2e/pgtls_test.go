@@ -111,7 +111,16 @@ CREATE TABLE notes (id int PRIMARY KEY, body text, tag label)`)
 		t.Fatal(err)
 	}
 	defer logFile.Close()
-	runLog := func() string { b, _ := os.ReadFile(logPath); return string(b) }
+	// The log is also checked for the password: an unreadable log must
+	// fail the test, not pass that check empty.
+	runLog := func() string {
+		t.Helper()
+		b, err := os.ReadFile(logPath)
+		if err != nil {
+			t.Fatalf("reading the log of tidemark run: %v", err)
+		}
+		return string(b)
+	}
 	run := exec.Command(bin, "run", "--config", goodPath)
 	run.Env = passwordEnv
 	run.Stdout, run.Stderr = logFile, logFile

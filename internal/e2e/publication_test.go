@@ -252,7 +252,10 @@ CREATE PUBLICATION ops_pub FOR TABLE notes WITH (publish = 'insert')`)
 		t.Errorf("tidemark check output lacks %q:\n%s", want.String(), out)
 	}
 	e.exec(`ALTER PUBLICATION ops_pub SET (publish = 'insert, update, delete')`)
-	out, _ = exec.Command(binary(t), "check", "--config", path).CombinedOutput()
+	out, err = exec.Command(binary(t), "check", "--config", path).CombinedOutput()
+	if !errors.As(err, &ee) || ee.ExitCode() != 3 {
+		t.Errorf("tidemark check, only truncate missing: %v (want exit 3)\n%s", err, out)
+	}
 	if !strings.Contains(string(out), `publication "ops_pub" does not publish truncate: `) {
 		t.Errorf("tidemark check, only truncate missing:\n%s", out)
 	}
