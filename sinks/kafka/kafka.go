@@ -476,7 +476,8 @@ func (s *Sink) plan(recs []record) [][]partBatch {
 // carrying one record batch per partition, sent concurrently. Partitions
 // that fail are retried, in their original order, until they succeed.
 func (s *Sink) writeRound(ctx context.Context, batches []partBatch) error {
-	// Encode every batch of the round once; retries resend the same bytes.
+	// Encode every batch of the round once; a retry resends a re-stamped
+	// copy of the same records (below), never re-encodes them.
 	// Offsets first, slices after: the arena may move while it grows.
 	s.arena = s.arena[:0]
 	now := time.Now().UnixMilli()
