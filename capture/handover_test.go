@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgtype"
+
 	"github.com/tidemark/tidemark/pipeline"
 )
 
@@ -39,9 +41,15 @@ func TestReceiveRefusesOversizedRow(t *testing.T) {
 	feed(t, s, xlogData(0x1000, relationBytes(42)))
 	feed(t, s, xlogData(0x1100, beginBytes(0x3000, 77)))
 	feed(t, s, xlogData(0x1200, insertOne(42, strings.Repeat("a", 50))))
+	// The column is now an int4 that "bbb..." is not: had the oversized row
+	// been decoded first, the error would be a DecodeError.
+	s.rels[42].Columns[0].TypeOID = pgtype.Int4OID
 	err := s.handleCopyData(context.Background(), nil, xlogData(0x1A2B0, insertOne(42, strings.Repeat("b", 200))))
 	if !errors.Is(err, ErrTerminal) {
 		t.Fatalf("err = %v, want ErrTerminal", err)
+	}
+	if strings.Contains(err.Error(), "decoding") {
+		t.Fatalf("err = %v: the oversized row was decoded before it was refused", err)
 	}
 	for _, want := range []string{"public.items", "0/1A2B0", "more than the 100", "kafka.batch_bytes"} {
 		if !strings.Contains(err.Error(), want) {
