@@ -317,6 +317,22 @@ func TestDecodeTuple(t *testing.T) {
 	if tup[0].Absent || !tup[1].Absent || !tup[2].Absent {
 		t.Errorf("key-only tuple %+v", tup)
 	}
+	// Absent follows pgoutput's identity flags, not the message key: a key
+	// column outside the identity (e.g. a primary key once REPLICA IDENTITY
+	// USING INDEX names another index) is absent from an old-key image,
+	// never a false null.
+	pkRel := relationFromMessage(relMsg(), []string{"room_id"})
+	for i := range pkRel.Columns {
+		pkRel.Columns[i].Identity = i == 0
+	}
+	tup, err = d.tuple(pkRel, &pglogrepl.TupleData{ColumnNum: 3, Columns: []*pglogrepl.TupleDataColumn{
+		col('t', "$e1"), col('n', ""), col('n', "")}}, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tup[0].Absent || !tup[1].Absent || !tup[2].Absent {
+		t.Errorf("key-only tuple, key outside the identity: %+v", tup)
+	}
 	// Column count mismatch and undecodable values are errors naming the place.
 	if _, err := d.tuple(rel, &pglogrepl.TupleData{ColumnNum: 1, Columns: []*pglogrepl.TupleDataColumn{col('t', "x")}}, false); err == nil {
 		t.Error("column count mismatch accepted")
