@@ -131,11 +131,16 @@ type Stats struct {
 	StatusUpdates atomic.Uint64
 	// Probes counts status messages that asked the server for a reply
 	// because it had sent nothing for a while (see Config.StandbyInterval).
-	Probes       atomic.Uint64
-	ServerWALEnd atomic.Uint64 // the server's WAL end from its last keepalive
-	Reconnects   atomic.Uint64
-	Messages     atomic.Uint64 // pgoutput messages decoded
-	LogicalMsgs  atomic.Uint64 // pg_logical_emit_message records seen
+	Probes atomic.Uint64
+	// ReplyRequests counts the server's keepalives that asked for a status
+	// at once: it had heard nothing for half its wal_sender_timeout (status
+	// messages come every standby interval, at most a third of it, so a
+	// session that keeps up sees none).
+	ReplyRequests atomic.Uint64
+	ServerWALEnd  atomic.Uint64 // the server's WAL end from its last keepalive
+	Reconnects    atomic.Uint64
+	Messages      atomic.Uint64 // pgoutput messages decoded
+	LogicalMsgs   atomic.Uint64 // pg_logical_emit_message records seen
 	// Heartbeats received (see Watcher) and, for the last one, nanoseconds
 	// from its write to its receipt here: replication lag, also when idle.
 	HeartbeatsSeen atomic.Uint64
@@ -783,6 +788,7 @@ func (s *Stream) handleCopyData(ctx context.Context, conn *pgconn.PgConn, data [
 			s.idleWALEnd = pipeline.LSN(ka.ServerWALEnd)
 		}
 		if ka.ReplyRequested {
+			s.stats.ReplyRequests.Add(1)
 			return s.maybeSendStatus(ctx, conn, true)
 		}
 	case pglogrepl.XLogDataByteID:
