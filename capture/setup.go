@@ -367,6 +367,34 @@ func quoteTables(tables []TableInfo) []string {
 	return out
 }
 
+// ExtraTables lists ("schema.table", sorted) the tables the publication
+// publishes that are none of tables nor a partition of one (which
+// pg_partition_ancestors lists only for partitions): their changes
+// reach capture, which skips or refuses them (postgres.unknown_tables).
+// Nothing when the publication does not exist.
+func ExtraTables(ctx context.Context, conn *pgx.Conn, name string, tables []TableInfo) ([]string, error) {
+	oids := make([]uint32, len(tables))
+	for i, t := range tables {
+		oids[i] = t.OID
+	}
+	rows, err := conn.Query(ctx, `SELECT pt.schemaname || '.' || pt.tablename
+		FROM pg_publication_tables pt
+		JOIN pg_namespace n ON n.nspname = pt.schemaname
+		JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
+		WHERE pt.pubname = $1
+		  AND c.oid <> ALL ($2::oid[])
+		  AND NOT EXISTS (SELECT 1 FROM pg_partition_ancestors(c.oid) a WHERE a.relid = ANY ($2::oid[]))
+		ORDER BY 1`, name, oids)
+	if err != nil {
+		return nil, fmt.Errorf("reading the tables of publication %q: %w", name, err)
+	}
+	out, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, fmt.Errorf("reading the tables of publication %q: %w", name, err)
+	}
+	return out, nil
+}
+
 // PublicationProblems checks a publication that Tidemark does not manage
 // against the tables (as Inspect found them, in the configured order) and
 // changes nothing. Each problem is something that would make capture miss

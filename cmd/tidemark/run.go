@@ -261,6 +261,13 @@ func checkCmd() *cobra.Command {
 					}
 				}
 			}
+			extra, err := app.ExtraTablesWarning(cmd.Context(), cfg, infos)
+			if err != nil {
+				return err
+			}
+			if extra != "" {
+				fmt.Fprintf(out, "  warning: %s\n", extra)
+			}
 			if len(problems) > 0 {
 				return &exitError{3, &capture.PreflightError{Problems: problems}}
 			}

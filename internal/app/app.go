@@ -162,6 +162,15 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger, opts ...P
 	if err := capture.EnsurePublication(ctx, conn, cfg.Postgres.Publication, configuredTables(cfg, infos), *cfg.Postgres.ManagePublication); err != nil {
 		return nil, err
 	}
+	extras, err := extraTables(ctx, conn, cfg, infos)
+	if err != nil {
+		return nil, err
+	}
+	if len(extras) > 0 {
+		log.Warn("the publication publishes tables that are not configured: their changes reach capture, which skips or refuses them as postgres.unknown_tables says; add them to postgres.tables or remove them from the publication",
+			zap.String("publication", cfg.Postgres.Publication), zap.Int("count", len(extras)),
+			zap.Strings("tables", extras[:min(len(extras), 10)]), zap.String("unknown_tables", cfg.Postgres.UnknownTables))
+	}
 	rc := cfg.RouterConfig(db)
 	topics := rc.Topics(cfg.Postgres.Tables)
 	var accepted *Published

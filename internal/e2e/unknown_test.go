@@ -3,6 +3,8 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"fmt"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -12,6 +14,7 @@ import (
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/tidemark/tidemark/internal/app"
 	"github.com/tidemark/tidemark/internal/config"
 	"github.com/tidemark/tidemark/internal/kafkatest"
 )
@@ -202,5 +205,56 @@ func TestUnknownTableStops(t *testing.T) {
 	}
 	if c := e.slotConfirmed(cfg.Postgres.Slot); c > before {
 		t.Errorf("slot confirmed %s, past the refused change (before %s)", c, before)
+	}
+}
+
+// TestPublicationExtraTablesReported: preflight reports the tables an
+// unmanaged publication publishes beyond postgres.tables (their changes
+// reach capture, to be skipped or refused): `tidemark check` warns naming
+// them (exit 0: a warning, not a problem), `tidemark run` logs it once at
+// Warn. Partitions of a configured partitioned table are not extra, also
+// while pg_publication_tables lists them. A managed publication is kept to
+// the configured tables: nothing to report.
+func TestPublicationExtraTablesReported(t *testing.T) {
+	e := newEnv(t, "")
+	e.exec(`CREATE TABLE notes (id int PRIMARY KEY, body text); CREATE TABLE extra (id int PRIMARY KEY); CREATE TABLE extra2 (id int PRIMARY KEY)`)
+	e.exec(partitionedSchema)
+	e.exec(`CREATE PUBLICATION xt_pub FOR TABLE notes, msgs, extra, extra2 WITH (publish_via_partition_root = true)`)
+	cfg := e.config("xt", []string{"public.notes", "public.msgs"}, unmanaged)
+	out, err := exec.Command(binary(t), "check", "--config", writeUnmanagedConfig(t, cfg)).CombinedOutput()
+	if err != nil {
+		t.Fatalf("tidemark check: %v\n%s", err, out)
+	}
+	want := `warning: publication "xt_pub" also publishes 2 table(s) that are not in postgres.tables: public.extra, public.extra2; their changes are skipped`
+	if !strings.Contains(string(out), want) {
+		t.Errorf("tidemark check output lacks %q:\n%s", want, out)
+	}
+
+	ctx := context.Background()
+	e.exec(`ALTER PUBLICATION xt_pub SET (publish_via_partition_root = false)`)
+	infos, _, _, err := app.Check(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := *cfg
+	stop.Postgres.UnknownTables = "stop"
+	w, err := app.ExtraTablesWarning(ctx, &stop, infos)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(w, "2 table(s) that are not in postgres.tables: public.extra, public.extra2; the first change of one stops capture") {
+		t.Errorf("with the partitions listed and unknown_tables stop: %q", w)
+	}
+	e.exec(`ALTER PUBLICATION xt_pub SET (publish_via_partition_root = true)`)
+
+	_, logs := e.startObserved(cfg)
+	if ws := warnings(logs, "publishes tables that are not configured"); len(ws) != 1 || fmt.Sprint(ws[0].ContextMap()["tables"]) != "[public.extra public.extra2]" {
+		t.Errorf("tidemark run's warnings about the extra tables: %+v, want one naming public.extra and public.extra2", ws)
+	}
+
+	e.exec(`CREATE PUBLICATION xtm_pub FOR TABLE notes, extra`)
+	_, logs = e.startObserved(e.config("xtm", []string{"public.notes"}, nil))
+	if ws := warnings(logs, "publishes tables that are not configured"); len(ws) != 0 {
+		t.Errorf("a managed publication was reported with extra tables: %+v", ws)
 	}
 }
