@@ -444,12 +444,20 @@ func slotInvalidated(pgErr *pgconn.PgError) bool {
 }
 
 // explainTerminal adds what a terminal server error means for the
-// operator: an invalidated slot lost changes for good.
+// operator: an invalidated slot lost changes for good, and so did one
+// dropped while Tidemark ran (it is never recreated silently).
 func (s *Stream) explainTerminal(err error) error {
 	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) && slotInvalidated(pgErr) {
+	if !errors.As(err, &pgErr) {
+		return err
+	}
+	switch {
+	case slotInvalidated(pgErr):
 		return fmt.Errorf("%w: replication slot %q is invalidated (wal_status lost): Postgres removed WAL it still needed (max_slot_wal_keep_size; on 16 and later also a conflict with recovery on a standby), so the changes committed since its confirmed position are lost; drop the slot and start again from now with `tidemark run --accept-gap` (%v)",
 			ErrTerminal, s.cfg.Slot, err)
+	case pgErr.Code == "42704" && strings.Contains(pgErr.Message, "replication slot"):
+		return fmt.Errorf("%w: replication slot %q no longer exists (dropped, or a failover to a server without it): the changes committed after its last confirmed position (%s) can no longer be captured, and Tidemark does not create a new slot silently; check postgres.slot and postgres.dsn, or start again from now with `tidemark run --accept-gap` (%v)",
+			ErrTerminal, s.cfg.Slot, pipeline.LSN(max(s.acked.Load(), s.stats.ConfirmedLSN.Load())), err)
 	}
 	return err
 }

@@ -80,6 +80,14 @@ func TestTerminalServerErrors(t *testing.T) {
 	if !errors.Is(err, ErrTerminal) || !strings.Contains(err.Error(), `replication slot "tm" is invalidated (wal_status lost)`) || !strings.Contains(err.Error(), "lost") {
 		t.Errorf("explainTerminal = %v", err)
 	}
+	err = s.explainTerminal(fmt.Errorf("START_REPLICATION: %w", &pgconn.PgError{Code: "42704", Message: `replication slot "tm" does not exist`}))
+	if !errors.Is(err, ErrTerminal) || !strings.Contains(err.Error(), `replication slot "tm" no longer exists`) || !strings.Contains(err.Error(), "--accept-gap") {
+		t.Errorf("explainTerminal (slot dropped) = %v", err)
+	}
+	pub := &pgconn.PgError{Code: "42704", Message: `publication "tm" does not exist`}
+	if err := s.explainTerminal(pub); err != pub {
+		t.Errorf("explainTerminal changed a missing publication's error: %v", err)
+	}
 	other := &pgconn.PgError{Code: "22023", Message: `unrecognized pgoutput option: "messages"`}
 	if err := s.explainTerminal(other); err != other {
 		t.Errorf("explainTerminal changed an unrelated error: %v", err)

@@ -146,3 +146,38 @@ func TestMissingSlotNotRecreated(t *testing.T) {
 		t.Errorf("notes published: %v, want 1 and 3 (2 was committed in the gap)", ids)
 	}
 }
+
+// TestSlotDroppedWhileRunning: a slot dropped while capture runs (its
+// walsender ended, then pg_drop_replication_slot) is not recreated: the
+// reconnect's "does not exist" ends the run with an error naming the slot
+// and the lost changes, instead of retrying or creating a new slot.
+func TestSlotDroppedWhileRunning(t *testing.T) {
+	e := newEnv(t, "")
+	e.exec(`CREATE TABLE notes (id int PRIMARY KEY, body text)`)
+	cfg := e.config("dropped", []string{"public.notes"}, nil)
+	slot := cfg.Postgres.Slot
+	r := e.start(cfg)
+	e.exec(`INSERT INTO notes VALUES (1, 'published')`)
+	e.waitSlot(slot, e.currentLSN(), 30*time.Second)
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		e.exec(`SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL`, slot)
+		if _, err := e.pool.Exec(context.Background(), `SELECT pg_drop_replication_slot($1)`, slot); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("could not drop the slot within 30s")
+		}
+	}
+	select {
+	case <-r.done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("capture kept running after its slot was dropped")
+	}
+	if r.err == nil || !strings.Contains(r.err.Error(), `replication slot "dropped_slot" no longer exists`) || !strings.Contains(r.err.Error(), "--accept-gap") {
+		t.Fatalf("run ended with %v, want the dropped-slot explanation", r.err)
+	}
+	if e.slotExists(slot) {
+		t.Error("the slot was recreated")
+	}
+	t.Logf("run ended with: %v", r.err)
+}
