@@ -25,6 +25,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/redis/go-redis/v9"
 	kafkago "github.com/segmentio/kafka-go"
+	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/tidemark/tidemark/internal/freeport"
 	"github.com/tidemark/tidemark/internal/pgserver"
@@ -654,6 +655,16 @@ func (e *env) runUntilDelivered(ctx context.Context, r *Round, path string, topi
 	cmd := exec.CommandContext(ctx, e.o.Binary, "run", "--config", path)
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
+	if os.Getenv("TIDEMARK_BENCH_DEBUG") != "" {
+		// The run's whole stderr (e.g. GODEBUG=gctrace=1), kept after the run.
+		f, err := os.Create(filepath.Join(os.TempDir(), "tidemark-bench-"+strings.TrimSuffix(filepath.Base(path), ".yml")+".log"))
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		cmd.Stderr = io.MultiWriter(&stderr, f)
+		e.printf("  (stderr of this round: %s)\n", f.Name())
+	}
 	t0 := time.Now()
 	if err := cmd.Start(); err != nil {
 		return err
@@ -842,34 +853,38 @@ func (e *env) live(ctx context.Context) (*Live, error) {
 	rctx, stopReaders := context.WithCancel(ctx)
 	defer stopReaders()
 	var rwg sync.WaitGroup
+	// One client fetching every partition in one long-polling session (a
+	// reader per partition would load the broker with fetches and skew the
+	// latencies it measures), from the end of each.
+	offsets := map[int32]kgo.Offset{}
 	for _, p := range parts {
-		rd := kafkago.NewReader(kafkago.ReaderConfig{Brokers: e.brokers, Topic: topic, Partition: p, MinBytes: 1, MaxWait: 5 * time.Millisecond, MaxBytes: 4 << 20,
-			// kafka-go backs off 100ms after an empty fetch by default.
-			ReadBackoffMin: time.Millisecond, ReadBackoffMax: 5 * time.Millisecond})
-		if err := rd.SetOffset(kafkago.LastOffset); err != nil {
-			return nil, err
+		offsets[int32(p)] = kgo.NewOffset().AtEnd()
+	}
+	kc, err := kgo.NewClient(kgo.SeedBrokers(e.brokers...),
+		kgo.ConsumePartitions(map[string]map[int32]kgo.Offset{topic: offsets}),
+		kgo.FetchMaxWait(time.Second), kgo.FetchMinBytes(1))
+	if err != nil {
+		return nil, fmt.Errorf("live consumer: %w", err)
+	}
+	rwg.Add(1)
+	go func() {
+		defer rwg.Done()
+		defer kc.Close()
+		var env struct {
+			After struct {
+				EventID string `json:"event_id"`
+			} `json:"after"`
 		}
-		rwg.Add(1)
-		go func() {
-			defer rwg.Done()
-			defer rd.Close()
-			var env struct {
-				After struct {
-					EventID string `json:"event_id"`
-				} `json:"after"`
-			}
-			for {
-				m, err := rd.ReadMessage(rctx)
-				if err != nil {
-					return
-				}
-				at := time.Now()
-				if json.Unmarshal(m.Value, &env) == nil {
+		for rctx.Err() == nil {
+			fs := kc.PollFetches(rctx)
+			at := time.Now()
+			fs.EachRecord(func(r *kgo.Record) {
+				if json.Unmarshal(r.Value, &env) == nil {
 					received <- recv{env.After.EventID, at}
 				}
-			}
-		}()
-	}
+			})
+		}
+	}()
 	var lat []struct {
 		at time.Time
 		d  time.Duration
