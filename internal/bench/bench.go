@@ -704,6 +704,7 @@ func (e *env) runUntilDelivered(ctx context.Context, r *Round, path string, topi
 	}
 	// Let in-flight acknowledgements land, then stop it cleanly.
 	time.Sleep(200 * time.Millisecond)
+	peak, peakOK := procPeakRSS(cmd.Process.Pid)
 	_ = cmd.Process.Signal(syscall.SIGTERM)
 	if err := <-exited; err != nil {
 		return fmt.Errorf("tidemark run: %v\n%s", err, stderr.String())
@@ -714,6 +715,9 @@ func (e *env) runUntilDelivered(ctx context.Context, r *Round, path string, topi
 		r.TidemarkSysSeconds = time.Duration(ru.Stime.Nano()).Seconds()
 		r.TidemarkVoluntaryCS, r.TidemarkInvoluntaryCS = ru.Nvcsw, ru.Nivcsw
 		r.TidemarkMaxRSSMB = float64(ru.Maxrss) / 1024
+	}
+	if peakOK {
+		r.TidemarkMaxRSSMB = peak // see procPeakRSS
 	}
 	var err error
 	r.Delivered, err = e.delivered(ctx, client, topics)
