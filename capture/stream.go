@@ -11,6 +11,7 @@ package capture
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -190,7 +191,7 @@ type Stream struct {
 	receivedEnd   pipeline.LSN // end LSN of the last commit received (handed or pending)
 	deferred      bool         // pending holds whole transactions held back (see emit)
 	wire          *wireReader  // this session's connection reader
-	conn          *pgconn.PgConn
+	heldFor       int          // messages received since transactions were held (deferred)
 	open          bool         // inside a transaction
 	idleWALEnd    pipeline.LSN // keepalive WAL end seen while idle
 	lastFlush     pipeline.LSN
@@ -219,7 +220,8 @@ type Stream struct {
 	curBytes int64
 
 	// Waking the receive loop for an acknowledgement (see Ack).
-	lastStatusNanos atomic.Int64 // when the last status was sent (UnixNano)
+	epoch           time.Time    // monotonic origin of lastStatusNanos
+	lastStatusNanos atomic.Int64 // when the last status was sent (nanoseconds since epoch)
 	wakeable        atomic.Bool  // the loop waits on the connection and may be woken
 	wakeMu          sync.Mutex
 	wakeConn        net.Conn // this session's connection, for its read deadline
@@ -263,7 +265,7 @@ func New(cfg Config, log *zap.Logger) (*Stream, error) {
 	st := &Stream{cfg: cfg, log: log, out: make(chan handed, batches), free: make(chan []pipeline.Event, batches+2),
 		released: make(chan struct{}, 1),
 		done:     make(chan struct{}), ackCh: make(chan struct{}, 1), dec: newDecoder(),
-		tableOIDs: map[uint32]string{}, warned: map[string]bool{}, standby: cfg.StandbyInterval}
+		tableOIDs: map[uint32]string{}, warned: map[string]bool{}, standby: cfg.StandbyInterval, epoch: time.Now()}
 	st.acked.Store(uint64(cfg.ConfirmedLSN))
 	return st, nil
 }
@@ -359,12 +361,12 @@ func (s *Stream) Ack(lsn pipeline.LSN) {
 	default:
 	}
 	// Wake the loop when the status is due (at once, or statusMinGap after
-	// the last one): at most once until the loop waits again.
+	// the last one): at most once until the loop waits again. Times are
+	// monotonic (since s.epoch), so a step of the wall clock cannot push
+	// the deadline out.
 	if s.wakeable.Load() && s.wakeable.CompareAndSwap(true, false) {
-		due := time.Unix(0, s.lastStatusNanos.Load()+int64(statusMinGap))
-		if now := time.Now(); due.Before(now) {
-			due = now
-		}
+		now := time.Now()
+		due := now.Add(max(0, time.Duration(s.lastStatusNanos.Load())+statusMinGap-now.Sub(s.epoch)))
 		s.wakeMu.Lock()
 		if s.wakeConn != nil {
 			_ = s.wakeConn.SetReadDeadline(due)
@@ -487,7 +489,7 @@ func (s *Stream) connect(ctx context.Context) (*pgconn.PgConn, error) {
 		return nil, fmt.Errorf("%w: connecting for replication: pgconn did not build its frontend through BuildFrontend", ErrTerminal)
 	}
 	wire.raw = socketOf(conn.Conn())
-	s.wire, s.conn = wire, conn
+	s.wire = wire
 	return conn, nil
 }
 
@@ -539,7 +541,9 @@ func (s *Stream) session(ctx context.Context) error {
 	s.pending, s.pendingBytes = s.pending[:0], 0
 	s.pendingEnd, s.receivedEnd, s.deferred = s.handedEnd, s.handedEnd, false
 	s.wire.flushFirst = func() bool { return s.deferred }
-	if s.cfg.ReadCoalesce > 0 {
+	if _, isTLS := conn.Conn().(*tls.Conn); s.cfg.ReadCoalesce > 0 && !isTLS {
+		// Not under TLS: a TLS read returns one record (16 KiB at most),
+		// which the short-read rule would take for a caught-up stream.
 		s.wire.coalesce = s.cfg.ReadCoalesce
 	}
 	s.statusTimer = time.NewTicker(statusTick)
@@ -615,6 +619,15 @@ func (s *Stream) session(ctx context.Context) error {
 			return fmt.Errorf("receiving replication data: %w", err)
 		}
 		s.recvCount++
+		if s.deferred {
+			// Held transactions wait for at most maxBatch messages that
+			// add nothing (skipped tables, relations, logical messages).
+			if s.heldFor++; s.heldFor >= maxBatch {
+				if err := s.flushPending(ctx, conn); err != nil {
+					return err
+				}
+			}
+		}
 		switch m := msg.(type) {
 		case *pgproto3.CopyData:
 			if err := s.handleCopyData(ctx, conn, m.Data); err != nil {
@@ -694,10 +707,18 @@ func (s *Stream) finalStatus(conn *pgconn.PgConn) {
 	if flush == 0 {
 		return
 	}
-	_ = conn.Conn().SetWriteDeadline(time.Now().Add(5 * time.Second))
+	_ = conn.Conn().SetDeadline(time.Now().Add(3 * time.Second))
 	if err := s.sendStatus(context.Background(), conn, flush, time.Now(), false); err != nil {
 		s.log.Warn("could not confirm the last acknowledged position on stopping; the next start replays from the slot's position", zap.Error(err))
 		return
+	}
+	// End the stream properly (CopyDone, then read what the server still
+	// sends until it ends too): the server handles its input in order, so
+	// its answer means it applied the status. Closing at once could reset
+	// the connection (unread data) before the server read it.
+	s.wire.flushFirst, s.wire.coalesce = nil, 0
+	if _, err := pglogrepl.SendStandbyCopyDone(context.Background(), conn); err != nil {
+		s.log.Debug("ending the replication stream on stopping", zap.Error(err))
 	}
 	s.log.Debug("confirmed on stopping", zap.Stringer("flush", flush))
 }
@@ -1171,7 +1192,9 @@ func (s *Stream) emit(ctx context.Context, conn *pgconn.PgConn, ev pipeline.Even
 			return nil
 		}
 		if s.moreBuffered(conn) {
-			s.deferred = true
+			if !s.deferred {
+				s.deferred, s.heldFor = true, 0
+			}
 			return nil
 		}
 	}
@@ -1293,7 +1316,7 @@ func (s *Stream) sendStatus(ctx context.Context, conn *pgconn.PgConn, flush pipe
 		return fmt.Errorf("sending standby status at %s: %w", flush, err)
 	}
 	s.lastStatus = now
-	s.lastStatusNanos.Store(now.UnixNano())
+	s.lastStatusNanos.Store(int64(now.Sub(s.epoch)))
 	s.lastFlush = flush
 	s.stats.ConfirmedLSN.Store(uint64(flush))
 	s.stats.StatusUpdates.Add(1)

@@ -429,6 +429,14 @@ func (q *queue) take(ctx context.Context, dst []entry, max int, done <-chan stru
 		q.mu.Unlock()
 		select {
 		case <-done:
+			// The reader is done; what it queued last is seen now.
+			q.mu.Lock()
+			if q.n > 0 {
+				dst = q.popLocked(dst, max)
+				q.mu.Unlock()
+				return dst, nil
+			}
+			q.mu.Unlock()
 			return dst, errDrained
 		default:
 		}

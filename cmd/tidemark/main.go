@@ -39,12 +39,13 @@ func main() {
 	root.AddCommand(runCmd(), checkCmd(), demoCmd(), devKafkaCmd(), benchCmd())
 	root.AddCommand(rebuildCmd(), auditCmd())
 	root.AddCommand(violationsCmd(), statusCmd())
-	err := root.ExecuteContext(ctx)
+	cmd, err := root.ExecuteContextC(ctx)
 	if err == nil {
 		return
 	}
-	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
-		// Stopped (SIGTERM, ^C) while starting: a clean stop too.
+	if cmd != nil && cmd.Name() == "run" && ctx.Err() != nil && errors.Is(err, context.Canceled) {
+		// run stopped (SIGTERM, ^C) while starting: a clean stop too. Other
+		// commands interrupted did not finish, and exit non-zero.
 		return
 	}
 	// A Postgres certificate check that failed says how to fix the DSN.
