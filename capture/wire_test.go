@@ -140,9 +140,9 @@ func TestWireReaderHandsOverBeforeWaiting(t *testing.T) {
 }
 
 // TestWireReaderCoalesces: after a short read of a flowing stream the next
-// read first waits (counted); a read that filled the buffer does not; and a
-// trickle still arrives promptly after a wait (the raised low watermark is
-// lowered again before a read that has to wait).
+// read first waits (counted), and a trickle still arrives promptly after a
+// wait (the raised low watermark is lowered again before a read that has to
+// wait).
 func TestWireReaderCoalesces(t *testing.T) {
 	p := newWirePair(t)
 	p.wire.coalesce = 5 * time.Millisecond
@@ -172,21 +172,42 @@ func TestWireReaderCoalesces(t *testing.T) {
 		t.Errorf("%d coalescing waits after a short read, want 1", w)
 	}
 
-	// A burst larger than the buffer: reads that fill it do not wait.
-	big := make([]byte, 0, 3*wireBufSize)
-	for len(big) < 2*wireBufSize {
-		big = append(big, copyData(t, string(make([]byte, 1000)))...)
+	// Whether a read waits depends on the previous read only: see
+	// TestWireReaderWaitsOnlyAfterShortReads for the rule itself.
+}
+
+// chunkedReader returns the given sizes of bytes, one per Read.
+type chunkedReader struct{ sizes []int }
+
+func (c *chunkedReader) Read(p []byte) (int, error) {
+	if len(c.sizes) == 0 {
+		return 0, io.EOF
 	}
-	go func() { _, _ = p.server.Write(big) }()
-	before := p.wire.waits.Load()
-	got := 0
-	for got < len(big) {
-		if _, err := p.receive(t, 5*time.Second); err != nil {
-			t.Fatalf("burst: %v after %d bytes", err, got)
+	n := min(c.sizes[0], len(p))
+	c.sizes = c.sizes[1:]
+	return n, nil
+}
+
+// TestWireReaderWaitsOnlyAfterShortReads: a read waits (coalesces) only
+// when the previous one returned less than coalesceBelow; after a read that
+// filled the buffer, or the first read, it reads at once.
+func TestWireReaderWaitsOnlyAfterShortReads(t *testing.T) {
+	src := &chunkedReader{sizes: []int{wireBufSize, wireBufSize, 100, 100, wireBufSize, 100}}
+	w := newWireReader(src)
+	w.coalesce = time.Microsecond
+	want := []uint64{0, 0, 0, 1, 2, 2} // waits after each fill
+	buf := make([]byte, wireBufSize)
+	for i, wv := range want {
+		if _, err := w.Read(buf); err != nil {
+			t.Fatalf("read %d: %v", i, err)
 		}
-		got += 1005
-	}
-	if w := p.wire.waits.Load() - before; w > 3 {
-		t.Errorf("%d coalescing waits while a %d-byte burst streamed in; full reads should not wait", w, len(big))
+		for w.Buffered() > 0 { // take the rest of this fill
+			if _, err := w.Read(buf); err != nil {
+				t.Fatalf("read %d: %v", i, err)
+			}
+		}
+		if got := w.waits.Load(); got != wv {
+			t.Errorf("after fill %d (sizes %v): %d coalescing waits, want %d", i, []int{wireBufSize, wireBufSize, 100, 100, wireBufSize, 100}[:i+1], got, wv)
+		}
 	}
 }
