@@ -24,6 +24,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -152,21 +153,48 @@ type Sink struct {
 
 var _ pipeline.Sink = (*Sink)(nil)
 
-var partitionLists sync.Map // n -> []int{0..n-1}
-
 // PartitionFor returns the partition of key among n partitions:
-// (murmur2(key) & 0x7fffffff) % n, as Java clients compute it (kafka-go's
-// Murmur2Balancer; a nil key hashes like an empty one).
+// (murmur2(key) & 0x7fffffff) % n, as Java clients compute it (and
+// kafka-go's Murmur2Balancer; a nil key hashes like an empty one).
 func PartitionFor(key []byte, n int) int {
-	v, ok := partitionLists.Load(n)
-	if !ok {
-		parts := make([]int, n)
-		for i := range parts {
-			parts[i] = i
-		}
-		v, _ = partitionLists.LoadOrStore(n, parts)
+	return int((murmur2(key) & 0x7fffffff) % uint32(n))
+}
+
+// murmur2 is Kafka's murmur2 (the Java client's Utils.murmur2), reading
+// four bytes at a time (kafka-go's port reads a byte at a time); the
+// partition tests hold it to a transcription of the Java code and to known
+// vectors.
+func murmur2(data []byte) uint32 {
+	const (
+		seed uint32 = 0x9747b28c
+		m    uint32 = 0x5bd1e995
+		r           = 24
+	)
+	h := seed ^ uint32(len(data))
+	i := 0
+	for ; i+4 <= len(data); i += 4 {
+		k := binary.LittleEndian.Uint32(data[i:])
+		k *= m
+		k ^= k >> r
+		k *= m
+		h *= m
+		h ^= k
 	}
-	return kafkago.Murmur2Balancer{Consistent: true}.Balance(kafkago.Message{Key: key}, v.([]int)...)
+	switch len(data) - i {
+	case 3:
+		h ^= uint32(data[i+2]) << 16
+		fallthrough
+	case 2:
+		h ^= uint32(data[i+1]) << 8
+		fallthrough
+	case 1:
+		h ^= uint32(data[i])
+		h *= m
+	}
+	h ^= h >> 13
+	h *= m
+	h ^= h >> 15
+	return h
 }
 
 // New builds a sink. It connects lazily.
