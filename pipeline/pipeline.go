@@ -420,6 +420,9 @@ func (q *queue) grow() {
 // errDrained.
 func (q *queue) take(ctx context.Context, dst []entry, max int, done <-chan struct{}) ([]entry, error) {
 	for {
+		// Seen closed before the look at the queue: every push of the
+		// reader happened before it, so an empty queue stays empty.
+		finished := isClosed(done)
 		q.mu.Lock()
 		if q.n > 0 {
 			dst = q.popLocked(dst, max)
@@ -427,18 +430,8 @@ func (q *queue) take(ctx context.Context, dst []entry, max int, done <-chan stru
 			return dst, nil
 		}
 		q.mu.Unlock()
-		select {
-		case <-done:
-			// The reader is done; what it queued last is seen now.
-			q.mu.Lock()
-			if q.n > 0 {
-				dst = q.popLocked(dst, max)
-				q.mu.Unlock()
-				return dst, nil
-			}
-			q.mu.Unlock()
+		if finished {
 			return dst, errDrained
-		default:
 		}
 		select {
 		case <-q.ready:
@@ -446,6 +439,16 @@ func (q *queue) take(ctx context.Context, dst []entry, max int, done <-chan stru
 		case <-ctx.Done():
 			return dst, ctx.Err()
 		}
+	}
+}
+
+// isClosed reports whether c is closed (a nil c never is).
+func isClosed(c <-chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
 	}
 }
 
