@@ -356,8 +356,10 @@ func (e *env) exec(ctx context.Context, sql string, args ...any) error {
 	return err
 }
 
-// metadataClient is a Kafka client whose metadata is fresh (kafka-go caches
-// it for 6 s by default, which would hide topics just created).
+// metadataClient is a Kafka client with a transport of its own whose
+// metadata is fresh (kafka-go caches it for 6 s by default, which would
+// hide the topics Tidemark creates and delay the count). Close its idle
+// connections when done (Transport.CloseIdleConnections).
 func (e *env) metadataClient() *kafkago.Client {
 	return &kafkago.Client{Addr: kafkago.TCP(e.brokers...), Timeout: 10 * time.Second,
 		Transport: &kafkago.Transport{MetadataTTL: 20 * time.Millisecond}}
@@ -371,13 +373,23 @@ func (e *env) lsn(ctx context.Context, sql string) (pipeline.LSN, error) {
 	return pipeline.ParseLSN(s)
 }
 
-func (e *env) drain(ctx context.Context) (*Drain, error) {
+// publish (re)creates bench_pub over tables.
+func (e *env) publish(ctx context.Context, tables ...string) error {
 	_ = e.exec(ctx, "DROP PUBLICATION IF EXISTS bench_pub")
-	if err := e.exec(ctx, "CREATE PUBLICATION bench_pub FOR TABLE "+strings.Join(Tables, ", ")); err != nil {
+	return e.exec(ctx, "CREATE PUBLICATION bench_pub FOR TABLE "+strings.Join(tables, ", "))
+}
+
+// freshSlot (re)creates a pgoutput slot at the current WAL position.
+func (e *env) freshSlot(ctx context.Context, slot string) error {
+	_ = e.exec(ctx, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", slot)
+	return e.exec(ctx, "SELECT pg_create_logical_replication_slot($1, 'pgoutput')", slot)
+}
+
+func (e *env) drain(ctx context.Context) (*Drain, error) {
+	if err := e.publish(ctx, Tables...); err != nil {
 		return nil, err
 	}
-	_ = e.exec(ctx, "SELECT pg_drop_replication_slot('bench_base') FROM pg_replication_slots WHERE slot_name = 'bench_base'")
-	if err := e.exec(ctx, "SELECT pg_create_logical_replication_slot('bench_base', 'pgoutput')"); err != nil {
+	if err := e.freshSlot(ctx, "bench_base"); err != nil {
 		return nil, err
 	}
 	e.cleanup = append(e.cleanup, func() {
@@ -646,12 +658,8 @@ func (e *env) tidemarkDrain(ctx context.Context, r *Round, slot, prefix string, 
 // until topics hold want messages, then stops it and records its wall time,
 // CPU time, peak RSS and the final delivered count.
 func (e *env) runUntilDelivered(ctx context.Context, r *Round, path string, topics []string, want int64, delivered func()) error {
-	// A transport of its own with a short metadata TTL: kafka-go caches
-	// metadata (6s by default), which would hide the topics Tidemark creates
-	// and delay the count.
-	transport := &kafkago.Transport{MetadataTTL: 20 * time.Millisecond}
-	defer transport.CloseIdleConnections()
-	client := &kafkago.Client{Addr: kafkago.TCP(e.brokers...), Timeout: 10 * time.Second, Transport: transport}
+	client := e.metadataClient()
+	defer client.Transport.(*kafkago.Transport).CloseIdleConnections()
 	cmd := exec.CommandContext(ctx, e.o.Binary, "run", "--config", path)
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
@@ -789,13 +797,11 @@ func (e *env) scanPartition(ctx context.Context, topic string, part int, fn func
 }
 
 func (e *env) live(ctx context.Context) (*Live, error) {
-	_ = e.exec(ctx, "DROP PUBLICATION IF EXISTS bench_pub")
-	if err := e.exec(ctx, "CREATE PUBLICATION bench_pub FOR TABLE "+strings.Join(Tables, ", ")); err != nil {
+	if err := e.publish(ctx, Tables...); err != nil {
 		return nil, err
 	}
 	slot := "bench_live"
-	_ = e.exec(ctx, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", slot)
-	if err := e.exec(ctx, "SELECT pg_create_logical_replication_slot($1, 'pgoutput')", slot); err != nil {
+	if err := e.freshSlot(ctx, slot); err != nil {
 		return nil, err
 	}
 	port, err := freeport.Get()
@@ -1103,13 +1109,11 @@ func (e *env) huge(ctx context.Context) (*Huge, error) {
 	if err := e.exec(ctx, `DROP TABLE IF EXISTS bench_huge; CREATE TABLE bench_huge (id bigint PRIMARY KEY, room_id text NOT NULL, body text NOT NULL)`); err != nil {
 		return nil, err
 	}
-	_ = e.exec(ctx, "DROP PUBLICATION IF EXISTS bench_pub")
-	if err := e.exec(ctx, "CREATE PUBLICATION bench_pub FOR TABLE public.bench_huge"); err != nil {
+	if err := e.publish(ctx, "public.bench_huge"); err != nil {
 		return nil, err
 	}
 	slot := "bench_huge"
-	_ = e.exec(ctx, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", slot)
-	if err := e.exec(ctx, "SELECT pg_create_logical_replication_slot($1, 'pgoutput')", slot); err != nil {
+	if err := e.freshSlot(ctx, slot); err != nil {
 		return nil, err
 	}
 	e.printf("huge transaction: committing %d rows in one transaction ...\n", n)

@@ -3,6 +3,7 @@ package bench
 import (
 	"context"
 	"fmt"
+	kafkago "github.com/segmentio/kafka-go"
 	"math/rand/v2"
 	"os/exec"
 	"strings"
@@ -32,21 +33,18 @@ type Crash struct {
 // once), then a final run that catches up and stops cleanly. It counts
 // what Kafka holds against what the workload committed.
 func (e *env) crash(ctx context.Context) (*Crash, error) {
-	_ = e.exec(ctx, "DROP PUBLICATION IF EXISTS bench_pub")
-	if err := e.exec(ctx, "CREATE PUBLICATION bench_pub FOR TABLE "+strings.Join(Tables, ", ")); err != nil {
+	if err := e.publish(ctx, Tables...); err != nil {
 		return nil, err
 	}
 	slot := "bench_crash"
-	_ = e.exec(ctx, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", slot)
-	if err := e.exec(ctx, "SELECT pg_create_logical_replication_slot($1, 'pgoutput')", slot); err != nil {
+	if err := e.freshSlot(ctx, slot); err != nil {
 		return nil, err
 	}
 	defer func() { _ = e.exec(context.Background(), "SELECT pg_drop_replication_slot($1)", slot) }()
 	// A second slot, created with Tidemark's, is the truth: the server
 	// counts the row changes it decodes.
 	truth := "bench_crash_truth"
-	_ = e.exec(ctx, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", truth)
-	if err := e.exec(ctx, "SELECT pg_create_logical_replication_slot($1, 'pgoutput')", truth); err != nil {
+	if err := e.freshSlot(ctx, truth); err != nil {
 		return nil, err
 	}
 	defer func() { _ = e.exec(context.Background(), "SELECT pg_drop_replication_slot($1)", truth) }()
@@ -140,6 +138,7 @@ func (e *env) crash(ctx context.Context) (*Crash, error) {
 	}
 	topics := e.tableTopics(prefix)
 	client := e.metadataClient()
+	defer client.Transport.(*kafkago.Transport).CloseIdleConnections()
 	if c.Delivered, err = e.delivered(ctx, client, topics); err != nil {
 		return nil, err
 	}
