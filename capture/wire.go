@@ -50,9 +50,7 @@ type wireReader struct {
 	lastN    int           // bytes the last read returned
 	lowat    bool          // the receive low watermark is raised
 
-	reads     atomic.Uint64 // reads from the connection
-	readBytes atomic.Uint64
-	waits     atomic.Uint64 // coalescing waits
+	waits atomic.Uint64 // coalescing waits
 }
 
 const (
@@ -132,8 +130,6 @@ func (w *wireReader) fill() error {
 	w.lastN = n
 	if n > 0 {
 		w.wp = n
-		w.reads.Add(1)
-		w.readBytes.Add(uint64(n))
 		return nil
 	}
 	if err == nil {

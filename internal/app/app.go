@@ -213,7 +213,7 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger, opts ...P
 		StandbyInterval: cfg.Postgres.StandbyInterval, KeyColumns: keys, ConfirmedLSN: confirmed,
 		Tables: cfg.Postgres.Tables, UnknownTables: cfg.Postgres.UnknownTables,
 		BufferBytes: HandoverBytes(cfg), MaxRowBytes: int(cfg.Kafka.BatchBytes),
-		ReadCoalesce: readCoalesce(),
+		ReadCoalesce: readCoalesce(log),
 	}, log.With(zap.String("component", "capture")))
 	if err != nil {
 		return nil, err
@@ -342,18 +342,22 @@ func (a *App) Run(ctx context.Context) error {
 }
 
 // readCoalesce is capture's ReadCoalesce: the default, unless the
-// TIDEMARK_READ_COALESCE environment variable (a duration; negative turns
-// it off) says otherwise, for measurements.
-func readCoalesce() time.Duration {
-	if v := os.Getenv("TIDEMARK_READ_COALESCE"); v != "" {
-		if d, err := time.ParseDuration(v); err == nil {
-			if d == 0 {
-				d = -1
-			}
-			return d
-		}
+// TIDEMARK_READ_COALESCE environment variable (a Go duration; 0 or a
+// negative one turns it off) says otherwise, for measurements.
+func readCoalesce(log *zap.Logger) time.Duration {
+	v := os.Getenv("TIDEMARK_READ_COALESCE")
+	if v == "" {
+		return 0
 	}
-	return 0
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		log.Warn("TIDEMARK_READ_COALESCE is not a duration (e.g. 0, 500us, 2ms); using the default", zap.String("value", v))
+		return 0
+	}
+	if d <= 0 {
+		return -1
+	}
+	return d
 }
 
 func ignoreCanceled(err error) error {
