@@ -290,6 +290,36 @@ func writeConfig(t *testing.T, cfg *config.Config) string {
 	return path
 }
 
+// binaryUnderWorkload prepares the canonical schema, a config with topic
+// prefix prefix and its publication and slot (as the first run would, so a
+// truth slot created next starts together with Tidemark's), the truth slot
+// and the seed; start runs `tidemark run` on that config (output to the
+// returned buffer).
+func (e *env) binaryUnderWorkload(prefix string) (cfg *config.Config, tr *truth, start func() (*exec.Cmd, *bytes.Buffer)) {
+	t := e.t
+	t.Helper()
+	e.exec(demo.Schema)
+	cfg = e.config(prefix, demo.Tables, nil)
+	path := writeConfig(t, cfg)
+	bin := binary(t)
+	if _, err := app.Prepare(context.Background(), cfg, nil); err != nil {
+		t.Fatal(err)
+	}
+	tr = e.newTruth("truth_" + prefix)
+	if err := demo.Seed(context.Background(), e.pool); err != nil {
+		t.Fatal(err)
+	}
+	return cfg, tr, func() (*exec.Cmd, *bytes.Buffer) {
+		cmd := exec.Command(bin, "run", "--config", path)
+		var out bytes.Buffer
+		cmd.Stderr, cmd.Stdout = &out, &out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		return cmd, &out
+	}
+}
+
 // TestCrashNoLoss kills `tidemark run` with SIGKILL several times while a
 // workload commits, restarting it each time. After each kill the slot's
 // confirmed position covers only transactions that are wholly in Kafka;
@@ -299,31 +329,8 @@ func TestCrashNoLoss(t *testing.T) {
 		t.Skip("builds and kills the binary; skipped in -short")
 	}
 	e := newEnv(t, "")
-	e.exec(demo.Schema)
-	cfg := e.config("crash", demo.Tables, nil)
-	path := writeConfig(t, cfg)
-	bin := binary(t)
-	// Create the publication and slot before the workload, as the first run
-	// would, so the truth slot and Tidemark's slot start together.
-	if _, err := app.Prepare(context.Background(), cfg, nil); err != nil {
-		t.Fatal(err)
-	}
-	tr := e.newTruth("truth_crash")
-	if err := demo.Seed(context.Background(), e.pool); err != nil {
-		t.Fatal(err)
-	}
+	cfg, tr, start := e.binaryUnderWorkload("crash")
 	stop := e.workload(300)
-
-	start := func() (*exec.Cmd, *bytes.Buffer) {
-		cmd := exec.Command(bin, "run", "--config", path)
-		var stderr bytes.Buffer
-		cmd.Stderr = &stderr
-		cmd.Stdout = &stderr
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		return cmd, &stderr
-	}
 	var confirmed []pipeline.LSN
 	for i := 0; i < 4; i++ {
 		cmd, stderr := start()
@@ -533,26 +540,11 @@ func TestCleanStopConfirmsDurable(t *testing.T) {
 		t.Skip("builds and runs the binary; skipped in -short")
 	}
 	e := newEnv(t, "")
-	e.exec(demo.Schema)
-	cfg := e.config("stop", demo.Tables, nil)
-	path := writeConfig(t, cfg)
-	bin := binary(t)
-	if _, err := app.Prepare(context.Background(), cfg, nil); err != nil {
-		t.Fatal(err)
-	}
-	tr := e.newTruth("truth_stop")
-	if err := demo.Seed(context.Background(), e.pool); err != nil {
-		t.Fatal(err)
-	}
+	cfg, tr, start := e.binaryUnderWorkload("stop")
 	stop := e.workload(300)
 	defer stop()
 	for i := 0; i < 3; i++ {
-		cmd := exec.Command(bin, "run", "--config", path)
-		var stderr bytes.Buffer
-		cmd.Stderr, cmd.Stdout = &stderr, &stderr
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
+		cmd, stderr := start()
 		time.Sleep(time.Duration(1500+rand.IntN(1000)) * time.Millisecond)
 		if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 			t.Fatal(err)
