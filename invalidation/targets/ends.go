@@ -151,6 +151,41 @@ func (x *TxnIndex) read(log *zap.Logger, m *kafkago.Message) {
 	}
 }
 
+// startOffset is the offset of the first record at or after t, or, when
+// every record is older (or there is none), the partition's end offset at
+// this moment: a number, never kafka-go's "last offset" sentinel, which it
+// resolves only at the first fetch and so skips every END record published
+// in between (a fresh topic's first transactions then waited out the hold).
+func (x *TxnIndex) startOffset(ctx context.Context, t time.Time) (int64, error) {
+	d := x.Dialer
+	if d == nil {
+		d = kafkago.DefaultDialer
+	}
+	var err error
+	for _, b := range x.Brokers {
+		var conn *kafkago.Conn
+		conn, err = d.DialLeader(ctx, "tcp", b, x.Topic, 0)
+		if err != nil {
+			continue
+		}
+		if dl, ok := ctx.Deadline(); ok {
+			_ = conn.SetDeadline(dl)
+		} else {
+			_ = conn.SetDeadline(time.Now().Add(30 * time.Second))
+		}
+		off, err := conn.ReadOffset(t)
+		if err == nil && off < 0 {
+			off, err = conn.ReadLastOffset()
+		}
+		_ = conn.Close()
+		if err != nil {
+			return 0, fmt.Errorf("reading the start offset of %s: %w", x.Topic, err)
+		}
+		return off, nil
+	}
+	return 0, fmt.Errorf("reading the start offset of %s: no broker reachable: %w", x.Topic, err)
+}
+
 // Run reads the topic until ctx ends. It waits (with backoff) for the topic
 // to exist.
 func (x *TxnIndex) Run(ctx context.Context) error {
@@ -175,7 +210,10 @@ func (x *TxnIndex) Run(ctx context.Context) error {
 			// runtime's reader. MinBytes 1 returns records at once.
 			MinBytes: 1, MaxBytes: 4 << 20, MaxWait: 2 * time.Second,
 			ReadBackoffMin: 5 * time.Millisecond, ReadBackoffMax: 50 * time.Millisecond})
-		err := r.SetOffsetAt(ctx, time.Now().Add(-lookback))
+		off, err := x.startOffset(ctx, time.Now().Add(-lookback))
+		if err == nil {
+			err = r.SetOffset(off)
+		}
 		if err != nil {
 			_ = r.Close()
 			if ctx.Err() != nil {

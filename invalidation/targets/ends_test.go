@@ -1,13 +1,18 @@
 package targets
 
 import (
+	"context"
+	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	kafkago "github.com/segmentio/kafka-go"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/tidemark/tidemark/internal/kafkatest"
 )
 
 // TestTxnIndexMalformedRecords: a record of the transactions topic that is
@@ -70,5 +75,69 @@ func TestTxnIndexMalformedRecords(t *testing.T) {
 	}
 	if _, ok := x.Lookup(12); ok {
 		t.Error("a malformed END was indexed")
+	}
+}
+
+// TestTxnIndexStartOffset: the index starts at a concrete offset, never at
+// kafka-go's "last offset" sentinel (resolved only at the first fetch, so
+// every END record published between start and first fetch was skipped and
+// a fresh deployment's first transactions waited out the hold: the e2e
+// TestTargetsSequences/zulip flake). On an empty topic that is 0; when every
+// record is older than the lookback, the end offset as it is now; otherwise
+// the first record inside the lookback.
+func TestTxnIndexStartOffset(t *testing.T) {
+	cluster := kafkatest.ForTest(t)
+	const topic = "tm.transactions"
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	client := &kafkago.Client{Addr: kafkago.TCP(cluster.Brokers()...), Timeout: 10 * time.Second}
+	resp, err := client.CreateTopics(ctx, &kafkago.CreateTopicsRequest{Topics: []kafkago.TopicConfig{{Topic: topic, NumPartitions: 1, ReplicationFactor: 1}}})
+	if err != nil || resp.Errors[topic] != nil {
+		t.Fatalf("creating %s: %v %v", topic, err, resp.Errors[topic])
+	}
+	x := &TxnIndex{Brokers: cluster.Brokers(), Topic: topic, Tables: []string{"public.users"}}
+	if off, err := x.startOffset(ctx, time.Now().Add(-time.Minute)); err != nil || off != 0 {
+		t.Fatalf("empty topic: start offset %d, %v; want 0", off, err)
+	}
+	w := &kafkago.Writer{Addr: kafkago.TCP(cluster.Brokers()...), Topic: topic, RequiredAcks: kafkago.RequireAll, BatchTimeout: time.Millisecond}
+	defer w.Close()
+	end := func(lsn int) string {
+		return fmt.Sprintf(`{"status":"END","id":"7:%d","txId":7,"lsn":%d,"ts_ms":1,"end_lsn":%d,"event_count":1,"data_collections":[{"data_collection":"public.users","event_count":1}]}`, lsn, lsn, lsn+1)
+	}
+	old := time.Now().Add(-2 * time.Hour)
+	if err := w.WriteMessages(ctx, kafkago.Message{Value: []byte(end(10)), Time: old}, kafkago.Message{Value: []byte(end(12)), Time: old}); err != nil {
+		t.Fatal(err)
+	}
+	if off, err := x.startOffset(ctx, time.Now().Add(-time.Minute)); err != nil || off != 2 {
+		t.Fatalf("records all older than the lookback: start offset %d, %v; want the end offset 2", off, err)
+	}
+	if off, err := x.startOffset(ctx, old.Add(-time.Minute)); err != nil || off != 0 {
+		t.Fatalf("records inside the lookback: start offset %d, %v; want 0", off, err)
+	}
+
+	// Run on that topic, then an END at once: it is indexed, the old ones are not.
+	rctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- x.Run(rctx) }()
+	defer func() {
+		stop()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+	if err := w.WriteMessages(ctx, kafkago.Message{Value: []byte(end(20))}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		if _, ok := x.Lookup(20); ok {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatal("the END record written after Run started was never indexed")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, ok := x.Lookup(10); ok {
+		t.Error("an END record older than the lookback was indexed")
 	}
 }
