@@ -14,6 +14,8 @@ import (
 
 	goredis "github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
+
+	"github.com/tidemark/tidemark/sinks/redis/redisfill"
 )
 
 // Use names what a caller does with a Sink, for Check and Commands.
@@ -45,6 +47,10 @@ func (s *Sink) Commands(use Use) []string {
 	}
 	if use&UseInvalidate != 0 {
 		add("del")
+		if s.cfg.Mode == ModeVersioned {
+			// The scripts, and what they run (ACL applies inside scripts).
+			add("evalsha", "eval", "get", "set")
+		}
 		if s.cfg.Channel != "" {
 			add("publish")
 		}
@@ -120,6 +126,15 @@ func (s *Sink) Check(ctx context.Context, use Use) error {
 	var probes []probe
 	_, _ = conn.Pipelined(ctx, func(p goredis.Pipeliner) error {
 		probes = append(probes, probe{name: "del", cmd: p.Do(ctx, "del", checkKey)})
+		if use&UseInvalidate != 0 && s.cfg.Mode == ModeVersioned {
+			// Queued, never run: the server checks the ACL as it queues.
+			marker := redisfill.MarkerKey(s.cfg.MarkerPrefix, checkKey)
+			probes = append(probes,
+				probe{name: "get", cmd: p.Do(ctx, "get", marker)},
+				probe{name: "set", cmd: p.Do(ctx, "set", marker, "check")},
+				probe{name: "evalsha", cmd: p.Do(ctx, "evalsha", redisfill.InvalidateScript.Hash(), 2, checkKey, marker, "check", 1)},
+				probe{name: "eval", cmd: p.Do(ctx, "eval", redisfill.DeleteSource, 2, checkKey, marker)})
+		}
 		if use&UseInvalidate != 0 && s.cfg.Channel != "" {
 			probes = append(probes, probe{name: "publish", cmd: p.Do(ctx, "publish", s.cfg.Channel, checkKey)})
 		}

@@ -2,6 +2,12 @@
 // cache keys with DEL and, optionally, announces each deleted key with
 // PUBLISH so that processes holding a local copy can drop it too.
 //
+// In ModeVersioned it also writes, with each DEL and in the same script, a
+// short-lived marker holding the position of the change (InvalidateAt), so
+// that readers filling the cache with the protocol of package redisfill
+// never store a value they read before that change. The default,
+// ModeDelete, sends plain DELs.
+//
 // It has the method set of the invalidation consumer's invalidator contract
 // (Invalidate and Close) without importing that package; cmd/ connects them.
 //
@@ -32,8 +38,10 @@
 // found by Check before the first write; see Commands for what a user
 // needs.
 //
-// Protocol: https://redis.io/docs/latest/commands/del/ and
-// https://redis.io/docs/latest/commands/publish/.
+// Protocol: https://redis.io/docs/latest/commands/del/,
+// https://redis.io/docs/latest/commands/publish/, and for ModeVersioned
+// https://redis.io/docs/latest/commands/evalsha/ (the scripts are
+// redisfill's).
 package redis
 
 import (
@@ -51,6 +59,9 @@ import (
 	goredis "github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+
+	"github.com/tidemark/tidemark/pipeline"
+	"github.com/tidemark/tidemark/sinks/redis/redisfill"
 )
 
 // Defaults for the zero values of Config fields.
@@ -58,6 +69,19 @@ const (
 	DefaultBatchSize    = 500
 	DefaultDialTimeout  = 5 * time.Second
 	DefaultWriteTimeout = 5 * time.Second
+	DefaultMarkerTTL    = time.Minute
+)
+
+// Mode is how the sink invalidates a key.
+type Mode string
+
+// The modes.
+const (
+	// ModeDelete (the default) sends DEL key.
+	ModeDelete Mode = "delete"
+	// ModeVersioned runs redisfill.InvalidateScript: DEL key and set its
+	// marker to the change's position unless the marker is newer.
+	ModeVersioned Mode = "versioned"
 )
 
 // ErrClosed is returned by Invalidate and Ping after Close.
@@ -88,6 +112,16 @@ type Config struct {
 	// configuration (an empty ServerName means the host of Addr). Default
 	// nil: plaintext.
 	TLS *tls.Config
+	// Mode is ModeDelete or ModeVersioned. Default ModeDelete.
+	Mode Mode
+	// MarkerPrefix begins the marker keys of ModeVersioned (see
+	// redisfill.MarkerKey); no cache key may begin with it. Default
+	// redisfill.DefaultMarkerPrefix ("tidemark:marker:").
+	MarkerPrefix string
+	// MarkerTTL is how long a marker of ModeVersioned lives. It bounds the
+	// markers' memory only: an expired marker makes a fill in flight
+	// refused, never accepted. Default 1m.
+	MarkerTTL time.Duration
 }
 
 // Validate reports every problem of c, each by field name. Values that
@@ -125,6 +159,17 @@ func (c Config) Validate() error {
 	if c.WriteTimeout < 0 {
 		errs = append(errs, fmt.Errorf("write_timeout: %v is negative (0 means the default, %v)", c.WriteTimeout, DefaultWriteTimeout))
 	}
+	switch c.Mode {
+	case "", ModeDelete, ModeVersioned:
+	default:
+		errs = append(errs, fmt.Errorf("mode: %q is not %s or %s", c.Mode, ModeDelete, ModeVersioned))
+	}
+	if err := redisfill.ValidatePrefix(c.MarkerPrefix); err != nil {
+		errs = append(errs, fmt.Errorf("marker_prefix: %w", err))
+	}
+	if c.MarkerTTL < 0 || (c.MarkerTTL > 0 && c.MarkerTTL < time.Millisecond) {
+		errs = append(errs, fmt.Errorf("marker_ttl: %v must be at least 1ms (0 means the default, %v)", c.MarkerTTL, DefaultMarkerTTL))
+	}
 	return errors.Join(errs...)
 }
 
@@ -139,13 +184,23 @@ func (c Config) withDefaults() Config {
 	if c.WriteTimeout == 0 {
 		c.WriteTimeout = DefaultWriteTimeout
 	}
+	if c.Mode == "" {
+		c.Mode = ModeDelete
+	}
+	if c.MarkerPrefix == "" {
+		c.MarkerPrefix = redisfill.DefaultMarkerPrefix
+	}
+	if c.MarkerTTL == 0 {
+		c.MarkerTTL = DefaultMarkerTTL
+	}
 	return c
 }
 
 // String describes c with the password masked.
 func (c Config) String() string {
-	return fmt.Sprintf("{Addr:%s Username:%s Password:%s DB:%d Channel:%s BatchSize:%d DialTimeout:%v WriteTimeout:%v TLS:%v}",
-		c.Addr, c.Username, mask(c.Password), c.DB, c.Channel, c.BatchSize, c.DialTimeout, c.WriteTimeout, c.TLS != nil)
+	return fmt.Sprintf("{Addr:%s Username:%s Password:%s DB:%d Channel:%s BatchSize:%d DialTimeout:%v WriteTimeout:%v TLS:%v Mode:%s MarkerPrefix:%s MarkerTTL:%v}",
+		c.Addr, c.Username, mask(c.Password), c.DB, c.Channel, c.BatchSize, c.DialTimeout, c.WriteTimeout, c.TLS != nil,
+		c.Mode, c.MarkerPrefix, c.MarkerTTL)
 }
 
 // GoString is like String, for the %#v verb.
@@ -163,6 +218,9 @@ func (c Config) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	enc.AddDuration("dial_timeout", c.DialTimeout)
 	enc.AddDuration("write_timeout", c.WriteTimeout)
 	enc.AddBool("tls", c.TLS != nil)
+	enc.AddString("mode", string(c.Mode))
+	enc.AddString("marker_prefix", c.MarkerPrefix)
+	enc.AddDuration("marker_ttl", c.MarkerTTL)
 	return nil
 }
 
@@ -179,6 +237,10 @@ type Sink struct {
 	cfg    Config // with defaults applied
 	log    *zap.Logger
 	client *goredis.Client
+
+	// markersKept counts versioned invalidations that found a marker at
+	// least as new as theirs (redeliveries).
+	markersKept atomic.Uint64
 
 	closed    atomic.Bool
 	closeOnce sync.Once
@@ -231,26 +293,89 @@ func (s *Sink) Ping(ctx context.Context) error {
 	return nil
 }
 
+// KeyAt is a key to invalidate and the position of the change that
+// invalidated it (the invalidation consumer's KeyAt, restated because this
+// package must not import its caller).
+type KeyAt struct {
+	Key string
+	Pos pipeline.Position
+}
+
 // Invalidate deletes keys (Redis DEL), in pipelined batches, and when a
 // channel is configured also PUBLISHes each key on it. It returns only when
 // every DEL has been acknowledged, or an error. It is idempotent (deleting
 // an absent key is fine) and does not keep keys after returning. See the
 // package documentation for ordering and retry semantics.
+//
+// In ModeVersioned, where it has no positions, it deletes each key's marker
+// too (redisfill.DeleteScript), which refuses every fill in flight.
 func (s *Sink) Invalidate(ctx context.Context, keys []string) error {
+	return s.invalidate(ctx, len(keys), func(i int) string { return keys[i] },
+		func(ctx context.Context, p goredis.Pipeliner, i int, eval bool) goredis.Cmder {
+			if s.cfg.Mode != ModeVersioned {
+				return p.Del(ctx, keys[i])
+			}
+			return s.runScript(ctx, p, redisfill.DeleteScript, eval, keys[i])
+		})
+}
+
+// InvalidateAt is Invalidate with each key's position. In ModeVersioned it
+// deletes each key and sets its marker to redisfill.Marker(Pos), unless the
+// marker already holds an equal or later position (a redelivery), in one
+// script per key; in ModeDelete it is Invalidate.
+func (s *Sink) InvalidateAt(ctx context.Context, keys []KeyAt) error {
+	if s.cfg.Mode != ModeVersioned {
+		plain := make([]string, len(keys))
+		for i, k := range keys {
+			plain[i] = k.Key
+		}
+		return s.Invalidate(ctx, plain)
+	}
+	ttl := s.cfg.MarkerTTL.Milliseconds()
+	return s.invalidate(ctx, len(keys), func(i int) string { return keys[i].Key },
+		func(ctx context.Context, p goredis.Pipeliner, i int, eval bool) goredis.Cmder {
+			return s.runScript(ctx, p, redisfill.InvalidateScript, eval, keys[i].Key, redisfill.Marker(keys[i].Pos), ttl)
+		})
+}
+
+// MarkersKept counts the versioned invalidations that kept a marker at
+// least as new as their own position (redelivered changes).
+func (s *Sink) MarkersKept() uint64 { return s.markersKept.Load() }
+
+// runScript queues sc on p for key and its marker: EVALSHA, or EVAL when
+// the server did not know the script (eval).
+func (s *Sink) runScript(ctx context.Context, p goredis.Pipeliner, sc *goredis.Script, eval bool, key string, args ...any) goredis.Cmder {
+	keys := []string{key, redisfill.MarkerKey(s.cfg.MarkerPrefix, key)}
+	if eval {
+		return sc.Eval(ctx, p, keys, args...)
+	}
+	return sc.EvalSha(ctx, p, keys, args...)
+}
+
+// queueFunc queues the invalidation of the i-th key on p; eval asks for
+// EVAL rather than EVALSHA.
+type queueFunc func(ctx context.Context, p goredis.Pipeliner, i int, eval bool) goredis.Cmder
+
+// invalidate sends the n keys in batches of BatchSize, each after the
+// previous one was acknowledged.
+func (s *Sink) invalidate(ctx context.Context, n int, key func(int) string, queue queueFunc) error {
 	if s.closed.Load() {
 		return ErrClosed
 	}
-	if len(keys) == 0 {
-		return nil
-	}
-	for start := 0; start < len(keys); start += s.cfg.BatchSize {
-		end := min(start+s.cfg.BatchSize, len(keys))
-		if err := s.invalidateBatch(ctx, keys[start:end]); err != nil {
+	for start := 0; start < n; start += s.cfg.BatchSize {
+		end := min(start+s.cfg.BatchSize, n)
+		err := s.invalidateBatch(ctx, start, end, key, queue, false)
+		if err != nil && err.noScript {
+			// A restarted (or flushed) server forgot the scripts: EVAL sends
+			// the source, which also caches it. The batch is idempotent.
+			err = s.invalidateBatch(ctx, start, end, key, queue, true)
+		}
+		if err != nil {
 			switch {
 			case start > 0:
-				return fmt.Errorf("%s (keys %d-%d of %d; earlier batches done): %w", err.what, start+1, end, len(keys), err)
-			case end < len(keys):
-				return fmt.Errorf("%s (keys %d-%d of %d): %w", err.what, start+1, end, len(keys), err)
+				return fmt.Errorf("%s (keys %d-%d of %d; earlier batches done): %w", err.what, start+1, end, n, err)
+			case end < n:
+				return fmt.Errorf("%s (keys %d-%d of %d): %w", err.what, start+1, end, n, err)
 			}
 			return fmt.Errorf("%s: %w", err.what, err)
 		}
@@ -260,10 +385,11 @@ func (s *Sink) Invalidate(ctx context.Context, keys []string) error {
 
 // batchError is a failure of one pipelined batch.
 type batchError struct {
-	what   string // "redis DEL of 37 keys"
-	failed int    // commands that failed
-	total  int    // commands sent
-	err    error  // the first failure
+	what     string // "redis DEL of 37 keys"
+	failed   int    // commands that failed
+	total    int    // commands sent
+	err      error  // the first failure
+	noScript bool   // a script was not in the server's cache
 }
 
 func (e *batchError) Error() string {
@@ -275,40 +401,56 @@ func (e *batchError) Error() string {
 
 func (e *batchError) Unwrap() error { return e.err }
 
-// invalidateBatch sends one pipeline: DEL k (and PUBLISH channel k) for
-// each key, in order, and checks every reply.
-func (s *Sink) invalidateBatch(ctx context.Context, keys []string) *batchError {
-	dels := make([]*goredis.IntCmd, len(keys))
-	var pubs []*goredis.IntCmd
+// invalidateBatch sends one pipeline: the invalidation of keys start to
+// end-1 (and PUBLISH channel k after each), in order, and checks every
+// reply.
+func (s *Sink) invalidateBatch(ctx context.Context, start, end int, key func(int) string, queue queueFunc, eval bool) *batchError {
+	n := end - start
+	invs := make([]goredis.Cmder, n)
+	var pubs []goredis.Cmder
 	if s.cfg.Channel != "" {
-		pubs = make([]*goredis.IntCmd, len(keys))
+		pubs = make([]goredis.Cmder, n)
 	}
 	pipe := s.client.Pipeline()
-	for i, k := range keys {
-		dels[i] = pipe.Del(ctx, k)
+	for i := range n {
+		invs[i] = queue(ctx, pipe, start+i, eval)
 		if pubs != nil {
-			pubs[i] = pipe.Publish(ctx, s.cfg.Channel, k)
+			pubs[i] = pipe.Publish(ctx, s.cfg.Channel, key(start+i))
 		}
+	}
+	what := fmt.Sprintf("redis DEL of %d keys", n)
+	if s.cfg.Mode == ModeVersioned {
+		what = fmt.Sprintf("redis versioned invalidation (DEL and marker) of %d keys", n)
 	}
 	_, execErr := pipe.Exec(ctx)
 	if execErr == nil {
+		if s.cfg.Mode == ModeVersioned {
+			for _, c := range invs {
+				if c, ok := c.(*goredis.Cmd); ok {
+					if v, _ := c.Int64(); v == 0 {
+						s.markersKept.Add(1)
+					}
+				}
+			}
+		}
 		return nil
 	}
-	if failed, first := countFailed(dels); failed > 0 {
-		return &batchError{what: fmt.Sprintf("redis DEL of %d keys", len(keys)), failed: failed, total: len(keys), err: first}
+	if failed, first := countFailed(invs); failed > 0 {
+		return &batchError{what: what, failed: failed, total: n, err: first,
+			noScript: goredis.HasErrorPrefix(first, "NOSCRIPT")}
 	}
 	if failed, first := countFailed(pubs); failed > 0 {
 		return &batchError{
-			what:   fmt.Sprintf("redis PUBLISH of %d deleted keys on channel %q", len(keys), s.cfg.Channel),
-			failed: failed, total: len(keys), err: first,
+			what:   fmt.Sprintf("redis PUBLISH of %d deleted keys on channel %q", n, s.cfg.Channel),
+			failed: failed, total: n, err: first,
 		}
 	}
 	// Exec failed without marking any command (not expected).
-	return &batchError{what: fmt.Sprintf("redis DEL of %d keys", len(keys)), failed: 1, total: 1, err: execErr}
+	return &batchError{what: what, failed: 1, total: 1, err: execErr}
 }
 
 // countFailed returns how many cmds failed and the first error.
-func countFailed(cmds []*goredis.IntCmd) (n int, first error) {
+func countFailed(cmds []goredis.Cmder) (n int, first error) {
 	for _, c := range cmds {
 		if err := c.Err(); err != nil {
 			if first == nil {
