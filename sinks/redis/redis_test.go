@@ -43,6 +43,12 @@ func TestConfigValidate(t *testing.T) {
 		{name: "bad port", cfg: Config{Addr: "h:http"}, want: []string{"port must be a number"}},
 		{name: "port range", cfg: Config{Addr: "h:70000"}, want: []string{"port must be a number"}},
 		{name: "url with password", cfg: Config{Addr: "redis://:" + testPassword + "@h:6379"}, want: []string{"not a URL"}},
+		{name: "versioned", cfg: Config{Addr: "h:1", Mode: ModeVersioned, MarkerPrefix: "cache-marker:", MarkerTTL: time.Minute}},
+		{
+			name: "bad versioned fields",
+			cfg:  Config{Addr: "h:1", Mode: "lease", MarkerPrefix: "m{", MarkerTTL: -time.Second},
+			want: []string{`mode: "lease" is not delete or versioned`, `marker_prefix: "m{" must not contain {`, "marker_ttl: -1s"},
+		},
 		{
 			name: "every bad field",
 			cfg:  Config{Addr: "h:1", DB: -1, BatchSize: -2, DialTimeout: -time.Second, WriteTimeout: -time.Second},

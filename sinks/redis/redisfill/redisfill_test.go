@@ -369,6 +369,23 @@ func TestMarkerOrderAndExpiry(t *testing.T) {
 		t.Fatalf("%q still cached after the invalidation at %v", key, p3)
 	}
 
+	// Every part of the position counts, the LSN's high half included.
+	for _, tc := range []struct{ newer, older pipeline.Position }{
+		{pipeline.Position{CommitLSN: 2 << 32}, pipeline.Position{CommitLSN: 1<<32 + 5, Seq: 9}},
+		{pipeline.Position{CommitLSN: 1<<32 + 6}, pipeline.Position{CommitLSN: 1<<32 + 5, Seq: 9}},
+		{pipeline.Position{CommitLSN: 7, Seq: 2}, pipeline.Position{CommitLSN: 7, Seq: 1}},
+	} {
+		k := "order:" + tc.newer.String()
+		for _, p := range []pipeline.Position{tc.newer, tc.older} {
+			if err := f.sink.InvalidateAt(ctx, []redissink.KeyAt{{Key: k, Pos: p}}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if got := f.rdb.Get(ctx, redisfill.MarkerKey(redisfill.DefaultMarkerPrefix, k)).Val(); got != redisfill.Marker(tc.newer) {
+			t.Errorf("marker after %v then %v = %q, want %q", tc.newer, tc.older, got, redisfill.Marker(tc.newer))
+		}
+	}
+
 	// Expiry: the token (a lease) outlived by the load.
 	const other = "expiring"
 	_, _, tok, err = f.filler.Begin(ctx, other)
