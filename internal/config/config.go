@@ -100,6 +100,8 @@ type Redis struct {
 	// TLS, when enabled, encrypts the connection (managed Redis services
 	// need it, often with Username for an ACL user).
 	TLS *TLS `yaml:"tls"`
+	// RedisVersioning: mode (delete|versioned), marker_prefix, marker_ttl.
+	RedisVersioning `yaml:",inline"`
 }
 
 // Postgres is the captured database.
@@ -683,6 +685,7 @@ func (c *Config) Validate() []FieldError {
 		}
 		if inv.Redis != nil {
 			validateTLS("invalidation.redis.tls", inv.Redis.TLS, add)
+			validateRedisMode("invalidation.redis", inv.Redis, inv.Rules, add)
 		}
 	}
 	ps = append(ps, c.validateTargets(seen)...)

@@ -178,6 +178,7 @@ func (c *Config) validateTargets(captured map[string]bool) []FieldError {
 			add("targets.redis.key", "%q does not contain {room_id}", r.Key)
 		}
 		validateTLS("targets.redis.tls", r.TLS, add)
+		rejectRedisMode("targets.redis", &r.Redis, add)
 	}
 	if t.AuditInterval < 0 {
 		add("targets.audit_interval", "%s must not be negative", t.AuditInterval)
