@@ -33,7 +33,9 @@ func validateRedisMode(path string, r *Redis, rules []invalidation.Rule, add fun
 	v := r.RedisVersioning
 	switch v.Mode {
 	case "", "delete":
-		if v.MarkerPrefix != "" || v.MarkerTTL != 0 {
+		// Their defaults may be listed (as the example does); another value
+		// would be a setting that silently does nothing.
+		if (v.MarkerPrefix != "" && v.MarkerPrefix != redisfill.DefaultMarkerPrefix) || (v.MarkerTTL != 0 && v.MarkerTTL != time.Minute) {
 			add(path+".mode", "marker_prefix and marker_ttl are only used with mode: versioned (set it, or remove them)")
 		}
 		return

@@ -42,6 +42,8 @@ invalidation:
 		}},
 		{name: "unknown mode", yaml: "  redis: {addr: \"r:6379\", mode: lease}\n",
 			paths: []string{"invalidation.redis.mode"}, errs: []string{`"lease" is not delete or versioned`}},
+		{name: "defaults listed in delete mode", yaml: "  redis: {addr: \"r:6379\", mode: delete, marker_prefix: \"tidemark:marker:\", marker_ttl: 1m}\n",
+			check: func(*testing.T, *config.Config) {}},
 		{name: "marker settings without versioned", yaml: "  redis: {addr: \"r:6379\", marker_ttl: 5s}\n",
 			paths: []string{"invalidation.redis.mode"}, errs: []string{"only used with mode: versioned"}},
 		{name: "bad marker settings", yaml: "  redis: {addr: \"r:6379\", mode: versioned, marker_prefix: \"m{x}:\", marker_ttl: -1s}\n",
