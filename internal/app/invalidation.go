@@ -88,7 +88,7 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 		if err != nil {
 			return nil, err
 		}
-		sinks = append(sinks, rs)
+		sinks = append(sinks, redisInvalidator(rs)) // with positions in versioned mode
 	}
 	dlqTopic := cfg.Kafka.TopicPrefix + ".dlq"
 	if w := inv.Webhook; w != nil {
@@ -172,4 +172,5 @@ func (i *Invalidation) Run(ctx context.Context) error {
 // Register adds the consumer's metrics to reg. Call it before Run.
 func (i *Invalidation) Register(reg prometheus.Registerer) {
 	registerConsumerMetrics(reg, i.Consumer, "invalidation")
+	registerRedisMetrics(reg, i.Redis)
 }

@@ -35,7 +35,7 @@ func newRedisSink(ctx context.Context, path string, r *config.Redis, channel str
 			zap.String("addr", r.Addr))
 	}
 	rs, err := redissink.New(redissink.Config{Addr: r.Addr, Username: r.Username, Password: r.Password, DB: r.DB, Channel: channel,
-		TLS: tlsConfig}, log)
+		TLS: tlsConfig, Mode: redissink.Mode(r.Mode), MarkerPrefix: r.MarkerPrefix, MarkerTTL: r.MarkerTTL}, log)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}

@@ -338,6 +338,9 @@ func (s *Sink) InvalidateAt(ctx context.Context, keys []KeyAt) error {
 		})
 }
 
+// Mode is the sink's mode (ModeDelete when not configured).
+func (s *Sink) Mode() Mode { return s.cfg.Mode }
+
 // MarkersKept counts the versioned invalidations that kept a marker at
 // least as new as their own position (redelivered changes).
 func (s *Sink) MarkersKept() uint64 { return s.markersKept.Load() }
