@@ -143,6 +143,9 @@ type Consumer struct {
 	// grace bounds how long a batch fetched before a stop may still take to
 	// be applied and committed (tests shorten it).
 	grace time.Duration
+	// async are the handlers whose effects are committed asynchronously
+	// (set by loop).
+	async map[Handler]AsyncFlusher
 	// OnApplied, when set, observes each applied message's fetch-to-durable
 	// latency (called from the consumer goroutine; must be fast).
 	OnApplied func(d time.Duration)
@@ -403,15 +406,34 @@ func (c *Consumer) readerConfig(topics []string) kafkago.ReaderConfig {
 }
 
 func (c *Consumer) loop(ctx context.Context, r *kafkago.Reader, ch <-chan fetched) error {
+	// Handlers with asynchronous outputs run them for the loop's life;
+	// offsets wait in q until their batch is durable everywhere.
+	c.async = c.asyncFlushers()
+	changed := make(chan struct{}, 1)
+	stopAsync := c.runAsync(ctx, changed)
+	defer stopAsync()
+	var q commitQueue
 	batch := make([]fetched, 0, c.cfg.MaxBatch)
 	for {
+		if err := c.commitDurable(ctx, r, &q); err != nil {
+			return err
+		}
+		in := ch
+		if q.messages >= maxPendingMessages {
+			in = nil // backpressure: wait for the outputs
+		}
 		batch = batch[:0]
 		select {
 		case <-ctx.Done():
+			if err := c.drain(ctx, r, &q, changed); err != nil {
+				return err
+			}
 			return ctx.Err()
-		case f, ok := <-ch:
+		case <-changed:
+			continue
+		case f, ok := <-in:
 			if !ok {
-				return nil
+				return c.drain(ctx, r, &q, changed)
 			}
 			batch = append(batch, f)
 		}
@@ -430,18 +452,24 @@ func (c *Consumer) loop(ctx context.Context, r *kafkago.Reader, ch <-chan fetche
 		// A batch that was fetched is finished and committed even when ctx
 		// ends meanwhile (graceful stop), within a grace period.
 		actx, cancel := graceful(ctx, c.grace)
-		err := c.apply(actx, r, batch)
+		p, err := c.apply(actx, batch)
 		cancel()
 		if err != nil {
+			if derr := c.drain(ctx, r, &q, changed); derr != nil && (errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)) {
+				return derr
+			}
 			return err
 		}
+		q.batches = append(q.batches, p)
+		q.messages += len(batch)
 		c.stats.Lag.Store(r.Stats().Lag)
 	}
 }
 
-// apply handles a batch in order, flushes effects, dead-letters what failed
-// and commits the batch's offsets.
-func (c *Consumer) apply(ctx context.Context, r *kafkago.Reader, batch []fetched) error {
+// apply handles a batch in order, flushes effects (synchronous handlers) or
+// hands them over (AsyncFlusher), dead-letters what failed and returns the
+// batch's commit, which loop makes once its effects are durable.
+func (c *Consumer) apply(ctx context.Context, batch []fetched) (*pendingCommit, error) {
 	var dead []pipeline.Message
 	applied := 0
 	for i := range batch {
@@ -463,7 +491,7 @@ func (c *Consumer) apply(ctx context.Context, r *kafkago.Reader, batch []fetched
 		}
 		if err := c.handle(ctx, h, msg); err != nil {
 			if ctx.Err() != nil {
-				return ctx.Err()
+				return nil, ctx.Err()
 			}
 			dead = append(dead, c.deadLetter(m, err))
 			continue
@@ -472,33 +500,25 @@ func (c *Consumer) apply(ctx context.Context, r *kafkago.Reader, batch []fetched
 		applied++
 	}
 	if err := c.flush(ctx); err != nil {
-		return err
+		return nil, err
 	}
 	if len(dead) > 0 {
 		if err := c.cfg.DLQ.Write(ctx, dead); err != nil {
-			return fmt.Errorf("writing %d dead letters to %s: %w", len(dead), c.cfg.DLQTopic, err)
+			return nil, fmt.Errorf("writing %d dead letters to %s: %w", len(dead), c.cfg.DLQTopic, err)
 		}
 		c.stats.DLQ.Add(uint64(len(dead)))
 		c.log.Warn("changes dead-lettered", zap.String("group", c.cfg.Group), zap.Int("count", len(dead)),
 			zap.String("topic", c.cfg.DLQTopic), zap.String("first_reason", headerValue(dead[0].Headers, "tidemark-dlq-reason")))
 	}
-	msgs := make([]kafkago.Message, len(batch))
-	for i := range batch {
-		msgs[i] = batch[i].m
-	}
-	if err := r.CommitMessages(ctx, msgs...); err != nil {
-		return fmt.Errorf("committing offsets: %w", err)
-	}
-	now := time.Now()
-	c.stats.Messages.Add(uint64(applied))
-	for i := range batch {
-		d := now.Sub(batch[i].at)
-		c.stats.ApplyNanos.Add(uint64(d))
-		if c.OnApplied != nil {
-			c.OnApplied(d)
+	var waits []asyncWait
+	for _, a := range c.async {
+		tok, err := a.FlushAsync(ctx)
+		if err != nil {
+			return nil, err
 		}
+		waits = append(waits, asyncWait{f: a, token: tok})
 	}
-	return nil
+	return newPendingCommit(batch, applied, waits), nil
 }
 
 func headerValue(hs []pipeline.Header, k string) string {
@@ -553,7 +573,7 @@ func (c *Consumer) flush(ctx context.Context) error {
 	seen := map[Handler]bool{}
 	for _, h := range c.cfg.Handlers {
 		f, ok := h.(Flusher)
-		if !ok || seen[h] {
+		if !ok || seen[h] || c.async[h] != nil {
 			continue
 		}
 		seen[h] = true

@@ -2,8 +2,15 @@ package invalidation
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"strings"
+	"sync"
 	"sync/atomic"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"go.uber.org/zap"
 
 	"github.com/tidemark/tidemark/pipeline"
 )
@@ -31,22 +38,126 @@ type PositionedInvalidator interface {
 	InvalidateAt(ctx context.Context, keys []KeyAt) error
 }
 
+// DefaultMaxBacklogBytes bounds the keys a lagging sink may hold queued
+// (see RuleHandler.MaxBacklogBytes).
+const DefaultMaxBacklogBytes = 64 << 20
+
+// keyOverhead is what one queued key costs beyond its bytes (the string
+// and KeyAt headers), counted in the backlog bound.
+const keyOverhead = 64
+
 // RuleHandler applies an Engine's rules: it collects keys per batch and
-// invalidates them on Flush, through every configured Invalidator.
+// invalidates them through every configured Invalidator (a sink).
+//
+// Each sink has its own queue of batches and its own goroutine (Run), so a
+// failing sink does not hold back a healthy one: while Redis is down the
+// invalidations topic keeps receiving keys. A sink delivers its batches in
+// order, retrying the oldest with backoff until it succeeds, so a key's
+// invalidations reach every sink in commit order. A batch is durable once
+// every sink has it (Durable); the consumer commits offsets only up to
+// there. When a sink's queue exceeds MaxBacklogBytes, FlushAsync blocks:
+// the consumer stops fetching and the healthy sinks stop too.
 type RuleHandler struct {
 	engine  *Engine
 	sinks   []Invalidator
 	pending []string
 	at      []KeyAt
 	seen    map[string]int // key -> index in pending/at
-	// Invalidated counts keys made durable.
+	// Invalidated counts keys made durable in every sink.
 	Invalidated atomic.Uint64
+	// MaxBacklogBytes bounds each sink's queue (keys' bytes plus 64 bytes
+	// per key). Set before Run. Default DefaultMaxBacklogBytes.
+	MaxBacklogBytes int64
+	// Log receives a warning when a sink starts failing and when it
+	// recovers (never per retry). Set before Run. Default: no-op.
+	Log *zap.Logger
+
+	outs    []*output
+	token   uint64 // last token handed out (consumer goroutine only)
+	running atomic.Bool
+	room    chan struct{}          // a queue shrank (wakes a blocked FlushAsync)
+	durable chan struct{}          // Durable may have advanced (wakes Flush)
+	notify  atomic.Pointer[func()] // from Run: Durable may have advanced
 }
 
-// NewRuleHandler builds a handler for all tables of engine.
-func NewRuleHandler(engine *Engine, sinks ...Invalidator) *RuleHandler {
-	return &RuleHandler{engine: engine, sinks: sinks, seen: map[string]int{}}
+// output is one sink's queue and progress.
+type output struct {
+	name string
+	sink Invalidator
+	wake chan struct{} // a batch was queued
+
+	mu       sync.Mutex
+	queue    []*job
+	assigned uint64 // last token handed to this sink, with or without keys
+
+	backlogKeys  atomic.Int64
+	backlogBytes atomic.Int64
+	errors       atomic.Uint64
+	failing      atomic.Bool
 }
+
+// job is one flushed batch; every sink's queue shares it (read-only).
+type job struct {
+	token  uint64
+	keys   []string
+	at     []KeyAt
+	bytes  int64
+	remain atomic.Int32 // sinks that do not have it yet
+}
+
+// SinkStats are one sink's live counters (for metrics).
+type SinkStats struct {
+	Name string
+	// BacklogKeys and BacklogBytes are what waits for this sink.
+	BacklogKeys, BacklogBytes *atomic.Int64
+	// Errors counts failed attempts; Failing is true from a failure until
+	// the next success.
+	Errors  *atomic.Uint64
+	Failing *atomic.Bool
+}
+
+// NewRuleHandler builds a handler for all tables of engine. The consumer
+// runtime runs its sinks (Run) and commits what Durable reports.
+func NewRuleHandler(engine *Engine, sinks ...Invalidator) *RuleHandler {
+	h := &RuleHandler{engine: engine, sinks: sinks, seen: map[string]int{},
+		room: make(chan struct{}, 1), durable: make(chan struct{}, 1)}
+	used := map[string]int{}
+	for _, s := range sinks {
+		name := SinkName(s)
+		if used[name]++; used[name] > 1 {
+			name = fmt.Sprintf("%s%d", name, used[name])
+		}
+		h.outs = append(h.outs, &output{name: name, sink: s, wake: make(chan struct{}, 1)})
+	}
+	return h
+}
+
+// SinkName names a sink in logs and metrics: its SinkName method if it has
+// one, else its package ("redis", "webhook").
+func SinkName(s Invalidator) string {
+	if n, ok := s.(interface{ SinkName() string }); ok {
+		return n.SinkName()
+	}
+	name := strings.TrimPrefix(fmt.Sprintf("%T", s), "*")
+	if i := strings.IndexByte(name, '.'); i >= 0 {
+		name = name[:i]
+	}
+	return name
+}
+
+// SinkName is "topic".
+func (t *TopicInvalidator) SinkName() string { return "topic" }
+
+// Stats returns each sink's counters, in configuration order.
+func (h *RuleHandler) Stats() []SinkStats {
+	out := make([]SinkStats, len(h.outs))
+	for i, o := range h.outs {
+		out[i] = SinkStats{Name: o.name, BacklogKeys: &o.backlogKeys, BacklogBytes: &o.backlogBytes, Errors: &o.errors, Failing: &o.failing}
+	}
+	return out
+}
+
+var _ AsyncFlusher = (*RuleHandler)(nil)
 
 // Handle collects the change's keys. A change whose op no rule accepts is
 // an error (it is dead-lettered rather than silently dropped).
@@ -67,25 +178,243 @@ func (h *RuleHandler) Handle(_ context.Context, m *Message) error {
 	return nil
 }
 
-// Flush invalidates the collected keys in every sink.
+// FlushAsync queues the collected keys for every sink and returns the
+// batch's token. It blocks while a sink's backlog would exceed
+// MaxBacklogBytes (backpressure), until there is room or ctx ends.
+func (h *RuleHandler) FlushAsync(ctx context.Context) (uint64, error) {
+	var j *job
+	if len(h.pending) > 0 {
+		j = &job{keys: h.pending, at: h.at}
+		for _, k := range h.pending {
+			j.bytes += int64(len(k)) + keyOverhead
+		}
+		for h.full(j.bytes) {
+			select {
+			case <-ctx.Done():
+				return 0, ctx.Err()
+			case <-h.room:
+			}
+		}
+		// The job owns the slices now: start new ones.
+		h.pending, h.at = nil, nil
+		clear(h.seen)
+	}
+	h.token++
+	if j != nil {
+		j.token = h.token
+		j.remain.Store(int32(len(h.outs)))
+	}
+	for _, o := range h.outs {
+		o.mu.Lock()
+		o.assigned = h.token
+		if j != nil {
+			o.queue = append(o.queue, j)
+			o.backlogKeys.Add(int64(len(j.keys)))
+			o.backlogBytes.Add(j.bytes)
+		}
+		o.mu.Unlock()
+		if j != nil {
+			signal(o.wake)
+		}
+	}
+	if j == nil || len(h.outs) == 0 {
+		if j != nil {
+			h.Invalidated.Add(uint64(len(j.keys)))
+		}
+		h.advanced()
+	}
+	return h.token, nil
+}
+
+// full reports whether queueing n more bytes would overflow a sink that
+// already holds a backlog (a batch larger than the bound still passes an
+// empty queue).
+func (h *RuleHandler) full(n int64) bool {
+	max := h.MaxBacklogBytes
+	if max <= 0 {
+		max = DefaultMaxBacklogBytes
+	}
+	for _, o := range h.outs {
+		if b := o.backlogBytes.Load(); b > 0 && b+n > max {
+			return true
+		}
+	}
+	return false
+}
+
+// Durable returns the highest token such that it and every earlier one are
+// durable in every sink.
+func (h *RuleHandler) Durable() uint64 {
+	d := uint64(0)
+	for i, o := range h.outs {
+		o.mu.Lock()
+		od := o.assigned
+		if len(o.queue) > 0 {
+			od = o.queue[0].token - 1
+		}
+		o.mu.Unlock()
+		if i == 0 || od < d {
+			d = od
+		}
+	}
+	if len(h.outs) == 0 {
+		return h.token
+	}
+	return d
+}
+
+// Run delivers each sink's queue, one goroutine per sink, until ctx ends;
+// notify is called (from those goroutines; it must not block) whenever
+// Durable may have advanced. Call it once.
+func (h *RuleHandler) Run(ctx context.Context, notify func()) error {
+	h.notify.Store(&notify)
+	h.running.Store(true)
+	defer h.running.Store(false)
+	var wg sync.WaitGroup
+	for _, o := range h.outs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			h.deliverLoop(ctx, o)
+		}()
+	}
+	wg.Wait()
+	return nil
+}
+
+// deliverLoop sends o's batches in order, retrying the oldest with backoff
+// until it succeeds or ctx ends.
+func (h *RuleHandler) deliverLoop(ctx context.Context, o *output) {
+	log := h.Log
+	if log == nil {
+		log = zap.NewNop()
+	}
+	bo := backoff.NewExponentialBackOff()
+	bo.InitialInterval = 50 * time.Millisecond
+	bo.MaxInterval = 5 * time.Second
+	bo.MaxElapsedTime = 0
+	bo.Reset() // NewExponentialBackOff reset with the defaults already
+	var since time.Time
+	for {
+		o.mu.Lock()
+		var j *job
+		if len(o.queue) > 0 {
+			j = o.queue[0]
+		}
+		o.mu.Unlock()
+		if j == nil {
+			select {
+			case <-ctx.Done():
+				return
+			case <-o.wake:
+			}
+			continue
+		}
+		err := h.deliver(ctx, o, j)
+		if err == nil {
+			if o.failing.Load() {
+				o.failing.Store(false)
+				log.Warn("invalidation sink recovered", zap.String("sink", o.name),
+					zap.Duration("failed_for", time.Since(since)), zap.Int64("backlog_keys", o.backlogKeys.Load()))
+			}
+			bo.Reset()
+			continue
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		if !o.failing.Load() {
+			since = time.Now()
+			o.failing.Store(true)
+			log.Warn("invalidation sink failing; retrying with backoff (the other sinks go on; offsets wait for this one)",
+				zap.String("sink", o.name), zap.Int("batch_keys", len(j.keys)), zap.Error(err))
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(bo.NextBackOff()):
+		}
+	}
+}
+
+// deliver sends j to o once; on success it leaves o's queue.
+func (h *RuleHandler) deliver(ctx context.Context, o *output, j *job) error {
+	var err error
+	if p, ok := o.sink.(PositionedInvalidator); ok {
+		err = p.InvalidateAt(ctx, j.at)
+	} else {
+		err = o.sink.Invalidate(ctx, j.keys)
+	}
+	if err != nil {
+		o.errors.Add(1)
+		return fmt.Errorf("invalidation sink %s: %w", o.name, err)
+	}
+	o.mu.Lock()
+	o.queue[0] = nil
+	o.queue = o.queue[1:]
+	o.mu.Unlock()
+	o.backlogKeys.Add(-int64(len(j.keys)))
+	o.backlogBytes.Add(-j.bytes)
+	if j.remain.Add(-1) == 0 {
+		h.Invalidated.Add(uint64(len(j.keys)))
+	}
+	signal(h.room)
+	h.advanced()
+	return nil
+}
+
+func (h *RuleHandler) advanced() {
+	signal(h.durable)
+	if n := h.notify.Load(); n != nil && *n != nil {
+		(*n)()
+	}
+}
+
+// signal wakes the reader of a capacity-1 channel without blocking.
+func signal(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
+}
+
+// Flush makes the collected keys durable in every sink. While Run runs it
+// queues them and waits for every sink; otherwise it delivers each sink's
+// queue itself, once: a failing sink does not stop the others, and a retry
+// re-sends only to the sinks that lack a batch.
 func (h *RuleHandler) Flush(ctx context.Context) error {
-	if len(h.pending) == 0 {
+	tok, err := h.FlushAsync(ctx)
+	if err != nil {
+		return err
+	}
+	if h.running.Load() {
+		for h.Durable() < tok {
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-h.durable:
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
 		return nil
 	}
-	for _, s := range h.sinks {
-		var err error
-		if p, ok := s.(PositionedInvalidator); ok {
-			err = p.InvalidateAt(ctx, h.at)
-		} else {
-			err = s.Invalidate(ctx, h.pending)
-		}
-		if err != nil {
-			return err
+	var errs []error
+	for _, o := range h.outs {
+		for {
+			o.mu.Lock()
+			var j *job
+			if len(o.queue) > 0 {
+				j = o.queue[0]
+			}
+			o.mu.Unlock()
+			if j == nil {
+				break
+			}
+			if err := h.deliver(ctx, o, j); err != nil {
+				errs = append(errs, err)
+				break
+			}
 		}
 	}
-	h.Invalidated.Add(uint64(len(h.pending)))
-	h.pending = h.pending[:0]
-	h.at = h.at[:0]
-	clear(h.seen)
-	return nil
+	return errors.Join(errs...)
 }
