@@ -115,6 +115,8 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 		sinks = append(sinks, &invalidation.TopicInvalidator{Topic: invTopic, Sink: dlq})
 	}
 	handler := invalidation.NewRuleHandler(engine, sinks...)
+	handler.MaxBacklogBytes = inv.MaxBacklogBytes
+	handler.Log = log.With(zap.String("component", "invalidation"))
 	handlers := map[string]invalidation.Handler{}
 	for _, t := range engine.Tables() {
 		handlers[t] = handler
@@ -173,4 +175,5 @@ func (i *Invalidation) Run(ctx context.Context) error {
 func (i *Invalidation) Register(reg prometheus.Registerer) {
 	registerConsumerMetrics(reg, i.Consumer, "invalidation")
 	registerRedisMetrics(reg, i.Redis)
+	registerSinkMetrics(reg, i.Handler)
 }

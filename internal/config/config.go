@@ -68,6 +68,10 @@ type Invalidation struct {
 	// <topic_prefix>.invalidations (key: cache key, value: position), which
 	// caches in any language can follow. Default true.
 	Topic *bool `yaml:"topic"`
+	// MaxBacklogBytes bounds the keys queued for one lagging sink (key
+	// bytes plus 64 per key) while the others go on; at the bound the
+	// consumer stops fetching. Default 67108864 (64 MiB).
+	MaxBacklogBytes int64 `yaml:"max_backlog_bytes"`
 }
 
 // Webhook is an HTTP receiver of invalidations.
@@ -483,6 +487,9 @@ func (c *Config) ApplyDefaults() {
 		if inv.Topic == nil {
 			inv.Topic = boolPtr(true)
 		}
+		if inv.MaxBacklogBytes == 0 {
+			inv.MaxBacklogBytes = 64 << 20
+		}
 		for i, r := range inv.Rules {
 			inv.Rules[i].Table = pipeline.QualifyTable(r.Table)
 		}
@@ -665,6 +672,9 @@ func (c *Config) Validate() []FieldError {
 		}
 		if inv.MaxAttempts < 1 {
 			add("invalidation.max_attempts", "%d must be at least 1", inv.MaxAttempts)
+		}
+		if inv.MaxBacklogBytes < 1<<20 {
+			add("invalidation.max_backlog_bytes", "%d is below 1 MiB (1048576); the default is 64 MiB", inv.MaxBacklogBytes)
 		}
 		if inv.Redis == nil && inv.Webhook == nil && (inv.Topic == nil || !*inv.Topic) {
 			add("invalidation", "configures no sink: set redis, webhook or topic: true")
