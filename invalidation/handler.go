@@ -188,12 +188,22 @@ func (h *RuleHandler) FlushAsync(ctx context.Context) (uint64, error) {
 		for _, k := range h.pending {
 			j.bytes += int64(len(k)) + keyOverhead
 		}
-		for h.full(j.bytes) {
-			select {
-			case <-ctx.Done():
-				return 0, ctx.Err()
-			case <-h.room:
+		if h.full(j.bytes) {
+			log := h.Log
+			if log == nil {
+				log = zap.NewNop()
 			}
+			since := time.Now()
+			log.Warn("invalidation sink backlog full: the consumer stops fetching, so every sink waits, until the lagging sink drains",
+				zap.Strings("full", h.fullSinks(j.bytes)), zap.Int64("max_backlog_bytes", h.maxBacklog()))
+			for h.full(j.bytes) {
+				select {
+				case <-ctx.Done():
+					return 0, ctx.Err()
+				case <-h.room:
+				}
+			}
+			log.Warn("invalidation sink backlog below the bound again: fetching resumes", zap.Duration("paused_for", time.Since(since)))
 		}
 		// The job owns the slices now: start new ones.
 		h.pending, h.at = nil, nil
@@ -229,17 +239,25 @@ func (h *RuleHandler) FlushAsync(ctx context.Context) (uint64, error) {
 // full reports whether queueing n more bytes would overflow a sink that
 // already holds a backlog (a batch larger than the bound still passes an
 // empty queue).
-func (h *RuleHandler) full(n int64) bool {
-	max := h.MaxBacklogBytes
-	if max <= 0 {
-		max = DefaultMaxBacklogBytes
-	}
+func (h *RuleHandler) full(n int64) bool { return len(h.fullSinks(n)) > 0 }
+
+// fullSinks names the sinks full (see full).
+func (h *RuleHandler) fullSinks(n int64) []string {
+	max := h.maxBacklog()
+	var out []string
 	for _, o := range h.outs {
 		if b := o.backlogBytes.Load(); b > 0 && b+n > max {
-			return true
+			out = append(out, o.name)
 		}
 	}
-	return false
+	return out
+}
+
+func (h *RuleHandler) maxBacklog() int64 {
+	if h.MaxBacklogBytes <= 0 {
+		return DefaultMaxBacklogBytes
+	}
+	return h.MaxBacklogBytes
 }
 
 // Durable returns the highest token such that it and every earlier one are

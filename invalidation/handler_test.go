@@ -11,6 +11,9 @@ import (
 	"time"
 
 	kafkago "github.com/segmentio/kafka-go"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/tidemark/tidemark/internal/kafkatest"
 	"github.com/tidemark/tidemark/pipeline"
@@ -197,6 +200,8 @@ func TestRuleHandlerBackpressureByBytes(t *testing.T) {
 	h := NewRuleHandler(membersRule(t), redis, topic)
 	per := int64(len("room:!r0:members") + keyOverhead)
 	h.MaxBacklogBytes = 3 * per
+	core, logs := observer.New(zapcore.WarnLevel)
+	h.Log = zap.New(core)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- h.Run(ctx, func() {}) }()
@@ -230,6 +235,13 @@ func TestRuleHandlerBackpressureByBytes(t *testing.T) {
 		func() string { return fmt.Sprintf("Durable() = %d, want %d", h.Durable(), tok) })
 	if got, want := func() []string { k, _ := redis.got(); return k }(), roomKeys(0, 4); !slices.Equal(got, want) {
 		t.Errorf("redis got %q, want %q (the blocked batch kept)", got, want)
+	}
+	// A pause is warned once when it starts (the timed-out call; the last
+	// call pauses too unless redis drained first) and once when it ends
+	// (not per wait).
+	full, resumed := logs.FilterMessageSnippet("backlog full").Len(), logs.FilterMessageSnippet("fetching resumes").Len()
+	if full < 1 || full > 2 || resumed != full-1 {
+		t.Errorf("%d 'backlog full' and %d 'fetching resumes' warnings, want 1 or 2 pauses, each warned at start and the completed ones at end", full, resumed)
 	}
 }
 
