@@ -146,6 +146,9 @@ type Consumer struct {
 	// async are the handlers whose effects are committed asynchronously
 	// (set by loop).
 	async map[Handler]AsyncFlusher
+	// maxPending bounds the applied messages whose offsets wait for an
+	// AsyncFlusher (tests lower it).
+	maxPending int
 	// OnApplied, when set, observes each applied message's fetch-to-durable
 	// latency (called from the consumer goroutine; must be fast).
 	OnApplied func(d time.Duration)
@@ -210,7 +213,8 @@ func NewConsumer(cfg Config, log *zap.Logger) (*Consumer, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	return &Consumer{cfg: cfg, log: log, last: map[string]pipeline.Position{}, grace: 15 * time.Second}, nil
+	return &Consumer{cfg: cfg, log: log, last: map[string]pipeline.Position{}, grace: 15 * time.Second,
+		maxPending: maxPendingMessages}, nil
 }
 
 // Stats returns the live counters.
@@ -419,7 +423,7 @@ func (c *Consumer) loop(ctx context.Context, r *kafkago.Reader, ch <-chan fetche
 			return err
 		}
 		in := ch
-		if q.messages >= maxPendingMessages {
+		if q.messages >= c.maxPending {
 			in = nil // backpressure: wait for the outputs
 		}
 		batch = batch[:0]

@@ -342,3 +342,114 @@ func TestConsumerCommitsWhatEverySinkHas(t *testing.T) {
 		t.Errorf("Stats.Messages = %d, want %d", m2.c.Stats().Messages.Load(), n)
 	}
 }
+
+// gatedFlusher is an AsyncFlusher whose batches become durable only up to
+// what the test allows.
+type gatedFlusher struct {
+	mu      sync.Mutex
+	handled int
+	token   uint64
+	allowed atomic.Uint64
+	notify  func()
+}
+
+func (g *gatedFlusher) Handle(context.Context, *Message) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.handled++
+	return nil
+}
+
+func (g *gatedFlusher) Flush(context.Context) error {
+	return errors.New("Flush called on an AsyncFlusher")
+}
+
+func (g *gatedFlusher) FlushAsync(context.Context) (uint64, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.token++
+	return g.token, nil
+}
+
+func (g *gatedFlusher) Durable() uint64 {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return min(g.allowed.Load(), g.token)
+}
+
+func (g *gatedFlusher) Run(ctx context.Context, notify func()) error {
+	g.mu.Lock()
+	g.notify = notify
+	g.mu.Unlock()
+	<-ctx.Done()
+	return nil
+}
+
+func (g *gatedFlusher) allow(tok uint64) {
+	g.allowed.Store(tok)
+	g.mu.Lock()
+	n := g.notify
+	g.mu.Unlock()
+	if n != nil {
+		n()
+	}
+}
+
+func (g *gatedFlusher) count() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.handled
+}
+
+// TestConsumerStopsFetchingAtPendingBound: with an AsyncFlusher that makes
+// nothing durable, the consumer applies no more than its bound of pending
+// messages (it stops fetching, commits nothing); once batches become
+// durable it commits them in order and goes on.
+func TestConsumerStopsFetchingAtPendingBound(t *testing.T) {
+	cl := kafkatest.ForTest(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	const topic, group, n = "bound.public.events", "bound", 30
+	var msgs []kafkago.Message
+	for i := range n {
+		msgs = append(msgs, kafkago.Message{Key: fmt.Appendf(nil, "k%d", i), Value: changeAt("public.events", uint32(100+i), 0)})
+	}
+	produce(t, ctx, cl.Brokers(), topic, msgs...)
+	g := &gatedFlusher{}
+	c, err := NewConsumer(Config{Brokers: cl.Brokers(), Group: group, Topics: map[string][]string{topic: {"public.events"}},
+		Handlers: map[string]Handler{"public.events": g}, DLQTopic: "bound.dlq", DLQ: &dlqRecorder{}, MaxBatch: 5}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.grace = 300 * time.Millisecond
+	c.maxPending = 10
+	rctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- c.Run(rctx) }()
+	defer func() { stop(); <-done }()
+
+	eventually(t, 30*time.Second, func() bool { return g.count() >= 10 },
+		func() string { return fmt.Sprintf("handled %d, want 10", g.count()) })
+	time.Sleep(500 * time.Millisecond) // room to overrun the bound
+	if h := g.count(); h >= n {
+		t.Fatalf("handled all %d messages with none durable and a bound of %d pending: the consumer did not stop fetching", h, c.maxPending)
+	}
+	if off := committed(t, ctx, cl.Brokers(), group, topic); off != -1 {
+		t.Fatalf("committed %d with nothing durable", off)
+	}
+	g.allow(1)
+	eventually(t, 10*time.Second, func() bool { return committed(t, ctx, cl.Brokers(), group, topic) > 0 },
+		func() string { return "token 1 durable, nothing committed" })
+	time.Sleep(200 * time.Millisecond) // room for a wrong later commit
+	if off := committed(t, ctx, cl.Brokers(), group, topic); off > 5 {
+		t.Fatalf("committed %d after only the first batch (at most MaxBatch 5 messages) became durable", off)
+	}
+	g.allow(1 << 62)
+	eventually(t, 20*time.Second, func() bool { return committed(t, ctx, cl.Brokers(), group, topic) == n },
+		func() string {
+			return fmt.Sprintf("committed %d of %d, handled %d", committed(t, ctx, cl.Brokers(), group, topic), n, g.count())
+		})
+	if c.Stats().Messages.Load() != n {
+		t.Errorf("Stats.Messages = %d, want %d", c.Stats().Messages.Load(), n)
+	}
+}
