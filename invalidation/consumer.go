@@ -9,7 +9,8 @@
 //     still fails after MaxAttempts goes to the dead-letter topic with the
 //     reason, its original headers and its position; the partition moves on.
 //   - Offsets are committed only after the handlers' effects are durable
-//     (Flush returned), so a crash replays, never skips. Positions at or below
+//     (Flush returned, or an AsyncFlusher reports the batch Durable; batches
+//     commit in fetch order), so a crash replays, never skips. Positions at or below
 //     the last applied one in a partition are skipped, so redeliveries after a
 //     capture restart change nothing.
 package invalidation
