@@ -11,6 +11,9 @@ import (
 // ..._backlog_bytes (what waits for that sink), ..._errors_total (failed
 // attempts) and ..._failing (1 from a failure to the next success).
 func registerSinkMetrics(reg prometheus.Registerer, h *invalidation.RuleHandler) {
+	if h == nil {
+		return
+	}
 	for _, s := range h.Stats() {
 		labels := prometheus.Labels{"sink": s.Name}
 		gauge := func(name, help string, f func() float64) {
