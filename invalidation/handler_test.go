@@ -453,3 +453,43 @@ func TestConsumerStopsFetchingAtPendingBound(t *testing.T) {
 		t.Errorf("Stats.Messages = %d, want %d", c.Stats().Messages.Load(), n)
 	}
 }
+
+// TestConsumerStopDrainsWithinGrace: at a stop, batches that become durable
+// within the grace period are still committed; Run returns after that.
+func TestConsumerStopDrainsWithinGrace(t *testing.T) {
+	cl := kafkatest.ForTest(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	const topic, group, n = "drain.public.events", "drain", 12
+	var msgs []kafkago.Message
+	for i := range n {
+		msgs = append(msgs, kafkago.Message{Key: fmt.Appendf(nil, "k%d", i), Value: changeAt("public.events", uint32(100+i), 0)})
+	}
+	produce(t, ctx, cl.Brokers(), topic, msgs...)
+	g := &gatedFlusher{}
+	c, err := NewConsumer(Config{Brokers: cl.Brokers(), Group: group, Topics: map[string][]string{topic: {"public.events"}},
+		Handlers: map[string]Handler{"public.events": g}, DLQTopic: "drain.dlq", DLQ: &dlqRecorder{}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.grace = 5 * time.Second
+	rctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- c.Run(rctx) }()
+	eventually(t, 30*time.Second, func() bool { return g.count() == n },
+		func() string { return fmt.Sprintf("handled %d of %d", g.count(), n) })
+	stop()
+	time.Sleep(300 * time.Millisecond)
+	g.allow(1 << 62) // durable during the grace period
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Run: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run did not return within 10s of the stop")
+	}
+	if off := committed(t, ctx, cl.Brokers(), group, topic); off != n {
+		t.Errorf("committed %d after a stop whose batches became durable within the grace period, want %d", off, n)
+	}
+}
