@@ -26,6 +26,7 @@ func newRedisSink(ctx context.Context, path string, r *config.Redis, channel str
 	if log == nil {
 		log = zap.NewNop()
 	}
+	installRedisLogger(log)
 	tlsConfig, err := r.TLS.Config()
 	if err != nil {
 		return nil, fmt.Errorf("%s.tls: %w", path, err)
