@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	goredis "github.com/redis/go-redis/v9"
@@ -21,7 +22,7 @@ const redisLogEvery = time.Minute
 // stderr, so a Redis outage wrote one identical line per retry; the sinks'
 // own warnings and metrics carry the outage.
 type redisLogger struct {
-	log *zap.Logger
+	log atomic.Pointer[zap.Logger]
 	now func() time.Time
 
 	mu   sync.Mutex
@@ -48,14 +49,18 @@ func (l *redisLogger) Printf(_ context.Context, format string, v ...any) {
 	withheld := e.withheld
 	e.last, e.withheld = now, 0
 	l.mu.Unlock()
-	l.log.Warn("redis client: "+fmt.Sprintf(format, v...), zap.Int("similar_lines_withheld", withheld))
+	l.log.Load().Warn("redis client: "+fmt.Sprintf(format, v...), zap.Int("similar_lines_withheld", withheld))
 }
 
-var redisLogOnce sync.Once
+var (
+	redisLogOnce sync.Once
+	redisLog     = &redisLogger{now: time.Now, seen: map[string]*redisLogEntry{}}
+)
 
-// installRedisLogger installs the go-redis logger once per process.
+// installRedisLogger installs the go-redis logger once per process; the
+// logger it writes to is the latest one given (go-redis's is global, a
+// process may build several sinks).
 func installRedisLogger(log *zap.Logger) {
-	redisLogOnce.Do(func() {
-		goredis.SetLogger(&redisLogger{log: log.With(zap.String("component", "redis-client")), now: time.Now, seen: map[string]*redisLogEntry{}})
-	})
+	redisLog.log.Store(log.With(zap.String("component", "redis-client")))
+	redisLogOnce.Do(func() { goredis.SetLogger(redisLog) })
 }

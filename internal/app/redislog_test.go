@@ -16,7 +16,8 @@ import (
 func TestRedisLoggerBoundsRepeats(t *testing.T) {
 	core, logs := observer.New(zapcore.WarnLevel)
 	now := time.Unix(1000, 0)
-	l := &redisLogger{log: zap.New(core), now: func() time.Time { return now }, seen: map[string]*redisLogEntry{}}
+	l := &redisLogger{now: func() time.Time { return now }, seen: map[string]*redisLogEntry{}}
+	l.log.Store(zap.New(core))
 	const dial = "redis: connection pool: failed to dial after %d attempts: %v"
 	for i := 0; i < 50; i++ {
 		l.Printf(context.Background(), dial, 5, "connection refused")
