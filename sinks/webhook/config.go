@@ -48,7 +48,24 @@ type Config struct {
 	// Header is the name of the signature header. Default
 	// "X-Tidemark-Signature".
 	Header string
+	// OnFailure is what happens to a batch the receiver does not accept.
+	// OnFailureDLQ (the default, also for ""): after MaxAttempts tries, or
+	// at once for a permanent failure, the batch goes to the dead-letter
+	// hook and Invalidate moves on (without a hook, Invalidate returns the
+	// error). OnFailureHold: the batch is retried with backoff, without
+	// bound and whatever the receiver answers, until it is accepted or ctx
+	// ends; Invalidate blocks meanwhile, so its caller holds its offsets.
+	// MaxAttempts does not apply to hold and must then be 0. A batch no
+	// receiver could take (a key JSON cannot carry) is dead-lettered in
+	// either mode.
+	OnFailure string
 }
+
+// OnFailure values.
+const (
+	OnFailureDLQ  = "dlq"
+	OnFailureHold = "hold"
+)
 
 // reservedHeaders are set by the sink or by net/http; the signature header
 // may not replace them.
@@ -85,6 +102,15 @@ func (c Config) Validate() error {
 	if c.MaxBackoff < 0 {
 		errs = append(errs, fmt.Errorf("max_backoff: %v is negative (0 means the default, %v)", c.MaxBackoff, DefaultMaxBackoff))
 	}
+	switch c.OnFailure {
+	case "", OnFailureDLQ:
+	case OnFailureHold:
+		if c.MaxAttempts != 0 {
+			errs = append(errs, fmt.Errorf("max_attempts: %d conflicts with on_failure: hold, which retries without bound (max_attempts applies to on_failure: dlq only; leave it unset)", c.MaxAttempts))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("on_failure: %q is not %s or %s", c.OnFailure, OnFailureHold, OnFailureDLQ))
+	}
 	if c.Header != "" {
 		if !isToken(c.Header) {
 			errs = append(errs, fmt.Errorf("header: %q is not a valid HTTP header name", c.Header))
@@ -116,14 +142,17 @@ func (c Config) withDefaults() Config {
 	if c.Header == "" {
 		c.Header = DefaultHeader
 	}
+	if c.OnFailure == "" {
+		c.OnFailure = OnFailureDLQ
+	}
 	return c
 }
 
 // String describes c with the secret masked and the URL shown without
 // userinfo and query.
 func (c Config) String() string {
-	return fmt.Sprintf("{URL:%s Secret:%s BatchSize:%d Timeout:%v MaxAttempts:%d MaxBackoff:%v Header:%s}",
-		safeURL(c.URL), mask(c.Secret), c.BatchSize, c.Timeout, c.MaxAttempts, c.MaxBackoff, c.Header)
+	return fmt.Sprintf("{URL:%s Secret:%s BatchSize:%d Timeout:%v MaxAttempts:%d MaxBackoff:%v Header:%s OnFailure:%s}",
+		safeURL(c.URL), mask(c.Secret), c.BatchSize, c.Timeout, c.MaxAttempts, c.MaxBackoff, c.Header, c.OnFailure)
 }
 
 // GoString is like String, for the %#v verb.
@@ -138,6 +167,7 @@ func (c Config) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	enc.AddInt("max_attempts", c.MaxAttempts)
 	enc.AddDuration("max_backoff", c.MaxBackoff)
 	enc.AddString("header", c.Header)
+	enc.AddString("on_failure", c.OnFailure)
 	return nil
 }
 

@@ -26,6 +26,13 @@ func TestConfigValidate(t *testing.T) {
 			cfg: Config{URL: "https://h/x", Secret: testSecret, BatchSize: 10, Timeout: time.Second,
 				MaxAttempts: 3, MaxBackoff: time.Second, Header: "X-Hub-Signature-256"},
 		},
+		{name: "hold", cfg: Config{URL: "https://h/x", Secret: testSecret, OnFailure: OnFailureHold}},
+		{name: "dlq", cfg: Config{URL: "https://h/x", Secret: testSecret, OnFailure: OnFailureDLQ, MaxAttempts: 2}},
+		{
+			name: "hold with max_attempts", cfg: Config{URL: "https://h/x", Secret: testSecret, OnFailure: OnFailureHold, MaxAttempts: 3},
+			want: []string{"max_attempts: 3 conflicts with on_failure: hold"},
+		},
+		{name: "on_failure", cfg: Config{URL: "https://h/x", Secret: testSecret, OnFailure: "drop"}, want: []string{`on_failure: "drop" is not hold or dlq`}},
 		{name: "nothing", cfg: Config{}, want: []string{"url: required", "secret: required"}},
 		{name: "no secret", cfg: Config{URL: withCreds}, want: []string{"secret: required"}},
 		{name: "unparsable URL", cfg: Config{URL: "https://u:" + testPassword + "@h:port/?token=" + testToken, Secret: testSecret}, want: []string{"url: not a valid URL"}},
@@ -71,7 +78,7 @@ func TestConfigValidate(t *testing.T) {
 func TestConfigDefaults(t *testing.T) {
 	got := Config{URL: "https://h", Secret: "s"}.withDefaults()
 	want := Config{URL: "https://h", Secret: "s", BatchSize: 500, Timeout: 5 * time.Second, MaxAttempts: 5,
-		MaxBackoff: 5 * time.Second, Header: "X-Tidemark-Signature"}
+		MaxBackoff: 5 * time.Second, Header: "X-Tidemark-Signature", OnFailure: OnFailureDLQ}
 	if got != want {
 		t.Errorf("withDefaults() = %+v, want %+v", got, want)
 	}

@@ -2,7 +2,9 @@
 // invalidated cache keys, in batches, as signed JSON to an HTTP endpoint.
 //
 // It has the method set of the invalidation consumer's invalidator contract
-// (Invalidate and Close) without importing that package; cmd/ connects them.
+// (Invalidate and Close) and, with its own KeyAt, of its positioned
+// variant (InvalidateAt), without importing that package; cmd/ connects
+// them.
 //
 // # Request
 //
@@ -13,12 +15,17 @@
 //	X-Tidemark-Timestamp: 1767225600
 //	X-Tidemark-Signature: sha256=3f1c…(64 hex digits)
 //
-//	{"keys":["room:!r1:members","unread:@u:hs:!r1"],"sent_at":"2026-01-01T00:00:00.123456789Z"}
+//	{"id":"9b2f…(32 hex digits)","keys":["room:!r1:members","unread:@u:hs:!r1"],
+//	 "positions":["24631152:0","24631152:3"],"sent_at":"2026-01-01T00:00:00.123456789Z"}
 //
 // keys are the cache keys in the order given to Invalidate, exactly as given
-// (no HTML escaping). sent_at is when the batch was first sent, in UTC,
-// RFC 3339 with nanoseconds (time.RFC3339Nano). A retry sends the identical
-// body with a fresh timestamp and signature. Payload describes the body.
+// (no HTML escaping). positions (only from InvalidateAt) has one entry per
+// key: the position of the change that invalidated it. id identifies the
+// batch for receivers that dedupe. sent_at is when the batch was first sent,
+// in UTC, RFC 3339 with nanoseconds (time.RFC3339Nano). A retry, and a
+// resend from the dead-letter topic (Resend), sends the identical body with
+// a fresh timestamp and signature. Payload describes the body; fields may be
+// added, so receivers should ignore unknown ones.
 //
 // # Signature
 //
@@ -38,28 +45,39 @@
 // failures (refused or reset connections, no response within
 // Config.Timeout), 408, 429 and 5xx are retried with exponential backoff
 // (100ms doubling up to Config.MaxBackoff, jittered; a Retry-After is
-// honoured up to Config.MaxBackoff), at most Config.MaxAttempts tries in
-// all. Other statuses are permanent and not retried: 4xx, and 3xx, since
-// redirects are not followed (a POST redirected to a GET would be a false
-// acknowledgement).
+// honoured up to Config.MaxBackoff). Other statuses are permanent: 4xx, and
+// 3xx, since redirects are not followed (a POST redirected to a GET would be
+// a false acknowledgement).
+//
+// What happens to a batch the receiver does not accept is Config.OnFailure:
+//
+//   - dlq (default): at most Config.MaxAttempts tries in all, one for a
+//     permanent failure; then the batch goes to the dead-letter hook
+//     (WithDeadLetter) and Invalidate continues with the next batch.
+//     Without a hook Invalidate returns the error and the caller, which
+//     holds its offsets, repeats the call later.
+//   - hold: every failure, permanent ones included, is retried with backoff
+//     and without bound until the receiver accepts the batch or ctx ends;
+//     Invalidate blocks meanwhile, so the caller's offsets stay held.
+//
+// The first failed try after an accepted batch is logged (a warning), as is
+// the first dead-lettered batch and the recovery; in between failures are
+// only counted (Stats), so an outage of hours logs three lines.
 //
 // # Guarantees of Invalidate
 //
 //   - Acknowledged or dead-lettered: it returns nil only once every batch was
-//     acknowledged by a 2xx or handed to the dead-letter hook (WithDeadLetter),
-//     which returned nil.
+//     acknowledged by a 2xx or handed to the dead-letter hook, which returned
+//     nil. In hold mode only a batch no receiver could take (a key that is
+//     not valid UTF-8) is dead-lettered.
 //   - Ordered within one call: batches are sent in slice order, and a batch
 //     only after the previous one was acknowledged or dead-lettered. Separate
 //     concurrent calls are not ordered with respect to each other.
 //   - At-least-once and idempotent: a batch may be delivered more than once
 //     (a retry after a lost response; the caller repeating a failed call from
-//     its start). Receivers must treat invalidations as idempotent.
+//     its start; a replay from the dead-letter topic). Receivers must treat
+//     invalidations as idempotent, or dedupe on the payload's id.
 //
-// A batch that fails MaxAttempts times, or permanently, goes to the
-// dead-letter hook if one is set, and Invalidate continues with the next
-// batch. Without a hook Invalidate returns the error and the caller, which
-// holds its offsets, repeats the call later; a receiver that rejects a batch
-// for good then blocks the caller, so production setups should set a hook.
 // If ctx ends, Invalidate returns ctx's error and dead-letters nothing.
 //
 // The secret is never logged or put into errors; neither are the URL's
@@ -72,6 +90,9 @@ package webhook
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -88,6 +109,8 @@ import (
 
 	"github.com/cenkalti/backoff/v4"
 	"go.uber.org/zap"
+
+	"github.com/tidemark/tidemark/pipeline"
 )
 
 // ErrClosed is returned by Invalidate after Close.
@@ -95,8 +118,20 @@ var ErrClosed = errors.New("webhook sink: closed")
 
 // Payload is the JSON body of a request.
 type Payload struct {
+	// ID identifies the batch, 32 hex digits. Retries and resends from the
+	// dead-letter topic (tidemark dlq replay) carry the same ID. With
+	// Positions it is derived from the keys and positions, so the same
+	// batch of the same changes, cut again after a consumer restart, has
+	// the same ID too; without, it is random. Receivers that must act once
+	// per batch dedupe on it; a new ID does not mean new changes.
+	ID string `json:"id"`
 	// Keys are the invalidated cache keys, in order.
 	Keys []string `json:"keys"`
+	// Positions, when present, has one entry per key: the position
+	// ("commitLSN:seq", decimal, as in the <prefix>.invalidations topic) of
+	// the latest change in the batch that invalidated Keys[i]. Absent for
+	// keys given without positions (Invalidate).
+	Positions []string `json:"positions,omitempty"`
 	// SentAt is when the batch was first sent (UTC).
 	SentAt time.Time `json:"sent_at"`
 }
@@ -149,6 +184,12 @@ type Sink struct {
 
 	closed    atomic.Bool
 	closeOnce sync.Once
+	stats     Stats
+
+	mu           sync.Mutex
+	failingSince time.Time // zero while the receiver accepts
+	failedTries  int       // since failingSince
+	deadSinceOK  int       // batches dead-lettered since the last accepted one
 }
 
 // New validates cfg and builds a Sink. It does not connect: the first
@@ -179,23 +220,53 @@ func New(cfg Config, log *zap.Logger, opts ...Option) (*Sink, error) {
 	return s, nil
 }
 
+// KeyAt is an invalidated key and the position of the change that
+// invalidated it (the invalidation consumer's invalidation.KeyAt, restated:
+// this package does not import its caller).
+type KeyAt struct {
+	Key string
+	Pos pipeline.Position
+}
+
 // Invalidate POSTs keys to the webhook in batches of Config.BatchSize, in
 // order, and returns once every batch was acknowledged or dead-lettered, or
-// an error. It does not keep keys after returning (except through the
-// dead-letter hook's copy). See the package documentation for ordering,
-// retries and dead-lettering.
+// an error. Its payloads carry no positions. It does not keep keys after
+// returning (except through the dead-letter hook's copy). See the package
+// documentation for ordering, retries and dead-lettering.
 func (s *Sink) Invalidate(ctx context.Context, keys []string) error {
+	return s.invalidate(ctx, keys, nil)
+}
+
+// InvalidateAt is Invalidate for keys with the positions of the changes
+// that invalidated them: each payload carries the positions, and its id is
+// derived from the keys and positions (see Payload).
+func (s *Sink) InvalidateAt(ctx context.Context, keys []KeyAt) error {
+	ks := make([]string, len(keys))
+	pos := make([]string, len(keys))
+	for i, k := range keys {
+		ks[i], pos[i] = k.Key, k.Pos.String()
+	}
+	return s.invalidate(ctx, ks, pos)
+}
+
+// invalidate sends keys (with pos, one per key, or none) in batches.
+func (s *Sink) invalidate(ctx context.Context, keys, pos []string) error {
 	if s.closed.Load() {
 		return ErrClosed
 	}
 	for start := 0; start < len(keys); start += s.cfg.BatchSize {
 		end := min(start+s.cfg.BatchSize, len(keys))
 		batch := keys[start:end]
-		body, err := encode(batch)
+		var batchPos []string
+		if pos != nil {
+			batchPos = pos[start:end]
+		}
+		body, err := encode(batch, batchPos)
 		if err == nil {
 			err = s.deliver(ctx, body)
 		}
 		if err == nil {
+			s.delivered()
 			continue
 		}
 		what := fmt.Sprintf("webhook POST %s", s.where)
@@ -214,19 +285,42 @@ func (s *Sink) Invalidate(ctx context.Context, keys []string) error {
 		if dlErr := s.deadLetter(ctx, body, slices.Clone(batch), err); dlErr != nil {
 			return &deadLetterError{hook: dlErr, delivery: err}
 		}
-		s.log.Error("webhook batch dead-lettered", zap.Int("keys", len(batch)), zap.Error(err))
+		s.deadLettered(len(batch), err)
 	}
+	return nil
+}
+
+// Resend POSTs body, a request body this package built (read back from the
+// dead-letter topic, say), once more: unchanged, so its id and sent_at stay,
+// and signed anew with the current secret and a fresh timestamp. It retries
+// as Invalidate does (in hold mode without bound) and dead-letters nothing:
+// a batch still refused comes back as the error. A body that is not a JSON
+// object with a "keys" array is refused without sending.
+func (s *Sink) Resend(ctx context.Context, body []byte) error {
+	if s.closed.Load() {
+		return ErrClosed
+	}
+	var p struct {
+		Keys *[]string `json:"keys"`
+	}
+	if err := json.Unmarshal(body, &p); err != nil || p.Keys == nil {
+		return &permanentError{errors.New("not a webhook batch (want a JSON object with a keys array); not sent")}
+	}
+	if err := s.deliver(ctx, body); err != nil {
+		return fmt.Errorf("webhook POST %s (%d keys): %w", s.where, len(*p.Keys), err)
+	}
+	s.delivered()
 	return nil
 }
 
 // encode builds a batch's request body. Keys that JSON cannot carry
 // exactly (not valid UTF-8) make a permanent error; the body is still
 // returned, for the dead-letter hook.
-func encode(keys []string) ([]byte, error) {
+func encode(keys, pos []string) ([]byte, error) {
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)
 	enc.SetEscapeHTML(false)
-	if err := enc.Encode(Payload{Keys: keys, SentAt: time.Now().UTC()}); err != nil {
+	if err := enc.Encode(Payload{ID: batchID(keys, pos), Keys: keys, Positions: pos, SentAt: time.Now().UTC()}); err != nil {
 		return nil, &permanentError{fmt.Errorf("encoding the request body: %w", err)}
 	}
 	body := bytes.TrimSuffix(buf.Bytes(), []byte{'\n'})
@@ -238,9 +332,29 @@ func encode(keys []string) ([]byte, error) {
 	return body, nil
 }
 
-// deliver POSTs body until it is acknowledged, MaxAttempts tries failed, a
-// try failed permanently or ctx ended.
+// batchID is a batch's Payload.ID: with positions, a hash of the keys and
+// positions (the same batch of the same changes gets the same id); without,
+// random (two such batches must never look like one).
+func batchID(keys, pos []string) string {
+	if pos == nil {
+		var b [16]byte
+		_, _ = rand.Read(b[:])
+		return hex.EncodeToString(b[:])
+	}
+	h := sha256.New()
+	for i, k := range keys {
+		h.Write([]byte(k))
+		h.Write([]byte{0})
+		h.Write([]byte(pos[i]))
+		h.Write([]byte{0})
+	}
+	return hex.EncodeToString(h.Sum(nil)[:16])
+}
+
+// deliver POSTs body until it is acknowledged or ctx ends; in dlq mode also
+// until MaxAttempts tries failed or a try failed permanently.
 func (s *Sink) deliver(ctx context.Context, body []byte) error {
+	hold := s.cfg.OnFailure == OnFailureHold
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval = min(100*time.Millisecond, s.cfg.MaxBackoff)
 	bo.Multiplier = 2
@@ -250,31 +364,30 @@ func (s *Sink) deliver(ctx context.Context, body []byte) error {
 	for attempt := 1; ; attempt++ {
 		err := s.post(ctx, body)
 		if err == nil {
-			if attempt > 1 {
-				s.log.Info("webhook batch delivered after retries", zap.Int("attempts", attempt))
-			}
 			return nil
 		}
 		if ctx.Err() != nil {
 			return fmt.Errorf("try %d: %w", attempt, err)
 		}
-		if !Retryable(err) {
-			return fmt.Errorf("not retried: %w", err)
-		}
-		if attempt >= s.cfg.MaxAttempts {
-			if attempt == 1 {
-				return fmt.Errorf("after 1 try: %w", err)
+		if !hold {
+			if !Retryable(err) {
+				s.failed(err)
+				return fmt.Errorf("not retried: %w", err)
 			}
-			return fmt.Errorf("after %d tries: %w", attempt, err)
+			if attempt >= s.cfg.MaxAttempts {
+				s.failed(err)
+				if attempt == 1 {
+					return fmt.Errorf("after 1 try: %w", err)
+				}
+				return fmt.Errorf("after %d tries: %w", attempt, err)
+			}
 		}
 		wait := bo.NextBackOff()
 		if se := (*StatusError)(nil); errors.As(err, &se) && se.RetryAfter > wait {
 			wait = min(se.RetryAfter, s.cfg.MaxBackoff)
 		}
-		if attempt == 1 {
-			s.log.Warn("webhook request failed; retrying", zap.Error(err), zap.Int("attempt", attempt),
-				zap.Int("max_attempts", s.cfg.MaxAttempts), zap.Duration("backoff", wait))
-		}
+		s.failed(err)
+		s.stats.Retries.Add(1)
 		t := time.NewTimer(wait)
 		select {
 		case <-ctx.Done():
@@ -284,6 +397,66 @@ func (s *Sink) deliver(ctx context.Context, body []byte) error {
 		}
 	}
 }
+
+// failed notes a failed try. The first failure after a success (or since
+// the start) is logged; later ones only counted, until a batch is accepted.
+func (s *Sink) failed(err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.failingSince.IsZero() {
+		s.failingSince = time.Now()
+		s.stats.Failing.Store(true)
+		if s.cfg.OnFailure == OnFailureHold {
+			s.log.Warn("webhook receiver failing; holding its batches and retrying with backoff until it accepts (offsets are held; logged again when it recovers)",
+				zap.Error(err))
+		} else {
+			s.log.Warn("webhook receiver failing; each batch is retried up to max_attempts, then dead-lettered (logged again when it recovers)",
+				zap.Error(err), zap.Int("max_attempts", s.cfg.MaxAttempts))
+		}
+	}
+	s.failedTries++
+}
+
+// delivered notes an accepted batch, and logs a recovery.
+func (s *Sink) delivered() {
+	s.stats.Delivered.Add(1)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.failingSince.IsZero() {
+		s.log.Info("webhook receiver accepting again", zap.Duration("failed_for", time.Since(s.failingSince).Round(time.Millisecond)),
+			zap.Int("failed_tries", s.failedTries), zap.Int("dead_lettered_batches", s.deadSinceOK))
+	}
+	s.failingSince, s.failedTries, s.deadSinceOK = time.Time{}, 0, 0
+	s.stats.Failing.Store(false)
+}
+
+// deadLettered notes a dead-lettered batch: the first one since the last
+// accepted batch is logged, the rest counted.
+func (s *Sink) deadLettered(keys int, err error) {
+	s.stats.DeadLettered.Add(1)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.deadSinceOK++
+	if s.deadSinceOK == 1 {
+		s.log.Error("webhook batch dead-lettered; later ones are counted (tidemark_webhook_dead_lettered_total), not logged, until a batch is accepted; resend them with `tidemark dlq replay --source webhook`",
+			zap.Int("keys", keys), zap.Error(err))
+	}
+}
+
+// Stats are the sink's counters, safe to read at any time.
+type Stats struct {
+	// Delivered counts batches the receiver acknowledged.
+	Delivered atomic.Uint64
+	// Retries counts failed tries that were retried.
+	Retries atomic.Uint64
+	// DeadLettered counts batches handed to the dead-letter hook.
+	DeadLettered atomic.Uint64
+	// Failing is true from a failed try until the next acknowledged batch.
+	Failing atomic.Bool
+}
+
+// Stats returns the sink's counters.
+func (s *Sink) Stats() *Stats { return &s.stats }
 
 // post makes one try: it signs body with a fresh timestamp, sends it and
 // reads the response.

@@ -136,6 +136,13 @@ func (rc *receiver) snapshot() (reqs []request, acked [][]string, ackedRaw [][]b
 // MaxBackoff are filled in. Its logs are checked for secrets at cleanup.
 func newSink(t *testing.T, rc *receiver, cfg Config, opts ...Option) *Sink {
 	t.Helper()
+	s, _ := newObservedSink(t, rc, cfg, opts...)
+	return s
+}
+
+// newObservedSink is newSink that also returns the sink's logs.
+func newObservedSink(t *testing.T, rc *receiver, cfg Config, opts ...Option) (*Sink, *observer.ObservedLogs) {
+	t.Helper()
 	if cfg.URL == "" {
 		cfg.URL = rc.url()
 	}
@@ -162,7 +169,7 @@ func newSink(t *testing.T, rc *receiver, cfg Config, opts ...Option) *Sink {
 			assertNoSecret(t, "log entry", line)
 		}
 	})
-	return s
+	return s, logs
 }
 
 func makeKeys(n int) []string {
@@ -211,8 +218,8 @@ func TestInvalidateBatchesInOrder(t *testing.T) {
 			}
 			for _, b := range raw {
 				var fields map[string]json.RawMessage
-				if err := json.Unmarshal(b, &fields); err != nil || len(fields) != 2 || fields["keys"] == nil || fields["sent_at"] == nil {
-					t.Errorf("body %s: want exactly keys and sent_at (err %v)", b, err)
+				if err := json.Unmarshal(b, &fields); err != nil || len(fields) != 3 || fields["id"] == nil || fields["keys"] == nil || fields["sent_at"] == nil {
+					t.Errorf("body %.200s: want exactly id, keys and sent_at (Invalidate has no positions) (err %v)", b, err)
 				}
 				var sentAt string
 				_ = json.Unmarshal(fields["sent_at"], &sentAt)
