@@ -12,7 +12,6 @@ import (
 
 	"github.com/tidemark/tidemark/internal/config"
 	"github.com/tidemark/tidemark/invalidation"
-	"github.com/tidemark/tidemark/pipeline"
 	kafkasink "github.com/tidemark/tidemark/sinks/kafka"
 	redissink "github.com/tidemark/tidemark/sinks/redis"
 	webhooksink "github.com/tidemark/tidemark/sinks/webhook"
@@ -30,7 +29,9 @@ type Invalidation struct {
 	// InvalidationsTopic is the compacted topic of invalidations ("" when
 	// disabled).
 	InvalidationsTopic string
-	log                *zap.Logger
+	// Webhook is the webhook sink (nil without invalidation.webhook).
+	Webhook *webhooksink.Sink
+	log     *zap.Logger
 }
 
 // PrepareInvalidation compiles the rules against the captured tables'
@@ -82,6 +83,7 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 	}
 	var sinks []invalidation.Invalidator
 	var rs *redissink.Sink
+	var ws *webhooksink.Sink
 	if inv.Redis != nil {
 		// TLS and the ACL user as configured; checked now (see newRedisSink).
 		rs, err = newRedisSink(ctx, "invalidation.redis", inv.Redis, inv.Redis.Channel, redissink.UseInvalidate, log)
@@ -92,22 +94,14 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 	}
 	dlqTopic := cfg.Kafka.TopicPrefix + ".dlq"
 	if w := inv.Webhook; w != nil {
-		// A batch the receiver still refuses after its attempts goes to the
-		// dead-letter topic, with the exact body that was signed.
-		deadLetter := func(ctx context.Context, body []byte, keys []string, err error) error {
-			return dlq.Write(ctx, []pipeline.Message{{Topic: dlqTopic, Key: []byte("webhook"), Value: body,
-				Headers: []pipeline.Header{
-					{Key: "tidemark-dlq-reason", Value: []byte(err.Error())},
-					{Key: "tidemark-dlq-group", Value: []byte(inv.Group)},
-					{Key: "tidemark-dlq-source", Value: []byte("webhook")},
-				}}})
-		}
-		ws, err := webhooksink.New(webhooksink.Config{URL: w.URL, Secret: w.Secret, BatchSize: w.BatchSize, Timeout: w.Timeout,
-			MaxAttempts: w.MaxAttempts}, log, webhooksink.WithDeadLetter(deadLetter))
+		// on_failure: dlq: a batch the receiver still refuses after its
+		// attempts goes to the dead-letter topic, with the exact body that was
+		// signed (tidemark dlq replay resends it). hold: never dead-lettered.
+		ws, err = webhooksink.New(webhookSinkConfig(w), log, webhooksink.WithDeadLetter(webhookDeadLetter(dlq, dlqTopic, inv.Group)))
 		if err != nil {
 			return nil, fmt.Errorf("invalidation.webhook: %w", err)
 		}
-		sinks = append(sinks, ws)
+		sinks = append(sinks, webhookInvalidator{ws})
 	}
 	invTopic := ""
 	if *inv.Topic {
@@ -132,7 +126,7 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 		}
 		return nil, err
 	}
-	return &Invalidation{Consumer: consumer, Handler: handler, Redis: rs, DLQ: dlq, Topics: topics, DLQTopic: dlqTopic,
+	return &Invalidation{Consumer: consumer, Handler: handler, Redis: rs, Webhook: ws, DLQ: dlq, Topics: topics, DLQTopic: dlqTopic,
 		InvalidationsTopic: invTopic, log: log}, nil
 }
 
@@ -176,4 +170,7 @@ func (i *Invalidation) Register(reg prometheus.Registerer) {
 	registerConsumerMetrics(reg, i.Consumer, "invalidation")
 	registerRedisMetrics(reg, i.Redis)
 	registerSinkMetrics(reg, i.Handler)
+	if i.Webhook != nil {
+		registerWebhookMetrics(reg, i.Webhook)
+	}
 }

@@ -85,9 +85,14 @@ type Webhook struct {
 	BatchSize int `yaml:"batch_size"`
 	// Timeout per request. Default 5s.
 	Timeout time.Duration `yaml:"timeout"`
-	// MaxAttempts per batch before it goes to the dead-letter topic.
-	// Default 5.
+	// MaxAttempts per batch before it goes to the dead-letter topic, with
+	// on_failure: dlq. Default 5; not allowed with hold.
 	MaxAttempts int `yaml:"max_attempts"`
+	// OnFailure is what happens to a batch the receiver does not accept:
+	// "dlq" (default) dead-letters it after max_attempts tries (resend with
+	// `tidemark dlq replay --source webhook`); "hold" retries it with
+	// backoff without bound, holding the consumer's offsets.
+	OnFailure string `yaml:"on_failure"`
 }
 
 // Redis is a Redis server used as an invalidation sink.
@@ -688,6 +693,15 @@ func (c *Config) Validate() []FieldError {
 			}
 			if w.BatchSize < 0 || w.MaxAttempts < 0 || w.Timeout < 0 {
 				add("invalidation.webhook", "batch_size, max_attempts and timeout must not be negative")
+			}
+			switch w.OnFailure {
+			case "", "dlq":
+			case "hold":
+				if w.MaxAttempts != 0 {
+					add("invalidation.webhook.max_attempts", "%d conflicts with on_failure: hold, which retries without bound; remove max_attempts (it applies to on_failure: dlq)", w.MaxAttempts)
+				}
+			default:
+				add("invalidation.webhook.on_failure", "%q is not hold or dlq", w.OnFailure)
 			}
 		}
 		if inv.Redis != nil && !strings.Contains(inv.Redis.Addr, ":") {

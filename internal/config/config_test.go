@@ -257,6 +257,16 @@ func TestBadConfigs(t *testing.T) {
 			paths: []string{"kafka.brokers[1]"},
 		},
 		{
+			file:  "webhook_hold.bad.yml",
+			errs:  []string{"invalidation.webhook.max_attempts: 3 conflicts with on_failure: hold"},
+			paths: []string{"invalidation.webhook.max_attempts"},
+		},
+		{
+			file:  "webhook_on_failure.bad.yml",
+			errs:  []string{`invalidation.webhook.on_failure: "drop" is not hold or dlq`},
+			paths: []string{"invalidation.webhook.on_failure"},
+		},
+		{
 			file: "limits.bad.yml",
 			errs: []string{
 				"kafka.partitions: 20000 is outside 1..10000",
