@@ -39,6 +39,7 @@ func main() {
 	root.AddCommand(runCmd(), checkCmd(), demoCmd(), devKafkaCmd(), benchCmd())
 	root.AddCommand(rebuildCmd(), auditCmd())
 	root.AddCommand(violationsCmd(), statusCmd())
+	root.AddCommand(dlqCmd())
 	cmd, err := root.ExecuteContextC(ctx)
 	if err == nil {
 		return
