@@ -18,7 +18,7 @@ const DLQSourceWebhook = "webhook"
 // webhookSinkConfig maps invalidation.webhook onto the sink's config.
 func webhookSinkConfig(w *config.Webhook) webhooksink.Config {
 	return webhooksink.Config{URL: w.URL, Secret: w.Secret, BatchSize: w.BatchSize, Timeout: w.Timeout,
-		MaxAttempts: w.MaxAttempts, OnFailure: w.OnFailure}
+		MaxAttempts: w.MaxAttempts, MaxBackoff: w.MaxBackoff, OnFailure: w.OnFailure}
 }
 
 // webhookDeadLetter writes a batch the webhook did not accept to the

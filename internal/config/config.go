@@ -93,6 +93,9 @@ type Webhook struct {
 	// `tidemark dlq replay --source webhook`); "hold" retries it with
 	// backoff without bound, holding the consumer's offsets.
 	OnFailure string `yaml:"on_failure"`
+	// MaxBackoff caps the wait between two tries of a batch (from 100ms,
+	// doubling). Default 5s.
+	MaxBackoff time.Duration `yaml:"max_backoff"`
 }
 
 // Redis is a Redis server used as an invalidation sink.
@@ -693,6 +696,9 @@ func (c *Config) Validate() []FieldError {
 			}
 			if w.BatchSize < 0 || w.MaxAttempts < 0 || w.Timeout < 0 {
 				add("invalidation.webhook", "batch_size, max_attempts and timeout must not be negative")
+			}
+			if w.MaxBackoff < 0 {
+				add("invalidation.webhook.max_backoff", "%v must not be negative (0 means the default, 5s)", w.MaxBackoff)
 			}
 			switch w.OnFailure {
 			case "", "dlq":

@@ -178,7 +178,8 @@ func TestWebhookHoldAndReplay(t *testing.T) {
 	cfg := invalidationConfig(e, "whr", "", func(c *config.Config) {
 		c.Invalidation.Redis = nil
 		c.Invalidation.Group = "whr-hold"
-		c.Invalidation.Webhook = &config.Webhook{URL: url, Secret: secret, OnFailure: "hold", BatchSize: 2}
+		c.Invalidation.Webhook = &config.Webhook{URL: url, Secret: secret, OnFailure: "hold", BatchSize: 2,
+			MaxBackoff: 100 * time.Millisecond}
 	})
 	e.start(cfg)
 	inv, stop := e.startInvalidation(cfg)
@@ -201,11 +202,11 @@ func TestWebhookHoldAndReplay(t *testing.T) {
 	rc.waitKeys(keys, 30*time.Second)
 	e.waitCommitted(cfg.Invalidation.Group, topics, 30*time.Second)
 
-	// Down: the webhook is retried; nothing more is committed or
-	// dead-lettered.
+	// Down for longer than dlq's default 5 tries of each batch: the webhook
+	// is retried; nothing more is committed or dead-lettered.
 	rc.down.Store(true)
 	insert(2, 6)
-	for deadline := time.Now().Add(30 * time.Second); rc.refused.Load() < 4; time.Sleep(50 * time.Millisecond) {
+	for deadline := time.Now().Add(30 * time.Second); rc.refused.Load() < 25; time.Sleep(50 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("the webhook was tried %d times in 30s while down", rc.refused.Load())
 		}
@@ -215,6 +216,9 @@ func TestWebhookHoldAndReplay(t *testing.T) {
 	}
 	if behind, err := e.groupBehind(cfg.Invalidation.Group, topics); err != nil || behind == 0 {
 		t.Fatalf("group behind by %d (%v) while the webhook refused: hold must keep the offsets", behind, err)
+	}
+	if dl := e.webhookDeadLetters("whr.dlq"); len(dl) != 0 {
+		t.Fatalf("hold dead-lettered %d batches during the outage", len(dl))
 	}
 	insert(6, 8) // changes during the outage wait too
 
@@ -248,7 +252,8 @@ func TestWebhookHoldAndReplay(t *testing.T) {
 	rc.down.Store(true)
 	rc.reset()
 	cfg.Invalidation.Group = "whr-dlq"
-	cfg.Invalidation.Webhook = &config.Webhook{URL: url, Secret: secret, OnFailure: "dlq", MaxAttempts: 2, BatchSize: 2}
+	cfg.Invalidation.Webhook = &config.Webhook{URL: url, Secret: secret, OnFailure: "dlq", MaxAttempts: 2, BatchSize: 2,
+		MaxBackoff: 100 * time.Millisecond}
 	_, stop = e.startInvalidation(cfg)
 	e.waitCommitted(cfg.Invalidation.Group, topics, 60*time.Second)
 	stop()
