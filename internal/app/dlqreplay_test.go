@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"slices"
@@ -13,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	kafkago "github.com/segmentio/kafka-go"
 
 	"github.com/tidemark/tidemark/internal/config"
@@ -201,5 +203,54 @@ func TestReplayWebhookDLQ(t *testing.T) {
 		if wantPos := []string{"10" + string(rune('0'+2*i)) + ":0"}; len(p.Positions) == 0 || p.Positions[0] != wantPos[0] || !slices.Equal(p.Keys[:1], []string{at[2*i].Key}) {
 			t.Errorf("batch %d: keys %q positions %q, want them to start with %s at %s", i, p.Keys, p.Positions, at[2*i].Key, wantPos[0])
 		}
+	}
+}
+
+// TestWebhookMetrics: the webhook sink's counters and its failing gauge
+// reach the registry: failing is 1 while the receiver refuses and 0 once it
+// acknowledged a batch.
+func TestWebhookMetrics(t *testing.T) {
+	rc, url := newBatchReceiver(t, "metrics-secret-0123456789")
+	rc.down.Store(true)
+	ws, err := webhooksink.New(webhookSinkConfig(&config.Webhook{URL: url, Secret: "metrics-secret-0123456789", MaxAttempts: 2, MaxBackoff: time.Millisecond}), nil,
+		webhooksink.WithDeadLetter(func(context.Context, []byte, []string, error) error { return nil }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := prometheus.NewRegistry()
+	registerWebhookMetrics(reg, ws)
+	values := func() map[string]float64 {
+		t.Helper()
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[string]float64{}
+		for _, mf := range mfs {
+			m := mf.GetMetric()[0]
+			if c := m.GetCounter(); c != nil {
+				out[mf.GetName()] = c.GetValue()
+			} else {
+				out[mf.GetName()] = m.GetGauge().GetValue()
+			}
+		}
+		return out
+	}
+	ctx := context.Background()
+	if err := ws.Invalidate(ctx, []string{"a"}); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]float64{"tidemark_webhook_failing": 1, "tidemark_webhook_retries_total": 1,
+		"tidemark_webhook_dead_lettered_total": 1, "tidemark_webhook_batches_total": 0}
+	if got := values(); !maps.Equal(got, want) {
+		t.Errorf("receiver down: %v, want %v", got, want)
+	}
+	rc.down.Store(false)
+	if err := ws.Invalidate(ctx, []string{"b"}); err != nil {
+		t.Fatal(err)
+	}
+	want["tidemark_webhook_failing"], want["tidemark_webhook_batches_total"] = 0, 1
+	if got := values(); !maps.Equal(got, want) {
+		t.Errorf("receiver back: %v, want %v", got, want)
 	}
 }
