@@ -14,6 +14,7 @@ import (
 
 	kafkago "github.com/segmentio/kafka-go"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/tidemark/tidemark/internal/config"
 	webhooksink "github.com/tidemark/tidemark/sinks/webhook"
@@ -79,7 +80,9 @@ func ReplayWebhookDLQ(ctx context.Context, cfg *config.Config, opts ReplayOption
 	// A command must end: retry each batch max_attempts times, also when the
 	// running consumer holds.
 	wc.OnFailure = webhooksink.OnFailureDLQ
-	ws, err := webhooksink.New(wc, log)
+	// Its start and stop lines are noise in a command's output; warnings
+	// (the receiver failing) stay.
+	ws, err := webhooksink.New(wc, log.WithOptions(zap.IncreaseLevel(zapcore.WarnLevel)))
 	if err != nil {
 		return r, fmt.Errorf("invalidation.webhook: %w", err)
 	}

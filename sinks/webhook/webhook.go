@@ -410,7 +410,11 @@ func (s *Sink) failed(err error) {
 			s.log.Warn("webhook receiver failing; holding its batches and retrying with backoff until it accepts (offsets are held; logged again when it recovers)",
 				zap.Error(err))
 		} else {
-			s.log.Warn("webhook receiver failing; each batch is retried up to max_attempts, then dead-lettered (logged again when it recovers)",
+			then := "dead-lettered"
+			if s.deadLetter == nil {
+				then = "given up (an error to the caller)"
+			}
+			s.log.Warn("webhook receiver failing; each batch is tried up to max_attempts times, then "+then+" (logged again when it recovers)",
 				zap.Error(err), zap.Int("max_attempts", s.cfg.MaxAttempts))
 		}
 	}
