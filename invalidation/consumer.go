@@ -52,7 +52,9 @@ type Message struct {
 //
 // Handle MAY buffer effects; they MUST be durable once Flush (when the
 // handler implements Flusher) returns. Handle and Flush are called from one
-// goroutine. An error from Handle is retried, then dead-lettered.
+// goroutine. An error from Handle is retried, then dead-lettered; one
+// marked Permanent is dead-lettered at once, and a *SkipError (Skip) is a
+// counted no-op.
 type Handler interface {
 	Handle(ctx context.Context, m *Message) error
 }
@@ -120,7 +122,8 @@ func (c *Config) net() kafkanet.Settings { return kafkanet.Settings{TLS: c.TLS, 
 // Stats are the consumer's counters.
 type Stats struct {
 	Messages atomic.Uint64 // applied
-	Skipped  atomic.Uint64 // redelivered positions skipped
+	Skipped  atomic.Uint64 // skipped changes, every reason (see SkippedBy)
+	skipped  skipCounts
 	Retries  atomic.Uint64
 	DLQ      atomic.Uint64
 	Lag      atomic.Int64 // messages behind the partition ends (reader estimate)
@@ -486,7 +489,7 @@ func (c *Consumer) apply(ctx context.Context, batch []fetched) (*pendingCommit, 
 		}
 		pk := m.Topic + "/" + strconv.Itoa(m.Partition)
 		if last, ok := c.last[pk]; ok && !last.Less(msg.Pos) {
-			c.stats.Skipped.Add(1)
+			c.stats.skip(SkipRedelivered)
 			continue
 		}
 		h := c.cfg.Handlers[msg.Table]
@@ -549,15 +552,22 @@ func (c *Consumer) decode(m *kafkago.Message) (*Message, error) {
 		Table: env.Table(), Pos: env.Position(), Env: env}, nil
 }
 
-// handle calls h with retries and backoff.
+// handle calls h with retries and backoff. A *SkipError is counted and
+// handled; an error marked Permanent is returned at once, unretried.
 func (c *Consumer) handle(ctx context.Context, h Handler, m *Message) error {
-	bo := backoff.NewExponentialBackOff()
-	bo.InitialInterval = 50 * time.Millisecond
-	bo.MaxInterval = 2 * time.Second
+	bo := newBackOff(50*time.Millisecond, 2*time.Second, 0)
 	var err error
 	for attempt := 1; attempt <= c.cfg.MaxAttempts; attempt++ {
 		if err = h.Handle(ctx, m); err == nil {
 			return nil
+		}
+		var skip *SkipError
+		if errors.As(err, &skip) {
+			c.stats.skip(skip.Reason)
+			return nil
+		}
+		if IsPermanent(err) {
+			return err
 		}
 		if attempt == c.cfg.MaxAttempts || ctx.Err() != nil {
 			break
@@ -572,6 +582,19 @@ func (c *Consumer) handle(ctx context.Context, h Handler, m *Message) error {
 	return fmt.Errorf("after %d attempts: %w", c.cfg.MaxAttempts, err)
 }
 
+// newBackOff returns an exponential backoff whose first wait is initial
+// (±50%). NewExponentialBackOff resets itself with its default 500ms
+// InitialInterval, so the fields are set first and Reset applied after.
+// A zero maxElapsed retries without end.
+func newBackOff(initial, maxInterval, maxElapsed time.Duration) *backoff.ExponentialBackOff {
+	bo := backoff.NewExponentialBackOff()
+	bo.InitialInterval = initial
+	bo.MaxInterval = maxInterval
+	bo.MaxElapsedTime = maxElapsed
+	bo.Reset()
+	return bo
+}
+
 // flush makes every handler's buffered effects durable, retrying until it
 // succeeds or ctx ends: offsets are not committed before.
 func (c *Consumer) flush(ctx context.Context) error {
@@ -582,10 +605,7 @@ func (c *Consumer) flush(ctx context.Context) error {
 			continue
 		}
 		seen[h] = true
-		bo := backoff.NewExponentialBackOff()
-		bo.InitialInterval = 100 * time.Millisecond
-		bo.MaxInterval = 5 * time.Second
-		bo.MaxElapsedTime = 0
+		bo := newBackOff(100*time.Millisecond, 5*time.Second, 0)
 		for attempt := 1; ; attempt++ {
 			err := f.Flush(ctx)
 			if err == nil {
