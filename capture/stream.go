@@ -389,6 +389,7 @@ func (s *Stream) run(ctx context.Context) error {
 	bo.InitialInterval = 200 * time.Millisecond
 	bo.MaxInterval = s.cfg.ReconnectMax
 	bo.MaxElapsedTime = 0
+	bo.Reset() // NewExponentialBackOff reset with the 500ms default: apply InitialInterval
 	for {
 		start := time.Now()
 		err := s.session(ctx)

@@ -532,6 +532,7 @@ func (s *Sink) writeRound(ctx context.Context, batches []partBatch) error {
 	bo.InitialInterval = 100 * time.Millisecond
 	bo.MaxInterval = s.cfg.MaxBackoff
 	bo.MaxElapsedTime = 0
+	bo.Reset() // NewExponentialBackOff reset with the 500ms default: apply InitialInterval
 	failures := 0
 	pending := batches
 	for {
