@@ -58,6 +58,9 @@ func (s *Sink) Commands(use Use) []string {
 	if use&UseReplaceSets != 0 {
 		add("multi", "del", "sadd", "exec")
 	}
+	if use&UsePattern != 0 {
+		add("scan", "unlink")
+	}
 	return cmds
 }
 
