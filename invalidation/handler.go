@@ -60,6 +60,7 @@ type RuleHandler struct {
 	pending []string
 	at      []KeyAt
 	seen    map[string]int // key -> index in pending/at
+	trunc   truncates      // truncate actions done (truncate.go)
 	// Invalidated counts keys made durable.
 	Invalidated atomic.Uint64
 	// MaxBacklogBytes bounds each sink's queue (keys' bytes plus 64 bytes
@@ -93,12 +94,21 @@ func NewRuleHandler(engine *Engine, sinks ...Invalidator) *RuleHandler {
 	return h
 }
 
-// Handle collects the change's keys. A change whose op no rule accepts is
-// an error (it is dead-lettered rather than silently dropped).
-func (h *RuleHandler) Handle(_ context.Context, m *Message) error {
-	keys, ok := h.engine.Keys(m.Env, nil)
+// Handle collects the change's keys. A change whose op the table's rules
+// exclude is a counted no-op (Skip(SkipOpExcluded)); one a rule accepts
+// but whose images fill none of its templates is a Permanent error (it is
+// dead-lettered with the reason, never silently dropped). A truncate does
+// its rules' on_truncate action (truncate.go).
+func (h *RuleHandler) Handle(ctx context.Context, m *Message) error {
+	if m.Env.Op == "t" {
+		return h.truncate(ctx, m)
+	}
+	keys, ok, err := h.engine.Resolve(m.Env, nil)
+	if err != nil {
+		return Permanent(err)
+	}
 	if !ok {
-		return fmt.Errorf("%w: no invalidation rule of %s accepts op %q", ErrNoHandler, m.Table, m.Env.Op)
+		return Skip(SkipOpExcluded)
 	}
 	for _, k := range keys {
 		if i, dup := h.seen[k]; dup {

@@ -2,6 +2,7 @@ package invalidation
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -144,9 +145,210 @@ func TestRuleHandlerBatchesAndDedupes(t *testing.T) {
 	if err := h.Flush(ctx); err != nil || len(plain.calls) != 1 {
 		t.Errorf("an empty flush called the sink again")
 	}
-	bad := env(t, envelope("room_memberships", "t", "null", "null"))
-	if err := h.Handle(ctx, &Message{Table: "public.room_memberships", Env: bad}); err == nil {
-		t.Error("a truncate was accepted by a rule without op t")
+}
+
+// pkTables: events keyed by event_id (the default identity: its primary
+// key), room_memberships by (room_id, user_id), read_markers FULL.
+var pkTables = map[string]Table{
+	"public.events":           {Columns: []string{"event_id", "room_id", "sender"}, Identity: []string{"event_id"}},
+	"public.room_memberships": {Columns: testColumns["public.room_memberships"], Identity: []string{"room_id", "user_id"}},
+	"public.read_markers":     {Columns: testColumns["public.read_markers"], Identity: testColumns["public.read_markers"], Full: true},
+}
+
+// TestCompileRefusesTemplatesOldImagesLack: a template over a column that
+// deletes (key-only identity) or updates (no old image) of the rule's ops
+// do not carry is refused, naming the rule, the column and the fix; the
+// same rule limited to inserts, on FULL, or over identity columns passes.
+func TestCompileRefusesTemplatesOldImagesLack(t *testing.T) {
+	refused := []struct {
+		name string
+		rule Rule
+		want []string
+		not  string
+	}{
+		{"delete and update", Rule{Table: "public.events", Keys: []string{"room:{room_id}:timeline"}},
+			[]string{`invalidation.rules[0] (public.events): its templates use column(s) room_id`, "a DELETE's old image carries only the replica identity",
+				"an UPDATE carries no old image", "replica identity: event_id", "fix: ALTER TABLE public.events REPLICA IDENTITY FULL; or limit the rule to ops: [c]"}, ""},
+		{"delete only", Rule{Table: "public.events", Keys: []string{"room:{room_id}:timeline", "event:{event_id}"}, Ops: []string{"c", "d"}},
+			[]string{"column(s) room_id,", "a DELETE's old image", "ALTER TABLE public.events REPLICA IDENTITY FULL"}, "UPDATE"},
+		{"update only", Rule{Table: "public.events", Keys: []string{"sender:{sender}"}, Ops: []string{"u"}},
+			[]string{"column(s) sender,", "an UPDATE carries no old image unless an identity column changes"}, "DELETE"},
+	}
+	for _, c := range refused {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := CompileTables([]Rule{c.rule}, pkTables, true)
+			if err == nil {
+				t.Fatal("accepted")
+			}
+			for _, w := range c.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error lacks %q:\n%v", w, err)
+				}
+			}
+			if c.not != "" && strings.Contains(err.Error(), c.not) {
+				t.Errorf("error mentions %s, which the rule does not cover:\n%v", c.not, err)
+			}
+		})
+	}
+	full := map[string]Table{"public.events": {Columns: pkTables["public.events"].Columns, Identity: pkTables["public.events"].Columns, Full: true}}
+	for _, c := range []struct {
+		name   string
+		rule   Rule
+		tables map[string]Table
+	}{
+		{"inserts only", Rule{Table: "public.events", Keys: []string{"room:{room_id}:timeline"}, Ops: []string{"c", "r"}}, pkTables},
+		{"identity columns", Rule{Table: "public.room_memberships", Keys: []string{"room:{room_id}:members", "user:{user_id}:rooms"}}, pkTables},
+		{"full identity", Rule{Table: "public.events", Keys: []string{"room:{room_id}:timeline"}}, full},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if _, err := CompileTables([]Rule{c.rule}, c.tables, true); err != nil {
+				t.Errorf("refused: %v", err)
+			}
+		})
+	}
+}
+
+// TestCompileOnTruncate: on_truncate values, its default and that
+// flush_pattern needs a pattern sink.
+func TestCompileOnTruncate(t *testing.T) {
+	r := Rule{Table: "public.room_memberships", Keys: []string{"room:{room_id}:members"}}
+	bad := r
+	bad.OnTruncate = "drop"
+	if _, err := CompileTables([]Rule{bad}, pkTables, true); err == nil || !strings.Contains(err.Error(), `invalidation.rules[0].on_truncate: "drop" is not one of flush_pattern, dlq, ignore`) {
+		t.Errorf("bad value: %v", err)
+	}
+	fp := r
+	fp.OnTruncate = TruncateFlushPattern
+	if _, err := CompileTables([]Rule{fp}, pkTables, false); err == nil || !strings.Contains(err.Error(), "flush_pattern needs invalidation.redis") {
+		t.Errorf("flush_pattern without Redis: %v", err)
+	}
+	for _, c := range []struct {
+		redis bool
+		want  TruncateAction
+	}{{true, TruncateAction{Patterns: []string{"room:*:members"}}}, {false, TruncateAction{DLQ: []string{"invalidation.rules[0]"}}}} {
+		eng, err := CompileTables([]Rule{r}, pkTables, c.redis)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := eng.Truncate("public.room_memberships"); !slices.Equal(got.Patterns, c.want.Patterns) || !slices.Equal(got.DLQ, c.want.DLQ) {
+			t.Errorf("redis %v: default action %+v, want %+v", c.redis, got, c.want)
+		}
+	}
+}
+
+func TestTemplatePattern(t *testing.T) {
+	for in, want := range map[string]string{
+		"room:{room_id}:members":  "room:*:members",
+		"unread:{user_id}:{room}": "unread:*:*",
+		`odd*?[x]\\:{id}`:         `odd\*\?\[x\]\\\\:*`,
+		"plain":                   "plain",
+	} {
+		tm, err := parseTemplate(in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := tm.pattern(); got != want {
+			t.Errorf("pattern(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+// TestResolveUnfillableChange: a change a rule accepts whose images lack a
+// column of every template (a delete under a key-only identity, as
+// Compile without identities lets through) is an error naming the rule and
+// the column, and Handle marks it Permanent; a NULL column is no error.
+func TestResolveUnfillableChange(t *testing.T) {
+	eng, err := Compile([]Rule{{Table: "public.events", Keys: []string{"room:{room_id}:timeline"}}},
+		map[string][]string{"public.events": {"event_id", "room_id"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	del := env(t, envelope("events", "d", `{"event_id":"$e1"}`, "null"))
+	keys, ok, err := eng.Resolve(del, nil)
+	if err == nil || !ok || len(keys) != 0 {
+		t.Fatalf("Resolve = %q, %v, %v; want an error", keys, ok, err)
+	}
+	for _, w := range []string{"invalidation.rules[0] (public.events)", `op "d"`, `column "room_id"`, "REPLICA IDENTITY FULL"} {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("error lacks %q: %v", w, err)
+		}
+	}
+	h := NewRuleHandler(eng)
+	if err := h.Handle(context.Background(), &Message{Table: "public.events", Env: del}); !IsPermanent(err) {
+		t.Errorf("Handle = %v, want a Permanent error", err)
+	}
+	if _, _, err := eng.Resolve(env(t, envelope("events", "c", "null", `{"event_id":"$e2","room_id":null}`)), nil); err != nil {
+		t.Errorf("a NULL column: %v", err)
+	}
+}
+
+type patternSink struct {
+	recordingSink
+	patterns [][]string
+	fail     int // calls to fail first
+}
+
+func (p *patternSink) InvalidatePattern(_ context.Context, patterns []string) (int, error) {
+	if p.fail > 0 {
+		p.fail--
+		return 0, errors.New("redis down")
+	}
+	p.patterns = append(p.patterns, slices.Clone(patterns))
+	return 1, nil
+}
+
+// TestRuleHandlerExclusionsAndTruncates: an op the rules exclude is a
+// counted skip; a truncate does its on_truncate action once per position
+// (every partition delivers it), again for a later truncate.
+func TestRuleHandlerExclusionsAndTruncates(t *testing.T) {
+	ctx := context.Background()
+	eng, err := CompileTables([]Rule{
+		{Table: "public.room_memberships", Keys: []string{"room:{room_id}:members", "user:{user_id}:rooms"}},
+		{Table: "public.read_markers", Keys: []string{"unread:{user_id}:{room_id}"}, Ops: []string{"c", "u"}, OnTruncate: TruncateDLQ},
+		{Table: "public.events", Keys: []string{"room:{room_id}:timeline"}, Ops: []string{"c"}, OnTruncate: TruncateIgnore},
+	}, pkTables, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ps := &patternSink{fail: 1}
+	h := NewRuleHandler(eng, ps)
+	handle := func(table, op string, lsn uint64) error {
+		t.Helper()
+		_, name, _ := strings.Cut(table, ".")
+		e := env(t, envelope(name, op, `{"user_id":"@a","room_id":"!r1"}`, "null"))
+		return h.Handle(ctx, &Message{Table: table, Env: e, Pos: pipeline.Position{CommitLSN: pipeline.LSN(lsn)}})
+	}
+	var skip *SkipError
+	if err := handle("public.read_markers", "d", 10); !errors.As(err, &skip) || skip.Reason != SkipOpExcluded {
+		t.Errorf("excluded delete: %v, want Skip(%s)", err, SkipOpExcluded)
+	}
+	if len(h.pending) != 0 {
+		t.Errorf("excluded delete collected keys %q", h.pending)
+	}
+	for part := 0; part < 3; part++ { // one truncate, from three partitions
+		err := handle("public.room_memberships", "t", 20)
+		switch {
+		case part == 0 && err != nil:
+			t.Errorf("truncate: %v", err)
+		case part > 0 && (!errors.As(err, &skip) || skip.Reason != SkipTruncateDuplicate):
+			t.Errorf("truncate again from partition %d: %v, want Skip(%s)", part, err, SkipTruncateDuplicate)
+		}
+	}
+	want := [][]string{{"room:*:members", "user:*:rooms"}}
+	if !slices.EqualFunc(ps.patterns, want, slices.Equal) {
+		t.Errorf("pattern flushes %q, want %q (once, after a failed attempt)", ps.patterns, want)
+	}
+	if err := handle("public.room_memberships", "t", 30); err != nil || len(ps.patterns) != 2 {
+		t.Errorf("a later truncate: %v, flushes %q", err, ps.patterns)
+	}
+	if err := handle("public.read_markers", "t", 20); !IsPermanent(err) || !strings.Contains(err.Error(), "on_truncate: dlq (invalidation.rules[1])") {
+		t.Errorf("on_truncate dlq: %v", err)
+	}
+	if err := handle("public.read_markers", "t", 20); !errors.As(err, &skip) || skip.Reason != SkipTruncateDuplicate {
+		t.Errorf("on_truncate dlq, again: %v, want one dead letter", err)
+	}
+	if err := handle("public.events", "t", 20); !errors.As(err, &skip) || skip.Reason != SkipTruncateIgnored {
+		t.Errorf("on_truncate ignore: %v", err)
 	}
 }
 
