@@ -58,6 +58,10 @@ type Invalidation struct {
 	Streams []string `yaml:"streams"`
 	// Rules map table changes to cache keys (required).
 	Rules []invalidation.Rule `yaml:"rules"`
+	// IgnoreTables are tables of the consumed entity streams that need no
+	// rule: their changes are counted as skipped (reason table_ignored).
+	// Only with streams. Default none.
+	IgnoreTables []string `yaml:"ignore_tables"`
 	// MaxAttempts before a failing change is dead-lettered. Default 5.
 	MaxAttempts int `yaml:"max_attempts"`
 	// Redis receives DELs.
@@ -501,6 +505,9 @@ func (c *Config) ApplyDefaults() {
 		for i, r := range inv.Rules {
 			inv.Rules[i].Table = pipeline.QualifyTable(r.Table)
 		}
+		for i, t := range inv.IgnoreTables {
+			inv.IgnoreTables[i] = pipeline.QualifyTable(t)
+		}
 	}
 	c.applyTargetsDefaults()
 	c.applyIntegrityDefaults()
@@ -678,6 +685,7 @@ func (c *Config) Validate() []FieldError {
 				add(fmt.Sprintf("invalidation.streams[%d]", i), "%q is not a pipeline.entity_streams name", st)
 			}
 		}
+		c.validateInvalidationTopics(seen, add)
 		if inv.MaxAttempts < 1 {
 			add("invalidation.max_attempts", "%d must be at least 1", inv.MaxAttempts)
 		}
@@ -791,5 +799,51 @@ func (c *Config) RouterConfig(database string) pipeline.RouterConfig {
 		EntityStreams:     c.Pipeline.EntityStreams,
 		TableTopics:       *c.Pipeline.TableTopics,
 		TransactionsTopic: *c.Pipeline.TransactionsTopic,
+	}
+}
+
+// validateInvalidationTopics refuses dead rules (a rule on a table that no
+// topic the consumer subscribes to carries: it could never run) and
+// misplaced invalidation.ignore_tables.
+func (c *Config) validateInvalidationTopics(seen map[string]bool, add func(path, format string, args ...any)) {
+	inv := c.Invalidation
+	streamsOf := map[string][]string{} // table -> entity streams carrying it
+	consumed := map[string]bool{}      // tables of invalidation.streams
+	for _, s := range c.Pipeline.EntityStreams {
+		for _, t := range s.Tables {
+			streamsOf[t] = append(streamsOf[t], s.Name)
+			for _, name := range inv.Streams {
+				consumed[t] = consumed[t] || name == s.Name
+			}
+		}
+	}
+	ruled := map[string]bool{}
+	for i, r := range inv.Rules {
+		ruled[r.Table] = true
+		at := fmt.Sprintf("invalidation.rules[%d]", i)
+		switch {
+		case !seen[r.Table]:
+			// reported as not in postgres.tables
+		case len(inv.Streams) > 0 && !consumed[r.Table]:
+			fix := "remove the rule"
+			if len(streamsOf[r.Table]) > 0 {
+				fix = fmt.Sprintf("add %s to invalidation.streams, or remove the rule", strings.Join(streamsOf[r.Table], " or "))
+			}
+			add(at+".table", "%s is carried by none of invalidation.streams %v, so the rule can never run; %s", r.Table, inv.Streams, fix)
+		case len(inv.Streams) == 0 && c.Pipeline.TableTopics != nil && !*c.Pipeline.TableTopics && len(streamsOf[r.Table]) > 0:
+			add(at+".table", "%s is published only to entity stream(s) %s (pipeline.table_topics: false), and the consumer, without invalidation.streams, reads table topics: the rule can never run; set invalidation.streams: [%s] or pipeline.table_topics: true",
+				r.Table, strings.Join(streamsOf[r.Table], ", "), strings.Join(streamsOf[r.Table], ", "))
+		}
+	}
+	for i, t := range inv.IgnoreTables {
+		at := fmt.Sprintf("invalidation.ignore_tables[%d]", i)
+		switch {
+		case len(inv.Streams) == 0:
+			add(at, "%q: ignore_tables applies only with invalidation.streams (without them the consumer reads only the rules' tables)", t)
+		case ruled[t]:
+			add(at, "%q also has an invalidation rule: keep one of the two", t)
+		case !consumed[t]:
+			add(at, "%q is carried by none of invalidation.streams %v", t, inv.Streams)
+		}
 	}
 }

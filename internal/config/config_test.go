@@ -284,6 +284,25 @@ func TestBadConfigs(t *testing.T) {
 			paths: []string{"log.format", "log.level"},
 		},
 		{
+			file: "invalidation_streams.bad.yml",
+			errs: []string{
+				`invalidation.rules[2].table: public.read_markers is carried by none of invalidation.streams [rooms], so the rule can never run; add markers to invalidation.streams, or remove the rule`,
+				`invalidation.rules[3].table: public.users is carried by none of invalidation.streams [rooms], so the rule can never run; remove the rule`,
+				`invalidation.ignore_tables[1]: "public.users" also has an invalidation rule`,
+				`invalidation.ignore_tables[2]: "public.room_memberships" also has an invalidation rule`,
+			},
+			paths: []string{"invalidation.ignore_tables[1]", "invalidation.ignore_tables[2]", "invalidation.rules[2].table", "invalidation.rules[3].table"},
+		},
+		{
+			file: "invalidation_table_topics.bad.yml",
+			errs: []string{
+				`invalidation.rules[0].table: public.room_memberships is published only to entity stream(s) rooms (pipeline.table_topics: false)`,
+				`set invalidation.streams: [rooms] or pipeline.table_topics: true`,
+				`invalidation.ignore_tables[0]: "public.read_markers": ignore_tables applies only with invalidation.streams`,
+			},
+			paths: []string{"invalidation.ignore_tables[0]", "invalidation.rules[0].table"},
+		},
+		{
 			file: "many.bad.yml",
 			errs: []string{"9 problem(s)"},
 			paths: []string{
