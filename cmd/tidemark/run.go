@@ -277,6 +277,12 @@ func checkCmd() *cobra.Command {
 				}
 				fmt.Fprintf(out, "integrity rules: %d checked against the tables\n", len(cfg.Integrity.Rules))
 			}
+			if cfg.Invalidation != nil {
+				if err := app.CheckInvalidation(cmd.Context(), cfg); err != nil {
+					return &exitError{3, err}
+				}
+				fmt.Fprintf(out, "invalidation rules: %d checked against the tables\n", len(cfg.Invalidation.Rules))
+			}
 			if cfg.Targets != nil {
 				if err := app.CheckTargets(cmd.Context(), cfg); err != nil {
 					return &exitError{3, err}

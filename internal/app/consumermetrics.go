@@ -24,7 +24,10 @@ func registerConsumerMetrics(reg prometheus.Registerer, c *invalidation.Consumer
 		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "tidemark", Subsystem: "consumer", Name: name, Help: help, ConstLabels: labels}, f))
 	}
 	counter("messages_total", "Changes applied.", func() float64 { return float64(st.Messages.Load()) })
-	counter("skipped_total", "Redelivered positions skipped.", func() float64 { return float64(st.Skipped.Load()) })
+	reg.MustRegister(consumerSkipped{st: st, desc: prometheus.NewDesc("tidemark_consumer_skipped_total",
+		"Changes skipped on purpose, by reason: redelivered (a position already applied), op_excluded (the rules exclude the op), "+
+			"table_ignored, truncate_ignored, truncate_duplicate (a truncate already acted on, from another partition).",
+		[]string{"reason"}, labels)})
 	counter("retries_total", "Failed attempts that were retried.", func() float64 { return float64(st.Retries.Load()) })
 	counter("dlq_total", "Changes sent to the dead-letter topic.", func() float64 { return float64(st.DLQ.Load()) })
 	counter("apply_seconds_total", "Sum of fetch-to-commit seconds of applied changes.", func() float64 { return float64(st.ApplyNanos.Load()) / 1e9 })
@@ -38,4 +41,25 @@ func registerConsumerMetrics(reg prometheus.Registerer, c *invalidation.Consumer
 			}
 			return 0
 		}))
+}
+
+// consumerSkipped exports Stats.SkippedBy as one counter per reason (every
+// reason Tidemark uses, from zero).
+type consumerSkipped struct {
+	st   *invalidation.Stats
+	desc *prometheus.Desc
+}
+
+func (s consumerSkipped) Describe(ch chan<- *prometheus.Desc) { ch <- s.desc }
+
+func (s consumerSkipped) Collect(ch chan<- prometheus.Metric) {
+	by := s.st.SkippedBy()
+	for _, r := range invalidation.SkipReasons() {
+		if _, ok := by[r]; !ok {
+			by[r] = 0
+		}
+	}
+	for r, n := range by {
+		ch <- prometheus.MustNewConstMetric(s.desc, prometheus.CounterValue, float64(n), r)
+	}
 }

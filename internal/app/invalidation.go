@@ -45,16 +45,7 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 	if log == nil {
 		log = zap.NewNop()
 	}
-	infos, _, problems, err := Check(ctx, cfg)
-	if err != nil {
-		return nil, err
-	}
-	_ = problems // capture's own problems are reported by the capture role
-	columns := map[string][]string{}
-	for name, ti := range infos {
-		columns[name] = ti.Columns
-	}
-	engine, err := invalidation.Compile(inv.Rules, columns)
+	engine, err := compileInvalidation(ctx, cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -86,7 +77,11 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 	var ws *webhooksink.Sink
 	if inv.Redis != nil {
 		// TLS and the ACL user as configured; checked now (see newRedisSink).
-		rs, err = newRedisSink(ctx, "invalidation.redis", inv.Redis, inv.Redis.Channel, redissink.UseInvalidate, log)
+		use := redissink.UseInvalidate
+		if engine.FlushesPatterns() {
+			use |= redissink.UsePattern
+		}
+		rs, err = newRedisSink(ctx, "invalidation.redis", inv.Redis, inv.Redis.Channel, use, log)
 		if err != nil {
 			return nil, err
 		}
@@ -111,9 +106,17 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 	handler := invalidation.NewRuleHandler(engine, sinks...)
 	handler.MaxBacklogBytes = inv.MaxBacklogBytes
 	handler.Log = log.With(zap.String("component", "invalidation"))
+	handler.SetLogger(log.With(zap.String("component", "invalidation")))
 	handlers := map[string]invalidation.Handler{}
 	for _, t := range engine.Tables() {
 		handlers[t] = handler
+	}
+	for _, t := range inv.IgnoreTables {
+		handlers[t] = invalidation.SkipHandler{Reason: invalidation.SkipTableIgnored}
+	}
+	if inv.Redis != nil && (inv.Webhook != nil || invTopic != "") && engine.FlushesPatterns() {
+		log.Warn("on_truncate: flush_pattern deletes the rules' key patterns in Redis only: the webhook and " +
+			"the invalidations topic carry keys, and are not told of truncates (on_truncate: dlq records them)")
 	}
 	consumer, err := invalidation.NewConsumer(invalidation.Config{
 		Brokers: cfg.Kafka.Brokers, Group: inv.Group, Topics: topics, Handlers: handlers,
@@ -128,6 +131,34 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 	}
 	return &Invalidation{Consumer: consumer, Handler: handler, Redis: rs, Webhook: ws, DLQ: dlq, Topics: topics, DLQTopic: dlqTopic,
 		InvalidationsTopic: invTopic, log: log}, nil
+}
+
+// CheckInvalidation compiles the invalidation rules against the database's
+// tables (columns, replica identities), as PrepareInvalidation does, and
+// returns every problem with its fix. It starts nothing.
+func CheckInvalidation(ctx context.Context, cfg *config.Config) error {
+	if cfg.Invalidation == nil {
+		return errors.New("no invalidation section in the config")
+	}
+	_, err := compileInvalidation(ctx, cfg)
+	return err
+}
+
+// compileInvalidation reads the captured tables (Check) and compiles the
+// rules against their columns and replica identities.
+func compileInvalidation(ctx context.Context, cfg *config.Config) (*invalidation.Engine, error) {
+	infos, _, _, err := Check(ctx, cfg) // capture's own problems are reported by the capture role
+	if err != nil {
+		return nil, err
+	}
+	tables := map[string]invalidation.Table{}
+	for name, ti := range infos {
+		// Full: old images carry every column (REPLICA IDENTITY FULL, on
+		// every leaf of a partitioned table; or an identity of all columns).
+		full := len(ti.Columns) > 0 && len(ti.IdentityColumns) == len(ti.Columns)
+		tables[name] = invalidation.Table{Columns: ti.Columns, Identity: ti.IdentityColumns, Full: full}
+	}
+	return invalidation.CompileTables(cfg.Invalidation.Rules, tables, cfg.Invalidation.Redis != nil)
 }
 
 // Run creates the DLQ topic (waiting for Kafka), then consumes until ctx
