@@ -141,6 +141,10 @@ func (s *Sink) Check(ctx context.Context, use Use) error {
 		if use&UseInvalidate != 0 && s.cfg.Channel != "" {
 			probes = append(probes, probe{name: "publish", cmd: p.Do(ctx, "publish", s.cfg.Channel, checkKey)})
 		}
+		if use&UsePattern != 0 {
+			probes = append(probes, probe{name: "scan", cmd: p.Do(ctx, "scan", "0", "match", checkKey)},
+				probe{name: "unlink", cmd: p.Do(ctx, "unlink", checkKey)})
+		}
 		if use&UseReplaceSets != 0 {
 			probes = append(probes, probe{name: "sadd", cmd: p.Do(ctx, "sadd", checkKey, "check")})
 			// DEL without a key is refused (wrong number of arguments), which
