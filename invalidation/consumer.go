@@ -5,9 +5,12 @@
 // The runtime guarantees, per consumer group:
 //   - Every subscribed topic's tables have a handler in this process, or the
 //     consumer refuses to start and names the missing (topic, table) pairs.
-//   - A message no handler accepts, a malformed one, or one whose handler
-//     still fails after MaxAttempts goes to the dead-letter topic with the
-//     reason, its original headers and its position; the partition moves on.
+//   - A message no handler accepts, a malformed one, one whose handler
+//     fails with a Permanent error (at once, unretried), or one whose
+//     handler still fails after MaxAttempts goes to the dead-letter topic
+//     with the reason, its original headers and its position; the partition
+//     moves on. A handler's Skip is a no-op counted by reason
+//     (Stats.SkippedBy).
 //   - Offsets are committed only after the handlers' effects are durable
 //     (Flush returned, or an AsyncFlusher reports the batch Durable; batches
 //     commit in fetch order), so a crash replays, never skips. Positions at or below
