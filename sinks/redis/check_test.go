@@ -18,7 +18,7 @@ import (
 
 // tidemarkACL is the ACL the README documents for a user of both the
 // invalidation (channel "inv") and the targets sinks.
-var tidemarkACL = []string{"resetkeys", "~*", "resetchannels", "&inv", "-@all", "+del", "+publish", "+multi", "+exec", "+sadd"}
+var tidemarkACL = []string{"resetkeys", "~*", "resetchannels", "&inv", "-@all", "+del", "+publish", "+multi", "+exec", "+sadd", "+scan", "+unlink"}
 
 const userPassword = "Tidemark-Pa55word"
 
