@@ -3,6 +3,7 @@ package redis
 import (
 	"context"
 	"fmt"
+	"strings"
 )
 
 // UsePattern is InvalidatePattern: SCAN and UNLINK (for Check and
@@ -22,6 +23,12 @@ const scanCount = 1000
 // deleted already and the caller retries the whole call. It publishes
 // nothing on Config.Channel (subscribers expect keys, not patterns).
 //
+// In ModeVersioned it also deletes the markers (and leases) of the
+// matching keys, pattern MarkerPrefix + "{*}" + pattern: like Invalidate
+// without positions, that refuses every fill in flight of a flushed key
+// (its token is gone), and a fill that begins later reads the database
+// after the change that asked for the flush.
+//
 // SCAN visits the whole keyspace of the DB, so its cost grows with the
 // number of keys in it, not with the number that match.
 //
@@ -32,6 +39,13 @@ func (s *Sink) InvalidatePattern(ctx context.Context, patterns []string) (int, e
 		return 0, ErrClosed
 	}
 	deleted := 0
+	if s.cfg.Mode == ModeVersioned {
+		markers := make([]string, 0, len(patterns))
+		for _, p := range patterns {
+			markers = append(markers, globEscape(s.cfg.MarkerPrefix)+"{*}"+p)
+		}
+		patterns = append(patterns[:len(patterns):len(patterns)], markers...)
+	}
 	for _, p := range patterns {
 		var cursor uint64
 		for {
@@ -53,4 +67,16 @@ func (s *Sink) InvalidatePattern(ctx context.Context, patterns []string) (int, e
 		}
 	}
 	return deleted, nil
+}
+
+// globEscape escapes the characters MATCH patterns give a meaning.
+func globEscape(s string) string {
+	var b strings.Builder
+	for _, r := range s {
+		if strings.ContainsRune(`*?[]\^`, r) {
+			b.WriteByte('\\')
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
 }

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/tidemark/tidemark/internal/redistest"
+	"github.com/tidemark/tidemark/sinks/redis/redisfill"
 )
 
 // TestInvalidatePattern: every key matching a pattern goes, over several
@@ -58,5 +59,32 @@ func TestCheckPatternPermissions(t *testing.T) {
 	}
 	if err := newSink(t, srv, Config{Username: "pattern", Password: userPassword}).Check(ctx, UseInvalidate|UsePattern); err != nil {
 		t.Errorf("Check as a user with scan and unlink: %v", err)
+	}
+}
+
+// TestInvalidatePatternVersioned: in versioned mode the markers and leases
+// of the matching keys go too (a fill in flight of a flushed key is then
+// refused); other keys' markers stay.
+func TestInvalidatePatternVersioned(t *testing.T) {
+	t.Parallel()
+	srv := redistest.ForTest(t)
+	admin := srv.Client()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	prefix := redisfill.DefaultMarkerPrefix
+	gone := []string{"room:!a:members", redisfill.MarkerKey(prefix, "room:!a:members"), redisfill.MarkerKey(prefix, "room:{!b}:members")}
+	kept := []string{"user:@a:rooms", redisfill.MarkerKey(prefix, "user:@a:rooms")}
+	setKeys(t, admin, append(gone, kept...))
+	s := newSink(t, srv, Config{Mode: ModeVersioned})
+	if _, err := s.InvalidatePattern(ctx, []string{"room:*:members"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range gone {
+		if n, _ := admin.Exists(ctx, k).Result(); n != 0 {
+			t.Errorf("%s still exists", k)
+		}
+	}
+	if n, err := admin.Exists(ctx, kept...).Result(); err != nil || n != int64(len(kept)) {
+		t.Errorf("%d of %d other keys left (%v)", n, len(kept), err)
 	}
 }
