@@ -61,6 +61,8 @@ type RuleHandler struct {
 	at      []KeyAt
 	seen    map[string]int // key -> index in pending/at
 	trunc   truncates      // truncate actions done (truncate.go)
+	// patterns are on_truncate: flush_pattern globs queued with the batch.
+	patterns []string
 	// Invalidated counts keys made durable.
 	Invalidated atomic.Uint64
 	// MaxBacklogBytes bounds each sink's queue (keys' bytes plus 64 bytes

@@ -32,11 +32,14 @@ type output struct {
 
 // job is one flushed batch; every sink's queue shares it (read-only).
 type job struct {
-	token  uint64
-	keys   []string
-	at     []KeyAt
-	bytes  int64
-	remain atomic.Int32 // sinks that do not have it yet
+	token uint64
+	keys  []string
+	// patterns are deleted by the sinks that can (PatternInvalidator),
+	// before the keys.
+	patterns []string
+	at       []KeyAt
+	bytes    int64
+	remain   atomic.Int32 // sinks that do not have it yet
 }
 
 // SinkStats are one sink's live counters (for metrics).
@@ -82,10 +85,13 @@ var _ AsyncFlusher = (*RuleHandler)(nil)
 // MaxBacklogBytes (backpressure), until there is room or ctx ends.
 func (h *RuleHandler) FlushAsync(ctx context.Context) (uint64, error) {
 	var j *job
-	if len(h.pending) > 0 {
-		j = &job{keys: h.pending, at: h.at}
+	if len(h.pending) > 0 || len(h.patterns) > 0 {
+		j = &job{keys: h.pending, at: h.at, patterns: h.patterns}
 		for _, k := range h.pending {
 			j.bytes += int64(len(k)) + keyOverhead
+		}
+		for _, p := range h.patterns {
+			j.bytes += int64(len(p)) + keyOverhead
 		}
 		if h.full(j.bytes) {
 			log := h.Log
@@ -105,7 +111,7 @@ func (h *RuleHandler) FlushAsync(ctx context.Context) (uint64, error) {
 			log.Warn("invalidation sink backlog below the bound again: fetching resumes", zap.Duration("paused_for", time.Since(since)))
 		}
 		// The job owns the slices now: start new ones.
-		h.pending, h.at = nil, nil
+		h.pending, h.at, h.patterns = nil, nil, nil
 		clear(h.seen)
 	}
 	h.token++
@@ -257,9 +263,14 @@ func (h *RuleHandler) deliverLoop(ctx context.Context, o *output) {
 // deliver sends j to o once; on success it leaves o's queue.
 func (h *RuleHandler) deliver(ctx context.Context, o *output, j *job) error {
 	var err error
-	if p, ok := o.sink.(PositionedInvalidator); ok {
-		err = p.InvalidateAt(ctx, j.at)
-	} else {
+	if pi, ok := o.sink.(PatternInvalidator); ok && len(j.patterns) > 0 {
+		_, err = pi.InvalidatePattern(ctx, j.patterns)
+	}
+	switch {
+	case err != nil || len(j.keys) == 0:
+	case isPositioned(o.sink):
+		err = o.sink.(PositionedInvalidator).InvalidateAt(ctx, j.at)
+	default:
 		err = o.sink.Invalidate(ctx, j.keys)
 	}
 	if err != nil {
@@ -278,6 +289,11 @@ func (h *RuleHandler) deliver(ctx context.Context, o *output, j *job) error {
 	signal(h.room)
 	h.advanced()
 	return nil
+}
+
+func isPositioned(s Invalidator) bool {
+	_, ok := s.(PositionedInvalidator)
+	return ok
 }
 
 func (h *RuleHandler) advanced() {

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/tidemark/tidemark/pipeline"
 )
@@ -334,12 +335,26 @@ func TestRuleHandlerExclusionsAndTruncates(t *testing.T) {
 			t.Errorf("truncate again from partition %d: %v, want Skip(%s)", part, err, SkipTruncateDuplicate)
 		}
 	}
+	// The patterns travel with the batch through the sink's queue: the
+	// first delivery fails (the sink is down), the retry deletes them once.
+	if len(ps.patterns) != 0 {
+		t.Errorf("patterns flushed in Handle, before the batch: %q", ps.patterns)
+	}
+	if err := h.Flush(ctx); err == nil {
+		t.Error("Flush with the pattern sink down returned nil")
+	}
+	if err := h.Flush(ctx); err != nil {
+		t.Errorf("Flush after the sink is back: %v", err)
+	}
 	want := [][]string{{"room:*:members", "user:*:rooms"}}
 	if !slices.EqualFunc(ps.patterns, want, slices.Equal) {
 		t.Errorf("pattern flushes %q, want %q (once, after a failed attempt)", ps.patterns, want)
 	}
-	if err := handle("public.room_memberships", "t", 30); err != nil || len(ps.patterns) != 2 {
-		t.Errorf("a later truncate: %v, flushes %q", err, ps.patterns)
+	if err := handle("public.room_memberships", "t", 30); err != nil {
+		t.Errorf("a later truncate: %v", err)
+	}
+	if err := h.Flush(ctx); err != nil || len(ps.patterns) != 2 {
+		t.Errorf("a later truncate: Flush %v, flushes %q", err, ps.patterns)
 	}
 	if err := handle("public.read_markers", "t", 20); !IsPermanent(err) || !strings.Contains(err.Error(), "on_truncate: dlq (invalidation.rules[1])") {
 		t.Errorf("on_truncate dlq: %v", err)
@@ -368,5 +383,39 @@ func BenchmarkRuleEngine(b *testing.B) {
 	}
 	if len(keys) != 3 {
 		b.Fatalf("keys %q", keys)
+	}
+}
+
+// TestTruncateDoesNotHoldOtherSinks: a truncate's pattern flush goes
+// through the sinks' queues like keys, so a Redis that is down holds only
+// itself: another sink still receives the batch's keys, and Handle does
+// not wait for Redis (before, it retried the pattern flush inside Handle,
+// stalling every sink for the outage).
+func TestTruncateDoesNotHoldOtherSinks(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	eng, err := CompileTables([]Rule{{Table: "public.room_memberships", Keys: []string{"room:{room_id}:members"}}}, pkTables, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ps := &patternSink{fail: 1 << 30}
+	other := &recordingSink{}
+	h := NewRuleHandler(eng, ps, other)
+	trunc := env(t, envelope("room_memberships", "t", "null", "null"))
+	if err := h.Handle(ctx, &Message{Table: "public.room_memberships", Env: trunc, Pos: pipeline.Position{CommitLSN: 20}}); err != nil {
+		t.Fatalf("truncate with the pattern sink down: %v", err)
+	}
+	ins := env(t, envelope("room_memberships", "c", `{"room_id":"!r1","user_id":"@a"}`, "null"))
+	if err := h.Handle(ctx, &Message{Table: "public.room_memberships", Env: ins, Pos: pipeline.Position{CommitLSN: 30}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Flush(ctx); err == nil {
+		t.Error("Flush with the pattern sink down returned nil")
+	}
+	if ctx.Err() != nil {
+		t.Fatal("the truncate waited for the pattern sink")
+	}
+	if want := [][]string{{"room:!r1:members"}}; !slices.EqualFunc(other.calls, want, slices.Equal) {
+		t.Errorf("the other sink got %q, want %q", other.calls, want)
 	}
 }

@@ -3,8 +3,8 @@ package invalidation
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
-	"time"
 
 	"go.uber.org/zap"
 
@@ -28,13 +28,12 @@ type truncates struct {
 	log  *zap.Logger // nil: no-op
 }
 
-// SetLogger sets the logger that warns while a truncate's pattern flush
-// fails (it is retried until it succeeds). Default: none.
+// SetLogger sets the logger of the truncate actions. Default: none.
 func (h *RuleHandler) SetLogger(log *zap.Logger) { h.trunc.log = log }
 
 // truncate does the truncate's action: flush_pattern rules' patterns are
-// deleted in every PatternInvalidator sink (retried with backoff until
-// done or ctx ends: Redis down stalls, like Flush), dlq rules make it a
+// queued with the batch for every PatternInvalidator sink (delivered and
+// retried like keys, in order), dlq rules make it a
 // Permanent error, and with neither it is Skip(SkipTruncateIgnored). The
 // same truncate delivered again (another partition) is
 // Skip(SkipTruncateDuplicate).
@@ -43,31 +42,12 @@ func (h *RuleHandler) truncate(ctx context.Context, m *Message) error {
 		return Skip(SkipTruncateDuplicate)
 	}
 	act := h.engine.Truncate(m.Table)
-	if len(act.Patterns) > 0 {
-		bo := newBackOff(100*time.Millisecond, 5*time.Second, 0)
-		for _, s := range h.sinks {
-			p, ok := s.(PatternInvalidator)
-			if !ok {
-				continue
-			}
-			for attempt := 1; ; attempt++ {
-				_, err := p.InvalidatePattern(ctx, act.Patterns)
-				if err == nil {
-					break
-				}
-				if ctx.Err() != nil {
-					return ctx.Err()
-				}
-				if log := h.trunc.log; log != nil && (attempt == 1 || attempt%20 == 0) {
-					log.Warn("flushing a truncated table's key patterns failed; retrying (offsets are held)",
-						zap.String("table", m.Table), zap.Strings("patterns", act.Patterns), zap.Int("attempt", attempt), zap.Error(err))
-				}
-				select {
-				case <-ctx.Done():
-					return ctx.Err()
-				case <-time.After(bo.NextBackOff()):
-				}
-			}
+	// The patterns go to the sinks' queues with the batch (outputs.go):
+	// each sink deletes them in order with its keys, and a sink that is
+	// down holds only itself, as with keys.
+	for _, pat := range act.Patterns {
+		if !slices.Contains(h.patterns, pat) {
+			h.patterns = append(h.patterns, pat)
 		}
 	}
 	if h.trunc.last == nil {
