@@ -31,10 +31,19 @@
 //
 // # Limits
 //
-//   - Staleness is unbounded while the invalidations do not arrive (pipeline
-//     or Kafka down, Follow behind). Follow keeps its position through
-//     outages and applies the backlog when it reads again; set Config.TTL to
-//     bound staleness meanwhile.
+//   - While the invalidations do not arrive (Kafka unreachable, the
+//     invalidation role stopped or stalled), staleness is bounded by
+//     Config.MaxStaleness: the invalidation role writes a watermark record to
+//     every partition each second, and when the newest one of a partition is
+//     older than MaxStaleness (this process's clock, from when Follow read
+//     it) the cache is cleared and not Ready until they are fresh again.
+//     Follow keeps its position through outages and applies the backlog when
+//     it reads again. A watermark proves the invalidation role is live and
+//     holds nothing undelivered, not that it is caught up with capture:
+//     a consumer far behind its change topics delays invalidations without
+//     stopping watermarks (watch tidemark_consumer_lag_messages, or set
+//     Config.TTL). With MaxStaleness < 0 (a writer that predates
+//     watermarks) staleness is unbounded meanwhile; set Config.TTL then.
 //   - load must read a source at least as new as the invalidations. A load
 //     that reads a lagging replica, or another cache, can fill a value that
 //     predates an invalidation that was already applied, and nothing removes
@@ -51,10 +60,13 @@
 //   - Follow assumes records are not deleted before it reads them
 //     (cleanup.policy=compact,delete with a short retention, DeleteRecords):
 //     such a record is a lost invalidation. Compaction alone is harmless, it
-//     drops a record only when a later record has the same key. If a
-//     partition's end falls below Follow's position (topic deleted and
-//     recreated), Follow clears the cache and positions again; partitions
-//     added later are found within a minute and read from their start.
+//     drops a record only when a later record has the same key. If the
+//     topic is deleted and recreated (a new topic id, or on brokers without
+//     topic ids a partition's end below Follow's position), Follow clears
+//     the cache and positions again, within about 5 s; partitions added
+//     later are found as fast and read from their start (they count for
+//     MaxStaleness from their first watermark on). A flush control record
+//     clears the cache too.
 //   - The record value (the change's position) is not compared: every record
 //     invalidates its key, so duplicates or reordering cost only misses.
 //   - A fill is best effort: ristretto may drop a Set (full buffer) or reject
@@ -84,6 +96,8 @@ import (
 const (
 	DefaultMaxCost     = 1 << 26
 	DefaultNumCounters = 1_000_000
+	// DefaultMaxStaleness is Config.MaxStaleness's default.
+	DefaultMaxStaleness = 10 * time.Second
 )
 
 // ErrClosed is returned by Follow and SetReady after Close.
@@ -116,6 +130,17 @@ type Config[V any] struct {
 	// SASL, when set, authenticates Follow's connections: kafka-go's
 	// plain.Mechanism or a scram.Mechanism (SCRAM-SHA-256/512).
 	SASL sasl.Mechanism
+	// MaxStaleness bounds the age of the newest watermark record of every
+	// partition (written by the invalidation role each second, see
+	// invalidation.TopicInvalidator), measured on this process's clock from
+	// when Follow read it. Older, the cache is not Ready: it clears itself
+	// and GetOrLoad loads without caching, until fresh watermarks arrive on
+	// every partition. After positioning, Follow is Ready only once every
+	// partition has delivered a watermark. Default 10s
+	// (DefaultMaxStaleness); a negative value turns the check off, for a
+	// topic whose writer predates watermarks (then staleness is unbounded
+	// while invalidations do not arrive, as before).
+	MaxStaleness time.Duration
 }
 
 func (c Config[V]) net() kafkanet.Settings { return kafkanet.Settings{TLS: c.TLS, SASL: c.SASL} }
@@ -128,6 +153,9 @@ func (c Config[V]) Validate() error {
 	}
 	if c.TTL < 0 {
 		errs = append(errs, fmt.Errorf("cache: TTL must not be negative (got %s)", c.TTL))
+	}
+	if c.MaxStaleness > 0 && c.MaxStaleness < 10*time.Millisecond {
+		errs = append(errs, fmt.Errorf("cache: MaxStaleness %s is below 10ms (watermarks come each second by default; use a negative value to turn the check off)", c.MaxStaleness))
 	}
 	return errors.Join(errs...)
 }
@@ -165,8 +193,30 @@ type Stats struct {
 	// NotReady counts loaded values not stored because the load started
 	// before the cache was Ready.
 	NotReady uint64
-	// Invalidations counts Invalidate calls (one per record Follow reads).
+	// Invalidations counts Invalidate calls (one per invalidation record
+	// Follow reads; control records are not invalidations).
 	Invalidations uint64
+	// Flushes counts flush control records applied (each cleared the cache).
+	Flushes uint64
+	// ControlSkipped counts control records Follow did not understand (an
+	// unknown kind, or a malformed watermark) and skipped; each kind is
+	// warned about once.
+	ControlSkipped uint64
+	// Stale counts the times the cache stopped caching because a
+	// partition's newest watermark became older than MaxStaleness.
+	Stale uint64
+	// Recreations counts the times Follow found the topic recreated (a new
+	// topic id, or an end offset below its position) and positioned again.
+	Recreations uint64
+	// WatermarkAge is the age, on this process's clock, of the oldest of
+	// the partitions' newest watermarks (since positioning for a partition
+	// that has delivered none yet); 0 while Follow is not positioned. It is
+	// the cache's lag bound: export it as a gauge.
+	WatermarkAge time.Duration
+	// WatermarkPosition and WatermarkAt are that watermark's position and
+	// the writer's time ("" and zero if none was read).
+	WatermarkPosition string
+	WatermarkAt       time.Time
 }
 
 const numShards = 64
@@ -179,7 +229,7 @@ type Cache[V any] struct {
 	log  *zap.Logger
 	cost func(V) int64
 
-	closeMu sync.RWMutex // guards rc against Close; never nested
+	closeMu sync.RWMutex // guards rc against Close; taken inside a shard's mu, never around one
 	closed  bool         // guarded by closeMu
 	shut    bool         // set by Close with every shard locked; read with any shard locked
 	rc      *ristretto.Cache[string, V]
@@ -196,10 +246,27 @@ type Cache[V any] struct {
 	followMu   sync.Mutex
 	stopFollow context.CancelFunc // cancels a running Follow; guarded by followMu
 	refresh    time.Duration      // how often Follow looks for new partitions and truncation
+	recheck    chan struct{}      // test hook: a receive runs that check now (nil: never)
 
 	afterSet func(key string) // test hook: runs after a fill's Set, before its Wait
 
 	loads, fills, refused, revoked, notReady, invalidations atomic.Uint64
+	flushes, controlSkipped, stale, recreations             atomic.Uint64
+
+	marksMu sync.Mutex
+	marks   map[int]*mark   // newest watermark per partition of the current session; nil when not positioned
+	warned  map[string]bool // control kinds already warned about; guarded by marksMu
+}
+
+// mark is the newest watermark of one partition.
+type mark struct {
+	got  time.Time // this process's clock: when it was read (or the partition positioned)
+	seen bool      // a watermark was read; false: got is the positioning time
+	// grace: a partition found after positioning counts as fresh until
+	// MaxStaleness after it was found, without a watermark.
+	grace bool
+	pos   string
+	at    time.Time
 }
 
 // shard tracks the keys that have a load in flight. Entries exist only while
@@ -244,6 +311,9 @@ func New[V any](cfg Config[V], log *zap.Logger) (*Cache[V], error) {
 	if cfg.MaxCost == 0 {
 		cfg.MaxCost = DefaultMaxCost
 	}
+	if cfg.MaxStaleness == 0 {
+		cfg.MaxStaleness = DefaultMaxStaleness
+	}
 	if log == nil {
 		log = zap.NewNop()
 	}
@@ -251,7 +321,8 @@ func New[V any](cfg Config[V], log *zap.Logger) (*Cache[V], error) {
 		cfg:     cfg,
 		log:     log.With(zap.String("component", "invalidation/cache")),
 		seed:    maphash.MakeSeed(),
-		refresh: 30 * time.Second,
+		refresh: 5 * time.Second,
+		warned:  map[string]bool{},
 	}
 	c.cost = func(V) int64 { return 1 }
 	if cfg.Cost != nil {
@@ -277,11 +348,12 @@ func (c *Cache[V]) shardFor(key string) *shard[V] {
 	return &c.shards[maphash.String(c.seed, key)%numShards]
 }
 
-// Get returns the cached value of key. It never loads.
+// Get returns the cached value of key. It never loads, and misses while the
+// cache is not Ready.
 func (c *Cache[V]) Get(key string) (V, bool) {
 	c.closeMu.RLock()
 	defer c.closeMu.RUnlock()
-	if c.closed {
+	if c.closed || !c.ready.Load() {
 		var zero V
 		return zero, false
 	}
@@ -527,14 +599,17 @@ func (c *Cache[V]) setReady(ready bool) {
 		c.shards[i].mu.Lock()
 	}
 	// With every shard locked no fill is between its check and its Set: any
-	// fill of the old epoch is already buffered, and Clear drops it.
+	// fill of the old epoch is already buffered, and Clear drops it. Get
+	// misses once Ready is false, and Ready is false before the Clear, so
+	// nothing is served from the moment Ready turns false, and whoever finds
+	// the cache cleared sees Ready false.
 	c.ready.Store(ready && !c.shut)
 	c.epoch.Add(1)
-	for i := range c.shards {
-		c.shards[i].mu.Unlock()
-	}
 	if !ready {
 		c.clear()
+	}
+	for i := range c.shards {
+		c.shards[i].mu.Unlock()
 	}
 }
 
@@ -546,15 +621,52 @@ func (c *Cache[V]) clear() {
 	}
 }
 
-// Stats returns the cache's counters.
+// Stats returns the cache's counters and its watermark lag.
 func (c *Cache[V]) Stats() Stats {
-	return Stats{
-		Loads:         c.loads.Load(),
-		Fills:         c.fills.Load(),
-		RefusedFills:  c.refused.Load(),
-		RevokedFills:  c.revoked.Load(),
-		NotReady:      c.notReady.Load(),
-		Invalidations: c.invalidations.Load(),
+	s := Stats{
+		Loads:          c.loads.Load(),
+		Fills:          c.fills.Load(),
+		RefusedFills:   c.refused.Load(),
+		RevokedFills:   c.revoked.Load(),
+		NotReady:       c.notReady.Load(),
+		Invalidations:  c.invalidations.Load(),
+		Flushes:        c.flushes.Load(),
+		ControlSkipped: c.controlSkipped.Load(),
+		Stale:          c.stale.Load(),
+		Recreations:    c.recreations.Load(),
+	}
+	c.marksMu.Lock()
+	if m := c.oldestMark(); m != nil {
+		s.WatermarkAge = time.Since(m.got)
+		s.WatermarkPosition, s.WatermarkAt = m.pos, m.at
+	}
+	c.marksMu.Unlock()
+	return s
+}
+
+// oldestMark is the partition mark read longest ago; c.marksMu is held.
+func (c *Cache[V]) oldestMark() *mark {
+	var old *mark
+	for _, m := range c.marks {
+		if old == nil || m.got.Before(old.got) {
+			old = m
+		}
+	}
+	return old
+}
+
+// flushAll drops every cached value and makes every load in flight return
+// without filling, keeping Ready: a flush control record.
+func (c *Cache[V]) flushAll() {
+	for i := range c.shards {
+		c.shards[i].mu.Lock()
+	}
+	// As in setReady(false): a fill that passed its check is buffered now,
+	// and Clear drops it; later checks see the new epoch.
+	c.clear()
+	c.epoch.Add(1)
+	for i := range c.shards {
+		c.shards[i].mu.Unlock()
 	}
 }
 

@@ -2,6 +2,7 @@ package cache
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"sort"
@@ -14,14 +15,15 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tidemark/tidemark/internal/kafkanet"
+	inv "github.com/tidemark/tidemark/invalidation"
 )
 
 // errPositionLost ends a follow session whose position no longer covers
 // every invalidation (a partition's end fell below the read position).
 var errPositionLost = errors.New("position on the invalidations topic lost")
 
-// Follow reads the invalidations topic and applies every record's key with
-// Invalidate, until ctx ends or Close is called; then it clears the cache,
+// Follow reads the invalidations topic and applies every invalidation
+// record's key with Invalidate, until ctx ends or Close is called; then it clears the cache,
 // makes Ready false and returns nil. It returns an error only for a config
 // without Brokers or Topic, ErrFollowing if Follow already runs, and
 // ErrClosed after Close, and an error naming the broker and the cause when
@@ -38,15 +40,26 @@ var errPositionLost = errors.New("position on the invalidations topic lost")
 // cleared whenever Follow stops) and only loads that start after the
 // positioning may fill it; any change such a load can miss commits after the
 // load started, so its record lies at or beyond the listed offsets. Once
-// positioned on every partition Ready becomes true.
+// positioned on every partition, and (unless Config.MaxStaleness < 0) once
+// every partition has delivered a watermark record, Ready becomes true.
+//
+// Control records (header invalidation.ControlHeader) are never applied as
+// keys: a watermark renews its partition's freshness, a flush clears the
+// cache (Ready stays), and any other kind is skipped, counted
+// (Stats.ControlSkipped) and warned about once. While the newest watermark
+// of some partition is older than Config.MaxStaleness (the follower cut off
+// from the brokers, or the invalidation role stopped or stalled), the cache
+// is not Ready: it is cleared, GetOrLoad loads without caching, and it
+// becomes Ready again once every partition has a fresh watermark.
 //
 // Connection failures are retried with backoff while keeping the position,
 // so a broker outage delays invalidations (bound it with Config.TTL) but
 // loses none. Positioning is retried with backoff until it succeeds (for
-// example until the topic exists). About every 30 s Follow looks for new
-// partitions, which it reads from their first offset, and for partitions
-// whose end fell below its position (topic recreated): then it clears the
-// cache and positions again.
+// example until the topic exists). About every 5 s Follow looks for new
+// partitions, which it reads from their first offset, and for a recreated
+// topic (a topic id other than the one it positioned on, or a partition
+// whose end fell below its position): then it clears the cache and
+// positions again.
 func (c *Cache[V]) Follow(ctx context.Context) error {
 	if err := c.cfg.validateFollow(); err != nil {
 		return err
@@ -74,11 +87,16 @@ func (c *Cache[V]) Follow(ctx context.Context) error {
 	tr := c.cfg.net().Transport("tidemark-cache", min(c.refresh, 5*time.Second))
 	defer tr.CloseIdleConnections()
 	client := &kafkago.Client{Addr: kafkago.TCP(c.cfg.Brokers...), Timeout: 10 * time.Second, Transport: tr}
+	ids, err := newTopicIDs(c.cfg.Brokers, c.cfg.net())
+	if err != nil {
+		return fmt.Errorf("cache: following %s: %w", c.cfg.Topic, err)
+	}
+	defer ids.close()
 	bo := newBackoff()
 	log.Info("following the invalidations topic")
 	defer log.Info("stopped following the invalidations topic")
 	for {
-		positioned, err := c.session(ctx, client, log)
+		positioned, err := c.session(ctx, client, ids, log)
 		c.setReady(false) // clears the cache: the next session starts at the end again
 		if ctx.Err() != nil {
 			return nil
@@ -100,11 +118,20 @@ func (c *Cache[V]) Follow(ctx context.Context) error {
 
 // session positions on every partition, makes the cache Ready and applies
 // records until ctx ends or the position is lost.
-func (c *Cache[V]) session(ctx context.Context, client *kafkago.Client, log *zap.Logger) (positioned bool, err error) {
+func (c *Cache[V]) session(ctx context.Context, client *kafkago.Client, ids *topicIDs, log *zap.Logger) (positioned bool, err error) {
+	// The id first: a recreation between the two calls then shows as a
+	// changed id at the next check, never as a position on the new topic
+	// attributed to the old id.
+	id, idErr := ids.id(ctx, c.cfg.Topic)
 	ends, err := c.endOffsets(ctx, client)
 	if err != nil {
 		return false, err
 	}
+	if idErr != nil {
+		// Recreation is then found by offsets alone until an id is read.
+		log.Warn("reading the invalidations topic's id (a recreated topic is found by its offsets meanwhile)", zap.Error(idErr))
+	}
+	defer c.setMarks(nil)
 
 	rctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
@@ -145,20 +172,48 @@ func (c *Cache[V]) session(ctx context.Context, client *kafkago.Client, log *zap
 		}()
 		return nil
 	}
+	now := time.Now()
+	marks := make(map[int]*mark, len(ends))
+	for p := range ends {
+		marks[p] = &mark{got: now}
+	}
+	c.setMarks(marks)
 	for _, p := range sortedPartitions(ends) {
 		if err := start(p, ends[p]); err != nil {
 			return false, err
 		}
 	}
-	c.setReady(true)
+	if c.cfg.MaxStaleness < 0 {
+		c.setReady(true)
+	}
 
 	t := time.NewTicker(c.refresh)
 	defer t.Stop()
+	check := time.NewTicker(c.freshCheck())
+	defer check.Stop()
+	warnedNone, idFailing := false, idErr != nil
 	for {
 		select {
 		case <-ctx.Done():
 			return true, ctx.Err()
+		case <-check.C:
+			if c.cfg.MaxStaleness >= 0 {
+				c.checkFresh(log, &warnedNone)
+			}
+			continue
 		case <-t.C:
+		case <-c.recheck:
+		}
+		if now, err := ids.id(ctx, c.cfg.Topic); err != nil {
+			if ctx.Err() == nil && !idFailing {
+				log.Warn("checking the invalidations topic's id (warned once until it works again)", zap.Error(err))
+			}
+			idFailing = true
+		} else if idFailing = false; id == "" {
+			id = now
+		} else if now != "" && now != id {
+			c.recreations.Add(1)
+			return true, fmt.Errorf("%w: its topic id changed from %s to %s (topic deleted and recreated)", errPositionLost, id, now)
 		}
 		// Read positions before ends: a position can only be ahead of an end
 		// listed after it if the partition lost records.
@@ -177,12 +232,14 @@ func (c *Cache[V]) session(ctx context.Context, client *kafkago.Client, log *zap
 			if _, ok := readers[p]; !ok {
 				// Created after the positioning: all its records are newer.
 				log.Info("following a new partition of the invalidations topic", zap.Int("partition", p))
+				c.addMark(p)
 				if err := start(p, kafkago.FirstOffset); err != nil {
 					return true, err
 				}
 				continue
 			}
 			if off := pos[p]; off >= 0 && now[p] < off {
+				c.recreations.Add(1)
 				return true, fmt.Errorf("%w: partition %d ends at offset %d, below the read position %d (topic deleted and recreated?)",
 					errPositionLost, p, now[p], off)
 			}
@@ -209,12 +266,131 @@ func (c *Cache[V]) read(ctx context.Context, r *kafkago.Reader, partition int, l
 			continue
 		}
 		bo.Reset()
+		if kind, ok := controlKind(m.Headers); ok {
+			c.control(kind, partition, m, log)
+			continue
+		}
 		if m.Key == nil {
 			log.Warn("ignoring an invalidation record without a key", zap.Int("partition", partition), zap.Int64("offset", m.Offset))
 			continue
 		}
 		c.Invalidate(string(m.Key))
 	}
+}
+
+// controlKind returns the value of a record's control header.
+func controlKind(hs []kafkago.Header) (string, bool) {
+	for _, h := range hs {
+		if h.Key == inv.ControlHeader {
+			return string(h.Value), true
+		}
+	}
+	return "", false
+}
+
+// control applies a control record read from partition.
+func (c *Cache[V]) control(kind string, partition int, m kafkago.Message, log *zap.Logger) {
+	switch kind {
+	case inv.ControlWatermark:
+		var w inv.Watermark
+		if err := json.Unmarshal(m.Value, &w); err != nil || w.Position == "" {
+			c.skipControl("malformed "+kind, partition, m, log)
+			return
+		}
+		c.marksMu.Lock()
+		if mk := c.marks[partition]; mk != nil {
+			*mk = mark{got: time.Now(), seen: true, pos: w.Position, at: w.At}
+		}
+		c.marksMu.Unlock()
+	case inv.ControlFlush:
+		c.flushAll()
+		c.flushes.Add(1)
+	default:
+		c.skipControl(kind, partition, m, log)
+	}
+}
+
+// skipControl counts a control record Follow does not understand and warns
+// once per kind.
+func (c *Cache[V]) skipControl(kind string, partition int, m kafkago.Message, log *zap.Logger) {
+	c.controlSkipped.Add(1)
+	c.marksMu.Lock()
+	first := !c.warned[kind]
+	c.warned[kind] = true
+	c.marksMu.Unlock()
+	if first {
+		log.Warn("skipping control records this cache does not understand (warned once per kind; counted in Stats.ControlSkipped)",
+			zap.String("kind", kind), zap.Int("partition", partition), zap.Int64("offset", m.Offset))
+	}
+}
+
+func (c *Cache[V]) setMarks(m map[int]*mark) {
+	c.marksMu.Lock()
+	c.marks = m
+	c.marksMu.Unlock()
+}
+
+// addMark starts tracking a partition found after positioning: it does not
+// count until its first watermark (the writer learns partitions on its own
+// schedule).
+func (c *Cache[V]) addMark(p int) {
+	c.marksMu.Lock()
+	if c.marks != nil {
+		c.marks[p] = &mark{got: time.Now(), grace: true}
+	}
+	c.marksMu.Unlock()
+}
+
+// freshCheck is how often the session compares watermark ages with
+// MaxStaleness.
+func (c *Cache[V]) freshCheck() time.Duration {
+	return min(max(c.cfg.MaxStaleness/10, 5*time.Millisecond), 500*time.Millisecond)
+}
+
+// checkFresh makes the cache Ready when every partition's newest watermark
+// is at most MaxStaleness old, and not Ready otherwise.
+func (c *Cache[V]) checkFresh(log *zap.Logger, warnedNone *bool) {
+	now := time.Now()
+	var stale, none []int
+	c.marksMu.Lock()
+	for p, m := range c.marks {
+		switch {
+		case m.grace && !m.seen:
+			// Found after positioning and read from its start; the writer
+			// learns new partitions within a minute, and the partitions
+			// positioned on prove it is live meanwhile.
+		case now.Sub(m.got) > c.cfg.MaxStaleness:
+			stale = append(stale, p)
+			if !m.seen && !m.grace {
+				none = append(none, p)
+			}
+		case !m.seen && !m.grace:
+			stale = append(stale, p) // positioned, no watermark yet
+		}
+	}
+	c.marksMu.Unlock()
+	fresh := len(stale) == 0
+	if fresh == c.ready.Load() {
+		if len(none) > 0 && !*warnedNone {
+			*warnedNone = true
+			sort.Ints(none)
+			log.Warn("no watermark on the invalidations topic since positioning: not caching; is the invalidation role running a version that writes watermarks? (Config.MaxStaleness < 0 follows without them)",
+				zap.Ints("partitions", none), zap.Duration("max_staleness", c.cfg.MaxStaleness))
+		}
+		return
+	}
+	if fresh {
+		c.setReady(true)
+		if *warnedNone || c.stale.Load() > 0 {
+			log.Info("watermarks fresh on every partition: caching again")
+		}
+		return
+	}
+	c.stale.Add(1)
+	c.setReady(false)
+	sort.Ints(stale)
+	log.Warn("watermarks older than MaxStaleness: not caching until they are fresh (the invalidation role or the brokers are unreachable or stalled)",
+		zap.Ints("partitions", stale), zap.Duration("max_staleness", c.cfg.MaxStaleness))
 }
 
 // endOffsets lists the topic's partitions and their end offsets.

@@ -92,7 +92,7 @@ func TestFollow(t *testing.T) {
 		t.Fatalf("writing: %v", err)
 	}
 
-	c, err := New(Config[string]{Brokers: cluster.Brokers(), Topic: topic}, nil)
+	c, err := New(Config[string]{Brokers: cluster.Brokers(), Topic: topic, MaxStaleness: -1}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -169,7 +169,7 @@ func TestFollowPartitionChanges(t *testing.T) {
 	defer cancel()
 	client := &kafkago.Client{Addr: kafkago.TCP(brokers...), Timeout: 10 * time.Second}
 
-	c, err := New(Config[string]{Brokers: brokers, Topic: topic}, nil)
+	c, err := New(Config[string]{Brokers: brokers, Topic: topic, MaxStaleness: -1}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
