@@ -76,6 +76,10 @@ type Invalidation struct {
 	// bytes plus 64 per key) while the others go on; at the bound the
 	// consumer stops fetching. Default 67108864 (64 MiB).
 	MaxBacklogBytes int64 `yaml:"max_backlog_bytes"`
+	// WatermarkInterval is how often a watermark record goes to every
+	// partition of that topic (caches stop caching when watermarks are
+	// older than their staleness bound, 10s by default). Default 1s.
+	WatermarkInterval time.Duration `yaml:"watermark_interval"`
 }
 
 // Webhook is an HTTP receiver of invalidations.
@@ -502,6 +506,9 @@ func (c *Config) ApplyDefaults() {
 		if inv.MaxBacklogBytes == 0 {
 			inv.MaxBacklogBytes = 64 << 20
 		}
+		if inv.WatermarkInterval == 0 {
+			inv.WatermarkInterval = time.Second
+		}
 		for i, r := range inv.Rules {
 			inv.Rules[i].Table = pipeline.QualifyTable(r.Table)
 		}
@@ -691,6 +698,9 @@ func (c *Config) Validate() []FieldError {
 		}
 		if inv.MaxBacklogBytes < 1<<20 {
 			add("invalidation.max_backlog_bytes", "%d is below 1 MiB (1048576); the default is 64 MiB", inv.MaxBacklogBytes)
+		}
+		if inv.WatermarkInterval < 10*time.Millisecond || inv.WatermarkInterval > time.Minute {
+			add("invalidation.watermark_interval", "%s must be between 10ms and 1m (default 1s; caches following the topic stop caching after 10s without one)", inv.WatermarkInterval)
 		}
 		if inv.Redis == nil && inv.Webhook == nil && (inv.Topic == nil || !*inv.Topic) {
 			add("invalidation", "configures no sink: set redis, webhook or topic: true")

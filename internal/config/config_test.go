@@ -252,6 +252,11 @@ func TestBadConfigs(t *testing.T) {
 			paths: []string{"postgres.heartbeat_interval", "postgres.slot_check_interval"},
 		},
 		{
+			file:  "watermark.bad.yml",
+			errs:  []string{"invalidation.watermark_interval: 5ms must be between 10ms and 1m (default 1s"},
+			paths: []string{"invalidation.watermark_interval"},
+		},
+		{
 			file:  "brokers.bad.yml",
 			errs:  []string{`kafka.brokers[1]: "kafka-2" needs host:port`},
 			paths: []string{"kafka.brokers[1]"},
