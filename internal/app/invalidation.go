@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -31,7 +32,12 @@ type Invalidation struct {
 	InvalidationsTopic string
 	// Webhook is the webhook sink (nil without invalidation.webhook).
 	Webhook *webhooksink.Sink
-	log     *zap.Logger
+	// Topic writes InvalidationsTopic and its watermarks (nil when
+	// disabled), through its own producer topicSink: Run writes watermarks
+	// from a second goroutine, and a sink is never written concurrently.
+	Topic     *invalidation.TopicInvalidator
+	topicSink *kafkasink.Sink
+	log       *zap.Logger
 }
 
 // PrepareInvalidation compiles the rules against the captured tables'
@@ -99,17 +105,31 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 		sinks = append(sinks, webhookInvalidator{ws})
 	}
 	invTopic := ""
+	var topicInv *invalidation.TopicInvalidator
+	var topicSink *kafkasink.Sink
 	if *inv.Topic {
 		invTopic = cfg.Kafka.TopicPrefix + ".invalidations"
-		sinks = append(sinks, &invalidation.TopicInvalidator{Topic: invTopic, Sink: dlq})
+		topicSink, err = kafkasink.New(kafkasink.Config{Brokers: cfg.Kafka.Brokers, ClientID: cfg.Kafka.ClientID + "-invalidations",
+			Partitions: cfg.Kafka.Partitions, ReplicationFactor: cfg.Kafka.ReplicationFactor, TLS: knet.TLS, SASL: knet.SASL},
+			log.With(zap.String("component", "invalidations-producer")))
+		if err != nil {
+			return nil, err
+		}
+		topicInv = &invalidation.TopicInvalidator{Topic: invTopic, Sink: topicSink, WatermarkInterval: inv.WatermarkInterval,
+			Log: log.With(zap.String("component", "invalidation-watermarks"))}
+		sinks = append(sinks, topicInv)
 	}
 	handler := invalidation.NewRuleHandler(engine, sinks...)
 	handler.MaxBacklogBytes = inv.MaxBacklogBytes
 	handler.Log = log.With(zap.String("component", "invalidation"))
 	handler.SetLogger(log.With(zap.String("component", "invalidation")))
 	handlers := map[string]invalidation.Handler{}
+	var ruleHandler invalidation.Handler = handler
+	if topicInv != nil {
+		ruleHandler = newWatermarkedHandler(handler, topicInv)
+	}
 	for _, t := range engine.Tables() {
-		handlers[t] = handler
+		handlers[t] = ruleHandler
 	}
 	for _, t := range inv.IgnoreTables {
 		handlers[t] = invalidation.SkipHandler{Reason: invalidation.SkipTableIgnored}
@@ -130,7 +150,7 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 		return nil, err
 	}
 	return &Invalidation{Consumer: consumer, Handler: handler, Redis: rs, Webhook: ws, DLQ: dlq, Topics: topics, DLQTopic: dlqTopic,
-		InvalidationsTopic: invTopic, log: log}, nil
+		InvalidationsTopic: invTopic, Topic: topicInv, topicSink: topicSink, log: log}, nil
 }
 
 // CheckInvalidation compiles the invalidation rules against the database's
@@ -190,10 +210,43 @@ func (i *Invalidation) Run(ctx context.Context) error {
 		case <-time.After(time.Second):
 		}
 	}
+	// The watermarks' own producer learns the topic's partitions (a
+	// watermark goes to each), then writes until the consumer stops.
+	var watermarks sync.WaitGroup
+	wctx, stopWatermarks := context.WithCancel(ctx)
+	if i.Topic != nil {
+		if err := i.topicSink.EnsureTopics(ctx, []string{i.InvalidationsTopic}, specs); err != nil {
+			stopWatermarks()
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("invalidations topic %s: %w", i.InvalidationsTopic, err)
+		}
+		watermarks.Go(func() { _ = i.Topic.Run(wctx) })
+		// Partitions added to the topic later get watermarks too.
+		watermarks.Go(func() {
+			t := time.NewTicker(time.Minute)
+			defer t.Stop()
+			for {
+				select {
+				case <-wctx.Done():
+					return
+				case <-t.C:
+					_ = i.topicSink.EnsureTopics(wctx, []string{i.InvalidationsTopic}, specs)
+				}
+			}
+		})
+	}
 	err := i.Consumer.Run(ctx)
+	stopWatermarks()
+	watermarks.Wait()
 	closeCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	return errors.Join(err, i.DLQ.Close(closeCtx))
+	err = errors.Join(err, i.DLQ.Close(closeCtx))
+	if i.topicSink != nil {
+		err = errors.Join(err, i.topicSink.Close(closeCtx))
+	}
+	return err
 }
 
 // Register adds the consumer's metrics to reg. Call it before Run.
@@ -201,6 +254,9 @@ func (i *Invalidation) Register(reg prometheus.Registerer) {
 	registerConsumerMetrics(reg, i.Consumer, "invalidation")
 	registerRedisMetrics(reg, i.Redis)
 	registerSinkMetrics(reg, i.Handler)
+	if i.Topic != nil {
+		registerWatermarkMetrics(reg, i.Topic)
+	}
 	if i.Webhook != nil {
 		registerWebhookMetrics(reg, i.Webhook)
 	}
