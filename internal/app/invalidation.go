@@ -23,7 +23,8 @@ type Invalidation struct {
 	Consumer *invalidation.Consumer
 	Handler  *invalidation.RuleHandler
 	Redis    *redissink.Sink // nil without invalidation.redis
-	// DLQ is the Kafka producer for the dead-letter and invalidations topics.
+	// DLQ is the Kafka producer for the dead-letter topic (the invalidations
+	// topic has its own, topicSink).
 	DLQ      *kafkasink.Sink
 	Topics   map[string][]string
 	DLQTopic string
