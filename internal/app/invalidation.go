@@ -79,6 +79,9 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 	if err != nil {
 		return nil, err
 	}
+	// Dead letters come from the consumer and from the webhook's delivery
+	// goroutine: one sink, writes serialised.
+	dead := &serialSink{sink: dlq}
 	var sinks []invalidation.Invalidator
 	var rs *redissink.Sink
 	var ws *webhooksink.Sink
@@ -99,7 +102,7 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 		// on_failure: dlq: a batch the receiver still refuses after its
 		// attempts goes to the dead-letter topic, with the exact body that was
 		// signed (tidemark dlq replay resends it). hold: never dead-lettered.
-		ws, err = webhooksink.New(webhookSinkConfig(w), log, webhooksink.WithDeadLetter(webhookDeadLetter(dlq, dlqTopic, inv.Group)))
+		ws, err = webhooksink.New(webhookSinkConfig(w), log, webhooksink.WithDeadLetter(webhookDeadLetter(dead, dlqTopic, inv.Group)))
 		if err != nil {
 			return nil, fmt.Errorf("invalidation.webhook: %w", err)
 		}
@@ -141,7 +144,7 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 	}
 	consumer, err := invalidation.NewConsumer(invalidation.Config{
 		Brokers: cfg.Kafka.Brokers, Group: inv.Group, Topics: topics, Handlers: handlers,
-		DLQTopic: dlqTopic, DLQ: dlq, MaxAttempts: inv.MaxAttempts,
+		DLQTopic: dlqTopic, DLQ: dead, MaxAttempts: inv.MaxAttempts,
 		TLS: knet.TLS, SASL: knet.SASL, ClientID: cfg.Kafka.ClientID + "-invalidation",
 	}, log.With(zap.String("component", "invalidation")))
 	if err != nil {
