@@ -118,6 +118,14 @@ type Config struct {
 	SASL sasl.Mechanism
 	// ClientID names the consumer to the brokers. Default "tidemark".
 	ClientID string
+	// OnGap recovers from a retention gap (see gaps.go): it runs before any
+	// record after the gap is applied, is retried until it succeeds or the
+	// consumer stops, and the partition then continues from its log start.
+	// Default nil: Run stops with a *GapError.
+	OnGap func(ctx context.Context, g Gap) error
+	// GapHint is how to resume, in the *GapError when OnGap is nil.
+	// Default: ResetHint (reset the group's offsets to the log start).
+	GapHint string
 }
 
 func (c *Config) net() kafkanet.Settings { return kafkanet.Settings{TLS: c.TLS, SASL: c.SASL} }
@@ -139,6 +147,9 @@ type Stats struct {
 	TopicWaits atomic.Uint64
 	// ApplyNanos accumulates fetch-to-commit time of applied messages.
 	ApplyNanos atomic.Uint64
+	// OffsetGaps counts retention gaps found (see Gap); OffsetGapRecords
+	// the records they lost.
+	OffsetGaps, OffsetGapRecords atomic.Uint64
 }
 
 // Consumer is one consumer group. Build with NewConsumer, then Run once.
@@ -352,6 +363,15 @@ func (c *Consumer) Run(ctx context.Context) error {
 		}
 		return err
 	}
+	offsets, closeOffsets := c.offsetClient()
+	defer closeOffsets()
+	gw := c.newGapWatch(offsets)
+	if err := gw.atStart(ctx, topics); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
 	r := kafkago.NewReader(c.readerConfig(topics))
 	c.log.Info("consumer started", zap.String("group", c.cfg.Group), zap.Strings("topics", topics))
 	fctx, stopFetch := context.WithCancel(ctx)
@@ -361,6 +381,9 @@ func (c *Consumer) Run(ctx context.Context) error {
 		defer close(ch)
 		for {
 			m, err := r.FetchMessage(fctx)
+			if err == nil {
+				err = gw.observe(fctx, &m) // a retention gap before m
+			}
 			if err != nil {
 				fetchErr <- err
 				return
@@ -381,7 +404,10 @@ func (c *Consumer) Run(ctx context.Context) error {
 	ferr := <-fetchErr
 	cerr := r.Close()
 	c.log.Info("consumer stopped", zap.String("group", c.cfg.Group))
-	if err == nil && ferr != nil && !errors.Is(ferr, context.Canceled) {
+	var gapErr *GapError
+	if err == nil && errors.As(ferr, &gapErr) {
+		err = ferr
+	} else if err == nil && ferr != nil && !errors.Is(ferr, context.Canceled) {
 		err = fmt.Errorf("fetching: %w", ferr)
 	}
 	if errors.Is(err, context.Canceled) {
