@@ -123,8 +123,9 @@ type Config struct {
 	// consumer stops, and the partition then continues from its log start.
 	// Default nil: Run stops with a *GapError.
 	OnGap func(ctx context.Context, g Gap) error
-	// GapHint is how to resume, in the *GapError when OnGap is nil.
-	// Default: ResetHint (reset the group's offsets to the log start).
+	// GapHint says what the lost changes mean and what to repair, in the
+	// *GapError when OnGap is nil; the error then says how to resume
+	// (ResetHint: reset the group's offsets). Default: only the reset.
 	GapHint string
 }
 

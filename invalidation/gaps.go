@@ -2,6 +2,7 @@ package invalidation
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"sort"
@@ -11,6 +12,8 @@ import (
 	"github.com/cenkalti/backoff/v4"
 	kafkago "github.com/segmentio/kafka-go"
 	"go.uber.org/zap"
+
+	"github.com/tidemark/tidemark/pipeline"
 )
 
 // Retention gaps.
@@ -93,7 +96,7 @@ func ResetHint(group string, gaps []Gap) string {
 	for _, t := range names {
 		args = append(args, "--topic "+t+":"+strings.Join(topics[t], ","))
 	}
-	return fmt.Sprintf("with this consumer stopped, move the group to the log start: kafka-consumer-groups.sh --bootstrap-server BROKER --group %s --reset-offsets --to-earliest %s --execute",
+	return fmt.Sprintf("to resume, with this consumer stopped, move the group to the log start: kafka-consumer-groups.sh --bootstrap-server BROKER --group %s --reset-offsets --to-earliest %s --execute",
 		group, strings.Join(args, " "))
 }
 
@@ -246,9 +249,9 @@ func (w *gapWatch) handle(ctx context.Context, gaps []Gap) error {
 			zap.String("action", action))
 	}
 	if c.cfg.OnGap == nil {
-		hint := c.cfg.GapHint
-		if hint == "" {
-			hint = ResetHint(c.cfg.Group, gaps)
+		hint := ResetHint(c.cfg.Group, gaps)
+		if c.cfg.GapHint != "" {
+			hint = c.cfg.GapHint + "; " + hint
 		}
 		return &GapError{Gaps: gaps, Hint: hint}
 	}
@@ -355,4 +358,19 @@ func (o *clientOffsets) logStarts(ctx context.Context, parts map[string][]int) (
 		}
 	}
 	return out, nil
+}
+
+// FlushValue is the value of a flush control record (ControlFlush).
+type FlushValue struct {
+	Reason string    `json:"reason"`
+	At     time.Time `json:"at"`
+}
+
+// FlushRecord is a flush control record for the invalidations topic:
+// every key the rules cover may be stale, so a following cache drops
+// everything it holds. It goes to every partition.
+func FlushRecord(topic, reason string, at time.Time) pipeline.Message {
+	v, _ := json.Marshal(FlushValue{Reason: reason, At: at.UTC()})
+	return pipeline.Message{Topic: topic, Key: []byte(FlushKey), Value: v, Broadcast: true,
+		Headers: []pipeline.Header{{Key: ControlHeader, Value: []byte(ControlFlush)}}}
 }
