@@ -66,6 +66,18 @@ type Invalidation struct {
 	MaxAttempts int `yaml:"max_attempts"`
 	// Redis receives DELs.
 	Redis *Redis `yaml:"redis"`
+	// OnGap is what a retention gap does (the group's committed offset is
+	// below a partition's log start, so changes were deleted unread):
+	// "fail" (default) stops the consumer with an error naming the
+	// partition and how to resume; "flush_prefix" publishes a flush record
+	// to <topic_prefix>.invalidations (following caches drop everything),
+	// UNLINKs OnGapRedisPatterns in Redis, then continues from the log
+	// start.
+	OnGap string `yaml:"on_gap"`
+	// OnGapRedisPatterns are the Redis key patterns (SCAN MATCH) that
+	// on_gap: flush_prefix UNLINKs, e.g. ["room:*", "user:*"]. Default
+	// none: Redis keeps its keys (the gap's error log says so).
+	OnGapRedisPatterns []string `yaml:"on_gap_redis_patterns"`
 	// Webhook receives batched, signed JSON POSTs of invalidated keys.
 	Webhook *Webhook `yaml:"webhook"`
 	// Topic publishes every invalidation to the compacted topic
@@ -497,6 +509,9 @@ func (c *Config) ApplyDefaults() {
 		if inv.Group == "" {
 			inv.Group = c.Kafka.TopicPrefix + "-invalidation"
 		}
+		if inv.OnGap == "" {
+			inv.OnGap = OnGapFail
+		}
 		if inv.MaxAttempts == 0 {
 			inv.MaxAttempts = 5
 		}
@@ -705,6 +720,7 @@ func (c *Config) Validate() []FieldError {
 		if inv.Redis == nil && inv.Webhook == nil && (inv.Topic == nil || !*inv.Topic) {
 			add("invalidation", "configures no sink: set redis, webhook or topic: true")
 		}
+		validateOnGap(inv, add)
 		if w := inv.Webhook; w != nil {
 			if !strings.HasPrefix(w.URL, "http://") && !strings.HasPrefix(w.URL, "https://") {
 				add("invalidation.webhook.url", "must be an http:// or https:// URL")
