@@ -30,6 +30,9 @@ func registerConsumerMetrics(reg prometheus.Registerer, c *invalidation.Consumer
 		[]string{"reason"}, labels)})
 	counter("retries_total", "Failed attempts that were retried.", func() float64 { return float64(st.Retries.Load()) })
 	counter("dlq_total", "Changes sent to the dead-letter topic.", func() float64 { return float64(st.DLQ.Load()) })
+	counter("offset_gaps_total", "Retention gaps found: a committed offset below its partition's log start (the records in between were deleted unread).",
+		func() float64 { return float64(st.OffsetGaps.Load()) })
+	counter("offset_gap_records_total", "Records deleted unread in retention gaps.", func() float64 { return float64(st.OffsetGapRecords.Load()) })
 	counter("apply_seconds_total", "Sum of fetch-to-commit seconds of applied changes.", func() float64 { return float64(st.ApplyNanos.Load()) / 1e9 })
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "tidemark", Subsystem: "consumer", Name: "lag_messages",
 		Help: "Messages behind the end of the subscribed partitions.", ConstLabels: labels}, func() float64 { return float64(st.Lag.Load()) }))

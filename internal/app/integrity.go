@@ -130,6 +130,7 @@ func PrepareIntegrity(ctx context.Context, cfg *config.Config, log *zap.Logger, 
 		Brokers: cfg.Kafka.Brokers, Group: in.Group, Topics: topics, Handlers: handlers, Decode: decode,
 		DLQTopic: dlqTopic, DLQ: producer, MaxAttempts: in.MaxAttempts,
 		TLS: knet.TLS, SASL: knet.SASL, ClientID: cfg.Kafka.ClientID + "-integrity",
+		GapHint: integrityGapHint(),
 	}, log)
 	if err != nil {
 		return nil, err

@@ -88,7 +88,7 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 	if inv.Redis != nil {
 		// TLS and the ACL user as configured; checked now (see newRedisSink).
 		use := redissink.UseInvalidate
-		if engine.FlushesPatterns() {
+		if engine.FlushesPatterns() || len(inv.OnGapRedisPatterns) > 0 {
 			use |= redissink.UsePattern
 		}
 		rs, err = newRedisSink(ctx, "invalidation.redis", inv.Redis, inv.Redis.Channel, use, log)
@@ -142,10 +142,12 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 		log.Warn("on_truncate: flush_pattern deletes the rules' key patterns in Redis only: the webhook and " +
 			"the invalidations topic carry keys, and are not told of truncates (on_truncate: dlq records them)")
 	}
+	onGap, gapHint := invalidationOnGap(cfg, invTopic, rs, inv.Webhook != nil, log.With(zap.String("component", "invalidation")))
 	consumer, err := invalidation.NewConsumer(invalidation.Config{
 		Brokers: cfg.Kafka.Brokers, Group: inv.Group, Topics: topics, Handlers: handlers,
 		DLQTopic: dlqTopic, DLQ: dead, MaxAttempts: inv.MaxAttempts,
 		TLS: knet.TLS, SASL: knet.SASL, ClientID: cfg.Kafka.ClientID + "-invalidation",
+		OnGap: onGap, GapHint: gapHint,
 	}, log.With(zap.String("component", "invalidation")))
 	if err != nil {
 		if rs != nil {

@@ -276,6 +276,7 @@ func PrepareTargets(ctx context.Context, cfg *config.Config, log *zap.Logger) (_
 		Brokers: cfg.Kafka.Brokers, Group: tc.Group, Topics: t.Topics, Handlers: handlers,
 		DLQTopic: t.DLQTopic, DLQ: t.out.producer, MaxAttempts: tc.MaxAttempts,
 		TLS: knet.TLS, SASL: knet.SASL, ClientID: cfg.Kafka.ClientID + "-targets",
+		GapHint: targetsGapHint(),
 	}, log)
 	if err != nil {
 		return nil, err
