@@ -3,6 +3,7 @@ package invalidation
 import (
 	"context"
 	"encoding/json"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -88,7 +89,18 @@ type TopicInvalidator struct {
 var (
 	_ Invalidator           = (*TopicInvalidator)(nil)
 	_ PositionedInvalidator = (*TopicInvalidator)(nil)
+	_ PatternInvalidator    = (*TopicInvalidator)(nil)
 )
+
+// InvalidatePattern is how a truncate under on_truncate: flush_pattern
+// reaches the topic's readers: the topic carries keys, not patterns, so it
+// writes one flush control record to every partition (invalidation/cache
+// then drops everything it holds; readers in other languages must do the
+// same or drop what the patterns match).
+func (t *TopicInvalidator) InvalidatePattern(ctx context.Context, patterns []string) (int, error) {
+	reason := "truncate: every key matching " + strings.Join(patterns, ", ") + " may be stale"
+	return 0, t.write(ctx, []pipeline.Message{FlushRecord(t.Topic, reason, time.Now())})
+}
 
 // InvalidateAt writes one record per key and returns once Kafka has them.
 func (t *TopicInvalidator) InvalidateAt(ctx context.Context, keys []KeyAt) error {

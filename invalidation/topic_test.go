@@ -3,6 +3,7 @@ package invalidation
 import (
 	"context"
 	"encoding/json"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -128,4 +129,35 @@ func TestTopicInvalidatorWatermarks(t *testing.T) {
 	// keys): they resume at the received position.
 	ti.Settled()
 	waitCond(t, "a watermark at "+p2.String(), func() bool { return last().Position == p2.String() })
+}
+
+// TestTopicInvalidatorFlushesOnTruncate: a truncate's patterns reach the
+// invalidations topic as one flush control record to every partition
+// (before, the topic, and so every embedded cache, heard nothing of a
+// truncate under on_truncate: flush_pattern).
+func TestTopicInvalidatorFlushesOnTruncate(t *testing.T) {
+	sink := &capturingSink{t: t, written: make(chan struct{}, 1)}
+	topic := &TopicInvalidator{Topic: "tm.invalidations", Sink: sink}
+	eng, err := CompileTables([]Rule{{Table: "public.room_memberships", Keys: []string{"room:{room_id}:members"}, OnTruncate: TruncateFlushPattern}}, pkTables, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := NewRuleHandler(eng, topic)
+	ctx := context.Background()
+	trunc := env(t, envelope("room_memberships", "t", "null", "null"))
+	if err := h.Handle(ctx, &Message{Table: "public.room_memberships", Env: trunc, Pos: pipeline.Position{CommitLSN: 20}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if len(sink.msgs) != 1 {
+		t.Fatalf("wrote %d records, want one flush record", len(sink.msgs))
+	}
+	m := sink.msgs[0]
+	var v FlushValue
+	if string(m.Key) != FlushKey || !m.Broadcast || len(m.Headers) != 1 || string(m.Headers[0].Value) != ControlFlush ||
+		json.Unmarshal(m.Value, &v) != nil || !strings.Contains(v.Reason, "room:*:members") {
+		t.Fatalf("record %+v (%s), want a broadcast flush naming the pattern", m, m.Value)
+	}
 }

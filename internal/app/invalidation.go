@@ -138,9 +138,9 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 	for _, t := range inv.IgnoreTables {
 		handlers[t] = invalidation.SkipHandler{Reason: invalidation.SkipTableIgnored}
 	}
-	if inv.Redis != nil && (inv.Webhook != nil || invTopic != "") && engine.FlushesPatterns() {
-		log.Warn("on_truncate: flush_pattern deletes the rules' key patterns in Redis only: the webhook and " +
-			"the invalidations topic carry keys, and are not told of truncates (on_truncate: dlq records them)")
+	if inv.Webhook != nil && engine.FlushesPatterns() {
+		log.Warn("on_truncate: flush_pattern deletes the rules' key patterns in Redis and writes a flush record to the " +
+			"invalidations topic; the webhook carries keys and is not told of truncates (on_truncate: dlq records them)")
 	}
 	onGap, gapHint := invalidationOnGap(cfg, invTopic, rs, inv.Webhook != nil, log.With(zap.String("component", "invalidation")))
 	consumer, err := invalidation.NewConsumer(invalidation.Config{
