@@ -114,7 +114,12 @@ func (h *RuleHandler) Handle(ctx context.Context, m *Message) error {
 	}
 	for _, k := range keys {
 		if i, dup := h.seen[k]; dup {
-			h.at[i].Pos = m.Pos // the latest change wins
+			// The newest position wins, not the last fetched: a batch
+			// mixes partitions, so a key's later message can carry an
+			// older change (and a versioned marker must not go back).
+			if h.at[i].Pos.Less(m.Pos) {
+				h.at[i].Pos = m.Pos
+			}
 			continue
 		}
 		h.seen[k] = len(h.pending)

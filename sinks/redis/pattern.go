@@ -39,13 +39,7 @@ func (s *Sink) InvalidatePattern(ctx context.Context, patterns []string) (int, e
 		return 0, ErrClosed
 	}
 	deleted := 0
-	if s.cfg.Mode == ModeVersioned {
-		markers := make([]string, 0, len(patterns))
-		for _, p := range patterns {
-			markers = append(markers, globEscape(s.cfg.MarkerPrefix)+"{*}"+p)
-		}
-		patterns = append(patterns[:len(patterns):len(patterns)], markers...)
-	}
+	patterns = s.scanOrder(patterns)
 	for _, p := range patterns {
 		var cursor uint64
 		for {
@@ -79,4 +73,20 @@ func globEscape(s string) string {
 		b.WriteRune(r)
 	}
 	return b.String()
+}
+
+// scanOrder is the order InvalidatePattern scans in: in versioned mode the
+// patterns of the keys' markers (and leases) first, then the keys. A fill
+// whose token is gone is refused, and one that landed before is removed by
+// the key scan that follows; keys first left a window in which a reader
+// holding its token could SET an old value after its key was unlinked.
+func (s *Sink) scanOrder(patterns []string) []string {
+	if s.cfg.Mode != ModeVersioned {
+		return patterns
+	}
+	out := make([]string, 0, 2*len(patterns))
+	for _, p := range patterns {
+		out = append(out, globEscape(s.cfg.MarkerPrefix)+"{*}"+p)
+	}
+	return append(out, patterns...)
 }

@@ -3,6 +3,7 @@ package redis
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -86,5 +87,20 @@ func TestInvalidatePatternVersioned(t *testing.T) {
 	}
 	if n, err := admin.Exists(ctx, kept...).Result(); err != nil || n != int64(len(kept)) {
 		t.Errorf("%d of %d other keys left (%v)", n, len(kept), err)
+	}
+}
+
+// TestPatternScanOrderMarkersFirst: in versioned mode the markers go
+// before the keys (see scanOrder); delete mode scans only the keys.
+func TestPatternScanOrderMarkersFirst(t *testing.T) {
+	v := &Sink{cfg: Config{Mode: ModeVersioned, MarkerPrefix: "m:"}}
+	got := v.scanOrder([]string{"room:*:members", "user:*:rooms"})
+	want := []string{"m:{*}room:*:members", "m:{*}user:*:rooms", "room:*:members", "user:*:rooms"}
+	if !slices.Equal(got, want) {
+		t.Errorf("versioned scan order %q, want %q", got, want)
+	}
+	d := &Sink{cfg: Config{Mode: ModeDelete}}
+	if got := d.scanOrder([]string{"room:*:members"}); !slices.Equal(got, []string{"room:*:members"}) {
+		t.Errorf("delete mode scans %q", got)
 	}
 }
