@@ -23,8 +23,11 @@ type watermarkedHandler struct {
 func newWatermarkedHandler(h *invalidation.RuleHandler, t *invalidation.TopicInvalidator) *watermarkedHandler {
 	for _, st := range h.Stats() {
 		if st.Name == invalidation.SinkName(t) {
-			keys := st.BacklogKeys
-			t.Backlog = func() int64 { return keys.Load() }
+			// Bytes, not keys: a truncate's job carries patterns and no
+			// keys, and its flush record must be written before a
+			// watermark claims its position.
+			bytes := st.BacklogBytes
+			t.Backlog = func() int64 { return bytes.Load() }
 		}
 	}
 	return &watermarkedHandler{RuleHandler: h, topic: t}

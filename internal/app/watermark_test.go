@@ -166,7 +166,7 @@ func (downSink) Close() error { return nil }
 // follow the topic; a topic that cannot be written holds them while its
 // keys wait, and they resume at the newest position once it writes again.
 func TestWatermarkedHandlerAsync(t *testing.T) {
-	eng, err := invalidation.Compile([]invalidation.Rule{{Table: "public.rooms", Keys: []string{"room:{room_id}"}}},
+	eng, err := invalidation.Compile([]invalidation.Rule{{Table: "public.rooms", Keys: []string{"room:{room_id}"}, OnTruncate: invalidation.TruncateFlushPattern}},
 		map[string][]string{"public.rooms": {"room_id"}})
 	if err != nil {
 		t.Fatal(err)
@@ -221,4 +221,20 @@ func TestWatermarkedHandlerAsync(t *testing.T) {
 	}
 	sink.up.Store(true)
 	wait("a watermark at "+m2.Pos.String(), func() bool { p, _ := sink.watermark(); return p == m2.Pos.String() })
+
+	// A truncate's job has patterns and no keys: the watermark must not
+	// claim it before its flush record is in the topic.
+	sink.up.Store(false)
+	trunc, err := pipeline.ParseEnvelope([]byte(`{"before":null,"after":null,"op":"t","source":{"schema":"public","table":"rooms","lsn":300,"txId":2},"transaction":{"total_order":1}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	submit(&invalidation.Message{Table: "public.rooms", Pos: trunc.Position(), Env: trunc})
+	held := ti.WatermarksHeld.Load()
+	wait("watermarks held for the truncate", func() bool { return ti.WatermarksHeld.Load() >= held+3 })
+	if p, _ := sink.watermark(); p != m2.Pos.String() {
+		t.Errorf("watermark claims %s while the truncate's flush record is not in the topic", p)
+	}
+	sink.up.Store(true)
+	wait("a watermark at "+trunc.Position().String(), func() bool { p, _ := sink.watermark(); return p == trunc.Position().String() })
 }
