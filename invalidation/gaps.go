@@ -220,7 +220,26 @@ func (w *gapWatch) observe(ctx context.Context, m *kafkago.Message) error {
 		if err != nil {
 			return err
 		}
-		if start > expected {
+		if start > expected && known {
+			// The partition may have been away: another member consumed
+			// and committed past what this one read before a rebalance
+			// handed it back. The reader then resumed at that commit, which
+			// is no gap.
+			err := w.retry(ctx, "reading the committed offset of "+m.Topic, func() error {
+				committed, err := w.src.committed(ctx, w.c.cfg.Group, map[string][]int{m.Topic: {m.Partition}})
+				if err != nil {
+					return err
+				}
+				if c, ok := committed[k]; ok && c > expected {
+					expected = c
+				}
+				return nil
+			})
+			if err != nil {
+				return err
+			}
+		}
+		if start > expected && m.Offset > expected {
 			if err := w.handle(ctx, []Gap{{Group: w.c.cfg.Group, Topic: m.Topic, Partition: m.Partition, From: expected, LogStart: start}}); err != nil {
 				return err
 			}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"strings"
 	"testing"
 	"time"
@@ -76,7 +77,8 @@ func TestGapWatch(t *testing.T) {
 		committed map[partKey]int64
 		starts    map[partKey]int64
 		steps     []step
-		want      []Gap // gaps reported, in order
+		commitAt  map[int]int64 // step index -> the group's committed offset of its partition from then on (another member's commit)
+		want      []Gap         // gaps reported, in order
 	}{
 		{name: "at start", committed: map[partKey]int64{{"t", 0}: 10, {"t", 1}: 5, {"t", 2}: -1},
 			starts: map[partKey]int64{{"t", 0}: 15, {"t", 1}: 5, {"t", 2}: 40},
@@ -92,6 +94,8 @@ func TestGapWatch(t *testing.T) {
 		{name: "new group", steps: []step{{100, 0, 100}, {101, 0, 100}}},
 		{name: "redelivery after a rebalance", committed: map[partKey]int64{{"t", 0}: 0},
 			steps: []step{{0, 0, 0}, {1, 0, 0}, {2, 0, 0}, {1, 0, 0}, {2, 0, 0}, {3, 0, 0}}},
+		{name: "partition back after another member consumed it", committed: map[partKey]int64{{"t", 0}: 0},
+			steps: []step{{0, 0, 0}, {1, 0, 0}, {500, 0, 300}, {501, 0, 300}}, commitAt: map[int]int64{2: 500}},
 		{name: "gap handled at start is not found again", committed: map[partKey]int64{{"t", 0}: 2},
 			starts: map[partKey]int64{{"t", 0}: 6},
 			steps:  []step{{6, 0, 6}, {7, 0, 6}},
@@ -105,7 +109,7 @@ func TestGapWatch(t *testing.T) {
 			}
 			t.Run(name, func(t *testing.T) {
 				ctx := context.Background()
-				src := &fakeOffsets{parts: map[string][]int{"t": {0, 1, 2}}, commits: tc.committed, starts: map[partKey]int64{}, fail: 2}
+				src := &fakeOffsets{parts: map[string][]int{"t": {0, 1, 2}}, commits: maps.Clone(tc.committed), starts: map[partKey]int64{}, fail: 2}
 				for k, v := range tc.starts {
 					src.starts[k] = v
 				}
@@ -129,11 +133,14 @@ func TestGapWatch(t *testing.T) {
 				}
 				w := c.newGapWatch(src)
 				err = w.atStart(ctx, []string{"t"})
-				for _, s := range tc.steps {
+				for i, s := range tc.steps {
 					if err != nil {
 						break
 					}
 					src.starts[partKey{"t", s.part}] = s.starts
+					if c, ok := tc.commitAt[i]; ok {
+						src.commits[partKey{"t", s.part}] = c
+					}
 					err = w.observe(ctx, &kafkago.Message{Topic: "t", Partition: s.part, Offset: s.offset})
 				}
 				var ge *GapError
