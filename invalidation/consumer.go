@@ -134,6 +134,10 @@ func (c *Config) net() kafkanet.Settings { return kafkanet.Settings{TLS: c.TLS, 
 // Stats are the consumer's counters.
 type Stats struct {
 	Messages atomic.Uint64 // applied
+	// FetchPaused is true while the consumer does not take new messages
+	// because too many applied ones wait for their outputs (backpressure):
+	// whatever arrives meanwhile is in no output yet.
+	FetchPaused atomic.Bool
 	Skipped  atomic.Uint64 // skipped changes, every reason (see SkippedBy)
 	skipped  skipCounts
 	Retries  atomic.Uint64
@@ -460,6 +464,7 @@ func (c *Consumer) loop(ctx context.Context, r *kafkago.Reader, ch <-chan fetche
 		if q.messages >= c.maxPending {
 			in = nil // backpressure: wait for the outputs
 		}
+		c.stats.FetchPaused.Store(in == nil)
 		batch = batch[:0]
 		select {
 		case <-ctx.Done():

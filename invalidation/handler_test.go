@@ -434,6 +434,9 @@ func TestConsumerStopsFetchingAtPendingBound(t *testing.T) {
 	if h := g.count(); h >= n {
 		t.Fatalf("handled all %d messages with none durable and a bound of %d pending: the consumer did not stop fetching", h, c.maxPending)
 	}
+	if !c.Stats().FetchPaused.Load() {
+		t.Error("Stats.FetchPaused is false at the pending bound (the watermark writer relies on it)")
+	}
 	if off := committed(t, ctx, cl.Brokers(), group, topic); off != -1 {
 		t.Fatalf("committed %d with nothing durable", off)
 	}

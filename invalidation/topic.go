@@ -69,6 +69,10 @@ type TopicInvalidator struct {
 	// written (RuleHandler's queue for it). Nil: handing over is writing
 	// (the sink is called synchronously).
 	Backlog func() int64
+	// Paused, when set, reports whether the consumer has stopped taking
+	// changes (invalidation.Stats.FetchPaused): changes then wait unseen,
+	// so watermarks stop once it has lasted longer than an interval.
+	Paused func() bool
 
 	// Watermarks counts watermark records written (one per Write, to every
 	// partition); WatermarkFailures the ones that could not be written in
@@ -84,6 +88,7 @@ type TopicInvalidator struct {
 	durable   pipeline.Position // newest position written to the topic, or settled
 	waiting   time.Time         // since when received > handed; zero when not
 	lastWrite time.Time         // last successful InvalidateAt
+	pausedAt  time.Time         // since when Paused said true; zero when not (Run's goroutine only)
 }
 
 var (
@@ -231,6 +236,19 @@ func (t *TopicInvalidator) Run(ctx context.Context) error {
 // received change has waited longer than hold to be handed over, or this
 // sink has a backlog and wrote nothing for longer than hold.
 func (t *TopicInvalidator) watermark(hold time.Duration) (pipeline.Position, bool) {
+	if t.Paused != nil && t.Paused() {
+		if t.pausedAt.IsZero() {
+			t.pausedAt = time.Now()
+		}
+		if time.Since(t.pausedAt) > hold {
+			t.mu.Lock()
+			durable := t.durable
+			t.mu.Unlock()
+			return durable, false
+		}
+	} else {
+		t.pausedAt = time.Time{}
+	}
 	t.mu.Lock()
 	handed, durable, waiting, lastWrite := t.handed, t.durable, t.waiting, t.lastWrite
 	t.mu.Unlock()

@@ -161,3 +161,28 @@ func TestTopicInvalidatorFlushesOnTruncate(t *testing.T) {
 		t.Fatalf("record %+v (%s), want a broadcast flush naming the pattern", m, m.Value)
 	}
 }
+
+// TestTopicInvalidatorPausedHoldsWatermarks: while the consumer takes no
+// changes (backpressure: too many wait for a failing output), changes that
+// arrive are in no output, so watermarks stop after an interval and resume
+// when it takes changes again (before, they went on, and embedded caches
+// stayed Ready over changes nobody had read).
+func TestTopicInvalidatorPausedHoldsWatermarks(t *testing.T) {
+	sink := &capturingSink{t: t, written: make(chan struct{}, 1)}
+	var paused atomic.Bool
+	ti := &TopicInvalidator{Topic: "tm.invalidations", Sink: sink, WatermarkInterval: 10 * time.Millisecond, Paused: paused.Load}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() { _ = ti.Run(ctx) })
+	defer func() { cancel(); wg.Wait() }()
+	waitCond(t, "an idle watermark", func() bool { return len(sink.watermarks(t)) >= 1 })
+	paused.Store(true)
+	waitCond(t, "watermarks held while paused", func() bool { return ti.WatermarksHeld.Load() >= 3 })
+	n := len(sink.watermarks(t))
+	time.Sleep(50 * time.Millisecond)
+	if m := len(sink.watermarks(t)); m != n {
+		t.Errorf("%d watermarks written while the consumer was paused", m-n)
+	}
+	paused.Store(false)
+	waitCond(t, "watermarks again", func() bool { return len(sink.watermarks(t)) > n })
+}

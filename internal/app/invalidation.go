@@ -155,6 +155,11 @@ func PrepareInvalidation(ctx context.Context, cfg *config.Config, log *zap.Logge
 		}
 		return nil, err
 	}
+	if topicInv != nil {
+		// Changes the consumer does not take (backpressure) are in no
+		// output: watermarks stop then too.
+		topicInv.Paused = consumer.Stats().FetchPaused.Load
+	}
 	return &Invalidation{Consumer: consumer, Handler: handler, Redis: rs, Webhook: ws, DLQ: dlq, Topics: topics, DLQTopic: dlqTopic,
 		InvalidationsTopic: invTopic, Topic: topicInv, topicSink: topicSink, log: log}, nil
 }
