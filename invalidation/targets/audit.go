@@ -20,7 +20,7 @@ type Auditor struct {
 	Store   *Store
 	// Passed blocks until the pipeline (capture and the targets consumer)
 	// has applied every change committed before lsn, or ctx ends. Without
-	// it a mismatch cannot be confirmed and counts as inconsistent.
+	// it a mismatch cannot be confirmed (the report is Unconfirmed).
 	Passed func(ctx context.Context, lsn pipeline.LSN) error
 	// Wait bounds the wait for the pipeline and for dirty rooms. Default 60s.
 	Wait time.Duration
@@ -35,8 +35,13 @@ type Mismatch struct {
 
 // AuditReport is the outcome of an audit.
 type AuditReport struct {
-	LSN        pipeline.LSN // the database was read as of this WAL position
-	Rooms      int          // rooms compared
+	LSN pipeline.LSN // the database was read as of this WAL position
+	// WaitLSN is the WAL insert position read once the snapshot was taken:
+	// every transaction the snapshot shows committed below it (some may
+	// have committed after LSN), so re-checks wait for the pipeline to
+	// pass WaitLSN, not LSN.
+	WaitLSN    pipeline.LSN
+	Rooms      int // rooms compared
 	Consistent int
 	Ratio      float64 // Consistent / Rooms (1 when no room was compared)
 	// Suspected counts rooms that differed at first sight and were
@@ -44,7 +49,10 @@ type AuditReport struct {
 	Suspected  int
 	Mismatches []Mismatch
 	// Unconfirmed is set when mismatches could not be re-checked (the
-	// pipeline did not pass LSN within Wait); they count as inconsistent.
+	// pipeline did not pass WaitLSN within Wait): that is lag, not a
+	// verdict. The suspects are then listed in Mismatches and counted in
+	// Ratio as if inconsistent; a periodic audit must not report that
+	// Ratio as the consistency of the kept state.
 	Unconfirmed bool
 }
 
@@ -52,7 +60,9 @@ type AuditReport struct {
 // the kept targets. A first mismatch may be lag: the consumer has not yet
 // applied a change the database already shows, or has applied one made
 // after the snapshot. So each mismatching room is re-checked once the
-// pipeline has passed the snapshot's LSN and the room is settled, and a
+// pipeline has passed every transaction the snapshot shows (WaitLSN, read
+// after the snapshot was taken: the snapshot may be retaken past LSN, so it
+// can show commits after LSN) and the room is settled, and a
 // difference counts only for pairs whose facts are no newer than the
 // snapshot: then the kept state must equal what the database said.
 func (a *Auditor) Audit(ctx context.Context, sample int) (AuditReport, error) {
@@ -70,6 +80,17 @@ func (a *Auditor) Audit(ctx context.Context, sample int) (AuditReport, error) {
 	var rooms, suspects []string
 	err = readSnapshot(ctx, a.Source, func(stx pgx.Tx, lsn pipeline.LSN) error {
 		rep.LSN = lsn
+		// The snapshot was taken by readSnapshot's first statement, so
+		// every transaction it shows committed below the position read now.
+		var wait string
+		if err := stx.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text`).Scan(&wait); err != nil {
+			return fmt.Errorf("reading the WAL position after the snapshot: %w", err)
+		}
+		w, err := pipeline.ParseLSN(wait)
+		if err != nil {
+			return err
+		}
+		rep.WaitLSN = max(w, lsn)
 		q, args := c.truthSQL(false)
 		rows, err := stx.Query(ctx, `SELECT DISTINCT room FROM (`+q+`) AS x(room, usr)`, args...)
 		if err != nil {
@@ -134,7 +155,7 @@ func (a *Auditor) Audit(ctx context.Context, sample int) (AuditReport, error) {
 	bad := map[string]Mismatch{}
 	if len(suspects) > 0 {
 		wctx, cancel := context.WithTimeout(ctx, wait)
-		confirmed := a.Passed != nil && a.Passed(wctx, rep.LSN) == nil && a.waitSettled(wctx, suspects) == nil
+		confirmed := a.Passed != nil && a.Passed(wctx, rep.WaitLSN) == nil && a.waitSettled(wctx, suspects) == nil
 		cancel()
 		if ctx.Err() != nil {
 			return rep, ctx.Err()
