@@ -45,6 +45,9 @@ type Targets struct {
 	log    *zap.Logger
 	ratio  prometheus.Gauge
 	audits atomic.Uint64
+	// unconfirmed counts periodic audits whose differences could not be
+	// re-checked within targets.audit_wait (lag): they leave ratio alone.
+	unconfirmed atomic.Uint64
 }
 
 // targetOutputs are the Kafka producer, the Redis sink and the publisher
@@ -351,6 +354,8 @@ func (t *Targets) auditLoop(ctx context.Context) {
 	tick := time.NewTicker(t.cfg.Targets.AuditInterval)
 	defer tick.Stop()
 	a := t.auditor()
+	a.Wait = t.cfg.Targets.AuditWait
+	lagging := false // in a streak of unconfirmed audits (warned once)
 	for {
 		select {
 		case <-ctx.Done():
@@ -364,10 +369,21 @@ func (t *Targets) auditLoop(ctx context.Context) {
 			}
 			continue
 		}
+		t.audits.Add(1)
+		if rep.Unconfirmed {
+			// Lag, not inconsistency: the lag metrics page on it.
+			t.unconfirmed.Add(1)
+			if !lagging {
+				t.log.Warn("periodic notification-target audit unconfirmed: the pipeline did not pass the audit's snapshot within targets.audit_wait; the consistency gauge keeps its last value (lag shows in tidemark_consumer_* lag metrics)",
+					zap.Duration("wait", a.Wait), zap.Stringer("lsn", rep.WaitLSN), zap.Int("suspected", rep.Suspected))
+			}
+			lagging = true
+			continue
+		}
+		lagging = false
 		if t.ratio != nil {
 			t.ratio.Set(rep.Ratio)
 		}
-		t.audits.Add(1)
 		if len(rep.Mismatches) > 0 {
 			t.log.Warn("notification targets differ from the database", zap.Float64("ratio", rep.Ratio),
 				zap.Int("rooms", rep.Rooms), zap.Int("mismatched", len(rep.Mismatches)), zap.String("first_room", rep.Mismatches[0].Room))
@@ -421,6 +437,8 @@ func (t *Targets) Register(reg prometheus.Registerer) {
 			return float64(t.out.truncated.Load())
 		})
 	counter("notify_targets", "audits_total", "Periodic audits completed (targets.audit_interval).", func() float64 { return float64(t.audits.Load()) })
+	counter("notify_targets", "audit_unconfirmed_total", "Periodic audits whose differing rooms could not be re-checked because the pipeline did not pass the snapshot within targets.audit_wait (lag); they leave the consistency ratio unchanged.",
+		func() float64 { return float64(t.unconfirmed.Load()) })
 }
 
 // openTargets opens the source and state pools and the store for the

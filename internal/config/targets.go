@@ -48,6 +48,11 @@ type Targets struct {
 	AuditInterval time.Duration `yaml:"audit_interval"`
 	// AuditSample rooms per periodic audit. Default 100.
 	AuditSample int `yaml:"audit_sample"`
+	// AuditWait bounds how long a periodic audit waits for the pipeline to
+	// pass its snapshot before re-checking differing rooms; past it the
+	// audit is unconfirmed (lag) and leaves the ratio gauge alone.
+	// Default 1m.
+	AuditWait time.Duration `yaml:"audit_wait"`
 }
 
 // TargetsPostgres is the database holding the kept state.
@@ -118,6 +123,9 @@ func (c *Config) applyTargetsDefaults() {
 	if t.AuditSample == 0 {
 		t.AuditSample = 100
 	}
+	if t.AuditWait == 0 {
+		t.AuditWait = time.Minute
+	}
 	if t.MaxRecordBytes == 0 {
 		t.MaxRecordBytes = 16 << 20
 	}
@@ -185,6 +193,9 @@ func (c *Config) validateTargets(captured map[string]bool) []FieldError {
 	}
 	if t.AuditSample < 0 {
 		add("targets.audit_sample", "%d must not be negative", t.AuditSample)
+	}
+	if t.AuditWait < 0 {
+		add("targets.audit_wait", "%s must not be negative", t.AuditWait)
 	}
 	return ps
 }
