@@ -76,7 +76,9 @@ func auditCmd() *cobra.Command {
 the kept state. A room that differs is re-checked once the pipeline has passed
 the snapshot's LSN (the slot confirmed it and the targets consumer group
 committed past it), counting only users whose facts are no newer than the
-snapshot, so lag raises no false alarm. Exit code 4 when a room differs.`,
+snapshot, so lag raises no false alarm. Exit code 4 when a room differs.
+When the pipeline does not pass the snapshot within --wait, the differences
+are unconfirmed: they count here, but --textfile is not written.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, err := loadConfig(path)
 			if err != nil {
@@ -93,7 +95,11 @@ snapshot, so lag raises no false alarm. Exit code 4 when a room differs.`,
 			fmt.Fprintf(out, "audited %d room(s) as of LSN %s: %d consistent, ratio %.4f (%d re-checked once the pipeline passed that LSN)\n",
 				rep.Rooms, rep.LSN, rep.Consistent, rep.Ratio, rep.Suspected)
 			if rep.Unconfirmed {
-				fmt.Fprintf(out, "the pipeline did not pass LSN %s within %s: differences are unconfirmed and counted as inconsistent\n", rep.LSN, wait)
+				fmt.Fprintf(out, "the pipeline did not pass LSN %s (the WAL position once the snapshot was taken) within %s: differences are unconfirmed (lag, or inconsistency) and counted as inconsistent here", rep.WaitLSN, wait)
+				if textfile != "" {
+					fmt.Fprintf(out, "; %s is left unchanged (lag is not inconsistency)", textfile)
+				}
+				fmt.Fprintln(out)
 			}
 			for i, m := range rep.Mismatches {
 				if i == 20 {
@@ -102,7 +108,7 @@ snapshot, so lag raises no false alarm. Exit code 4 when a room differs.`,
 				}
 				fmt.Fprintf(out, "  %s: missing %v, extra %v\n", m.Room, m.Missing, m.Extra)
 			}
-			if textfile != "" {
+			if textfile != "" && !rep.Unconfirmed {
 				reg := prometheus.NewRegistry()
 				g := prometheus.NewGauge(prometheus.GaugeOpts{Namespace: "tidemark", Subsystem: "notify_targets", Name: "consistency_ratio",
 					Help: "Share of audited rooms whose kept targets equal the database.", ConstLabels: prometheus.Labels{"role": "targets"}})
@@ -121,7 +127,7 @@ snapshot, so lag raises no false alarm. Exit code 4 when a room differs.`,
 	targets.Flags().StringVarP(&path, "config", "c", "", "YAML config file (required)")
 	targets.Flags().IntVar(&sample, "sample", 0, "audit this many random rooms (0: all)")
 	targets.Flags().DurationVar(&wait, "wait", app.DefaultAuditWait, "longest wait for the pipeline to pass the snapshot before re-checking")
-	targets.Flags().StringVar(&textfile, "textfile", "", "also write the tidemark_notify_targets_consistency_ratio gauge to this node_exporter textfile")
+	targets.Flags().StringVar(&textfile, "textfile", "", "also write the tidemark_notify_targets_consistency_ratio gauge to this node_exporter textfile (not when unconfirmed)")
 	cmd.AddCommand(targets)
 	return cmd
 }

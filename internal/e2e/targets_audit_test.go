@@ -3,6 +3,10 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -228,6 +232,22 @@ INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!r1', '@late
 	}
 	if n := logs.FilterMessageSnippet("audit unconfirmed").Len() - warned; n != 1 {
 		t.Errorf("%d unconfirmed-audit warnings during one lag streak, want 1", n)
+	}
+
+	// The command under the same lag says so, exits 4 and leaves its
+	// textfile alone.
+	path := writeConfig(t, cfg)
+	appendFile(t, path, "targets: {}\n")
+	textfile := filepath.Join(t.TempDir(), "targets.prom")
+	out, err := exec.Command(binary(t), "audit", "targets", "--config", path, "--wait", "300ms", "--textfile", textfile).CombinedOutput()
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 4 {
+		t.Errorf("audit targets under lag: %v, want exit 4\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "differences are unconfirmed") || !strings.Contains(string(out), "left unchanged") {
+		t.Errorf("audit targets under lag does not say the differences are unconfirmed:\n%s", out)
+	}
+	if _, err := os.Stat(textfile); !os.IsNotExist(err) {
+		t.Errorf("audit targets under lag wrote its textfile (%v): lag is not inconsistency", err)
 	}
 
 	// Capture resumes: audits confirm again, the counter stops.
