@@ -374,7 +374,7 @@ func (t *Targets) auditLoop(ctx context.Context) {
 			// Lag, not inconsistency: the lag metrics page on it.
 			t.unconfirmed.Add(1)
 			if !lagging {
-				t.log.Warn("periodic notification-target audit unconfirmed: the pipeline did not pass the audit's snapshot within targets.audit_wait; the consistency gauge keeps its last value (lag shows in tidemark_consumer_* lag metrics)",
+				t.log.Warn("periodic notification-target audit unconfirmed: the pipeline did not pass the audit's snapshot within targets.audit_wait; the consistency gauge keeps its last value (page on lag with tidemark_slot_lag_bytes and tidemark_consumer_lag_messages)",
 					zap.Duration("wait", a.Wait), zap.Stringer("lsn", rep.WaitLSN), zap.Int("suspected", rep.Suspected))
 			}
 			lagging = true
