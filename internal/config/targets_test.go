@@ -27,7 +27,7 @@ func TestTargetsDefaults(t *testing.T) {
 	}
 	if tg.Group != "tidemark-targets" || tg.MaxAttempts != 5 || tg.Hold != 2*time.Second || !*tg.Topics ||
 		tg.Postgres.DSN != c.Postgres.DSN || tg.Postgres.Schema != "tidemark" || tg.Redis.Key != "notify_targets:{room_id}" ||
-		tg.AuditInterval != 0 || tg.AuditSample != 100 {
+		tg.AuditInterval != 0 || tg.AuditSample != 100 || tg.AuditWait != time.Minute {
 		t.Errorf("defaults not applied: %+v", tg)
 	}
 }
@@ -53,6 +53,7 @@ func TestTargetsBadConfig(t *testing.T) {
 	got := problemPaths(t, err)
 	want := []string{
 		"targets",
+		"targets.audit_wait",
 		"targets.hold",
 		"targets.max_attempts",
 		"targets.membership.joined[0]",
