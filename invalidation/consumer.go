@@ -138,11 +138,11 @@ type Stats struct {
 	// because too many applied ones wait for their outputs (backpressure):
 	// whatever arrives meanwhile is in no output yet.
 	FetchPaused atomic.Bool
-	Skipped  atomic.Uint64 // skipped changes, every reason (see SkippedBy)
-	skipped  skipCounts
-	Retries  atomic.Uint64
-	DLQ      atomic.Uint64
-	Lag      atomic.Int64 // messages behind the partition ends (reader estimate)
+	Skipped     atomic.Uint64 // skipped changes, every reason (see SkippedBy)
+	skipped     skipCounts
+	Retries     atomic.Uint64
+	DLQ         atomic.Uint64
+	Lag         atomic.Int64 // messages behind the partition ends (reader estimate)
 	// WaitingForTopics is true while Run waits, before joining its group,
 	// for subscribed topics that do not exist yet (or for topic metadata
 	// it cannot read), and false once they all exist or Run stops waiting.
