@@ -144,13 +144,17 @@ func (c *Consumer) commitDurable(ctx context.Context, r *kafkago.Reader, q *comm
 		return fmt.Errorf("committing offsets: %w", err)
 	}
 	now := time.Now()
+	var onApplied func(time.Duration)
+	if f := c.onApplied.Load(); f != nil {
+		onApplied = *f
+	}
 	for _, p := range q.batches[:n] {
 		c.stats.Messages.Add(uint64(p.applied))
 		for _, f := range p.fetched {
 			d := now.Sub(p.start.Add(f))
 			c.stats.ApplyNanos.Add(uint64(d))
-			if c.OnApplied != nil {
-				c.OnApplied(d)
+			if onApplied != nil {
+				onApplied(d)
 			}
 		}
 		q.messages -= len(p.fetched)

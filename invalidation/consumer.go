@@ -172,10 +172,13 @@ type Consumer struct {
 	// maxPending bounds the applied messages whose offsets wait for an
 	// AsyncFlusher (tests lower it).
 	maxPending int
-	// OnApplied, when set, observes each applied message's fetch-to-durable
-	// latency (called from the consumer goroutine; must be fast).
-	OnApplied func(d time.Duration)
+	onApplied  atomic.Pointer[func(d time.Duration)]
 }
+
+// SetOnApplied sets f to observe each applied message's fetch-to-durable
+// latency (called from the consumer goroutine; it must be fast). It may be
+// called while the consumer runs (metrics registered late).
+func (c *Consumer) SetOnApplied(f func(d time.Duration)) { c.onApplied.Store(&f) }
 
 // MissingHandlerError names the (topic, table) pairs without a handler.
 type MissingHandlerError struct {

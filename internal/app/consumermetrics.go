@@ -19,7 +19,7 @@ func registerConsumerMetrics(reg prometheus.Registerer, c *invalidation.Consumer
 		Help:        "Seconds from fetching a change to committing it, effects durable.",
 		ConstLabels: labels, Buckets: []float64{.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 5, 30}})
 	reg.MustRegister(apply)
-	c.OnApplied = func(d time.Duration) { apply.Observe(d.Seconds()) }
+	c.SetOnApplied(func(d time.Duration) { apply.Observe(d.Seconds()) })
 	counter := func(name, help string, f func() float64) {
 		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "tidemark", Subsystem: "consumer", Name: name, Help: help, ConstLabels: labels}, f))
 	}
