@@ -647,7 +647,16 @@ func (c *Checker) monotonic(r *compiled, env *pipeline.Envelope, base item, stor
 	if !havePrev && known {
 		prev, havePrev = cur.V, true
 	}
-	if havePrev && compareValues(nv, prev) < 0 {
+	cmp, comparable := 0, true
+	if havePrev {
+		cmp, comparable = r.order(nv, prev)
+	}
+	if !comparable {
+		c.metrics.Dropped.WithLabelValues("monotonic_unparsable").Inc()
+		c.warnSometimes("mono-parse", "integrity: a monotonic value does not parse as its column's type; not compared",
+			zap.String("rule", r.Name), zap.String("order", r.orderName))
+	}
+	if havePrev && comparable && cmp < 0 {
 		it := base
 		it.Rule, it.Kind, it.Match = r.Name, KindRegressed, keyVals
 		c.flag(r, it, fmt.Sprintf("%s.%s moved backwards from %s to %s for (%s) = (%s)", r.Rule.Table, r.Monotonic.Column, prev, nv,

@@ -23,6 +23,12 @@ func canonicalSchema() map[string]*TableSchema {
 		for _, c := range cols {
 			ts.Types[c] = text
 		}
+		if ts.has("stream_ordering") {
+			ts.Types["stream_ordering"] = `"pg_catalog"."int8"`
+		}
+		if ts.has("updated_at") {
+			ts.Types["updated_at"] = `"pg_catalog"."timestamptz"`
+		}
 		return ts
 	}
 	return map[string]*TableSchema{
@@ -313,19 +319,95 @@ func TestCompileNamesRuleAndColumn(t *testing.T) {
 	}
 }
 
-func TestCompareValues(t *testing.T) {
+// TestMonotonicOrderByType: values are compared by the column's type:
+// timestamps as instants whatever their fraction's length, numbers exactly
+// (beyond float64), text as text even when it looks like a number.
+func TestMonotonicOrderByType(t *testing.T) {
 	for _, tc := range []struct {
-		a, b string
-		want int
+		typ, a, b string
+		want      int
+		ok        bool
 	}{
-		{"9", "10", -1}, {"10", "9", 1}, {"-5", "3", -1}, {"1.50", "1.5", 0},
-		{"9007199254740993", "9007199254740992", 1},
-		{"2026-11-26T10:00:00.5Z", "2026-11-26T10:00:00.25Z", 1},
-		{"b", "a", 1},
+		{"timestamptz", "2026-01-01T00:00:00.1Z", "2026-01-01T00:00:00.123Z", -1, true},
+		{"timestamptz", "2026-01-01T00:00:00.5Z", "2026-01-01T00:00:00.25Z", 1, true},
+		{"timestamptz", "2026-01-01T01:00:00+01:00", "2026-01-01T00:00:00Z", 0, true},
+		{"timestamptz", "2026-01-01T00:00:00Z", "infinity", -1, true},
+		{"timestamptz", "1767225600123456", "1767225600100000", 1, true}, // Debezium micros
+		{"timestamp", "2026-01-01T00:00:00.1", "2026-01-01T00:00:00.123", -1, true},
+		{"date", "2026-01-02", "2025-12-31", 1, true},
+		{"numeric", "9", "10", -1, true},
+		{"numeric", "1.50", "1.5", 0, true},
+		{"numeric", "0.30000000000000000001", "0.3", 1, true}, // equal as float64
+		{"numeric", "NaN", "1e300", 1, true},
+		{"int8", "9007199254740993", "9007199254740992", 1, true},
+		{"float8", "-5", "3", -1, true},
+		{"text", "9", "10", 1, true},
+		{"text", "b", "a", 1, true},
+		{"numeric", "x", "1", 0, false},
+		{"timestamptz", "2026-01-01T00:00:00Z", "soon", 0, false},
 	} {
-		if got := compareValues(tc.a, tc.b); got != tc.want {
-			t.Errorf("compareValues(%q, %q) = %d, want %d", tc.a, tc.b, got, tc.want)
+		order, _ := orderFor(`"pg_catalog"."` + tc.typ + `"`)
+		if order == nil {
+			t.Fatalf("%s has no order", tc.typ)
 		}
+		if got, ok := order(tc.a, tc.b); got != tc.want || ok != tc.ok {
+			t.Errorf("%s: compare(%q, %q) = %d, %v; want %d, %v", tc.typ, tc.a, tc.b, got, ok, tc.want, tc.ok)
+		}
+	}
+}
+
+// TestMonotonicTimestamptzFraction: a timestamptz moving forward from .1 s
+// to .123 s is not a regression (as text it would be); moving back is.
+func TestMonotonicTimestamptzFraction(t *testing.T) {
+	rules := []Rule{{Name: "seen_at", Table: "public.read_markers", Monotonic: &Monotonic{Column: "updated_at", Key: []string{"user_id", "room_id"}}}}
+	ApplyDefaults(rules)
+	eng, err := Compile("integrity.rules", rules, canonicalSchema())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := NewChecker(eng, nil, nil, Options{Group: "test"}, nil, nil)
+	k := mkey("@a", "!r")
+	at := func(ts string) map[string]any { return map[string]any{"user_id": "@a", "room_id": "!r", "updated_at": ts} }
+	feed(t, c, change("read_markers", "c", 10, 0, k, nil, at("2026-01-01T00:00:00.1Z")),
+		change("read_markers", "u", 11, 0, k, nil, at("2026-01-01T00:00:00.123Z")))
+	if len(c.violations) != 0 {
+		t.Fatalf("false alarm: %v %+v", kinds(c), c.violations[0])
+	}
+	feed(t, c, change("read_markers", "u", 12, 0, k, nil, at("2026-01-01T00:00:00.12Z")))
+	if len(c.violations) != 1 {
+		t.Fatalf("regression .123 -> .12 not flagged: %v", kinds(c))
+	}
+}
+
+// TestCompileRefusesMonotonicItCannotOrderOrSee: a monotonic column of a
+// type without an order, or a rule on updates of a table whose updates
+// carry no old row, is refused naming rule, column, type and the fix.
+func TestCompileRefusesMonotonicItCannotOrderOrSee(t *testing.T) {
+	schema := canonicalSchema()
+	schema["public.read_markers"].Types["event_id"] = `"pg_catalog"."jsonb"`
+	schema["public.logs"] = &TableSchema{Name: "public.logs", Columns: []string{"stream", "n"},
+		Types: map[string]string{"stream": `"pg_catalog"."text"`, "n": `"pg_catalog"."int8"`}}
+	rules := []Rule{
+		{Name: "js", Table: "public.read_markers", Monotonic: &Monotonic{Column: "event_id", Key: []string{"user_id"}}},
+		{Name: "keyless", Table: "public.logs", Monotonic: &Monotonic{Column: "n", Key: []string{"stream"}}},
+		{Name: "inserts_only", Table: "public.logs", On: []string{"insert"}, Monotonic: &Monotonic{Column: "n", Key: []string{"stream"}}},
+	}
+	ApplyDefaults(rules)
+	_, err := Compile("integrity.rules", rules, schema)
+	if err == nil {
+		t.Fatal("compiled")
+	}
+	for _, want := range []string{
+		`integrity.rules[0] (js).monotonic.column: public.read_markers.event_id has type "pg_catalog"."jsonb", which has no order`,
+		`integrity.rules[1] (keyless).on: updates of public.logs carry no old row`,
+		`run ALTER TABLE public.logs REPLICA IDENTITY FULL`,
+	} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error lacks %q:\n%v", want, err)
+		}
+	}
+	if strings.Contains(err.Error(), "inserts_only") {
+		t.Errorf("a monotonic rule on inserts only was refused:\n%v", err)
 	}
 }
 

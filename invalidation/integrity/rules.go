@@ -99,8 +99,10 @@ type Expect struct {
 
 // Monotonic describes a column that must never move backwards for a key.
 type Monotonic struct {
-	// Column is compared (required): integers and numerics numerically,
-	// anything else as text (ISO-8601 timestamps compare correctly).
+	// Column is compared by its type (required): integers, numeric and
+	// floats exactly as numbers; timestamptz, timestamp and date as
+	// instants; text, varchar, char and uuid as text (byte order, not the
+	// collation). Any other type is refused at start.
 	Column string `yaml:"column"`
 	// Key columns identify the row whose values are compared (required),
 	// e.g. [user_id, room_id].
@@ -378,6 +380,18 @@ func Compile(at string, rules []Rule, schema map[string]*TableSchema) (*Engine, 
 					missing("monotonic.key", ts, c)
 				}
 			}
+			if ts.has(m.Column) {
+				if cr.order, cr.orderName = orderFor(ts.Types[m.Column]); cr.order == nil {
+					probs = append(probs, fmt.Sprintf("%s.monotonic.column: %s.%s has type %s, which has no order Tidemark compares "+
+						"(numbers, numeric, timestamptz, timestamp, date, text, varchar, char, uuid); choose an ordered column",
+						p, ts.Name, m.Column, ts.Types[m.Column]))
+				}
+			}
+			if strings.Contains(cr.ops, "u") && len(ts.Identity) == 0 {
+				probs = append(probs, fmt.Sprintf("%s.on: updates of %s carry no old row (replica identity: none, or default "+
+					"without a primary key), so a monotonic rule cannot see which row an update moved; "+
+					"run ALTER TABLE %s REPLICA IDENTITY FULL (or add a primary key), or drop update from on", p, ts.Name, ts.Name))
+			}
 			cr.cols = m.Key
 		}
 		e.rules = append(e.rules, cr)
@@ -411,6 +425,10 @@ type compiled struct {
 	ops     string        // "c", "u", "d"
 	cols    []string      // match columns in table (sorted by column), or the monotonic key
 	relCols []string      // the related table's columns, in cols' order
+	// order compares a monotonic rule's column by its type (orderName:
+	// number, time, date or text).
+	order     orderFunc
+	orderName string
 }
 
 // Engine holds compiled rules, indexed by table.

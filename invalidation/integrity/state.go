@@ -2,8 +2,6 @@ package integrity
 
 import (
 	"encoding/json"
-	"math/big"
-	"strings"
 
 	"github.com/tidemark/tidemark/pipeline"
 )
@@ -127,18 +125,6 @@ func whereHolds(img map[string]json.RawMessage, where map[string]string, lenient
 		}
 	}
 	return true
-}
-
-// compareValues orders two column values: numerically when both are
-// numbers, else as text (ISO-8601 timestamps in one zone compare as text).
-func compareValues(a, b string) int {
-	var ra, rb big.Rat
-	if _, ok := ra.SetString(a); ok {
-		if _, ok := rb.SetString(b); ok {
-			return ra.Cmp(&rb)
-		}
-	}
-	return strings.Compare(a, b)
 }
 
 // fifoSet is a set bounded by count: adding beyond the bound forgets the
