@@ -367,7 +367,9 @@ func TestMonotonicTimestamptzFraction(t *testing.T) {
 	}
 	c := NewChecker(eng, nil, nil, Options{Group: "test"}, nil, nil)
 	k := mkey("@a", "!r")
-	at := func(ts string) map[string]any { return map[string]any{"user_id": "@a", "room_id": "!r", "updated_at": ts} }
+	at := func(ts string) map[string]any {
+		return map[string]any{"user_id": "@a", "room_id": "!r", "updated_at": ts}
+	}
 	feed(t, c, change("read_markers", "c", 10, 0, k, nil, at("2026-01-01T00:00:00.1Z")),
 		change("read_markers", "u", 11, 0, k, nil, at("2026-01-01T00:00:00.123Z")))
 	if len(c.violations) != 0 {
