@@ -134,6 +134,7 @@ type Checker struct {
 	// monoEvicted holds values evicted from mono since the last flush.
 	monoEvicted map[string]monoVal
 	monoAll     bool                    // every persisted monotonic key is in memory
+	monoGone    map[string]uint64       // deleted monotonic keys kept for their transaction -> commit LSN
 	open        map[string][]*Violation // rule|matchkey -> open violations
 	openFIFO    []string
 	openCount   int
@@ -167,7 +168,7 @@ func NewChecker(eng *Engine, store *Store, probe *Prober, opt Options, metrics *
 	c := &Checker{eng: eng, store: store, probe: probe, opt: opt, log: log, metrics: metrics,
 		subscribed: map[string]bool{}, positions: map[string]pipeline.Position{}, txns: map[uint64]*txnState{},
 		decided: newFIFOSet(10000), pending: map[string]*pend{}, byMatch: map[string]map[string]*pend{},
-		recent: map[string]*fifoSet{}, mono: newLRU(opt.MaxKeys), monoEvicted: map[string]monoVal{}, monoAll: true, open: map[string][]*Violation{},
+		recent: map[string]*fifoSet{}, mono: newLRU(opt.MaxKeys), monoEvicted: map[string]monoVal{}, monoGone: map[string]uint64{}, monoAll: true, open: map[string][]*Violation{},
 		lastWarn: map[string]time.Time{}, resolvedV: map[string]*Violation{},
 		dirtyPos: map[string]bool{}, dirtyTxn: map[uint64]bool{}, dirtyPend: map[string]bool{}, dirtyMono: map[string]bool{}}
 	for _, t := range eng.Tables() {
@@ -249,6 +250,9 @@ func (c *Checker) Load(ctx context.Context) error {
 			var m monoVal
 			if json.Unmarshal(v, &m) == nil {
 				_, _, _ = c.mono.put(k.key, m)
+				if m.Gone {
+					c.monoGone[k.key] = m.LSN
+				}
 			}
 		}
 	}
@@ -610,9 +614,26 @@ func (c *Checker) monotonic(r *compiled, env *pipeline.Envelope, base item, stor
 	if op == 'd' {
 		if vals, ok := values(env.Before, r.cols); ok {
 			k := r.Name + "|" + matchKey(vals)
-			if cur, ok := c.mono.get(k); !ok || cur.pos().Less(pos) {
+			cur, ok := c.mono.get(k)
+			if !ok {
+				cur, ok = c.monoEvicted[k]
+			}
+			if !ok {
+				cur, ok = stored[k]
+			}
+			if ok && !cur.pos().Less(pos) {
+				return // applied already, or a later change of its transaction came first
+			}
+			if old, has := pipeline.Text(env.Before, r.Monotonic.Column); has {
+				// Kept until its transaction has passed: an update of a
+				// table keyed by the whole row arrives as a delete and an
+				// insert, and the insert is compared with what was deleted.
+				c.putMono(k, monoVal{V: old, LSN: base.LSN, Seq: base.Seq, Gone: true})
+				c.monoGone[k] = base.LSN
+			} else {
 				c.mono.remove(k)
 				delete(c.monoEvicted, k)
+				delete(c.monoGone, k)
 				c.dirtyMono[k] = true
 			}
 		}
@@ -640,6 +661,9 @@ func (c *Checker) monotonic(r *compiled, env *pipeline.Envelope, base item, stor
 	if known && !cur.pos().Less(pos) {
 		return // applied already
 	}
+	if known && cur.Gone && cur.LSN != base.LSN {
+		known = false // deleted by an earlier transaction: a new row starts anywhere
+	}
 	prev, havePrev := "", false
 	if env.Before != nil {
 		prev, havePrev = pipeline.Text(env.Before, r.Monotonic.Column)
@@ -662,7 +686,14 @@ func (c *Checker) monotonic(r *compiled, env *pipeline.Envelope, base item, stor
 		c.flag(r, it, fmt.Sprintf("%s.%s moved backwards from %s to %s for (%s) = (%s)", r.Rule.Table, r.Monotonic.Column, prev, nv,
 			strings.Join(r.cols, ", "), strings.Join(keyVals, ", ")))
 	}
-	if ek, ev, evicted := c.mono.put(k, monoVal{V: nv, LSN: base.LSN, Seq: base.Seq}); evicted {
+	delete(c.monoGone, k)
+	c.putMono(k, monoVal{V: nv, LSN: base.LSN, Seq: base.Seq})
+}
+
+// putMono keeps a monotonic value, in memory while the bound allows and in
+// the state table at the next flush.
+func (c *Checker) putMono(k string, v monoVal) {
+	if ek, ev, evicted := c.mono.put(k, v); evicted {
 		// Forgotten in memory only: the state table keeps it.
 		c.monoAll = false
 		c.monoEvicted[ek] = ev
@@ -671,6 +702,30 @@ func (c *Checker) monotonic(r *compiled, env *pipeline.Envelope, base item, stor
 		c.warnSometimes("mono", "integrity: monotonic keys at their memory bound (integrity.max_keys); older keys are read from the state table")
 	}
 	c.dirtyMono[k] = true
+}
+
+// pruneGone forgets deleted monotonic values once every partition has
+// applied a later transaction: the insert that could follow their delete
+// in the same transaction has been seen.
+func (c *Checker) pruneGone() {
+	if len(c.monoGone) == 0 || len(c.positions) == 0 {
+		return
+	}
+	var low uint64
+	first := true
+	for _, p := range c.positions {
+		if l := uint64(p.CommitLSN); first || l < low {
+			low, first = l, false
+		}
+	}
+	for k, l := range c.monoGone {
+		if l < low {
+			delete(c.monoGone, k)
+			c.mono.remove(k)
+			delete(c.monoEvicted, k)
+			c.dirtyMono[k] = true
+		}
+	}
 }
 
 // tryDecide decides a transaction's same-transaction expectations once its
@@ -888,6 +943,7 @@ func (c *Checker) Flush(ctx context.Context) error {
 }
 
 func (c *Checker) flushLocked(ctx context.Context) error {
+	c.pruneGone()
 	b := &batch{violations: c.violations, resolved: c.resolved, upserts: map[stateKey][]byte{}, deletes: map[stateKey]bool{}}
 	put := func(kind, key string, v any) {
 		js, _ := json.Marshal(v)

@@ -474,3 +474,49 @@ func TestNoTransactionsTrackedWithoutSameTransactionRules(t *testing.T) {
 		t.Errorf("%d transactions held, %d dirty, want none", p.OpenTransactions, len(c.dirtyTxn))
 	}
 }
+
+// TestMonotonicKeylessFullTable: on a table without a key under REPLICA
+// IDENTITY FULL, an update's regression is flagged whether it arrives as one
+// u with a before image or, keyed by the whole row, as a delete and an
+// insert of one transaction (in either order); a row deleted in one
+// transaction and inserted in a later one starts anywhere.
+func TestMonotonicKeylessFullTable(t *testing.T) {
+	logs := &TableSchema{Name: "public.logs", Columns: []string{"stream", "n"}, Identity: []string{"stream", "n"},
+		Types: map[string]string{"stream": `"pg_catalog"."text"`, "n": `"pg_catalog"."numeric"`}}
+	rules := []Rule{{Name: "logs_n", Table: "public.logs", Monotonic: &Monotonic{Column: "n", Key: []string{"stream"}}}}
+	ApplyDefaults(rules)
+	eng, err := Compile("integrity.rules", rules, map[string]*TableSchema{"public.logs": logs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	row := func(n string) map[string]any { return map[string]any{"stream": "s", "n": n} }
+	rk := func(n string) string { return `{"stream":"s","n":"` + n + `"}` } // the whole row is the key
+	lg := func(op string, lsn uint64, seq uint32, before, after map[string]any) *invalidation.Message {
+		k := after
+		if k == nil {
+			k = before
+		}
+		return change("logs", op, lsn, seq, rk(k["n"].(string)), before, after)
+	}
+	for _, tc := range []struct {
+		name string
+		msgs []*invalidation.Message
+		want int
+	}{
+		{"u with before image", []*invalidation.Message{lg("c", 10, 0, nil, row("10")), lg("u", 11, 0, row("10"), row("5"))}, 1},
+		{"u forward", []*invalidation.Message{lg("c", 10, 0, nil, row("10")), lg("u", 11, 0, row("10"), row("10.5"))}, 0},
+		{"delete then insert", []*invalidation.Message{lg("c", 10, 0, nil, row("20")), lg("d", 11, 0, row("20"), nil), lg("c", 11, 1, nil, row("15"))}, 1},
+		{"insert before its delete", []*invalidation.Message{lg("c", 10, 0, nil, row("20")), lg("c", 11, 1, nil, row("15")), lg("d", 11, 0, row("20"), nil)}, 1},
+		{"first row deleted then insert", []*invalidation.Message{lg("d", 11, 0, row("20"), nil), lg("c", 11, 1, nil, row("19.99"))}, 1},
+		{"delete then insert forward", []*invalidation.Message{lg("d", 11, 0, row("20"), nil), lg("c", 11, 1, nil, row("20.01"))}, 0},
+		{"deleted, inserted later", []*invalidation.Message{lg("c", 10, 0, nil, row("20")), lg("d", 11, 0, row("20"), nil), lg("c", 12, 0, nil, row("1"))}, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := NewChecker(eng, nil, nil, Options{Group: "test"}, nil, nil)
+			feed(t, c, tc.msgs...)
+			if len(c.violations) != tc.want {
+				t.Fatalf("%d violations (%v), want %d", len(c.violations), kinds(c), tc.want)
+			}
+		})
+	}
+}

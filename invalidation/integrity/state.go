@@ -76,6 +76,9 @@ type monoVal struct {
 	V   string `json:"v"`
 	LSN uint64 `json:"l"`
 	Seq uint32 `json:"s"`
+	// Gone: the row was deleted at this position (V is its last value),
+	// kept for an insert of the same transaction.
+	Gone bool `json:"g,omitempty"`
 }
 
 func (m monoVal) pos() pipeline.Position {
