@@ -504,6 +504,7 @@ func TestMonotonicKeylessFullTable(t *testing.T) {
 		want int
 	}{
 		{"u with before image", []*invalidation.Message{lg("c", 10, 0, nil, row("10")), lg("u", 11, 0, row("10"), row("5"))}, 1},
+		{"u with only its before image", []*invalidation.Message{lg("u", 11, 0, row("10"), row("5"))}, 1},
 		{"u forward", []*invalidation.Message{lg("c", 10, 0, nil, row("10")), lg("u", 11, 0, row("10"), row("10.5"))}, 0},
 		{"delete then insert", []*invalidation.Message{lg("c", 10, 0, nil, row("20")), lg("d", 11, 0, row("20"), nil), lg("c", 11, 1, nil, row("15"))}, 1},
 		{"insert before its delete", []*invalidation.Message{lg("c", 10, 0, nil, row("20")), lg("c", 11, 1, nil, row("15")), lg("d", 11, 0, row("20"), nil)}, 1},
@@ -518,5 +519,28 @@ func TestMonotonicKeylessFullTable(t *testing.T) {
 				t.Fatalf("%d violations (%v), want %d", len(c.violations), kinds(c), tc.want)
 			}
 		})
+	}
+}
+
+// TestMonotonicDeletedValueForgotten: the value a delete leaves behind for
+// its transaction's insert is forgotten once every partition has applied a
+// later transaction (the state stays bounded).
+func TestMonotonicDeletedValueForgotten(t *testing.T) {
+	c := newTestChecker(t)
+	full := marker("@a", "!r", "$e", 7)
+	feed(t, c, change("read_markers", "d", 20, 0, mkey("@a", "!r"), full, nil)) // partition 0
+	if len(c.monoGone) != 1 {
+		t.Fatalf("deleted value not kept: %v", c.monoGone)
+	}
+	c.pruneGone()
+	if len(c.monoGone) != 1 {
+		t.Fatal("forgotten before the other partitions passed its transaction")
+	}
+	for seq := uint32(0); seq < 3; seq++ { // a later transaction on every partition
+		feed(t, c, change("read_markers", "c", 21, seq, mkey("@b"+fmt.Sprint(seq), "!r"), nil, marker("@b"+fmt.Sprint(seq), "!r", "$e", 1)))
+	}
+	c.pruneGone()
+	if _, ok := c.mono.peek("read_marker_monotonic|" + matchKey([]string{"@a", "!r"})); ok || len(c.monoGone) != 0 {
+		t.Fatalf("deleted value kept after every partition passed it: %v", c.monoGone)
 	}
 }
