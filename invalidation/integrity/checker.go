@@ -125,6 +125,7 @@ type Checker struct {
 	trackTxns  bool                         // some rule is decided at END records
 	positions  map[string]pipeline.Position // topic/partition -> last applied
 	txns       map[uint64]*txnState
+	txnOrder   txnHeap // the open transactions by commit LSN
 	decided    *fifoSet // recently decided transactions (commit LSN)
 	pending    map[string]*pend
 	byMatch    map[string]map[string]*pend // rule|matchkey -> pend key -> pend
@@ -232,7 +233,7 @@ func (c *Checker) Load(ctx context.Context) error {
 				if t.Seen == nil {
 					t.Seen = map[string]int{}
 				}
-				c.txns[t.LSN] = t
+				c.addTxn(t)
 			}
 		case "pend":
 			p := &pend{}
@@ -357,23 +358,39 @@ func (c *Checker) handleTxnRecord(m *invalidation.Message) error {
 }
 
 func (c *Checker) newTxn(lsn uint64) *txnState {
-	if len(c.txns) >= c.opt.MaxOpenTransactions {
-		// Drop the oldest open transaction: its decision is lost.
-		var oldest uint64
-		for l := range c.txns {
-			if oldest == 0 || l < oldest {
-				oldest = l
-			}
-		}
-		c.dropTxn(oldest, "transaction bound reached (integrity.max_open_transactions)")
+	for len(c.txns) >= c.opt.MaxOpenTransactions && len(c.txnOrder) > 0 {
+		// Drop the oldest open transaction (the lowest commit LSN, the
+		// heap's root: O(log n)): its decision is lost.
+		c.dropTxn(c.txnOrder[0].LSN, "transaction bound reached (integrity.max_open_transactions)")
 	}
 	t := &txnState{LSN: lsn, Seen: map[string]int{}}
-	c.txns[lsn] = t
+	c.addTxn(t)
 	return t
 }
 
-func (c *Checker) dropTxn(lsn uint64, why string) {
+// addTxn opens t; removeTxn forgets an open transaction. Both keep
+// txnOrder, the heap of open transactions by commit LSN.
+func (c *Checker) addTxn(t *txnState) {
+	if old := c.txns[t.LSN]; old != nil {
+		c.removeTxn(old.LSN)
+	}
+	c.txns[t.LSN] = t
+	heap.Push(&c.txnOrder, t)
+}
+
+func (c *Checker) removeTxn(lsn uint64) {
+	t := c.txns[lsn]
+	if t == nil {
+		return
+	}
 	delete(c.txns, lsn)
+	if t.heapIdx >= 0 && t.heapIdx < len(c.txnOrder) && c.txnOrder[t.heapIdx] == t {
+		heap.Remove(&c.txnOrder, t.heapIdx)
+	}
+}
+
+func (c *Checker) dropTxn(lsn uint64, why string) {
+	c.removeTxn(lsn)
 	c.dirtyTxn[lsn] = true
 	c.decided.add(strconv.FormatUint(lsn, 10))
 	c.metrics.Dropped.WithLabelValues("transaction").Inc()
@@ -786,7 +803,7 @@ func (c *Checker) tryDecide(t *txnState) {
 				zap.Int("seen", t.Seen[tbl]), zap.Int("counted", n))
 		}
 	}
-	delete(c.txns, t.LSN)
+	c.removeTxn(t.LSN)
 	c.decided.add(strconv.FormatUint(t.LSN, 10))
 	c.dirtyTxn[t.LSN] = true
 	c.stats.Decided++

@@ -28,6 +28,8 @@ type txnState struct {
 	// Overflow: the transaction outgrew MaxTransactionItems; it is counted
 	// to completion but not decided.
 	Overflow bool `json:"overflow,omitempty"`
+
+	heapIdx int // index in the checker's txnHeap
 }
 
 type netOp struct {
@@ -193,4 +195,30 @@ func (h *pendHeap) Pop() any {
 	*h = old[:n-1]
 	p.heapIdx = -1
 	return p
+}
+
+// txnHeap orders open transactions by commit LSN, lowest first: the
+// transaction a bound evicts.
+type txnHeap []*txnState
+
+func (h txnHeap) Len() int           { return len(h) }
+func (h txnHeap) Less(i, j int) bool { return h[i].LSN < h[j].LSN }
+func (h txnHeap) Swap(i, j int) {
+	h[i], h[j] = h[j], h[i]
+	h[i].heapIdx = i
+	h[j].heapIdx = j
+}
+func (h *txnHeap) Push(x any) {
+	t := x.(*txnState)
+	t.heapIdx = len(*h)
+	*h = append(*h, t)
+}
+func (h *txnHeap) Pop() any {
+	old := *h
+	n := len(old)
+	t := old[n-1]
+	old[n-1] = nil
+	*h = old[:n-1]
+	t.heapIdx = -1
+	return t
 }
