@@ -63,7 +63,10 @@ func TestOpenTransactionBoundEvictsLowestLSN(t *testing.T) {
 	if c.decided.has("40") || c.decided.has("50") {
 		t.Error("a transaction still open or decided elsewhere was marked dropped")
 	}
-	if len(c.txnOrder) != len(c.txns) {
-		t.Errorf("heap holds %d, map %d", len(c.txnOrder), len(c.txns))
+	// A transaction decided when complete leaves the heap too.
+	feed(t, c, change("events", "c", 70, 0, key("$e"), nil, ev("$e")), change("event_json", "c", 70, 1, key("$e"), nil, js("$e")),
+		end(t, 70, map[string]int{"public.events": 1, "public.event_json": 1}))
+	if _, open := c.txns[70]; open || len(c.txnOrder) != len(c.txns) {
+		t.Errorf("after a decision: heap holds %d, map %d", len(c.txnOrder), len(c.txns))
 	}
 }
