@@ -125,7 +125,7 @@ type Checker struct {
 	trackTxns  bool                         // some rule is decided at END records
 	positions  map[string]pipeline.Position // topic/partition -> last applied
 	txns       map[uint64]*txnState
-	txnOrder   txnHeap // the open transactions by commit LSN
+	txnOrder   txnHeap  // the open transactions by commit LSN
 	decided    *fifoSet // recently decided transactions (commit LSN)
 	pending    map[string]*pend
 	byMatch    map[string]map[string]*pend // rule|matchkey -> pend key -> pend
