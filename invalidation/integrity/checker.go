@@ -1194,26 +1194,28 @@ func (c *Checker) confirm(ctx context.Context, due []*pend) ([]bool, error) {
 		for j, i := range idx {
 			keys[j] = due[i].Match
 		}
-		rel, err := c.probe.Existing(ctx, r.related, r.relCols, r.Expect.Where, keys)
-		if err != nil {
-			return nil, err
-		}
-		c.metrics.Checks.Add(float64(len(keys)))
 		switch due[idx[0]].Kind {
 		case KindMissing:
+			rel, err := c.probe.Existing(ctx, r.related, r.relCols, r.Expect.Where, keys)
+			if err != nil {
+				return nil, err
+			}
 			for j, i := range idx {
 				out[i] = !rel[j]
 			}
 		case KindOrphaned:
-			par, err := c.probe.Existing(ctx, r.table, r.cols, r.Where, keys)
+			// Parent present and related row absent, read in one statement
+			// (one snapshot): two reads could see a parent deleted, or a
+			// related row written, between them.
+			orph, err := c.probe.Orphaned(ctx, r.table, r.cols, r.Where, r.related, r.relCols, r.Expect.Where, keys)
 			if err != nil {
 				return nil, err
 			}
-			c.metrics.Checks.Add(float64(len(keys)))
 			for j, i := range idx {
-				out[i] = par[j] && !rel[j]
+				out[i] = orph[j]
 			}
 		}
+		c.metrics.Checks.Add(float64(len(keys)))
 	}
 	return out, nil
 }

@@ -33,19 +33,32 @@ func NewProber(pool *pgxpool.Pool, perSecond float64, burst int) *Prober {
 // have a row in t whose cols equal them and whose where columns hold the
 // given values. The result is indexed like keys.
 func (p *Prober) Existing(ctx context.Context, t *TableSchema, cols []string, where map[string]string, keys [][]string) ([]bool, error) {
+	return p.query(ctx, t.Name, existsSQL(t, cols, where), len(cols), []map[string]string{where}, keys)
+}
+
+// Orphaned reports which keys have a parent row (in parent, matching
+// parCols and parWhere) but no related row (in rel, relCols and relWhere),
+// both EXISTS in one statement, so both are read in one snapshot.
+func (p *Prober) Orphaned(ctx context.Context, parent *TableSchema, parCols []string, parWhere map[string]string,
+	rel *TableSchema, relCols []string, relWhere map[string]string, keys [][]string) ([]bool, error) {
+	sql := orphanedSQL(parent, parCols, parWhere, rel, relCols, relWhere)
+	return p.query(ctx, parent.Name+" and "+rel.Name, sql, len(parCols), []map[string]string{parWhere, relWhere}, keys)
+}
+
+// query runs sql over keys in rate-limited chunks: $1 the keys' indexes,
+// $2.. one text array per key column, then the where values in order.
+func (p *Prober) query(ctx context.Context, what, sql string, ncols int, wheres []map[string]string, keys [][]string) ([]bool, error) {
 	out := make([]bool, len(keys))
-	sql := existsSQL(t, cols, where)
-	wcols := sortedKeys(where)
 	for start := 0; start < len(keys); start += p.chunk {
 		end := min(start+p.chunk, len(keys))
 		if err := p.lim.WaitN(ctx, end-start); err != nil {
 			return nil, err
 		}
 		idx := make([]int32, 0, end-start)
-		arrays := make([][]string, len(cols))
+		arrays := make([][]string, ncols)
 		for i := start; i < end; i++ {
 			idx = append(idx, int32(i))
-			for j := range cols {
+			for j := range ncols {
 				arrays[j] = append(arrays[j], keys[i][j])
 			}
 		}
@@ -53,12 +66,14 @@ func (p *Prober) Existing(ctx context.Context, t *TableSchema, cols []string, wh
 		for _, a := range arrays {
 			args = append(args, a)
 		}
-		for _, c := range wcols {
-			args = append(args, where[c])
+		for _, w := range wheres {
+			for _, c := range sortedKeys(w) {
+				args = append(args, w[c])
+			}
 		}
 		rows, err := p.pool.Query(ctx, sql, args...)
 		if err != nil {
-			return nil, fmt.Errorf("checking %s: %w", t.Name, err)
+			return nil, fmt.Errorf("checking %s: %w", what, err)
 		}
 		for rows.Next() {
 			var i int32
@@ -70,7 +85,7 @@ func (p *Prober) Existing(ctx context.Context, t *TableSchema, cols []string, wh
 		}
 		rows.Close()
 		if err := rows.Err(); err != nil {
-			return nil, fmt.Errorf("checking %s: %w", t.Name, err)
+			return nil, fmt.Errorf("checking %s: %w", what, err)
 		}
 	}
 	return out, nil
@@ -84,17 +99,37 @@ func (p *Prober) Existing(ctx context.Context, t *TableSchema, cols []string, wh
 // Casting the text parameter to the column's type keeps the column's index
 // usable.
 func existsSQL(t *TableSchema, cols []string, where map[string]string) string {
-	schema, name, _ := strings.Cut(t.Name, ".")
+	cond, _ := existsCond(t, cols, where, len(cols)+2)
+	return keysSQL(len(cols)) + " WHERE " + cond
+}
+
+// orphanedSQL is existsSQL's statement with EXISTS (parent) AND NOT EXISTS
+// (related): the parent's where values come first, then the related's.
+func orphanedSQL(parent *TableSchema, parCols []string, parWhere map[string]string, rel *TableSchema, relCols []string, relWhere map[string]string) string {
+	par, next := existsCond(parent, parCols, parWhere, len(parCols)+2)
+	r, _ := existsCond(rel, relCols, relWhere, next)
+	return keysSQL(len(parCols)) + " WHERE " + par + " AND NOT " + r
+}
+
+func keysSQL(ncols int) string {
 	var b strings.Builder
 	b.WriteString("SELECT k.i FROM unnest($1::int4[]")
-	for j := range cols {
+	for j := range ncols {
 		fmt.Fprintf(&b, ", $%d::text[]", j+2)
 	}
 	b.WriteString(") AS k(i")
-	for j := range cols {
+	for j := range ncols {
 		b.WriteString(", c" + strconv.Itoa(j))
 	}
-	b.WriteString(") WHERE EXISTS (SELECT 1 FROM " + pgx.Identifier{schema, name}.Sanitize() + " r WHERE ")
+	b.WriteString(")")
+	return b.String()
+}
+
+// existsCond is "EXISTS (SELECT 1 FROM t r WHERE r.col_j = k.c_j::type AND
+// r.w::text = $param ...)" with where's values from param on (sorted by
+// column); next is the first parameter it leaves free.
+func existsCond(t *TableSchema, cols []string, where map[string]string, param int) (cond string, next int) {
+	schema, name, _ := strings.Cut(t.Name, ".")
 	var conds []string
 	for j, c := range cols {
 		conds = append(conds, fmt.Sprintf("r.%s = k.c%d::%s", pgx.Identifier{c}.Sanitize(), j, t.Types[c]))
@@ -104,10 +139,9 @@ func existsSQL(t *TableSchema, cols []string, where map[string]string) string {
 		wcols = append(wcols, c)
 	}
 	sort.Strings(wcols)
-	for j, c := range wcols {
-		conds = append(conds, fmt.Sprintf("r.%s::text = $%d", pgx.Identifier{c}.Sanitize(), len(cols)+2+j))
+	for _, c := range wcols {
+		conds = append(conds, fmt.Sprintf("r.%s::text = $%d", pgx.Identifier{c}.Sanitize(), param))
+		param++
 	}
-	b.WriteString(strings.Join(conds, " AND "))
-	b.WriteString(")")
-	return b.String()
+	return "EXISTS (SELECT 1 FROM " + pgx.Identifier{schema, name}.Sanitize() + " r WHERE " + strings.Join(conds, " AND ") + ")", param
 }
