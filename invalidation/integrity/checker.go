@@ -1,6 +1,7 @@
 package integrity
 
 import (
+	"bytes"
 	"container/heap"
 	"container/list"
 	"context"
@@ -639,7 +640,23 @@ func (c *Checker) monotonic(r *compiled, env *pipeline.Envelope, base item, stor
 				cur, ok = stored[k]
 			}
 			if ok && !cur.pos().Less(pos) {
-				return // applied already, or a later change of its transaction came first
+				// Applied already, or a later change of its transaction came
+				// first: the insert of a split update (another partition).
+				// Compare it with what this delete removed.
+				if cur.LSN == base.LSN && !cur.Gone && strings.ContainsRune(r.ops, 'c') && whereHolds(env.Before, r.Where, true) {
+					if old, has := pipeline.Text(env.Before, r.Monotonic.Column); has {
+						if cmp, okc := r.order(cur.V, old); okc && cmp < 0 {
+							it := base
+							it.Seq = cur.Seq
+							if len(cur.K) > 0 {
+								it.RowKey = cur.K
+							}
+							it.Rule, it.Kind, it.Match = r.Name, KindRegressed, vals
+							c.flag(r, it, regressedDetail(r, old, cur.V, vals))
+						}
+					}
+				}
+				return
 			}
 			if old, has := pipeline.Text(env.Before, r.Monotonic.Column); has {
 				// Kept until its transaction has passed: an update of a
@@ -700,11 +717,21 @@ func (c *Checker) monotonic(r *compiled, env *pipeline.Envelope, base item, stor
 	if havePrev && comparable && cmp < 0 {
 		it := base
 		it.Rule, it.Kind, it.Match = r.Name, KindRegressed, keyVals
-		c.flag(r, it, fmt.Sprintf("%s.%s moved backwards from %s to %s for (%s) = (%s)", r.Rule.Table, r.Monotonic.Column, prev, nv,
-			strings.Join(r.cols, ", "), strings.Join(keyVals, ", ")))
+		c.flag(r, it, regressedDetail(r, prev, nv, keyVals))
 	}
 	delete(c.monoGone, k)
-	c.putMono(k, monoVal{V: nv, LSN: base.LSN, Seq: base.Seq})
+	mv := monoVal{V: nv, LSN: base.LSN, Seq: base.Seq}
+	if op == 'c' {
+		// An insert may be the second half of a split update whose delete
+		// arrives later: its violation is this insert's.
+		mv.K = bytes.Clone(base.RowKey)
+	}
+	c.putMono(k, mv)
+}
+
+func regressedDetail(r *compiled, prev, nv string, keyVals []string) string {
+	return fmt.Sprintf("%s.%s moved backwards from %s to %s for (%s) = (%s)", r.Rule.Table, r.Monotonic.Column, prev, nv,
+		strings.Join(r.cols, ", "), strings.Join(keyVals, ", "))
 }
 
 // putMono keeps a monotonic value, in memory while the bound allows and in

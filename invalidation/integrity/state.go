@@ -81,6 +81,9 @@ type monoVal struct {
 	// Gone: the row was deleted at this position (V is its last value),
 	// kept for an insert of the same transaction.
 	Gone bool `json:"g,omitempty"`
+	// K is the row key of the insert that set V (a split update's
+	// violation is the insert's, whichever half arrives first).
+	K json.RawMessage `json:"k,omitempty"`
 }
 
 func (m monoVal) pos() pipeline.Position {
