@@ -42,7 +42,7 @@ ALTER TABLE logs REPLICA IDENTITY FULL`)
 	e.exec(`INSERT INTO seen VALUES ('@a', '2026-01-01 00:00:00.1+00', 1.5)`)
 	e.exec(`UPDATE seen SET at = '2026-01-01 00:00:00.123+00', amount = 1.50000000000000000001 WHERE user_id = '@a'`) // forward
 	e.exec(`UPDATE seen SET at = '2026-01-01 00:00:00.12+00' WHERE user_id = '@a'`)                                   // at back
-	e.exec(`UPDATE seen SET amount = 1.5 WHERE user_id = '@a'`)                                                      // amount back
+	e.exec(`UPDATE seen SET amount = 1.5 WHERE user_id = '@a'`)                                                       // amount back
 	e.exec(`INSERT INTO logs VALUES ('s', 10)`)
 	e.exec(`UPDATE logs SET n = 10.5 WHERE stream = 's'`) // forward
 	e.exec(`UPDATE logs SET n = 5 WHERE stream = 's'`)    // back
