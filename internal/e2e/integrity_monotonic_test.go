@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -49,11 +50,15 @@ ALTER TABLE logs REPLICA IDENTITY FULL`)
 	ie.settle(ig, time.Second, 3*time.Minute)
 	var got []string
 	for _, v := range ie.violations() {
-		got = append(got, v.Rule+"/"+v.Kind)
+		got = append(got, v.Rule+": "+v.Detail)
 	}
 	slices.Sort(got)
-	want := []string{"logs_n/regressed", "seen_amount/regressed", "seen_at/regressed"}
+	want := []string{
+		"logs_n: public.logs.n moved backwards from 10.5 to 5 for (stream) = (s)",
+		"seen_amount: public.seen.amount moved backwards from 1.50000000000000000001 to 1.5 for (user_id) = (@a)",
+		"seen_at: public.seen.at moved backwards from 2026-01-01T00:00:00.123Z to 2026-01-01T00:00:00.12Z for (user_id) = (@a)",
+	}
 	if !slices.Equal(got, want) {
-		t.Errorf("violations %v, want %v", got, want)
+		t.Errorf("violations:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
 	}
 }
