@@ -590,15 +590,19 @@ func (c *Checker) handleChange(ctx context.Context, m *invalidation.Message) err
 // keys a change touches that memory no longer holds (only once a bound
 // evicted some).
 func (c *Checker) lookupMono(ctx context.Context, table string, env *pipeline.Envelope) (map[string]monoVal, error) {
-	if c.monoAll || (env.Op != "c" && env.Op != "u") {
+	if c.monoAll || (env.Op != "c" && env.Op != "u" && env.Op != "d") {
 		return nil, nil
+	}
+	img := env.After
+	if env.Op == "d" {
+		img = env.Before // a delete is compared with, or replaces, the kept value
 	}
 	var out map[string]monoVal
 	for _, r := range c.eng.byTable[table] {
 		if r.Monotonic == nil {
 			continue
 		}
-		vals, ok := values(env.After, r.cols)
+		vals, ok := values(img, r.cols)
 		if !ok {
 			continue
 		}
