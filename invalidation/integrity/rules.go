@@ -18,10 +18,12 @@
 //     reached, not the wall clock), it is confirmed against the database
 //     (read-only, pooled, rate-limited) before anything is flagged, so a row
 //     written earlier or a lagging consumer never produces a flag.
-//   - A monotonic rule compares a column with its previous value for a key:
-//     from the before image when the replica identity provides it, otherwise
-//     from the last value seen, kept in a bounded in-memory index backed by a
-//     state table (restart-safe).
+//   - A monotonic rule compares a column, by its type (order.go), with its
+//     previous value for a key: from the before image when the replica
+//     identity provides it, otherwise from the last value seen, kept in a
+//     bounded in-memory index backed by a state table (restart-safe). An
+//     update split into a delete and an insert (a table keyed by the whole
+//     row) is compared within its transaction, whichever half comes first.
 //
 // Violations have a deterministic id (rule, row key, position), so replays
 // never duplicate them; they go to <prefix>.violations, to the
