@@ -1,7 +1,6 @@
 package integrity
 
 import (
-	"bytes"
 	"container/heap"
 	"container/list"
 	"context"
@@ -653,7 +652,7 @@ func (c *Checker) monotonic(r *compiled, env *pipeline.Envelope, base item, stor
 							it := base
 							it.Seq = cur.Seq
 							if len(cur.K) > 0 {
-								it.RowKey = cur.K
+								it.RowKey = json.RawMessage(cur.K)
 							}
 							it.Rule, it.Kind, it.Match = r.Name, KindRegressed, vals
 							c.flag(r, it, regressedDetail(r, old, cur.V, vals))
@@ -728,7 +727,7 @@ func (c *Checker) monotonic(r *compiled, env *pipeline.Envelope, base item, stor
 	if op == 'c' {
 		// An insert may be the second half of a split update whose delete
 		// arrives later: its violation is this insert's.
-		mv.K = bytes.Clone(base.RowKey)
+		mv.K = string(base.RowKey)
 	}
 	c.putMono(k, mv)
 }

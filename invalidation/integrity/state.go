@@ -83,7 +83,7 @@ type monoVal struct {
 	Gone bool `json:"g,omitempty"`
 	// K is the row key of the insert that set V (a split update's
 	// violation is the insert's, whichever half arrives first).
-	K json.RawMessage `json:"k,omitempty"`
+	K string `json:"k,omitempty"` // a string: a state table of jsonb would reorder a raw key
 }
 
 func (m monoVal) pos() pipeline.Position {

@@ -12,6 +12,7 @@ import (
 
 	"github.com/tidemark/tidemark/internal/leakcheck"
 	"github.com/tidemark/tidemark/internal/pgserver"
+	"github.com/tidemark/tidemark/invalidation"
 	"github.com/tidemark/tidemark/pipeline"
 )
 
@@ -309,6 +310,49 @@ func TestSetupRacesOtherSchemaCreators(t *testing.T) {
 			if err := <-errs; err != nil {
 				t.Fatalf("round %d: %v", round, err)
 			}
+		}
+	}
+}
+
+// TestMonotonicSplitUpdateAcrossRestart: a split update whose halves are
+// applied on either side of a restart is still compared, and its violation
+// has the id it has without the restart.
+func TestMonotonicSplitUpdateAcrossRestart(t *testing.T) {
+	pool := testPool(t)
+	ctx := context.Background()
+	logs := &TableSchema{Name: "public.logs", Columns: []string{"stream", "n"}, Identity: []string{"stream", "n"},
+		Types: map[string]string{"stream": `"pg_catalog"."text"`, "n": `"pg_catalog"."numeric"`}}
+	rules := []Rule{{Name: "logs_n", Table: "public.logs", Monotonic: &Monotonic{Column: "n", Key: []string{"stream"}}}}
+	ApplyDefaults(rules)
+	eng, err := Compile("integrity.rules", rules, map[string]*TableSchema{"public.logs": logs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	row := func(n string) map[string]any { return map[string]any{"stream": "s", "n": n} }
+	del := change("logs", "d", 11, 0, `{"stream":"s","n":"20"}`, row("20"), nil)
+	ins := change("logs", "c", 11, 1, `{"stream":"s","n":"15"}`, nil, row("15"))
+	ref := NewChecker(eng, nil, nil, Options{Group: "ref"}, nil, nil)
+	feed(t, ref, del, ins)
+	if len(ref.violations) != 1 {
+		t.Fatalf("reference run: %v", kinds(ref))
+	}
+	for i, order := range [][]*invalidation.Message{{del, ins}, {ins, del}} {
+		group := fmt.Sprintf("split%d", i)
+		c := NewChecker(eng, NewStore(pool, "tidemark", group), nil, Options{Group: group}, nil, nil)
+		if err := c.Load(ctx); err != nil {
+			t.Fatal(err)
+		}
+		feed(t, c, order[0])
+		if err := c.Flush(ctx); err != nil {
+			t.Fatal(err)
+		}
+		c = NewChecker(eng, NewStore(pool, "tidemark", group), nil, Options{Group: group}, nil, nil) // restart
+		if err := c.Load(ctx); err != nil {
+			t.Fatal(err)
+		}
+		feed(t, c, order[1])
+		if len(c.violations) != 1 || c.violations[0].ID != ref.violations[0].ID {
+			t.Errorf("%s first, restart, then %s: violations %v, want the reference's id %s", order[0].Env.Op, order[1].Env.Op, c.violations, ref.violations[0].ID)
 		}
 	}
 }
