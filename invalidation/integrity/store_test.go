@@ -350,6 +350,9 @@ func TestMonotonicSplitUpdateAcrossRestart(t *testing.T) {
 		if err := c.Load(ctx); err != nil {
 			t.Fatal(err)
 		}
+		if order[0].Env.Op == "d" && len(c.monoGone) != 1 {
+			t.Errorf("the deleted value is not known after the restart as one to forget: %v", c.monoGone)
+		}
 		feed(t, c, order[1])
 		if len(c.violations) != 1 || c.violations[0].ID != ref.violations[0].ID {
 			t.Errorf("%s first, restart, then %s: violations %v, want the reference's id %s", order[0].Env.Op, order[1].Env.Op, c.violations, ref.violations[0].ID)
