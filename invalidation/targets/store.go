@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"math"
 	"sort"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -31,8 +33,9 @@ import (
 // across partitions change nothing. notify_targets is derived from the facts
 // (joined and active) when a room is settled; a room's settlement runs in one
 // transaction holding the room's row lock and writes the update to the
-// outbox, which is then published under the same lock and emptied (so
-// outputs follow the committed state, in order, at least once).
+// outbox, which is then published outside any transaction, under a
+// per-room lease, and emptied (so outputs follow the committed state, in
+// order, at least once; see Drain).
 type Store struct {
 	pool   *pgxpool.Pool
 	schema string
@@ -406,9 +409,14 @@ func (s *Store) writeOutbox(ctx context.Context, tx pgx.Tx, ups []RoomUpdate) er
 }
 
 // Drain publishes the outbox records of rooms (nil: every room with
-// records) in commit order, under the rooms' row locks so that two
-// processes never publish one room's records out of order, and deletes
-// them once publish returned. At least once: a crash republishes.
+// records) in commit order and deletes them once publish returned. It holds
+// no database transaction while publishing: the rooms are leased with
+// session-level advisory locks (taken with pg_try_advisory_lock, so no
+// statement waits on a lock either), the records are read and deleted in
+// short statements, and a lease dies with its connection. Two processes
+// therefore never publish one room's records at once, and a room's records
+// go out in version order. At least once: a crash between publish and
+// delete republishes the same records, with the same versions.
 func (s *Store) Drain(ctx context.Context, rooms []string, publish Publisher) error {
 	if rooms == nil {
 		rows, err := s.pool.Query(ctx, fmt.Sprintf(`SELECT DISTINCT room_id FROM %s`, s.t.outbox))
@@ -423,53 +431,117 @@ func (s *Store) Drain(ctx context.Context, rooms []string, publish Publisher) er
 		return nil
 	}
 	rooms = dedupeSorted(rooms)
-	for {
-		n := 0
-		err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-			if _, err := tx.Exec(ctx, fmt.Sprintf(`SELECT 1 FROM %s WHERE room_id = ANY($1::text[]) ORDER BY room_id FOR UPDATE`, s.t.rooms), rooms); err != nil {
-				return err
+	if err := s.drain(ctx, rooms, publish); err != nil {
+		return fmt.Errorf("publishing the outbox of %d room(s): %w", len(rooms), err)
+	}
+	return nil
+}
+
+// drainBatch bounds the records read and published at once.
+const drainBatch = 1000
+
+func (s *Store) drain(ctx context.Context, rooms []string, publish Publisher) (err error) {
+	conn, err := s.pool.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	keys, err := s.leaseRooms(ctx, conn, rooms)
+	defer func() {
+		// Unlock what was taken; a connection that cannot say so is closed,
+		// which ends its locks.
+		if len(keys) > 0 {
+			uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			defer cancel()
+			if _, uerr := conn.Exec(uctx, `SELECT pg_advisory_unlock($1, k) FROM unnest($2::int4[]) k`, s.leaseSpace(), keys); uerr != nil {
+				_ = conn.Conn().Close(uctx)
 			}
-			rows, err := tx.Query(ctx, fmt.Sprintf(`SELECT id, room_id, payload::text FROM %s WHERE room_id = ANY($1::text[]) ORDER BY id LIMIT 1000`, s.t.outbox), rooms)
-			if err != nil {
-				return err
-			}
-			var ids []int64
-			var ups []RoomUpdate
-			var id int64
-			var room, payload string
-			if _, err := pgx.ForEachRow(rows, []any{&id, &room, &payload}, func() error {
-				var rec outboxRecord
-				if err := json.Unmarshal([]byte(payload), &rec); err != nil {
-					return fmt.Errorf("outbox record %d: %w", id, err)
-				}
-				u := RoomUpdate{Room: room, Users: rec.Users, Version: rec.Version, Pos: pipeline.Position{CommitLSN: pipeline.LSN(rec.LSN), Seq: rec.Seq}}
-				for _, c := range rec.Changes {
-					u.Changes = append(u.Changes, Change{User: c.User, Added: c.Added, Reason: c.Reason, Pos: pipeline.Position{CommitLSN: pipeline.LSN(c.LSN), Seq: c.Seq}})
-				}
-				ids = append(ids, id)
-				ups = append(ups, u)
-				return nil
-			}); err != nil {
-				return err
-			}
-			if n = len(ids); n == 0 {
-				return nil
-			}
-			if publish != nil {
-				if err := publish(ctx, ups); err != nil {
-					return err
-				}
-			}
-			_, err = tx.Exec(ctx, fmt.Sprintf(`DELETE FROM %s WHERE id = ANY($1::bigint[])`, s.t.outbox), ids)
-			return err
-		})
-		if err != nil {
-			return fmt.Errorf("publishing the outbox of %d room(s): %w", len(rooms), err)
 		}
-		if n < 1000 {
+		conn.Release()
+	}()
+	if err != nil {
+		return err
+	}
+	for {
+		rows, err := conn.Query(ctx, fmt.Sprintf(`SELECT id, room_id, payload::text FROM %s WHERE room_id = ANY($1::text[]) ORDER BY id LIMIT %d`, s.t.outbox, drainBatch), rooms)
+		if err != nil {
+			return err
+		}
+		var ids []int64
+		var ups []RoomUpdate
+		var id int64
+		var room, payload string
+		if _, err := pgx.ForEachRow(rows, []any{&id, &room, &payload}, func() error {
+			var rec outboxRecord
+			if err := json.Unmarshal([]byte(payload), &rec); err != nil {
+				return fmt.Errorf("outbox record %d: %w", id, err)
+			}
+			u := RoomUpdate{Room: room, Users: rec.Users, Version: rec.Version, Pos: pipeline.Position{CommitLSN: pipeline.LSN(rec.LSN), Seq: rec.Seq}}
+			for _, c := range rec.Changes {
+				u.Changes = append(u.Changes, Change{User: c.User, Added: c.Added, Reason: c.Reason, Pos: pipeline.Position{CommitLSN: pipeline.LSN(c.LSN), Seq: c.Seq}})
+			}
+			ids = append(ids, id)
+			ups = append(ups, u)
+			return nil
+		}); err != nil {
+			return err
+		}
+		if len(ids) == 0 {
+			return nil
+		}
+		if publish != nil {
+			if err := publish(ctx, ups); err != nil {
+				return err
+			}
+		}
+		if _, err := conn.Exec(ctx, fmt.Sprintf(`DELETE FROM %s WHERE id = ANY($1::bigint[])`, s.t.outbox), ids); err != nil {
+			return err
+		}
+		if len(ids) < drainBatch {
 			return nil
 		}
 	}
+}
+
+// leaseSpace is the first key of the rooms' advisory locks, per schema.
+func (s *Store) leaseSpace() int32 {
+	h := fnv.New32a()
+	h.Write([]byte(s.schema + ".notify_outbox"))
+	return int32(h.Sum32())
+}
+
+// leaseRooms takes the advisory lock of every room on conn, in key order (so
+// two drains never wait on each other in a cycle), polling for locks held
+// by another process. It returns the keys it holds, also on error.
+func (s *Store) leaseRooms(ctx context.Context, conn *pgxpool.Conn, rooms []string) ([]int32, error) {
+	var want []int32
+	if err := conn.QueryRow(ctx, `SELECT coalesce(array_agg(DISTINCT hashtext(r) ORDER BY hashtext(r)), '{}') FROM unnest($1::text[]) r`, rooms).Scan(&want); err != nil {
+		return nil, err
+	}
+	held := make([]int32, 0, len(want))
+	wait := 10 * time.Millisecond
+	for len(held) < len(want) {
+		var got int
+		// Takes keys in order and stops at the first one held elsewhere.
+		err := conn.QueryRow(ctx, `WITH RECURSIVE t(i, ok) AS (
+  SELECT 0, true
+  UNION ALL
+  SELECT i + 1, pg_try_advisory_lock($1, ($2::int4[])[i + 1]) FROM t WHERE ok AND i < cardinality($2::int4[]))
+SELECT count(*) FILTER (WHERE ok) - 1 FROM t`, s.leaseSpace(), want[len(held):]).Scan(&got)
+		if err != nil {
+			return held, err
+		}
+		held = append(held, want[len(held):len(held)+got]...)
+		if len(held) == len(want) {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return held, ctx.Err()
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, 500*time.Millisecond)
+	}
+	return held, nil
 }
 
 // Pending counts rooms waiting to be settled and outbox records waiting to
