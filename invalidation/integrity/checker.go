@@ -113,12 +113,14 @@ type Stats struct {
 // it with NewChecker, call Load, then run the consumer and Run (the
 // deadline ticker) together.
 type Checker struct {
-	eng     *Engine
-	store   *Store
-	probe   *Prober
-	opt     Options
-	log     *zap.Logger
-	metrics *Metrics
+	// outboxPending: the violation outbox may hold records to publish.
+	outboxPending bool
+	eng           *Engine
+	store         *Store
+	probe         *Prober
+	opt           Options
+	log           *zap.Logger
+	metrics       *Metrics
 
 	mu         sync.Mutex
 	subscribed map[string]bool
@@ -171,7 +173,8 @@ func NewChecker(eng *Engine, store *Store, probe *Prober, opt Options, metrics *
 		decided: newFIFOSet(10000), pending: map[string]*pend{}, byMatch: map[string]map[string]*pend{},
 		recent: map[string]*fifoSet{}, mono: newLRU(opt.MaxKeys), monoEvicted: map[string]monoVal{}, monoGone: map[string]uint64{}, monoAll: true, open: map[string][]*Violation{},
 		lastWarn: map[string]time.Time{}, resolvedV: map[string]*Violation{},
-		dirtyPos: map[string]bool{}, dirtyTxn: map[uint64]bool{}, dirtyPend: map[string]bool{}, dirtyMono: map[string]bool{}}
+		dirtyPos: map[string]bool{}, dirtyTxn: map[uint64]bool{}, dirtyPend: map[string]bool{}, dirtyMono: map[string]bool{},
+		outboxPending: true}
 	for _, t := range eng.Tables() {
 		c.subscribed[t] = true
 	}
@@ -990,6 +993,9 @@ func (c *Checker) Flush(ctx context.Context) error {
 }
 
 func (c *Checker) flushLocked(ctx context.Context) error {
+	if err := c.drainOutboxLocked(ctx); err != nil {
+		return err
+	}
 	c.pruneGone()
 	b := &batch{violations: c.violations, resolved: c.resolved, upserts: map[stateKey][]byte{}, deletes: map[stateKey]bool{}}
 	put := func(kind, key string, v any) {
@@ -1030,9 +1036,9 @@ func (c *Checker) flushLocked(ctx context.Context) error {
 	if b.empty() {
 		return nil
 	}
-	var publish func(context.Context, *commitResult) error
+	var records func(*commitResult) []pipeline.Message
 	if c.opt.ViolationsTopic != "" && c.opt.Publisher != nil && (len(b.violations) > 0 || len(b.resolved) > 0) {
-		publish = func(ctx context.Context, res *commitResult) error {
+		records = func(res *commitResult) []pipeline.Message {
 			var msgs []pipeline.Message
 			for _, v := range b.violations {
 				if st := res.status[v.ID]; st == StatusResolved && !res.inserted[v.ID] {
@@ -1045,16 +1051,10 @@ func (c *Checker) flushLocked(ctx context.Context) error {
 					msgs = append(msgs, c.record(rv))
 				}
 			}
-			if len(msgs) == 0 {
-				return nil
-			}
-			if err := c.opt.Publisher.Write(ctx, msgs); err != nil {
-				return fmt.Errorf("publishing %d violation records to %s: %w", len(msgs), c.opt.ViolationsTopic, err)
-			}
-			return nil
+			return msgs
 		}
 	}
-	res, err := c.store.commit(ctx, b, publish)
+	res, err := c.store.commit(ctx, b, records)
 	if err != nil {
 		return err
 	}
@@ -1090,6 +1090,25 @@ func (c *Checker) flushLocked(ctx context.Context) error {
 	clear(c.monoEvicted)
 	c.dirtyClock = false
 	c.updateGauges()
+	if res.outboxed {
+		c.outboxPending = true
+		return c.drainOutboxLocked(ctx)
+	}
+	return nil
+}
+
+// drainOutboxLocked publishes the committed violation records not yet
+// published (also those a crash left behind: outboxPending starts true).
+// It runs outside any database transaction, so a Kafka outage holds no
+// transaction open; an error stalls the caller, which retries Flush.
+func (c *Checker) drainOutboxLocked(ctx context.Context) error {
+	if !c.outboxPending || c.opt.Publisher == nil {
+		return nil
+	}
+	if err := c.store.drainOutbox(ctx, c.opt.Publisher); err != nil {
+		return fmt.Errorf("publishing to %s: %w", c.opt.ViolationsTopic, err)
+	}
+	c.outboxPending = false
 	return nil
 }
 

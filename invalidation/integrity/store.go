@@ -11,6 +11,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/tidemark/tidemark/pipeline"
 )
 
 // Store keeps violations and the consumer's state in Postgres, in one
@@ -18,6 +20,7 @@ import (
 //
 //	<schema>.violations       one row per violation id (idempotent upsert)
 //	<schema>.integrity_state  the consumer's state, by consumer group
+//	<schema>.violation_outbox violations-topic records committed, not yet published
 type Store struct {
 	pool     *pgxpool.Pool
 	schema   string
@@ -64,7 +67,13 @@ CREATE TABLE IF NOT EXISTS $S.integrity_state (
   key      text NOT NULL,
   value    jsonb NOT NULL,
   PRIMARY KEY (consumer, kind, key)
-);`)
+);
+CREATE TABLE IF NOT EXISTS $S.violation_outbox (
+  id       bigserial PRIMARY KEY,
+  consumer text NOT NULL,
+  messages jsonb NOT NULL
+);
+CREATE INDEX IF NOT EXISTS violation_outbox_consumer ON $S.violation_outbox (consumer, id);`)
 	// CREATE SCHEMA IF NOT EXISTS races with itself: another part creating
 	// the same schema (the notification-targets store shares "tidemark")
 	// may win, which is fine.
@@ -235,13 +244,16 @@ type commitResult struct {
 	inserted map[string]bool // violation ids that were new
 	resolved map[string]bool // violation ids that went from open to resolved
 	status   map[string]string
+	outboxed bool // records went to the outbox: drain it
 }
 
 // commit writes b in one transaction: the statements go in one round trip
-// (a pgx batch). When there is something to publish, publish is called
-// inside the transaction, after the violations' stored statuses are known
-// and before the commit, so the topic never misses what the table holds.
-func (s *Store) commit(ctx context.Context, b *batch, publish func(ctx context.Context, res *commitResult) error) (*commitResult, error) {
+// (a pgx batch). When there is something to publish, records is called
+// inside the transaction, after the violations' stored statuses are known,
+// and what it returns is stored in the outbox by the same transaction, so
+// the topic never misses what the table holds; the caller publishes the
+// outbox after the commit (drainOutbox), never inside a transaction.
+func (s *Store) commit(ctx context.Context, b *batch, records func(res *commitResult) []pipeline.Message) (*commitResult, error) {
 	res := &commitResult{inserted: map[string]bool{}, resolved: map[string]bool{}, status: map[string]string{}}
 	pb := &pgx.Batch{}
 	if len(b.violations) > 0 {
@@ -328,7 +340,7 @@ WHERE v.id = x.id AND v.status = 'open' RETURNING v.id`, js).Query(func(r pgx.Ro
 SELECT $1, x.kind, x.key, x.value FROM jsonb_to_recordset($2::jsonb) AS x(kind text, key text, value jsonb)
 ON CONFLICT (consumer, kind, key) DO UPDATE SET value = EXCLUDED.value`, s.consumer, js)
 	}
-	if publish == nil {
+	if records == nil {
 		// One round trip; a batch runs in one implicit transaction.
 		if err := s.pool.SendBatch(ctx, pb).Close(); err != nil {
 			return nil, fmt.Errorf("integrity store: %w", err)
@@ -343,11 +355,58 @@ ON CONFLICT (consumer, kind, key) DO UPDATE SET value = EXCLUDED.value`, s.consu
 	if err := tx.SendBatch(ctx, pb).Close(); err != nil {
 		return nil, fmt.Errorf("integrity store: %w", err)
 	}
-	if err := publish(ctx, res); err != nil {
-		return nil, err
+	if msgs := records(res); len(msgs) > 0 {
+		js, err := json.Marshal(msgs)
+		if err != nil {
+			return nil, err
+		}
+		if _, err := tx.Exec(ctx, `INSERT INTO `+s.t("violation_outbox")+` (consumer, messages) VALUES ($1, $2::jsonb)`, s.consumer, js); err != nil {
+			return nil, fmt.Errorf("integrity store: storing %d violation records for publishing: %w", len(msgs), err)
+		}
+		res.outboxed = true
 	}
 	if err := tx.Commit(ctx); err != nil {
 		return nil, fmt.Errorf("integrity store: commit: %w", err)
 	}
 	return res, nil
+}
+
+// drainOutbox publishes the consumer's outbox in commit order, outside any
+// transaction, deleting each record set once sink acknowledged it. At
+// least once: a crash or a failure between publish and delete publishes
+// the same records again (same keys and values: violation ids are
+// deterministic, so consumers of the topic see a repeat, not a change).
+func (s *Store) drainOutbox(ctx context.Context, sink pipeline.Sink) error {
+	for {
+		rows, err := s.pool.Query(ctx, `SELECT id, messages::text FROM `+s.t("violation_outbox")+` WHERE consumer = $1 ORDER BY id LIMIT 100`, s.consumer)
+		if err != nil {
+			return fmt.Errorf("integrity store: reading the violation outbox: %w", err)
+		}
+		type rec struct {
+			id   int64
+			msgs string
+		}
+		recs, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (rec, error) {
+			var x rec
+			return x, r.Scan(&x.id, &x.msgs)
+		})
+		if err != nil {
+			return fmt.Errorf("integrity store: reading the violation outbox: %w", err)
+		}
+		for _, r := range recs {
+			var msgs []pipeline.Message
+			if err := json.Unmarshal([]byte(r.msgs), &msgs); err != nil {
+				return fmt.Errorf("integrity store: violation outbox record %d: %w", r.id, err)
+			}
+			if err := sink.Write(ctx, msgs); err != nil {
+				return fmt.Errorf("publishing %d violation records: %w", len(msgs), err)
+			}
+			if _, err := s.pool.Exec(ctx, `DELETE FROM `+s.t("violation_outbox")+` WHERE id = $1`, r.id); err != nil {
+				return fmt.Errorf("integrity store: emptying the violation outbox: %w", err)
+			}
+		}
+		if len(recs) < 100 {
+			return nil
+		}
+	}
 }

@@ -106,7 +106,7 @@ func TestStoreIdempotent(t *testing.T) {
 	}
 	published := 0
 	res, err = s.commit(ctx, &batch{violations: []*Violation{v}, resolved: []resolution{{ID: v.ID, At: time.Now(), By: "4097:0"}}},
-		func(context.Context, *commitResult) error { published++; return nil })
+		func(*commitResult) []pipeline.Message { published++; return nil })
 	if err != nil {
 		t.Fatal(err)
 	}
