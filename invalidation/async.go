@@ -6,6 +6,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cenkalti/backoff/v4"
 	kafkago "github.com/segmentio/kafka-go"
 	"go.uber.org/zap"
 )
@@ -137,11 +138,30 @@ func (c *Consumer) commitDurable(ctx context.Context, r *kafkago.Reader, q *comm
 	for _, p := range q.batches[:n] {
 		msgs = append(msgs, p.offsets...)
 	}
-	cctx, cancel := graceful(ctx, c.grace)
-	err := r.CommitMessages(cctx, msgs...)
-	cancel()
-	if err != nil {
-		return fmt.Errorf("committing offsets: %w", err)
+	// An unreachable broker stalls committing (with backoff, counted and
+	// warned about) rather than ending the consumer: the effects are
+	// durable, only the offsets wait.
+	bo := backoff.NewExponentialBackOff(backoff.WithInitialInterval(100*time.Millisecond),
+		backoff.WithMaxInterval(5*time.Second), backoff.WithMaxElapsedTime(0))
+	for attempt := 1; ; attempt++ {
+		cctx, cancel := graceful(ctx, c.grace)
+		err := r.CommitMessages(cctx, msgs...)
+		cancel()
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("committing offsets: %w", err)
+		}
+		c.stats.Retries.Add(1)
+		if attempt == 1 || attempt%20 == 0 {
+			c.log.Warn("committing offsets failed; retrying", zap.String("group", c.cfg.Group), zap.Error(err), zap.Int("attempt", attempt))
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("committing offsets: %w", err)
+		case <-time.After(bo.NextBackOff()):
+		}
 	}
 	now := time.Now()
 	var onApplied func(time.Duration)

@@ -387,8 +387,29 @@ func (c *Consumer) Run(ctx context.Context) error {
 	fetchErr := make(chan error, 1)
 	go func() {
 		defer close(ch)
-		for {
+		// A broker that is unreachable (an outage, a restart) is an
+		// infrastructure failure: fetching stalls and retries, counted in
+		// Retries and warned about, rather than ending the consumer.
+		bo := backoff.NewExponentialBackOff(backoff.WithInitialInterval(100*time.Millisecond),
+			backoff.WithMaxInterval(5*time.Second), backoff.WithMaxElapsedTime(0))
+		for attempt := 0; ; {
 			m, err := r.FetchMessage(fctx)
+			if err != nil && fctx.Err() == nil {
+				attempt++
+				c.stats.Retries.Add(1)
+				if attempt == 1 || attempt%20 == 0 {
+					c.log.Warn("fetching failed; retrying", zap.String("group", c.cfg.Group), zap.Error(err), zap.Int("attempt", attempt))
+				}
+				select {
+				case <-fctx.Done():
+				case <-time.After(bo.NextBackOff()):
+				}
+				continue
+			}
+			if err == nil && attempt > 0 {
+				attempt = 0
+				bo.Reset()
+			}
 			if err == nil {
 				err = gw.observe(fctx, &m) // a retention gap before m
 			}

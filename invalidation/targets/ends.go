@@ -233,13 +233,28 @@ func (x *TxnIndex) Run(ctx context.Context) error {
 		return fmt.Errorf("following %s: %w", x.Topic, err)
 	}
 	defer r.Close()
-	for {
+	// An unreachable broker stalls reading, with backoff and a warning;
+	// the reader resumes at its offset.
+	bo.Reset()
+	for failures := 0; ; {
 		m, err := r.ReadMessage(ctx)
 		if err != nil {
 			if ctx.Err() != nil || errors.Is(err, context.Canceled) {
 				return nil
 			}
-			return fmt.Errorf("reading %s: %w", x.Topic, err)
+			if failures++; failures == 1 || failures%20 == 0 {
+				log.Warn("reading the transactions topic failed; retrying", zap.String("topic", x.Topic), zap.Error(err), zap.Int("attempt", failures))
+			}
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(bo.NextBackOff()):
+			}
+			continue
+		}
+		if failures > 0 {
+			failures = 0
+			bo.Reset()
 		}
 		x.read(log, &m)
 	}
