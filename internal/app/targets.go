@@ -246,7 +246,7 @@ func PrepareTargets(ctx context.Context, cfg *config.Config, log *zap.Logger) (_
 			t.closeAll()
 		}
 	}()
-	if t.state, err = pgxpool.New(ctx, tc.Postgres.DSN); err != nil {
+	if t.state, err = targetsStatePool(ctx, tc.Postgres.DSN, "tidemark-targets"); err != nil {
 		return nil, fmt.Errorf("targets.postgres.dsn: %w", err)
 	}
 	if t.source, err = pgxpool.New(ctx, cfg.Postgres.DSN); err != nil {
@@ -441,6 +441,20 @@ func (t *Targets) Register(reg prometheus.Registerer) {
 		func() float64 { return float64(t.unconfirmed.Load()) })
 }
 
+// targetsStatePool connects to the state database, naming the sessions
+// (application_name, unless the DSN sets one) so that operators can tell
+// them apart in pg_stat_activity.
+func targetsStatePool(ctx context.Context, dsn, name string) (*pgxpool.Pool, error) {
+	pc, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		return nil, errors.New("does not parse")
+	}
+	if pc.ConnConfig.RuntimeParams["application_name"] == "" {
+		pc.ConnConfig.RuntimeParams["application_name"] = name
+	}
+	return pgxpool.NewWithConfig(ctx, pc)
+}
+
 // openTargets opens the source and state pools and the store for the
 // rebuild and audit commands.
 func openTargets(ctx context.Context, cfg *config.Config) (source, state *pgxpool.Pool, store *targets.Store, err error) {
@@ -453,7 +467,7 @@ func openTargets(ctx context.Context, cfg *config.Config) (source, state *pgxpoo
 	if source, err = pgxpool.New(ctx, cfg.Postgres.DSN); err != nil {
 		return nil, nil, nil, fmt.Errorf("postgres.dsn: %w", err)
 	}
-	if state, err = pgxpool.New(ctx, cfg.Targets.Postgres.DSN); err != nil {
+	if state, err = targetsStatePool(ctx, cfg.Targets.Postgres.DSN, "tidemark-targets-admin"); err != nil {
 		source.Close()
 		return nil, nil, nil, fmt.Errorf("targets.postgres.dsn: %w", err)
 	}
