@@ -359,3 +359,88 @@ func TestMonotonicSplitUpdateAcrossRestart(t *testing.T) {
 		}
 	}
 }
+
+// blockingSink holds every Write until release is closed, like a Kafka
+// that is down; it records what it was given.
+type blockingSink struct {
+	entered chan struct{}
+	release chan struct{}
+	got     []pipeline.Message
+}
+
+func (b *blockingSink) Write(ctx context.Context, msgs []pipeline.Message) error {
+	select {
+	case b.entered <- struct{}{}:
+	default:
+	}
+	select {
+	case <-b.release:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	b.got = append(b.got, msgs...)
+	return nil
+}
+
+func (b *blockingSink) Close(context.Context) error { return nil }
+
+// TestPublishOutsideTransaction (issue 15, acceptance 4): while the
+// violations topic does not answer, the store holds no transaction open:
+// the violation and its outbox record are committed first, and publishing
+// happens after; once the sink answers, the outbox empties.
+func TestPublishOutsideTransaction(t *testing.T) {
+	pool := testPool(t)
+	ctx := context.Background()
+	s := NewStore(pool, "tidemark", "g-outbox")
+	if err := s.Setup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	pos := pipeline.Position{CommitLSN: 0x2000, Seq: 1}
+	v := &Violation{ID: ViolationID("ob", []byte(`{"id":2}`), pos), Rule: "ob", Kind: KindMissing, Severity: "error", Table: "public.t",
+		RowKey: []byte(`{"id":2}`), Position: pos.String(), CommitLSN: pos.CommitLSN.String(), Seq: 1, TransactionID: "8:8192",
+		CommittedAt: time.Now().UTC(), DetectedAt: time.Now().UTC(), MatchKey: "ob|2", Detail: "d", Status: StatusOpen}
+	sink := &blockingSink{entered: make(chan struct{}, 1), release: make(chan struct{})}
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.commit(ctx, &batch{violations: []*Violation{v}}, func(*commitResult) []pipeline.Message {
+			return []pipeline.Message{{Topic: "p.violations", Key: []byte(v.ID), Value: []byte(`{"id":"` + v.ID + `"}`)}}
+		})
+		if err == nil {
+			err = s.drainOutbox(ctx, sink)
+		}
+		done <- err
+	}()
+	select {
+	case <-sink.entered:
+	case err := <-done:
+		t.Fatalf("finished without publishing: %v", err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("never published")
+	}
+	time.Sleep(300 * time.Millisecond) // publishing is blocked
+	var open int
+	if err := pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()
+  AND xact_start IS NOT NULL AND now() - xact_start > interval '200 milliseconds'`).Scan(&open); err != nil {
+		t.Fatal(err)
+	}
+	if open != 0 {
+		t.Errorf("%d session(s) held a transaction open while the violations topic was not answering", open)
+	}
+	var stored, outboxed int
+	if err := pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM tidemark.violations WHERE id = $1), (SELECT count(*) FROM tidemark.violation_outbox WHERE consumer = 'g-outbox')`, v.ID).Scan(&stored, &outboxed); err != nil {
+		t.Fatal(err)
+	}
+	if stored != 1 || outboxed != 1 {
+		t.Errorf("while publishing: %d violation row(s), %d outbox record(s) committed; want 1 and 1", stored, outboxed)
+	}
+	close(sink.release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if err := pool.QueryRow(ctx, `SELECT count(*) FROM tidemark.violation_outbox WHERE consumer = 'g-outbox'`).Scan(&outboxed); err != nil {
+		t.Fatal(err)
+	}
+	if len(sink.got) != 1 || string(sink.got[0].Key) != v.ID || outboxed != 0 {
+		t.Errorf("after publishing: sink got %d record(s), %d outbox record(s) left; want 1 and 0", len(sink.got), outboxed)
+	}
+}
