@@ -394,6 +394,11 @@ func (c *Consumer) Run(ctx context.Context) error {
 			backoff.WithMaxInterval(5*time.Second), backoff.WithMaxElapsedTime(0))
 		for attempt := 0; ; {
 			m, err := r.FetchMessage(fctx)
+			if err != nil && fctx.Err() == nil && kafkanet.IsAccess(err) {
+				// TLS, SASL or an ACL: waiting cannot heal it.
+				fetchErr <- kafkanet.Explain(err, strings.Join(c.cfg.Brokers, ","), c.cfg.net())
+				return
+			}
 			if err != nil && fctx.Err() == nil {
 				attempt++
 				c.stats.Retries.Add(1)

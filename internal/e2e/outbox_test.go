@@ -96,13 +96,15 @@ ORDER BY xact_start LIMIT 1`).Scan(&s.app, &s.query, &secs)
 	_, stopTargets := e.startTargets(cfg)
 	_, stopIntegrity := ie.startIntegrity("obx-integrity")
 	var vAtStop int
-	// Kafka stops once both consumers are producing output, mid-backlog
-	// (integrity has flagged some orphans, not all).
+	// Kafka stops once the targets consumer is mid-backlog (it has kept
+	// some memberships, fewer than half): what it has fetched but not
+	// settled is settled during the outage and waits in its outbox.
+	// Integrity may be anywhere (its store-level test is deterministic).
 	for deadline := time.Now().Add(time.Minute); ; time.Sleep(5 * time.Millisecond) {
 		var members, violations int
 		vAtStop = violations
 		if err := e.pool.QueryRow(context.Background(), `SELECT (SELECT count(*) FROM tidemark.notify_memberships),
-  (SELECT count(*) FROM tidemark.violations)`).Scan(&members, &violations); err == nil && members > 0 && violations > 0 && violations < n/3 {
+  (SELECT count(*) FROM tidemark.violations)`).Scan(&members, &violations); err == nil && members > 0 && members < n/2 {
 			vAtStop = violations
 			break
 		}
@@ -144,19 +146,19 @@ ORDER BY xact_start LIMIT 1`).Scan(&s.app, &s.query, &secs)
 
 	// Targets: the changes topic follows the kept state, versions in order.
 	e.checkOutputs(cfg)
-	// Integrity: every stored violation reached the topic once the outbox
-	// emptied.
+	// Integrity: it flags every orphan, and every stored violation reached
+	// the topic once the outbox emptied.
 	deadline := time.Now().Add(time.Minute)
 	for {
-		var ob int
-		if err := e.pool.QueryRow(context.Background(), `SELECT count(*) FROM tidemark.violation_outbox`).Scan(&ob); err != nil {
+		var ob, nv int
+		if err := e.pool.QueryRow(context.Background(), `SELECT (SELECT count(*) FROM tidemark.violation_outbox), (SELECT count(*) FROM tidemark.violations)`).Scan(&ob, &nv); err != nil {
 			t.Fatal(err)
 		}
-		if ob == 0 {
+		if ob == 0 && nv >= n/3 {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%d violation outbox record(s) still unpublished a minute after Kafka returned", ob)
+			t.Fatalf("a minute after Kafka returned: %d violation(s) stored (want %d), %d outbox record(s) unpublished", nv, n/3, ob)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
