@@ -75,22 +75,8 @@ func TestWatermarkedHandler(t *testing.T) {
 	wg.Go(func() { _ = ti.Run(ctx) })
 	defer func() { cancel(); wg.Wait() }()
 
-	change := func(op string, lsn uint64) *invalidation.Message {
-		js := fmt.Sprintf(`{"before":null,"after":{"room_id":"!r"},"op":%q,"source":{"schema":"public","table":"rooms","lsn":%d,"txId":1},"transaction":{"total_order":1}}`, op, lsn)
-		env, err := pipeline.ParseEnvelope([]byte(js))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return &invalidation.Message{Table: "public.rooms", Pos: env.Position(), Env: env}
-	}
-	wait := func(what string, cond func() bool) {
-		t.Helper()
-		for deadline := time.Now().Add(5 * time.Second); !cond(); time.Sleep(2 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatalf("%s: not within 5s", what)
-			}
-		}
-	}
+	change := func(op string, lsn uint64) *invalidation.Message { return roomChange(t, op, "!r", lsn) }
+	wait := func(what string, cond func() bool) { t.Helper(); waitFor(t, what, cond) }
 
 	m := change("c", 100)
 	if err := h.Handle(ctx, m); err != nil {
@@ -182,22 +168,8 @@ func TestWatermarkedHandlerAsync(t *testing.T) {
 	wg.Go(func() { _ = ti.Run(ctx) })
 	defer func() { cancel(); wg.Wait() }()
 
-	change := func(lsn uint64) *invalidation.Message {
-		js := fmt.Sprintf(`{"before":null,"after":{"room_id":"!r%d"},"op":"c","source":{"schema":"public","table":"rooms","lsn":%d,"txId":1},"transaction":{"total_order":1}}`, lsn, lsn)
-		env, err := pipeline.ParseEnvelope([]byte(js))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return &invalidation.Message{Table: "public.rooms", Pos: env.Position(), Env: env}
-	}
-	wait := func(what string, cond func() bool) {
-		t.Helper()
-		for deadline := time.Now().Add(5 * time.Second); !cond(); time.Sleep(2 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatalf("%s: not within 5s", what)
-			}
-		}
-	}
+	change := func(lsn uint64) *invalidation.Message { return roomChange(t, "c", fmt.Sprintf("!r%d", lsn), lsn) }
+	wait := func(what string, cond func() bool) { t.Helper(); waitFor(t, what, cond) }
 	submit := func(m *invalidation.Message) {
 		t.Helper()
 		if err := h.Handle(ctx, m); err != nil {
@@ -237,4 +209,25 @@ func TestWatermarkedHandlerAsync(t *testing.T) {
 	}
 	sink.up.Store(true)
 	wait("a watermark at "+trunc.Position().String(), func() bool { p, _ := sink.watermark(); return p == trunc.Position().String() })
+}
+
+// roomChange is a change of public.rooms (room_id room) at lsn.
+func roomChange(t *testing.T, op, room string, lsn uint64) *invalidation.Message {
+	t.Helper()
+	js := fmt.Sprintf(`{"before":null,"after":{"room_id":%q},"op":%q,"source":{"schema":"public","table":"rooms","lsn":%d,"txId":1},"transaction":{"total_order":1}}`, room, op, lsn)
+	env, err := pipeline.ParseEnvelope([]byte(js))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &invalidation.Message{Table: "public.rooms", Pos: env.Position(), Env: env}
+}
+
+// waitFor waits up to 5 s for cond.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); !cond(); time.Sleep(2 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within 5s", what)
+		}
+	}
 }

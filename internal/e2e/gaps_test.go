@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	kafkago "github.com/segmentio/kafka-go"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
@@ -26,15 +25,7 @@ import (
 func (e *env) cutTopics(topics []string) {
 	e.t.Helper()
 	ctx := context.Background()
-	client := &kafkago.Client{Addr: kafkago.TCP(e.brokers()...), Timeout: 5 * time.Second, Transport: e.transport()}
-	parts := map[string]int{}
-	for _, topic := range topics {
-		n, err := kafkatest.PartitionCountVia(ctx, e.transport(), e.brokers(), topic)
-		if err != nil {
-			e.t.Fatal(err)
-		}
-		parts[topic] = n
-	}
+	client, parts := e.partitionCounts(ctx, topics)
 	ends, err := kafkatest.EndOffsets(ctx, client, parts)
 	if err != nil {
 		e.t.Fatal(err)

@@ -659,11 +659,10 @@ func waitAssignment(t *testing.T, brokers []string, group, topic string, ok func
 	}
 }
 
-// waitGroupCaughtUp waits until group has committed every record topics
-// hold (their end offsets read at each check).
-func (e *env) waitGroupCaughtUp(group string, topics []string, within time.Duration) {
+// partitionCounts returns an admin client of the test's brokers and the
+// partition count of each topic.
+func (e *env) partitionCounts(ctx context.Context, topics []string) (*kafkago.Client, map[string]int) {
 	e.t.Helper()
-	ctx := context.Background()
 	client := &kafkago.Client{Addr: kafkago.TCP(e.brokers()...), Timeout: 5 * time.Second, Transport: e.transport()}
 	parts := map[string]int{}
 	for _, topic := range topics {
@@ -673,6 +672,15 @@ func (e *env) waitGroupCaughtUp(group string, topics []string, within time.Durat
 		}
 		parts[topic] = n
 	}
+	return client, parts
+}
+
+// waitGroupCaughtUp waits until group has committed every record topics
+// hold (their end offsets read at each check).
+func (e *env) waitGroupCaughtUp(group string, topics []string, within time.Duration) {
+	e.t.Helper()
+	ctx := context.Background()
+	client, parts := e.partitionCounts(ctx, topics)
 	for deadline := time.Now().Add(within); ; time.Sleep(20 * time.Millisecond) {
 		behind, err := kafkatest.GroupBehind(ctx, client, group, parts)
 		if err != nil {

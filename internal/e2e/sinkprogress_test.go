@@ -224,24 +224,7 @@ func delCalls(t *testing.T, rd *redistest.Server) int64 {
 // gaugeValue returns the value of metric name with label sink=sink.
 func gaugeValue(t *testing.T, reg *prometheus.Registry, name, sink string) float64 {
 	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == "sink" && l.GetValue() == sink {
-					return metricValue(m)
-				}
-			}
-		}
-	}
-	t.Fatalf("no metric %s{sink=%q}", name, sink)
-	return 0
+	return metricOf(t, reg, name, "sink", sink)
 }
 
 func metricValue(m *dto.Metric) float64 {

@@ -26,21 +26,7 @@ import (
 // auditMetric reads the gauge or counter name (first series) from reg.
 func auditMetric(t *testing.T, reg *prometheus.Registry, name string) float64 {
 	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() == name {
-			m := mf.GetMetric()[0]
-			if m.GetGauge() != nil {
-				return m.GetGauge().GetValue()
-			}
-			return m.GetCounter().GetValue()
-		}
-	}
-	t.Fatalf("no metric %s", name)
-	return 0
+	return metricOf(t, reg, name, "", "")
 }
 
 // TestTargetsAuditCommitAfterL (issue 15, acceptance 2): the audit reads

@@ -603,23 +603,7 @@ func TestTargetsAuditAndRebuild(t *testing.T) {
 	e.start(cfg)
 	reg := prometheus.NewRegistry()
 	_, stop := e.startTargetsWith(cfg, reg)
-	gauge := func(name string) float64 {
-		mfs, err := reg.Gather()
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, mf := range mfs {
-			if mf.GetName() == name {
-				m := mf.GetMetric()[0]
-				if m.GetGauge() != nil {
-					return m.GetGauge().GetValue()
-				}
-				return m.GetCounter().GetValue()
-			}
-		}
-		t.Fatalf("no metric %s", name)
-		return 0
-	}
+	gauge := func(name string) float64 { return auditMetric(t, reg, name) }
 	// waitGauge waits for a periodic audit that started after now to
 	// report want.
 	waitGauge := func(want float64) {

@@ -162,6 +162,13 @@ func TestUnknownAndRenamedTables(t *testing.T) {
 // counterValue is the value of the counter name{label=value} in reg.
 func counterValue(t *testing.T, reg *prometheus.Registry, name, label, value string) float64 {
 	t.Helper()
+	return metricOf(t, reg, name, label, value)
+}
+
+// metricOf is the value of the gauge or counter name{label=value} in reg
+// (label "": its first series).
+func metricOf(t *testing.T, reg *prometheus.Registry, name, label, value string) float64 {
+	t.Helper()
 	mfs, err := reg.Gather()
 	if err != nil {
 		t.Fatal(err)
@@ -171,9 +178,12 @@ func counterValue(t *testing.T, reg *prometheus.Registry, name, label, value str
 			continue
 		}
 		for _, m := range mf.GetMetric() {
+			if label == "" {
+				return metricValue(m)
+			}
 			for _, lp := range m.GetLabel() {
 				if lp.GetName() == label && lp.GetValue() == value {
-					return m.GetCounter().GetValue()
+					return metricValue(m)
 				}
 			}
 		}

@@ -13,7 +13,6 @@ import (
 	"testing"
 	"time"
 
-	kafkago "github.com/segmentio/kafka-go"
 
 	"github.com/tidemark/tidemark/internal/app"
 	"github.com/tidemark/tidemark/internal/config"
@@ -121,15 +120,7 @@ func (cr *countingReceiver) waitKeys(keys []string, within time.Duration) {
 func (e *env) groupBehind(group string, topics []string) (int64, error) {
 	e.t.Helper()
 	ctx := context.Background()
-	client := &kafkago.Client{Addr: kafkago.TCP(e.brokers()...), Timeout: 5 * time.Second, Transport: e.transport()}
-	parts := map[string]int{}
-	for _, topic := range topics {
-		n, err := kafkatest.PartitionCountVia(ctx, e.transport(), e.brokers(), topic)
-		if err != nil {
-			e.t.Fatal(err)
-		}
-		parts[topic] = n
-	}
+	client, parts := e.partitionCounts(ctx, topics)
 	return kafkatest.GroupBehind(ctx, client, group, parts)
 }
 

@@ -127,11 +127,11 @@ type Checker struct {
 	trackTxns  bool                         // some rule is decided at END records
 	positions  map[string]pipeline.Position // topic/partition -> last applied
 	txns       map[uint64]*txnState
-	txnOrder   txnHeap  // the open transactions by commit LSN
-	decided    *fifoSet // recently decided transactions (commit LSN)
+	txnOrder   idxHeap[*txnState] // the open transactions by commit LSN
+	decided    *fifoSet           // recently decided transactions (commit LSN)
 	pending    map[string]*pend
 	byMatch    map[string]map[string]*pend // rule|matchkey -> pend key -> pend
-	deadlines  pendHeap
+	deadlines  idxHeap[*pend]
 	recent     map[string]*fifoSet // rule -> related match keys seen existing
 	mono       *lru
 	// monoEvicted holds values evicted from mono since the last flush.
@@ -169,6 +169,8 @@ func NewChecker(eng *Engine, store *Store, probe *Prober, opt Options, metrics *
 		metrics = NewMetrics()
 	}
 	c := &Checker{eng: eng, store: store, probe: probe, opt: opt, log: log, metrics: metrics,
+		txnOrder:   idxHeap[*txnState]{less: func(a, b *txnState) bool { return a.LSN < b.LSN }},
+		deadlines:  idxHeap[*pend]{less: func(a, b *pend) bool { return a.Deadline < b.Deadline }},
 		subscribed: map[string]bool{}, positions: map[string]pipeline.Position{}, txns: map[uint64]*txnState{},
 		decided: newFIFOSet(10000), pending: map[string]*pend{}, byMatch: map[string]map[string]*pend{},
 		recent: map[string]*fifoSet{}, mono: newLRU(opt.MaxKeys), monoEvicted: map[string]monoVal{}, monoGone: map[string]uint64{}, monoAll: true, open: map[string][]*Violation{},
@@ -361,10 +363,10 @@ func (c *Checker) handleTxnRecord(m *invalidation.Message) error {
 }
 
 func (c *Checker) newTxn(lsn uint64) *txnState {
-	for len(c.txns) >= c.opt.MaxOpenTransactions && len(c.txnOrder) > 0 {
+	for len(c.txns) >= c.opt.MaxOpenTransactions && c.txnOrder.Len() > 0 {
 		// Drop the oldest open transaction (the lowest commit LSN, the
 		// heap's root: O(log n)): its decision is lost.
-		c.dropTxn(c.txnOrder[0].LSN, "transaction bound reached (integrity.max_open_transactions)")
+		c.dropTxn(c.txnOrder.items[0].LSN, "transaction bound reached (integrity.max_open_transactions)")
 	}
 	t := &txnState{LSN: lsn, Seen: map[string]int{}}
 	c.addTxn(t)
@@ -387,7 +389,7 @@ func (c *Checker) removeTxn(lsn uint64) {
 		return
 	}
 	delete(c.txns, lsn)
-	if t.heapIdx >= 0 && t.heapIdx < len(c.txnOrder) && c.txnOrder[t.heapIdx] == t {
+	if t.heapIdx >= 0 && t.heapIdx < c.txnOrder.Len() && c.txnOrder.items[t.heapIdx] == t {
 		heap.Remove(&c.txnOrder, t.heapIdx)
 	}
 }
@@ -863,8 +865,8 @@ func (e *Engine) rule(name string) *compiled {
 // key), dropping the earliest deadline when the bound is reached.
 func (c *Checker) addPending(p *pend) {
 	c.removePending(p.key)
-	if len(c.pending) >= c.opt.MaxPending && len(c.deadlines) > 0 {
-		old := c.deadlines[0]
+	if len(c.pending) >= c.opt.MaxPending && c.deadlines.Len() > 0 {
+		old := c.deadlines.items[0]
 		c.removePending(old.key)
 		c.metrics.Dropped.WithLabelValues("expectation").Inc()
 		c.warnSometimes("pending", "integrity: pending expectations at their bound (integrity.max_pending); dropped the oldest",
@@ -893,7 +895,7 @@ func (c *Checker) removePending(key string) {
 			delete(c.byMatch, mk)
 		}
 	}
-	if p.heapIdx >= 0 && p.heapIdx < len(c.deadlines) && c.deadlines[p.heapIdx] == p {
+	if p.heapIdx >= 0 && p.heapIdx < c.deadlines.Len() && c.deadlines.items[p.heapIdx] == p {
 		heap.Remove(&c.deadlines, p.heapIdx)
 	}
 	c.dirtyPend[key] = true
@@ -1173,7 +1175,7 @@ func (c *Checker) Tick(ctx context.Context) (int, error) {
 	c.mu.Lock()
 	now := c.streamNowMs()
 	var due []*pend
-	for len(c.deadlines) > 0 && c.deadlines[0].Deadline <= now && len(due) < tickBatch {
+	for c.deadlines.Len() > 0 && c.deadlines.items[0].Deadline <= now && len(due) < tickBatch {
 		p := heap.Pop(&c.deadlines).(*pend)
 		due = append(due, p)
 	}

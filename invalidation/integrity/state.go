@@ -175,53 +175,39 @@ func (s *fifoSet) remove(k string) { delete(s.m, k) }
 
 func (s *fifoSet) len() int { return len(s.m) }
 
-// pendHeap orders pending expectations by deadline.
-type pendHeap []*pend
+// heapItem is an element of an idxHeap: it keeps its index in the heap
+// (-1 when out), so it can be removed in O(log n).
+type heapItem interface{ setHeapIdx(int) }
 
-func (h pendHeap) Len() int           { return len(h) }
-func (h pendHeap) Less(i, j int) bool { return h[i].Deadline < h[j].Deadline }
-func (h pendHeap) Swap(i, j int) {
-	h[i], h[j] = h[j], h[i]
-	h[i].heapIdx = i
-	h[j].heapIdx = j
-}
-func (h *pendHeap) Push(x any) {
-	p := x.(*pend)
-	p.heapIdx = len(*h)
-	*h = append(*h, p)
-}
-func (h *pendHeap) Pop() any {
-	old := *h
-	n := len(old)
-	p := old[n-1]
-	old[n-1] = nil
-	*h = old[:n-1]
-	p.heapIdx = -1
-	return p
+func (p *pend) setHeapIdx(i int)     { p.heapIdx = i }
+func (t *txnState) setHeapIdx(i int) { t.heapIdx = i }
+
+// idxHeap is a container/heap of items ordered by less that know their
+// index: pending expectations by deadline, open transactions by commit
+// LSN (lowest first: the transaction a bound evicts).
+type idxHeap[T heapItem] struct {
+	items []T
+	less  func(a, b T) bool
 }
 
-// txnHeap orders open transactions by commit LSN, lowest first: the
-// transaction a bound evicts.
-type txnHeap []*txnState
-
-func (h txnHeap) Len() int           { return len(h) }
-func (h txnHeap) Less(i, j int) bool { return h[i].LSN < h[j].LSN }
-func (h txnHeap) Swap(i, j int) {
-	h[i], h[j] = h[j], h[i]
-	h[i].heapIdx = i
-	h[j].heapIdx = j
+func (h *idxHeap[T]) Len() int           { return len(h.items) }
+func (h *idxHeap[T]) Less(i, j int) bool { return h.less(h.items[i], h.items[j]) }
+func (h *idxHeap[T]) Swap(i, j int) {
+	h.items[i], h.items[j] = h.items[j], h.items[i]
+	h.items[i].setHeapIdx(i)
+	h.items[j].setHeapIdx(j)
 }
-func (h *txnHeap) Push(x any) {
-	t := x.(*txnState)
-	t.heapIdx = len(*h)
-	*h = append(*h, t)
+func (h *idxHeap[T]) Push(x any) {
+	it := x.(T)
+	it.setHeapIdx(len(h.items))
+	h.items = append(h.items, it)
 }
-func (h *txnHeap) Pop() any {
-	old := *h
-	n := len(old)
-	t := old[n-1]
-	old[n-1] = nil
-	*h = old[:n-1]
-	t.heapIdx = -1
-	return t
+func (h *idxHeap[T]) Pop() any {
+	n := len(h.items)
+	it := h.items[n-1]
+	var zero T
+	h.items[n-1] = zero
+	h.items = h.items[:n-1]
+	it.setHeapIdx(-1)
+	return it
 }

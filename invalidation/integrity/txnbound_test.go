@@ -66,7 +66,7 @@ func TestOpenTransactionBoundEvictsLowestLSN(t *testing.T) {
 	// A transaction decided when complete leaves the heap too.
 	feed(t, c, change("events", "c", 70, 0, key("$e"), nil, ev("$e")), change("event_json", "c", 70, 1, key("$e"), nil, js("$e")),
 		end(t, 70, map[string]int{"public.events": 1, "public.event_json": 1}))
-	if _, open := c.txns[70]; open || len(c.txnOrder) != len(c.txns) {
-		t.Errorf("after a decision: heap holds %d, map %d", len(c.txnOrder), len(c.txns))
+	if _, open := c.txns[70]; open || c.txnOrder.Len() != len(c.txns) {
+		t.Errorf("after a decision: heap holds %d, map %d", c.txnOrder.Len(), len(c.txns))
 	}
 }
