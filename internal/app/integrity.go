@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	kafkago "github.com/segmentio/kafka-go"
@@ -30,9 +31,12 @@ type Integrity struct {
 	Topics          map[string][]string
 	DLQTopic        string
 	ViolationsTopic string // "" when disabled
-	checkPool       *pgxpool.Pool
-	storePool       *pgxpool.Pool
-	log             *zap.Logger
+	// Lock is the group's advisory lock in the state database: one member
+	// consumes, a second waits for it (see integrity.GroupLock).
+	Lock      *integrity.GroupLock
+	checkPool *pgxpool.Pool
+	storePool *pgxpool.Pool
+	log       *zap.Logger
 }
 
 // IntegrityOption adjusts the checker's options (tests, benchmarks).
@@ -135,8 +139,12 @@ func PrepareIntegrity(ctx context.Context, cfg *config.Config, log *zap.Logger, 
 	if err != nil {
 		return nil, err
 	}
+	lockConfig := sc.ConnConfig.Copy()
+	lockConfig.RuntimeParams["application_name"] = "tidemark-integrity-lock"
+	lock := &integrity.GroupLock{Schema: in.Schema, Group: in.Group, Log: log,
+		Connect: func(ctx context.Context) (*pgx.Conn, error) { return pgx.ConnectConfig(ctx, lockConfig.Copy()) }}
 	return &Integrity{Consumer: consumer, Checker: checker, Metrics: metrics, Producer: producer, Topics: topics,
-		DLQTopic: dlqTopic, ViolationsTopic: violationsTopic, checkPool: checkPool, storePool: storePool, log: log}, nil
+		DLQTopic: dlqTopic, ViolationsTopic: violationsTopic, Lock: lock, checkPool: checkPool, storePool: storePool, log: log}, nil
 }
 
 // compileIntegrity checks rules against the real columns and replica
@@ -170,12 +178,31 @@ func CheckIntegrity(ctx context.Context, cfg *config.Config) error {
 	return err
 }
 
-// Run creates the dead-letter and violations topics and the violations
-// tables, loads the checker's state, then consumes and checks deadlines
-// until ctx ends. A cancelled ctx is a clean stop.
+// Run takes the group's lock (waiting while another member holds it),
+// creates the dead-letter and violations topics and the violations tables,
+// loads the checker's state, then consumes and checks deadlines until ctx
+// ends. A cancelled ctx is a clean stop.
 func (i *Integrity) Run(ctx context.Context) error {
 	defer i.checkPool.Close()
 	defer i.storePool.Close()
+	if err := i.Lock.Acquire(ctx); err != nil {
+		closeCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		return errors.Join(ignoreCanceled(err), i.Producer.Close(closeCtx))
+	}
+	lockCtx, stopLock := context.WithCancel(context.Background())
+	lockDone := make(chan error, 1)
+	runCtx, cancelRun := context.WithCancelCause(ctx)
+	go func() {
+		err := i.Lock.Hold(lockCtx)
+		if err != nil {
+			cancelRun(err)
+		}
+		lockDone <- err
+	}()
+	// The lock is released only after the consumer and the checker stopped.
+	defer func() { stopLock(); <-lockDone }()
+	ctx = runCtx
 	topics := []string{i.DLQTopic}
 	specs := map[string]kafkasink.TopicSpec{}
 	if i.ViolationsTopic != "" {
@@ -204,6 +231,9 @@ func (i *Integrity) Run(ctx context.Context) error {
 		return err
 	}, backoff.WithContext(bo, ctx))
 	if err != nil {
+		if cause := context.Cause(runCtx); errors.Is(cause, integrity.ErrLockLost) {
+			err = cause
+		}
 		closeCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		return errors.Join(ignoreCanceled(err), i.Producer.Close(closeCtx))
@@ -212,6 +242,9 @@ func (i *Integrity) Run(ctx context.Context) error {
 	g.Go(func() error { return i.Consumer.Run(gctx) })
 	g.Go(func() error { return i.Checker.Run(gctx) })
 	err = g.Wait()
+	if cause := context.Cause(runCtx); errors.Is(cause, integrity.ErrLockLost) {
+		err = cause
+	}
 	closeCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	return errors.Join(ignoreCanceled(err), i.Producer.Close(closeCtx))
@@ -221,4 +254,12 @@ func (i *Integrity) Run(ctx context.Context) error {
 func (i *Integrity) Register(reg prometheus.Registerer) {
 	i.Metrics.Register(reg)
 	registerConsumerMetrics(reg, i.Consumer, "integrity")
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "tidemark", Subsystem: "integrity",
+		Name: "waiting_for_lock", Help: "1 while this member waits for its group's lock (another integrity member runs)."},
+		func() float64 {
+			if i.Lock.Waiting() {
+				return 1
+			}
+			return 0
+		}))
 }
