@@ -56,7 +56,8 @@ type Message struct {
 // Handle MAY buffer effects; they MUST be durable once Flush (when the
 // handler implements Flusher) returns. Handle and Flush are called from one
 // goroutine. An error from Handle is retried, then dead-lettered; one
-// marked Permanent is dead-lettered at once, and a *SkipError (Skip) is a
+// marked Permanent is dead-lettered at once, one marked Transient is
+// retried without bound (never dead-lettered), and a *SkipError (Skip) is a
 // counted no-op.
 type Handler interface {
 	Handle(ctx context.Context, m *Message) error
@@ -166,6 +167,8 @@ type Consumer struct {
 	// grace bounds how long a batch fetched before a stop may still take to
 	// be applied and committed (tests shorten it).
 	grace time.Duration
+	// handleBackoff replaces handle's backoff (tests).
+	handleBackoff func() *backoff.ExponentialBackOff
 	// async are the handlers whose effects are committed asynchronously
 	// (set by loop).
 	async map[Handler]AsyncFlusher
@@ -617,12 +620,20 @@ func (c *Consumer) decode(m *kafkago.Message) (*Message, error) {
 }
 
 // handle calls h with retries and backoff. A *SkipError is counted and
-// handled; an error marked Permanent is returned at once, unretried.
+// handled; an error marked Permanent is returned at once, unretried; one
+// marked Transient is retried without bound until it works or ctx ends.
 func (c *Consumer) handle(ctx context.Context, h Handler, m *Message) error {
 	bo := newBackOff(50*time.Millisecond, 2*time.Second, 0)
+	if c.handleBackoff != nil {
+		bo = c.handleBackoff()
+	}
 	var err error
+	transient := 0 // consecutive Transient failures (they have no bound)
 	for attempt := 1; attempt <= c.cfg.MaxAttempts; attempt++ {
 		if err = h.Handle(ctx, m); err == nil {
+			if transient > 0 {
+				c.log.Info("applying a change works again", zap.String("group", c.cfg.Group), zap.Int("failed_attempts", transient))
+			}
 			return nil
 		}
 		var skip *SkipError
@@ -633,7 +644,20 @@ func (c *Consumer) handle(ctx context.Context, h Handler, m *Message) error {
 		if IsPermanent(err) {
 			return err
 		}
-		if attempt == c.cfg.MaxAttempts || ctx.Err() != nil {
+		if ctx.Err() != nil {
+			break
+		}
+		if IsTransient(err) {
+			// Waiting heals it: no bound, offsets held, nothing
+			// dead-lettered.
+			transient++
+			attempt--
+			if transient == 1 || transient%20 == 0 {
+				c.log.Warn("applying a change failed on infrastructure; retrying until it works (offsets are held)",
+					zap.String("group", c.cfg.Group), zap.String("topic", m.Topic), zap.Int("partition", m.Partition),
+					zap.Int64("offset", m.Offset), zap.Error(err), zap.Int("attempt", transient))
+			}
+		} else if attempt == c.cfg.MaxAttempts {
 			break
 		}
 		c.stats.Retries.Add(1)

@@ -31,6 +31,32 @@ func IsPermanent(err error) bool {
 	return errors.As(err, &p)
 }
 
+// Transient marks err as an infrastructure failure that waiting can heal
+// (a database that is down or restarting, a lookup that timed out): the
+// consumer retries the change with backoff and without bound, as it does a
+// failing Flush, holding its offsets and never dead-lettering it. Each
+// retry is counted (Stats.Retries) and a warning is logged once per streak
+// (then every 20 attempts). A handler must have changed nothing before it
+// returns a Transient error.
+func Transient(err error) error {
+	if err == nil {
+		return nil
+	}
+	return &transientError{err}
+}
+
+type transientError struct{ err error }
+
+func (e *transientError) Error() string { return e.err.Error() }
+func (e *transientError) Unwrap() error { return e.err }
+
+// IsTransient reports whether err (or an error it wraps) was marked by
+// Transient.
+func IsTransient(err error) bool {
+	var t *transientError
+	return errors.As(err, &t)
+}
+
 // Reasons of SkipError used by Tidemark's handlers (the metric label
 // tidemark_consumer_skipped_total{reason}).
 const (

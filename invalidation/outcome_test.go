@@ -6,6 +6,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cenkalti/backoff/v4"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+
 	"github.com/tidemark/tidemark/pipeline"
 )
 
@@ -108,5 +112,49 @@ func TestFlushBackoffStartsAtInitialInterval(t *testing.T) {
 	}
 	if took := time.Since(start); took > 240*time.Millisecond {
 		t.Errorf("one retry took %v", took)
+	}
+}
+
+// TestHandleTransientHasNoBound: an error marked Transient (infrastructure
+// that waiting heals) is retried past MaxAttempts until it works, is never
+// returned for dead-lettering, and is warned about once per streak; ctx
+// still ends the wait.
+func TestHandleTransientHasNoBound(t *testing.T) {
+	ctx := context.Background()
+	m := &Message{Table: "public.x", Topic: "t"}
+	var errs []error
+	for range 6 { // twice MaxAttempts
+		errs = append(errs, Transient(errors.New("state database down")))
+	}
+	h := &scripted{errs: errs}
+	c := testConsumer(t, h)
+	core, logs := observer.New(zap.WarnLevel)
+	c.log = zap.New(core)
+	c.handleBackoff = func() *backoff.ExponentialBackOff { return newBackOff(time.Millisecond, 2*time.Millisecond, 0) }
+	if err := c.handle(ctx, h, m); err != nil || h.calls != 7 || c.stats.Retries.Load() != 6 {
+		t.Fatalf("transient: err %v after %d calls, %d retries; want success on call 7", err, h.calls, c.stats.Retries.Load())
+	}
+	if n := logs.Len(); n != 1 {
+		t.Errorf("%d warnings for one streak, want 1: %v", n, logs.All())
+	}
+
+	// A non-transient error among them still counts toward MaxAttempts.
+	h = &scripted{errs: []error{Transient(errors.New("down")), errors.New("a"), errors.New("b"), errors.New("c")}}
+	c = testConsumer(t, h)
+	c.handleBackoff = func() *backoff.ExponentialBackOff { return newBackOff(time.Millisecond, 2*time.Millisecond, 0) }
+	if err := c.handle(ctx, h, m); err == nil || h.calls != 4 {
+		t.Errorf("mixed: err %v after %d calls; want the third ordinary failure returned on call 4", err, h.calls)
+	}
+
+	// A stop ends the retries.
+	h = &scripted{}
+	for range 1000 {
+		h.errs = append(h.errs, Transient(errors.New("down")))
+	}
+	c = testConsumer(t, h)
+	cctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+	defer cancel()
+	if err := c.handle(cctx, h, m); !errors.Is(err, context.DeadlineExceeded) && cctx.Err() == nil {
+		t.Errorf("after a stop: %v", err)
 	}
 }

@@ -442,7 +442,9 @@ func (c *Checker) handleChange(ctx context.Context, m *invalidation.Message) err
 	// retried) change has changed nothing.
 	stored, err := c.lookupMono(ctx, m.Table, env)
 	if err != nil {
-		return err
+		// The state database is down or slow: waiting heals it, so the
+		// change stalls (offsets held) instead of being dead-lettered.
+		return invalidation.Transient(fmt.Errorf("reading monotonic state for %s: %w", m.Table, err))
 	}
 	c.advanceClock(env.Source.TsMs)
 	t := c.txns[lsn]

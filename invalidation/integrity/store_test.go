@@ -444,3 +444,49 @@ func TestPublishOutsideTransaction(t *testing.T) {
 		t.Errorf("after publishing: sink got %d record(s), %d outbox record(s) left; want 1 and 0", len(sink.got), outboxed)
 	}
 }
+
+// TestStateLookupFailureIsTransient: when the state database cannot answer
+// an evicted key's lookup, the change is an infrastructure failure (the
+// consumer retries it without bound and never dead-letters it), and it has
+// changed nothing: handled again once the database answers, the regression
+// is flagged.
+func TestStateLookupFailureIsTransient(t *testing.T) {
+	dsn := pgserver.ForTest(t)
+	ctx := context.Background()
+	pool, err := pgxpool.New(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	rules := DefaultRules()[2:]
+	ApplyDefaults(rules)
+	eng, err := Compile("integrity.rules", rules, canonicalSchema())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := NewChecker(eng, NewStore(pool, "tidemark", "transient"), nil, Options{Group: "transient", MaxKeys: 1}, nil, nil)
+	if err := c.Load(ctx); err != nil {
+		t.Fatal(err)
+	}
+	feed(t, c, change("read_markers", "c", 10, 0, mkey("@a", "!r"), nil, marker("@a", "!r", "$e", 100)),
+		change("read_markers", "c", 20, 0, mkey("@b", "!r"), nil, marker("@b", "!r", "$e", 5))) // evicts @a
+	if err := c.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	regress := change("read_markers", "u", 30, 0, mkey("@a", "!r"), nil, marker("@a", "!r", "$e", 50))
+	// The lookup cannot reach the database: a cancelled context stands in
+	// for a database that is down (the pool returns the same kind of error).
+	down, cancel := context.WithCancel(ctx)
+	cancel()
+	err = c.Handle(down, regress)
+	if err == nil || !invalidation.IsTransient(err) || invalidation.IsPermanent(err) {
+		t.Fatalf("a failed state lookup returned %v (transient %v), want a Transient error", err, invalidation.IsTransient(err))
+	}
+	if got := kinds(c); len(got) != 0 {
+		t.Fatalf("a failed change left violations %v", got)
+	}
+	feed(t, c, regress)
+	if got := kinds(c); len(got) != 1 || got[0] != "read_marker_monotonic/regressed" {
+		t.Errorf("violations %v after the retry, want the regression", got)
+	}
+}
