@@ -13,7 +13,6 @@ import (
 	"testing"
 	"time"
 
-
 	"github.com/tidemark/tidemark/internal/app"
 	"github.com/tidemark/tidemark/internal/config"
 	"github.com/tidemark/tidemark/internal/demo"
