@@ -48,6 +48,11 @@ type Targets struct {
 	// unconfirmed counts periodic audits whose differences could not be
 	// re-checked within targets.audit_wait (lag): they leave ratio alone.
 	unconfirmed atomic.Uint64
+	// pruned counts state rows deleted by the prune loop, by table.
+	prunedMembers, prunedUsers, prunedRooms atomic.Uint64
+	// pruneWatermark is the last watermark the prune loop used (commit
+	// LSN; 0 while it cannot prune).
+	pruneWatermark atomic.Uint64
 }
 
 // targetOutputs are the Kafka producer, the Redis sink and the publisher
@@ -319,6 +324,9 @@ func (t *Targets) Run(ctx context.Context) error {
 	if t.cfg.Targets.AuditInterval > 0 {
 		g.Go(func() error { t.auditLoop(gctx); return nil })
 	}
+	if *t.cfg.Targets.Prune {
+		g.Go(func() error { t.pruneLoop(gctx); return nil })
+	}
 	return g.Wait()
 }
 
@@ -391,6 +399,58 @@ func (t *Targets) auditLoop(ctx context.Context) {
 	}
 }
 
+// pruneLoop deletes, every targets.prune_interval, the state rows no
+// older change can reach again (targets.Store.Prune). A round that cannot
+// compute its watermark (no slot yet, a partition the group has not
+// committed on) prunes nothing and says why once per streak; a failing
+// round is warned once per streak and tried at the next interval.
+func (t *Targets) pruneLoop(ctx context.Context) {
+	tick := time.NewTicker(t.cfg.Targets.PruneInterval)
+	defer tick.Stop()
+	topics := make([]string, 0, len(t.Topics))
+	for tp := range t.Topics {
+		topics = append(topics, tp)
+	}
+	transport := t.knet.Transport(t.cfg.Kafka.ClientID+"-targets-prune", 0)
+	lastProblem := ""
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		w, why, err := targets.PruneWatermark(ctx, t.source, t.cfg.Postgres.Slot, t.cfg.Kafka.Brokers, transport, t.cfg.Targets.Group, topics)
+		var rep targets.PruneReport
+		if err == nil && why == "" {
+			rep, err = t.Store.Prune(ctx, w)
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		problem := why
+		if err != nil {
+			problem = err.Error()
+		}
+		if problem != "" {
+			if problem != lastProblem {
+				t.log.Warn("notification-target state not pruned this round; retried every targets.prune_interval", zap.String("why", problem),
+					zap.Duration("interval", t.cfg.Targets.PruneInterval))
+			}
+			lastProblem = problem
+			t.pruneWatermark.Store(0)
+			continue
+		}
+		if lastProblem != "" {
+			t.log.Info("notification-target state pruned again", zap.Stringer("below", w))
+		}
+		lastProblem = ""
+		t.pruneWatermark.Store(uint64(w.CommitLSN))
+		t.prunedMembers.Add(uint64(rep.Memberships))
+		t.prunedUsers.Add(uint64(rep.Users))
+		t.prunedRooms.Add(uint64(rep.Rooms))
+	}
+}
+
 func (t *Targets) auditor() *targets.Auditor {
 	topics := make([]string, 0, len(t.Topics))
 	for tp := range t.Topics {
@@ -412,6 +472,10 @@ func (t *Targets) Register(reg prometheus.Registerer) {
 	gauge := func(sub, name, help string, f func() float64) {
 		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "tidemark", Subsystem: sub, Name: name, Help: help, ConstLabels: labels}, f))
 	}
+	reg.MustRegister(prunedCounter{t: t, desc: prometheus.NewDesc("tidemark_notify_targets_pruned_total",
+		"State rows deleted because no older change can reach the consumer again, by table.", []string{"table"}, labels)})
+	gauge("notify_targets", "prune_watermark_lsn", "Commit LSN below which the last prune round deleted state (0 while it cannot prune).",
+		func() float64 { return float64(t.pruneWatermark.Load()) })
 	counter("notify_targets", "added_total", "Users added to a room's notification targets.", func() float64 { return float64(hs.Added.Load()) })
 	counter("notify_targets", "removed_total", "Users removed from a room's notification targets.", func() float64 { return float64(hs.Removed.Load()) })
 	counter("notify_targets", "rooms_settled_total", "Room settlements that changed targets.", func() float64 { return float64(hs.RoomsSettled.Load()) })
@@ -529,4 +593,18 @@ func AuditTargets(ctx context.Context, cfg *config.Config, sample int, wait time
 	a := &targets.Auditor{Mapping: m, Source: source, Store: store, Wait: wait,
 		Passed: targets.PipelinePassed(source, cfg.Postgres.Slot, cfg.Kafka.Brokers, knet.Transport(cfg.Kafka.ClientID+"-audit", 0), cfg.Targets.Group, topics)}
 	return a.Audit(ctx, sample)
+}
+
+// prunedCounter exports the prune loop's counts, one series per table.
+type prunedCounter struct {
+	t    *Targets
+	desc *prometheus.Desc
+}
+
+func (p prunedCounter) Describe(ch chan<- *prometheus.Desc) { ch <- p.desc }
+
+func (p prunedCounter) Collect(ch chan<- prometheus.Metric) {
+	for table, v := range map[string]*atomic.Uint64{"notify_memberships": &p.t.prunedMembers, "notify_users": &p.t.prunedUsers, "notify_rooms": &p.t.prunedRooms} {
+		ch <- prometheus.MustNewConstMetric(p.desc, prometheus.CounterValue, float64(v.Load()), table)
+	}
 }

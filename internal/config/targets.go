@@ -53,6 +53,13 @@ type Targets struct {
 	// audit is unconfirmed (lag) and leaves the ratio gauge alone.
 	// Default 1m.
 	AuditWait time.Duration `yaml:"audit_wait"`
+	// Prune deletes, every PruneInterval, the state rows whose meaning
+	// equals having no row (memberships not joined, active users, empty
+	// settled rooms) once no older change can reach the consumer again
+	// (below the slot's confirmed position and the group's committed
+	// positions). Default true, every 10m.
+	Prune         *bool         `yaml:"prune"`
+	PruneInterval time.Duration `yaml:"prune_interval"`
 }
 
 // TargetsPostgres is the database holding the kept state.
@@ -129,6 +136,13 @@ func (c *Config) applyTargetsDefaults() {
 	if t.MaxRecordBytes == 0 {
 		t.MaxRecordBytes = 16 << 20
 	}
+	if t.Prune == nil {
+		on := true
+		t.Prune = &on
+	}
+	if t.PruneInterval == 0 {
+		t.PruneInterval = 10 * time.Minute
+	}
 }
 
 // validateTargets reports the targets section's problems; captured is the
@@ -193,6 +207,9 @@ func (c *Config) validateTargets(captured map[string]bool) []FieldError {
 	}
 	if t.AuditSample < 0 {
 		add("targets.audit_sample", "%d must not be negative", t.AuditSample)
+	}
+	if t.PruneInterval < 0 {
+		add("targets.prune_interval", "%s must not be negative", t.PruneInterval)
 	}
 	if t.AuditWait < 0 {
 		add("targets.audit_wait", "%s must not be negative", t.AuditWait)

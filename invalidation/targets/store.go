@@ -27,6 +27,8 @@ import (
 //	                                                                     notify_targets may lag the facts, and
 //	                                                                     the number of updates published
 //	notify_outbox      (id, room_id, payload)                            committed updates not yet published
+//	notify_meta        (key, value)                                      room_version_floor: the highest version
+//	                                                                     of a pruned room (see Prune)
 //
 // Facts are last-writer-wins by position: a change applies only when its
 // position is above the stored one, so replays and out-of-order delivery
@@ -39,7 +41,7 @@ import (
 type Store struct {
 	pool   *pgxpool.Pool
 	schema string
-	t      struct{ members, users, targets, rooms, outbox string }
+	t      struct{ members, users, targets, rooms, outbox, meta string }
 }
 
 // NewStore uses pool and schema (default "tidemark"). It starts nothing.
@@ -50,7 +52,7 @@ func NewStore(pool *pgxpool.Pool, schema string) *Store {
 	s := &Store{pool: pool, schema: schema}
 	q := func(n string) string { return pgx.Identifier{schema, n}.Sanitize() }
 	s.t.members, s.t.users, s.t.targets, s.t.rooms = q("notify_memberships"), q("notify_users"), q("notify_targets"), q("notify_rooms")
-	s.t.outbox = q("notify_outbox")
+	s.t.outbox, s.t.meta = q("notify_outbox"), q("notify_meta")
 	return s
 }
 
@@ -67,8 +69,9 @@ CREATE TABLE IF NOT EXISTS %[4]s (room_id text PRIMARY KEY, lsn bigint NOT NULL,
   version bigint NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS notify_rooms_dirty ON %[4]s (room_id) WHERE dirty;
 CREATE TABLE IF NOT EXISTS %[5]s (id bigserial PRIMARY KEY, room_id text NOT NULL, payload jsonb NOT NULL);
-CREATE INDEX IF NOT EXISTS notify_outbox_room ON %[5]s (room_id, id);`,
-		s.t.members, s.t.users, s.t.targets, s.t.rooms, s.t.outbox)
+CREATE INDEX IF NOT EXISTS notify_outbox_room ON %[5]s (room_id, id);
+CREATE TABLE IF NOT EXISTS %[6]s (key text PRIMARY KEY, value bigint NOT NULL);`,
+		s.t.members, s.t.users, s.t.targets, s.t.rooms, s.t.outbox, s.t.meta)
 	// CREATE ... IF NOT EXISTS races with itself: another part creating the
 	// same schema (the integrity consumer shares "tidemark") may win, which
 	// is fine; our own setups (the consumer and a rebuild starting
@@ -575,7 +578,11 @@ ON CONFLICT (room_id) DO NOTHING`, s.t.rooms), rooms); err != nil {
 	}
 	roomPos := map[string]pipeline.Position{}
 	roomVersion := map[string]int64{}
-	rows, err := tx.Query(ctx, fmt.Sprintf(`SELECT room_id, lsn, seq, version FROM %s WHERE room_id = ANY($1::text[]) ORDER BY room_id FOR UPDATE`, s.t.rooms), rooms)
+	// A room pruned and back continues above the versions it had (Prune
+	// keeps the highest pruned version as a floor).
+	rows, err := tx.Query(ctx, fmt.Sprintf(`SELECT room_id, lsn, seq,
+  greatest(version, coalesce((SELECT value FROM %s WHERE key = 'room_version_floor'), 0))
+FROM %s WHERE room_id = ANY($1::text[]) ORDER BY room_id FOR UPDATE`, s.t.meta, s.t.rooms), rooms)
 	if err != nil {
 		return nil, err
 	}
