@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -15,6 +16,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/tidemark/tidemark/internal/config"
+	"github.com/tidemark/tidemark/internal/kafkanet"
 	"github.com/tidemark/tidemark/invalidation"
 	"github.com/tidemark/tidemark/invalidation/integrity"
 	kafkasink "github.com/tidemark/tidemark/sinks/kafka"
@@ -34,6 +36,10 @@ type Integrity struct {
 	// Lock is the group's advisory lock in the state database: one member
 	// consumes, a second waits for it (see integrity.GroupLock).
 	Lock      *integrity.GroupLock
+	// Pruned counts resolved violations deleted by the prune loop.
+	Pruned    atomic.Uint64
+	cfg       *config.Config
+	knet      kafkanet.Settings
 	checkPool *pgxpool.Pool
 	storePool *pgxpool.Pool
 	log       *zap.Logger
@@ -144,7 +150,7 @@ func PrepareIntegrity(ctx context.Context, cfg *config.Config, log *zap.Logger, 
 	lock := &integrity.GroupLock{Schema: in.Schema, Group: in.Group, Log: log,
 		Connect: func(ctx context.Context) (*pgx.Conn, error) { return pgx.ConnectConfig(ctx, lockConfig.Copy()) }}
 	return &Integrity{Consumer: consumer, Checker: checker, Metrics: metrics, Producer: producer, Topics: topics,
-		DLQTopic: dlqTopic, ViolationsTopic: violationsTopic, Lock: lock, checkPool: checkPool, storePool: storePool, log: log}, nil
+		DLQTopic: dlqTopic, ViolationsTopic: violationsTopic, Lock: lock, cfg: cfg, knet: knet, checkPool: checkPool, storePool: storePool, log: log}, nil
 }
 
 // compileIntegrity checks rules against the real columns and replica
@@ -241,6 +247,9 @@ func (i *Integrity) Run(ctx context.Context) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return i.Consumer.Run(gctx) })
 	g.Go(func() error { return i.Checker.Run(gctx) })
+	if i.cfg.Integrity.PruneResolvedAfter > 0 {
+		g.Go(func() error { i.pruneLoop(gctx, 10*time.Minute); return nil })
+	}
 	err = g.Wait()
 	if cause := context.Cause(runCtx); errors.Is(cause, integrity.ErrLockLost) {
 		err = cause
@@ -250,10 +259,59 @@ func (i *Integrity) Run(ctx context.Context) error {
 	return errors.Join(ignoreCanceled(err), i.Producer.Close(closeCtx))
 }
 
+// pruneLoop deletes, every interval, violations resolved more than
+// integrity.prune_resolved_after ago below the replay floor (see
+// invalidation.ReplayFloor). A round that cannot compute the floor, or
+// fails, prunes nothing and warns once per streak.
+func (i *Integrity) pruneLoop(ctx context.Context, interval time.Duration) {
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	var topics []string
+	for tp, tables := range i.Topics {
+		if len(tables) == 1 && tables[0] == integrity.TransactionsTable {
+			continue // END records; facts come from the table topics
+		}
+		topics = append(topics, tp)
+	}
+	transport := i.knet.Transport(i.cfg.Kafka.ClientID+"-integrity-prune", 0)
+	lastProblem := ""
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		w, why, err := invalidation.ReplayFloor(ctx, i.checkPool, i.cfg.Postgres.Slot, i.cfg.Kafka.Brokers, transport, i.cfg.Integrity.Group, topics)
+		var n int64
+		if err == nil && why == "" {
+			n, err = i.Checker.Store().PruneResolved(ctx, w, time.Now().Add(-i.cfg.Integrity.PruneResolvedAfter))
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		problem := why
+		if err != nil {
+			problem = err.Error()
+		}
+		if problem != "" {
+			if problem != lastProblem {
+				i.log.Warn("resolved violations not pruned this round; retried every 10m", zap.String("why", problem))
+			}
+			lastProblem = problem
+			continue
+		}
+		lastProblem = ""
+		i.Pruned.Add(uint64(n))
+	}
+}
+
 // Register adds the consumer's and the checker's metrics to reg.
 func (i *Integrity) Register(reg prometheus.Registerer) {
 	i.Metrics.Register(reg)
 	registerConsumerMetrics(reg, i.Consumer, "integrity")
+	reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "tidemark", Subsystem: "integrity",
+		Name: "violations_pruned_total", Help: "Resolved violations deleted after integrity.prune_resolved_after (below the replay floor)."},
+		func() float64 { return float64(i.Pruned.Load()) }))
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "tidemark", Subsystem: "integrity",
 		Name: "waiting_for_lock", Help: "1 while this member waits for its group's lock (another integrity member runs)."},
 		func() float64 {

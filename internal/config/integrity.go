@@ -54,6 +54,11 @@ type Integrity struct {
 	// StaleAfter drops a transaction still incomplete when the transactions
 	// topic is this far past its commit. Default 10m.
 	StaleAfter time.Duration `yaml:"stale_after"`
+	// PruneResolvedAfter deletes resolved violations this long after their
+	// resolution, once a replay can no longer find them again (below the
+	// slot's confirmed position and the group's committed positions);
+	// checked every 10m. Default 168h (7 days); negative keeps them.
+	PruneResolvedAfter time.Duration `yaml:"prune_resolved_after"`
 }
 
 func (c *Config) applyIntegrityEnv(getenv func(string) string) {
@@ -106,6 +111,9 @@ func (c *Config) applyIntegrityDefaults() {
 	}
 	if in.StaleAfter == 0 {
 		in.StaleAfter = 10 * time.Minute
+	}
+	if in.PruneResolvedAfter == 0 {
+		in.PruneResolvedAfter = 7 * 24 * time.Hour
 	}
 }
 

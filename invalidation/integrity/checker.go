@@ -1361,3 +1361,6 @@ func (c *Checker) Progress() Progress {
 	return Progress{StreamTime: time.UnixMilli(c.streamNowMs()), OpenTransactions: len(c.txns), Pending: len(c.pending),
 		Unflushed: len(c.violations) + len(c.resolved)}
 }
+
+// Store returns the checker's store (violations and state).
+func (c *Checker) Store() *Store { return c.store }

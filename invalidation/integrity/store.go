@@ -410,3 +410,30 @@ func (s *Store) drainOutbox(ctx context.Context, sink pipeline.Sink) error {
 		}
 	}
 }
+
+// pruneBatch bounds the rows one pruning statement deletes.
+const pruneBatch = 5000
+
+// PruneResolved deletes violations resolved before resolvedBefore whose
+// change is below the watermark (no replay can find them again, so none
+// comes back as a new open violation), in short batches. It returns how
+// many it deleted.
+func (s *Store) PruneResolved(ctx context.Context, below pipeline.Position, resolvedBefore time.Time) (int64, error) {
+	if below == (pipeline.Position{}) {
+		return 0, nil
+	}
+	sql := fmt.Sprintf(`DELETE FROM %[1]s WHERE ctid = ANY(ARRAY(
+  SELECT ctid FROM %[1]s WHERE status = 'resolved' AND resolved_at < $3 AND (commit_lsn, seq) < ($1::pg_lsn, $2) LIMIT $4))
+  AND status = 'resolved'`, s.t("violations"))
+	var n int64
+	for {
+		tag, err := s.pool.Exec(ctx, sql, below.CommitLSN.String(), int64(below.Seq), resolvedBefore, pruneBatch)
+		if err != nil {
+			return n, fmt.Errorf("integrity store: pruning resolved violations: %w", err)
+		}
+		n += tag.RowsAffected()
+		if tag.RowsAffected() < pruneBatch {
+			return n, nil
+		}
+	}
+}

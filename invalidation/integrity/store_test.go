@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/tidemark/tidemark/internal/leakcheck"
@@ -488,5 +489,46 @@ func TestStateLookupFailureIsTransient(t *testing.T) {
 	feed(t, c, regress)
 	if got := kinds(c); len(got) != 1 || got[0] != "read_marker_monotonic/regressed" {
 		t.Errorf("violations %v after the retry, want the regression", got)
+	}
+}
+
+// TestPruneResolved: only resolved violations, resolved before the cut-off
+// and below the watermark, are deleted; open ones always stay.
+func TestPruneResolved(t *testing.T) {
+	pool := testPool(t)
+	ctx := context.Background()
+	s := NewStore(pool, "tidemark", "prune")
+	if err := s.Setup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	old, recent := now.Add(-30*24*time.Hour), now.Add(-time.Hour)
+	add := func(id string, lsn int, status string, resolvedAt *time.Time) {
+		t.Helper()
+		if _, err := pool.Exec(ctx, `INSERT INTO tidemark.violations (id, rule, kind, severity, table_name, row_key, position, commit_lsn, seq,
+  transaction_id, committed_at, detected_at, match_key, detail, status, resolved_at)
+VALUES ($1, 'r', 'missing', 'error', 'public.events', '{}', '', $2::pg_lsn, 1, '1', now(), now(), '', '', $3, $4)`,
+			id, pipeline.LSN(lsn).String(), status, resolvedAt); err != nil {
+			t.Fatal(err)
+		}
+	}
+	add("old-low", 100, "resolved", &old)       // pruned
+	add("old-high", 900, "resolved", &old)      // above the watermark
+	add("recent-low", 100, "resolved", &recent) // resolved too recently
+	add("open-low", 100, "open", nil)           // open: kept
+	n, err := s.PruneResolved(ctx, pipeline.Position{CommitLSN: 500}, now.Add(-7*24*time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rows, err := pool.Query(ctx, `SELECT id FROM tidemark.violations ORDER BY id`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	left, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != 1 || !slices.Equal(left, []string{"old-high", "open-low", "recent-low"}) {
+		t.Fatalf("pruned %d, left %v; want old-low only pruned", n, left)
 	}
 }
