@@ -95,7 +95,7 @@ are unconfirmed: they count here, but --textfile is not written.`,
 			fmt.Fprintf(out, "audited %d room(s) as of LSN %s: %d consistent, ratio %.4f (%d re-checked once the pipeline passed that LSN)\n",
 				rep.Rooms, rep.LSN, rep.Consistent, rep.Ratio, rep.Suspected)
 			if rep.Unconfirmed {
-				fmt.Fprintf(out, "the pipeline did not pass LSN %s (the WAL position once the snapshot was taken) within %s: differences are unconfirmed (lag, or inconsistency) and counted as inconsistent here", rep.WaitLSN, wait)
+				fmt.Fprintf(out, "the pipeline did not pass LSN %s (the position of the snapshot it read) within %s: differences are unconfirmed (lag, or inconsistency) and counted as inconsistent here", rep.WaitLSN, wait)
 				if textfile != "" {
 					fmt.Fprintf(out, "; %s is left unchanged (lag is not inconsistency)", textfile)
 				}

@@ -6,12 +6,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -29,18 +31,20 @@ func auditMetric(t *testing.T, reg *prometheus.Registry, name string) float64 {
 	return metricOf(t, reg, name, "", "")
 }
 
-// TestTargetsAuditCommitAfterL (issue 15, acceptance 2): the audit reads
-// L, then retakes its snapshot until the transactions in progress at L
-// have ended; a join committed meanwhile (after L) is in the snapshot. The
-// re-check must wait for the pipeline to pass that join too, not only L:
-// the join is then kept and the audit reports 1.0 and no room.
+// TestTargetsAuditCommitAfterL (issue 15, acceptance 2): a join commits
+// after the audit started and while it takes its snapshot. The snapshot
+// holds exactly the transactions committed before its L (a temporary
+// logical slot's exported snapshot, whose creation waits for the
+// transactions in progress), so the join is in it only with a commit LSN
+// below L, and the re-check must wait for the pipeline to pass L, join
+// included: the join is then kept and the audit reports 1.0 and no room.
 //
 // The interleaving is forced: a transaction holding an xid is open when
-// the audit reads L (so the audit retakes its snapshot until it ends), the
-// join commits while it is open, and the targets consumer is stopped until
-// the audit asks for a position past the join. Passed is truthful: it
-// returns at once only for positions below the join (everything committed
-// there was applied), else it restarts the consumer and waits for real.
+// the audit starts (so creating the slot waits until it ends), the join
+// commits while it is open, and the targets consumer is stopped until the
+// audit asks for a position past the join. Passed is truthful: it returns
+// at once only for positions below the join (everything committed there
+// was applied), else it restarts the consumer and waits for real.
 func TestTargetsAuditCommitAfterL(t *testing.T) {
 	e := newEnv(t, "")
 	e.exec(demoSchemaTargets)
@@ -62,9 +66,6 @@ INSERT INTO room_memberships(room_id, user_id, membership) SELECT '!r' || r, '@u
 	if _, err := blocker.Exec(ctx, `SELECT txid_current()`); err != nil {
 		t.Fatal(err)
 	}
-	// A later xid completes, so the blocker's is below the snapshots' xmax
-	// and listed by pg_snapshot_xip.
-	e.exec(`SELECT txid_current()`)
 
 	var beforeJoin atomic.Uint64 // WAL position just before the join: everything below it is applied
 	needReal := make(chan struct{})
@@ -99,17 +100,12 @@ INSERT INTO room_memberships(room_id, user_id, membership) SELECT '!r' || r, '@u
 		rep, err := a.Audit(ctx, 0)
 		res <- result{rep, err}
 	}()
-	// The audit has read L once it lists the transactions in progress
-	// (and rolls back the snapshot it retakes). Should another session
-	// match, the check of L below catches it.
-	var blockerPID int
-	if err := blocker.QueryRow(ctx, `SELECT pg_backend_pid()`).Scan(&blockerPID); err != nil {
-		t.Fatal(err)
-	}
+	// The audit takes its snapshot by creating a temporary slot, which
+	// waits for the blocker to end.
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 		var n int
-		if err := e.pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE pid NOT IN (pg_backend_pid(), $1)
-  AND application_name = current_setting('application_name') AND (query LIKE '%pg_snapshot_xip%' OR lower(query) = 'rollback')`, blockerPID).Scan(&n); err != nil {
+		if err := e.pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'
+  AND query LIKE 'CREATE_REPLICATION_SLOT%' AND wait_event_type = 'Lock'`).Scan(&n); err != nil {
 			t.Fatal(err)
 		}
 		if n > 0 {
@@ -121,7 +117,7 @@ INSERT INTO room_memberships(room_id, user_id, membership) SELECT '!r' || r, '@u
 		default:
 		}
 		if time.Now().After(deadline) {
-			t.Fatal("the audit did not start reading its snapshot")
+			t.Fatal("the audit did not wait for the blocker while taking its snapshot")
 		}
 	}
 	before := e.currentLSN()
@@ -142,11 +138,11 @@ INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!r2', '@late
 	if r.err != nil {
 		t.Fatalf("audit: %v", r.err)
 	}
-	if r.rep.LSN > before {
-		t.Fatalf("interleaving not forced: the audit read L %s after the join (WAL was at %s before it)", r.rep.LSN, before)
+	if r.rep.LSN <= before {
+		t.Fatalf("the snapshot's L %s is not past the join it shows (WAL was at %s before the join): not exact", r.rep.LSN, before)
 	}
 	if r.rep.Suspected == 0 {
-		t.Fatalf("interleaving not forced: the snapshot did not show the join committed after L (report %+v)", r.rep)
+		t.Fatalf("interleaving not forced: the snapshot did not show the join committed while it was taken (report %+v)", r.rep)
 	}
 	mu.Lock()
 	defer mu.Unlock()
@@ -247,5 +243,205 @@ INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!r1', '@late
 	}
 	if n := logs.FilterMessageSnippet("differ from the database").Len(); n != 0 {
 		t.Errorf("%d inconsistency warnings, want none: %v", n, fmt.Sprint(logs.FilterMessageSnippet("differ from the database").All()))
+	}
+}
+
+// TestTargetsRebuildSyncRepWait (issue 15, item 1): a leave whose commit
+// record is in WAL and whose transaction clog already says committed, but
+// whose backend still waits for a synchronous standby (so the ProcArray
+// still lists it and a snapshot taken from it does not show the leave),
+// races a rebuild. The rebuild's snapshot must hold exactly the
+// transactions committed before its LSN: either the leave (then the
+// rebuild reads it) or neither the leave nor anything after it (then the
+// consumer's leave, at a position above the rebuild's stamp, wins). Either
+// way the member who left is not a target afterwards. Taking the snapshot
+// from the ProcArray and stamping it just below pg_current_wal_insert_lsn()
+// resurrects the member: the rebuild stamps the pre-leave state above the
+// leave's commit LSN, and the consumer's leave loses last-writer-wins.
+//
+// The wait is forced: synchronous_standby_names names a standby that does
+// not exist, and only the leave's session has synchronous_commit on (the
+// test server runs with it off on the command line, which ALTER SYSTEM does
+// not override, so no other commit waits). The targets consumer is stopped
+// during the wait, so no other transaction completes after the leave took
+// its xid. The wait ends by pg_cancel_backend: the commit stays committed.
+func TestTargetsRebuildSyncRepWait(t *testing.T) {
+	e := newEnv(t, "")
+	e.exec(demoSchemaTargets)
+	cfg := targetsConfig(e, "syncrep", []string{"public.users", "public.room_memberships"}, &config.Targets{})
+	e.start(cfg)
+	_, stop := e.startTargets(cfg)
+	e.exec(`INSERT INTO users(user_id) SELECT '@u' || g FROM generate_series(1, 3) g;
+INSERT INTO room_memberships(room_id, user_id, membership) SELECT '!r' || r, '@u' || u, 'join' FROM generate_series(1, 3) r, generate_series(1, 3) u`)
+	e.waitTargets(cfg, 30*time.Second)
+	stop()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+
+	// setStandby sets (or, with "", resets) synchronous_standby_names and
+	// waits until a session sees it.
+	setStandby := func(v string) error {
+		q := `ALTER SYSTEM RESET synchronous_standby_names`
+		if v != "" {
+			q = `ALTER SYSTEM SET synchronous_standby_names = '` + v + `'`
+		}
+		if _, err := e.pool.Exec(context.Background(), q); err != nil {
+			return err
+		}
+		if _, err := e.pool.Exec(context.Background(), `SELECT pg_reload_conf()`); err != nil {
+			return err
+		}
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			var got string
+			if err := e.pool.QueryRow(context.Background(), `SHOW synchronous_standby_names`).Scan(&got); err != nil {
+				return err
+			}
+			if got == v {
+				return nil
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("synchronous_standby_names is %q after reloading, want %q", got, v)
+			}
+		}
+	}
+	leave, err := pgx.Connect(ctx, e.dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := leave.Exec(ctx, `SET synchronous_commit = on`); err != nil {
+		t.Fatal(err)
+	}
+	var pid int
+	if err := leave.QueryRow(ctx, `SELECT pg_backend_pid()`).Scan(&pid); err != nil {
+		t.Fatal(err)
+	}
+	var sc string
+	if err := leave.QueryRow(ctx, `SHOW synchronous_commit`).Scan(&sc); err != nil || sc != "on" {
+		t.Fatalf("synchronous_commit in the leave's session: %q, %v", sc, err)
+	}
+	committed := make(chan error, 1)
+	commitStarted := false
+	defer func() {
+		// Never leave a waiting backend or the setting behind for the
+		// next test; the commit returns before its connection closes.
+		_, _ = e.pool.Exec(context.Background(), `SELECT pg_cancel_backend($1)`, pid)
+		if commitStarted {
+			err := <-committed
+			committed <- err
+		}
+		leave.Close(context.Background())
+		if err := setStandby(""); err != nil {
+			t.Errorf("resetting synchronous_standby_names: %v", err)
+		}
+	}()
+	if err := setStandby("tidemark_test_absent_standby"); err != nil {
+		t.Fatal(err)
+	}
+	tx, err := leave.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(ctx, `UPDATE room_memberships SET membership = 'leave' WHERE room_id = '!r1' AND user_id = '@u2'`); err != nil {
+		t.Fatal(err)
+	}
+	beforeCommit := e.currentLSN()
+	commitStarted = true
+	go func() { committed <- tx.Commit(ctx) }()
+	// A backend waits in SyncRep only after its commit record is flushed
+	// and clog marks the transaction committed (RecordTransactionCommit);
+	// it leaves the ProcArray after the wait.
+	waitEvent := func() string {
+		t.Helper()
+		var event string
+		if err := e.pool.QueryRow(ctx, `SELECT coalesce((SELECT wait_event FROM pg_stat_activity WHERE pid = $1), '')`, pid).Scan(&event); err != nil {
+			t.Fatal(err)
+		}
+		return event
+	}
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if waitEvent() == "SyncRep" {
+			break
+		}
+		select {
+		case err := <-committed:
+			committed <- err
+			t.Fatalf("the leave committed without waiting for the standby: %v", err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the leave's backend does not wait for the standby: wait_event %q", waitEvent())
+		}
+	}
+	var visible bool
+	if err := e.pool.QueryRow(ctx, `SELECT membership = 'leave' FROM room_memberships WHERE room_id = '!r1' AND user_id = '@u2'`).Scan(&visible); err != nil || visible {
+		t.Fatalf("premise: the leave waiting for the standby is visible to a new snapshot (%v, %v)", visible, err)
+	}
+
+	type result struct {
+		rep targets.RebuildReport
+		err error
+	}
+	rebuilt := make(chan result, 1)
+	go func() {
+		rep, err := app.RebuildTargets(ctx, cfg, nil, []string{"!r1"}, false)
+		rebuilt <- result{rep, err}
+	}()
+	// The rebuild takes its snapshot while the leave waits: it either
+	// ends meanwhile (it read the source in a snapshot taken during the
+	// wait) or waits in CREATE_REPLICATION_SLOT for the leave to end.
+	var r result
+	done := false
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		select {
+		case r = <-rebuilt:
+			done = true
+		default:
+		}
+		if done {
+			break
+		}
+		var n int
+		if err := e.pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender' AND query LIKE 'CREATE_REPLICATION_SLOT%'`).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		if n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the rebuild neither ended nor waited in CREATE_REPLICATION_SLOT within 60s while the leave waited")
+		}
+	}
+	if ev := waitEvent(); ev != "SyncRep" {
+		t.Fatalf("premise: the leave's backend stopped waiting for the standby (wait_event %q) while the rebuild took its snapshot", ev)
+	}
+	t.Logf("the rebuild took its snapshot while the leave (commit after %s) waited in SyncRep; the rebuild ended meanwhile: %v", beforeCommit, done)
+	if _, err := e.pool.Exec(ctx, `SELECT pg_cancel_backend($1)`, pid); err != nil {
+		t.Fatal(err)
+	}
+	err = <-committed
+	committed <- err
+	if err != nil {
+		t.Fatalf("the leave's commit after its wait was cancelled: %v (want committed, with a warning)", err)
+	}
+	if !done {
+		r = <-rebuilt
+	}
+	if r.err != nil {
+		t.Fatalf("rebuild: %v", r.err)
+	}
+	t.Logf("the rebuild read the source as of %s", r.rep.LSN)
+	if err := setStandby(""); err != nil {
+		t.Fatal(err)
+	}
+	var status string
+	if err := e.pool.QueryRow(ctx, `SELECT membership FROM room_memberships WHERE room_id = '!r1' AND user_id = '@u2'`).Scan(&status); err != nil || status != "leave" {
+		t.Fatalf("the leave after its wait was cancelled: %q, %v; want committed", status, err)
+	}
+	e.startTargets(cfg)
+	e.waitTargets(cfg, 30*time.Second)
+	kept := e.pairs(keptSQL(cfg) + ` WHERE room_id = '!r1'`)
+	if want := []string{"!r1 @u1", "!r1 @u3"}; !slices.Equal(kept, want) {
+		t.Errorf("kept targets of !r1 after the rebuild (LSN %s) and the consumer applied the leave of @u2: %v, want %v (the member who left was resurrected)",
+			r.rep.LSN, kept, want)
 	}
 }

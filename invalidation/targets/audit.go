@@ -36,10 +36,9 @@ type Mismatch struct {
 // AuditReport is the outcome of an audit.
 type AuditReport struct {
 	LSN pipeline.LSN // the database was read as of this WAL position
-	// WaitLSN is the WAL insert position read once the snapshot was taken:
-	// every transaction the snapshot shows committed below it (some may
-	// have committed after LSN), so re-checks wait for the pipeline to
-	// pass WaitLSN, not LSN.
+	// WaitLSN is the position re-checks wait for the pipeline to pass:
+	// LSN, since the snapshot holds exactly the transactions committed
+	// before it (see readSnapshot).
 	WaitLSN    pipeline.LSN
 	Rooms      int // rooms compared
 	Consistent int
@@ -60,9 +59,9 @@ type AuditReport struct {
 // the kept targets. A first mismatch may be lag: the consumer has not yet
 // applied a change the database already shows, or has applied one made
 // after the snapshot. So each mismatching room is re-checked once the
-// pipeline has passed every transaction the snapshot shows (WaitLSN, read
-// after the snapshot was taken: the snapshot may be retaken past LSN, so it
-// can show commits after LSN) and the room is settled, and a
+// pipeline has passed every transaction the snapshot shows (WaitLSN, which
+// is LSN: the snapshot holds exactly the transactions committed before
+// it) and the room is settled, and a
 // difference counts only for pairs whose facts are no newer than the
 // snapshot: then the kept state must equal what the database said.
 func (a *Auditor) Audit(ctx context.Context, sample int) (AuditReport, error) {
@@ -80,17 +79,9 @@ func (a *Auditor) Audit(ctx context.Context, sample int) (AuditReport, error) {
 	var rooms, suspects []string
 	err = readSnapshot(ctx, a.Source, func(stx pgx.Tx, lsn pipeline.LSN) error {
 		rep.LSN = lsn
-		// The snapshot was taken by readSnapshot's first statement, so
-		// every transaction it shows committed below the position read now.
-		var wait string
-		if err := stx.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text`).Scan(&wait); err != nil {
-			return fmt.Errorf("reading the WAL position after the snapshot: %w", err)
-		}
-		w, err := pipeline.ParseLSN(wait)
-		if err != nil {
-			return err
-		}
-		rep.WaitLSN = max(w, lsn)
+		// The snapshot holds exactly the transactions committed before
+		// lsn, so the pipeline has applied all it shows once it passes lsn.
+		rep.WaitLSN = lsn
 		q, args := c.truthSQL(false)
 		rows, err := stx.Query(ctx, `SELECT DISTINCT room FROM (`+q+`) AS x(room, usr)`, args...)
 		if err != nil {

@@ -13,9 +13,10 @@
 // committed with an outbox and then published (KafkaOutput, RedisOutput),
 // in order and at least once.
 //
-// Rebuilder recomputes rooms from the source database at a snapshot whose
-// WAL position bounds what it contains, merging with the facts by position,
-// so it can run while the consumer does. Auditor compares the kept state with
-// the database and re-checks a difference once the pipeline has passed the
-// snapshot's position, so lag raises no false alarm.
+// Rebuilder recomputes rooms from the source database at a snapshot that
+// holds exactly the transactions committed before its WAL position (a
+// temporary logical slot's exported snapshot), merging with the facts by
+// position, so it can run while the consumer does. Auditor compares the
+// kept state with the database and re-checks a difference once the pipeline
+// has passed the snapshot's position, so lag raises no false alarm.
 package targets

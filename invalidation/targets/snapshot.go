@@ -2,69 +2,113 @@ package targets
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
 	"fmt"
-	"slices"
-	"time"
+	"strings"
 
-	"github.com/cenkalti/backoff/v4"
+	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/tidemark/tidemark/capture"
 	"github.com/tidemark/tidemark/pipeline"
 )
 
 // readSnapshot runs fn in a read-only REPEATABLE READ transaction on the
-// source whose snapshot holds every transaction that committed before lsn
-// (and perhaps some after it), so state read there is exactly "as of a
-// position at or after stampBelow(lsn)".
+// source whose snapshot holds exactly the transactions that committed
+// before lsn: every change with a commit LSN below lsn is in it, none at or
+// after lsn is. State read there is exactly "as of stampBelow(lsn)".
 //
-// Reading pg_current_wal_insert_lsn() alone is not enough: a transaction
-// writes its commit record before it becomes visible, so one with a commit
-// LSN below lsn may still be invisible to a snapshot taken just after. So
-// the LSN is read first, then the transactions in progress at that moment
-// are noted, and the snapshot is retaken until none of them is still in
-// progress in it.
+// A snapshot taken from the ProcArray (any ordinary transaction's) cannot
+// promise that against a WAL position: a transaction writes and flushes its
+// commit record and marks itself committed in clog before it leaves the
+// ProcArray, so one with a commit LSN below pg_current_wal_insert_lsn() can
+// still be invisible, for as long as it likes (a synchronous-replication
+// wait holds it there), and pg_snapshot_xip does not even list it when its
+// xid is at or above the snapshot's xmax. So the snapshot comes from
+// logical decoding instead: a temporary logical slot is created on a
+// replication connection (replication=database, from the pool's own
+// config, so TLS and the rest carry over) with an exported snapshot, whose
+// consistent point is lsn and whose snapshot shows exactly the
+// transactions committed before it; creating it waits for the
+// transactions in progress to end. The read transaction imports that
+// snapshot (SET TRANSACTION SNAPSHOT). The replication connection stays
+// open and idle until fn returns (another command on it, or closing it,
+// ends the export), then it is closed, which drops the temporary slot.
+//
+// It needs the REPLICATION attribute (or superuser) for the pool's role, a
+// free replication slot (max_replication_slots) and wal sender
+// (max_wal_senders), and wal_level=logical: the errors say which.
 func readSnapshot(ctx context.Context, pool *pgxpool.Pool, fn func(tx pgx.Tx, lsn pipeline.LSN) error) error {
+	rcfg := pool.Config().ConnConfig.Config.Copy()
+	rcfg.RuntimeParams["replication"] = "database"
+	if rcfg.RuntimeParams["application_name"] == "" {
+		rcfg.RuntimeParams["application_name"] = "tidemark-snapshot"
+	}
+	repl, err := pgconn.ConnectConfig(ctx, rcfg)
+	if err != nil {
+		return explainSnapshotErr("opening a replication connection to the source database for a snapshot", capture.ExplainTLS(err))
+	}
+	defer repl.Close(context.Background())
+	var suffix [8]byte
+	_, _ = rand.Read(suffix[:])
+	slot := "tidemark_snapshot_" + hex.EncodeToString(suffix[:])
+	res, err := pglogrepl.CreateReplicationSlot(ctx, repl, slot, "pgoutput", pglogrepl.CreateReplicationSlotOptions{
+		Temporary: true, SnapshotAction: "EXPORT_SNAPSHOT", Mode: pglogrepl.LogicalReplication,
+	})
+	if err != nil {
+		if ctx.Err() != nil {
+			return fmt.Errorf("taking a snapshot of the source database (creating temporary replication slot %s, which waits for the transactions in progress to end): %w", slot, ctx.Err())
+		}
+		return explainSnapshotErr(fmt.Sprintf("creating temporary replication slot %s for a snapshot of the source database", slot), err)
+	}
+	lsn, err := pipeline.ParseLSN(res.ConsistentPoint)
+	if err != nil {
+		return fmt.Errorf("temporary replication slot %s: consistent point %q: %w", slot, res.ConsistentPoint, err)
+	}
+	if res.SnapshotName == "" {
+		return fmt.Errorf("temporary replication slot %s: the server exported no snapshot", slot)
+	}
 	conn, err := pool.Acquire(ctx)
 	if err != nil {
 		return fmt.Errorf("connecting to the source database: %w", err)
 	}
 	defer conn.Release()
-	var lsnText string
-	if err := conn.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text`).Scan(&lsnText); err != nil {
-		return fmt.Errorf("reading the WAL position: %w", err)
-	}
-	lsn, err := pipeline.ParseLSN(lsnText)
+	tx, err := conn.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
 	if err != nil {
-		return err
+		return fmt.Errorf("starting the snapshot transaction: %w", err)
 	}
-	const xipSQL = `SELECT ARRAY(SELECT x::text::bigint FROM pg_snapshot_xip(pg_current_snapshot()) x)`
-	var running []int64
-	if err := conn.QueryRow(ctx, xipSQL).Scan(&running); err != nil {
-		return fmt.Errorf("reading transactions in progress: %w", err)
+	defer func() { _ = tx.Rollback(context.Background()) }()
+	if _, err := tx.Exec(ctx, `SET TRANSACTION SNAPSHOT '`+strings.ReplaceAll(res.SnapshotName, "'", "''")+`'`); err != nil {
+		return fmt.Errorf("importing snapshot %s of temporary replication slot %s: %w", res.SnapshotName, slot, err)
 	}
-	bo := backoff.NewExponentialBackOff()
-	bo.InitialInterval = 10 * time.Millisecond
-	bo.MaxInterval = 500 * time.Millisecond
-	bo.MaxElapsedTime = 5 * time.Minute
-	return backoff.Retry(func() error {
-		tx, err := conn.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
-		if err != nil {
-			return backoff.Permanent(err)
-		}
-		defer func() { _ = tx.Rollback(context.Background()) }()
-		var inProgress []int64
-		if err := tx.QueryRow(ctx, xipSQL).Scan(&inProgress); err != nil {
-			return backoff.Permanent(err)
-		}
-		for _, x := range running {
-			if slices.Contains(inProgress, x) {
-				return fmt.Errorf("transaction %d, in progress at %s, still runs", x, lsn)
-			}
-		}
-		if err := fn(tx, lsn); err != nil {
-			return backoff.Permanent(err)
-		}
-		return nil
-	}, backoff.WithContext(bo, ctx))
+	return fn(tx, lsn)
+}
+
+// explainSnapshotErr names the fix for the failures of taking a snapshot
+// through a temporary replication slot that an operator must fix.
+func explainSnapshotErr(what string, err error) error {
+	var pe *pgconn.PgError
+	if !errors.As(err, &pe) {
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	var hint string
+	switch {
+	case pe.Code == "42501":
+		hint = "the source role needs the REPLICATION attribute (ALTER ROLE ... REPLICATION) to take the snapshot through a temporary replication slot"
+	case pe.Code == "53400" || strings.Contains(pe.Message, "replication slots are in use"):
+		hint = "every replication slot is in use: the snapshot needs one temporary slot while it is read; free a slot or raise max_replication_slots"
+	case pe.Code == "53300" && strings.Contains(pe.Message, "max_wal_senders"):
+		hint = "every WAL sender is in use: the snapshot needs one replication connection while it is read; free one or raise max_wal_senders"
+	case strings.Contains(pe.Message, "wal_level"):
+		hint = "the snapshot is taken through a temporary logical replication slot, which needs wal_level=logical on the source"
+	case strings.Contains(pe.Message, "recovery"):
+		hint = "the snapshot is taken through a temporary logical replication slot, which needs the primary: point postgres.dsn at it"
+	default:
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	return fmt.Errorf("%s: %w (%s)", what, err, hint)
 }

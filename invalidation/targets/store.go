@@ -756,7 +756,9 @@ func (s *Store) Kept(ctx context.Context, rooms []string) (map[string]map[string
 
 // stampBelow returns the position just below every change committed at or
 // after lsn: the position rebuild and audit give to what they read from a
-// snapshot that holds every transaction committed before lsn.
+// snapshot that holds exactly the transactions committed before lsn (see
+// readSnapshot): a change with a commit LSN below lsn is in the snapshot and
+// loses to the stamp, one at or after lsn is not and wins.
 func stampBelow(lsn pipeline.LSN) pipeline.Position {
 	return pipeline.Position{CommitLSN: lsn - 1, Seq: math.MaxUint32}
 }
