@@ -152,4 +152,3 @@ func positionAt(ctx context.Context, client *kafkago.Client, topic string, parti
 		return pipeline.Position{CommitLSN: pipeline.LSN(l), Seq: uint32(q)}, nil
 	}
 }
-

@@ -35,7 +35,7 @@ type Integrity struct {
 	ViolationsTopic string // "" when disabled
 	// Lock is the group's advisory lock in the state database: one member
 	// consumes, a second waits for it (see integrity.GroupLock).
-	Lock      *integrity.GroupLock
+	Lock *integrity.GroupLock
 	// Pruned counts resolved violations deleted by the prune loop.
 	Pruned    atomic.Uint64
 	cfg       *config.Config
