@@ -19,7 +19,7 @@ func rebuildCmd() *cobra.Command {
 	}
 	var path string
 	var rooms []string
-	var all bool
+	var all, newSource bool
 	targets := &cobra.Command{
 		Use:   "targets (--room ID ... | --all)",
 		Short: "Recompute notification targets from the database, apply and publish the difference (reason \"rebuild\")",
@@ -44,7 +44,7 @@ after the snapshot still win), and publishes every difference with reason
 			}
 			defer func() { _ = log.Sync() }()
 			start := time.Now()
-			rep, err := app.RebuildTargets(cmd.Context(), cfg, log, rooms, all)
+			rep, err := app.RebuildTargetsFrom(cmd.Context(), cfg, log, rooms, all, newSource)
 			if err != nil {
 				return err
 			}
@@ -56,6 +56,7 @@ after the snapshot still win), and publishes every difference with reason
 	targets.Flags().StringVarP(&path, "config", "c", "", "YAML config file (required)")
 	targets.Flags().StringArrayVar(&rooms, "room", nil, "room id to rebuild (repeatable)")
 	targets.Flags().BoolVar(&all, "all", false, "rebuild every room and user")
+	targets.Flags().BoolVar(&newSource, "new-source", false, "with --all: the source is another cluster (blue/green, a restore): forget the old source's facts and positions first")
 	cmd.AddCommand(targets)
 	return cmd
 }

@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/tidemark/tidemark/capture"
 	"github.com/tidemark/tidemark/internal/config"
 	"github.com/tidemark/tidemark/internal/kafkanet"
 	"github.com/tidemark/tidemark/invalidation"
@@ -225,8 +226,14 @@ func (i *Integrity) Run(ctx context.Context) error {
 		if err == nil {
 			err = i.Checker.Load(ctx)
 		}
+		if err == nil {
+			err = i.checkSource(ctx)
+		}
 		if ctx.Err() != nil {
 			return backoff.Permanent(ctx.Err())
+		}
+		if errors.Is(err, integrity.ErrOtherSource) || capture.IsAccessDenied(err) {
+			return backoff.Permanent(err)
 		}
 		if err != nil {
 			attempt++
@@ -257,6 +264,21 @@ func (i *Integrity) Run(ctx context.Context) error {
 	closeCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	return errors.Join(ignoreCanceled(err), i.Producer.Close(closeCtx))
+}
+
+// checkSource refuses a state built from another cluster (see
+// integrity.Store.CheckSource).
+func (i *Integrity) checkSource(ctx context.Context) error {
+	id, err := capture.IdentifySource(ctx, &i.checkPool.Config().ConnConfig.Config)
+	if err != nil {
+		return err
+	}
+	changed, err := i.Checker.Store().CheckSource(ctx, id, i.cfg.Postgres.Slot)
+	if changed {
+		i.log.Warn("the source database's timeline or slot changed since the integrity state was built (a promoted standby?); its positions continue, so the state is kept",
+			zap.Stringer("source", id), zap.String("slot", i.cfg.Postgres.Slot))
+	}
+	return err
 }
 
 // pruneLoop deletes, every interval, violations resolved more than

@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/tidemark/tidemark/capture"
 	"github.com/tidemark/tidemark/internal/config"
 	"github.com/tidemark/tidemark/internal/kafkanet"
 	"github.com/tidemark/tidemark/invalidation"
@@ -344,6 +345,9 @@ func (t *Targets) setup(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if err := t.checkSource(ctx); err != nil {
+		return err
+	}
 	if err := t.out.ensureTopics(ctx, t.log); err != nil {
 		return err
 	}
@@ -356,6 +360,41 @@ func (t *Targets) setup(ctx context.Context) error {
 		t.log.Info("rooms left dirty by an earlier run queued for settling", zap.Int("rooms", len(dirty)))
 	}
 	return nil
+}
+
+// checkSource refuses a state built from another cluster (or from history
+// the source no longer has): see targets.Store.CheckSource. Reaching the
+// source is retried; a mismatch is terminal.
+func (t *Targets) checkSource(ctx context.Context) error {
+	bo := backoff.NewExponentialBackOff()
+	bo.MaxInterval = 5 * time.Second
+	bo.MaxElapsedTime = 0
+	attempt := 0
+	return backoff.Retry(func() error {
+		id, err := capture.IdentifySource(ctx, &t.source.Config().ConnConfig.Config)
+		var changed bool
+		if err == nil {
+			changed, err = t.Store.CheckSource(ctx, id, t.cfg.Postgres.Slot)
+		}
+		if ctx.Err() != nil {
+			return backoff.Permanent(ctx.Err())
+		}
+		if errors.Is(err, targets.ErrOtherSource) || capture.IsAccessDenied(err) {
+			return backoff.Permanent(err)
+		}
+		if err != nil {
+			attempt++
+			if attempt == 1 || attempt%10 == 0 {
+				t.log.Warn("identifying the source database failed; retrying", zap.Error(err), zap.Int("attempt", attempt))
+			}
+			return err
+		}
+		if changed {
+			t.log.Warn("the source database's timeline or slot changed since the state was built (a promoted standby?); its positions continue, so the state is kept",
+				zap.Stringer("source", id), zap.String("slot", t.cfg.Postgres.Slot))
+		}
+		return nil
+	}, backoff.WithContext(bo, ctx))
 }
 
 func (t *Targets) auditLoop(ctx context.Context) {
@@ -548,8 +587,19 @@ func openTargets(ctx context.Context, cfg *config.Config) (source, state *pgxpoo
 // database, applies the difference to the kept state and publishes it with
 // reason "rebuild". Safe while the targets consumer runs.
 func RebuildTargets(ctx context.Context, cfg *config.Config, log *zap.Logger, rooms []string, all bool) (targets.RebuildReport, error) {
+	return RebuildTargetsFrom(ctx, cfg, log, rooms, all, false)
+}
+
+// RebuildTargetsFrom is RebuildTargets; with newSource (only with all) it
+// first forgets the facts and positions kept from another source
+// (targets.Store.ForgetSource) and records postgres.dsn's cluster as the
+// source. Without it, a state from another source is refused.
+func RebuildTargetsFrom(ctx context.Context, cfg *config.Config, log *zap.Logger, rooms []string, all, newSource bool) (targets.RebuildReport, error) {
 	if log == nil {
 		log = zap.NewNop()
+	}
+	if newSource && !all {
+		return targets.RebuildReport{}, errors.New("--new-source rebuilds every room: use it with --all")
 	}
 	source, state, store, err := openTargets(ctx, cfg)
 	if err != nil {
@@ -557,6 +607,19 @@ func RebuildTargets(ctx context.Context, cfg *config.Config, log *zap.Logger, ro
 	}
 	defer source.Close()
 	defer state.Close()
+	id, err := capture.IdentifySource(ctx, &source.Config().ConnConfig.Config)
+	if err != nil {
+		return targets.RebuildReport{}, err
+	}
+	if newSource {
+		if err := store.ForgetSource(ctx); err != nil {
+			return targets.RebuildReport{}, fmt.Errorf("forgetting the old source's state: %w", err)
+		}
+		log.Warn("notification-target facts and positions of the old source forgotten; rebuilding from the new one", zap.Stringer("source", id))
+	}
+	if _, err := store.CheckSource(ctx, id, cfg.Postgres.Slot); err != nil {
+		return targets.RebuildReport{}, err
+	}
 	out, err := newTargetOutputs(cfg, log)
 	if err != nil {
 		return targets.RebuildReport{}, err

@@ -12,6 +12,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/tidemark/tidemark/capture"
 	"github.com/tidemark/tidemark/pipeline"
 )
 
@@ -436,4 +437,61 @@ func (s *Store) PruneResolved(ctx context.Context, below pipeline.Position, reso
 			return n, nil
 		}
 	}
+}
+
+// ErrOtherSource is returned by CheckSource when the consumer's state was
+// built from another cluster, or from a history the source no longer has.
+var ErrOtherSource = errors.New("the integrity state is from another source")
+
+// CheckSource compares the source the consumer's state was built from
+// (kind "source") with src, recording src on first use. It refuses, with
+// ErrOtherSource, another system_identifier or a WAL position below the
+// newest applied position (kind "pos"): positions of the two are
+// unrelated, so every new change would be skipped as applied before. A new
+// timeline with positions continuing (a promoted standby) is recorded.
+func (s *Store) CheckSource(ctx context.Context, src capture.SourceIdentity, slot string) (changed bool, err error) {
+	reset := fmt.Sprintf("if the switch is intended, stop the integrity consumer, run "+
+		"DELETE FROM %s WHERE consumer = '%s'; reset group %s's offsets to the topics' latest "+
+		"(kafka-consumer-groups --reset-offsets --to-latest --group %s --all-topics --execute) and start it again "+
+		"(open violations stay; rows written before the switch are not checked again)",
+		s.t("integrity_state"), strings.ReplaceAll(s.consumer, "'", "''"), s.consumer, s.consumer)
+	var stored struct {
+		System   string `json:"system"`
+		Timeline int32  `json:"timeline"`
+		Slot     string `json:"slot"`
+	}
+	var raw []byte
+	err = s.pool.QueryRow(ctx, "SELECT value::text FROM "+s.t("integrity_state")+" WHERE consumer = $1 AND kind = 'source' AND key = 'identity'", s.consumer).Scan(&raw)
+	found := err == nil
+	if err != nil && !errors.Is(err, pgx.ErrNoRows) {
+		return false, fmt.Errorf("integrity store: reading the source identity: %w", err)
+	}
+	if found {
+		if err := json.Unmarshal(raw, &stored); err != nil {
+			return false, fmt.Errorf("integrity store: the stored source identity %q: %w", raw, err)
+		}
+		if stored.System != src.SystemID {
+			return false, fmt.Errorf("%w: consumer %s's state was built from database system %s (slot %s), but postgres.dsn is now system %s; %s",
+				ErrOtherSource, s.consumer, stored.System, stored.Slot, src.SystemID, reset)
+		}
+	}
+	var newest uint64
+	if err := s.pool.QueryRow(ctx, "SELECT coalesce(max((value->>'l')::numeric), 0)::text::bigint FROM "+s.t("integrity_state")+
+		" WHERE consumer = $1 AND kind = 'pos'", s.consumer).Scan(&newest); err != nil {
+		return false, fmt.Errorf("integrity store: reading applied positions: %w", err)
+	}
+	if pipeline.LSN(newest) > src.WALPos {
+		return false, fmt.Errorf("%w: consumer %s has applied positions up to %s, beyond the source's current WAL position %s (%s): "+
+			"the source was restored to an earlier point or is another cluster; %s", ErrOtherSource, s.consumer, pipeline.LSN(newest), src.WALPos, src, reset)
+	}
+	if found && stored.Timeline == src.Timeline && stored.Slot == slot {
+		return false, nil
+	}
+	stored.System, stored.Timeline, stored.Slot = src.SystemID, src.Timeline, slot
+	v, _ := json.Marshal(stored)
+	if _, err := s.pool.Exec(ctx, "INSERT INTO "+s.t("integrity_state")+" (consumer, kind, key, value) VALUES ($1, 'source', 'identity', $2::jsonb) "+
+		"ON CONFLICT (consumer, kind, key) DO UPDATE SET value = excluded.value", s.consumer, string(v)); err != nil {
+		return false, fmt.Errorf("integrity store: recording the source identity: %w", err)
+	}
+	return found, nil
 }

@@ -2,15 +2,18 @@ package integrity
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/tidemark/tidemark/capture"
 	"github.com/tidemark/tidemark/internal/leakcheck"
 	"github.com/tidemark/tidemark/internal/pgserver"
 	"github.com/tidemark/tidemark/invalidation"
@@ -530,5 +533,37 @@ VALUES ($1, 'r', 'missing', 'error', 'public.events', '{}', '', $2::pg_lsn, 1, '
 	}
 	if n != 1 || !slices.Equal(left, []string{"old-high", "open-low", "recent-low"}) {
 		t.Fatalf("pruned %d, left %v; want old-low only pruned", n, left)
+	}
+}
+
+// TestCheckSourceIntegrity: another cluster, or a WAL position below the
+// applied positions, is refused with the reset statement; a promoted
+// standby is recorded.
+func TestCheckSourceIntegrity(t *testing.T) {
+	pool := testPool(t)
+	ctx := context.Background()
+	s := NewStore(pool, "tidemark", "srcchk")
+	if err := s.Setup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	a := capture.SourceIdentity{SystemID: "7100000000000000001", Timeline: 1, WALPos: 1000}
+	if changed, err := s.CheckSource(ctx, a, "s"); err != nil || changed {
+		t.Fatalf("first: %v %v", changed, err)
+	}
+	if _, err := pool.Exec(ctx, `INSERT INTO tidemark.integrity_state VALUES ('srcchk', 'pos', 'topic/0', '{"l": 900, "s": 1}')`); err != nil {
+		t.Fatal(err)
+	}
+	b := a
+	b.Timeline, b.WALPos = 2, 950
+	if changed, err := s.CheckSource(ctx, b, "s"); err != nil || !changed {
+		t.Fatalf("promoted: %v %v", changed, err)
+	}
+	b.WALPos = 850
+	if _, err := s.CheckSource(ctx, b, "s"); !errors.Is(err, ErrOtherSource) || !strings.Contains(err.Error(), "DELETE FROM \"tidemark\".integrity_state WHERE consumer = 'srcchk'") {
+		t.Fatalf("behind the applied positions: %v", err)
+	}
+	other := capture.SourceIdentity{SystemID: "7100000000000000009", Timeline: 1, WALPos: 5000}
+	if _, err := s.CheckSource(ctx, other, "s"); !errors.Is(err, ErrOtherSource) || !strings.Contains(err.Error(), "system 7100000000000000001") {
+		t.Fatalf("another cluster: %v", err)
 	}
 }

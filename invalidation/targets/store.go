@@ -27,8 +27,9 @@ import (
 //	                                                                     notify_targets may lag the facts, and
 //	                                                                     the number of updates published
 //	notify_outbox      (id, room_id, payload)                            committed updates not yet published
-//	notify_meta        (key, value)                                      room_version_floor: the highest version
-//	                                                                     of a pruned room (see Prune)
+//	notify_meta        (key, value, text_value)                          room_version_floor: the highest version
+//	                                                                     of a pruned room (see Prune); source_*:
+//	                                                                     the cluster the state is from (CheckSource)
 //
 // Facts are last-writer-wins by position: a change applies only when its
 // position is above the stored one, so replays and out-of-order delivery
@@ -70,7 +71,7 @@ CREATE TABLE IF NOT EXISTS %[4]s (room_id text PRIMARY KEY, lsn bigint NOT NULL,
 CREATE INDEX IF NOT EXISTS notify_rooms_dirty ON %[4]s (room_id) WHERE dirty;
 CREATE TABLE IF NOT EXISTS %[5]s (id bigserial PRIMARY KEY, room_id text NOT NULL, payload jsonb NOT NULL);
 CREATE INDEX IF NOT EXISTS notify_outbox_room ON %[5]s (room_id, id);
-CREATE TABLE IF NOT EXISTS %[6]s (key text PRIMARY KEY, value bigint NOT NULL);`,
+CREATE TABLE IF NOT EXISTS %[6]s (key text PRIMARY KEY, value bigint NOT NULL DEFAULT 0, text_value text);`,
 		s.t.members, s.t.users, s.t.targets, s.t.rooms, s.t.outbox, s.t.meta)
 	// CREATE ... IF NOT EXISTS races with itself: another part creating the
 	// same schema (the integrity consumer shares "tidemark") may win, which
