@@ -49,6 +49,8 @@ type Message struct {
 	Table     string // schema.table
 	Pos       pipeline.Position
 	Env       *pipeline.Envelope
+	// Time is the record's timestamp (zero when unknown).
+	Time time.Time
 }
 
 // Handler applies changes of the tables it is registered for.
@@ -616,7 +618,7 @@ func (c *Consumer) decode(m *kafkago.Message) (*Message, error) {
 		return nil, err
 	}
 	return &Message{Topic: m.Topic, Partition: m.Partition, Offset: m.Offset, Key: m.Key, Value: m.Value,
-		Table: env.Table(), Pos: env.Position(), Env: env}, nil
+		Table: env.Table(), Pos: env.Position(), Env: env, Time: m.Time}, nil
 }
 
 // handle calls h with retries and backoff. A *SkipError is counted and

@@ -50,6 +50,9 @@ after the snapshot still win), and publishes every difference with reason
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "rebuilt %d room(s) as of LSN %s in %s: %d changed, %d user(s) added, %d removed\n",
 				rep.Rooms, rep.LSN, time.Since(start).Round(time.Millisecond), rep.Changed, rep.Added, rep.Removed)
+			if rep.Held > 0 {
+				fmt.Fprintf(cmd.OutOrStdout(), "%d room(s) left to the targets consumer: held for a transaction it has not seen whole (their facts are merged; it settles them)\n", rep.Held)
+			}
 			return nil
 		},
 	}

@@ -224,6 +224,9 @@ type rebuildResponse struct {
 	Changed int    `json:"changed"`
 	Added   int    `json:"added"`
 	Removed int    `json:"removed"`
+	// Held: rooms left to the targets consumer (held for an incomplete
+	// transaction newer than the snapshot).
+	Held int `json:"held,omitempty"`
 }
 
 func (a *admin) rebuild(ctx context.Context, r *http.Request) (any, error) {
@@ -253,7 +256,7 @@ func (a *admin) rebuild(ctx context.Context, r *http.Request) (any, error) {
 	if err != nil {
 		return nil, fmt.Errorf("rebuilding notification targets: %w", err)
 	}
-	return rebuildResponse{LSN: rep.LSN.String(), Rooms: rep.Rooms, Changed: rep.Changed, Added: rep.Added, Removed: rep.Removed}, nil
+	return rebuildResponse{LSN: rep.LSN.String(), Rooms: rep.Rooms, Changed: rep.Changed, Added: rep.Added, Removed: rep.Removed, Held: rep.Held}, nil
 }
 
 // auditResponse is AuditReport for JSON clients.

@@ -351,13 +351,30 @@ func (t *Targets) setup(ctx context.Context) error {
 	if err := t.out.ensureTopics(ctx, t.log); err != nil {
 		return err
 	}
+	waiting, err := t.Store.Waiting(ctx)
+	if err != nil {
+		return err
+	}
 	dirty, err := t.Store.DirtyRooms(ctx, 1_000_000)
 	if err != nil {
 		return err
 	}
-	if len(dirty) > 0 {
-		t.Handler.Recover(dirty)
-		t.log.Info("rooms left dirty by an earlier run queued for settling", zap.Int("rooms", len(dirty)))
+	if len(dirty) > 0 || len(waiting) > 0 {
+		// Rooms waiting for incomplete transactions go on waiting for their
+		// END records: the index re-reads the transactions topic from
+		// before the oldest of them.
+		t.Handler.Recover(dirty, waiting)
+		var oldest time.Time
+		for _, w := range waiting {
+			if !w.FirstRecord.IsZero() && (oldest.IsZero() || w.FirstRecord.Before(oldest)) {
+				oldest = w.FirstRecord
+			}
+		}
+		if t.Ends != nil {
+			t.Ends.From = oldest
+		}
+		t.log.Info("rooms left dirty by an earlier run queued for settling", zap.Int("rooms", len(dirty)),
+			zap.Int("incomplete_transactions", len(waiting)), zap.Time("oldest_record", oldest))
 	}
 	return nil
 }

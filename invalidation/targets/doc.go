@@ -9,7 +9,9 @@
 // out of order across partitions are no-ops. A room's targets are derived
 // from the facts once every transaction that touched it is whole (TxnIndex
 // reads the END records of <prefix>.transactions), so a transaction's net
-// effect is published, never its intermediate states. Derived changes are
+// effect is published, never its intermediate states; what a dirty room
+// waits for is kept with the facts, so this holds across restarts too
+// (Store.Waiting, Handler.Recover). Derived changes are
 // committed with an outbox and then published (KafkaOutput, RedisOutput),
 // in order and at least once.
 //

@@ -22,7 +22,8 @@ import (
 // handler knows when it has seen a whole transaction.
 //
 // It keeps at most Max transactions (oldest dropped first; a dropped one is
-// settled after the hold instead) and starts Lookback before now. A record
+// settled after the hold instead) and starts Lookback before now, or, when
+// From is set and earlier, Lookback before From. A record
 // pipeline.ParseTxnRecord refuses is skipped, counted (Malformed) and
 // logged: the transaction it would have ended is settled after the hold.
 type TxnIndex struct {
@@ -33,7 +34,11 @@ type TxnIndex struct {
 	Tables   []string
 	Max      int           // default 200000
 	Lookback time.Duration // default 1m
-	Log      *zap.Logger
+	// From, when set before Run, is the earliest record time of the
+	// transactions rooms waited for when the consumer last stopped
+	// (Store.Waiting): their END records are read again.
+	From time.Time
+	Log  *zap.Logger
 
 	mu        sync.Mutex
 	ends      map[pipeline.LSN]map[string]int
@@ -210,7 +215,11 @@ func (x *TxnIndex) Run(ctx context.Context) error {
 			// runtime's reader. MinBytes 1 returns records at once.
 			MinBytes: 1, MaxBytes: 4 << 20, MaxWait: 2 * time.Second,
 			ReadBackoffMin: 5 * time.Millisecond, ReadBackoffMax: 50 * time.Millisecond})
-		off, err := x.startOffset(ctx, time.Now().Add(-lookback))
+		start := time.Now().Add(-lookback)
+		if !x.From.IsZero() && x.From.Add(-lookback).Before(start) {
+			start = x.From.Add(-lookback)
+		}
+		off, err := x.startOffset(ctx, start)
 		if err == nil {
 			err = r.SetOffset(off)
 		}

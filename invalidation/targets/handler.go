@@ -2,6 +2,9 @@ package targets
 
 import (
 	"context"
+	"maps"
+	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -63,14 +66,36 @@ type Handler struct {
 	truncM  *pipeline.Position
 	truncU  *pipeline.Position
 	pending map[pipeline.LSN]*pendingTxn
+	// stale are settled transactions whose kept waits could not be
+	// forgotten (a failed settlement): forgotten with the next one.
+	stale   []pipeline.LSN
 	lastErr time.Time
 }
+
+// maxStale bounds Handler.stale; past it, Store.Waiting prunes what is left
+// at the next start.
+const maxStale = 10000
 
 type pendingTxn struct {
 	seen   map[string]int
 	truncs map[pipeline.Position]bool
 	rooms  map[string]bool
 	since  time.Time
+	// first is the earliest record timestamp of its changes (zero: unknown).
+	first time.Time
+	// marks is the highest seq handled per "topic/partition"; prior is the
+	// marks an earlier run kept: a change at or below them was counted by
+	// that run (a partition delivers a transaction's changes in seq order,
+	// and redelivers from the committed offset on).
+	marks map[string]uint32
+	prior map[string]uint32
+	// changed: handled changes not yet kept; kept: notify_txns and
+	// notify_waits hold it (Settle or Done must forget it).
+	changed, kept bool
+}
+
+func newPending(since time.Time) *pendingTxn {
+	return &pendingTxn{seen: map[string]int{}, rooms: map[string]bool{}, marks: map[string]uint32{}, since: since}
 }
 
 var (
@@ -110,8 +135,18 @@ func (h *Handler) Handle(_ context.Context, m *invalidation.Message) error {
 	pos := m.Pos
 	p := h.pending[pos.CommitLSN]
 	if p == nil {
-		p = &pendingTxn{seen: map[string]int{}, rooms: map[string]bool{}, since: h.cfg.Now()}
+		p = newPending(h.cfg.Now())
 		h.pending[pos.CommitLSN] = p
+	}
+	p.changed = true
+	if !m.Time.IsZero() && (p.first.IsZero() || m.Time.Before(p.first)) {
+		p.first = m.Time
+	}
+	part := m.Topic + "/" + strconv.Itoa(m.Partition)
+	prior, counted := p.prior[part]
+	counted = counted && pos.Seq <= prior
+	if cur, ok := p.marks[part]; !ok || pos.Seq > cur {
+		p.marks[part] = pos.Seq
 	}
 	if env.Op == "t" {
 		// A truncate is broadcast to every partition: count it once.
@@ -122,7 +157,7 @@ func (h *Handler) Handle(_ context.Context, m *invalidation.Message) error {
 			p.truncs[pos] = true
 			p.seen[m.Table]++
 		}
-	} else {
+	} else if !counted {
 		p.seen[m.Table]++
 	}
 	h.stats.Changes.Add(1)
@@ -154,44 +189,122 @@ func maxPos(cur *pipeline.Position, p pipeline.Position) *pipeline.Position {
 	return cur
 }
 
-// Flush stores the batch's facts and marks their rooms dirty (durable when
-// it returns), then settles the rooms whose transactions are complete.
-// A settlement that fails is retried by Run; the rooms stay dirty.
+// Flush stores the batch's facts and marks their rooms dirty, together
+// with what those rooms wait for (the incomplete transactions that touched
+// them, and what has been handled of each), durable when it returns; then
+// it settles the rooms whose transactions are complete. A settlement that
+// fails is retried by Run; the rooms stay dirty.
 func (h *Handler) Flush(ctx context.Context) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if len(h.members) > 0 || len(h.users) > 0 || h.truncM != nil || h.truncU != nil {
-		touched, err := h.cfg.Store.Apply(ctx, h.members, h.users, h.truncM, h.truncU)
+	var waiting map[pipeline.LSN]*TxnProgress
+	for lsn, p := range h.pending {
+		if lsn == 0 || !p.changed || h.complete(lsn, p) {
+			continue
+		}
+		if waiting == nil {
+			waiting = map[pipeline.LSN]*TxnProgress{}
+		}
+		waiting[lsn] = p.progress(lsn)
+	}
+	if len(h.members) > 0 || len(h.users) > 0 || h.truncM != nil || h.truncU != nil || len(waiting) > 0 {
+		touched, err := h.cfg.Store.Apply(ctx, h.members, h.users, h.truncM, h.truncU, waiting)
 		if err != nil {
 			return err
 		}
 		for _, rp := range touched {
 			p := h.pending[rp.Pos.CommitLSN]
 			if p == nil { // settled meanwhile (cannot happen under the lock); keep the room
-				p = &pendingTxn{seen: map[string]int{}, rooms: map[string]bool{}, since: h.cfg.Now()}
+				p = newPending(h.cfg.Now())
 				h.pending[rp.Pos.CommitLSN] = p
 			}
 			p.rooms[rp.Room] = true
 		}
+		for lsn := range waiting {
+			if p := h.pending[lsn]; len(p.rooms) > 0 {
+				p.kept = true
+			}
+		}
 		h.members, h.users, h.truncM, h.truncU = h.members[:0], h.users[:0], nil, nil
+	}
+	for _, p := range h.pending {
+		p.changed = false
 	}
 	h.settleReady(ctx)
 	return nil
 }
 
-// Recover queues rooms left dirty by an earlier run; they are settled after
-// the hold.
-func (h *Handler) Recover(rooms []string) {
+// progress is what Store.Apply keeps of an incomplete transaction.
+func (p *pendingTxn) progress(lsn pipeline.LSN) *TxnProgress {
+	tp := &TxnProgress{LSN: lsn, FirstRecord: p.first, Seen: maps.Clone(p.seen), Marks: maps.Clone(p.marks), HasRooms: len(p.rooms) > 0}
+	for pos := range p.truncs {
+		tp.Truncs = append(tp.Truncs, pos.Seq)
+	}
+	slices.Sort(tp.Truncs)
+	return tp
+}
+
+// Recover queues what an earlier run left: rooms waiting for incomplete
+// transactions (Store.Waiting) wait for those transactions' END records
+// (and remaining changes) as if the run had not stopped, for at most the
+// hold from now; the other dirty rooms (their transactions were complete)
+// are settled at once. Call it before the consumer starts.
+func (h *Handler) Recover(rooms []string, waiting []TxnProgress) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	p := h.pending[0]
-	if p == nil {
-		p = &pendingTxn{seen: map[string]int{}, rooms: map[string]bool{}, since: h.cfg.Now()}
-		h.pending[0] = p
+	now := h.cfg.Now()
+	held := map[string]bool{}
+	for _, w := range waiting {
+		if w.LSN == 0 {
+			continue
+		}
+		p := h.pending[w.LSN]
+		if p == nil {
+			p = newPending(now)
+			h.pending[w.LSN] = p
+		}
+		p.kept = true
+		if !w.FirstRecord.IsZero() && (p.first.IsZero() || w.FirstRecord.Before(p.first)) {
+			p.first = w.FirstRecord
+		}
+		for t, n := range w.Seen {
+			p.seen[t] += n
+		}
+		if p.prior == nil {
+			p.prior = map[string]uint32{}
+		}
+		for part, seq := range w.Marks {
+			p.prior[part] = max(p.prior[part], seq)
+			p.marks[part] = max(p.marks[part], seq)
+		}
+		if len(w.Truncs) > 0 && p.truncs == nil {
+			p.truncs = map[pipeline.Position]bool{}
+		}
+		for _, seq := range w.Truncs {
+			p.truncs[pipeline.Position{CommitLSN: w.LSN, Seq: seq}] = true
+		}
+		for _, r := range w.Rooms {
+			p.rooms[r] = true
+			held[r] = true
+		}
 	}
+	var due []string
 	for _, r := range rooms {
-		p.rooms[r] = true
+		if !held[r] {
+			due = append(due, r)
+		}
 	}
+	if len(due) > 0 {
+		p := h.pending[0]
+		if p == nil {
+			p = newPending(time.Time{}) // due at once
+			h.pending[0] = p
+		}
+		for _, r := range due {
+			p.rooms[r] = true
+		}
+	}
+	h.gauge()
 }
 
 // Run settles held rooms every tick until ctx ends.
@@ -257,17 +370,36 @@ func (h *Handler) settleReady(ctx context.Context) {
 		}
 	}
 	rooms := map[string]bool{}
+	done := h.stale
 	for _, lsn := range ready {
-		for r := range h.pending[lsn].rooms {
+		p := h.pending[lsn]
+		for r := range p.rooms {
 			if !blocked[r] {
 				rooms[r] = true
 			}
 		}
+		if p.kept && lsn != 0 {
+			done = append(done, lsn)
+		}
 	}
+	h.stale = nil
 	list := sortedKeys(rooms)
+	if len(list) == 0 && len(done) > 0 {
+		// Every room is held by another transaction: forget the kept
+		// waits of these alone.
+		if err := h.cfg.Store.Done(ctx, done); err != nil {
+			h.keepStale(done)
+		}
+	}
 	for start := 0; start < len(list); start += 500 {
 		chunk := list[start:min(start+500, len(list))]
-		ups, err := h.cfg.Store.Settle(ctx, chunk, h.cfg.Publish)
+		ups, err := h.cfg.Store.Settle(ctx, chunk, done, h.cfg.Publish)
+		if err != nil {
+			// The settlement may not have committed: forget them again
+			// with the next one (forgetting twice is harmless).
+			h.keepStale(done)
+		}
+		done = nil
 		h.count(ups)
 		if err != nil {
 			h.stats.SettleErrors.Add(1)
@@ -280,7 +412,7 @@ func (h *Handler) settleReady(ctx context.Context) {
 			// rooms however long an output is down.
 			retry := h.pending[0]
 			if retry == nil {
-				retry = &pendingTxn{seen: map[string]int{}, rooms: map[string]bool{}}
+				retry = newPending(time.Time{})
 				h.pending[0] = retry
 			}
 			retry.since = time.Time{}
@@ -297,6 +429,12 @@ func (h *Handler) settleReady(ctx context.Context) {
 		}
 	}
 	h.forget(ready)
+}
+
+// keepStale remembers settled transactions whose kept waits may remain,
+// up to maxStale.
+func (h *Handler) keepStale(done []pipeline.LSN) {
+	h.stale = append(h.stale, done[:min(len(done), max(0, maxStale-len(h.stale)))]...)
 }
 
 // forget drops settled transactions (and an emptied retry entry).

@@ -291,3 +291,126 @@ func TestJSONStringSizeMatchesEncoder(t *testing.T) {
 		t.Errorf("targetsSize = %d, record is %d bytes", got, real)
 	}
 }
+
+// at places a change on a topic partition, as the consumer delivers it.
+func at(m *invalidation.Message, topic string, partition int) *invalidation.Message {
+	m.Topic, m.Partition = topic, partition
+	return m
+}
+
+// TestHandlerRecoverWaits: a consumer stopped between the two halves of a
+// rewrite (on different partitions) keeps what the room waits for; a new
+// one recovers it, does not count the redelivered first half again, waits
+// for the END record and the second half (not for the hold, which is long),
+// and publishes nothing. Dirty rooms waiting for nothing settle at once.
+func TestHandlerRecoverWaits(t *testing.T) {
+	s, pool := newTestStore(t)
+	ctx := context.Background()
+	r := &recorder{}
+	now := time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)
+	clock := func() time.Time { return now }
+	newHandler := func(x *TxnIndex) *Handler {
+		h, err := NewHandler(HandlerConfig{Store: s, Publish: r.publish, Ends: x, Hold: time.Hour, Now: clock}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return h
+	}
+	settle := func(h *Handler) {
+		h.mu.Lock()
+		h.settleReady(ctx)
+		h.mu.Unlock()
+	}
+	x1 := &TxnIndex{Tables: []string{"public.room_memberships", "public.users"}}
+	h1 := newHandler(x1)
+	end(x1, 10, 2, 0)
+	batch(t, h1, at(change("room_memberships", "c", nil, membership("!r", "@a", "join"), 10, 0), "m", 0),
+		at(change("room_memberships", "c", nil, membership("!q", "@a", "join"), 10, 1), "m", 1))
+	expect(t, "seed", r, "!r @a added join", "!q @a added join")
+	// The DELETE half of a rewrite at 20, and a join of !q at 30 settled
+	// by neither (its room is left dirty, as a crash before settling does).
+	del := at(change("room_memberships", "d", membership("!r", "@a", "join"), nil, 20, 0), "m", 2)
+	del.Time = now.Add(-time.Hour)
+	batch(t, h1, del)
+	expect(t, "first half", r)
+	var waits int
+	if err := pool.QueryRow(ctx, `SELECT count(*) FROM tidemark.notify_waits WHERE room_id = '!r' AND lsn = 20`).Scan(&waits); err != nil || waits != 1 {
+		t.Fatalf("notify_waits rows for !r at 20: %d (%v), want 1", waits, err)
+	}
+	if _, err := pool.Exec(ctx, `UPDATE tidemark.notify_rooms SET dirty = true WHERE room_id = '!q'`); err != nil {
+		t.Fatal(err)
+	}
+
+	// A new run.
+	waiting, err := s.Waiting(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(waiting) != 1 || waiting[0].LSN != 20 || !slices.Equal(waiting[0].Rooms, []string{"!r"}) ||
+		waiting[0].Seen["public.room_memberships"] != 1 || !waiting[0].FirstRecord.Equal(now.Add(-time.Hour)) {
+		t.Fatalf("waiting = %+v", waiting)
+	}
+	dirty, err := s.DirtyRooms(ctx, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	x2 := &TxnIndex{Tables: []string{"public.room_memberships", "public.users"}}
+	h2 := newHandler(x2)
+	h2.Recover(dirty, waiting)
+	end(x2, 10, 2, 0)
+	settle(h2)
+	expect(t, "recovered !q (waits for nothing)", r)
+	if n := countDirty(t, pool); n != 1 {
+		t.Errorf("dirty rooms after settling the recovered: %d, want 1 (!r)", n)
+	}
+	end(x2, 20, 2, 0)
+	// The first half again (its offset was not committed): not counted twice.
+	batch(t, h2, at(change("room_memberships", "d", membership("!r", "@a", "join"), nil, 20, 0), "m", 2))
+	expect(t, "redelivered first half", r)
+	if n := countDirty(t, pool); n != 1 {
+		t.Errorf("dirty rooms after the redelivered first half: %d, want 1", n)
+	}
+	batch(t, h2, at(change("room_memberships", "c", nil, membership("!r", "@a", "join"), 20, 1), "m", 0))
+	expect(t, "second half", r)
+	if n := countDirty(t, pool); n != 0 {
+		t.Errorf("dirty rooms after the second half: %d, want 0", n)
+	}
+	if n := h2.Stats().HeldExpired.Load(); n != 0 {
+		t.Errorf("HeldExpired = %d, want 0", n)
+	}
+	if err := pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM tidemark.notify_waits) + (SELECT count(*) FROM tidemark.notify_txns)`).Scan(&waits); err != nil || waits != 0 {
+		t.Errorf("kept waits after settling: %d (%v), want 0", waits, err)
+	}
+}
+
+func countDirty(t *testing.T, pool *pgxpool.Pool) int {
+	t.Helper()
+	var n int
+	if err := pool.QueryRow(context.Background(), `SELECT count(*) FROM tidemark.notify_rooms WHERE dirty`).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// TestHeldRooms: rebuild leaves to the consumer a dirty room it holds for
+// a transaction after the snapshot, and settles the others.
+func TestHeldRooms(t *testing.T) {
+	s, pool := newTestStore(t)
+	ctx := context.Background()
+	if _, err := pool.Exec(ctx, `INSERT INTO tidemark.notify_rooms (room_id, lsn, seq, dirty) VALUES ('!held', 0, 0, true), ('!old', 0, 0, true), ('!clean', 0, 0, false);
+INSERT INTO tidemark.notify_waits (room_id, lsn) VALUES ('!held', 500), ('!old', 300), ('!clean', 500)`); err != nil {
+		t.Fatal(err)
+	}
+	tx, err := pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = tx.Rollback(ctx) }()
+	held, err := s.heldRoomsTx(ctx, tx, []string{"!old", "!held", "!clean", "!none"}, 400)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(held) != 1 || !held["!held"] {
+		t.Errorf("held = %v, want only !held", held)
+	}
+}

@@ -9,7 +9,7 @@ import (
 	"github.com/tidemark/tidemark/pipeline"
 )
 
-func at(lsn uint64) pipeline.Position { return pipeline.Position{CommitLSN: pipeline.LSN(lsn), Seq: 1} }
+func posAt(lsn uint64) pipeline.Position { return pipeline.Position{CommitLSN: pipeline.LSN(lsn), Seq: 1} }
 
 func count(t *testing.T, pool *pgxpool.Pool, table string) int {
 	t.Helper()
@@ -29,7 +29,7 @@ func TestPrune(t *testing.T) {
 	ctx := context.Background()
 	settle := func(rooms ...string) []RoomUpdate {
 		t.Helper()
-		ups, err := s.Settle(ctx, rooms, func(context.Context, []RoomUpdate) error { return nil })
+		ups, err := s.Settle(ctx, rooms, nil, func(context.Context, []RoomUpdate) error { return nil })
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -37,19 +37,19 @@ func TestPrune(t *testing.T) {
 	}
 	apply := func(ms []MemberFact, us []UserFact) {
 		t.Helper()
-		if _, err := s.Apply(ctx, ms, us, nil, nil); err != nil {
+		if _, err := s.Apply(ctx, ms, us, nil, nil, nil); err != nil {
 			t.Fatal(err)
 		}
 	}
 	apply([]MemberFact{
-		{Room: "!a", User: "@stay", Membership: "join", Joined: true, Pos: at(10)},
-		{Room: "!a", User: "@left", Membership: "join", Joined: true, Pos: at(10)},
-		{Room: "!gone", User: "@x", Membership: "join", Joined: true, Pos: at(10)},
-	}, []UserFact{{User: "@active", Active: true, Pos: at(12)}, {User: "@off", Active: false, Pos: at(12)}})
+		{Room: "!a", User: "@stay", Membership: "join", Joined: true, Pos: posAt(10)},
+		{Room: "!a", User: "@left", Membership: "join", Joined: true, Pos: posAt(10)},
+		{Room: "!gone", User: "@x", Membership: "join", Joined: true, Pos: posAt(10)},
+	}, []UserFact{{User: "@active", Active: true, Pos: posAt(12)}, {User: "@off", Active: false, Pos: posAt(12)}})
 	settle("!a", "!gone")
 	apply([]MemberFact{
-		{Room: "!a", User: "@left", Membership: "leave", Pos: at(20)},
-		{Room: "!gone", User: "@x", Membership: "leave", Pos: at(20)},
+		{Room: "!a", User: "@left", Membership: "leave", Pos: posAt(20)},
+		{Room: "!gone", User: "@x", Membership: "leave", Pos: posAt(20)},
 	}, nil)
 	ups := settle("!a", "!gone")
 	var goneVersion uint64
@@ -61,19 +61,19 @@ func TestPrune(t *testing.T) {
 	if goneVersion == 0 {
 		t.Fatalf("no update of !gone: %+v", ups)
 	}
-	apply([]MemberFact{{Room: "!a", User: "@late", Membership: "leave", Pos: at(40)}}, nil)
+	apply([]MemberFact{{Room: "!a", User: "@late", Membership: "leave", Pos: posAt(40)}}, nil)
 	settle("!a")
 
 	// Below 20 only the active user's fact (12) goes; the leaves at 20
 	// stay.
-	rep, err := s.Prune(ctx, at(20))
+	rep, err := s.Prune(ctx, posAt(20))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if rep != (PruneReport{Users: 1}) || count(t, pool, "notify_memberships") != 4 {
 		t.Fatalf("below 20: %+v, %d memberships; want only the active user pruned", rep, count(t, pool, "notify_memberships"))
 	}
-	rep, err = s.Prune(ctx, at(30))
+	rep, err = s.Prune(ctx, posAt(30))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -91,7 +91,7 @@ func TestPrune(t *testing.T) {
 	}
 	// The kept facts still guard against older changes: the deactivated
 	// user stays deactivated and the late leave wins over an older join.
-	apply([]MemberFact{{Room: "!a", User: "@late", Membership: "join", Joined: true, Pos: at(35)}}, nil)
+	apply([]MemberFact{{Room: "!a", User: "@late", Membership: "join", Joined: true, Pos: posAt(35)}}, nil)
 	for _, u := range settle("!a") {
 		for _, id := range u.Users {
 			if id == "@late" {
@@ -100,7 +100,7 @@ func TestPrune(t *testing.T) {
 		}
 	}
 	// !gone comes back: its versions continue above the pruned one.
-	apply([]MemberFact{{Room: "!gone", User: "@y", Membership: "join", Joined: true, Pos: at(50)}}, nil)
+	apply([]MemberFact{{Room: "!gone", User: "@y", Membership: "join", Joined: true, Pos: posAt(50)}}, nil)
 	ups = settle("!gone")
 	if len(ups) != 1 || ups[0].Version <= goneVersion {
 		t.Fatalf("!gone back with %+v, want a version above %d", ups, goneVersion)

@@ -3,6 +3,7 @@ package targets
 import (
 	"context"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -31,6 +32,12 @@ type RebuildReport struct {
 	Changed int          // rooms whose targets changed
 	Added   int
 	Removed int
+	// Held are rooms left to the consumer: it holds them for a transaction
+	// committed at or after LSN that it has not seen whole, so their facts
+	// include part of a transaction the snapshot does not contain.
+	// The snapshot's facts are merged; the consumer settles them once the
+	// transaction is whole (or its hold expires).
+	Held int
 }
 
 // Rebuild reads the source at a snapshot (see readSnapshot), merges what it
@@ -40,6 +47,13 @@ type RebuildReport struct {
 // reflected), recomputes the rooms' targets, writes the difference and
 // publishes it with reason "rebuild". It is safe while the consumer runs:
 // both serialise on the room's row lock, and positions decide every fact.
+// A room the consumer holds for an incomplete transaction committed at or
+// after the snapshot (notify_waits) is not settled: its facts include part
+// of that transaction, which settling would publish as an intermediate
+// state. Its facts are merged all the same, and it stays dirty for the
+// consumer (RebuildReport.Held). A room held only for transactions before
+// the snapshot is settled: the snapshot has them whole, and its facts
+// supersede theirs.
 //
 // rooms limits it to those rooms; all recomputes every room and user.
 func (b *Rebuilder) Rebuild(ctx context.Context, rooms []string, all bool) (RebuildReport, error) {
@@ -232,6 +246,14 @@ func (b *Rebuilder) rebuildRooms(ctx context.Context, c *compiled, stx pgx.Tx, s
 				settle = append(append([]string(nil), rooms...), more...)
 			}
 		}
+		held, err := b.Store.heldRoomsTx(ctx, tx, settle, stamp.CommitLSN)
+		if err != nil {
+			return err
+		}
+		res.Held = len(held)
+		if len(held) > 0 {
+			settle = slices.DeleteFunc(dedupeSorted(settle), func(r string) bool { return held[r] })
+		}
 		ups, err := b.Store.settleTx(ctx, tx, settle, ReasonRebuild, &stamp)
 		if err != nil {
 			return err
@@ -259,6 +281,7 @@ func (b *Rebuilder) rebuildRooms(ctx context.Context, c *compiled, stx pgx.Tx, s
 	rep.Changed += res.Changed
 	rep.Added += res.Added
 	rep.Removed += res.Removed
+	rep.Held += res.Held
 	return b.Store.Drain(ctx, settled, b.Publish)
 }
 
@@ -275,6 +298,35 @@ func (b *Rebuilder) stateTx(ctx context.Context, fn func(tx pgx.Tx) error) error
 		}
 		return err
 	}, backoff.WithContext(bo, ctx))
+}
+
+// heldRoomsTx locks the rows of rooms (sorted, as settleTx does) and
+// returns those the consumer holds, dirty, for a transaction committed
+// after lsn. Under the lock no consumer batch can add a wait meanwhile: a
+// batch marks its rooms dirty (the same rows) in the transaction that
+// records what they wait for.
+func (s *Store) heldRoomsTx(ctx context.Context, tx pgx.Tx, rooms []string, lsn pipeline.LSN) (map[string]bool, error) {
+	if len(rooms) == 0 {
+		return nil, nil
+	}
+	rooms = dedupeSorted(rooms)
+	if _, err := tx.Exec(ctx, fmt.Sprintf(`SELECT 1 FROM %s WHERE room_id = ANY($1::text[]) ORDER BY room_id FOR UPDATE`, s.t.rooms), rooms); err != nil {
+		return nil, err
+	}
+	rows, err := tx.Query(ctx, fmt.Sprintf(`SELECT DISTINCT w.room_id FROM %s w JOIN %s r ON r.room_id = w.room_id
+WHERE w.room_id = ANY($1::text[]) AND w.lsn > $2 AND r.dirty`, s.t.waits, s.t.rooms), rooms, int64(lsn))
+	if err != nil {
+		return nil, err
+	}
+	held, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]bool{}
+	for _, r := range held {
+		out[r] = true
+	}
+	return out, nil
 }
 
 // mergeMembersTx writes the source's memberships of rooms as facts at stamp

@@ -23,7 +23,7 @@ func TestCheckSource(t *testing.T) {
 	if changed, err := s.CheckSource(ctx, a, "slot_a"); err != nil || changed {
 		t.Fatalf("same source: changed %v, %v", changed, err)
 	}
-	if _, err := s.Apply(ctx, []MemberFact{{Room: "!r", User: "@u", Membership: "join", Joined: true, Pos: at(900)}}, nil, nil, nil); err != nil {
+	if _, err := s.Apply(ctx, []MemberFact{{Room: "!r", User: "@u", Membership: "join", Joined: true, Pos: posAt(900)}}, nil, nil, nil, nil); err != nil {
 		t.Fatal(err)
 	}
 	promoted := a

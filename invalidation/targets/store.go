@@ -30,6 +30,11 @@ import (
 //	notify_meta        (key, value, text_value)                          room_version_floor: the highest version
 //	                                                                     of a pruned room (see Prune); source_*:
 //	                                                                     the cluster the state is from (CheckSource)
+//	notify_waits       (room_id, lsn)                                    per dirty room, the incomplete
+//	                                                                     transactions (commit LSNs) it waits for
+//	notify_txns        (lsn, first_record, progress)                     per such transaction, what the consumer
+//	                                                                     has handled of it (so a restart goes on
+//	                                                                     counting) and its records' time
 //
 // Facts are last-writer-wins by position: a change applies only when its
 // position is above the stored one, so replays and out-of-order delivery
@@ -42,7 +47,7 @@ import (
 type Store struct {
 	pool   *pgxpool.Pool
 	schema string
-	t      struct{ members, users, targets, rooms, outbox, meta string }
+	t      struct{ members, users, targets, rooms, outbox, meta, waits, txns string }
 }
 
 // NewStore uses pool and schema (default "tidemark"). It starts nothing.
@@ -53,7 +58,7 @@ func NewStore(pool *pgxpool.Pool, schema string) *Store {
 	s := &Store{pool: pool, schema: schema}
 	q := func(n string) string { return pgx.Identifier{schema, n}.Sanitize() }
 	s.t.members, s.t.users, s.t.targets, s.t.rooms = q("notify_memberships"), q("notify_users"), q("notify_targets"), q("notify_rooms")
-	s.t.outbox, s.t.meta = q("notify_outbox"), q("notify_meta")
+	s.t.outbox, s.t.meta, s.t.waits, s.t.txns = q("notify_outbox"), q("notify_meta"), q("notify_waits"), q("notify_txns")
 	return s
 }
 
@@ -71,8 +76,11 @@ CREATE TABLE IF NOT EXISTS %[4]s (room_id text PRIMARY KEY, lsn bigint NOT NULL,
 CREATE INDEX IF NOT EXISTS notify_rooms_dirty ON %[4]s (room_id) WHERE dirty;
 CREATE TABLE IF NOT EXISTS %[5]s (id bigserial PRIMARY KEY, room_id text NOT NULL, payload jsonb NOT NULL);
 CREATE INDEX IF NOT EXISTS notify_outbox_room ON %[5]s (room_id, id);
-CREATE TABLE IF NOT EXISTS %[6]s (key text PRIMARY KEY, value bigint NOT NULL DEFAULT 0, text_value text);`,
-		s.t.members, s.t.users, s.t.targets, s.t.rooms, s.t.outbox, s.t.meta)
+CREATE TABLE IF NOT EXISTS %[6]s (key text PRIMARY KEY, value bigint NOT NULL DEFAULT 0, text_value text);
+CREATE TABLE IF NOT EXISTS %[7]s (room_id text NOT NULL, lsn bigint NOT NULL, PRIMARY KEY (room_id, lsn));
+CREATE INDEX IF NOT EXISTS notify_waits_lsn ON %[7]s (lsn);
+CREATE TABLE IF NOT EXISTS %[8]s (lsn bigint PRIMARY KEY, first_record timestamptz, progress jsonb NOT NULL);`,
+		s.t.members, s.t.users, s.t.targets, s.t.rooms, s.t.outbox, s.t.meta, s.t.waits, s.t.txns)
 	// CREATE ... IF NOT EXISTS races with itself: another part creating the
 	// same schema (the integrity consumer shares "tidemark") may win, which
 	// is fine; our own setups (the consumer and a rebuild starting
@@ -111,16 +119,48 @@ func posOf(lsn, seq int64) pipeline.Position {
 	return pipeline.Position{CommitLSN: pipeline.LSN(lsn), Seq: uint32(seq)}
 }
 
+// TxnProgress is what the consumer has handled of an incomplete
+// transaction: kept with the rooms waiting for it, so that after a restart
+// the rooms still wait for its END record and the count of its changes goes
+// on where it stopped.
+type TxnProgress struct {
+	LSN pipeline.LSN // commit LSN
+	// FirstRecord is the earliest timestamp of its records handled (zero:
+	// unknown): the transactions topic is re-read from before it.
+	FirstRecord time.Time
+	Seen        map[string]int    // changes handled, per table
+	Marks       map[string]uint32 // "topic/partition": the highest seq handled there
+	Truncs      []uint32          // seqs of the truncates counted
+	// Rooms (Waiting only) are the dirty rooms waiting for it.
+	Rooms []string
+	// HasRooms (Apply only) says rooms already wait for it, so its progress
+	// is kept even when this batch touched none.
+	HasRooms bool
+}
+
+type txnProgressJSON struct {
+	Seen   map[string]int    `json:"seen,omitempty"`
+	Marks  map[string]uint32 `json:"marks,omitempty"`
+	Truncs []uint32          `json:"truncs,omitempty"`
+}
+
 // Apply stores facts (last writer wins by position) and marks the rooms
 // whose facts changed dirty, in one transaction. It returns those rooms
 // with the position of the change. Truncates (non-nil positions) mark every
 // membership left, or every user active, unless newer.
-func (s *Store) Apply(ctx context.Context, members []MemberFact, users []UserFact, truncMembers, truncUsers *pipeline.Position) ([]RoomPos, error) {
+//
+// waiting are the incomplete transactions the batch handled changes of: in
+// the same transaction, the rooms they touched are recorded as waiting for
+// them (notify_waits) and the progress of those with rooms is kept
+// (notify_txns), until Settle or Done is told they are done.
+func (s *Store) Apply(ctx context.Context, members []MemberFact, users []UserFact, truncMembers, truncUsers *pipeline.Position, waiting map[pipeline.LSN]*TxnProgress) ([]RoomPos, error) {
 	var touched []RoomPos
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		var err error
-		touched, err = s.applyTx(ctx, tx, members, users, truncMembers, truncUsers)
-		return err
+		if touched, err = s.applyTx(ctx, tx, members, users, truncMembers, truncUsers); err != nil {
+			return err
+		}
+		return s.waitTx(ctx, tx, touched, waiting)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("storing notification-target facts: %w", err)
@@ -226,6 +266,135 @@ RETURNING user_id, lsn, seq`, s.t.users), us, as, ls, qs)
 		return nil, nil
 	}
 	return touched, s.markDirty(ctx, tx, touched)
+}
+
+// waitTx records the rooms touched by incomplete transactions as waiting
+// for them, and keeps the progress of every incomplete transaction rooms
+// wait for.
+func (s *Store) waitTx(ctx context.Context, tx pgx.Tx, touched []RoomPos, waiting map[pipeline.LSN]*TxnProgress) error {
+	if len(waiting) == 0 {
+		return nil
+	}
+	type key struct {
+		r string
+		l pipeline.LSN
+	}
+	pairs := map[key]bool{}
+	withRooms := map[pipeline.LSN]bool{}
+	for _, rp := range touched {
+		if waiting[rp.Pos.CommitLSN] != nil {
+			pairs[key{rp.Room, rp.Pos.CommitLSN}] = true
+			withRooms[rp.Pos.CommitLSN] = true
+		}
+	}
+	if len(pairs) > 0 {
+		rs, ls := make([]string, 0, len(pairs)), make([]int64, 0, len(pairs))
+		for k := range pairs {
+			rs, ls = append(rs, k.r), append(ls, int64(k.l))
+		}
+		if _, err := tx.Exec(ctx, fmt.Sprintf(`INSERT INTO %s (room_id, lsn) SELECT * FROM unnest($1::text[], $2::bigint[]) ORDER BY 1, 2
+ON CONFLICT DO NOTHING`, s.t.waits), rs, ls); err != nil {
+			return err
+		}
+	}
+	var ls []int64
+	var ts []*time.Time
+	var ps []string
+	for lsn, p := range waiting {
+		if !p.HasRooms && !withRooms[lsn] {
+			continue
+		}
+		b, err := json.Marshal(txnProgressJSON{Seen: p.Seen, Marks: p.Marks, Truncs: p.Truncs})
+		if err != nil {
+			return err
+		}
+		var t *time.Time
+		if !p.FirstRecord.IsZero() {
+			ft := p.FirstRecord
+			t = &ft
+		}
+		ls, ts, ps = append(ls, int64(lsn)), append(ts, t), append(ps, string(b))
+	}
+	if len(ls) == 0 {
+		return nil
+	}
+	_, err := tx.Exec(ctx, fmt.Sprintf(`INSERT INTO %s AS t (lsn, first_record, progress)
+SELECT l, f, p::jsonb FROM unnest($1::bigint[], $2::timestamptz[], $3::text[]) AS u(l, f, p) ORDER BY 1
+ON CONFLICT (lsn) DO UPDATE SET progress = excluded.progress,
+  first_record = CASE WHEN t.first_record IS NULL OR excluded.first_record < t.first_record THEN coalesce(excluded.first_record, t.first_record) ELSE t.first_record END`, s.t.txns), ls, ts, ps)
+	return err
+}
+
+// doneTx forgets the waits and progress of transactions that are done
+// (settled: complete, or held too long).
+func (s *Store) doneTx(ctx context.Context, tx pgx.Tx, done []pipeline.LSN) error {
+	if len(done) == 0 {
+		return nil
+	}
+	ls := make([]int64, len(done))
+	for i, l := range done {
+		ls[i] = int64(l)
+	}
+	if _, err := tx.Exec(ctx, fmt.Sprintf(`DELETE FROM %s WHERE lsn = ANY($1::bigint[])`, s.t.waits), ls); err != nil {
+		return err
+	}
+	_, err := tx.Exec(ctx, fmt.Sprintf(`DELETE FROM %s WHERE lsn = ANY($1::bigint[])`, s.t.txns), ls)
+	return err
+}
+
+// Done forgets the waits and progress of transactions that are done, when
+// no Settle carried them (their rooms were all held by other transactions).
+func (s *Store) Done(ctx context.Context, done []pipeline.LSN) error {
+	if len(done) == 0 {
+		return nil
+	}
+	if err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error { return s.doneTx(ctx, tx, done) }); err != nil {
+		return fmt.Errorf("forgetting %d settled transaction(s): %w", len(done), err)
+	}
+	return nil
+}
+
+// Waiting prunes waits of rooms no longer dirty and progress no room waits
+// for (left by a crash between a settlement and forgetting its
+// transactions), then returns the incomplete transactions dirty rooms wait
+// for, with their rooms and progress, oldest first.
+func (s *Store) Waiting(ctx context.Context) ([]TxnProgress, error) {
+	var out []TxnProgress
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		out = nil
+		if _, err := tx.Exec(ctx, fmt.Sprintf(`DELETE FROM %s w WHERE NOT EXISTS (SELECT 1 FROM %s r WHERE r.room_id = w.room_id AND r.dirty)`, s.t.waits, s.t.rooms)); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, fmt.Sprintf(`DELETE FROM %s t WHERE NOT EXISTS (SELECT 1 FROM %s w WHERE w.lsn = t.lsn)`, s.t.txns, s.t.waits)); err != nil {
+			return err
+		}
+		rows, err := tx.Query(ctx, fmt.Sprintf(`SELECT w.lsn, t.first_record, coalesce(t.progress, '{}'::jsonb)::text, array_agg(w.room_id ORDER BY w.room_id)
+FROM %s w LEFT JOIN %s t ON t.lsn = w.lsn GROUP BY w.lsn, t.first_record, t.progress ORDER BY w.lsn`, s.t.waits, s.t.txns))
+		if err != nil {
+			return err
+		}
+		var l int64
+		var first *time.Time
+		var prog string
+		var rooms []string
+		_, err = pgx.ForEachRow(rows, []any{&l, &first, &prog, &rooms}, func() error {
+			var pj txnProgressJSON
+			if err := json.Unmarshal([]byte(prog), &pj); err != nil {
+				return fmt.Errorf("progress of transaction %d: %w", l, err)
+			}
+			tp := TxnProgress{LSN: pipeline.LSN(l), Seen: pj.Seen, Marks: pj.Marks, Truncs: pj.Truncs, Rooms: append([]string(nil), rooms...)}
+			if first != nil {
+				tp.FirstRecord = *first
+			}
+			out = append(out, tp)
+			return nil
+		})
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("reading the transactions dirty rooms wait for: %w", err)
+	}
+	return out, nil
 }
 
 func collectRoomPos(rows pgx.Rows, dst []RoomPos) ([]RoomPos, error) {
@@ -355,10 +524,16 @@ type Publisher func(ctx context.Context, ups []RoomUpdate) error
 // state: a crash or a failed publish leaves the records in the outbox, and
 // settling the room again publishes them, in order. ups are the committed
 // updates, also when publishing failed.
-func (s *Store) Settle(ctx context.Context, rooms []string, publish Publisher) (ups []RoomUpdate, err error) {
+//
+// done are transactions settled with it (complete, or held too long): their
+// waits and progress are forgotten in the same transaction.
+func (s *Store) Settle(ctx context.Context, rooms []string, done []pipeline.LSN, publish Publisher) (ups []RoomUpdate, err error) {
 	err = pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		var err error
 		if ups, err = s.settleTx(ctx, tx, rooms, "", nil); err != nil {
+			return err
+		}
+		if err := s.doneTx(ctx, tx, done); err != nil {
 			return err
 		}
 		return s.writeOutbox(ctx, tx, ups)
