@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -107,7 +106,7 @@ func TestSecuredKafka(t *testing.T) {
 	path := securedYAML(t, cfg, e.secure.brokers, e.secure.caFile, kafkanet.ScramSHA256, "tm", "")
 	cmd := exec.Command(bin, "run", "--config", path)
 	cmd.Env = append(os.Environ(), config.EnvKafkaSASLPassword+"="+securedScramPW)
-	var out bytes.Buffer
+	var out syncBuffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"os/exec"
@@ -47,7 +46,7 @@ func TestSlotInvalidatedWhileRunning(t *testing.T) {
 		t.Fatal(err)
 	}
 	cmd := exec.Command(binary(t), "run", "--config", writeConfig(t, cfg))
-	var out bytes.Buffer
+	var out syncBuffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -55,7 +54,7 @@ func TestWideRowsWhileKafkaPaused(t *testing.T) {
 		t.Fatal(err)
 	}
 	cmd := exec.Command(binary(t), "run", "--config", path)
-	var out bytes.Buffer
+	var out syncBuffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
