@@ -114,7 +114,9 @@ func TestInvalidationRetentionGap(t *testing.T) {
 			t.Fatal("the Redis keys of on_gap_redis_patterns were not flushed within 30s of the restart")
 		}
 	}
-	if n, _ := rc.Exists(ctx, "session:1").Result(); n != 1 {
+	if n, err := rc.Exists(ctx, "session:1").Result(); err != nil {
+		t.Fatalf("EXISTS session:1: %v", err)
+	} else if n != 1 {
 		t.Error("session:1, which no on_gap_redis_patterns pattern matches, was deleted")
 	}
 	gapLogs := logs.FilterLevelExact(zapcore.ErrorLevel).FilterMessageSnippet("retention gap").All()
@@ -149,7 +151,11 @@ func TestInvalidationRetentionGap(t *testing.T) {
 	}
 	e.exec(`UPDATE room_memberships SET membership = 'join' WHERE room_id = '!r1' AND user_id = '@a'`)
 	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		if n, _ := rc.Exists(ctx, "room:!r1:members").Result(); n == 0 {
+		n, err := rc.Exists(ctx, "room:!r1:members").Result()
+		if err != nil {
+			t.Fatalf("EXISTS room:!r1:members: %v", err)
+		}
+		if n == 0 {
 			break
 		}
 		if time.Now().After(deadline) {
