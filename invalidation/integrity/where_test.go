@@ -219,8 +219,12 @@ INSERT INTO memberships VALUES ('!r', '@bad', 'join'), ('!r', '@fixed', 'leave')
 	if err := c.Load(ctx); err != nil {
 		t.Fatal(err)
 	}
-	user := func(name string, deact int) map[string]any { return map[string]any{"name": name, "deactivated": deact, "note": nil} }
-	mem := func(u, m string) map[string]any { return map[string]any{"room_id": "!r", "user_id": u, "membership": m} }
+	user := func(name string, deact int) map[string]any {
+		return map[string]any{"name": name, "deactivated": deact, "note": nil}
+	}
+	mem := func(u, m string) map[string]any {
+		return map[string]any{"room_id": "!r", "user_id": u, "membership": m}
+	}
 	ukey := func(n string) string { return `{"name":"` + n + `"}` }
 	feed(t, c,
 		change("users", "u", 10, 0, ukey("@bad"), user("@bad", 0), user("@bad", 1)),
