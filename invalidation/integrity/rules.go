@@ -239,16 +239,19 @@ func Validate(at string, rules []Rule) []Problem {
 		default:
 			add(p+".severity", "%q is not one of info, warning, error, critical", r.Severity)
 		}
-		kinds := 0
-		for _, set := range []bool{r.Expect != nil, r.Forbid != nil, r.Monotonic != nil} {
-			if set {
-				kinds++
+		var kinds []string
+		for _, k := range []struct {
+			set  bool
+			name string
+		}{{r.Expect != nil, "expect"}, {r.Forbid != nil, "forbid"}, {r.Monotonic != nil, "monotonic"}} {
+			if k.set {
+				kinds = append(kinds, k.name)
 			}
 		}
 		switch {
-		case kinds > 1:
-			add(p, "sets more than one of expect, forbid and monotonic; a rule is one of them")
-		case kinds == 0:
+		case len(kinds) > 1:
+			add(p, "sets both %s; a rule is one of expect, forbid and monotonic", strings.Join(kinds, " and "))
+		case len(kinds) == 0:
 			add(p, "sets none of expect, forbid and monotonic")
 		case r.Forbid != nil:
 			f := r.Forbid
