@@ -194,7 +194,7 @@ func (p *parser) lex() error {
 		c := s[i]
 		start := i
 		switch {
-		case c == ' ' || c == '\t' || c == '\n' || c == '\r':
+		case c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v':
 			i++
 			continue
 		case isIdentStart(c):
