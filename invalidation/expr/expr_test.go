@@ -289,11 +289,11 @@ func FuzzParse(f *testing.F) {
 		n := 0
 		sql := e.SQL(func(col string) string { return `m."` + strings.ReplaceAll(col, `"`, `""`) + `"` },
 			func(v any) string { n++; return fmt.Sprintf("$%d", n) })
-		bare := placeholderRe.ReplaceAllString(quotedIdentRe.ReplaceAllString(sql, `""`), "$$")
-		if strings.ContainsAny(bare, "'0123456789") {
+		noIdents := quotedIdentRe.ReplaceAllString(sql, `""`) // a quoted column may hold anything, "$1" included
+		if strings.ContainsAny(placeholderRe.ReplaceAllString(noIdents, "$$"), "'0123456789") {
 			t.Fatalf("Parse(%q).SQL() = %s inlines a literal", s, sql)
 		}
-		if got := len(placeholderRe.FindAllString(sql, -1)); got != n {
+		if got := len(placeholderRe.FindAllString(noIdents, -1)); got != n {
 			t.Fatalf("SQL %s has %d placeholders for %d arguments", sql, got, n)
 		}
 	})
