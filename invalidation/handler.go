@@ -97,7 +97,8 @@ func NewRuleHandler(engine *Engine, sinks ...Invalidator) *RuleHandler {
 }
 
 // Handle collects the change's keys. A change whose op the table's rules
-// exclude is a counted no-op (Skip(SkipOpExcluded)); one a rule accepts
+// exclude is a counted no-op (Skip(SkipOpExcluded)), as is one that the
+// accepting rules' filters exclude (Skip(SkipFiltered)); one a rule accepts
 // but whose images fill none of its templates is a Permanent error (it is
 // dead-lettered with the reason, never silently dropped). A truncate does
 // its rules' on_truncate action (truncate.go).
@@ -105,9 +106,12 @@ func (h *RuleHandler) Handle(ctx context.Context, m *Message) error {
 	if m.Env.Op == "t" {
 		return h.truncate(ctx, m)
 	}
-	keys, ok, err := h.engine.Resolve(m.Env, nil)
+	keys, ok, filtered, err := h.engine.resolve(m.Env, nil)
 	if err != nil {
 		return Permanent(err)
+	}
+	if filtered {
+		return Skip(SkipFiltered)
 	}
 	if !ok {
 		return Skip(SkipOpExcluded)

@@ -65,6 +65,9 @@ const (
 	SkipRedelivered = "redelivered"
 	// SkipOpExcluded: the table's rules exclude the change's op (ops).
 	SkipOpExcluded = "op_excluded"
+	// SkipFiltered: the table's rules accept the op, but neither image of
+	// the row matches any accepting rule's filter.
+	SkipFiltered = "filtered"
 	// SkipTableIgnored: a table the config maps to no rule on purpose
 	// (invalidation.ignore_tables).
 	SkipTableIgnored = "table_ignored"
@@ -132,5 +135,5 @@ func (s *Stats) SkippedBy() map[string]uint64 {
 // SkipReasons are the reasons Tidemark's handlers use, for metrics that
 // export every reason from the start.
 func SkipReasons() []string {
-	return slices.Clone([]string{SkipRedelivered, SkipOpExcluded, SkipTableIgnored, SkipTruncateIgnored, SkipTruncateDuplicate})
+	return slices.Clone([]string{SkipRedelivered, SkipOpExcluded, SkipFiltered, SkipTableIgnored, SkipTruncateIgnored, SkipTruncateDuplicate})
 }

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/tidemark/tidemark/invalidation/expr"
 	"github.com/tidemark/tidemark/pipeline"
 )
 
@@ -21,6 +22,17 @@ type Rule struct {
 	// Ops limits the rule to c (insert), u (update), d (delete), r
 	// (snapshot read). Default: c, u, d.
 	Ops []string `yaml:"ops"`
+	// Filter limits the rule to rows matching it, in the expression
+	// language of package invalidation/expr (see the README), e.g.
+	// "type = 'm.room.member' AND state_key LIKE '%:example.org'". The rule
+	// applies to a change when its before image or its after image
+	// matches, so a row moving out of (or into) the filtered set still
+	// invalidates its keys; an image lacking a filter column (a delete's
+	// key-only old image, an unchanged TOAST value) matches when the
+	// missing values could make the filter true. A change no rule applies
+	// to because of filters is skipped (reason "filtered"). Default: every
+	// row.
+	Filter string `yaml:"filter,omitempty"`
 	// Columns limits updates to those that change one of these columns.
 	// An update whose old values are unknown counts as changing them.
 	Columns []string `yaml:"columns"`
@@ -99,7 +111,8 @@ func parseTemplate(s string) (template, error) {
 }
 
 type compiledRule struct {
-	at         string // "invalidation.rules[i]"
+	at         string     // "invalidation.rules[i]"
+	filter     *expr.Expr // nil: every row
 	templates  []template
 	ops        string
 	columns    []string
@@ -190,6 +203,19 @@ func CompileTables(rules []Rule, tables map[string]Table, hasPatternSink bool) (
 			cr.templates = append(cr.templates, t)
 		}
 		probs = append(probs, oldImageProblems(at, r.Table, cr.ops, noOld, ti.Identity)...)
+		if strings.TrimSpace(r.Filter) != "" {
+			f, err := expr.Parse(r.Filter)
+			if err != nil {
+				probs = append(probs, fmt.Sprintf("%s.filter: %q: %v", at, r.Filter, err))
+			} else {
+				for _, c := range f.Columns() {
+					if !slices.Contains(cols, c) {
+						probs = append(probs, fmt.Sprintf("%s.filter: %s has no column %q (columns: %s)", at, r.Table, c, strings.Join(cols, ", ")))
+					}
+				}
+				cr.filter = f
+			}
+		}
 		for j, c := range r.Columns {
 			if !slices.Contains(cols, c) {
 				probs = append(probs, fmt.Sprintf("%s.columns[%d]: %s has no column %q", at, j, r.Table, c))
@@ -278,11 +304,21 @@ func (e *Engine) Keys(env *pipeline.Envelope, dst []string) ([]string, bool) {
 // covers, which is an error, never a silent no-op. A column present but
 // NULL renders no key and is no error.
 func (e *Engine) Resolve(env *pipeline.Envelope, dst []string) ([]string, bool, error) {
+	dst, accepted, _, err := e.resolve(env, dst)
+	return dst, accepted, err
+}
+
+// resolve is Resolve, also reporting a change whose op a rule accepts but
+// that every such rule's filter excludes (accepted is then false).
+func (e *Engine) resolve(env *pipeline.Envelope, dst []string) (_ []string, accepted, filtered bool, _ error) {
 	rules := e.byTable[env.Table()]
-	accepted := false
 	var errs []string
 	for _, r := range rules {
 		if !strings.Contains(r.ops, env.Op) {
+			continue
+		}
+		if !r.applies(env) {
+			filtered = true
 			continue
 		}
 		accepted = true
@@ -312,9 +348,33 @@ func (e *Engine) Resolve(env *pipeline.Envelope, dst []string) ([]string, bool, 
 		}
 	}
 	if len(errs) > 0 {
-		return dst, accepted, errors.New(strings.Join(errs, "; "))
+		return dst, accepted, filtered && !accepted, errors.New(strings.Join(errs, "; "))
 	}
-	return dst, accepted, nil
+	return dst, accepted, filtered && !accepted, nil
+}
+
+// applies reports whether the rule's filter matches the change's before
+// image or its after image. An image lacking a filter column (a key-only
+// old image, an unchanged TOAST value) matches when the missing values
+// could make the filter true: invalidating too much is safe, too little
+// leaves a stale cache.
+func (r *compiledRule) applies(env *pipeline.Envelope) bool {
+	if r.filter == nil {
+		return true
+	}
+	row := func(img map[string]json.RawMessage) expr.Row {
+		return func(col string) (string, bool, bool) {
+			if _, ok := img[col]; !ok {
+				return "", false, false
+			}
+			v, ok := pipeline.Text(img, col)
+			return v, !ok, true
+		}
+	}
+	if env.Before != nil && r.filter.Eval(row(env.Before)).Possibly() {
+		return true
+	}
+	return env.After != nil && r.filter.Eval(row(env.After)).Possibly()
 }
 
 // absent returns the first column of t that img does not hold at all (as

@@ -26,6 +26,7 @@ func registerConsumerMetrics(reg prometheus.Registerer, c *invalidation.Consumer
 	counter("messages_total", "Changes applied.", func() float64 { return float64(st.Messages.Load()) })
 	reg.MustRegister(consumerSkipped{st: st, desc: prometheus.NewDesc("tidemark_consumer_skipped_total",
 		"Changes skipped on purpose, by reason: redelivered (a position already applied), op_excluded (the rules exclude the op), "+
+			"filtered (the rules' filters exclude the row), "+
 			"table_ignored, truncate_ignored, truncate_duplicate (a truncate already acted on, from another partition).",
 		[]string{"reason"}, labels)})
 	counter("retries_total", "Failed attempts that were retried.", func() float64 { return float64(st.Retries.Load()) })

@@ -19,6 +19,7 @@ import (
 
 	"github.com/tidemark/tidemark/internal/kafkanet"
 	"github.com/tidemark/tidemark/invalidation"
+	"github.com/tidemark/tidemark/invalidation/expr"
 	"github.com/tidemark/tidemark/pipeline"
 )
 
@@ -700,6 +701,11 @@ func (c *Config) Validate() []FieldError {
 		for i, r := range inv.Rules {
 			if !seen[r.Table] {
 				add(fmt.Sprintf("invalidation.rules[%d].table", i), "%q is not in postgres.tables", r.Table)
+			}
+			if strings.TrimSpace(r.Filter) != "" {
+				if _, err := expr.Parse(r.Filter); err != nil {
+					add(fmt.Sprintf("invalidation.rules[%d].filter", i), "%q: %v", r.Filter, err)
+				}
 			}
 		}
 		for i, st := range inv.Streams {

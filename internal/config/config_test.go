@@ -172,6 +172,11 @@ func TestBadConfigs(t *testing.T) {
 			paths: []string{"postgres.unknown_tables"},
 		},
 		{
+			file:  "filter.bad.yml",
+			errs:  []string{`invalidation.rules[0].filter: "type = 'm.room.member' AND": at offset 26: expected a column, NOT or '(', found the end`},
+			paths: []string{"invalidation.rules[0].filter"},
+		},
+		{
 			file:  "compression.bad.yml",
 			errs:  []string{`kafka.compression: "brotli" is not one of none, gzip, snappy, lz4, zstd`},
 			paths: []string{"kafka.compression"},

@@ -147,6 +147,9 @@ func (c *Config) validateIntegrity(captured map[string]bool) []FieldError {
 				sameTx = true
 			}
 		}
+		if r.Forbid != nil {
+			tables[fmt.Sprintf("integrity.rules[%d].forbid.table", i)] = r.Forbid.Table
+		}
 		for path, t := range tables {
 			if !captured[t] {
 				add(path, "%q is not in postgres.tables (the integrity consumer reads its changes)", t)

@@ -56,6 +56,9 @@ func TestIntegrityBadConfig(t *testing.T) {
 		"integrity.rules[2].monotonic.key",
 		"integrity.rules[2].within",
 		"integrity.rules[3]",
+		"integrity.rules[4].forbid.table",
+		"integrity.rules[4].on[0]",
+		"integrity.rules[4].where",
 		"integrity.schema",
 	}
 	if !slices.Equal(got, want) {
@@ -68,6 +71,9 @@ func TestIntegrityBadConfig(t *testing.T) {
 		`"soon" is neither same_transaction nor a positive duration`,
 		`"public.missing_table" is not in postgres.tables`,
 		`sets both expect and monotonic`,
+		`"public.missing_forbid" is not in postgres.tables`,
+		`a deleted row cannot hold a forbidden related row`,
+		`integrity.rules[4].where: "deactivated =": at offset 13: expected a literal`,
 		`set pipeline.transactions_topic: true`,
 	} {
 		if !strings.Contains(err.Error(), s) {

@@ -17,6 +17,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tidemark/tidemark/invalidation"
+	"github.com/tidemark/tidemark/invalidation/expr"
 	"github.com/tidemark/tidemark/pipeline"
 )
 
@@ -182,7 +183,7 @@ func NewChecker(eng *Engine, store *Store, probe *Prober, opt Options, metrics *
 	}
 	c.trackTxns = eng.SameTransaction()
 	for _, r := range eng.rules {
-		if r.related != nil && r.window > 0 {
+		if r.Expect != nil && r.window > 0 {
 			c.recent[r.Name] = newFIFOSet(opt.MaxKeys)
 		}
 		// Every rule's counter exists from the start, at 0.
@@ -490,6 +491,12 @@ func (c *Checker) handleChange(ctx context.Context, m *invalidation.Message) err
 			c.monotonic(r, env, base, stored)
 			continue
 		}
+		if r.Forbid != nil {
+			if strings.ContainsRune(r.ops, rune(op)) {
+				c.forbidTrigger(r, env, base, r.where, r.cols)
+			}
+			continue
+		}
 		img := env.After
 		if op == 'd' {
 			img = env.Before
@@ -513,7 +520,7 @@ func (c *Checker) handleChange(ctx context.Context, m *invalidation.Message) err
 				t.setNet("par|"+r.Name+"|"+matchKey(vals), m.Pos.Seq, true)
 			}
 		}
-		if !strings.ContainsRune(r.ops, rune(op)) || !whereHolds(img, r.Where, op == 'd') {
+		if !strings.ContainsRune(r.ops, rune(op)) || !holds(r.where, img, op == 'd') {
 			continue
 		}
 		vals, ok := values(img, r.cols)
@@ -543,9 +550,15 @@ func (c *Checker) handleChange(ctx context.Context, m *invalidation.Message) err
 	}
 	// The row as a related row: it satisfies, resolves or orphans.
 	for _, r := range c.eng.byRelated[m.Table] {
+		if r.Forbid != nil {
+			if op == 'c' || op == 'u' {
+				c.forbidTrigger(r, env, base, r.relWhere, r.relCols)
+			}
+			continue
+		}
 		if op == 'd' {
 			vals, ok := values(env.Before, r.relCols)
-			if !ok || !whereHolds(env.Before, r.Expect.Where, true) {
+			if !ok || !holds(r.relWhere, env.Before, true) {
 				continue
 			}
 			k := matchKey(vals)
@@ -566,7 +579,7 @@ func (c *Checker) handleChange(ctx context.Context, m *invalidation.Message) err
 			continue
 		}
 		vals, ok := values(env.After, r.relCols)
-		if !ok || !whereHolds(env.After, r.Expect.Where, false) {
+		if !ok || !holds(r.relWhere, env.After, false) {
 			continue
 		}
 		k := matchKey(vals)
@@ -590,6 +603,35 @@ func (c *Checker) handleChange(ctx context.Context, m *invalidation.Message) err
 	}
 	c.tryDecide(t)
 	return nil
+}
+
+// forbidTrigger schedules the database check of a forbid rule when a change
+// brings its row into the forbidden state: the row (of the rule's table or
+// the related table; where and cols are that side's) matches where after
+// the change and did not, for the same match key, before it. The check
+// runs once the rule's window has passed in stream time and flags only
+// what the database then confirms; a check already scheduled for the match
+// key keeps its (earlier) deadline.
+func (c *Checker) forbidTrigger(r *compiled, env *pipeline.Envelope, base item, where *expr.Expr, cols []string) {
+	if env.After == nil || !holds(where, env.After, false) {
+		return
+	}
+	vals, ok := values(env.After, cols)
+	if !ok {
+		return // a NULL reference relates to nothing
+	}
+	if env.Before != nil && holds(where, env.Before, false) {
+		if old, ok := values(env.Before, cols); ok && matchKey(old) == matchKey(vals) {
+			return // already in that state: its own change was checked
+		}
+	}
+	k := r.Name + "|" + KindForbidden + "|" + matchKey(vals)
+	if c.pending[k] != nil {
+		return
+	}
+	it := base
+	it.Rule, it.Kind, it.Match = r.Name, KindForbidden, vals
+	c.addPending(&pend{item: it, Deadline: it.CommitMs + r.window.Milliseconds(), key: k})
 }
 
 // lookupMono reads from the state table the kept values of the monotonic
@@ -653,7 +695,7 @@ func (c *Checker) monotonic(r *compiled, env *pipeline.Envelope, base item, stor
 				// Applied already, or a later change of its transaction came
 				// first: the insert of a split update (another partition).
 				// Compare it with what this delete removed.
-				if cur.LSN == base.LSN && !cur.Gone && strings.ContainsRune(r.ops, 'c') && whereHolds(env.Before, r.Where, true) {
+				if cur.LSN == base.LSN && !cur.Gone && strings.ContainsRune(r.ops, 'c') && holds(r.where, env.Before, true) {
 					if old, has := pipeline.Text(env.Before, r.Monotonic.Column); has {
 						if cmp, okc := r.order(cur.V, old); okc && cmp < 0 {
 							it := base
@@ -683,7 +725,7 @@ func (c *Checker) monotonic(r *compiled, env *pipeline.Envelope, base item, stor
 		}
 		return
 	}
-	if !strings.ContainsRune(r.ops, rune(op)) || !whereHolds(env.After, r.Where, false) {
+	if !strings.ContainsRune(r.ops, rune(op)) || !holds(r.where, env.After, false) {
 		return
 	}
 	keyVals, ok := values(env.After, r.cols)
@@ -1218,6 +1260,9 @@ func (c *Checker) Tick(ctx context.Context) (int, error) {
 		case KindOrphaned:
 			c.flag(r, p.item, fmt.Sprintf("%s row with %s was deleted while its %s row remains (confirmed in the database)",
 				p.Table, describeMatch(r.relCols, p.Match), r.Rule.Table))
+		case KindForbidden:
+			c.flag(r, p.item, fmt.Sprintf("%s row with %s matching %s has a forbidden %s row matching %s after %s (confirmed in the database)",
+				r.Rule.Table, describeMatch(r.cols, p.Match), r.Where.String(), r.related.Name, r.Forbid.Where.String(), r.Within))
 		}
 	}
 	return len(due), c.flushLocked(ctx)
@@ -1249,7 +1294,7 @@ func (c *Checker) confirm(ctx context.Context, due []*pend) ([]bool, error) {
 		}
 		switch due[idx[0]].Kind {
 		case KindMissing:
-			rel, err := c.probe.Existing(ctx, r.related, r.relCols, r.Expect.Where, keys)
+			rel, err := c.probe.Existing(ctx, r.related, r.relCols, r.relWhere, keys)
 			if err != nil {
 				return nil, err
 			}
@@ -1260,12 +1305,21 @@ func (c *Checker) confirm(ctx context.Context, due []*pend) ([]bool, error) {
 			// Parent present and related row absent, read in one statement
 			// (one snapshot): two reads could see a parent deleted, or a
 			// related row written, between them.
-			orph, err := c.probe.Orphaned(ctx, r.table, r.cols, r.Where, r.related, r.relCols, r.Expect.Where, keys)
+			orph, err := c.probe.Orphaned(ctx, r.table, r.cols, r.where, r.related, r.relCols, r.relWhere, keys)
 			if err != nil {
 				return nil, err
 			}
 			for j, i := range idx {
 				out[i] = orph[j]
+			}
+		case KindForbidden:
+			// Both rows present, read in one statement (one snapshot).
+			bad, err := c.probe.Forbidden(ctx, r.table, r.cols, r.where, r.related, r.relCols, r.relWhere, keys)
+			if err != nil {
+				return nil, err
+			}
+			for j, i := range idx {
+				out[i] = bad[j]
 			}
 		}
 		c.metrics.Checks.Add(float64(len(keys)))

@@ -3,13 +3,14 @@ package integrity
 import (
 	"context"
 	"fmt"
-	"sort"
 	"strconv"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"golang.org/x/time/rate"
+
+	"github.com/tidemark/tidemark/invalidation/expr"
 )
 
 // Prober confirms expectations against the database: read-only (the pool
@@ -30,24 +31,35 @@ func NewProber(pool *pgxpool.Pool, perSecond float64, burst int) *Prober {
 }
 
 // Existing reports which keys (values of cols, as text, in cols' order)
-// have a row in t whose cols equal them and whose where columns hold the
-// given values. The result is indexed like keys.
-func (p *Prober) Existing(ctx context.Context, t *TableSchema, cols []string, where map[string]string, keys [][]string) ([]bool, error) {
-	return p.query(ctx, t.Name, existsSQL(t, cols, where), len(cols), []map[string]string{where}, keys)
+// have a row in t whose cols equal them and that matches where (nil: any
+// row). The result is indexed like keys.
+func (p *Prober) Existing(ctx context.Context, t *TableSchema, cols []string, where *expr.Expr, keys [][]string) ([]bool, error) {
+	sql, extra := existsSQL(t, cols, where)
+	return p.query(ctx, t.Name, sql, len(cols), extra, keys)
 }
 
 // Orphaned reports which keys have a parent row (in parent, matching
 // parCols and parWhere) but no related row (in rel, relCols and relWhere),
 // both EXISTS in one statement, so both are read in one snapshot.
-func (p *Prober) Orphaned(ctx context.Context, parent *TableSchema, parCols []string, parWhere map[string]string,
-	rel *TableSchema, relCols []string, relWhere map[string]string, keys [][]string) ([]bool, error) {
-	sql := orphanedSQL(parent, parCols, parWhere, rel, relCols, relWhere)
-	return p.query(ctx, parent.Name+" and "+rel.Name, sql, len(parCols), []map[string]string{parWhere, relWhere}, keys)
+func (p *Prober) Orphaned(ctx context.Context, parent *TableSchema, parCols []string, parWhere *expr.Expr,
+	rel *TableSchema, relCols []string, relWhere *expr.Expr, keys [][]string) ([]bool, error) {
+	sql, extra := pairSQL(parent, parCols, parWhere, rel, relCols, relWhere, true)
+	return p.query(ctx, parent.Name+" and "+rel.Name, sql, len(parCols), extra, keys)
+}
+
+// Forbidden reports which keys have both a parent row (in parent, matching
+// parCols and parWhere) and a forbidden related row (in rel, relCols and
+// relWhere), both EXISTS in one statement (one snapshot).
+func (p *Prober) Forbidden(ctx context.Context, parent *TableSchema, parCols []string, parWhere *expr.Expr,
+	rel *TableSchema, relCols []string, relWhere *expr.Expr, keys [][]string) ([]bool, error) {
+	sql, extra := pairSQL(parent, parCols, parWhere, rel, relCols, relWhere, false)
+	return p.query(ctx, parent.Name+" and "+rel.Name, sql, len(parCols), extra, keys)
 }
 
 // query runs sql over keys in rate-limited chunks: $1 the keys' indexes,
-// $2.. one text array per key column, then the where values in order.
-func (p *Prober) query(ctx context.Context, what, sql string, ncols int, wheres []map[string]string, keys [][]string) ([]bool, error) {
+// $2.. one text array per key column, then the conditions' parameters
+// (extra).
+func (p *Prober) query(ctx context.Context, what, sql string, ncols int, extra []any, keys [][]string) ([]bool, error) {
 	out := make([]bool, len(keys))
 	for start := 0; start < len(keys); start += p.chunk {
 		end := min(start+p.chunk, len(keys))
@@ -66,11 +78,7 @@ func (p *Prober) query(ctx context.Context, what, sql string, ncols int, wheres 
 		for _, a := range arrays {
 			args = append(args, a)
 		}
-		for _, w := range wheres {
-			for _, c := range sortedKeys(w) {
-				args = append(args, w[c])
-			}
-		}
+		args = append(args, extra...)
 		rows, err := p.pool.Query(ctx, sql, args...)
 		if err != nil {
 			return nil, fmt.Errorf("checking %s: %w", what, err)
@@ -94,21 +102,28 @@ func (p *Prober) query(ctx context.Context, what, sql string, ncols int, wheres 
 // existsSQL builds
 //
 //	SELECT k.i FROM unnest($1::int4[], $2::text[], ...) AS k(i, c0, ...)
-//	WHERE EXISTS (SELECT 1 FROM t r WHERE r.col0 = k.c0::type0 AND ... AND r.w = $n::typew)
+//	WHERE EXISTS (SELECT 1 FROM t r WHERE r.col0 = k.c0::type0 AND ... AND <where>)
 //
-// Casting the text parameter to the column's type keeps the column's index
-// usable.
-func existsSQL(t *TableSchema, cols []string, where map[string]string) string {
-	cond, _ := existsCond(t, cols, where, len(cols)+2)
-	return keysSQL(len(cols)) + " WHERE " + cond
+// with where rendered parameterized (its values returned, for the
+// parameters after the key arrays). Casting the text parameter to the
+// column's type keeps the column's index usable.
+func existsSQL(t *TableSchema, cols []string, where *expr.Expr) (string, []any) {
+	var extra []any
+	cond := existsCond(t, cols, where, len(cols)+1, &extra)
+	return keysSQL(len(cols)) + " WHERE " + cond, extra
 }
 
-// orphanedSQL is existsSQL's statement with EXISTS (parent) AND NOT EXISTS
-// (related): the parent's where values come first, then the related's.
-func orphanedSQL(parent *TableSchema, parCols []string, parWhere map[string]string, rel *TableSchema, relCols []string, relWhere map[string]string) string {
-	par, next := existsCond(parent, parCols, parWhere, len(parCols)+2)
-	r, _ := existsCond(rel, relCols, relWhere, next)
-	return keysSQL(len(parCols)) + " WHERE " + par + " AND NOT " + r
+// pairSQL is existsSQL's statement with EXISTS (parent) AND [NOT] EXISTS
+// (related): the parent's parameters come first, then the related's.
+func pairSQL(parent *TableSchema, parCols []string, parWhere *expr.Expr, rel *TableSchema, relCols []string, relWhere *expr.Expr, not bool) (string, []any) {
+	var extra []any
+	par := existsCond(parent, parCols, parWhere, len(parCols)+1, &extra)
+	r := existsCond(rel, relCols, relWhere, len(parCols)+1, &extra)
+	op := " AND "
+	if not {
+		op = " AND NOT "
+	}
+	return keysSQL(len(parCols)) + " WHERE " + par + op + r, extra
 }
 
 func keysSQL(ncols int) string {
@@ -126,22 +141,17 @@ func keysSQL(ncols int) string {
 }
 
 // existsCond is "EXISTS (SELECT 1 FROM t r WHERE r.col_j = k.c_j::type AND
-// r.w::text = $param ...)" with where's values from param on (sorted by
-// column); next is the first parameter it leaves free.
-func existsCond(t *TableSchema, cols []string, where map[string]string, param int) (cond string, next int) {
+// (where))", where's values appended to extra as parameters numbered after
+// the first fixed ones (the index and key arrays).
+func existsCond(t *TableSchema, cols []string, where *expr.Expr, fixed int, extra *[]any) string {
 	schema, name, _ := strings.Cut(t.Name, ".")
 	var conds []string
 	for j, c := range cols {
 		conds = append(conds, fmt.Sprintf("r.%s = k.c%d::%s", pgx.Identifier{c}.Sanitize(), j, t.Types[c]))
 	}
-	wcols := make([]string, 0, len(where))
-	for c := range where {
-		wcols = append(wcols, c)
+	if where != nil {
+		conds = append(conds, where.SQL(func(c string) string { return "r." + pgx.Identifier{c}.Sanitize() },
+			func(v any) string { *extra = append(*extra, v); return "$" + strconv.Itoa(fixed+len(*extra)) }))
 	}
-	sort.Strings(wcols)
-	for _, c := range wcols {
-		conds = append(conds, fmt.Sprintf("r.%s::text = $%d", pgx.Identifier{c}.Sanitize(), param))
-		param++
-	}
-	return "EXISTS (SELECT 1 FROM " + pgx.Identifier{schema, name}.Sanitize() + " r WHERE " + strings.Join(conds, " AND ") + ")", param
+	return "EXISTS (SELECT 1 FROM " + pgx.Identifier{schema, name}.Sanitize() + " r WHERE " + strings.Join(conds, " AND ") + ")"
 }

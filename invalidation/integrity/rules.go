@@ -47,6 +47,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/tidemark/tidemark/invalidation/expr"
 	"github.com/tidemark/tidemark/pipeline"
 )
 
@@ -58,6 +59,16 @@ import (
 // related row while the row of Table remains is flagged too (the row is
 // orphaned).
 //
+// A forbid rule (Forbid set) says the opposite of an existence rule: no row
+// of Table matching Where has a row in Forbid.Table whose Forbid.Match
+// columns equal its own and that matches Forbid.Where (e.g. a deactivated
+// user has no joined membership). A change that brings either side into the
+// forbidden state (the row of Table starts matching Where, or a related row
+// starts matching Forbid.Where) is checked in the database once Within has
+// passed in stream time, and flagged only when the database then holds
+// both rows (one statement, one snapshot): never from the stream, so
+// consumer lag cannot cause a flag.
+//
 // A monotonic rule (Monotonic set) says: Monotonic.Column never decreases
 // for a Monotonic.Key of Table.
 type Rule struct {
@@ -67,15 +78,22 @@ type Rule struct {
 	// Table is "schema.table" ("public." is assumed when omitted).
 	Table string `yaml:"table"`
 	// On lists the ops that are checked: insert, update, delete. Default
-	// [insert] for existence rules, [insert, update] for monotonic rules.
+	// [insert] for existence rules, [insert, update] for monotonic and
+	// forbid rules (delete does not apply to forbid rules).
 	On []string `yaml:"on"`
-	// Where restricts the rule to rows whose columns have these values
-	// (compared as text), e.g. {type: m.room.message}.
-	Where map[string]string `yaml:"where"`
+	// Where restricts the rule to matching rows: an expression such as
+	// "type = 'm.room.message' AND state_key IS NULL" (see the README's
+	// expression language), or a mapping {column: value} (each column's text
+	// equals the value).
+	Where Where `yaml:"where,omitempty"`
 	// Expect is the related row an existence rule requires.
 	Expect *Expect `yaml:"expect"`
+	// Forbid is the related row a forbid rule forbids.
+	Forbid *Forbid `yaml:"forbid"`
 	// Within is "same_transaction" or a duration such as "30s". Default
-	// same_transaction. Existence rules only.
+	// same_transaction. Existence and forbid rules only (a forbid rule's
+	// same_transaction is checked in the database as soon as the stream
+	// reaches the commit).
 	Within string `yaml:"within"`
 	// Reverse also flags deleting the related row while this table's row
 	// remains. Existence rules only. Default false.
@@ -94,9 +112,22 @@ type Expect struct {
 	// of which must be equal (required; several entries for a multi-column
 	// match), e.g. {event_id: event_id}.
 	Match map[string]string `yaml:"match"`
-	// Where restricts the related rows that count to those whose columns
-	// have these values (compared as text).
-	Where map[string]string `yaml:"where"`
+	// Where restricts the related rows that count (expression or mapping,
+	// as Rule.Where).
+	Where Where `yaml:"where,omitempty"`
+}
+
+// Forbid names the related row a forbid rule forbids: a row of Table whose
+// Match columns equal the rule row's and that matches Where.
+type Forbid struct {
+	// Table is the related "schema.table" (required).
+	Table string `yaml:"table"`
+	// Match maps this table's columns to the related table's columns
+	// (required), e.g. {name: user_id}.
+	Match map[string]string `yaml:"match"`
+	// Where restricts the related rows that are forbidden (expression or
+	// mapping, as Rule.Where), e.g. "membership = 'join'".
+	Where Where `yaml:"where,omitempty"`
 }
 
 // Monotonic describes a column that must never move backwards for a key.
@@ -154,8 +185,14 @@ func ApplyDefaults(rules []Rule) {
 				r.Within = SameTransaction
 			}
 		}
+		if r.Forbid != nil {
+			r.Forbid.Table = pipeline.QualifyTable(r.Forbid.Table)
+			if r.Within == "" {
+				r.Within = SameTransaction
+			}
+		}
 		if len(r.On) == 0 {
-			if r.Monotonic != nil {
+			if r.Monotonic != nil || r.Forbid != nil {
 				r.On = []string{"insert", "update"}
 			} else {
 				r.On = []string{"insert"}
@@ -196,21 +233,51 @@ func Validate(at string, rules []Rule) []Problem {
 				add(fmt.Sprintf("%s.on[%d]", p, j), "%q is not one of insert, update, delete", op)
 			}
 		}
-		for _, c := range sortedKeys(r.Where) {
-			if !pipeline.IsIdentifier(c) {
-				add(p+".where", "%q is not a column name", c)
-			}
-		}
+		checkWhere(add, p+".where", r.Where)
 		switch r.Severity {
 		case "info", "warning", "error", "critical":
 		default:
 			add(p+".severity", "%q is not one of info, warning, error, critical", r.Severity)
 		}
+		var kinds []string
+		for _, k := range []struct {
+			set  bool
+			name string
+		}{{r.Expect != nil, "expect"}, {r.Forbid != nil, "forbid"}, {r.Monotonic != nil, "monotonic"}} {
+			if k.set {
+				kinds = append(kinds, k.name)
+			}
+		}
 		switch {
-		case r.Expect != nil && r.Monotonic != nil:
-			add(p, "sets both expect and monotonic; a rule is one or the other")
-		case r.Expect == nil && r.Monotonic == nil:
-			add(p, "sets neither expect nor monotonic")
+		case len(kinds) > 1:
+			add(p, "sets both %s; a rule is one of expect, forbid and monotonic", strings.Join(kinds, " and "))
+		case len(kinds) == 0:
+			add(p, "sets none of expect, forbid and monotonic")
+		case r.Forbid != nil:
+			f := r.Forbid
+			if !pipeline.IsQualifiedTable(f.Table) {
+				add(p+".forbid.table", "%q is not schema.table", f.Table)
+			}
+			if len(f.Match) == 0 {
+				add(p+".forbid.match", "required: map this table's columns to the related table's, e.g. {name: user_id}")
+			}
+			for _, c := range sortedKeys(f.Match) {
+				if !pipeline.IsIdentifier(c) || !pipeline.IsIdentifier(f.Match[c]) {
+					add(p+".forbid.match", "%q: %q is not a pair of column names", c, f.Match[c])
+				}
+			}
+			checkWhere(add, p+".forbid.where", f.Where)
+			if _, err := ParseWithin(r.Within); err != nil {
+				add(p+".within", "%v", err)
+			}
+			if r.Reverse {
+				add(p+".reverse", "only existence rules (expect) have a reverse direction")
+			}
+			for j, op := range r.On {
+				if op == "delete" {
+					add(fmt.Sprintf("%s.on[%d]", p, j), "a deleted row cannot hold a forbidden related row; forbid rules check insert and update")
+				}
+			}
 		case r.Expect != nil:
 			e := r.Expect
 			if !pipeline.IsQualifiedTable(e.Table) {
@@ -224,11 +291,7 @@ func Validate(at string, rules []Rule) []Problem {
 					add(p+".expect.match", "%q: %q is not a pair of column names", c, e.Match[c])
 				}
 			}
-			for _, c := range sortedKeys(e.Where) {
-				if !pipeline.IsIdentifier(c) {
-					add(p+".expect.where", "%q is not a column name", c)
-				}
-			}
+			checkWhere(add, p+".expect.where", e.Where)
 			if _, err := ParseWithin(r.Within); err != nil {
 				add(p+".within", "%v", err)
 			}
@@ -283,9 +346,25 @@ func Tables(rules []Rule) []string {
 		if r.Expect != nil && !slices.Contains(out, r.Expect.Table) {
 			out = append(out, r.Expect.Table)
 		}
+		if r.Forbid != nil && !slices.Contains(out, r.Forbid.Table) {
+			out = append(out, r.Forbid.Table)
+		}
 	}
 	sort.Strings(out)
 	return out
+}
+
+// checkWhere reports a condition that does not parse, or a mapping key
+// that is not a column name.
+func checkWhere(add func(path, format string, args ...any), path string, w Where) {
+	for _, c := range sortedKeys(w.Equal) {
+		if !pipeline.IsIdentifier(c) {
+			add(path, "%q is not a column name", c)
+		}
+	}
+	if _, err := w.parse(); err != nil {
+		add(path, "%q: %v", w.String(), err)
+	}
 }
 
 func sortedKeys(m map[string]string) []string {
@@ -331,12 +410,28 @@ func Compile(at string, rules []Rule, schema map[string]*TableSchema) (*Engine, 
 		for _, op := range r.On {
 			cr.ops += opCode(op)
 		}
-		for _, c := range sortedKeys(r.Where) {
-			if !ts.has(c) {
-				missing("where", ts, c)
+		cr.where = compileWhere(&probs, p+".where", r.Where, ts, missing)
+		if r.Forbid != nil {
+			rt := schema[r.Forbid.Table]
+			if rt == nil {
+				probs = append(probs, fmt.Sprintf("%s.forbid.table: %s does not exist or is not captured", p, r.Forbid.Table))
+				continue
 			}
-		}
-		if r.Expect != nil {
+			cr.related = rt
+			cr.window, _ = ParseWithin(r.Within)
+			for _, c := range sortedKeys(r.Forbid.Match) {
+				rc := r.Forbid.Match[c]
+				if !ts.has(c) {
+					missing("forbid.match", ts, c)
+				}
+				if !rt.has(rc) {
+					missing("forbid.match", rt, rc)
+				}
+				cr.cols = append(cr.cols, c)
+				cr.relCols = append(cr.relCols, rc)
+			}
+			cr.relWhere = compileWhere(&probs, p+".forbid.where", r.Forbid.Where, rt, missing)
+		} else if r.Expect != nil {
 			rt := schema[r.Expect.Table]
 			if rt == nil {
 				probs = append(probs, fmt.Sprintf("%s.expect.table: %s does not exist or is not captured", p, r.Expect.Table))
@@ -363,11 +458,9 @@ func Compile(at string, rules []Rule, schema map[string]*TableSchema) (*Engine, 
 						"run ALTER TABLE %s REPLICA IDENTITY FULL", p, rt.Name, rc, rt.Identity, rt.Name))
 				}
 			}
-			for _, c := range sortedKeys(r.Expect.Where) {
-				if !rt.has(c) {
-					missing("expect.where", rt, c)
-				}
-				if r.Reverse && !slices.Contains(rt.Identity, c) {
+			cr.relWhere = compileWhere(&probs, p+".expect.where", r.Expect.Where, rt, missing)
+			for _, c := range cr.relWhere.Columns() {
+				if rt.has(c) && r.Reverse && !slices.Contains(rt.Identity, c) {
 					probs = append(probs, fmt.Sprintf("%s.reverse: deletes of %s do not carry expect.where column %q; "+
 						"run ALTER TABLE %s REPLICA IDENTITY FULL", p, rt.Name, c, rt.Name))
 				}
@@ -417,16 +510,35 @@ func opCode(op string) string {
 	return ""
 }
 
+// compileWhere parses a condition and checks that every column it reads
+// exists in t.
+func compileWhere(probs *[]string, path string, w Where, t *TableSchema, missing func(field string, t *TableSchema, c string)) *expr.Expr {
+	e, err := w.parse()
+	if err != nil {
+		*probs = append(*probs, fmt.Sprintf("%s: %q: %v", path, w.String(), err))
+		return nil
+	}
+	field := path[strings.LastIndex(path, ")")+2:]
+	for _, c := range e.Columns() {
+		if !t.has(c) {
+			missing(field, t, c)
+		}
+	}
+	return e
+}
+
 // compiled is a rule checked against the schema.
 type compiled struct {
 	Rule
-	idx     int
-	table   *TableSchema
-	related *TableSchema  // existence rules
-	window  time.Duration // 0: same transaction
-	ops     string        // "c", "u", "d"
-	cols    []string      // match columns in table (sorted by column), or the monotonic key
-	relCols []string      // the related table's columns, in cols' order
+	idx      int
+	table    *TableSchema
+	where    *expr.Expr    // Rule.Where (nil: every row)
+	relWhere *expr.Expr    // Expect.Where or Forbid.Where
+	related  *TableSchema  // existence and forbid rules
+	window   time.Duration // 0: same transaction
+	ops      string        // "c", "u", "d"
+	cols     []string      // match columns in table (sorted by column), or the monotonic key
+	relCols  []string      // the related table's columns, in cols' order
 	// order compares a monotonic rule's column by its type (orderName:
 	// number, time, date or text).
 	order     orderFunc
@@ -463,7 +575,7 @@ func (e *Engine) Tables() []string {
 // SameTransaction reports whether any rule is decided at END records.
 func (e *Engine) SameTransaction() bool {
 	for _, r := range e.rules {
-		if r.related != nil && r.window == 0 {
+		if r.Expect != nil && r.window == 0 {
 			return true
 		}
 	}

@@ -116,25 +116,6 @@ func values(img map[string]json.RawMessage, cols []string) ([]string, bool) {
 	return out, true
 }
 
-// whereHolds reports whether img has every column of where at its value.
-// A column the image lacks counts as holding when lenient (a delete's
-// before image carries only the identity).
-func whereHolds(img map[string]json.RawMessage, where map[string]string, lenient bool) bool {
-	for c, want := range where {
-		v, ok := pipeline.Text(img, c)
-		if !ok {
-			if _, present := img[c]; !present && lenient {
-				continue
-			}
-			return false
-		}
-		if v != want {
-			return false
-		}
-	}
-	return true
-}
-
 // fifoSet is a set bounded by count: adding beyond the bound forgets the
 // oldest entries.
 type fifoSet struct {

@@ -17,6 +17,7 @@ import (
 	"github.com/tidemark/tidemark/internal/leakcheck"
 	"github.com/tidemark/tidemark/internal/pgserver"
 	"github.com/tidemark/tidemark/invalidation"
+	"github.com/tidemark/tidemark/invalidation/expr"
 	"github.com/tidemark/tidemark/pipeline"
 )
 
@@ -70,7 +71,7 @@ INSERT INTO members VALUES ('!a', 1, 'join'), ('!a', 2, 'leave'), ('!b', 1, 'joi
 		t.Error("a missing table has a schema")
 	}
 	p := NewProber(pool, 1000, 2) // chunks of 2 rows
-	got, err := p.Existing(ctx, m, []string{"room_id", "user_no"}, map[string]string{"membership": "join"},
+	got, err := p.Existing(ctx, m, []string{"room_id", "user_no"}, expr.MustParse("membership = 'join'"),
 		[][]string{{"!a", "1"}, {"!a", "2"}, {"!b", "1"}, {"!c", "1"}, {"!a", "01"}})
 	if err != nil {
 		t.Fatal(err)

@@ -15,6 +15,9 @@ const (
 	KindMissing = "missing"
 	// KindOrphaned: the related row was deleted while the row remains.
 	KindOrphaned = "orphaned"
+	// KindForbidden: a row has a related row a forbid rule forbids
+	// (confirmed in the database).
+	KindForbidden = "forbidden"
 	// KindRegressed: a monotonic column moved backwards.
 	KindRegressed = "regressed"
 )

@@ -3,12 +3,12 @@ package targets
 import (
 	"encoding/json"
 	"fmt"
-	"regexp"
 	"slices"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/tidemark/tidemark/invalidation/expr"
 	"github.com/tidemark/tidemark/pipeline"
 )
 
@@ -26,11 +26,12 @@ type MembershipSource struct {
 	// Joined lists the membership values (compared as text; a boolean is
 	// "true"/"false") that mean "joined". Default ["join"].
 	Joined []string `yaml:"joined"`
-	// Filter keeps only matching rows, e.g. "type = 'm.room.member'". The
-	// language is small on purpose: conditions "col = lit", "col != lit"
-	// and "col IN (lit, ...)" joined by AND; literals are 'quoted text',
-	// numbers, true or false, compared with the column's text form. A NULL
-	// column matches no condition (as in SQL). Default: every row.
+	// Filter keeps only matching rows, e.g. "type = 'm.room.member'", in
+	// the shared expression language of package invalidation/expr
+	// (comparisons, IS [NOT] NULL, [NOT] IN, [NOT] LIKE, AND, OR, NOT; see
+	// the README). A NULL column makes its conditions unknown (as in SQL),
+	// so they do not match. A deleted row's key-only old image counts when
+	// its missing columns could make the filter true. Default: every row.
 	Filter string `yaml:"filter"`
 }
 
@@ -172,9 +173,9 @@ func (m *Mapping) Check(prefix string, tables map[string]TableInfo) []string {
 			}
 		}
 		if f, err := ParseFilter(ms.Filter); err == nil {
-			for _, c := range f {
-				if !slices.Contains(ti.Columns, c.Col) {
-					add("membership.filter", "%s has no column %q", ms.Table, c.Col)
+			for _, c := range f.Columns() {
+				if !slices.Contains(ti.Columns, c) {
+					add("membership.filter", "%s has no column %q", ms.Table, c)
 				}
 			}
 		}
@@ -203,175 +204,77 @@ func quoteTable(t string) string {
 	return pgx.Identifier{s, n}.Sanitize()
 }
 
-// Cond is one filter condition: Col = Values[0], Col != Values[0], or Col IN
-// Values (texts).
-type Cond struct {
-	Col    string
-	Not    bool // "!=" (and "NOT IN")
-	Values []string
-}
+// Filter is a parsed membership filter (the expr language); the zero
+// Filter (from an empty string) matches every row.
+type Filter struct{ e *expr.Expr }
 
-// Filter is a conjunction of conditions; empty matches every row.
-type Filter []Cond
-
-var (
-	condRe = regexp.MustCompile(`(?is)^\s*([A-Za-z_][A-Za-z0-9_$]*)\s*(=|!=|<>|not\s+in|in)\s*(.+?)\s*$`)
-	litRe  = regexp.MustCompile(`^(?:'((?:[^']|'')*)'|(-?[0-9]+(?:\.[0-9]+)?)|(?i:(true|false)))$`)
-)
-
-// ParseFilter parses "col = 'v' AND col2 IN ('a', 'b')".
+// ParseFilter parses a filter in the expr language, e.g.
+// "type = 'm.room.member' AND state_key LIKE '%:example.org'". The empty
+// string is the filter that matches every row.
 func ParseFilter(s string) (Filter, error) {
 	if strings.TrimSpace(s) == "" {
-		return nil, nil
+		return Filter{}, nil
 	}
-	var f Filter
-	for _, part := range splitAnd(s) {
-		m := condRe.FindStringSubmatch(part)
-		if m == nil {
-			return nil, fmt.Errorf("%q: want col = 'value', col != 'value' or col IN ('a', 'b'), joined by AND", strings.TrimSpace(part))
-		}
-		c := Cond{Col: m[1]}
-		op := strings.ToLower(strings.Join(strings.Fields(m[2]), " "))
-		rhs := strings.TrimSpace(m[3])
-		var lits []string
-		switch op {
-		case "in", "not in":
-			if !strings.HasPrefix(rhs, "(") || !strings.HasSuffix(rhs, ")") {
-				return nil, fmt.Errorf("%q: IN needs a parenthesised list", strings.TrimSpace(part))
-			}
-			lits = splitList(rhs[1 : len(rhs)-1])
-			c.Not = op == "not in"
-		default:
-			lits = []string{rhs}
-			c.Not = op != "="
-		}
-		for _, l := range lits {
-			v, err := literal(l)
-			if err != nil {
-				return nil, fmt.Errorf("%q: %v", strings.TrimSpace(part), err)
-			}
-			c.Values = append(c.Values, v)
-		}
-		if len(c.Values) == 0 {
-			return nil, fmt.Errorf("%q: empty list", strings.TrimSpace(part))
-		}
-		f = append(f, c)
+	e, err := expr.Parse(s)
+	if err != nil {
+		return Filter{}, fmt.Errorf("%q: %w", s, err)
 	}
-	return f, nil
+	return Filter{e}, nil
 }
 
-// splitAnd splits on AND outside quotes.
-func splitAnd(s string) []string {
-	var parts []string
-	inQ := false
-	start := 0
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\'' {
-			inQ = !inQ
-			continue
-		}
-		if !inQ && i+5 <= len(s) && strings.EqualFold(s[i:i+5], " and ") {
-			parts = append(parts, s[start:i])
-			start = i + 5
-			i += 4
-		}
+// Columns lists the columns the filter reads.
+func (f Filter) Columns() []string {
+	if f.e == nil {
+		return nil
 	}
-	return append(parts, s[start:])
+	return f.e.Columns()
 }
 
-// splitList splits a literal list on commas outside quotes.
-func splitList(s string) []string {
-	var out []string
-	inQ := false
-	start := 0
-	for i := 0; i < len(s); i++ {
-		switch {
-		case s[i] == '\'':
-			inQ = !inQ
-		case s[i] == ',' && !inQ:
-			out = append(out, strings.TrimSpace(s[start:i]))
-			start = i + 1
+// ImageRow adapts a change image to expr.Row: a JSON null is NULL, a
+// column the image lacks is absent.
+func ImageRow(img map[string]json.RawMessage) expr.Row {
+	return func(col string) (string, bool, bool) {
+		if _, present := img[col]; !present {
+			return "", false, false
 		}
+		v, ok := pipeline.Text(img, col)
+		return v, !ok, true
 	}
-	if last := strings.TrimSpace(s[start:]); last != "" || len(out) > 0 {
-		out = append(out, last)
-	}
-	return out
 }
 
-func literal(l string) (string, error) {
-	m := litRe.FindStringSubmatch(strings.TrimSpace(l))
-	if m == nil {
-		return "", fmt.Errorf("%q is not a 'quoted' text, a number, true or false", l)
-	}
-	switch {
-	case m[2] != "":
-		return m[2], nil
-	case m[3] != "":
-		return strings.ToLower(m[3]), nil
-	}
-	return strings.ReplaceAll(m[1], "''", "'"), nil
-}
-
-// Match evaluates the filter on a row image. A condition on a column the
-// image does not carry (a key-only old image) counts as matching when
-// absentMatches is set; a NULL column matches no condition.
+// Match evaluates the filter on a row image. When the image does not carry
+// a column the filter reads (a key-only old image), the row matches when
+// absentMatches is set and the missing values could make the filter true;
+// a NULL column makes its conditions unknown (as in SQL), so they do not
+// match.
 func (f Filter) Match(img map[string]json.RawMessage, absentMatches bool) bool {
-	for _, c := range f {
-		if _, present := img[c.Col]; !present {
-			if absentMatches {
-				continue
-			}
-			return false
-		}
-		v, ok := pipeline.Text(img, c.Col)
-		if !ok {
-			return false
-		}
-		if slices.Contains(c.Values, v) == c.Not {
-			return false
-		}
+	if f.e == nil {
+		return true
 	}
-	return true
+	o := f.e.Eval(ImageRow(img))
+	if absentMatches {
+		return o.Possibly()
+	}
+	return o.Definitely()
 }
 
 // SQL renders the filter as a WHERE condition over alias, appending its
 // parameters to args (placeholders continue after len(args)). It returns
 // "true" for an empty filter.
 func (f Filter) SQL(alias string, args []any) (string, []any) {
-	if len(f) == 0 {
+	if f.e == nil {
 		return "true", args
 	}
-	var conds []string
-	for _, c := range f {
-		args = append(args, c.Values)
-		op := "= ANY"
-		if c.Not {
-			op = "<> ALL"
-		}
-		conds = append(conds, fmt.Sprintf("%s.%s::text %s($%d::text[])", alias, pgx.Identifier{c.Col}.Sanitize(), op, len(args)))
-	}
-	return strings.Join(conds, " AND "), args
+	sql := f.e.SQL(func(c string) string { return alias + "." + pgx.Identifier{c}.Sanitize() },
+		func(v any) string { args = append(args, v); return fmt.Sprintf("$%d", len(args)) })
+	return sql, args
 }
 
-// String renders the filter back in its own syntax.
+// String renders the filter back in its own syntax ("" for the empty
+// filter).
 func (f Filter) String() string {
-	var parts []string
-	for _, c := range f {
-		q := make([]string, len(c.Values))
-		for i, v := range c.Values {
-			q[i] = "'" + strings.ReplaceAll(v, "'", "''") + "'"
-		}
-		switch {
-		case len(q) == 1 && !c.Not:
-			parts = append(parts, c.Col+" = "+q[0])
-		case len(q) == 1:
-			parts = append(parts, c.Col+" != "+q[0])
-		case c.Not:
-			parts = append(parts, c.Col+" NOT IN ("+strings.Join(q, ", ")+")")
-		default:
-			parts = append(parts, c.Col+" IN ("+strings.Join(q, ", ")+")")
-		}
+	if f.e == nil {
+		return ""
 	}
-	return strings.Join(parts, " AND ")
+	return f.e.String()
 }
