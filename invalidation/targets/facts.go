@@ -1,6 +1,7 @@
 package targets
 
 import (
+	"encoding/json"
 	"fmt"
 	"slices"
 	"strings"
@@ -44,6 +45,8 @@ type UserFact struct {
 type compiled struct {
 	m      Mapping
 	filter Filter
+	// users is users.filter, on the membership's user id.
+	users Filter
 }
 
 func compile(m Mapping) (*compiled, error) {
@@ -52,7 +55,17 @@ func compile(m Mapping) (*compiled, error) {
 		return nil, fmt.Errorf("invalid targets mapping:\n  - %s", strings.Join(ps, "\n  - "))
 	}
 	f, _ := ParseFilter(m.Membership.Filter)
-	return &compiled{m: m, filter: f}, nil
+	u, _ := ParseFilter(m.Users.Filter)
+	return &compiled{m: m, filter: f, users: u}, nil
+}
+
+// userCounts reports whether users.filter keeps user as a target.
+func (c *compiled) userCounts(user string) bool {
+	if c.users.e == nil {
+		return true
+	}
+	v, _ := json.Marshal(user)
+	return c.users.Match(map[string]json.RawMessage{c.m.Users.UserColumn: v}, false)
 }
 
 // memberFacts appends the facts a membership change implies: the old row
@@ -75,7 +88,8 @@ func (c *compiled) memberFacts(env *pipeline.Envelope, pos pipeline.Position, ds
 			if !ok3 {
 				mem = ""
 			}
-			dst = append(dst, MemberFact{Room: room, User: user, Membership: mem, Joined: ok3 && slices.Contains(ms.Joined, mem), Pos: pos})
+			joined := ok3 && slices.Contains(ms.Joined, mem) && c.userCounts(user)
+			dst = append(dst, MemberFact{Room: room, User: user, Membership: mem, Joined: joined, Pos: pos})
 		}
 	}
 	return dst
@@ -124,13 +138,18 @@ func (c *compiled) memberRowsSQL(limitRooms bool) (string, []any) {
 	ms := &c.m.Membership
 	args := []any{ms.Joined}
 	where, args := c.filter.SQL("m", args)
+	// users.filter reads the user id, here the membership's user column
+	// (rendered before the rooms placeholder, which the caller replaces
+	// as the last parameter).
+	userCol := "m." + ident(ms.UserColumn)
+	counts, args := c.users.SQLOver(func(string) string { return userCol }, args)
 	if limitRooms {
 		args = append(args, []string(nil)) // placeholder, replaced by the caller
 		where += fmt.Sprintf(" AND m.%s::text = ANY($%d::text[])", ident(ms.RoomColumn), len(args))
 	}
-	q := fmt.Sprintf(`SELECT m.%[1]s::text, m.%[2]s::text, max(m.%[3]s::text), coalesce(bool_or(m.%[3]s::text = ANY($1::text[])), false)
+	q := fmt.Sprintf(`SELECT m.%[1]s::text, m.%[2]s::text, max(m.%[3]s::text), coalesce(bool_or(m.%[3]s::text = ANY($1::text[])) AND bool_and(%[6]s), false)
 FROM %[4]s m WHERE m.%[1]s IS NOT NULL AND m.%[2]s IS NOT NULL AND %[5]s GROUP BY 1, 2`,
-		ident(ms.RoomColumn), ident(ms.UserColumn), ident(ms.MembershipColumn), quoteTable(ms.Table), where)
+		ident(ms.RoomColumn), ident(ms.UserColumn), ident(ms.MembershipColumn), quoteTable(ms.Table), where, counts)
 	return q, args
 }
 

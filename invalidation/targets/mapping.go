@@ -51,6 +51,12 @@ type UserSource struct {
 	// ActiveColumn is a flag: false (or 0) means deactivated (Zulip's
 	// is_active).
 	ActiveColumn string `yaml:"active_column"`
+	// Filter keeps as targets only the users whose id matches, a row
+	// condition (README "Row conditions") that reads only UserColumn,
+	// e.g. "name LIKE '%:example.org'" for Synapse's local users. It is
+	// evaluated on the membership's user id, so it also applies to users
+	// without a row in Table (Synapse's remote users). Default: every user.
+	Filter string `yaml:"filter"`
 }
 
 // Mapping is both sources.
@@ -121,6 +127,15 @@ func (m *Mapping) Validate(prefix string) []string {
 		add("membership.filter", "%v", err)
 	}
 	us := m.Users
+	if f, err := ParseFilter(us.Filter); err != nil {
+		add("users.filter", "%v", err)
+	} else {
+		for _, c := range f.Columns() {
+			if c != us.UserColumn {
+				add("users.filter", "reads column %q; it may read only the user id, users.user_column (%q)", c, us.UserColumn)
+			}
+		}
+	}
 	if !pipeline.IsQualifiedTable(us.Table) {
 		add("users.table", "%q is not schema.table", us.Table)
 	}
@@ -267,6 +282,16 @@ func (f Filter) SQL(alias string, args []any) (string, []any) {
 	}
 	sql := f.e.SQL(func(c string) string { return alias + "." + pgx.Identifier{c}.Sanitize() },
 		func(v any) string { args = append(args, v); return fmt.Sprintf("$%d", len(args)) })
+	return sql, args
+}
+
+// SQLOver renders the filter like SQL, with col naming each column it
+// reads.
+func (f Filter) SQLOver(col func(string) string, args []any) (string, []any) {
+	if f.e == nil {
+		return "true", args
+	}
+	sql := f.e.SQL(col, func(v any) string { args = append(args, v); return fmt.Sprintf("$%d", len(args)) })
 	return sql, args
 }
 
