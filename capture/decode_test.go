@@ -547,3 +547,21 @@ func FuzzParseAndDecodeTyped(f *testing.F) {
 		}
 	})
 }
+
+// TestParseMessageRecoversFromParserPanic: a frame that passes the
+// pre-checks but makes pglogrepl's parser slice past its end (a logical
+// decoding message whose content length exceeds the frame; found by
+// random probing) is an error naming the message, not a crash.
+func TestParseMessageRecoversFromParserPanic(t *testing.T) {
+	for _, frame := range [][]byte{
+		[]byte("M\xa9\x10\xae\x00\x00n\xfb\x00\x00Z\x00D\xcc\xde\x00\x00\x00\x06"),
+	} {
+		m, err := parseMessage(frame)
+		if err == nil {
+			t.Fatalf("%v: parsed as %T, want an error", frame, m)
+		}
+		if !strings.Contains(err.Error(), "malformed pgoutput") {
+			t.Fatalf("%v: error %q does not say the message is malformed", frame, err)
+		}
+	}
+}
