@@ -671,6 +671,13 @@ func ReadSlot(ctx context.Context, conn *pgx.Conn, slot string) (SlotState, erro
 // mayCreate (when not nil), and creates nothing when that returns an error,
 // which it returns.
 func EnsureSlot(ctx context.Context, conn *pgx.Conn, slot string, mayCreate func(context.Context) error) (created bool, err error) {
+	return EnsureSlotWith(ctx, conn, slot, mayCreate, nil)
+}
+
+// EnsureSlotWith is EnsureSlot creating a missing slot with create (when
+// not nil) instead of pg_create_logical_replication_slot: see
+// CreateSlotWithSnapshot.
+func EnsureSlotWith(ctx context.Context, conn *pgx.Conn, slot string, mayCreate, create func(context.Context) error) (created bool, err error) {
 	s, err := ReadSlot(ctx, conn, slot)
 	if err != nil {
 		return false, err
@@ -695,6 +702,12 @@ func EnsureSlot(ctx context.Context, conn *pgx.Conn, slot string, mayCreate func
 		if err := mayCreate(ctx); err != nil {
 			return false, err
 		}
+	}
+	if create != nil {
+		if err := create(ctx); err != nil {
+			return false, err
+		}
+		return true, nil
 	}
 	if _, err := conn.Exec(ctx, "SELECT pg_create_logical_replication_slot($1, 'pgoutput')", slot); err != nil {
 		return false, fmt.Errorf("creating replication slot %q: %w", slot, err)
