@@ -47,7 +47,7 @@ type App struct {
 	Snapshot *capture.InitialSnapshot
 	// SnapshotRows is the number of rows the initial snapshot published
 	// (set by Run).
-	SnapshotRows int64
+	SnapshotRows  int64
 	keys          map[string][]string
 	snapFailAfter int64
 }

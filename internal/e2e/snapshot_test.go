@@ -458,6 +458,18 @@ CREATE TABLE typed (
 	for i, v := range values {
 		e.exec(fmt.Sprintf("INSERT INTO typed (id, %s) VALUES (%d, %s)", cols, i+1, v))
 	}
+	// The database's defaults choose other output formats; the snapshot's
+	// session pins the ones the decoder reads, as the replication
+	// connection does (without the pins, bytea would arrive in escape
+	// format and times in another zone and style).
+	var db string
+	if err := e.pool.QueryRow(context.Background(), "SELECT current_database()").Scan(&db); err != nil {
+		t.Fatal(err)
+	}
+	e.exec(fmt.Sprintf(`ALTER DATABASE %[1]s SET bytea_output = 'escape'; ALTER DATABASE %[1]s SET TimeZone = 'Asia/Tokyo';
+ALTER DATABASE %[1]s SET IntervalStyle = 'iso_8601'; ALTER DATABASE %[1]s SET DateStyle = 'SQL, DMY'; ALTER DATABASE %[1]s SET extra_float_digits = 0`,
+		pgx.Identifier{db}.Sanitize()))
+	t.Cleanup(func() { _, _ = e.pool.Exec(context.Background(), fmt.Sprintf("ALTER DATABASE %s RESET ALL", pgx.Identifier{db}.Sanitize())) })
 	cfg := e.config("snapty", []string{"public.typed"}, snapshotInitial)
 	r := e.start(cfg)
 	e.waitSnapshotDone(r, cfg.Postgres.Slot, 60*time.Second)
