@@ -469,7 +469,9 @@ CREATE TABLE typed (
 	e.exec(fmt.Sprintf(`ALTER DATABASE %[1]s SET bytea_output = 'escape'; ALTER DATABASE %[1]s SET TimeZone = 'Asia/Tokyo';
 ALTER DATABASE %[1]s SET IntervalStyle = 'iso_8601'; ALTER DATABASE %[1]s SET DateStyle = 'SQL, DMY'; ALTER DATABASE %[1]s SET extra_float_digits = 0`,
 		pgx.Identifier{db}.Sanitize()))
-	t.Cleanup(func() { _, _ = e.pool.Exec(context.Background(), fmt.Sprintf("ALTER DATABASE %s RESET ALL", pgx.Identifier{db}.Sanitize())) })
+	t.Cleanup(func() {
+		_, _ = e.pool.Exec(context.Background(), fmt.Sprintf("ALTER DATABASE %s RESET ALL", pgx.Identifier{db}.Sanitize()))
+	})
 	cfg := e.config("snapty", []string{"public.typed"}, snapshotInitial)
 	r := e.start(cfg)
 	e.waitSnapshotDone(r, cfg.Postgres.Slot, 60*time.Second)
