@@ -50,7 +50,7 @@ func TestLoadGoodConfigAppliesDefaults(t *testing.T) {
 			DSN:               "postgres://tidemark@db.internal:5432/chat?sslmode=require",
 			Slot:              "tidemark",
 			Publication:       "tidemark",
-			ManagePublication: ptr(true), UnknownTables: "skip",
+			ManagePublication: ptr(true), UnknownTables: "skip", Snapshot: "initial",
 			Tables:            []string{"public.events", "public.users", "public.room_memberships"},
 			StandbyInterval:   10 * time.Second,
 			SlotCheckInterval: 10 * time.Second,
@@ -170,6 +170,11 @@ func TestBadConfigs(t *testing.T) {
 			file:  "unknown_tables.bad.yml",
 			errs:  []string{`postgres.unknown_tables: "ignore" is neither skip nor stop`},
 			paths: []string{"postgres.unknown_tables"},
+		},
+		{
+			file:  "snapshot.bad.yml",
+			errs:  []string{`postgres.snapshot: "always" is not one of initial, never, initial_only`},
+			paths: []string{"postgres.snapshot"},
 		},
 		{
 			file:  "compression.bad.yml",
