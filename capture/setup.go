@@ -709,10 +709,23 @@ func EnsureSlotWith(ctx context.Context, conn *pgx.Conn, slot string, mayCreate,
 		}
 		return true, nil
 	}
-	if _, err := conn.Exec(ctx, "SELECT pg_create_logical_replication_slot($1, 'pgoutput')", slot); err != nil {
-		return false, fmt.Errorf("creating replication slot %q: %w", slot, err)
+	if err := CreateSlot(ctx, conn, slot); err != nil {
+		return false, err
 	}
 	return true, nil
+}
+
+// CreateSlot creates the permanent pgoutput slot without a snapshot, and
+// forgets any record of an initial snapshot of an earlier slot of that
+// name (see CheckSnapshotComplete).
+func CreateSlot(ctx context.Context, conn *pgx.Conn, slot string) error {
+	if err := forgetSnapshotRecord(ctx, conn, slot); err != nil {
+		return err
+	}
+	if _, err := conn.Exec(ctx, "SELECT pg_create_logical_replication_slot($1, 'pgoutput')", slot); err != nil {
+		return fmt.Errorf("creating replication slot %q: %w", slot, err)
+	}
+	return nil
 }
 
 // LostSlotAdvice says what an invalidated slot means and how to go on.

@@ -98,6 +98,22 @@ func ReadSnapshotRecord(ctx context.Context, conn *pgx.Conn, slot string) (Snaps
 	return r, nil
 }
 
+// forgetSnapshotRecord deletes the record of slot's initial snapshot, if
+// any (a slot of that name is being created without one).
+func forgetSnapshotRecord(ctx context.Context, conn *pgx.Conn, slot string) error {
+	var reg *string
+	if err := conn.QueryRow(ctx, "SELECT to_regclass($1)::text", snapshotTable).Scan(&reg); err != nil {
+		return fmt.Errorf("looking for %s: %w", snapshotTable, err)
+	}
+	if reg == nil {
+		return nil
+	}
+	if _, err := conn.Exec(ctx, "DELETE FROM "+snapshotTable+" WHERE slot = $1", slot); err != nil {
+		return fmt.Errorf("forgetting the initial snapshot of an earlier slot %q in %s: %w", slot, snapshotTable, err)
+	}
+	return nil
+}
+
 // markSnapshotRunning records, before the slot is created, that its
 // initial snapshot is under way.
 func markSnapshotRunning(ctx context.Context, conn *pgx.Conn, slot string) error {

@@ -191,17 +191,19 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger, opts ...P
 	topics := rc.Topics(cfg.Postgres.Tables)
 	var accepted *Published
 	var snap *capture.InitialSnapshot
-	var create func(context.Context) error
-	if cfg.Postgres.Snapshot != config.SnapshotNever {
-		// The slot is created with an exported snapshot, which Run reads
-		// (and publishes) before it streams. With --accept-gap too: the
-		// new slot's snapshot republishes the current rows, at positions
-		// after everything published before (see the README).
-		create = func(ctx context.Context) error {
-			var err error
-			snap, err = capture.CreateSlotWithSnapshot(ctx, conn, cfg.Postgres.DSN, cfg.Postgres.Slot)
-			return err
+	create := func(ctx context.Context) error {
+		if cfg.Postgres.Snapshot == config.SnapshotNever || accepted != nil {
+			// No snapshot: with postgres.snapshot never, or when the slot
+			// is recreated accepting a gap (--accept-gap streams from now,
+			// as before; re-publishing the tables is a re-snapshot, which
+			// is not built yet).
+			return capture.CreateSlot(ctx, conn, cfg.Postgres.Slot)
 		}
+		// The slot is created with an exported snapshot, which Run reads
+		// (and publishes) before it streams.
+		var err error
+		snap, err = capture.CreateSlotWithSnapshot(ctx, conn, cfg.Postgres.DSN, cfg.Postgres.Slot)
+		return err
 	}
 	created, err := capture.EnsureSlotWith(ctx, conn, cfg.Postgres.Slot, func(ctx context.Context) error {
 		p, err := lastPublished(ctx, cfg, topics, rc, log)
