@@ -368,6 +368,13 @@ func (a *App) Run(ctx context.Context) error {
 		}
 		return err
 	}
+	if a.Snapshot == nil && a.Cfg.Postgres.Snapshot == config.SnapshotInitialOnly {
+		a.Log.Info("the replication slot existed already, so there is no initial snapshot to publish; stopping (postgres.snapshot: initial_only)",
+			zap.String("slot", a.Cfg.Postgres.Slot))
+		closeCtx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		return a.Sink.Close(closeCtx)
+	}
 	if a.Snapshot != nil {
 		if err := a.runSnapshot(ctx); err != nil {
 			closeCtx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
