@@ -296,7 +296,8 @@ func NewSnapshotSource(snap *InitialSnapshot, cfg SnapshotSourceConfig, log *zap
 		txn: &pipeline.TxnInfo{Xid: 0, CommitLSN: snap.ConsistentPoint - 1, EndLSN: snap.ConsistentPoint - 1, CommitTime: snap.Time}}
 }
 
-// Position returns the commit LSN of the snapshot's rows.
+// CommitLSN returns the commit LSN of the snapshot's rows (the consistent
+// point minus one).
 func (s *SnapshotSource) CommitLSN() pipeline.LSN { return s.txn.CommitLSN }
 
 // open starts the snapshot transaction.
