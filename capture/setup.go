@@ -671,6 +671,13 @@ func ReadSlot(ctx context.Context, conn *pgx.Conn, slot string) (SlotState, erro
 // mayCreate (when not nil), and creates nothing when that returns an error,
 // which it returns.
 func EnsureSlot(ctx context.Context, conn *pgx.Conn, slot string, mayCreate func(context.Context) error) (created bool, err error) {
+	return EnsureSlotWith(ctx, conn, slot, mayCreate, nil)
+}
+
+// EnsureSlotWith is EnsureSlot creating a missing slot with create (when
+// not nil) instead of pg_create_logical_replication_slot: see
+// CreateSlotWithSnapshot.
+func EnsureSlotWith(ctx context.Context, conn *pgx.Conn, slot string, mayCreate, create func(context.Context) error) (created bool, err error) {
 	s, err := ReadSlot(ctx, conn, slot)
 	if err != nil {
 		return false, err
@@ -696,10 +703,29 @@ func EnsureSlot(ctx context.Context, conn *pgx.Conn, slot string, mayCreate func
 			return false, err
 		}
 	}
-	if _, err := conn.Exec(ctx, "SELECT pg_create_logical_replication_slot($1, 'pgoutput')", slot); err != nil {
-		return false, fmt.Errorf("creating replication slot %q: %w", slot, err)
+	if create != nil {
+		if err := create(ctx); err != nil {
+			return false, err
+		}
+		return true, nil
+	}
+	if err := CreateSlot(ctx, conn, slot); err != nil {
+		return false, err
 	}
 	return true, nil
+}
+
+// CreateSlot creates the permanent pgoutput slot without a snapshot, and
+// forgets any record of an initial snapshot of an earlier slot of that
+// name (see CheckSnapshotComplete).
+func CreateSlot(ctx context.Context, conn *pgx.Conn, slot string) error {
+	if err := forgetSnapshotRecord(ctx, conn, slot); err != nil {
+		return err
+	}
+	if _, err := conn.Exec(ctx, "SELECT pg_create_logical_replication_slot($1, 'pgoutput')", slot); err != nil {
+		return fmt.Errorf("creating replication slot %q: %w", slot, err)
+	}
+	return nil
 }
 
 // LostSlotAdvice says what an invalidated slot means and how to go on.

@@ -445,3 +445,30 @@ func TestRuleHandlerKeepsNewestPosition(t *testing.T) {
 		t.Fatalf("sink got %+v, want room:!r1:members at 30", pos.at)
 	}
 }
+
+// TestSnapshotRowsIgnoredByDefault: a snapshot row (op r) invalidates
+// nothing under the default ops (c, u, d): nothing was cached from a state
+// Tidemark had not seen yet; the handler counts it as op_excluded. A rule
+// whose ops list r invalidates its keys.
+func TestSnapshotRowsIgnoredByDefault(t *testing.T) {
+	snap := env(t, envelope("room_memberships", "r", "null", `{"room_id":"!r1","user_id":"@a","membership":"join"}`))
+	eng, err := Compile([]Rule{{Table: "public.room_memberships", Keys: []string{"room:{room_id}:members"}}}, testColumns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if keys, ok, err := eng.Resolve(snap, nil); ok || err != nil || len(keys) != 0 {
+		t.Errorf("default ops: snapshot row resolved to %v (accepted %v, %v), want excluded", keys, ok, err)
+	}
+	h := NewRuleHandler(eng, &recordingSink{})
+	var skip *SkipError
+	if err := h.Handle(context.Background(), &Message{Env: snap, Table: "public.room_memberships"}); !errors.As(err, &skip) || skip.Reason != SkipOpExcluded {
+		t.Errorf("handler: %v, want Skip(%s)", err, SkipOpExcluded)
+	}
+	eng, err = Compile([]Rule{{Table: "public.room_memberships", Keys: []string{"room:{room_id}:members"}, Ops: []string{"c", "u", "d", "r"}}}, testColumns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if keys, ok, err := eng.Resolve(snap, nil); !ok || err != nil || strings.Join(keys, ",") != "room:!r1:members" {
+		t.Errorf("ops with r: snapshot row resolved to %v (accepted %v, %v), want room:!r1:members", keys, ok, err)
+	}
+}

@@ -191,7 +191,22 @@ type Change struct {
 	Before, After Tuple
 	// WALLSN is the LSN of the change's own WAL record.
 	WALLSN LSN
+	// Snapshot marks a snapshot read (Op OpRead): the envelope's
+	// source.snapshot is "first", "true" or "last" by it (Debezium's
+	// values). Live changes leave it zero ("false").
+	Snapshot SnapshotMark
 }
+
+// SnapshotMark says where a snapshot row stands in its snapshot.
+type SnapshotMark uint8
+
+// The marks: SnapshotRow is any row but the first and the last.
+const (
+	SnapshotNone SnapshotMark = iota
+	SnapshotFirst
+	SnapshotRow
+	SnapshotLast
+)
 
 // TxnInfo describes one transaction. It is shared by the events of the
 // transaction; EndLSN is set when the commit has been received.

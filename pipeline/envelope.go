@@ -109,7 +109,14 @@ func (l *envelopeLayout) append(dst []byte, txn *txnDigits, ch *Change, op Op, b
 	dst = append(dst, `\"]","ts_ms":`...)
 	dst = append(dst, txn.commitMs...)
 	if op == OpRead {
-		dst = append(dst, `,"snapshot":"true"},"transaction":{"id":"`...)
+		switch ch.Snapshot {
+		case SnapshotFirst:
+			dst = append(dst, `,"snapshot":"first"},"transaction":{"id":"`...)
+		case SnapshotLast:
+			dst = append(dst, `,"snapshot":"last"},"transaction":{"id":"`...)
+		default:
+			dst = append(dst, `,"snapshot":"true"},"transaction":{"id":"`...)
+		}
 	} else {
 		dst = append(dst, `,"snapshot":"false"},"transaction":{"id":"`...)
 	}

@@ -199,6 +199,7 @@ func TestAppendEnvelope(t *testing.T) {
 		wantAfter     map[string]any
 		wantUnchanged []any // nil: key absent
 		wantSnapshot  string
+		mark          pipeline.SnapshotMark
 	}{
 		{
 			name:   "update with unchanged TOAST column and absent old column",
@@ -224,9 +225,19 @@ func TestAppendEnvelope(t *testing.T) {
 			wantSnapshot: "false",
 		},
 		{
-			name: "snapshot read", op: pipeline.OpRead, after: full, seq: 0, dco: 1,
+			name: "snapshot read", op: pipeline.OpRead, after: full, seq: 0, dco: 1, mark: pipeline.SnapshotRow,
 			wantAfter:    map[string]any{"event_id": "$e1", "room_id": "!r1", "content": "hello", "depth": json.Number("7")},
 			wantSnapshot: "true",
+		},
+		{
+			name: "first snapshot read", op: pipeline.OpRead, after: full, seq: 0, dco: 1, mark: pipeline.SnapshotFirst,
+			wantAfter:    map[string]any{"event_id": "$e1", "room_id": "!r1", "content": "hello", "depth": json.Number("7")},
+			wantSnapshot: "first",
+		},
+		{
+			name: "last snapshot read", op: pipeline.OpRead, after: full, seq: 0, dco: 1, mark: pipeline.SnapshotLast,
+			wantAfter:    map[string]any{"event_id": "$e1", "room_id": "!r1", "content": "hello", "depth": json.Number("7")},
+			wantSnapshot: "last",
 		},
 		{
 			name: "null value is present as null", op: pipeline.OpCreate,
@@ -238,7 +249,7 @@ func TestAppendEnvelope(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			ch := &pipeline.Change{Op: tc.op, Rel: rel, Before: tc.before, After: tc.after, WALLSN: 23456700}
+			ch := &pipeline.Change{Op: tc.op, Rel: rel, Before: tc.before, After: tc.after, WALLSN: 23456700, Snapshot: tc.mark}
 			pos := pipeline.Position{CommitLSN: txn.CommitLSN, Seq: tc.seq}
 			out := pipeline.AppendEnvelope(nil, pipeline.EnvelopeSource{Name: "tm", Database: "app"},
 				txn, ch, tc.op, tc.before, tc.after, pos, tc.dco, now)

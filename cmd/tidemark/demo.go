@@ -97,8 +97,11 @@ func runDemo(ctx context.Context, out io.Writer, pgDSN string, brokers []string,
 
 	prefix := fmt.Sprintf("demo%d", time.Now().Unix()%100000)
 	cfg := &config.Config{
-		Postgres: config.Postgres{DSN: pgDSN, Slot: prefix + "_slot", Publication: prefix + "_pub", Tables: demo.Tables},
-		Kafka:    config.Kafka{Brokers: brokers, TopicPrefix: prefix, Partitions: 3},
+		// snapshot: never: the demo leaves nothing behind in a database it
+		// was given (an initial snapshot records itself in tidemark.snapshots).
+		Postgres: config.Postgres{DSN: pgDSN, Slot: prefix + "_slot", Publication: prefix + "_pub", Tables: demo.Tables,
+			Snapshot: config.SnapshotNever},
+		Kafka: config.Kafka{Brokers: brokers, TopicPrefix: prefix, Partitions: 3},
 		Pipeline: config.Pipeline{EntityStreams: []pipeline.EntityStream{{
 			Name: "rooms", Key: "room_id", Tables: []string{"public.room_memberships", "public.events", "public.event_json"}}}},
 	}

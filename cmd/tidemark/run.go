@@ -155,6 +155,9 @@ func runCmd() *cobra.Command {
 					if err != nil {
 						log.Error("capture stopped", zap.Error(err))
 					}
+					if err == nil && gctx.Err() == nil && cfg.Postgres.Snapshot == config.SnapshotInitialOnly {
+						return errSnapshotOnly // stops the other roles and the listener
+					}
 					return err
 				})
 			}
@@ -191,7 +194,10 @@ func runCmd() *cobra.Command {
 			} else if cfg.HTTP.AdminToken != "" {
 				log.Warn("http.admin_token is set but http.listen is empty: the admin API is not served")
 			}
-			return g.Wait()
+			if err := g.Wait(); !errors.Is(err, errSnapshotOnly) {
+				return err
+			}
+			return nil
 		},
 	}
 	cmd.Flags().StringVar(&role, "role", "all", "what to run: all, capture, invalidation, integrity or targets")
@@ -312,3 +318,7 @@ func tuneGC(inflightBytes int64) {
 		debug.SetMemoryLimit(2*inflightBytes + 32<<20)
 	}
 }
+
+// errSnapshotOnly ends `tidemark run` once capture published its initial
+// snapshot under postgres.snapshot: initial_only (exit 0).
+var errSnapshotOnly = errors.New("initial snapshot published (postgres.snapshot: initial_only)")

@@ -41,6 +41,15 @@ type App struct {
 	// DurabilityWarnings are the topics' replication problems found at
 	// start (set by EnsureTopics).
 	DurabilityWarnings []string
+	// Snapshot is the initial snapshot of the slot Prepare created
+	// (postgres.snapshot initial or initial_only), which Run publishes
+	// before it streams; nil when there is none to take.
+	Snapshot *capture.InitialSnapshot
+	// SnapshotRows is the number of rows the initial snapshot published
+	// (set by Run).
+	SnapshotRows  int64
+	keys          map[string][]string
+	snapFailAfter int64
 }
 
 // Check inspects the database for the config: server settings, tables,
@@ -124,7 +133,14 @@ func streamProblems(cfg *config.Config, infos map[string]capture.TableInfo) []ca
 // PrepareOption changes what Prepare may do.
 type PrepareOption func(*prepareOptions)
 
-type prepareOptions struct{ acceptGap bool }
+type prepareOptions struct {
+	acceptGap     bool
+	snapFailAfter int64
+}
+
+// SnapshotFailAfter makes Run's initial snapshot fail after n rows, as if
+// Tidemark had crashed mid-snapshot (tests).
+func SnapshotFailAfter(n int64) PrepareOption { return func(o *prepareOptions) { o.snapFailAfter = n } }
 
 // AcceptGap lets Prepare create a missing replication slot although the
 // topic prefix has published before (`tidemark run --accept-gap`): the new
@@ -174,19 +190,57 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger, opts ...P
 	rc := cfg.RouterConfig(db)
 	topics := rc.Topics(cfg.Postgres.Tables)
 	var accepted *Published
-	created, err := capture.EnsureSlot(ctx, conn, cfg.Postgres.Slot, func(ctx context.Context) error {
+	var snap *capture.InitialSnapshot
+	create := func(ctx context.Context) error {
+		if cfg.Postgres.Snapshot == config.SnapshotNever || accepted != nil {
+			// No snapshot: with postgres.snapshot never, or when the slot
+			// is recreated accepting a gap (--accept-gap streams from now,
+			// as before; re-publishing the tables is a re-snapshot, which
+			// is not built yet).
+			return capture.CreateSlot(ctx, conn, cfg.Postgres.Slot)
+		}
+		// The slot is created with an exported snapshot, which Run reads
+		// (and publishes) before it streams.
+		var err error
+		snap, err = capture.CreateSlotWithSnapshot(ctx, conn, cfg.Postgres.DSN, cfg.Postgres.Slot)
+		return err
+	}
+	created, err := capture.EnsureSlotWith(ctx, conn, cfg.Postgres.Slot, func(ctx context.Context) error {
 		p, err := lastPublished(ctx, cfg, topics, rc, log)
 		if err != nil || !p.Any {
 			return err
+		}
+		if rec, err := capture.ReadSnapshotRecord(ctx, conn, cfg.Postgres.Slot); err != nil {
+			return err
+		} else if rec.Exists && rec.State != capture.SnapshotDone {
+			// What the prefix holds is this slot's incomplete initial
+			// snapshot: its stream never started. Redoing it is what the
+			// refusal (SnapshotIncompleteError) told the operator to do.
+			log.Warn("replication slot is missing and its initial snapshot had not completed: creating a new slot and taking a new initial snapshot, whose rows sort after the incomplete one's",
+				zap.String("slot", cfg.Postgres.Slot), zap.String("incomplete_consistent_point", rec.ConsistentPoint))
+			return nil
 		}
 		if !o.acceptGap {
 			return &SlotGapError{Slot: cfg.Postgres.Slot, Prefix: cfg.Kafka.TopicPrefix, Last: p}
 		}
 		accepted = &p
 		return nil
-	})
+	}, create)
 	if err != nil {
 		return nil, err
+	}
+	ok := false
+	defer func() {
+		if !ok && snap != nil {
+			snap.Close()
+		}
+	}()
+	if !created {
+		// A slot created for an initial snapshot that never completed
+		// would stream without the rows not yet published.
+		if err := capture.CheckSnapshotComplete(ctx, conn, cfg.Postgres.Slot); err != nil {
+			return nil, err
+		}
 	}
 	slot, err := capture.ReadSlot(ctx, conn, cfg.Postgres.Slot)
 	if err != nil {
@@ -248,8 +302,9 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger, opts ...P
 	watcher := capture.NewWatcher(capture.WatcherConfig{
 		DSN: cfg.Postgres.DSN, Slot: cfg.Postgres.Slot, Interval: cfg.Postgres.SlotCheckInterval, Heartbeat: *cfg.Postgres.HeartbeatInterval,
 	}, log.With(zap.String("component", "slot-watch")))
+	ok = true
 	return &App{Cfg: cfg, Log: log, Stream: stream, Pipeline: pipe, Sink: sink, Watcher: watcher, Tables: infos, Database: db,
-		Topics: topics, CommitToAck: commitToAck}, nil
+		Topics: topics, CommitToAck: commitToAck, Snapshot: snap, keys: keys, snapFailAfter: o.snapFailAfter}, nil
 }
 
 // EnsureTopics creates missing topics, retrying while Kafka is unreachable.
@@ -313,6 +368,29 @@ func (a *App) Run(ctx context.Context) error {
 		}
 		return err
 	}
+	if a.Snapshot == nil && a.Cfg.Postgres.Snapshot == config.SnapshotInitialOnly {
+		a.Log.Info("the replication slot existed already, so there is no initial snapshot to publish; stopping (postgres.snapshot: initial_only)",
+			zap.String("slot", a.Cfg.Postgres.Slot))
+		closeCtx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		return a.Sink.Close(closeCtx)
+	}
+	if a.Snapshot != nil {
+		if err := a.runSnapshot(ctx); err != nil {
+			closeCtx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			if ctx.Err() != nil {
+				err = nil
+			}
+			return errors.Join(err, a.Sink.Close(closeCtx))
+		}
+		if a.Cfg.Postgres.Snapshot == config.SnapshotInitialOnly {
+			a.Log.Info("initial snapshot published; stopping (postgres.snapshot: initial_only)", zap.Int64("rows", a.SnapshotRows))
+			closeCtx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			return a.Sink.Close(closeCtx)
+		}
+	}
 	a.Log.Info("capturing", zap.String("slot", a.Cfg.Postgres.Slot), zap.Strings("tables", a.Cfg.Postgres.Tables),
 		zap.Strings("brokers", a.Cfg.Kafka.Brokers))
 	g, gctx := errgroup.WithContext(ctx)
@@ -365,4 +443,45 @@ func ignoreCanceled(err error) error {
 		return nil
 	}
 	return err
+}
+
+// runSnapshot publishes the initial snapshot through a pipeline of its own
+// (the same router, sink and in-flight bounds as the stream's), waits until
+// every record is durable, records the snapshot as complete, then ends the
+// snapshot transaction and the exported snapshot. The stream starts only
+// after it, so the slot is not confirmed past its consistent point before
+// the snapshot is durable.
+func (a *App) runSnapshot(ctx context.Context) error {
+	defer a.Snapshot.Close()
+	src := capture.NewSnapshotSource(a.Snapshot, capture.SnapshotSourceConfig{
+		Tables: configuredTables(a.Cfg, a.Tables), KeyColumns: a.keys, BatchBytes: int(HandoverBytes(a.Cfg) / 8),
+		FailAfter: a.snapFailAfter,
+	}, a.Log.With(zap.String("component", "snapshot")))
+	defer src.Close()
+	pipe, err := pipeline.New(pipeline.Config{
+		Router:              a.Cfg.RouterConfig(a.Database),
+		MaxInFlightMessages: a.Cfg.Pipeline.MaxInFlightMessages,
+		MaxInFlightBytes:    a.Cfg.Pipeline.MaxInFlightBytes,
+		MaxBatchMessages:    a.Cfg.Pipeline.MaxBatchMessages,
+	}, src, a.Sink, pipeline.WithLogger(a.Log.With(zap.String("component", "snapshot-pipeline"))))
+	if err != nil {
+		return err
+	}
+	start := time.Now()
+	a.Log.Info("initial snapshot: publishing the existing rows", zap.String("slot", a.Snapshot.Slot),
+		zap.Stringer("consistent_point", a.Snapshot.ConsistentPoint))
+	err = pipe.Run(ctx)
+	if !errors.Is(err, capture.ErrSnapshotDone) {
+		if err == nil {
+			err = ctx.Err()
+		}
+		return fmt.Errorf("initial snapshot of slot %q: %w", a.Snapshot.Slot, err)
+	}
+	a.SnapshotRows = src.Rows
+	if err := a.Snapshot.Complete(ctx, src.Rows); err != nil {
+		return err
+	}
+	a.Log.Info("initial snapshot published", zap.Int64("rows", src.Rows), zap.Any("tables", src.PerTable),
+		zap.Duration("took", time.Since(start)))
+	return nil
 }

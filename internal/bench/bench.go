@@ -577,7 +577,9 @@ func median(xs []float64) float64 {
 
 func (e *env) writeConfig(slot, prefix, httpAddr string, extra ...string) (string, error) {
 	var b strings.Builder
-	fmt.Fprintf(&b, "postgres:\n  dsn: %q\n  slot: %s\n  publication: bench_pub\n  manage_publication: false\n  tables: [%s]\n",
+	// snapshot: never: the benchmark measures the stream (its rounds
+	// create their slots themselves, or count only live changes).
+	fmt.Fprintf(&b, "postgres:\n  dsn: %q\n  slot: %s\n  publication: bench_pub\n  manage_publication: false\n  snapshot: never\n  tables: [%s]\n",
 		e.dsn, slot, strings.Join(Tables, ", "))
 	fmt.Fprintf(&b, "kafka:\n  brokers: [%s]\n  topic_prefix: %s\n  partitions: %d\n", quoteAll(e.brokers), prefix, e.o.Partitions)
 	fmt.Fprintf(&b, "http:\n  listen: %q\nlog:\n  level: warn\n", httpAddr)

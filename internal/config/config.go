@@ -156,6 +156,13 @@ type Postgres struct {
 	// and warns once per table; "stop" stops capture with an error naming
 	// the table.
 	UnknownTables string `yaml:"unknown_tables"`
+	// Snapshot says what happens to the rows that exist when Tidemark
+	// creates its slot: "initial" (default) publishes them as op "r" read
+	// in the slot's exported snapshot before the stream starts; "never"
+	// publishes only changes committed after the slot was created;
+	// "initial_only" publishes the snapshot and then exits. It applies only
+	// when Tidemark creates the slot (see the README on snapshots).
+	Snapshot string `yaml:"snapshot"`
 	// Tables to capture, "schema.table" (required).
 	Tables []string `yaml:"tables"`
 	// KeyColumns sets the columns that key a table's messages, by table
@@ -178,6 +185,13 @@ type Postgres struct {
 	// EXECUTE on pg_logical_emit_message, which PUBLIC has by default).
 	HeartbeatInterval *time.Duration `yaml:"heartbeat_interval"`
 }
+
+// The values of postgres.snapshot.
+const (
+	SnapshotInitial     = "initial"
+	SnapshotNever       = "never"
+	SnapshotInitialOnly = "initial_only"
+)
 
 // Kafka is the output cluster.
 type Kafka struct {
@@ -438,6 +452,9 @@ func (c *Config) ApplyDefaults() {
 	if p.ManagePublication == nil {
 		p.ManagePublication = boolPtr(true)
 	}
+	if p.Snapshot == "" {
+		p.Snapshot = SnapshotInitial
+	}
 	if p.UnknownTables == "" {
 		p.UnknownTables = "skip"
 	}
@@ -606,6 +623,11 @@ func (c *Config) Validate() []FieldError {
 			}
 			dup[c] = true
 		}
+	}
+	switch p.Snapshot {
+	case "", SnapshotInitial, SnapshotNever, SnapshotInitialOnly:
+	default:
+		add("postgres.snapshot", "%q is not one of initial, never, initial_only", p.Snapshot)
 	}
 	if p.UnknownTables != "" && p.UnknownTables != "skip" && p.UnknownTables != "stop" {
 		add("postgres.unknown_tables", "%q is neither skip nor stop", p.UnknownTables)

@@ -50,7 +50,7 @@ func TestLoadGoodConfigAppliesDefaults(t *testing.T) {
 			DSN:               "postgres://tidemark@db.internal:5432/chat?sslmode=require",
 			Slot:              "tidemark",
 			Publication:       "tidemark",
-			ManagePublication: ptr(true), UnknownTables: "skip",
+			ManagePublication: ptr(true), UnknownTables: "skip", Snapshot: "initial",
 			Tables:            []string{"public.events", "public.users", "public.room_memberships"},
 			StandbyInterval:   10 * time.Second,
 			SlotCheckInterval: 10 * time.Second,
@@ -175,6 +175,11 @@ func TestBadConfigs(t *testing.T) {
 			file:  "filter.bad.yml",
 			errs:  []string{`invalidation.rules[0].filter: "type = 'm.room.member' AND": at offset 26: expected a column, NOT or '(', found the end`},
 			paths: []string{"invalidation.rules[0].filter"},
+		},
+		{
+			file:  "snapshot.bad.yml",
+			errs:  []string{`postgres.snapshot: "always" is not one of initial, never, initial_only`},
+			paths: []string{"postgres.snapshot"},
 		},
 		{
 			file:  "compression.bad.yml",

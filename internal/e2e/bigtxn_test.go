@@ -824,7 +824,7 @@ func TestAbortedHugeTransactionPublishesNothing(t *testing.T) {
 func writeBigConfig(t *testing.T, cfg *config.Config, maxInFlight, maxBatch int) string {
 	t.Helper()
 	var b strings.Builder
-	fmt.Fprintf(&b, "postgres:\n  dsn: %q\n  slot: %s\n  publication: %s\n  standby_interval: 1s\n  tables:\n", cfg.Postgres.DSN, cfg.Postgres.Slot, cfg.Postgres.Publication)
+	fmt.Fprintf(&b, "postgres:\n  dsn: %q\n  slot: %s\n  publication: %s\n  standby_interval: 1s\n  snapshot: %s\n  tables:\n", cfg.Postgres.DSN, cfg.Postgres.Slot, cfg.Postgres.Publication, cfg.Postgres.Snapshot)
 	for _, tb := range cfg.Postgres.Tables {
 		fmt.Fprintf(&b, "    - %s\n", tb)
 	}

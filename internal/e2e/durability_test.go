@@ -277,7 +277,7 @@ func (v heldView) lacks(tt truthTxn, ends map[string][]int64) string {
 func writeConfig(t *testing.T, cfg *config.Config) string {
 	t.Helper()
 	var b strings.Builder
-	fmt.Fprintf(&b, "postgres:\n  dsn: %q\n  slot: %s\n  publication: %s\n  standby_interval: 1s\n  tables:\n", cfg.Postgres.DSN, cfg.Postgres.Slot, cfg.Postgres.Publication)
+	fmt.Fprintf(&b, "postgres:\n  dsn: %q\n  slot: %s\n  publication: %s\n  standby_interval: 1s\n  snapshot: %s\n  tables:\n", cfg.Postgres.DSN, cfg.Postgres.Slot, cfg.Postgres.Publication, cfg.Postgres.Snapshot)
 	for _, tb := range cfg.Postgres.Tables {
 		fmt.Fprintf(&b, "    - %s\n", tb)
 	}

@@ -69,8 +69,8 @@ func newSecuredEnv(t *testing.T) (*env, *certtest.CA) {
 func securedYAML(t *testing.T, cfg *config.Config, brokers []string, caFile, mechanism, user, serverName string) string {
 	t.Helper()
 	var b strings.Builder
-	fmt.Fprintf(&b, "postgres:\n  dsn: %q\n  slot: %s\n  publication: %s\n  standby_interval: 1s\n  tables: [%s]\n",
-		cfg.Postgres.DSN, cfg.Postgres.Slot, cfg.Postgres.Publication, strings.Join(cfg.Postgres.Tables, ", "))
+	fmt.Fprintf(&b, "postgres:\n  dsn: %q\n  slot: %s\n  publication: %s\n  standby_interval: 1s\n  snapshot: %s\n  tables: [%s]\n",
+		cfg.Postgres.DSN, cfg.Postgres.Slot, cfg.Postgres.Publication, cfg.Postgres.Snapshot, strings.Join(cfg.Postgres.Tables, ", "))
 	fmt.Fprintf(&b, "kafka:\n  brokers: [%s]\n  topic_prefix: %s\n  partitions: %d\n", strings.Join(brokers, ", "), cfg.Kafka.TopicPrefix, cfg.Kafka.Partitions)
 	fmt.Fprintf(&b, "  tls: {ca_file: %q, server_name: %q}\n  sasl: {mechanism: %s, username: %s}\n", caFile, serverName, mechanism, user)
 	b.WriteString("http:\n  listen: \"\"\nlog:\n  level: info\n")

@@ -563,3 +563,29 @@ func TestMonotonicDeletedValueForgotten(t *testing.T) {
 		t.Fatalf("deleted value kept after every partition passed it: %v", c.monoGone)
 	}
 }
+
+// TestSnapshotRowsSkipped: snapshot rows (op r, the initial snapshot's
+// transaction, xid 0) decide no rule: an event read without its
+// event_json raises nothing, its END record opens no transaction, and the
+// rows are counted. A live transaction after it is decided as usual.
+func TestSnapshotRowsSkipped(t *testing.T) {
+	c := newTestChecker(t)
+	snap := func(seq uint32, id string) *invalidation.Message {
+		m := change("events", "r", 9, seq, key(id), nil, ev(id))
+		m.Env.Transaction.ID = "0:9"
+		return m
+	}
+	endSnap := end(t, 9, map[string]int{"public.events": 2})
+	endSnap.Value = []byte(strings.Replace(string(endSnap.Value), `"id":"9:9","txId":9`, `"id":"0:9","txId":0`, 1))
+	feed(t, c, snap(0, "$s1"), snap(1, "$s2"), endSnap,
+		change("events", "c", 10, 0, key("$a"), nil, ev("$a")), end(t, 10, map[string]int{"public.events": 1}))
+	if got := kinds(c); strings.Join(got, ",") != "events_have_json/missing" {
+		t.Errorf("violations %v, want only the live event's", got)
+	}
+	if p := c.Progress(); p.OpenTransactions != 0 || p.Pending != 0 {
+		t.Errorf("open transactions %d, pending %d; want 0, 0", p.OpenTransactions, p.Pending)
+	}
+	if c.stats.SnapshotSkipped != 2 {
+		t.Errorf("snapshot rows skipped %d, want 2", c.stats.SnapshotSkipped)
+	}
+}

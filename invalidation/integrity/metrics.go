@@ -21,6 +21,9 @@ type Metrics struct {
 	Dropped *prometheus.CounterVec
 	// Skipped counts records at or below the persisted position.
 	Skipped prometheus.Counter
+	// SnapshotSkipped counts snapshot rows (op r), on which no rule is
+	// decided.
+	SnapshotSkipped prometheus.Counter
 	// Open gauges held state: transactions, expectations, monotonic_keys.
 	Open *prometheus.GaugeVec
 	// StreamTime is the latest commit time seen (Unix seconds).
@@ -52,6 +55,8 @@ func NewMetrics() *Metrics {
 			Help: "State forgotten because a bound was reached."}, []string{"what"}),
 		Skipped: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "skipped_total",
 			Help: "Records at or below the persisted position (applied before a restart)."}),
+		SnapshotSkipped: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "snapshot_rows_skipped_total",
+			Help: "Snapshot rows (op r) skipped: no rule is decided on them."}),
 		Open: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "open",
 			Help: "State held: open transactions, pending expectations, monotonic keys in memory."}, []string{"what"}),
 		StreamTime: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "stream_time_seconds",
@@ -65,6 +70,6 @@ func NewMetrics() *Metrics {
 
 // Register adds the metrics to reg.
 func (m *Metrics) Register(reg prometheus.Registerer) {
-	reg.MustRegister(m.Violations, m.Redetected, m.Resolved, m.Satisfied, m.Checks, m.Dropped, m.Skipped, m.Open,
+	reg.MustRegister(m.Violations, m.Redetected, m.Resolved, m.Satisfied, m.Checks, m.Dropped, m.Skipped, m.SnapshotSkipped, m.Open,
 		m.StreamTime, m.DecisionSeconds, m.DetectionSeconds)
 }
