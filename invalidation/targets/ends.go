@@ -40,6 +40,10 @@ type TxnIndex struct {
 	From time.Time
 	Log  *zap.Logger
 
+	// onStart, when set, is called with the start offset once Run has
+	// set it (tests).
+	onStart func(int64)
+
 	mu        sync.Mutex
 	ends      map[pipeline.LSN]map[string]int
 	order     []pipeline.LSN
@@ -178,9 +182,16 @@ func (x *TxnIndex) startOffset(ctx context.Context, t time.Time) (int64, error) 
 		} else {
 			_ = conn.SetDeadline(time.Now().Add(30 * time.Second))
 		}
-		off, err := conn.ReadOffset(t)
-		if err == nil && off < 0 {
-			off, err = conn.ReadLastOffset()
+		// The end offset is read first: a record appended after it is at
+		// or beyond it, so falling back to it (no record inside the
+		// lookback) cannot skip one appended between the two requests.
+		end, err := conn.ReadLastOffset()
+		var off int64
+		if err == nil {
+			off, err = conn.ReadOffset(t)
+		}
+		if err == nil && (off < 0 || off > end) {
+			off = end
 		}
 		_ = conn.Close()
 		if err != nil {
@@ -222,6 +233,9 @@ func (x *TxnIndex) Run(ctx context.Context) error {
 		off, err := x.startOffset(ctx, start)
 		if err == nil {
 			err = r.SetOffset(off)
+		}
+		if err == nil && x.onStart != nil {
+			x.onStart(off)
 		}
 		if err != nil {
 			_ = r.Close()

@@ -116,17 +116,27 @@ func TestTxnIndexStartOffset(t *testing.T) {
 	}
 
 	// Run on that topic, then an END at once: it is indexed, the old ones are not.
+	// The END is written once Run has set its start (written before, it
+	// is older than nothing but may precede the start the test means).
+	started := make(chan int64, 1)
+	x.onStart = func(off int64) { started <- off }
 	rctx, stop := context.WithCancel(ctx)
 	done := make(chan error, 1)
 	go func() { done <- x.Run(rctx) }()
+	select {
+	case off := <-started:
+		if off != 2 {
+			t.Fatalf("Run started at offset %d, want the end offset 2", off)
+		}
+	case <-ctx.Done():
+		t.Fatal("Run did not start")
+	}
 	defer func() {
 		stop()
 		if err := <-done; err != nil {
 			t.Errorf("Run: %v", err)
 		}
 	}()
-	// (Its timestamp is set: Run may resolve its start before or after
-	// this write, and either way the record is inside the lookback.)
 	if err := w.WriteMessages(ctx, kafkago.Message{Value: []byte(end(20)), Time: time.Now()}); err != nil {
 		t.Fatal(err)
 	}
