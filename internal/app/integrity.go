@@ -200,6 +200,7 @@ func (i *Integrity) Run(ctx context.Context) error {
 	lockCtx, stopLock := context.WithCancel(context.Background())
 	lockDone := make(chan error, 1)
 	runCtx, cancelRun := context.WithCancelCause(ctx)
+	defer cancelRun(nil)
 	go func() {
 		err := i.Lock.Hold(lockCtx)
 		if err != nil {
