@@ -367,7 +367,9 @@ func (s *Sink) deliver(ctx context.Context, body []byte) error {
 			return nil
 		}
 		if ctx.Err() != nil {
-			return fmt.Errorf("try %d: %w", attempt, err)
+			// Stopped: the stop is the outcome (retryable), whatever the
+			// last try answered (a 400 must not read as permanent).
+			return fmt.Errorf("try %d (%v): %w", attempt, err, ctx.Err())
 		}
 		if !hold {
 			if !Retryable(err) {
