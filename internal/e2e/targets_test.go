@@ -12,6 +12,7 @@ import (
 	"sort"
 	"strings"
 	"syscall"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -775,12 +776,27 @@ func TestTargetsRebuildDuringWorkload(t *testing.T) {
 	e, cfg, _ := canonicalEnv(t, "rbw", nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	done := make(chan error, 1)
-	go func() { done <- membershipWorkload(ctx, e, 2500, 4) }()
+	// The workload goes on (2,500 statements, then more) until at least
+	// three rebuilds and one audit have run during it.
+	done, stopWorkload := make(chan error, 1), make(chan struct{})
+	go func() {
+		for seed := uint64(4); ; seed++ {
+			if err := membershipWorkload(ctx, e, 2500, seed); err != nil {
+				done <- err
+				return
+			}
+			select {
+			case <-stopWorkload:
+				done <- nil
+				return
+			default:
+			}
+		}
+	}()
 	// Audits run meanwhile, while the consumer lags the workload and
 	// rebuilds rewrite the state: none may raise a false alarm.
 	auditDone, auditStop := make(chan struct{}), make(chan struct{})
-	audits := 0
+	var audits atomic.Int64
 	var auditErr error
 	go func() {
 		defer close(auditDone)
@@ -799,10 +815,11 @@ func TestTargetsRebuildDuringWorkload(t *testing.T) {
 				auditErr = fmt.Errorf("audit during the workload: ratio %v (unconfirmed %v), mismatches %v", rep.Ratio, rep.Unconfirmed, rep.Mismatches)
 				return
 			}
-			audits++
+			audits.Add(1)
 		}
 	}()
 	rebuilds := 0
+	stopping := false
 	var lastRep targets.RebuildReport
 loop:
 	for {
@@ -824,16 +841,20 @@ loop:
 		}
 		lastRep = rep
 		rebuilds++
+		if !stopping && rebuilds >= 3 && audits.Load() >= 1 {
+			stopping = true
+			close(stopWorkload)
+		}
 	}
 	close(auditStop)
 	<-auditDone
 	if auditErr != nil {
 		t.Fatal(auditErr)
 	}
-	if rebuilds < 3 || audits < 1 {
-		t.Fatalf("only %d rebuilds and %d audits ran during the workload", rebuilds, audits)
+	if rebuilds < 3 || audits.Load() < 1 {
+		t.Fatalf("only %d rebuilds and %d audits ran during the workload", rebuilds, audits.Load())
 	}
-	t.Logf("%d audits ran during the workload, each with ratio 1", audits)
+	t.Logf("%d audits ran during the workload, each with ratio 1", audits.Load())
 	t.Logf("%d rebuilds ran during the workload (last: %+v)", rebuilds, lastRep)
 	e.waitTargets(cfg, 60*time.Second)
 	if kept, truth := e.pairs(keptSQL(cfg)), e.pairs(canonicalTruth); !slices.Equal(kept, truth) {
