@@ -11,8 +11,8 @@ import (
 	"slices"
 	"sort"
 	"strings"
-	"syscall"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
