@@ -23,8 +23,11 @@ import (
 //   - the slot's confirmed_flush_lsn (capture re-sends only transactions
 //     committed after it), and
 //   - on every partition with records, the position of the record just
-//     before the group's committed offset (the group is handed only later
-//     records, and a partition is in commit order).
+//     before the group's committed offset and the lowest position of the
+//     records after it (the group is handed only those; capture is
+//     at-least-once, so a re-sent transaction sits at a later offset with
+//     an older position, and the consumer's in-memory dedupe does not
+//     survive a restart).
 //
 // State kept only to make older changes harmless (last-writer-wins
 // positions) may be dropped below it. Resetting the group's offsets to an
@@ -90,6 +93,7 @@ func ReplayFloor(ctx context.Context, src *pgxpool.Pool, slot string, brokers []
 		names = append(names, t)
 	}
 	sort.Strings(names)
+	budget := int64(floorScanRecords)
 	for _, t := range names {
 		for _, p := range offs.Topics[t] {
 			if p.Error != nil {
@@ -110,9 +114,94 @@ func ReplayFloor(ctx context.Context, src *pgxpool.Pool, slot string, brokers []
 			if pos.Less(w) {
 				w = pos
 			}
+			// Records not consumed yet may be older than that: capture is
+			// at-least-once, and after a crash it re-sends what followed
+			// the slot's confirmed position at later offsets. Their lowest
+			// position bounds the floor too (a bounded scan; a larger lag
+			// prunes nothing this round).
+			if end > co {
+				if budget -= end - co; budget < 0 {
+					return pipeline.Position{}, fmt.Sprintf("group %s is more than %d records behind (%s/%d: committed %d of %d)",
+						group, floorScanRecords, t, p.Partition, co, end), nil
+				}
+				low, err := lowestPosition(ctx, client, t, p.Partition, co, end)
+				if err != nil {
+					return pipeline.Position{}, "", err
+				}
+				if low.Less(w) {
+					w = low
+				}
+			}
 		}
 	}
 	return w, "", nil
+}
+
+// floorScanRecords bounds the records not yet consumed that ReplayFloor
+// reads, over all partitions.
+const floorScanRecords = 100_000
+
+// lowestPosition returns the lowest position of the records at offsets
+// [from, to).
+func lowestPosition(ctx context.Context, client *kafkago.Client, topic string, partition int, from, to int64) (pipeline.Position, error) {
+	low := pipeline.Position{CommitLSN: ^pipeline.LSN(0), Seq: ^uint32(0)}
+	for off := from; off < to; {
+		resp, err := client.Fetch(ctx, &kafkago.FetchRequest{Topic: topic, Partition: partition, Offset: off, MinBytes: 1, MaxBytes: 4 << 20, MaxWait: time.Second})
+		if err == nil {
+			err = resp.Error
+		}
+		if err != nil {
+			return pipeline.Position{}, fmt.Errorf("reading %s/%d@%d: %w", topic, partition, off, err)
+		}
+		next := off
+		for {
+			rec, err := resp.Records.ReadRecord()
+			if errors.Is(err, io.EOF) {
+				break
+			}
+			if err != nil {
+				return pipeline.Position{}, fmt.Errorf("reading %s/%d@%d: %w", topic, partition, off, err)
+			}
+			if rec.Offset < off {
+				continue
+			}
+			if rec.Offset >= to {
+				break
+			}
+			next = rec.Offset + 1
+			pos, err := recordPosition(topic, partition, rec)
+			if err != nil {
+				return pipeline.Position{}, err
+			}
+			if pos.Less(low) {
+				low = pos
+			}
+		}
+		if next == off {
+			return pipeline.Position{}, fmt.Errorf("reading %s/%d@%d: no record there (deleted by retention?)", topic, partition, off)
+		}
+		off = next
+	}
+	return low, nil
+}
+
+// recordPosition reads a record's position headers.
+func recordPosition(topic string, partition int, rec *kafkago.Record) (pipeline.Position, error) {
+	var lsn, seq string
+	for _, h := range rec.Headers {
+		switch h.Key {
+		case "tidemark-lsn":
+			lsn = string(h.Value)
+		case "tidemark-seq":
+			seq = string(h.Value)
+		}
+	}
+	l, err1 := strconv.ParseUint(lsn, 10, 64)
+	q, err2 := strconv.ParseUint(seq, 10, 32)
+	if err1 != nil || err2 != nil {
+		return pipeline.Position{}, fmt.Errorf("%s/%d@%d carries no position headers (tidemark-lsn %q, tidemark-seq %q)", topic, partition, rec.Offset, lsn, seq)
+	}
+	return pipeline.Position{CommitLSN: pipeline.LSN(l), Seq: uint32(q)}, nil
 }
 
 // positionAt reads the position headers of the record at offset.

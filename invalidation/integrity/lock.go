@@ -10,6 +10,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"go.uber.org/zap"
+
+	"github.com/tidemark/tidemark/capture"
 )
 
 // GroupLock enforces the single member the integrity consumer needs: a
@@ -95,22 +97,44 @@ SELECT a.pid, coalesce(a.application_name, ''), coalesce(host(a.client_addr), 'l
 // Acquire waits until this member holds the group's lock, or ctx ends.
 func (l *GroupLock) Acquire(ctx context.Context) error {
 	l.defaults()
-	conn, err := l.Connect(ctx)
-	if err != nil {
-		return fmt.Errorf("integrity: connecting for the lock of group %q: %w", l.Group, err)
-	}
 	start := time.Now()
-	warned := false
+	warned, failing := false, 0
+	var conn *pgx.Conn
 	for {
-		ok, err := l.tryOn(ctx, conn)
+		var ok bool
+		var err error
+		if conn == nil {
+			conn, err = l.Connect(ctx)
+		}
+		if err == nil {
+			ok, err = l.tryOn(ctx, conn)
+		}
 		if err != nil {
-			_ = conn.Close(context.Background())
-			l.waiting.Store(false)
+			if conn != nil {
+				_ = conn.Close(context.Background())
+				conn = nil
+			}
 			if ctx.Err() != nil {
+				l.waiting.Store(false)
 				return ctx.Err()
 			}
-			return fmt.Errorf("integrity: taking the lock of group %q: %w", l.Group, err)
+			if capture.IsAccessDenied(err) {
+				l.waiting.Store(false)
+				return fmt.Errorf("integrity: taking the lock of group %q: %w", l.Group, err)
+			}
+			// The state database is down or restarting: waiting heals it.
+			if failing++; failing == 1 || failing%30 == 0 {
+				l.Log.Warn("taking the integrity group lock failed; retrying", zap.String("group", l.Group), zap.Error(err), zap.Int("attempt", failing))
+			}
+			select {
+			case <-ctx.Done():
+				l.waiting.Store(false)
+				return ctx.Err()
+			case <-time.After(l.Poll):
+			}
+			continue
 		}
+		failing = 0
 		if ok {
 			l.setConn(conn)
 			l.waiting.Store(false)
@@ -155,7 +179,11 @@ func (l *GroupLock) Hold(ctx context.Context) error {
 			return nil
 		case <-t.C:
 		}
-		if _, err := l.conn.Exec(ctx, "SELECT 1"); err == nil {
+		// Bounded: a half-open connection must not hide a lost lock.
+		cctx, cancel := context.WithTimeout(ctx, l.Check)
+		_, err := l.conn.Exec(cctx, "SELECT 1")
+		cancel()
+		if err == nil {
 			continue
 		} else if ctx.Err() != nil {
 			return nil

@@ -20,8 +20,9 @@ import (
 //   - capture re-sends only transactions committed after the slot's
 //     confirmed_flush_lsn (a restart replays from there), and
 //   - the consumer group is handed, on every partition of its fact topics,
-//     only records after its committed offset, whose positions are above
-//     the record just before it (a partition is in commit order).
+//     only records after its committed offset; the floor is at most the
+//     lowest position among them (a re-sent transaction sits at a later
+//     offset with an older position) and the record just before it.
 //
 // The watermark is the lower of the two; facts strictly below it are
 // pruned. Resetting the group's offsets to an earlier point breaks the

@@ -9,7 +9,9 @@ import (
 	"github.com/tidemark/tidemark/pipeline"
 )
 
-func posAt(lsn uint64) pipeline.Position { return pipeline.Position{CommitLSN: pipeline.LSN(lsn), Seq: 1} }
+func posAt(lsn uint64) pipeline.Position {
+	return pipeline.Position{CommitLSN: pipeline.LSN(lsn), Seq: 1}
+}
 
 func count(t *testing.T, pool *pgxpool.Pool, table string) int {
 	t.Helper()
