@@ -107,30 +107,22 @@ func ReplayFloor(ctx context.Context, src *pgxpool.Pool, slot string, brokers []
 			if !ok || co <= 0 {
 				return pipeline.Position{}, fmt.Sprintf("group %s has committed nothing on %s/%d", group, t, p.Partition), nil
 			}
-			pos, err := positionAt(ctx, client, t, p.Partition, co-1)
+			// The record just before the committed offset, and the records
+			// not consumed yet, which may be older than it: capture is
+			// at-least-once, and after a crash it re-sends what followed
+			// the slot's confirmed position at later offsets. Their lowest
+			// position bounds the floor (a bounded scan; a larger lag
+			// prunes nothing this round).
+			if budget -= end - co; budget < 0 {
+				return pipeline.Position{}, fmt.Sprintf("group %s is more than %d records behind (%s/%d: committed %d of %d)",
+					group, floorScanRecords, t, p.Partition, co, end), nil
+			}
+			low, err := lowestPosition(ctx, client, t, p.Partition, co-1, end)
 			if err != nil {
 				return pipeline.Position{}, "", err
 			}
-			if pos.Less(w) {
-				w = pos
-			}
-			// Records not consumed yet may be older than that: capture is
-			// at-least-once, and after a crash it re-sends what followed
-			// the slot's confirmed position at later offsets. Their lowest
-			// position bounds the floor too (a bounded scan; a larger lag
-			// prunes nothing this round).
-			if end > co {
-				if budget -= end - co; budget < 0 {
-					return pipeline.Position{}, fmt.Sprintf("group %s is more than %d records behind (%s/%d: committed %d of %d)",
-						group, floorScanRecords, t, p.Partition, co, end), nil
-				}
-				low, err := lowestPosition(ctx, client, t, p.Partition, co, end)
-				if err != nil {
-					return pipeline.Position{}, "", err
-				}
-				if low.Less(w) {
-					w = low
-				}
+			if low.Less(w) {
+				w = low
 			}
 		}
 	}
@@ -202,42 +194,4 @@ func recordPosition(topic string, partition int, rec *kafkago.Record) (pipeline.
 		return pipeline.Position{}, fmt.Errorf("%s/%d@%d carries no position headers (tidemark-lsn %q, tidemark-seq %q)", topic, partition, rec.Offset, lsn, seq)
 	}
 	return pipeline.Position{CommitLSN: pipeline.LSN(l), Seq: uint32(q)}, nil
-}
-
-// positionAt reads the position headers of the record at offset.
-func positionAt(ctx context.Context, client *kafkago.Client, topic string, partition int, offset int64) (pipeline.Position, error) {
-	resp, err := client.Fetch(ctx, &kafkago.FetchRequest{Topic: topic, Partition: partition, Offset: offset, MinBytes: 1, MaxBytes: 1 << 20, MaxWait: time.Second})
-	if err == nil {
-		err = resp.Error
-	}
-	if err != nil {
-		return pipeline.Position{}, fmt.Errorf("reading %s/%d@%d: %w", topic, partition, offset, err)
-	}
-	for {
-		rec, err := resp.Records.ReadRecord()
-		if errors.Is(err, io.EOF) {
-			return pipeline.Position{}, fmt.Errorf("reading %s/%d@%d: no record there (deleted by retention?)", topic, partition, offset)
-		}
-		if err != nil {
-			return pipeline.Position{}, fmt.Errorf("reading %s/%d@%d: %w", topic, partition, offset, err)
-		}
-		if rec.Offset < offset {
-			continue // a batch begins before the offset asked for
-		}
-		var lsn, seq string
-		for _, h := range rec.Headers {
-			switch h.Key {
-			case "tidemark-lsn":
-				lsn = string(h.Value)
-			case "tidemark-seq":
-				seq = string(h.Value)
-			}
-		}
-		l, err1 := strconv.ParseUint(lsn, 10, 64)
-		q, err2 := strconv.ParseUint(seq, 10, 32)
-		if err1 != nil || err2 != nil {
-			return pipeline.Position{}, fmt.Errorf("%s/%d@%d carries no position headers (tidemark-lsn %q, tidemark-seq %q)", topic, partition, rec.Offset, lsn, seq)
-		}
-		return pipeline.Position{CommitLSN: pipeline.LSN(l), Seq: uint32(q)}, nil
-	}
 }
