@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"sort"
+	"syscall"
 	"testing"
 	"time"
 
@@ -52,22 +53,32 @@ type User struct {
 	ACLs                      []kfake.ACL
 }
 
+// startAttempts bounds how often a start is retried on fresh ports when
+// another process took a port between freeport.Get and the bind (test
+// packages run in parallel, each picking ports).
+const startAttempts = 5
+
 // StartWith starts a cluster shaped by o on free ports of 127.0.0.1.
 func StartWith(o Options) (*Cluster, error) {
 	n := max(o.Brokers, 1)
-	cl := &Cluster{opts: o}
-	for i := 0; i < n; i++ {
-		port, err := freeport.Get()
-		if err != nil {
+	for attempt := 1; ; attempt++ {
+		cl := &Cluster{opts: o}
+		for i := 0; i < n; i++ {
+			port, err := freeport.Get()
+			if err != nil {
+				return nil, err
+			}
+			cl.ports = append(cl.ports, port)
+		}
+		cl.port = cl.ports[0]
+		err := cl.start()
+		if err == nil {
+			return cl, nil
+		}
+		if !errors.Is(err, syscall.EADDRINUSE) || attempt >= startAttempts {
 			return nil, err
 		}
-		cl.ports = append(cl.ports, port)
 	}
-	cl.port = cl.ports[0]
-	if err := cl.start(); err != nil {
-		return nil, err
-	}
-	return cl, nil
 }
 
 // ForTestWith is StartWith for t, stopped at cleanup.
@@ -88,15 +99,20 @@ func (cl *Cluster) Fake() *kfake.Cluster { return cl.c }
 // Start starts a one-broker kfake cluster on a free port on 127.0.0.1. With a
 // dataDir, records persist there and survive Restart.
 func Start(dataDir string) (*Cluster, error) {
-	port, err := freeport.Get()
-	if err != nil {
-		return nil, err
+	for attempt := 1; ; attempt++ {
+		port, err := freeport.Get()
+		if err != nil {
+			return nil, err
+		}
+		cl := &Cluster{port: port, dataDir: dataDir}
+		err = cl.start()
+		if err == nil {
+			return cl, nil
+		}
+		if !errors.Is(err, syscall.EADDRINUSE) || attempt >= startAttempts {
+			return nil, err
+		}
 	}
-	cl := &Cluster{port: port, dataDir: dataDir}
-	if err := cl.start(); err != nil {
-		return nil, err
-	}
-	return cl, nil
 }
 
 // StartOn starts a cluster on a given port that also auto-creates topics
