@@ -35,6 +35,21 @@ import (
 //	notify_txns        (lsn, first_record, progress)                     per such transaction, what the consumer
 //	                                                                     has handled of it (so a restart goes on
 //	                                                                     counting) and its records' time
+//	notify_touched     (room_id, user_id)                                per dirty room, the users whose facts
+//	                                                                     changed since it was last settled
+//
+// notify_rooms also holds per room: members (the number of kept targets),
+// full_settle (its next settlement reads every fact, not only the touched
+// users: after a truncate, a rebuild's merge, or for a room new to the
+// table) and full_version/full_at (the version whose full set was last
+// published by PublishFullSets, and when).
+//
+// A settlement reads and writes only the touched users of a room (its
+// delta), so a join costs the same in a room of 10 or of 500,000 members.
+// A room with more kept targets than FullSetMax is large: its updates
+// carry only their changes and the count (Partial), never the set; its
+// full set goes out on a schedule (FullSetsDue, PublishFullSets) and when
+// an output asks for it (ReadFull).
 //
 // Facts are last-writer-wins by position: a change applies only when its
 // position is above the stored one, so replays and out-of-order delivery
@@ -47,7 +62,22 @@ import (
 type Store struct {
 	pool   *pgxpool.Pool
 	schema string
-	t      struct{ members, users, targets, rooms, outbox, meta, waits, txns string }
+	t      struct{ members, users, targets, rooms, outbox, meta, waits, txns, touched string }
+	// FullSetMax is the most kept targets a room may have and still carry
+	// its full set in every update; above it the room is large (see Store).
+	// 0 is DefaultFullSetMax. Set it before the first Settle.
+	FullSetMax int
+}
+
+// DefaultFullSetMax is the default Store.FullSetMax: 10,000 members of
+// 30-byte ids are a 300 KB set, rewritten on every change.
+const DefaultFullSetMax = 10000
+
+func (s *Store) fullSetMax() int {
+	if s.FullSetMax > 0 {
+		return s.FullSetMax
+	}
+	return DefaultFullSetMax
 }
 
 // NewStore uses pool and schema (default "tidemark"). It starts nothing.
@@ -59,6 +89,7 @@ func NewStore(pool *pgxpool.Pool, schema string) *Store {
 	q := func(n string) string { return pgx.Identifier{schema, n}.Sanitize() }
 	s.t.members, s.t.users, s.t.targets, s.t.rooms = q("notify_memberships"), q("notify_users"), q("notify_targets"), q("notify_rooms")
 	s.t.outbox, s.t.meta, s.t.waits, s.t.txns = q("notify_outbox"), q("notify_meta"), q("notify_waits"), q("notify_txns")
+	s.t.touched = q("notify_touched")
 	return s
 }
 
@@ -79,8 +110,13 @@ CREATE INDEX IF NOT EXISTS notify_outbox_room ON %[5]s (room_id, id);
 CREATE TABLE IF NOT EXISTS %[6]s (key text PRIMARY KEY, value bigint NOT NULL DEFAULT 0, text_value text);
 CREATE TABLE IF NOT EXISTS %[7]s (room_id text NOT NULL, lsn bigint NOT NULL, PRIMARY KEY (room_id, lsn));
 CREATE INDEX IF NOT EXISTS notify_waits_lsn ON %[7]s (lsn);
-CREATE TABLE IF NOT EXISTS %[8]s (lsn bigint PRIMARY KEY, first_record timestamptz, progress jsonb NOT NULL);`,
-		s.t.members, s.t.users, s.t.targets, s.t.rooms, s.t.outbox, s.t.meta, s.t.waits, s.t.txns)
+CREATE TABLE IF NOT EXISTS %[8]s (lsn bigint PRIMARY KEY, first_record timestamptz, progress jsonb NOT NULL);
+CREATE TABLE IF NOT EXISTS %[9]s (room_id text NOT NULL, user_id text NOT NULL, PRIMARY KEY (room_id, user_id));
+ALTER TABLE %[4]s ADD COLUMN IF NOT EXISTS members bigint NOT NULL DEFAULT 0,
+  ADD COLUMN IF NOT EXISTS full_settle boolean NOT NULL DEFAULT true,
+  ADD COLUMN IF NOT EXISTS full_version bigint NOT NULL DEFAULT 0,
+  ADD COLUMN IF NOT EXISTS full_at timestamptz;`,
+		s.t.members, s.t.users, s.t.targets, s.t.rooms, s.t.outbox, s.t.meta, s.t.waits, s.t.txns, s.t.touched)
 	// CREATE ... IF NOT EXISTS races with itself: another part creating the
 	// same schema (the integrity consumer shares "tidemark") may win, which
 	// is fine; our own setups (the consumer and a rebuild starting
@@ -107,10 +143,12 @@ CREATE TABLE IF NOT EXISTS %[8]s (lsn bigint PRIMARY KEY, first_record timestamp
 // Schema returns the schema name.
 func (s *Store) Schema() string { return s.schema }
 
-// RoomPos is a room touched by a change at Pos.
+// RoomPos is a room touched by a change at Pos: of User's fact, or of the
+// whole room when User is "" (a truncate).
 type RoomPos struct {
 	Room string
 	Pos  pipeline.Position
+	User string
 }
 
 func lsnSeq(p pipeline.Position) (int64, int64) { return int64(p.CommitLSN), int64(p.Seq) }
@@ -182,7 +220,7 @@ WHERE (lsn, seq) < ($1, $2) RETURNING room_id`, s.t.members), l, q)
 			return nil, err
 		}
 		for _, r := range rooms {
-			touched = append(touched, RoomPos{r, *truncMembers})
+			touched = append(touched, RoomPos{Room: r, Pos: *truncMembers})
 		}
 	}
 	if len(members) > 0 {
@@ -197,7 +235,7 @@ WHERE (lsn, seq) < ($1, $2) RETURNING room_id`, s.t.members), l, q)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::boolean[], $5::bigint[], $6::bigint[]) ORDER BY 1, 2
 ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership, joined = excluded.joined, lsn = excluded.lsn, seq = excluded.seq
 WHERE (m.lsn, m.seq) < (excluded.lsn, excluded.seq)
-RETURNING room_id, lsn, seq`, s.t.members), rs, us, ms, js, ls, qs)
+RETURNING room_id, lsn, seq, user_id`, s.t.members), rs, us, ms, js, ls, qs)
 		if err != nil {
 			return nil, err
 		}
@@ -255,7 +293,7 @@ RETURNING user_id, lsn, seq`, s.t.users), us, as, ls, qs)
 		}
 		var r, u string
 		_, err = pgx.ForEachRow(rows, []any{&r, &u}, func() error {
-			touched = append(touched, RoomPos{r, userPos[u]})
+			touched = append(touched, RoomPos{Room: r, Pos: userPos[u], User: u})
 			return nil
 		})
 		if err != nil {
@@ -397,23 +435,33 @@ FROM %s w LEFT JOIN %s t ON t.lsn = w.lsn GROUP BY w.lsn, t.first_record, t.prog
 	return out, nil
 }
 
+// collectRoomPos reads rows of (room_id, lsn, seq, user_id).
 func collectRoomPos(rows pgx.Rows, dst []RoomPos) ([]RoomPos, error) {
-	var r string
+	var r, u string
 	var l, q int64
-	_, err := pgx.ForEachRow(rows, []any{&r, &l, &q}, func() error {
-		dst = append(dst, RoomPos{r, posOf(l, q)})
+	_, err := pgx.ForEachRow(rows, []any{&r, &l, &q, &u}, func() error {
+		dst = append(dst, RoomPos{Room: r, Pos: posOf(l, q), User: u})
 		return nil
 	})
 	return dst, err
 }
 
 // markDirty records that the rooms' targets must be recomputed, raising
-// their positions.
+// their positions: the touched users of each room go to notify_touched,
+// and a room touched as a whole (User "") is settled in full next time.
 func (s *Store) markDirty(ctx context.Context, tx pgx.Tx, touched []RoomPos) error {
 	latest := map[string]pipeline.Position{}
+	full := map[string]bool{}
+	type pair struct{ r, u string }
+	pairs := map[pair]bool{}
 	for _, rp := range touched {
 		if p, ok := latest[rp.Room]; !ok || p.Less(rp.Pos) {
 			latest[rp.Room] = rp.Pos
+		}
+		if rp.User == "" {
+			full[rp.Room] = true
+		} else {
+			pairs[pair{rp.Room, rp.User}] = true
 		}
 	}
 	rooms := sortedKeys(latest)
@@ -421,11 +469,45 @@ func (s *Store) markDirty(ctx context.Context, tx pgx.Tx, touched []RoomPos) err
 	for i, r := range rooms {
 		ls[i], qs[i] = lsnSeq(latest[r])
 	}
-	_, err := tx.Exec(ctx, fmt.Sprintf(`INSERT INTO %s AS r (room_id, lsn, seq, dirty)
+	// A new row's full_settle defaults to true: a room new to the table
+	// (or pruned and back) has no notify_touched history to trust.
+	if _, err := tx.Exec(ctx, fmt.Sprintf(`INSERT INTO %s AS r (room_id, lsn, seq, dirty)
 SELECT room_id, lsn, seq, true FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS t(room_id, lsn, seq) ORDER BY 1
 ON CONFLICT (room_id) DO UPDATE SET dirty = true,
   lsn = CASE WHEN (r.lsn, r.seq) < (excluded.lsn, excluded.seq) THEN excluded.lsn ELSE r.lsn END,
-  seq = CASE WHEN (r.lsn, r.seq) < (excluded.lsn, excluded.seq) THEN excluded.seq ELSE r.seq END`, s.t.rooms), rooms, ls, qs)
+  seq = CASE WHEN (r.lsn, r.seq) < (excluded.lsn, excluded.seq) THEN excluded.seq ELSE r.seq END`, s.t.rooms), rooms, ls, qs); err != nil {
+		return err
+	}
+	if len(full) > 0 {
+		if err := s.markFullTx(ctx, tx, sortedKeys(full)); err != nil {
+			return err
+		}
+	}
+	if len(pairs) == 0 {
+		return nil
+	}
+	keys := make([]pair, 0, len(pairs))
+	for k := range pairs {
+		keys = append(keys, k)
+	}
+	sort.Slice(keys, func(i, j int) bool {
+		if keys[i].r != keys[j].r {
+			return keys[i].r < keys[j].r
+		}
+		return keys[i].u < keys[j].u
+	})
+	rs, us := make([]string, len(keys)), make([]string, len(keys))
+	for i, k := range keys {
+		rs[i], us[i] = k.r, k.u
+	}
+	_, err := tx.Exec(ctx, fmt.Sprintf(`INSERT INTO %s (room_id, user_id) SELECT * FROM unnest($1::text[], $2::text[]) ORDER BY 1, 2
+ON CONFLICT DO NOTHING`, s.t.touched), rs, us)
+	return err
+}
+
+// markFullTx makes the next settlement of rooms read every fact.
+func (s *Store) markFullTx(ctx context.Context, tx pgx.Tx, rooms []string) error {
+	_, err := tx.Exec(ctx, fmt.Sprintf(`UPDATE %s SET full_settle = true WHERE room_id = ANY($1::text[])`, s.t.rooms), rooms)
 	return err
 }
 
@@ -510,6 +592,12 @@ type RoomUpdate struct {
 	// repeats its version, so consumers skip versions they have seen.
 	Version uint64
 	Changes []Change
+	// Count is the number of users in the new set.
+	Count int
+	// Partial: the room is large (see Store.FullSetMax) and Users is nil;
+	// Changes alone say what changed. Its full set is published on a
+	// schedule (PublishFullSets).
+	Partial bool
 }
 
 // Publisher makes room updates durable in the outputs (topics, Redis),
@@ -547,6 +635,8 @@ func (s *Store) Settle(ctx context.Context, rooms []string, done []pipeline.LSN,
 // outboxRecord is a RoomUpdate as stored in notify_outbox.
 type outboxRecord struct {
 	Users   []string       `json:"users"`
+	Partial bool           `json:"partial,omitempty"`
+	Count   int            `json:"user_count"`
 	Version uint64         `json:"version"`
 	LSN     uint64         `json:"lsn"`
 	Seq     uint32         `json:"seq"`
@@ -570,8 +660,8 @@ func (s *Store) writeOutbox(ctx context.Context, tx pgx.Tx, ups []RoomUpdate) er
 	rooms := make([]string, len(ups))
 	payloads := make([]string, len(ups))
 	for i, u := range ups {
-		rec := outboxRecord{Users: u.Users, Version: u.Version, LSN: uint64(u.Pos.CommitLSN), Seq: u.Pos.Seq}
-		if rec.Users == nil {
+		rec := outboxRecord{Users: u.Users, Partial: u.Partial, Count: u.Count, Version: u.Version, LSN: uint64(u.Pos.CommitLSN), Seq: u.Pos.Seq}
+		if rec.Users == nil && !rec.Partial {
 			rec.Users = []string{}
 		}
 		for _, c := range u.Changes {
@@ -654,7 +744,10 @@ func (s *Store) drain(ctx context.Context, rooms []string, publish Publisher) (e
 			if err := json.Unmarshal([]byte(payload), &rec); err != nil {
 				return fmt.Errorf("outbox record %d: %w", id, err)
 			}
-			u := RoomUpdate{Room: room, Users: rec.Users, Version: rec.Version, Pos: pipeline.Position{CommitLSN: pipeline.LSN(rec.LSN), Seq: rec.Seq}}
+			u := RoomUpdate{Room: room, Users: rec.Users, Partial: rec.Partial, Count: rec.Count, Version: rec.Version, Pos: pipeline.Position{CommitLSN: pipeline.LSN(rec.LSN), Seq: rec.Seq}}
+			if !u.Partial && u.Count == 0 {
+				u.Count = len(u.Users) // a record from before user_count
+			}
 			for _, c := range rec.Changes {
 				u.Changes = append(u.Changes, Change{User: c.User, Added: c.Added, Reason: c.Reason, Pos: pipeline.Position{CommitLSN: pipeline.LSN(c.LSN), Seq: c.Seq}})
 			}
@@ -740,8 +833,11 @@ type factRow struct {
 }
 
 // settleTx locks the rooms (sorted), derives each room's targets from the
-// facts and rewrites notify_targets where they differ. override, when set,
-// is the reason of every change and at (when not nil) raises the rooms'
+// facts and rewrites notify_targets where they differ. A room marked
+// full_settle (and every room when override is set) is derived from all
+// its facts; any other from its touched users alone (notify_touched), so
+// the work is that of the change, not of the room. override, when set, is
+// the reason of every change and at (when not nil) raises the rooms'
 // positions.
 func (s *Store) settleTx(ctx context.Context, tx pgx.Tx, rooms []string, override Reason, at *pipeline.Position) ([]RoomUpdate, error) {
 	if len(rooms) == 0 {
@@ -754,18 +850,28 @@ ON CONFLICT (room_id) DO NOTHING`, s.t.rooms), rooms); err != nil {
 	}
 	roomPos := map[string]pipeline.Position{}
 	roomVersion := map[string]int64{}
+	roomMembers := map[string]int64{}
+	var fullRooms, deltaRooms []string
 	// A room pruned and back continues above the versions it had (Prune
 	// keeps the highest pruned version as a floor).
 	rows, err := tx.Query(ctx, fmt.Sprintf(`SELECT room_id, lsn, seq,
-  greatest(version, coalesce((SELECT value FROM %s WHERE key = 'room_version_floor'), 0))
+  greatest(version, coalesce((SELECT value FROM %s WHERE key = 'room_version_floor'), 0)), members, full_settle
 FROM %s WHERE room_id = ANY($1::text[]) ORDER BY room_id FOR UPDATE`, s.t.meta, s.t.rooms), rooms)
 	if err != nil {
 		return nil, err
 	}
 	var r, u, mem string
-	var l, q, ul, uq, ver int64
-	var joined, active bool
-	if _, err = pgx.ForEachRow(rows, []any{&r, &l, &q, &ver}, func() error { roomPos[r], roomVersion[r] = posOf(l, q), ver; return nil }); err != nil {
+	var l, q, ul, uq, ver, members int64
+	var joined, active, full bool
+	if _, err = pgx.ForEachRow(rows, []any{&r, &l, &q, &ver, &members, &full}, func() error {
+		roomPos[r], roomVersion[r], roomMembers[r] = posOf(l, q), ver, members
+		if full || override != "" {
+			fullRooms = append(fullRooms, r)
+		} else {
+			deltaRooms = append(deltaRooms, r)
+		}
+		return nil
+	}); err != nil {
 		return nil, err
 	}
 	if at != nil {
@@ -775,60 +881,100 @@ FROM %s WHERE room_id = ANY($1::text[]) ORDER BY room_id FOR UPDATE`, s.t.meta, 
 			}
 		}
 	}
+	// facts are the rooms' facts to derive from (all of a full room's, the
+	// touched users' of a delta room); kept is what notify_targets holds
+	// of the same users. A touched user with no fact row has fact.none.
 	facts := map[string]map[string]factRow{}
-	rows, err = tx.Query(ctx, fmt.Sprintf(`SELECT m.room_id, m.user_id, m.membership, m.joined, m.lsn, m.seq,
-  coalesce(u.active, true), coalesce(u.lsn, 0), coalesce(u.seq, 0)
-FROM %s m LEFT JOIN %s u ON u.user_id = m.user_id WHERE m.room_id = ANY($1::text[])`, s.t.members, s.t.users), rooms)
-	if err != nil {
-		return nil, err
-	}
-	_, err = pgx.ForEachRow(rows, []any{&r, &u, &mem, &joined, &l, &q, &active, &ul, &uq}, func() error {
-		if facts[r] == nil {
-			facts[r] = map[string]factRow{}
-		}
-		facts[r][u] = factRow{user: u, membership: mem, joined: joined, mpos: posOf(l, q), active: active, upos: posOf(ul, uq)}
-		return nil
-	})
-	if err != nil {
-		return nil, err
-	}
 	kept := map[string]map[string]bool{}
-	rows, err = tx.Query(ctx, fmt.Sprintf(`SELECT room_id, user_id FROM %s WHERE room_id = ANY($1::text[])`, s.t.targets), rooms)
-	if err != nil {
-		return nil, err
-	}
-	if _, err = pgx.ForEachRow(rows, []any{&r, &u}, func() error {
-		if kept[r] == nil {
-			kept[r] = map[string]bool{}
+	addFact := func(f factRow, room string) {
+		if facts[room] == nil {
+			facts[room] = map[string]factRow{}
 		}
-		kept[r][u] = true
-		return nil
-	}); err != nil {
-		return nil, err
+		facts[room][f.user] = f
+	}
+	addKept := func(room, user string) {
+		if kept[room] == nil {
+			kept[room] = map[string]bool{}
+		}
+		kept[room][user] = true
+	}
+	if len(fullRooms) > 0 {
+		rows, err = tx.Query(ctx, fmt.Sprintf(`SELECT m.room_id, m.user_id, m.membership, m.joined, m.lsn, m.seq,
+  coalesce(u.active, true), coalesce(u.lsn, 0), coalesce(u.seq, 0)
+FROM %s m LEFT JOIN %s u ON u.user_id = m.user_id WHERE m.room_id = ANY($1::text[])`, s.t.members, s.t.users), fullRooms)
+		if err != nil {
+			return nil, err
+		}
+		if _, err = pgx.ForEachRow(rows, []any{&r, &u, &mem, &joined, &l, &q, &active, &ul, &uq}, func() error {
+			addFact(factRow{user: u, membership: mem, joined: joined, mpos: posOf(l, q), active: active, upos: posOf(ul, uq)}, r)
+			return nil
+		}); err != nil {
+			return nil, err
+		}
+		rows, err = tx.Query(ctx, fmt.Sprintf(`SELECT room_id, user_id FROM %s WHERE room_id = ANY($1::text[])`, s.t.targets), fullRooms)
+		if err != nil {
+			return nil, err
+		}
+		if _, err = pgx.ForEachRow(rows, []any{&r, &u}, func() error { addKept(r, u); return nil }); err != nil {
+			return nil, err
+		}
+	}
+	if len(deltaRooms) > 0 {
+		var hasFact, isKept bool
+		rows, err = tx.Query(ctx, fmt.Sprintf(`SELECT t.room_id, t.user_id, m.room_id IS NOT NULL, coalesce(m.membership, ''), coalesce(m.joined, false),
+  coalesce(m.lsn, 0), coalesce(m.seq, 0), coalesce(u.active, true), coalesce(u.lsn, 0), coalesce(u.seq, 0), k.room_id IS NOT NULL
+FROM %s t
+LEFT JOIN %s m ON m.room_id = t.room_id AND m.user_id = t.user_id
+LEFT JOIN %s u ON u.user_id = t.user_id
+LEFT JOIN %s k ON k.room_id = t.room_id AND k.user_id = t.user_id
+WHERE t.room_id = ANY($1::text[])`, s.t.touched, s.t.members, s.t.users, s.t.targets), deltaRooms)
+		if err != nil {
+			return nil, err
+		}
+		if _, err = pgx.ForEachRow(rows, []any{&r, &u, &hasFact, &mem, &joined, &l, &q, &active, &ul, &uq, &isKept}, func() error {
+			if hasFact {
+				addFact(factRow{user: u, membership: mem, joined: joined, mpos: posOf(l, q), active: active, upos: posOf(ul, uq)}, r)
+			}
+			if isKept {
+				addKept(r, u)
+			}
+			return nil
+		}); err != nil {
+			return nil, err
+		}
+	}
+	isFull := make(map[string]bool, len(fullRooms))
+	for _, rm := range fullRooms {
+		isFull[rm] = true
 	}
 	var ups []RoomUpdate
 	var addR, addU, delR, delU []string
 	var addL, addQ []int64
+	var listRooms []string // delta rooms small enough to carry their set: read after the writes
 	for _, room := range rooms {
 		up := RoomUpdate{Room: room, Pos: roomPos[room]}
+		var want int64
 		for user, f := range facts[room] {
-			want := f.joined && f.active
-			if want {
-				up.Users = append(up.Users, user)
+			w := f.joined && f.active
+			if w {
+				want++
+				if isFull[room] {
+					up.Users = append(up.Users, user)
+				}
 			}
-			if want == kept[room][user] {
+			if w == kept[room][user] {
 				continue
 			}
-			c := Change{User: user, Added: want, Pos: f.mpos}
+			c := Change{User: user, Added: w, Pos: f.mpos}
 			if f.mpos.Less(f.upos) {
 				c.Pos = f.upos
 			}
 			switch {
 			case override != "":
 				c.Reason = override
-			case want && f.mpos.Less(f.upos):
+			case w && f.mpos.Less(f.upos):
 				c.Reason = ReasonReactivated
-			case want:
+			case w:
 				c.Reason = ReasonJoin
 			case f.joined:
 				c.Reason = ReasonDeactivated
@@ -848,14 +994,32 @@ FROM %s m LEFT JOIN %s u ON u.user_id = m.user_id WHERE m.room_id = ANY($1::text
 				if override != "" {
 					reason = override
 				}
-				pos := up.Pos
-				up.Changes = append(up.Changes, Change{User: user, Reason: reason, Pos: pos})
+				up.Changes = append(up.Changes, Change{User: user, Reason: reason, Pos: up.Pos})
+			}
+		}
+		if isFull[room] {
+			roomMembers[room] = want
+		} else {
+			for _, c := range up.Changes {
+				if c.Added {
+					roomMembers[room]++
+				} else {
+					roomMembers[room]--
+				}
 			}
 		}
 		if len(up.Changes) == 0 {
 			continue
 		}
-		sort.Strings(up.Users)
+		up.Count = int(roomMembers[room])
+		switch {
+		case up.Count > s.fullSetMax():
+			up.Users, up.Partial = nil, true
+		case isFull[room]:
+			sort.Strings(up.Users)
+		default:
+			listRooms = append(listRooms, room)
+		}
 		roomVersion[room]++
 		up.Version = uint64(roomVersion[room])
 		sort.Slice(up.Changes, func(i, j int) bool { return up.Changes[i].User < up.Changes[j].User })
@@ -881,13 +1045,31 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[]) ORDER B
 			return nil, err
 		}
 	}
-	ls, qs, vs := make([]int64, len(rooms)), make([]int64, len(rooms)), make([]int64, len(rooms))
+	if len(listRooms) > 0 {
+		sets := map[string][]string{}
+		rows, err := tx.Query(ctx, fmt.Sprintf(`SELECT room_id, user_id FROM %s WHERE room_id = ANY($1::text[]) ORDER BY 1, 2`, s.t.targets), listRooms)
+		if err != nil {
+			return nil, err
+		}
+		if _, err = pgx.ForEachRow(rows, []any{&r, &u}, func() error { sets[r] = append(sets[r], u); return nil }); err != nil {
+			return nil, err
+		}
+		for i := range ups {
+			if !ups[i].Partial && !isFull[ups[i].Room] {
+				ups[i].Users = sets[ups[i].Room]
+			}
+		}
+	}
+	ls, qs, vs, ms := make([]int64, len(rooms)), make([]int64, len(rooms)), make([]int64, len(rooms)), make([]int64, len(rooms))
 	for i, room := range rooms {
 		ls[i], qs[i] = lsnSeq(roomPos[room])
-		vs[i] = roomVersion[room]
+		vs[i], ms[i] = roomVersion[room], roomMembers[room]
 	}
-	if _, err := tx.Exec(ctx, fmt.Sprintf(`UPDATE %s r SET dirty = false, lsn = t.lsn, seq = t.seq, version = t.version
-FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS t(room_id, lsn, seq, version) WHERE r.room_id = t.room_id`, s.t.rooms), rooms, ls, qs, vs); err != nil {
+	if _, err := tx.Exec(ctx, fmt.Sprintf(`UPDATE %s r SET dirty = false, full_settle = false, lsn = t.lsn, seq = t.seq, version = t.version, members = t.members
+FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[]) AS t(room_id, lsn, seq, version, members) WHERE r.room_id = t.room_id`, s.t.rooms), rooms, ls, qs, vs, ms); err != nil {
+		return nil, err
+	}
+	if _, err := tx.Exec(ctx, fmt.Sprintf(`DELETE FROM %s WHERE room_id = ANY($1::text[])`, s.t.touched), rooms); err != nil {
 		return nil, err
 	}
 	return ups, nil
