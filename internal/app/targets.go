@@ -63,6 +63,7 @@ type targetOutputs struct {
 	redis          *redissink.Sink
 	kafka          *targets.KafkaOutput // nil when targets.topics is false
 	publish        targets.Publisher
+	publishFull    targets.FullPublisher // a large room's full set (targets.full_set_interval)
 	targetsTopic   string
 	changesTopic   string
 	dlqTopic       string
@@ -71,6 +72,8 @@ type targetOutputs struct {
 	log            *zap.Logger
 
 	truncated       atomic.Uint64 // notify_targets records published without their list
+	redisGaps       atomic.Uint64 // Redis sets replaced whole because they missed an update
+	fullSets        atomic.Uint64 // full sets of large rooms published
 	truncatedLogged map[string]bool
 	truncMu         sync.Mutex
 }
@@ -96,7 +99,7 @@ func (o *targetOutputs) onTruncated(room string, users, bytes int) {
 		zap.Int64("max_record_bytes", o.kafka.MaxRecordBytes))
 }
 
-func newTargetOutputs(cfg *config.Config, log *zap.Logger) (*targetOutputs, error) {
+func newTargetOutputs(cfg *config.Config, store *targets.Store, log *zap.Logger) (*targetOutputs, error) {
 	tc := cfg.Targets
 	targetsTopic := cfg.Kafka.TopicPrefix + ".notify_targets"
 	knet, err := cfg.Kafka.Net()
@@ -113,25 +116,30 @@ func newTargetOutputs(cfg *config.Config, log *zap.Logger) (*targetOutputs, erro
 	o := &targetOutputs{producer: producer, dlqTopic: cfg.Kafka.TopicPrefix + ".dlq", maxRecord: tc.MaxRecordBytes,
 		log: log.With(zap.String("component", "targets")), truncatedLogged: map[string]bool{}}
 	var pubs []targets.Publisher
+	var fulls []targets.FullPublisher
 	if *tc.Topics {
 		o.targetsTopic = targetsTopic
 		o.changesTopic = cfg.Kafka.TopicPrefix + ".notify_target_changes"
 		o.kafka = &targets.KafkaOutput{Sink: producer, TargetsTopic: o.targetsTopic, ChangesTopic: o.changesTopic,
 			MaxRecordBytes: tc.MaxRecordBytes, Truncated: o.onTruncated}
 		pubs = append(pubs, o.kafka.Publish)
+		fulls = append(fulls, o.kafka.PublishFull)
 	}
 	if r := tc.Redis; r != nil {
 		// TLS and the ACL user as configured; checked now (see newRedisSink;
 		// bounded by its own timeout, as this has no ctx).
-		rs, err := newRedisSink(context.Background(), "targets.redis", &r.Redis, "", redissink.UseReplaceSets, log)
+		rs, err := newRedisSink(context.Background(), "targets.redis", &r.Redis, "", redissink.UseVersionedSets, log)
 		if err != nil {
 			return nil, err
 		}
 		o.redis = rs
-		ro := &targets.RedisOutput{Sets: rs, KeyTemplate: r.Key}
+		ro := &targets.RedisOutput{Sets: versionedSets{rs}, KeyTemplate: r.Key, Full: store.ReadFull,
+			Gap: func(string) { o.redisGaps.Add(1) }}
 		pubs = append(pubs, ro.Publish)
+		fulls = append(fulls, ro.PublishFull)
 	}
 	o.publish = targets.Publishers(pubs...)
+	o.publishFull = targets.FullPublishers(fulls...)
 	return o, nil
 }
 
@@ -258,8 +266,8 @@ func PrepareTargets(ctx context.Context, cfg *config.Config, log *zap.Logger) (_
 	if t.source, err = pgxpool.New(ctx, cfg.Postgres.DSN); err != nil {
 		return nil, fmt.Errorf("postgres.dsn: %w", err)
 	}
-	t.Store = targets.NewStore(t.state, tc.Postgres.Schema)
-	if t.out, err = newTargetOutputs(cfg, log); err != nil {
+	t.Store = newTargetsStore(t.state, cfg)
+	if t.out, err = newTargetOutputs(cfg, t.Store, log); err != nil {
 		return nil, err
 	}
 	t.TargetsTopic, t.ChangesTopic, t.DLQTopic = t.out.targetsTopic, t.out.changesTopic, t.out.dlqTopic
@@ -328,6 +336,7 @@ func (t *Targets) Run(ctx context.Context) error {
 	if *t.cfg.Targets.Prune {
 		g.Go(func() error { t.pruneLoop(gctx); return nil })
 	}
+	g.Go(func() error { t.fullSetLoop(gctx); return nil })
 	return g.Wait()
 }
 
@@ -507,6 +516,47 @@ func (t *Targets) pruneLoop(ctx context.Context) {
 	}
 }
 
+// fullSetLoop publishes the full sets of large rooms that changed, each at
+// most every targets.full_set_interval (their updates carry only their
+// changes). A failing round is warned once per streak and retried.
+func (t *Targets) fullSetLoop(ctx context.Context) {
+	every := min(t.cfg.Targets.FullSetInterval, 5*time.Second)
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	failing := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		var err error
+		for ctx.Err() == nil {
+			var rooms []string
+			if rooms, err = t.Store.FullSetsDue(ctx, t.cfg.Targets.FullSetInterval, 100); err != nil || len(rooms) == 0 {
+				break
+			}
+			var n int
+			n, err = t.Store.PublishFullSets(ctx, rooms, t.out.publish, t.out.publishFull)
+			t.out.fullSets.Add(uint64(n))
+			if err != nil || len(rooms) < 100 {
+				break
+			}
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		switch {
+		case err != nil && !failing:
+			failing = true
+			t.log.Warn("publishing the full sets of large rooms failed; retrying", zap.Error(err), zap.Duration("every", every))
+		case err == nil && failing:
+			failing = false
+			t.log.Info("publishing the full sets of large rooms recovered")
+		}
+	}
+}
+
 func (t *Targets) auditor() *targets.Auditor {
 	topics := make([]string, 0, len(t.Topics))
 	for tp := range t.Topics {
@@ -556,6 +606,20 @@ func (t *Targets) Register(reg prometheus.Registerer) {
 			}
 			return float64(t.out.truncated.Load())
 		})
+	counter("notify_targets", "full_sets_total", "Full sets of large rooms (more than targets.full_set_max_members) published on their schedule (targets.full_set_interval).",
+		func() float64 {
+			if t.out == nil {
+				return 0
+			}
+			return float64(t.out.fullSets.Load())
+		})
+	counter("notify_targets", "redis_gaps_total", "Redis sets replaced whole from the state because they lacked an earlier update (Redis lost data, or the set predates versions).",
+		func() float64 {
+			if t.out == nil {
+				return 0
+			}
+			return float64(t.out.redisGaps.Load())
+		})
 	counter("notify_targets", "audits_total", "Periodic audits completed (targets.audit_interval).", func() float64 { return float64(t.audits.Load()) })
 	counter("notify_targets", "audit_unconfirmed_total", "Periodic audits whose differing rooms could not be re-checked because the pipeline did not pass the snapshot within targets.audit_wait (lag); they leave the consistency ratio unchanged.",
 		func() float64 { return float64(t.unconfirmed.Load()) })
@@ -575,6 +639,43 @@ func targetsStatePool(ctx context.Context, dsn, name string) (*pgxpool.Pool, err
 	return pgxpool.NewWithConfig(ctx, pc)
 }
 
+// newTargetsStore is the state store as configured.
+func newTargetsStore(pool *pgxpool.Pool, cfg *config.Config) *targets.Store {
+	s := targets.NewStore(pool, cfg.Targets.Postgres.Schema)
+	s.FullSetMax = cfg.Targets.FullSetMaxMembers
+	return s
+}
+
+// versionedSets adapts the Redis sink to targets.VersionedSets.
+type versionedSets struct{ s *redissink.Sink }
+
+func (v versionedSets) ApplySets(ctx context.Context, ups []targets.SetUpdate) ([]targets.SetResult, error) {
+	rups := make([]redissink.SetUpdate, len(ups))
+	for i, u := range ups {
+		rups[i] = redissink.SetUpdate{Key: u.Key, Version: u.Version, Full: u.Full, Add: u.Add, Remove: u.Remove}
+	}
+	res, err := v.s.ApplySets(ctx, rups)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]targets.SetResult, len(res))
+	for i, r := range res {
+		switch r {
+		case redissink.SetApplied:
+			out[i] = targets.SetApplied
+		case redissink.SetSkipped:
+			out[i] = targets.SetSkipped
+		default:
+			out[i] = targets.SetGap
+		}
+	}
+	return out, nil
+}
+
+func (v versionedSets) ReplaceSetVersioned(ctx context.Context, key string, version uint64, next func() ([]string, error)) (bool, error) {
+	return v.s.ReplaceSetVersioned(ctx, key, version, next)
+}
+
 // openTargets opens the source and state pools and the store for the
 // rebuild and audit commands.
 func openTargets(ctx context.Context, cfg *config.Config) (source, state *pgxpool.Pool, store *targets.Store, err error) {
@@ -591,7 +692,7 @@ func openTargets(ctx context.Context, cfg *config.Config) (source, state *pgxpoo
 		source.Close()
 		return nil, nil, nil, fmt.Errorf("targets.postgres.dsn: %w", err)
 	}
-	store = targets.NewStore(state, cfg.Targets.Postgres.Schema)
+	store = newTargetsStore(state, cfg)
 	if err := store.Setup(ctx); err != nil {
 		source.Close()
 		state.Close()
@@ -637,7 +738,7 @@ func RebuildTargetsFrom(ctx context.Context, cfg *config.Config, log *zap.Logger
 	if _, err := store.CheckSource(ctx, id, cfg.Postgres.Slot); err != nil {
 		return targets.RebuildReport{}, err
 	}
-	out, err := newTargetOutputs(cfg, log)
+	out, err := newTargetOutputs(cfg, store, log)
 	if err != nil {
 		return targets.RebuildReport{}, err
 	}

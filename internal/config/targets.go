@@ -39,6 +39,15 @@ type Targets struct {
 	// ("users": null, "truncated": true, "user_count"), never blocking the
 	// consumer. Default 16 MiB.
 	MaxRecordBytes int64 `yaml:"max_record_bytes"`
+	// FullSetMaxMembers is the most targets a room may have and still
+	// carry its full set in every update. A larger room's updates publish
+	// only what changed (notify_target_changes records, Redis SADD/SREM),
+	// and its notify_targets record is written every FullSetInterval while
+	// it changes, at the version it has then. Default 10000.
+	FullSetMaxMembers int `yaml:"full_set_max_members"`
+	// FullSetInterval is how often a changing large room's full set is
+	// published. Default 1m.
+	FullSetInterval time.Duration `yaml:"full_set_interval"`
 	// Postgres is where the state is kept (tables in Schema).
 	Postgres TargetsPostgres `yaml:"postgres"`
 	// Redis, when set, keeps one set per room.
@@ -136,6 +145,12 @@ func (c *Config) applyTargetsDefaults() {
 	if t.MaxRecordBytes == 0 {
 		t.MaxRecordBytes = 16 << 20
 	}
+	if t.FullSetMaxMembers == 0 {
+		t.FullSetMaxMembers = targets.DefaultFullSetMax
+	}
+	if t.FullSetInterval == 0 {
+		t.FullSetInterval = time.Minute
+	}
 	if t.Prune == nil {
 		on := true
 		t.Prune = &on
@@ -169,6 +184,12 @@ func (c *Config) validateTargets(captured map[string]bool) []FieldError {
 	}
 	if c.Pipeline.TableTopics != nil && !*c.Pipeline.TableTopics {
 		add("targets", "reads the tables' own topics: set pipeline.table_topics: true")
+	}
+	if t.FullSetMaxMembers < 1 {
+		add("targets.full_set_max_members", "%d must be at least 1", t.FullSetMaxMembers)
+	}
+	if t.FullSetInterval < time.Second {
+		add("targets.full_set_interval", "%s is below 1s", t.FullSetInterval)
 	}
 	if t.MaxRecordBytes < 64<<10 || t.MaxRecordBytes > 64<<20 {
 		add("targets.max_record_bytes", "%d is outside 65536..67108864 (one produce request carries a batch per partition; Kafka's socket.request.max.bytes is 100 MiB)", t.MaxRecordBytes)

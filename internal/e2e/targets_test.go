@@ -1008,8 +1008,11 @@ ALTER TABLE synapse_users REPLICA IDENTITY FULL;`)
 // A room whose full target set is larger than Kafka's default 1 MiB record
 // limit (12,000 members of 107-byte ids, ~1.3 MB of JSON) is published whole, and a later
 // join updates it: one big room must not stall the consumer.
+//
+// The room stays below targets.full_set_max_members here, so every update
+// carries the set; TestTargetsLargeRoomDeltas covers rooms above it.
 func TestTargetsLargeRoom(t *testing.T) {
-	e, cfg, _ := canonicalEnv(t, "bigroom", nil)
+	e, cfg, _ := canonicalEnv(t, "bigroom", func(tc *config.Targets) { tc.FullSetMaxMembers = 20000 })
 	const n = 12000
 	e.exec(`INSERT INTO room_memberships(room_id, user_id, membership)
   SELECT '!big', '@member-' || lpad(g::text, 6, '0') || ':' || repeat('x', 80) || '.example.org', 'join' FROM generate_series(1, $1) g`, n)
@@ -1035,7 +1038,7 @@ func TestTargetsLargeRoom(t *testing.T) {
 func TestTargetsLargeRoomOnSmallTopic(t *testing.T) {
 	e := newEnv(t, "")
 	e.exec(demoSchemaTargets)
-	cfg := targetsConfig(e, "smalltopic", []string{"public.users", "public.room_memberships"}, &config.Targets{})
+	cfg := targetsConfig(e, "smalltopic", []string{"public.users", "public.room_memberships"}, &config.Targets{FullSetMaxMembers: 20000})
 	pre, err := kafkasink.New(kafkasink.Config{Brokers: cfg.Kafka.Brokers, Partitions: cfg.Kafka.Partitions}, nil)
 	if err != nil {
 		t.Fatal(err)

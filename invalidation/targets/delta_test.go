@@ -5,9 +5,9 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"slices"
-	"sort"
 	"testing"
 
+	"github.com/tidemark/tidemark/invalidation"
 	"github.com/tidemark/tidemark/pipeline"
 )
 
@@ -153,5 +153,45 @@ WHERE m.room_id = $1 AND m.joined AND coalesce(u.active, true) ORDER BY 1`, r)
 		t.Errorf("%d partial and %d full updates: the test did not exercise both", partials, fulls)
 	}
 	t.Logf("%d full and %d partial updates", fulls, partials)
-	sort.Strings(rooms)
+}
+
+// TestDeactivationSettledInSlices: a deactivation touching many rooms is
+// settled MaxSettleRooms at a time; a change in another room that arrives
+// meanwhile is settled in the next Flush, ahead of the rest of the
+// backlog, and the backlog is finished by later Flushes or ticks.
+func TestDeactivationSettledInSlices(t *testing.T) {
+	s, _ := newTestStore(t)
+	r := &recorder{}
+	h, err := NewHandler(HandlerConfig{Store: s, Publish: r.publish, MaxSettleRooms: 10}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var joins []*invalidation.Message
+	for i := 0; i < 35; i++ {
+		joins = append(joins, change("room_memberships", "c", nil, membership(fmt.Sprintf("!r%02d", i), "@d", "join"), 100, uint32(i)))
+	}
+	batch(t, h, joins...)
+	for h.Stats().PendingRooms.Load() > 0 {
+		batch(t, h)
+	}
+	r.take()
+	batch(t, h, change("users", "c", nil, userRow("@d", true), 200, 0))
+	if got := len(r.take()); got != 10 {
+		t.Fatalf("the deactivation's Flush settled %d rooms, want 10 (the budget)", got)
+	}
+	batch(t, h, change("room_memberships", "c", nil, membership("!other", "@o", "join"), 300, 0))
+	got := r.take()
+	if !slices.Contains(got, "!other @o added join") || len(got) != 10 {
+		t.Fatalf("the next Flush published %d changes (%v...), want !other's join among 10", len(got), got[:min(3, len(got))])
+	}
+	flushes := 0
+	removed := 19
+	for h.Stats().PendingRooms.Load() > 0 {
+		batch(t, h)
+		removed += len(r.take())
+		flushes++
+	}
+	if removed != 35 || flushes != 2 {
+		t.Fatalf("removed %d in all, over %d more Flushes; want 35 over 2", removed, flushes)
+	}
 }

@@ -44,7 +44,16 @@ type HandlerConfig struct {
 	// Stats.LastSettledAt (Run still ticks in real time, settling what Now
 	// says is due). Default time.Now; tests pass a fake clock.
 	Now func() time.Time
+	// MaxSettleRooms bounds the rooms one Flush or tick settles (in
+	// transactions of 500). The rest wait for the next Flush or tick, after
+	// the rooms of transactions that became ready meanwhile: a deactivation
+	// in 100,000 rooms is settled in slices while other rooms' changes keep
+	// being applied and settled. Default 2000.
+	MaxSettleRooms int
 }
+
+// settleChunk is the most rooms settled in one state transaction.
+const settleChunk = 500
 
 // Handler turns membership and user changes into facts (Flush stores them
 // and marks rooms dirty, durably, before the consumer commits offsets) and
@@ -114,6 +123,9 @@ func NewHandler(cfg HandlerConfig, log *zap.Logger) (*Handler, error) {
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
+	}
+	if cfg.MaxSettleRooms <= 0 {
+		cfg.MaxSettleRooms = 2000
 	}
 	if log == nil {
 		log = zap.NewNop()
@@ -369,13 +381,20 @@ func (h *Handler) settleReady(ctx context.Context) {
 			blocked[r] = true
 		}
 	}
-	rooms := map[string]bool{}
+	// fresh are the rooms of transactions ready now; backlog those left
+	// over (pending[0]: a failed settlement, Recover, the budget). Fresh
+	// rooms go first, so a large backlog never delays them for long.
+	fresh, backlog := map[string]bool{}, map[string]bool{}
 	done := h.stale
 	for _, lsn := range ready {
 		p := h.pending[lsn]
 		for r := range p.rooms {
-			if !blocked[r] {
-				rooms[r] = true
+			switch {
+			case blocked[r]:
+			case lsn == 0:
+				backlog[r] = true
+			default:
+				fresh[r] = true
 			}
 		}
 		if p.kept && lsn != 0 {
@@ -383,7 +402,16 @@ func (h *Handler) settleReady(ctx context.Context) {
 		}
 	}
 	h.stale = nil
-	list := sortedKeys(rooms)
+	list := sortedKeys(fresh)
+	for _, r := range sortedKeys(backlog) {
+		if !fresh[r] {
+			list = append(list, r)
+		}
+	}
+	var rest []string
+	if len(list) > h.cfg.MaxSettleRooms {
+		list, rest = list[:h.cfg.MaxSettleRooms], list[h.cfg.MaxSettleRooms:]
+	}
 	if len(list) == 0 && len(done) > 0 {
 		// Every room is held by another transaction: forget the kept
 		// waits of these alone.
@@ -391,8 +419,8 @@ func (h *Handler) settleReady(ctx context.Context) {
 			h.keepStale(done)
 		}
 	}
-	for start := 0; start < len(list); start += 500 {
-		chunk := list[start:min(start+500, len(list))]
+	for start := 0; start < len(list); start += settleChunk {
+		chunk := list[start:min(start+settleChunk, len(list))]
 		ups, err := h.cfg.Store.Settle(ctx, chunk, done, h.cfg.Publish)
 		if err != nil {
 			// The settlement may not have committed: forget them again
@@ -419,6 +447,9 @@ func (h *Handler) settleReady(ctx context.Context) {
 			for _, r := range list[start:] {
 				retry.rooms[r] = true
 			}
+			for _, r := range rest {
+				retry.rooms[r] = true
+			}
 			h.forget(ready)
 			return
 		}
@@ -426,6 +457,17 @@ func (h *Handler) settleReady(ctx context.Context) {
 			for _, r := range chunk {
 				delete(p.rooms, r)
 			}
+		}
+	}
+	if len(rest) > 0 {
+		// Over the budget: the next Flush or tick goes on.
+		backlog := h.pending[0]
+		if backlog == nil {
+			backlog = newPending(time.Time{})
+			h.pending[0] = backlog
+		}
+		for _, r := range rest {
+			backlog.rooms[r] = true
 		}
 	}
 	h.forget(ready)

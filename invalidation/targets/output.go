@@ -2,6 +2,7 @@ package targets
 
 import (
 	"context"
+	"fmt"
 	"strconv"
 	"strings"
 	"unicode/utf8"
@@ -25,6 +26,11 @@ import (
 // crash) repeats its version.
 //
 // Records carry the tidemark-lsn and tidemark-seq headers.
+//
+// A large room's updates (Partial, see Store) publish only their change
+// records; its targets record is written by PublishFull, on a schedule, at
+// the version it has then: a consumer of the compacted topic takes the
+// record of version V and applies the change records above V.
 //
 // A room whose full set would exceed MaxRecordBytes is published without
 // its list: {"room_id","users":null,"truncated":true,"user_count",...}
@@ -57,7 +63,7 @@ func (k *KafkaOutput) Publish(ctx context.Context, ups []RoomUpdate) error {
 				msgs = append(msgs, pipeline.Message{Topic: k.ChangesTopic, Key: key, Value: changeJSON(u.Room, u.Version, c), Headers: posHeaders(c.Pos), Pos: c.Pos})
 			}
 		}
-		if k.TargetsTopic != "" {
+		if k.TargetsTopic != "" && !u.Partial {
 			var v []byte
 			// Sized before it is built: a set too large is never encoded.
 			if size := targetsSize(u.Room, u.Users) + int64(len(key)+recordOverhead); k.MaxRecordBytes > 0 && size > k.MaxRecordBytes {
@@ -75,6 +81,48 @@ func (k *KafkaOutput) Publish(ctx context.Context, ups []RoomUpdate) error {
 		return nil
 	}
 	return k.Sink.Write(ctx, msgs)
+}
+
+// PublishFull writes a room's full set to the targets topic (without its
+// list when it exceeds MaxRecordBytes: memory stays within that bound),
+// returning once Kafka acknowledged it.
+func (k *KafkaOutput) PublishFull(ctx context.Context, fs *FullSet) error {
+	if k.TargetsTopic == "" {
+		return nil
+	}
+	key := []byte(fs.Room)
+	var users []string
+	size := targetsSize(fs.Room, nil) + int64(len(key)+recordOverhead)
+	truncated := false
+	next, done := fs.Users(ctx)
+	defer done()
+	for {
+		chunk, err := next()
+		if err != nil {
+			return err
+		}
+		if chunk == nil {
+			break
+		}
+		for _, u := range chunk {
+			size += jsonStringSize(u) + 1
+		}
+		if k.MaxRecordBytes > 0 && size > k.MaxRecordBytes {
+			truncated, users = true, nil
+			break
+		}
+		users = append(users, chunk...)
+	}
+	var v []byte
+	if truncated {
+		if k.Truncated != nil {
+			k.Truncated(fs.Room, fs.Count, int(size))
+		}
+		v = truncatedTargetsJSON(fs.Room, fs.Count, fs.Version, fs.Pos)
+	} else {
+		v = TargetsJSON(fs.Room, users, fs.Version, fs.Pos)
+	}
+	return k.Sink.Write(ctx, []pipeline.Message{{Topic: k.TargetsTopic, Key: key, Value: v, Headers: posHeaders(fs.Pos), Pos: fs.Pos}})
 }
 
 func posHeaders(p pipeline.Position) []pipeline.Header {
@@ -168,38 +216,128 @@ func changeJSON(room string, version uint64, c Change) []byte {
 	return append(b, `"}`...)
 }
 
-// SetReplacer replaces whole Redis sets atomically (sinks/redis implements
-// it): members[i] becomes the content of keys[i]; an empty list deletes the
-// key. It MUST be idempotent.
-type SetReplacer interface {
-	ReplaceSets(ctx context.Context, keys []string, members [][]string) error
+// SetUpdate is one versioned update of a room's Redis set (sinks/redis
+// applies them; see VersionedSets).
+type SetUpdate struct {
+	Key     string
+	Version uint64
+	// Full: Add is the whole set, applied when the stored version is below
+	// Version. Otherwise SADD Add and SREM Remove, applied only when the
+	// stored version is Version-1.
+	Full        bool
+	Add, Remove []string
+}
+
+// SetResult is what became of a SetUpdate.
+type SetResult uint8
+
+const (
+	SetApplied SetResult = iota // written
+	SetSkipped                  // the stored version was already at or above it (a replay)
+	SetGap                      // a delta whose predecessor the set lacks: nothing written
+)
+
+// VersionedSets keeps versioned Redis sets (sinks/redis implements it):
+// ApplySets applies updates in order, one result each; ReplaceSetVersioned
+// replaces a set's whole content, read in chunks from next, at version
+// (unless the stored version is at or above it), switching atomically.
+type VersionedSets interface {
+	ApplySets(ctx context.Context, ups []SetUpdate) ([]SetResult, error)
+	ReplaceSetVersioned(ctx context.Context, key string, version uint64, next func() ([]string, error)) (bool, error)
 }
 
 // RedisOutput keeps one Redis set per room, named by KeyTemplate with
-// "{room_id}" replaced (default "notify_targets:{room_id}"). Each update
-// replaces the room's whole set in one MULTI, so a replay or a missed
-// update heals on the room's next update.
+// "{room_id}" replaced (default "notify_targets:{room_id}"), and its
+// version in KEY:version. An update that carries its room's full set
+// replaces the set; a large room's update (Partial) adds and removes its
+// changed users. Versions make both idempotent: a replay is skipped, and a
+// delta the set cannot take (its predecessor is missing: Redis lost data,
+// or the set predates versions) makes the output replace the whole set
+// from the state (Full), at the version the state has then.
 type RedisOutput struct {
-	Sets        SetReplacer
+	Sets        VersionedSets
 	KeyTemplate string
+	// Full reads a room's full set (Store.ReadFull).
+	Full func(ctx context.Context, room string, fn func(fs *FullSet) error) error
+	// Gap, when set, is told of each room whose set was replaced after a gap.
+	Gap func(room string)
 }
 
-// Publish replaces the sets of the updated rooms.
-func (r *RedisOutput) Publish(ctx context.Context, ups []RoomUpdate) error {
-	if len(ups) == 0 {
-		return nil
-	}
+func (r *RedisOutput) key(room string) string {
 	tmpl := r.KeyTemplate
 	if tmpl == "" {
 		tmpl = "notify_targets:{room_id}"
 	}
-	keys := make([]string, len(ups))
-	members := make([][]string, len(ups))
-	for i, u := range ups {
-		keys[i] = strings.ReplaceAll(tmpl, "{room_id}", u.Room)
-		members[i] = u.Users
+	return strings.ReplaceAll(tmpl, "{room_id}", room)
+}
+
+// Publish applies the updates to the rooms' sets.
+func (r *RedisOutput) Publish(ctx context.Context, ups []RoomUpdate) error {
+	if len(ups) == 0 {
+		return nil
 	}
-	return r.Sets.ReplaceSets(ctx, keys, members)
+	sus := make([]SetUpdate, len(ups))
+	for i, u := range ups {
+		su := SetUpdate{Key: r.key(u.Room), Version: u.Version}
+		if u.Partial {
+			for _, c := range u.Changes {
+				if c.Added {
+					su.Add = append(su.Add, c.User)
+				} else {
+					su.Remove = append(su.Remove, c.User)
+				}
+			}
+		} else {
+			su.Full, su.Add = true, u.Users
+		}
+		sus[i] = su
+	}
+	res, err := r.Sets.ApplySets(ctx, sus)
+	if err != nil {
+		return err
+	}
+	var gaps []string
+	for i, x := range res {
+		if x == SetGap && (len(gaps) == 0 || gaps[len(gaps)-1] != ups[i].Room) {
+			gaps = append(gaps, ups[i].Room)
+		}
+	}
+	for _, room := range dedupeSorted(gaps) {
+		if r.Full == nil {
+			return fmt.Errorf("redis set of room %s misses an update and no full set can be read", room)
+		}
+		if err := r.Full(ctx, room, func(fs *FullSet) error { return r.PublishFull(ctx, fs) }); err != nil {
+			return err
+		}
+		if r.Gap != nil {
+			r.Gap(room)
+		}
+	}
+	return nil
+}
+
+// PublishFull replaces a room's set with its full set (unless Redis holds
+// that version or a later one already).
+func (r *RedisOutput) PublishFull(ctx context.Context, fs *FullSet) error {
+	next, done := fs.Users(ctx)
+	defer done()
+	_, err := r.Sets.ReplaceSetVersioned(ctx, r.key(fs.Room), fs.Version, next)
+	return err
+}
+
+// FullPublishers chains full-set publishers; each must succeed.
+func FullPublishers(ps ...FullPublisher) FullPublisher {
+	return func(ctx context.Context, fs *FullSet) error {
+		for _, p := range ps {
+			if p == nil {
+				continue
+			}
+			if err := p(ctx, fs); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
 }
 
 // Publishers chains publishers; each must succeed.

@@ -710,6 +710,11 @@ func (s *Store) Drain(ctx context.Context, rooms []string, publish Publisher) er
 const drainBatch = 1000
 
 func (s *Store) drain(ctx context.Context, rooms []string, publish Publisher) (err error) {
+	return s.leased(ctx, rooms, func(conn *pgxpool.Conn) error { return s.drainLeased(ctx, conn, rooms, publish) })
+}
+
+// leased runs fn holding the publishing lease of rooms (see Drain) on conn.
+func (s *Store) leased(ctx context.Context, rooms []string, fn func(conn *pgxpool.Conn) error) error {
 	conn, err := s.pool.Acquire(ctx)
 	if err != nil {
 		return err
@@ -730,6 +735,11 @@ func (s *Store) drain(ctx context.Context, rooms []string, publish Publisher) (e
 	if err != nil {
 		return err
 	}
+	return fn(conn)
+}
+
+// drainLeased publishes the outbox of rooms, whose lease conn holds.
+func (s *Store) drainLeased(ctx context.Context, conn *pgxpool.Conn, rooms []string, publish Publisher) error {
 	for {
 		rows, err := conn.Query(ctx, fmt.Sprintf(`SELECT id, room_id, payload::text FROM %s WHERE room_id = ANY($1::text[]) ORDER BY id LIMIT %d`, s.t.outbox, drainBatch), rooms)
 		if err != nil {

@@ -1,0 +1,167 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tidemark/tidemark/internal/config"
+	"github.com/tidemark/tidemark/internal/kafkatest"
+	"github.com/tidemark/tidemark/internal/redistest"
+	"github.com/tidemark/tidemark/pipeline"
+)
+
+// TestTargetsLargeRoomBench measures a join and a leave in one room of
+// TIDEMARK_LARGE_ROOM_MEMBERS members (skipped without it), end to end
+// with the default targets configuration, Kafka topics and Redis: from the
+// source's commit to the user's presence in the Redis set changing, and to
+// the update being published (the room settled and its outbox empty);
+// and the bytes each change writes: the cluster's WAL (the source row and
+// the state; the state lives in the same cluster here), Redis's input and
+// the records of the two targets topics. TIDEMARK_LARGE_ROOM_ROUNDS
+// (default 10) rounds of one join and one leave; every round is printed,
+// then min / median / max. It is a benchmark, not a timed test: it asserts
+// only that the outputs are right.
+func TestTargetsLargeRoomBench(t *testing.T) {
+	n, _ := strconv.Atoi(os.Getenv("TIDEMARK_LARGE_ROOM_MEMBERS"))
+	if n <= 0 {
+		t.Skip("set TIDEMARK_LARGE_ROOM_MEMBERS (e.g. 500000) to run the large-room benchmark")
+	}
+	rounds := 10
+	if v, _ := strconv.Atoi(os.Getenv("TIDEMARK_LARGE_ROOM_ROUNDS")); v > 0 {
+		rounds = v
+	}
+	rd := redistest.ForTest(t)
+	e := newEnv(t, "")
+	e.exec(demoSchemaTargets)
+	cfg := targetsConfig(e, "largebench", []string{"public.users", "public.room_memberships"}, &config.Targets{
+		Redis: &config.TargetsRedis{Redis: config.Redis{Addr: rd.Addr()}},
+	})
+	e.start(cfg)
+	e.startTargets(cfg)
+	ctx := context.Background()
+	rc := rd.Client()
+	defer rc.Close()
+	fillStart := time.Now()
+	e.exec(`INSERT INTO room_memberships(room_id, user_id, membership)
+  SELECT '!huge', '@member-' || lpad(g::text, 7, '0') || ':example.org', 'join' FROM generate_series(1, $1) g`, n)
+	e.waitTargets(cfg, 15*time.Minute)
+	t.Logf("filled !huge with %d members in %s", n, time.Since(fillStart).Round(time.Millisecond))
+	if c, err := rc.SCard(ctx, "notify_targets:!huge").Result(); err != nil || c != int64(n) {
+		t.Fatalf("Redis set of !huge: %d members (%v), want %d", c, err, n)
+	}
+	netIn := func() int64 {
+		info, err := rc.Info(ctx, "stats").Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range strings.Split(info, "\r\n") {
+			if v, ok := strings.CutPrefix(l, "total_net_input_bytes:"); ok {
+				b, _ := strconv.ParseInt(v, 10, 64)
+				return b
+			}
+		}
+		t.Fatal("no total_net_input_bytes in INFO stats")
+		return 0
+	}
+	published := func() bool {
+		var k int
+		if err := e.pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM tidemark.notify_rooms WHERE dirty) + (SELECT count(*) FROM tidemark.notify_outbox)`).Scan(&k); err != nil {
+			t.Fatal(err)
+		}
+		return k == 0
+	}
+	type sample struct {
+		redis, pub   time.Duration
+		wal, redisIn int64
+	}
+	var joins, leaves []sample
+	startLSN := e.currentLSN()
+	change := func(sql, user string, member bool) sample {
+		t.Helper()
+		wal0, in0 := e.currentLSN(), netIn()
+		e.exec(sql, user)
+		committed := time.Now()
+		var s sample
+		deadline := committed.Add(5 * time.Minute)
+		for s.redis == 0 || s.pub == 0 {
+			if s.redis == 0 {
+				if ok, err := rc.SIsMember(ctx, "notify_targets:!huge", user).Result(); err != nil {
+					t.Fatal(err)
+				} else if ok == member {
+					s.redis = time.Since(committed)
+				}
+			}
+			if s.pub == 0 && published() {
+				if ok, err := rc.SIsMember(ctx, "notify_targets:!huge", user).Result(); err == nil && ok == member {
+					s.pub = time.Since(committed)
+					if s.redis == 0 {
+						s.redis = s.pub
+					}
+				}
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s %s: not published within 5 minutes", sql, user)
+			}
+			time.Sleep(200 * time.Microsecond)
+		}
+		s.wal, s.redisIn = int64(e.currentLSN()-wal0), netIn()-in0
+		return s
+	}
+	for i := 0; i < rounds; i++ {
+		u := fmt.Sprintf("@bench-%03d:example.org", i)
+		j := change(`INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!huge', $1, 'join')`, u, true)
+		l := change(`UPDATE room_memberships SET membership = 'leave' WHERE room_id = '!huge' AND user_id = $1`, u, false)
+		joins, leaves = append(joins, j), append(leaves, l)
+		t.Logf("round %2d: join redis %7.1f ms published %7.1f ms wal %9d B redis-in %9d B | leave redis %7.1f ms published %7.1f ms wal %9d B redis-in %9d B",
+			i+1, ms(j.redis), ms(j.pub), j.wal, j.redisIn, ms(l.redis), ms(l.pub), l.wal, l.redisIn)
+	}
+	// Kafka: the bytes of the targets topics' records caused by the rounds.
+	rctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	var kafkaBytes int64
+	for _, topic := range []string{cfg.Kafka.TopicPrefix + ".notify_targets", cfg.Kafka.TopicPrefix + ".notify_target_changes"} {
+		recs, err := kafkatest.ReadAll(rctx, e.kafka.Brokers(), topic)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range recs {
+			l, err := strconv.ParseUint(r.Headers["tidemark-lsn"], 10, 64)
+			if err != nil {
+				t.Fatalf("%s record %d/%d: tidemark-lsn %q: %v", topic, r.Partition, r.Offset, r.Headers["tidemark-lsn"], err)
+			}
+			if pipeline.LSN(l) >= startLSN {
+				kafkaBytes += int64(len(r.Key) + len(r.Value))
+				for k, v := range r.Headers {
+					kafkaBytes += int64(len(k) + len(v))
+				}
+			}
+		}
+	}
+	report := func(what string, ss []sample) {
+		pick := func(f func(sample) float64) string {
+			v := make([]float64, len(ss))
+			for i, s := range ss {
+				v[i] = f(s)
+			}
+			slices.Sort(v)
+			return fmt.Sprintf("%.1f / %.1f / %.1f", v[0], v[len(v)/2], v[len(v)-1])
+		}
+		t.Logf("%s (min / median / max of %d): commit to Redis %s ms; commit to published %s ms; WAL %s KB; Redis input %s KB",
+			what, len(ss), pick(func(s sample) float64 { return ms(s.redis) }), pick(func(s sample) float64 { return ms(s.pub) }),
+			pick(func(s sample) float64 { return float64(s.wal) / 1024 }), pick(func(s sample) float64 { return float64(s.redisIn) / 1024 }))
+	}
+	report("join", joins)
+	report("leave", leaves)
+	t.Logf("Kafka: %.1f KB of targets-topic records per change (%d changes)", float64(kafkaBytes)/1024/float64(2*rounds), 2*rounds)
+	if c, err := rc.SCard(ctx, "notify_targets:!huge").Result(); err != nil || c != int64(n) {
+		t.Fatalf("Redis set of !huge after the rounds: %d members (%v), want %d", c, err, n)
+	}
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

@@ -1,0 +1,134 @@
+package targets
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/tidemark/tidemark/pipeline"
+)
+
+// FullSet is a room's whole kept target set at one version, read from one
+// snapshot of the state.
+type FullSet struct {
+	Room    string
+	Version uint64
+	Pos     pipeline.Position
+	Count   int
+	tx      pgx.Tx
+	s       *Store
+}
+
+// fullChunk is how many users a FullSet iterator returns at once.
+const fullChunk = 10000
+
+// Users iterates over the set in sorted chunks of at most 10,000 users:
+// next returns nil, nil at the end. It may be called again for another
+// pass; close must be called when the iteration stops early. Memory is
+// one chunk, whatever the room's size.
+func (f *FullSet) Users(ctx context.Context) (next func() ([]string, error), close func()) {
+	rows, err := f.tx.Query(ctx, fmt.Sprintf(`SELECT user_id FROM %s WHERE room_id = $1 ORDER BY user_id`, f.s.t.targets), f.Room)
+	if err != nil {
+		return func() ([]string, error) { return nil, err }, func() {}
+	}
+	done := false
+	next = func() ([]string, error) {
+		if done {
+			return nil, nil
+		}
+		var chunk []string
+		for len(chunk) < fullChunk && rows.Next() {
+			var u string
+			if err := rows.Scan(&u); err != nil {
+				rows.Close()
+				done = true
+				return nil, err
+			}
+			chunk = append(chunk, u)
+		}
+		if len(chunk) < fullChunk {
+			rows.Close()
+			done = true
+			if err := rows.Err(); err != nil {
+				return nil, fmt.Errorf("reading the targets of %s: %w", f.Room, err)
+			}
+		}
+		if len(chunk) == 0 {
+			return nil, nil
+		}
+		return chunk, nil
+	}
+	return next, rows.Close
+}
+
+// FullPublisher makes a room's full set durable in an output, returning
+// once it is. Like Publisher it is never called concurrently for a room.
+type FullPublisher func(ctx context.Context, fs *FullSet) error
+
+// ReadFull calls fn with the full set of room as committed now (a
+// repeatable-read snapshot held while fn runs).
+func (s *Store) ReadFull(ctx context.Context, room string, fn func(fs *FullSet) error) error {
+	tx, err := s.pool.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
+	if err != nil {
+		return fmt.Errorf("reading the full set of %s: %w", room, err)
+	}
+	defer func() { _ = tx.Rollback(context.WithoutCancel(ctx)) }()
+	fs := &FullSet{Room: room, tx: tx, s: s}
+	var ver, l, q, n int64
+	err = tx.QueryRow(ctx, fmt.Sprintf(`SELECT version, lsn, seq, members FROM %s WHERE room_id = $1`, s.t.rooms), room).Scan(&ver, &l, &q, &n)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		// Never settled (or pruned): the empty set, at version 0.
+	case err != nil:
+		return fmt.Errorf("reading the full set of %s: %w", room, err)
+	default:
+		fs.Version, fs.Pos, fs.Count = uint64(ver), posOf(l, q), int(n)
+	}
+	return fn(fs)
+}
+
+// FullSetsDue lists up to limit large rooms (more than FullSetMax kept
+// targets) whose full set was not published at their current version and
+// not within interval, the longest waiting first.
+func (s *Store) FullSetsDue(ctx context.Context, interval time.Duration, limit int) ([]string, error) {
+	rows, err := s.pool.Query(ctx, fmt.Sprintf(`SELECT room_id FROM %s
+WHERE members > $1 AND version > full_version AND (full_at IS NULL OR full_at < now() - $2::interval)
+ORDER BY full_at NULLS FIRST, room_id LIMIT $3`, s.t.rooms), s.fullSetMax(), interval.String(), limit)
+	if err != nil {
+		return nil, fmt.Errorf("listing rooms due a full set: %w", err)
+	}
+	return pgx.CollectRows(rows, pgx.RowTo[string])
+}
+
+// PublishFullSets publishes the full set of each room with publishFull,
+// under the room's publishing lease: it takes a snapshot, publishes the
+// room's outbox (every update up to the snapshot's version goes out
+// first), then the full set at that version, and records it
+// (full_version, full_at). Outputs see a room's versions in order:
+// everything up to V, the full set at V, then what came after.
+func (s *Store) PublishFullSets(ctx context.Context, rooms []string, publish Publisher, publishFull FullPublisher) (int, error) {
+	done := 0
+	for _, room := range dedupeSorted(rooms) {
+		err := s.leased(ctx, []string{room}, func(conn *pgxpool.Conn) error {
+			return s.ReadFull(ctx, room, func(fs *FullSet) error {
+				if err := s.drainLeased(ctx, conn, []string{room}, publish); err != nil {
+					return err
+				}
+				if err := publishFull(ctx, fs); err != nil {
+					return err
+				}
+				_, err := conn.Exec(ctx, fmt.Sprintf(`UPDATE %s SET full_version = greatest(full_version, $2), full_at = now() WHERE room_id = $1`, s.t.rooms), room, int64(fs.Version))
+				return err
+			})
+		})
+		if err != nil {
+			return done, fmt.Errorf("publishing the full set of %s: %w", room, err)
+		}
+		done++
+	}
+	return done, nil
+}
