@@ -26,6 +26,10 @@ const (
 	UseInvalidate Use = 1 << iota
 	// UseReplaceSets is ReplaceSets: DEL and SADD in MULTI/EXEC.
 	UseReplaceSets
+	// UseVersionedSets is ApplySets and ReplaceSetVersioned: their scripts
+	// (EVALSHA, EVAL) and what those and ReplaceSetVersioned run (GET, SET,
+	// EXISTS, SADD, SREM, DEL, RENAME).
+	UseVersionedSets
 )
 
 // Commands returns the Redis commands use needs, lower case: what an ACL
@@ -57,6 +61,10 @@ func (s *Sink) Commands(use Use) []string {
 	}
 	if use&UseReplaceSets != 0 {
 		add("multi", "del", "sadd", "exec")
+	}
+	if use&UseVersionedSets != 0 {
+		// ACL applies inside scripts too.
+		add("evalsha", "eval", "get", "set", "exists", "sadd", "srem", "del", "rename")
 	}
 	if use&UsePattern != 0 {
 		add("scan", "unlink")
@@ -94,8 +102,8 @@ const checkKey = "tidemark:check"
 // server unreachable, slow or still loading), after which writes are
 // retried as usual.
 //
-// A user refused MULTI (which Invalidate does not need) leaves DEL and
-// PUBLISH unchecked, and a key pattern refusing the probe key is only
+// A user refused MULTI (which only ReplaceSets needs) leaves the other
+// commands unchecked, and a key pattern refusing the probe key is only
 // warned about (key patterns are the operator's, the probe key is not one
 // Tidemark writes).
 func (s *Sink) Check(ctx context.Context, use Use) error {
@@ -144,6 +152,20 @@ func (s *Sink) Check(ctx context.Context, use Use) error {
 		if use&UsePattern != 0 {
 			probes = append(probes, probe{name: "scan", cmd: p.Do(ctx, "scan", "0", "match", checkKey)},
 				probe{name: "unlink", cmd: p.Do(ctx, "unlink", checkKey)})
+		}
+		if use&UseVersionedSets != 0 {
+			// Queued, never run. The commands the scripts run are probed
+			// themselves: the server checks those only as a script runs.
+			ver, tmp := checkKey+VersionSuffix, checkKey+BuildingSuffix
+			probes = append(probes,
+				probe{name: "get", cmd: p.Do(ctx, "get", ver)},
+				probe{name: "set", cmd: p.Do(ctx, "set", ver, "1")},
+				probe{name: "exists", cmd: p.Do(ctx, "exists", tmp)},
+				probe{name: "sadd", cmd: p.Do(ctx, "sadd", tmp, "check")},
+				probe{name: "srem", cmd: p.Do(ctx, "srem", checkKey, "check")},
+				probe{name: "rename", cmd: p.Do(ctx, "rename", tmp, checkKey)},
+				probe{name: "evalsha", cmd: p.Do(ctx, "evalsha", applySetScript.Hash(), 2, checkKey, ver, "1", "0", "delta", 0)},
+				probe{name: "eval", cmd: p.Do(ctx, "eval", switchSetSource, 3, checkKey, ver, tmp, "1")})
 		}
 		if use&UseReplaceSets != 0 {
 			probes = append(probes, probe{name: "sadd", cmd: p.Do(ctx, "sadd", checkKey, "check")})

@@ -228,6 +228,9 @@ func TestCommands(t *testing.T) {
 		{UseInvalidate, "-@all +select +del +publish &inv"},
 		{UseReplaceSets, "-@all +select +multi +del +sadd +exec"},
 		{UseInvalidate | UseReplaceSets, "-@all +select +del +publish +multi +sadd +exec &inv"},
+		{UseVersionedSets, "-@all +select +evalsha +eval +get +set +exists +sadd +srem +del +rename"},
+		{UseReplaceSets | UseVersionedSets, "-@all +select +multi +del +sadd +exec +evalsha +eval +get +set +exists +srem +rename"},
+		{UseInvalidate | UseVersionedSets, "-@all +select +del +publish +evalsha +eval +get +set +exists +sadd +srem +rename &inv"},
 	} {
 		if got := s.ACLRules(tc.use); got != tc.want {
 			t.Errorf("ACLRules(%d) = %q, want %q", tc.use, got, tc.want)

@@ -84,7 +84,7 @@ const (
 	ModeVersioned Mode = "versioned"
 )
 
-// ErrClosed is returned by Invalidate and Ping after Close.
+// ErrClosed is returned after Close by the methods that talk to Redis.
 var ErrClosed = errors.New("redis sink: closed")
 
 // Config configures the sink. The zero value of each optional field means
@@ -348,11 +348,16 @@ func (s *Sink) MarkersKept() uint64 { return s.markersKept.Load() }
 // runScript queues sc on p for key and its marker: EVALSHA, or EVAL when
 // the server did not know the script (eval).
 func (s *Sink) runScript(ctx context.Context, p goredis.Pipeliner, sc *goredis.Script, eval bool, key string, args ...any) goredis.Cmder {
-	keys := []string{key, redisfill.MarkerKey(s.cfg.MarkerPrefix, key)}
+	return evalScript(ctx, p, sc, eval, []string{key, redisfill.MarkerKey(s.cfg.MarkerPrefix, key)}, args...)
+}
+
+// evalScript queues (on a pipeline) or runs (on a client) sc with keys and
+// args: EVALSHA, or EVAL when the server did not know the script (eval).
+func evalScript(ctx context.Context, c goredis.Scripter, sc *goredis.Script, eval bool, keys []string, args ...any) *goredis.Cmd {
 	if eval {
-		return sc.Eval(ctx, p, keys, args...)
+		return sc.Eval(ctx, c, keys, args...)
 	}
-	return sc.EvalSha(ctx, p, keys, args...)
+	return sc.EvalSha(ctx, c, keys, args...)
 }
 
 // queueFunc queues the invalidation of the i-th key on p; eval asks for

@@ -450,6 +450,15 @@ func TestClose(t *testing.T) {
 	if err := s.Ping(ctx); !errors.Is(err, ErrClosed) {
 		t.Errorf("Ping after Close = %v, want ErrClosed", err)
 	}
+	if _, err := s.ApplySets(ctx, []SetUpdate{{Key: "s", Version: 1}}); !errors.Is(err, ErrClosed) {
+		t.Errorf("ApplySets after Close = %v, want ErrClosed", err)
+	}
+	if _, err := s.ReplaceSetVersioned(ctx, "s", 1, func() ([]string, error) { return nil, nil }); !errors.Is(err, ErrClosed) {
+		t.Errorf("ReplaceSetVersioned after Close = %v, want ErrClosed", err)
+	}
+	if err := s.ReplaceSets(ctx, []string{"s"}, [][]string{nil}); !errors.Is(err, ErrClosed) {
+		t.Errorf("ReplaceSets after Close = %v, want ErrClosed", err)
+	}
 	if n := logs.FilterMessage("redis sink closed").Len(); n != 1 {
 		t.Errorf("logged %d close messages, want 1", n)
 	}
