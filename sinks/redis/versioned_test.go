@@ -114,7 +114,7 @@ func TestVersionedACL(t *testing.T) {
 		t.Fatalf("ACLRules = %q, want %q", got, want)
 	}
 	srv := redistest.ForTest(t,
-		redistest.WithUser("versioned", userPassword, append([]string{"~*", "+multi"}, rules...)...),
+		redistest.WithUser("versioned", userPassword, append(append([]string{"~*"}, rules...), "+multi")...), // +multi after -@all: Check probes inside MULTI
 		redistest.WithUser("noeval", userPassword, "~*", "-@all", "+multi", "+del", "+get", "+set"))
 	ok := newSink(t, srv, Config{Mode: ModeVersioned, Username: "versioned", Password: userPassword})
 	if err := ok.Check(ctx, UseInvalidate); err != nil {
