@@ -143,11 +143,37 @@ WHERE m.room_id = $1 AND m.joined AND coalesce(u.active, true) ORDER BY 1`, r)
 		}
 	}
 	var left int
-	if err := pool.QueryRow(ctx, `SELECT count(*) FROM tidemark.notify_touched t JOIN tidemark.notify_rooms r USING (room_id) WHERE NOT r.dirty`).Scan(&left); err != nil {
+	if err := pool.QueryRow(ctx, `SELECT count(*) FROM tidemark.notify_rooms WHERE NOT dirty AND (touched IS NOT NULL OR full_settle)`).Scan(&left); err != nil {
 		t.Fatal(err)
 	}
 	if left != 0 {
-		t.Errorf("%d touched pairs of settled rooms left", left)
+		t.Errorf("%d settled rooms keep touched users or full_settle", left)
+	}
+	// More touched users than maxTouched: settled in full, not listed.
+	var many []MemberFact
+	for i := 0; i <= maxTouched; i++ {
+		lsn++
+		many = append(many, MemberFact{Room: "!a", User: fmt.Sprintf("@many%04d", i), Membership: "join", Joined: true, Pos: pipeline.Position{CommitLSN: lsn}})
+	}
+	if _, err := s.Apply(ctx, many[:10], nil, nil, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Apply(ctx, many[10:], nil, nil, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	var full bool
+	var listed int
+	if err := pool.QueryRow(ctx, `SELECT full_settle, coalesce(cardinality(touched), 0) FROM tidemark.notify_rooms WHERE room_id = '!a'`).Scan(&full, &listed); err != nil {
+		t.Fatal(err)
+	}
+	if !full || listed != 0 {
+		t.Fatalf("%d touched users: full_settle %v with %d listed, want full and none listed", maxTouched+1, full, listed)
+	}
+	if _, err := s.Settle(ctx, []string{"!a"}, nil, publish); err != nil {
+		t.Fatal(err)
+	}
+	if kept, err := s.Kept(ctx, []string{"!a"}); err != nil || len(kept["!a"]) < maxTouched+1 {
+		t.Fatalf("after the full settlement !a keeps %d (%v)", len(kept["!a"]), err)
 	}
 	if partials == 0 || fulls == 0 {
 		t.Errorf("%d partial and %d full updates: the test did not exercise both", partials, fulls)

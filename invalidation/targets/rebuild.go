@@ -252,6 +252,11 @@ func (b *Rebuilder) rebuildRooms(ctx context.Context, c *compiled, stx pgx.Tx, s
 		}
 		res.Held = len(held)
 		if len(held) > 0 {
+			// Their facts changed here without touched users: the
+			// consumer's settlement of them reads every fact.
+			if err := b.Store.markFullTx(ctx, tx, sortedKeys(held)); err != nil {
+				return err
+			}
 			settle = slices.DeleteFunc(dedupeSorted(settle), func(r string) bool { return held[r] })
 		}
 		ups, err := b.Store.settleTx(ctx, tx, settle, ReasonRebuild, &stamp)

@@ -35,14 +35,13 @@ import (
 //	notify_txns        (lsn, first_record, progress)                     per such transaction, what the consumer
 //	                                                                     has handled of it (so a restart goes on
 //	                                                                     counting) and its records' time
-//	notify_touched     (room_id, user_id)                                per dirty room, the users whose facts
-//	                                                                     changed since it was last settled
 //
-// notify_rooms also holds per room: members (the number of kept targets),
+// notify_rooms also holds per room: touched (the users whose facts changed
+// since it was last settled), members (the number of kept targets),
 // full_settle (its next settlement reads every fact, not only the touched
-// users: after a truncate, a rebuild's merge, or for a room new to the
-// table) and full_version/full_at (the version whose full set was last
-// published by PublishFullSets, and when).
+// users: after a truncate, a rebuild's merge, more than maxTouched touched
+// users, or for a room new to the table) and full_version/full_at (the
+// version whose full set was last published by PublishFullSets, and when).
 //
 // A settlement reads and writes only the touched users of a room (its
 // delta), so a join costs the same in a room of 10 or of 500,000 members.
@@ -62,7 +61,7 @@ import (
 type Store struct {
 	pool   *pgxpool.Pool
 	schema string
-	t      struct{ members, users, targets, rooms, outbox, meta, waits, txns, touched string }
+	t      struct{ members, users, targets, rooms, outbox, meta, waits, txns string }
 	// FullSetMax is the most kept targets a room may have and still carry
 	// its full set in every update; above it the room is large (see Store).
 	// 0 is DefaultFullSetMax. Set it before the first Settle.
@@ -89,7 +88,6 @@ func NewStore(pool *pgxpool.Pool, schema string) *Store {
 	q := func(n string) string { return pgx.Identifier{schema, n}.Sanitize() }
 	s.t.members, s.t.users, s.t.targets, s.t.rooms = q("notify_memberships"), q("notify_users"), q("notify_targets"), q("notify_rooms")
 	s.t.outbox, s.t.meta, s.t.waits, s.t.txns = q("notify_outbox"), q("notify_meta"), q("notify_waits"), q("notify_txns")
-	s.t.touched = q("notify_touched")
 	return s
 }
 
@@ -111,12 +109,12 @@ CREATE TABLE IF NOT EXISTS %[6]s (key text PRIMARY KEY, value bigint NOT NULL DE
 CREATE TABLE IF NOT EXISTS %[7]s (room_id text NOT NULL, lsn bigint NOT NULL, PRIMARY KEY (room_id, lsn));
 CREATE INDEX IF NOT EXISTS notify_waits_lsn ON %[7]s (lsn);
 CREATE TABLE IF NOT EXISTS %[8]s (lsn bigint PRIMARY KEY, first_record timestamptz, progress jsonb NOT NULL);
-CREATE TABLE IF NOT EXISTS %[9]s (room_id text NOT NULL, user_id text NOT NULL, PRIMARY KEY (room_id, user_id));
-ALTER TABLE %[4]s ADD COLUMN IF NOT EXISTS members bigint NOT NULL DEFAULT 0,
+ALTER TABLE %[4]s ADD COLUMN IF NOT EXISTS touched text[],
+  ADD COLUMN IF NOT EXISTS members bigint NOT NULL DEFAULT 0,
   ADD COLUMN IF NOT EXISTS full_settle boolean NOT NULL DEFAULT true,
   ADD COLUMN IF NOT EXISTS full_version bigint NOT NULL DEFAULT 0,
   ADD COLUMN IF NOT EXISTS full_at timestamptz;`,
-		s.t.members, s.t.users, s.t.targets, s.t.rooms, s.t.outbox, s.t.meta, s.t.waits, s.t.txns, s.t.touched)
+		s.t.members, s.t.users, s.t.targets, s.t.rooms, s.t.outbox, s.t.meta, s.t.waits, s.t.txns)
 	// CREATE ... IF NOT EXISTS races with itself: another part creating the
 	// same schema (the integrity consumer shares "tidemark") may win, which
 	// is fine; our own setups (the consumer and a rebuild starting
@@ -446,68 +444,65 @@ func collectRoomPos(rows pgx.Rows, dst []RoomPos) ([]RoomPos, error) {
 	return dst, err
 }
 
+// maxTouched bounds the touched users a room keeps between settlements;
+// past it the room is settled in full (as cheap, by then, as reading the
+// touched users one by one).
+const maxTouched = 1000
+
 // markDirty records that the rooms' targets must be recomputed, raising
-// their positions: the touched users of each room go to notify_touched,
-// and a room touched as a whole (User "") is settled in full next time.
+// their positions: the touched users of each room are added to its
+// touched list, and a room touched as a whole (User "") or by more than
+// maxTouched users is settled in full next time.
 func (s *Store) markDirty(ctx context.Context, tx pgx.Tx, touched []RoomPos) error {
 	latest := map[string]pipeline.Position{}
 	full := map[string]bool{}
-	type pair struct{ r, u string }
-	pairs := map[pair]bool{}
+	users := map[string]map[string]bool{}
 	for _, rp := range touched {
 		if p, ok := latest[rp.Room]; !ok || p.Less(rp.Pos) {
 			latest[rp.Room] = rp.Pos
 		}
-		if rp.User == "" {
+		switch {
+		case rp.User == "":
 			full[rp.Room] = true
-		} else {
-			pairs[pair{rp.Room, rp.User}] = true
+		case !full[rp.Room]:
+			if users[rp.Room] == nil {
+				users[rp.Room] = map[string]bool{}
+			}
+			users[rp.Room][rp.User] = true
+			if len(users[rp.Room]) > maxTouched {
+				full[rp.Room] = true
+			}
 		}
 	}
 	rooms := sortedKeys(latest)
 	ls, qs := make([]int64, len(rooms)), make([]int64, len(rooms))
+	var pr, pu []string
 	for i, r := range rooms {
 		ls[i], qs[i] = lsnSeq(latest[r])
+		if !full[r] {
+			for _, u := range sortedKeys(users[r]) {
+				pr, pu = append(pr, r), append(pu, u)
+			}
+		}
 	}
-	// A new row's full_settle defaults to true: a room new to the table
-	// (or pruned and back) has no notify_touched history to trust.
-	if _, err := tx.Exec(ctx, fmt.Sprintf(`INSERT INTO %s AS r (room_id, lsn, seq, dirty)
-SELECT room_id, lsn, seq, true FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS t(room_id, lsn, seq) ORDER BY 1
+	// A room without touched users here (NULL) is settled in full: touched
+	// as a whole, too many, or new to the table (full_settle defaults to
+	// true: a new room, or one pruned and back, has no history to trust).
+	_, err := tx.Exec(ctx, fmt.Sprintf(`WITH p AS (SELECT room_id, array_agg(user_id) AS users FROM unnest($4::text[], $5::text[]) AS x(room_id, user_id) GROUP BY room_id)
+INSERT INTO %s AS r (room_id, lsn, seq, dirty, touched)
+SELECT t.room_id, t.lsn, t.seq, true, p.users FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS t(room_id, lsn, seq) LEFT JOIN p USING (room_id) ORDER BY 1
 ON CONFLICT (room_id) DO UPDATE SET dirty = true,
+  full_settle = r.full_settle OR excluded.touched IS NULL OR coalesce(cardinality(r.touched), 0) + cardinality(excluded.touched) > $6,
+  touched = CASE WHEN r.full_settle OR excluded.touched IS NULL OR coalesce(cardinality(r.touched), 0) + cardinality(excluded.touched) > $6
+    THEN NULL ELSE coalesce(r.touched, '{}') || excluded.touched END,
   lsn = CASE WHEN (r.lsn, r.seq) < (excluded.lsn, excluded.seq) THEN excluded.lsn ELSE r.lsn END,
-  seq = CASE WHEN (r.lsn, r.seq) < (excluded.lsn, excluded.seq) THEN excluded.seq ELSE r.seq END`, s.t.rooms), rooms, ls, qs); err != nil {
-		return err
-	}
-	if len(full) > 0 {
-		if err := s.markFullTx(ctx, tx, sortedKeys(full)); err != nil {
-			return err
-		}
-	}
-	if len(pairs) == 0 {
-		return nil
-	}
-	keys := make([]pair, 0, len(pairs))
-	for k := range pairs {
-		keys = append(keys, k)
-	}
-	sort.Slice(keys, func(i, j int) bool {
-		if keys[i].r != keys[j].r {
-			return keys[i].r < keys[j].r
-		}
-		return keys[i].u < keys[j].u
-	})
-	rs, us := make([]string, len(keys)), make([]string, len(keys))
-	for i, k := range keys {
-		rs[i], us[i] = k.r, k.u
-	}
-	_, err := tx.Exec(ctx, fmt.Sprintf(`INSERT INTO %s (room_id, user_id) SELECT * FROM unnest($1::text[], $2::text[]) ORDER BY 1, 2
-ON CONFLICT DO NOTHING`, s.t.touched), rs, us)
+  seq = CASE WHEN (r.lsn, r.seq) < (excluded.lsn, excluded.seq) THEN excluded.seq ELSE r.seq END`, s.t.rooms), rooms, ls, qs, pr, pu, maxTouched)
 	return err
 }
 
 // markFullTx makes the next settlement of rooms read every fact.
 func (s *Store) markFullTx(ctx context.Context, tx pgx.Tx, rooms []string) error {
-	_, err := tx.Exec(ctx, fmt.Sprintf(`UPDATE %s SET full_settle = true WHERE room_id = ANY($1::text[])`, s.t.rooms), rooms)
+	_, err := tx.Exec(ctx, fmt.Sprintf(`UPDATE %s SET full_settle = true, touched = NULL WHERE room_id = ANY($1::text[])`, s.t.rooms), rooms)
 	return err
 }
 
@@ -845,7 +840,7 @@ type factRow struct {
 // settleTx locks the rooms (sorted), derives each room's targets from the
 // facts and rewrites notify_targets where they differ. A room marked
 // full_settle (and every room when override is set) is derived from all
-// its facts; any other from its touched users alone (notify_touched), so
+// its facts; any other from its touched users alone (notify_rooms.touched), so
 // the work is that of the change, not of the room. override, when set, is
 // the reason of every change and at (when not nil) raises the rooms'
 // positions.
@@ -861,11 +856,11 @@ ON CONFLICT (room_id) DO NOTHING`, s.t.rooms), rooms); err != nil {
 	roomPos := map[string]pipeline.Position{}
 	roomVersion := map[string]int64{}
 	roomMembers := map[string]int64{}
-	var fullRooms, deltaRooms []string
+	var fullRooms []string
 	// A room pruned and back continues above the versions it had (Prune
 	// keeps the highest pruned version as a floor).
 	rows, err := tx.Query(ctx, fmt.Sprintf(`SELECT room_id, lsn, seq,
-  greatest(version, coalesce((SELECT value FROM %s WHERE key = 'room_version_floor'), 0)), members, full_settle
+  greatest(version, coalesce((SELECT value FROM %s WHERE key = 'room_version_floor'), 0)), members, full_settle, coalesce(touched, '{}')
 FROM %s WHERE room_id = ANY($1::text[]) ORDER BY room_id FOR UPDATE`, s.t.meta, s.t.rooms), rooms)
 	if err != nil {
 		return nil, err
@@ -873,12 +868,16 @@ FROM %s WHERE room_id = ANY($1::text[]) ORDER BY room_id FOR UPDATE`, s.t.meta, 
 	var r, u, mem string
 	var l, q, ul, uq, ver, members int64
 	var joined, active, full bool
-	if _, err = pgx.ForEachRow(rows, []any{&r, &l, &q, &ver, &members, &full}, func() error {
+	var touched []string
+	var tr, tu []string // the delta rooms' touched pairs
+	if _, err = pgx.ForEachRow(rows, []any{&r, &l, &q, &ver, &members, &full, &touched}, func() error {
 		roomPos[r], roomVersion[r], roomMembers[r] = posOf(l, q), ver, members
 		if full || override != "" {
 			fullRooms = append(fullRooms, r)
-		} else {
-			deltaRooms = append(deltaRooms, r)
+			return nil
+		}
+		for _, u := range dedupeSorted(touched) {
+			tr, tu = append(tr, r), append(tu, u)
 		}
 		return nil
 	}); err != nil {
@@ -929,15 +928,16 @@ FROM %s m LEFT JOIN %s u ON u.user_id = m.user_id WHERE m.room_id = ANY($1::text
 			return nil, err
 		}
 	}
-	if len(deltaRooms) > 0 {
+	if len(tr) > 0 {
+		// Point lookups of the touched pairs (the arrays keep the planner
+		// on the primary keys, however large the room).
 		var hasFact, isKept bool
 		rows, err = tx.Query(ctx, fmt.Sprintf(`SELECT t.room_id, t.user_id, m.room_id IS NOT NULL, coalesce(m.membership, ''), coalesce(m.joined, false),
   coalesce(m.lsn, 0), coalesce(m.seq, 0), coalesce(u.active, true), coalesce(u.lsn, 0), coalesce(u.seq, 0), k.room_id IS NOT NULL
-FROM %s t
+FROM unnest($1::text[], $2::text[]) AS t(room_id, user_id)
 LEFT JOIN %s m ON m.room_id = t.room_id AND m.user_id = t.user_id
 LEFT JOIN %s u ON u.user_id = t.user_id
-LEFT JOIN %s k ON k.room_id = t.room_id AND k.user_id = t.user_id
-WHERE t.room_id = ANY($1::text[])`, s.t.touched, s.t.members, s.t.users, s.t.targets), deltaRooms)
+LEFT JOIN %s k ON k.room_id = t.room_id AND k.user_id = t.user_id`, s.t.members, s.t.users, s.t.targets), tr, tu)
 		if err != nil {
 			return nil, err
 		}
@@ -1075,11 +1075,8 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[]) ORDER B
 		ls[i], qs[i] = lsnSeq(roomPos[room])
 		vs[i], ms[i] = roomVersion[room], roomMembers[room]
 	}
-	if _, err := tx.Exec(ctx, fmt.Sprintf(`UPDATE %s r SET dirty = false, full_settle = false, lsn = t.lsn, seq = t.seq, version = t.version, members = t.members
+	if _, err := tx.Exec(ctx, fmt.Sprintf(`UPDATE %s r SET dirty = false, full_settle = false, touched = NULL, lsn = t.lsn, seq = t.seq, version = t.version, members = t.members
 FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[]) AS t(room_id, lsn, seq, version, members) WHERE r.room_id = t.room_id`, s.t.rooms), rooms, ls, qs, vs, ms); err != nil {
-		return nil, err
-	}
-	if _, err := tx.Exec(ctx, fmt.Sprintf(`DELETE FROM %s WHERE room_id = ANY($1::text[])`, s.t.touched), rooms); err != nil {
 		return nil, err
 	}
 	return ups, nil
