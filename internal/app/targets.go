@@ -63,7 +63,7 @@ type targetOutputs struct {
 	redis          *redissink.Sink
 	kafka          *targets.KafkaOutput // nil when targets.topics is false
 	publish        targets.Publisher
-	publishFull    targets.FullPublisher // a large room's full set (targets.full_set_interval)
+	publishFull    targets.FullPublisher // a large room's full set on the compacted topic (targets.full_set_interval)
 	targetsTopic   string
 	changesTopic   string
 	dlqTopic       string
@@ -135,8 +135,9 @@ func newTargetOutputs(cfg *config.Config, store *targets.Store, log *zap.Logger)
 		o.redis = rs
 		ro := &targets.RedisOutput{Sets: versionedSets{rs}, KeyTemplate: r.Key, Full: store.ReadFull,
 			Gap: func(string) { o.redisGaps.Add(1) }}
+		// Not in fulls: the Redis set follows every update (versioned) and
+		// is replaced whole only when it misses one (RedisOutput.Publish).
 		pubs = append(pubs, ro.Publish)
-		fulls = append(fulls, ro.PublishFull)
 	}
 	o.publish = targets.Publishers(pubs...)
 	o.publishFull = targets.FullPublishers(fulls...)
@@ -537,7 +538,7 @@ func (t *Targets) fullSetLoop(ctx context.Context) {
 				break
 			}
 			var n int
-			n, err = t.Store.PublishFullSets(ctx, rooms, t.out.publish, t.out.publishFull)
+			n, err = t.Store.PublishFullSets(ctx, rooms, t.out.publishFull)
 			t.out.fullSets.Add(uint64(n))
 			if err != nil || len(rooms) < 100 {
 				break

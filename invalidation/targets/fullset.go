@@ -104,26 +104,28 @@ ORDER BY full_at NULLS FIRST, room_id LIMIT $3`, s.t.rooms), s.fullSetMax(), int
 	return pgx.CollectRows(rows, pgx.RowTo[string])
 }
 
-// PublishFullSets publishes the full set of each room with publishFull,
-// under the room's publishing lease: it takes a snapshot, publishes the
-// room's outbox (every update up to the snapshot's version goes out
-// first), then the full set at that version, and records it
-// (full_version, full_at). Outputs see a room's versions in order:
-// everything up to V, the full set at V, then what came after.
-func (s *Store) PublishFullSets(ctx context.Context, rooms []string, publish Publisher, publishFull FullPublisher) (int, error) {
+// PublishFullSets publishes the full set of each room with publishFull:
+// from a snapshot, at the version the room has in it, and records it
+// (full_version, full_at). It does not hold the room's publishing lease
+// (Drain): a large room's full set can take a second to read and write,
+// and its changes keep flowing meanwhile. So a room's change records up
+// to the full set's version may reach the outputs after it; a consumer
+// that takes the full set of version V skips changes at or below V. One
+// publisher of a room's full set runs at a time (a lease of its own).
+func (s *Store) PublishFullSets(ctx context.Context, rooms []string, publishFull FullPublisher) (int, error) {
 	done := 0
 	for _, room := range dedupeSorted(rooms) {
-		err := s.leased(ctx, []string{room}, func(conn *pgxpool.Conn) error {
-			return s.ReadFull(ctx, room, func(fs *FullSet) error {
-				if err := s.drainLeased(ctx, conn, []string{room}, publish); err != nil {
-					return err
-				}
-				if err := publishFull(ctx, fs); err != nil {
-					return err
-				}
-				_, err := conn.Exec(ctx, fmt.Sprintf(`UPDATE %s SET full_version = greatest(full_version, $2), full_at = now() WHERE room_id = $1`, s.t.rooms), room, int64(fs.Version))
-				return err
+		err := s.leased(ctx, s.fullSetSpace(), []string{room}, func(conn *pgxpool.Conn) error {
+			var version uint64
+			err := s.ReadFull(ctx, room, func(fs *FullSet) error {
+				version = fs.Version
+				return publishFull(ctx, fs)
 			})
+			if err != nil {
+				return err
+			}
+			_, err = conn.Exec(ctx, fmt.Sprintf(`UPDATE %s SET full_version = greatest(full_version, $2), full_at = now() WHERE room_id = $1`, s.t.rooms), room, int64(version))
+			return err
 		})
 		if err != nil {
 			return done, fmt.Errorf("publishing the full set of %s: %w", room, err)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/tidemark/tidemark/pipeline"
 )
@@ -84,8 +85,9 @@ func (s *memSink) Close(context.Context) error { return nil }
 
 // TestLargeRoomOutputs: a large room's updates reach Redis as versioned
 // deltas and Kafka as change records only; a Redis set that lost its
-// version is replaced whole from the state, once; PublishFullSets drains
-// the outbox before the full set and records the version published; the
+// version is replaced whole from the state, once; PublishFullSets
+// publishes the snapshot's version without waiting for the room's
+// publishing lease (the outbox follows) and records the version; the
 // full set read in chunks equals the kept set; a full set above
 // MaxRecordBytes is published without its list.
 func TestLargeRoomOutputs(t *testing.T) {
@@ -165,20 +167,50 @@ func TestLargeRoomOutputs(t *testing.T) {
 	if _, err := s.Settle(ctx, []string{"!big"}, nil, func(context.Context, []RoomUpdate) error { return fmt.Errorf("output down") }); err == nil {
 		t.Fatal("settle with a failing output did not fail")
 	}
+	// The room's publishing lease is held elsewhere (a drain in progress):
+	// the full set does not wait for it.
+	conn, err := pool.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	released := false
+	defer func() {
+		if !released {
+			conn.Release() // else pool.Close, at cleanup, waits for it
+		}
+	}()
+	held, err := s.leaseRooms(ctx, conn, s.leaseSpace(), []string{"!big"})
+	if err != nil || len(held) != 1 {
+		t.Fatalf("leasing !big: %v %v", held, err)
+	}
 	sink.msgs = nil
 	ko.MaxRecordBytes = 1 << 20
-	n, err := s.PublishFullSets(ctx, due, publish, FullPublishers(ko.PublishFull, ro.PublishFull))
+	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	n, err := s.PublishFullSets(pctx, due, FullPublishers(ko.PublishFull))
+	cancel()
 	if err != nil || n != 1 {
-		t.Fatalf("PublishFullSets: %d, %v", n, err)
+		t.Fatalf("PublishFullSets while the room's lease is held: %d, %v", n, err)
 	}
-	if len(sink.msgs) != 2 || sink.msgs[0].Topic != "c" || sink.msgs[1].Topic != "t" {
-		t.Fatalf("wrote %d records %v, want the outbox's change record, then the full set", len(sink.msgs), topics(sink.msgs))
+	if _, err := conn.Exec(ctx, `SELECT pg_advisory_unlock_all()`); err != nil {
+		t.Fatal(err)
+	}
+	conn.Release()
+	released = true
+	if len(sink.msgs) != 1 || sink.msgs[0].Topic != "t" {
+		t.Fatalf("wrote %d records %v, want the full set alone", len(sink.msgs), topics(sink.msgs))
+	}
+	full := sink.msgs[0]
+	if err := s.Drain(ctx, []string{"!big"}, publish); err != nil {
+		t.Fatal(err)
+	}
+	if len(sink.msgs) != 2 || sink.msgs[1].Topic != "c" {
+		t.Fatalf("the outbox's change record did not follow: %v", topics(sink.msgs))
 	}
 	var rec struct {
 		Users   []string `json:"users"`
 		Version uint64   `json:"version"`
 	}
-	if err := json.Unmarshal(sink.msgs[1].Value, &rec); err != nil {
+	if err := json.Unmarshal(full.Value, &rec); err != nil {
 		t.Fatal(err)
 	}
 	kept, err := s.Kept(ctx, []string{"!big"})

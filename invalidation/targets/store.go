@@ -705,23 +705,23 @@ func (s *Store) Drain(ctx context.Context, rooms []string, publish Publisher) er
 const drainBatch = 1000
 
 func (s *Store) drain(ctx context.Context, rooms []string, publish Publisher) (err error) {
-	return s.leased(ctx, rooms, func(conn *pgxpool.Conn) error { return s.drainLeased(ctx, conn, rooms, publish) })
+	return s.leased(ctx, s.leaseSpace(), rooms, func(conn *pgxpool.Conn) error { return s.drainLeased(ctx, conn, rooms, publish) })
 }
 
-// leased runs fn holding the publishing lease of rooms (see Drain) on conn.
-func (s *Store) leased(ctx context.Context, rooms []string, fn func(conn *pgxpool.Conn) error) error {
+// leased runs fn holding the leases of rooms in space (see Drain) on conn.
+func (s *Store) leased(ctx context.Context, space int32, rooms []string, fn func(conn *pgxpool.Conn) error) error {
 	conn, err := s.pool.Acquire(ctx)
 	if err != nil {
 		return err
 	}
-	keys, err := s.leaseRooms(ctx, conn, rooms)
+	keys, err := s.leaseRooms(ctx, conn, space, rooms)
 	defer func() {
 		// Unlock what was taken; a connection that cannot say so is closed,
 		// which ends its locks.
 		if len(keys) > 0 {
 			uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 			defer cancel()
-			if _, uerr := conn.Exec(uctx, `SELECT pg_advisory_unlock($1, k) FROM unnest($2::int4[]) k`, s.leaseSpace(), keys); uerr != nil {
+			if _, uerr := conn.Exec(uctx, `SELECT pg_advisory_unlock($1, k) FROM unnest($2::int4[]) k`, space, keys); uerr != nil {
 				_ = conn.Conn().Close(uctx)
 			}
 		}
@@ -780,16 +780,22 @@ func (s *Store) drainLeased(ctx context.Context, conn *pgxpool.Conn, rooms []str
 }
 
 // leaseSpace is the first key of the rooms' advisory locks, per schema.
-func (s *Store) leaseSpace() int32 {
+func (s *Store) leaseSpace() int32 { return s.space(".notify_outbox") }
+
+// fullSetSpace is the first key of the rooms' full-set leases (one
+// full-set publisher per room at a time; see PublishFullSets).
+func (s *Store) fullSetSpace() int32 { return s.space(".notify_full_set") }
+
+func (s *Store) space(name string) int32 {
 	h := fnv.New32a()
-	h.Write([]byte(s.schema + ".notify_outbox"))
+	h.Write([]byte(s.schema + name))
 	return int32(h.Sum32())
 }
 
 // leaseRooms takes the advisory lock of every room on conn, in key order (so
 // two drains never wait on each other in a cycle), polling for locks held
 // by another process. It returns the keys it holds, also on error.
-func (s *Store) leaseRooms(ctx context.Context, conn *pgxpool.Conn, rooms []string) ([]int32, error) {
+func (s *Store) leaseRooms(ctx context.Context, conn *pgxpool.Conn, space int32, rooms []string) ([]int32, error) {
 	var want []int32
 	if err := conn.QueryRow(ctx, `SELECT coalesce(array_agg(DISTINCT hashtext(r) ORDER BY hashtext(r)), '{}') FROM unnest($1::text[]) r`, rooms).Scan(&want); err != nil {
 		return nil, err
@@ -803,7 +809,7 @@ func (s *Store) leaseRooms(ctx context.Context, conn *pgxpool.Conn, rooms []stri
   SELECT 0, true
   UNION ALL
   SELECT i + 1, pg_try_advisory_lock($1, ($2::int4[])[i + 1]) FROM t WHERE ok AND i < cardinality($2::int4[]))
-SELECT count(*) FILTER (WHERE ok) - 1 FROM t`, s.leaseSpace(), want[len(held):]).Scan(&got)
+SELECT count(*) FILTER (WHERE ok) - 1 FROM t`, space, want[len(held):]).Scan(&got)
 		if err != nil {
 			return held, err
 		}
