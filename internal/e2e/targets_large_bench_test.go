@@ -209,3 +209,82 @@ func respSize(args ...string) int64 {
 	}
 	return int64(n)
 }
+
+// TestTargetsMassDeactivationBench deactivates a user who is in
+// TIDEMARK_DEACTIVATE_ROOMS rooms (skipped without it) and, right after,
+// commits a join in another room: it reports how long the join took to
+// reach Redis while the deactivation was being settled, and how long the
+// deactivation took to reach every room's set. A benchmark, not a timed
+// test: it asserts only that the outputs end right.
+func TestTargetsMassDeactivationBench(t *testing.T) {
+	n, _ := strconv.Atoi(os.Getenv("TIDEMARK_DEACTIVATE_ROOMS"))
+	if n <= 0 {
+		t.Skip("set TIDEMARK_DEACTIVATE_ROOMS (e.g. 100000) to run the mass-deactivation benchmark")
+	}
+	rd := redistest.ForTest(t)
+	e := newEnv(t, "")
+	e.exec(demoSchemaTargets)
+	cfg := targetsConfig(e, "deactbench", []string{"public.users", "public.room_memberships"}, &config.Targets{
+		Redis: &config.TargetsRedis{Redis: config.Redis{Addr: rd.Addr()}},
+	})
+	e.start(cfg)
+	e.startTargets(cfg)
+	ctx := context.Background()
+	rc := rd.Client()
+	defer rc.Close()
+	e.exec(`INSERT INTO users(user_id) VALUES ('@d'), ('@o')`)
+	e.exec(`INSERT INTO room_memberships(room_id, user_id, membership)
+  SELECT '!r' || g, u, 'join' FROM generate_series(1, $1) g, unnest(ARRAY['@d', '@o']) u`, n)
+	fillStart := time.Now()
+	e.waitTargets(cfg, 15*time.Minute)
+	t.Logf("%d rooms of 2 members settled in %s", n, time.Since(fillStart).Round(time.Millisecond))
+	syncExec := func(sql string) time.Time {
+		t.Helper()
+		if err := pgx.BeginFunc(ctx, e.pool, func(tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, `SET LOCAL synchronous_commit = on`); err != nil {
+				return err
+			}
+			_, err := tx.Exec(ctx, sql)
+			return err
+		}); err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+		return time.Now()
+	}
+	deact := syncExec(`UPDATE users SET deactivated = true WHERE user_id = '@d'`)
+	joined := syncExec(`INSERT INTO room_memberships(room_id, user_id, membership) VALUES ('!other', '@o', 'join')`)
+	var joinLat, lastRoom time.Duration
+	deadline := time.Now().Add(10 * time.Minute)
+	for joinLat == 0 || lastRoom == 0 {
+		if joinLat == 0 {
+			if ok, err := rc.SIsMember(ctx, "notify_targets:!other", "@o").Result(); err != nil {
+				t.Fatal(err)
+			} else if ok {
+				joinLat = time.Since(joined)
+			}
+		}
+		if lastRoom == 0 {
+			// Every room settled and published: no kept target of @d
+			// and nothing in the outbox.
+			var left int
+			if err := e.pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM tidemark.notify_targets WHERE user_id = '@d') + (SELECT count(*) FROM tidemark.notify_outbox)`).Scan(&left); err != nil {
+				t.Fatal(err)
+			}
+			if left == 0 {
+				lastRoom = time.Since(deact)
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("not settled within 10 minutes")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	t.Logf("deactivation in %d rooms: every room settled %.0f ms after its commit; a join in another room committed right after reached Redis in %.1f ms",
+		n, ms(lastRoom), ms(joinLat))
+	e.waitTargets(cfg, 10*time.Minute)
+	for _, r := range []int{1, n / 2, n} {
+		if ok, err := rc.SIsMember(ctx, fmt.Sprintf("notify_targets:!r%d", r), "@d").Result(); err != nil || ok {
+			t.Fatalf("!r%d still lists @d in Redis (%v)", r, err)
+		}
+	}
+}
