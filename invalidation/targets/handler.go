@@ -79,6 +79,8 @@ type Handler struct {
 	// forgotten (a failed settlement): forgotten with the next one.
 	stale   []pipeline.LSN
 	lastErr time.Time
+	// backlogged: the last settleReady left rooms over its budget.
+	backlogged bool
 }
 
 // maxStale bounds Handler.stale; past it, Store.Waiting prunes what is left
@@ -328,9 +330,15 @@ func (h *Handler) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-t.C:
-			h.mu.Lock()
-			h.settleReady(ctx)
-			h.mu.Unlock()
+			// A backlog over MaxSettleRooms is worked off slice by slice
+			// without waiting for the next tick; the lock is released
+			// between slices, so Handle and Flush go on meanwhile.
+			for more := true; more && ctx.Err() == nil; {
+				h.mu.Lock()
+				h.settleReady(ctx)
+				more = h.backlogged
+				h.mu.Unlock()
+			}
 		}
 	}
 }
@@ -359,6 +367,7 @@ func (h *Handler) complete(lsn pipeline.LSN, p *pendingTxn) bool {
 // transactions, except rooms an incomplete transaction also touched. Called
 // with h.mu held.
 func (h *Handler) settleReady(ctx context.Context) {
+	h.backlogged = false
 	if len(h.pending) == 0 {
 		return
 	}
@@ -412,6 +421,7 @@ func (h *Handler) settleReady(ctx context.Context) {
 	if len(list) > h.cfg.MaxSettleRooms {
 		list, rest = list[:h.cfg.MaxSettleRooms], list[h.cfg.MaxSettleRooms:]
 	}
+	h.backlogged = len(rest) > 0
 	if len(list) == 0 && len(done) > 0 {
 		// Every room is held by another transaction: forget the kept
 		// waits of these alone.
@@ -450,6 +460,7 @@ func (h *Handler) settleReady(ctx context.Context) {
 			for _, r := range rest {
 				retry.rooms[r] = true
 			}
+			h.backlogged = false // retried at the next tick, not at once
 			h.forget(ready)
 			return
 		}
