@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
 	"sort"
 	"strings"
 	"sync"
@@ -112,11 +113,21 @@ ORDER BY xact_start LIMIT 1`).Scan(&s.app, &s.query, &secs)
 			t.Fatal("the consumers produced no output within a minute")
 		}
 	}
+	// TIDEMARK_KAFKA_OUTAGE sets the outage (default 10s; the issue's
+	// figure is 30s).
+	outage := 10 * time.Second
+	if v := os.Getenv("TIDEMARK_KAFKA_OUTAGE"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			t.Fatalf("TIDEMARK_KAFKA_OUTAGE: %v", err)
+		}
+		outage = d
+	}
 	e.kafka.Stop()
 	mu.Lock()
 	down = true
 	mu.Unlock()
-	time.Sleep(10 * time.Second)
+	time.Sleep(outage)
 	mu.Lock()
 	down = false
 	mu.Unlock()
