@@ -18,7 +18,8 @@ import (
 
 // redisACL is the ACL the README gives the Redis user of both consumers
 // (invalidation with channel "cache-inval", and targets): no more.
-var redisACL = []string{"resetkeys", "~*", "resetchannels", "&cache-inval", "-@all", "+del", "+publish", "+multi", "+exec", "+sadd", "+scan", "+unlink"}
+var redisACL = []string{"resetkeys", "~*", "resetchannels", "&cache-inval", "-@all", "+del", "+publish", "+multi", "+exec", "+sadd", "+scan", "+unlink",
+	"+evalsha", "+eval", "+get", "+set", "+exists", "+srem", "+rename"}
 
 const redisUserPassword = "e2e-Redis-Pa55word"
 
