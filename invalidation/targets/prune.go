@@ -49,7 +49,10 @@ const pruneBatch = 5000
 // active), and rooms that are settled, with no membership, no target and
 // nothing in the outbox. The highest version of a deleted room is kept as
 // a floor, so a room that comes back continues above it (consumers skip
-// versions they have seen). Each batch is its own short transaction.
+// versions they have seen). Each batch is its own short transaction, and
+// takes only rows no one else has locked (SKIP LOCKED): a row a settlement
+// or a batch is writing is left for the next round, so pruning never waits
+// on them, nor they on it in an order that could deadlock.
 func (s *Store) Prune(ctx context.Context, below pipeline.Position) (PruneReport, error) {
 	var rep PruneReport
 	if below == (pipeline.Position{}) {
@@ -69,11 +72,11 @@ func (s *Store) Prune(ctx context.Context, below pipeline.Position) (PruneReport
 		}
 	}
 	if err := loop(fmt.Sprintf(`DELETE FROM %[1]s WHERE ctid = ANY(ARRAY(
-  SELECT ctid FROM %[1]s WHERE NOT joined AND (lsn, seq) < ($1, $2) LIMIT $3)) AND NOT joined AND (lsn, seq) < ($1, $2)`, s.t.members), &rep.Memberships); err != nil {
+  SELECT ctid FROM %[1]s WHERE NOT joined AND (lsn, seq) < ($1, $2) LIMIT $3 FOR UPDATE SKIP LOCKED)) AND NOT joined AND (lsn, seq) < ($1, $2)`, s.t.members), &rep.Memberships); err != nil {
 		return rep, fmt.Errorf("pruning %s: %w", s.t.members, err)
 	}
 	if err := loop(fmt.Sprintf(`DELETE FROM %[1]s WHERE ctid = ANY(ARRAY(
-  SELECT ctid FROM %[1]s WHERE active AND (lsn, seq) < ($1, $2) LIMIT $3)) AND active AND (lsn, seq) < ($1, $2)`, s.t.users), &rep.Users); err != nil {
+  SELECT ctid FROM %[1]s WHERE active AND (lsn, seq) < ($1, $2) LIMIT $3 FOR UPDATE SKIP LOCKED)) AND active AND (lsn, seq) < ($1, $2)`, s.t.users), &rep.Users); err != nil {
 		return rep, fmt.Errorf("pruning %s: %w", s.t.users, err)
 	}
 	// The emptiness conditions are checked again on the deleted row (a
@@ -84,7 +87,7 @@ func (s *Store) Prune(ctx context.Context, below pipeline.Position) (PruneReport
        AND NOT EXISTS (SELECT 1 FROM %[2]s m WHERE m.room_id = x.room_id)
        AND NOT EXISTS (SELECT 1 FROM %[3]s t WHERE t.room_id = x.room_id)
        AND NOT EXISTS (SELECT 1 FROM %[4]s o WHERE o.room_id = x.room_id)
-     LIMIT $3))
+     LIMIT $3 FOR UPDATE SKIP LOCKED))
    AND NOT r.dirty AND (r.lsn, r.seq) < ($1, $2)
    AND NOT EXISTS (SELECT 1 FROM %[2]s m WHERE m.room_id = r.room_id)
    AND NOT EXISTS (SELECT 1 FROM %[3]s t WHERE t.room_id = r.room_id)
