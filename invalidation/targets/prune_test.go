@@ -3,6 +3,7 @@ package targets
 import (
 	"context"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
@@ -106,5 +107,56 @@ func TestPrune(t *testing.T) {
 	ups = settle("!gone")
 	if len(ups) != 1 || ups[0].Version <= goneVersion {
 		t.Fatalf("!gone back with %+v, want a version above %d", ups, goneVersion)
+	}
+}
+
+// TestPruneSkipsLockedRows: a room row, membership or user another
+// transaction holds locked (a settlement, a batch) is left for a later
+// round: Prune neither waits for the lock nor deletes the row.
+func TestPruneSkipsLockedRows(t *testing.T) {
+	s, pool := newTestStore(t)
+	ctx := context.Background()
+	if _, err := s.Apply(ctx, []MemberFact{{Room: "!e", User: "@x", Membership: "join", Joined: true, Pos: posAt(10)}},
+		[]UserFact{{User: "@x", Active: true, Pos: posAt(10)}}, nil, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Settle(ctx, []string{"!e"}, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Apply(ctx, []MemberFact{{Room: "!e", User: "@x", Membership: "leave", Pos: posAt(20)}}, nil, nil, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Settle(ctx, []string{"!e"}, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	tx, err := pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback(ctx)
+	for _, q := range []string{
+		`SELECT 1 FROM tidemark.notify_rooms WHERE room_id = '!e' FOR UPDATE`,
+		`SELECT 1 FROM tidemark.notify_memberships WHERE room_id = '!e' FOR UPDATE`,
+		`SELECT 1 FROM tidemark.notify_users WHERE user_id = '@x' FOR UPDATE`,
+	} {
+		if _, err := tx.Exec(ctx, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	rep, err := s.Prune(pctx, posAt(30))
+	cancel()
+	if err != nil {
+		t.Fatalf("Prune with the rows locked elsewhere: %v (it waited for the locks)", err)
+	}
+	if rep != (PruneReport{}) {
+		t.Fatalf("pruned locked rows: %+v", rep)
+	}
+	if err := tx.Rollback(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rep, err = s.Prune(ctx, posAt(30))
+	if err != nil || rep != (PruneReport{Memberships: 1, Users: 1, Rooms: 1}) {
+		t.Fatalf("after the locks are gone: %+v, %v; want one of each", rep, err)
 	}
 }
