@@ -123,7 +123,7 @@ func newTargetOutputs(cfg *config.Config, store *targets.Store, log *zap.Logger)
 		o.kafka = &targets.KafkaOutput{Sink: producer, TargetsTopic: o.targetsTopic, ChangesTopic: o.changesTopic,
 			MaxRecordBytes: tc.MaxRecordBytes, Truncated: o.onTruncated}
 		pubs = append(pubs, o.kafka.Publish)
-		fulls = append(fulls, o.kafka.PublishFull)
+		fulls = append(fulls, o.kafka.PrepareFull)
 	}
 	if r := tc.Redis; r != nil {
 		// TLS and the ACL user as configured; checked now (see newRedisSink;

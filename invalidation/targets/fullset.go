@@ -65,9 +65,12 @@ func (f *FullSet) Users(ctx context.Context) (next func() ([]string, error), clo
 	return next, rows.Close
 }
 
-// FullPublisher makes a room's full set durable in an output, returning
-// once it is. Like Publisher it is never called concurrently for a room.
-type FullPublisher func(ctx context.Context, fs *FullSet) error
+// FullPublisher prepares a room's full set for an output while the
+// snapshot is open (bounded memory: see KafkaOutput.PrepareFull) and
+// returns what sends it, which PublishFullSets calls after the snapshot
+// has ended (no state transaction stays open while an output is slow or
+// down). send returns once the output has it.
+type FullPublisher func(ctx context.Context, fs *FullSet) (send func(context.Context) error, err error)
 
 // ReadFull calls fn with the full set of room as committed now (a
 // repeatable-read snapshot held while fn runs).
@@ -92,11 +95,15 @@ func (s *Store) ReadFull(ctx context.Context, room string, fn func(fs *FullSet) 
 }
 
 // FullSetsDue lists up to limit large rooms (more than FullSetMax kept
-// targets) whose full set was not published at their current version and
-// not within interval, the longest waiting first.
+// targets), and rooms that were large once, whose full set was not
+// published at their current version and not within interval, the longest
+// waiting first. A room that shrank keeps getting scheduled full sets while
+// it changes: its own updates carry the set again, but one of them may
+// have reached the compacted topic before a scheduled set of an older
+// version, and the schedule's next round puts a current one after it.
 func (s *Store) FullSetsDue(ctx context.Context, interval time.Duration, limit int) ([]string, error) {
 	rows, err := s.pool.Query(ctx, fmt.Sprintf(`SELECT room_id FROM %s
-WHERE members > $1 AND version > full_version AND (full_at IS NULL OR full_at < now() - $2::interval)
+WHERE (members > $1 OR full_version > 0) AND version > full_version AND (full_at IS NULL OR full_at < now() - $2::interval)
 ORDER BY full_at NULLS FIRST, room_id LIMIT $3`, s.t.rooms), s.fullSetMax(), interval.String(), limit)
 	if err != nil {
 		return nil, fmt.Errorf("listing rooms due a full set: %w", err)
@@ -117,11 +124,17 @@ func (s *Store) PublishFullSets(ctx context.Context, rooms []string, publishFull
 	for _, room := range dedupeSorted(rooms) {
 		err := s.leased(ctx, s.fullSetSpace(), []string{room}, func(conn *pgxpool.Conn) error {
 			var version uint64
+			var send func(context.Context) error
 			err := s.ReadFull(ctx, room, func(fs *FullSet) error {
 				version = fs.Version
-				return publishFull(ctx, fs)
+				var err error
+				send, err = publishFull(ctx, fs)
+				return err
 			})
 			if err != nil {
+				return err
+			}
+			if err := send(ctx); err != nil {
 				return err
 			}
 			_, err = conn.Exec(ctx, fmt.Sprintf(`UPDATE %s SET full_version = greatest(full_version, $2), full_at = now() WHERE room_id = $1`, s.t.rooms), room, int64(version))

@@ -186,7 +186,7 @@ func TestLargeRoomOutputs(t *testing.T) {
 	sink.msgs = nil
 	ko.MaxRecordBytes = 1 << 20
 	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	n, err := s.PublishFullSets(pctx, due, FullPublishers(ko.PublishFull))
+	n, err := s.PublishFullSets(pctx, due, FullPublishers(ko.PrepareFull))
 	cancel()
 	if err != nil || n != 1 {
 		t.Fatalf("PublishFullSets while the room's lease is held: %d, %v", n, err)
@@ -258,7 +258,11 @@ func TestLargeRoomOutputs(t *testing.T) {
 		// Above MaxRecordBytes: without the list.
 		sink.msgs = nil
 		ko.MaxRecordBytes = 64 << 10
-		if err := ko.PublishFull(ctx, fs); err != nil {
+		send, err := ko.PrepareFull(ctx, fs)
+		if err != nil {
+			return err
+		}
+		if err := send(ctx); err != nil {
 			return err
 		}
 		var r struct {
@@ -285,4 +289,73 @@ func topics(ms []pipeline.Message) []string {
 		out = append(out, m.Topic)
 	}
 	return out
+}
+
+// TestFullSetScheduleEdges: a room that has versions keeps counting one by
+// one when Prune's version floor is higher (only a room without versions
+// starts there); a full set is sent after its snapshot has ended (no state
+// transaction open while Kafka is written); a room that was large and
+// shrank stays scheduled while it changes.
+func TestFullSetScheduleEdges(t *testing.T) {
+	s, pool := newTestStore(t)
+	s.FullSetMax = 3
+	ctx := context.Background()
+	lsn := pipeline.LSN(100)
+	member := func(user, mem string) {
+		t.Helper()
+		lsn++
+		if _, err := s.Apply(ctx, []MemberFact{{Room: "!r", User: user, Membership: mem, Joined: mem == "join", Pos: pipeline.Position{CommitLSN: lsn}}}, nil, nil, nil, nil); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Settle(ctx, []string{"!r"}, nil, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, u := range []string{"@a", "@b", "@c", "@d"} {
+		member(u, "join")
+	}
+	if _, err := pool.Exec(ctx, `INSERT INTO tidemark.notify_meta (key, value) VALUES ('room_version_floor', 500)`); err != nil {
+		t.Fatal(err)
+	}
+	member("@e", "join")
+	var version int64
+	if err := pool.QueryRow(ctx, `SELECT version FROM tidemark.notify_rooms WHERE room_id = '!r'`).Scan(&version); err != nil || version != 5 {
+		t.Fatalf("version after the floor was raised: %d (%v), want 5", version, err)
+	}
+	openTx := func() int {
+		var n int
+		if err := pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL`).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	sent := false
+	probe := func(ctx context.Context, fs *FullSet) (func(context.Context) error, error) {
+		if openTx() == 0 {
+			return nil, fmt.Errorf("no snapshot open while preparing")
+		}
+		return func(context.Context) error {
+			if n := openTx(); n != 0 {
+				return fmt.Errorf("%d state transaction(s) open while sending", n)
+			}
+			sent = true
+			return nil
+		}, nil
+	}
+	if n, err := s.PublishFullSets(ctx, []string{"!r"}, probe); err != nil || n != 1 || !sent {
+		t.Fatalf("PublishFullSets: %d, %v, sent %v", n, err, sent)
+	}
+	// Shrink below the bound: still scheduled while it changes.
+	member("@a", "leave")
+	member("@b", "leave")
+	due, err := s.FullSetsDue(ctx, 0, 10)
+	if err != nil || !slices.Equal(due, []string{"!r"}) {
+		t.Fatalf("a room that shrank below the bound and changed: due %v (%v), want [!r]", due, err)
+	}
+	if _, err := s.PublishFullSets(ctx, due, probe); err != nil {
+		t.Fatal(err)
+	}
+	if due, err := s.FullSetsDue(ctx, 0, 10); err != nil || len(due) != 0 {
+		t.Fatalf("due after its full set: %v (%v)", due, err)
+	}
 }

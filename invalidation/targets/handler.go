@@ -411,16 +411,20 @@ func (h *Handler) settleReady(ctx context.Context) {
 		}
 	}
 	h.stale = nil
-	list := sortedKeys(fresh)
+	// Within the budget, fresh rooms go first but leave at least half of
+	// it to the backlog when there is one, so neither starves the other.
+	freshList := sortedKeys(fresh)
+	var backList []string
 	for _, r := range sortedKeys(backlog) {
 		if !fresh[r] {
-			list = append(list, r)
+			backList = append(backList, r)
 		}
 	}
-	var rest []string
-	if len(list) > h.cfg.MaxSettleRooms {
-		list, rest = list[:h.cfg.MaxSettleRooms], list[h.cfg.MaxSettleRooms:]
-	}
+	budget := h.cfg.MaxSettleRooms
+	nFresh := min(len(freshList), budget-min(len(backList), budget/2))
+	nBack := min(len(backList), budget-nFresh)
+	list := append(append([]string(nil), freshList[:nFresh]...), backList[:nBack]...)
+	rest := append(append([]string(nil), freshList[nFresh:]...), backList[nBack:]...)
 	h.backlogged = len(rest) > 0
 	if len(list) == 0 && len(done) > 0 {
 		// Every room is held by another transaction: forget the kept

@@ -83,12 +83,13 @@ func (k *KafkaOutput) Publish(ctx context.Context, ups []RoomUpdate) error {
 	return k.Sink.Write(ctx, msgs)
 }
 
-// PublishFull writes a room's full set to the targets topic (without its
-// list when it exceeds MaxRecordBytes: memory stays within that bound),
-// returning once Kafka acknowledged it.
-func (k *KafkaOutput) PublishFull(ctx context.Context, fs *FullSet) error {
+// PrepareFull builds a room's full-set record for the targets topic
+// (without its list when it exceeds MaxRecordBytes: memory stays within
+// that bound); send writes it, returning once Kafka acknowledged it. It is
+// a FullPublisher.
+func (k *KafkaOutput) PrepareFull(ctx context.Context, fs *FullSet) (send func(context.Context) error, err error) {
 	if k.TargetsTopic == "" {
-		return nil
+		return func(context.Context) error { return nil }, nil
 	}
 	key := []byte(fs.Room)
 	var users []string
@@ -99,7 +100,7 @@ func (k *KafkaOutput) PublishFull(ctx context.Context, fs *FullSet) error {
 	for {
 		chunk, err := next()
 		if err != nil {
-			return err
+			return nil, err
 		}
 		if chunk == nil {
 			break
@@ -122,7 +123,8 @@ func (k *KafkaOutput) PublishFull(ctx context.Context, fs *FullSet) error {
 	} else {
 		v = TargetsJSON(fs.Room, users, fs.Version, fs.Pos)
 	}
-	return k.Sink.Write(ctx, []pipeline.Message{{Topic: k.TargetsTopic, Key: key, Value: v, Headers: posHeaders(fs.Pos), Pos: fs.Pos}})
+	msg := pipeline.Message{Topic: k.TargetsTopic, Key: key, Value: v, Headers: posHeaders(fs.Pos), Pos: fs.Pos}
+	return func(ctx context.Context) error { return k.Sink.Write(ctx, []pipeline.Message{msg}) }, nil
 }
 
 func posHeaders(p pipeline.Position) []pipeline.Header {
@@ -327,16 +329,26 @@ func (r *RedisOutput) PublishFull(ctx context.Context, fs *FullSet) error {
 
 // FullPublishers chains full-set publishers; each must succeed.
 func FullPublishers(ps ...FullPublisher) FullPublisher {
-	return func(ctx context.Context, fs *FullSet) error {
+	return func(ctx context.Context, fs *FullSet) (func(context.Context) error, error) {
+		var sends []func(context.Context) error
 		for _, p := range ps {
 			if p == nil {
 				continue
 			}
-			if err := p(ctx, fs); err != nil {
-				return err
+			send, err := p(ctx, fs)
+			if err != nil {
+				return nil, err
 			}
+			sends = append(sends, send)
 		}
-		return nil
+		return func(ctx context.Context) error {
+			for _, send := range sends {
+				if err := send(ctx); err != nil {
+					return err
+				}
+			}
+			return nil
+		}, nil
 	}
 }
 

@@ -121,8 +121,22 @@ func (b *Rebuilder) rebuildAllUsers(ctx context.Context, c *compiled, stx pgx.Tx
 			return nil
 		}
 		return b.stateTx(ctx, func(tx pgx.Tx) error {
-			_, err := b.Store.mergeUsersTx(ctx, tx, stamp, sortedKeys(src), src)
-			return err
+			changed, err := b.Store.mergeUsersTx(ctx, tx, stamp, sortedKeys(src), src)
+			if err != nil || len(changed) == 0 {
+				return err
+			}
+			// Their rooms are settled in full by the rooms' pass below; if
+			// the rebuild stops before it, by the consumer's next
+			// settlement of them.
+			rows, err := tx.Query(ctx, fmt.Sprintf(`SELECT DISTINCT room_id FROM %s WHERE user_id = ANY($1::text[]) AND joined ORDER BY 1`, b.Store.t.members), changed)
+			if err != nil {
+				return err
+			}
+			rooms, err := pgx.CollectRows(rows, pgx.RowTo[string])
+			if err != nil || len(rooms) == 0 {
+				return err
+			}
+			return b.Store.markFullTx(ctx, tx, rooms)
 		})
 	}
 	rows, err := stx.Query(ctx, c.usersSQL(true)+" ORDER BY 1")

@@ -73,7 +73,7 @@ ON CONFLICT (key) DO UPDATE SET value = excluded.value, text_value = excluded.te
 func (s *Store) ForgetSource(ctx context.Context) error {
 	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		_, err := tx.Exec(ctx, fmt.Sprintf(`TRUNCATE %[1]s, %[2]s;
-UPDATE %[3]s SET lsn = 0, seq = 0, dirty = false;
+UPDATE %[3]s SET lsn = 0, seq = 0, dirty = false, full_settle = true, touched = NULL;
 UPDATE %[4]s SET lsn = 0, seq = 0;
 DELETE FROM %[5]s WHERE key LIKE 'source\_%%'`, s.t.members, s.t.users, s.t.rooms, s.t.targets, s.t.meta))
 		return err

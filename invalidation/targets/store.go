@@ -502,7 +502,9 @@ ON CONFLICT (room_id) DO UPDATE SET dirty = true,
 
 // markFullTx makes the next settlement of rooms read every fact.
 func (s *Store) markFullTx(ctx context.Context, tx pgx.Tx, rooms []string) error {
-	_, err := tx.Exec(ctx, fmt.Sprintf(`UPDATE %s SET full_settle = true, touched = NULL WHERE room_id = ANY($1::text[])`, s.t.rooms), rooms)
+	// Rows locked in name order, as settleTx takes them.
+	_, err := tx.Exec(ctx, fmt.Sprintf(`UPDATE %[1]s r SET full_settle = true, touched = NULL
+FROM (SELECT room_id FROM %[1]s WHERE room_id = ANY($1::text[]) ORDER BY room_id FOR UPDATE) l WHERE r.room_id = l.room_id`, s.t.rooms), rooms)
 	return err
 }
 
@@ -864,9 +866,13 @@ ON CONFLICT (room_id) DO NOTHING`, s.t.rooms), rooms); err != nil {
 	roomMembers := map[string]int64{}
 	var fullRooms []string
 	// A room pruned and back continues above the versions it had (Prune
-	// keeps the highest pruned version as a floor).
+	// keeps the highest pruned version as a floor). Only a room without
+	// versions starts at the floor: a room that has them keeps counting
+	// one by one (a jump would look like a lost update to a versioned
+	// output).
 	rows, err := tx.Query(ctx, fmt.Sprintf(`SELECT room_id, lsn, seq,
-  greatest(version, coalesce((SELECT value FROM %s WHERE key = 'room_version_floor'), 0)), members, full_settle, coalesce(touched, '{}')
+  CASE WHEN version = 0 THEN coalesce((SELECT value FROM %s WHERE key = 'room_version_floor'), 0) ELSE version END,
+  members, full_settle, coalesce(touched, '{}')
 FROM %s WHERE room_id = ANY($1::text[]) ORDER BY room_id FOR UPDATE`, s.t.meta, s.t.rooms), rooms)
 	if err != nil {
 		return nil, err
