@@ -626,6 +626,9 @@ func (t *Targets) Register(reg prometheus.Registerer) {
 		func() float64 { return float64(t.unconfirmed.Load()) })
 }
 
+// minStateConns is the smallest state pool the targets role runs with.
+const minStateConns = 4
+
 // targetsStatePool connects to the state database, naming the sessions
 // (application_name, unless the DSN sets one) so that operators can tell
 // them apart in pg_stat_activity.
@@ -637,6 +640,11 @@ func targetsStatePool(ctx context.Context, dsn, name string) (*pgxpool.Pool, err
 	if pc.ConnConfig.RuntimeParams["application_name"] == "" {
 		pc.ConnConfig.RuntimeParams["application_name"] = name
 	}
+	// A publisher holds a room's lease on one connection while it may read
+	// a full set on another (a Redis gap), and the full-set schedule does
+	// the same beside it: below 4 connections (pool_max_conns) the two
+	// could each hold one and wait for the other forever.
+	pc.MaxConns = max(pc.MaxConns, minStateConns)
 	return pgxpool.NewWithConfig(ctx, pc)
 }
 
