@@ -95,6 +95,10 @@ type Config struct {
 	// published, with one warning per table) or UnknownStop (a terminal
 	// error naming the table).
 	UnknownTables string
+	// Chunks, when set, is the board on which an Incremental runner hands
+	// over the chunks of incremental snapshots: the stream publishes them
+	// at their high watermarks (see watermark.go).
+	Chunks *ChunkBoard
 }
 
 // What Config.UnknownTables may say.
@@ -147,6 +151,11 @@ type Stats struct {
 	HeartbeatsSeen atomic.Uint64
 	HeartbeatLag   atomic.Int64
 	Connected      atomic.Bool
+	// SnapshotRows counts incremental snapshot rows published at their
+	// high watermarks; SnapshotDropped the chunk rows left out because a
+	// live change touched their key between the watermarks.
+	SnapshotRows    atomic.Uint64
+	SnapshotDropped atomic.Uint64
 
 	skipped sync.Map // "schema.table" -> *atomic.Uint64 (see Skipped)
 }
@@ -213,6 +222,10 @@ type Stream struct {
 	row           rowMessage       // reused by handleRow
 	slab          []byte           // see own
 	pending       []pipeline.Event // events not yet handed over (see emit)
+	windows       []*chunk         // incremental snapshot chunks between their watermarks
+	chunkTxn      *chunk           // the chunk the open transaction publishes (its high watermark's)
+	recent        []commitMark     // see recordCommit
+	recentPos     int
 
 	// Owned by the consumer (Next, NextBatch).
 	cur      []pipeline.Event
@@ -374,6 +387,10 @@ func (s *Stream) Ack(lsn pipeline.LSN) {
 		s.wakeMu.Unlock()
 	}
 }
+
+// AckedLSN returns the end LSN up to which the pipeline acknowledged every
+// transaction (durable downstream).
+func (s *Stream) AckedLSN() pipeline.LSN { return pipeline.LSN(s.acked.Load()) }
 
 // Run connects, streams, and reconnects with backoff until ctx ends or a
 // terminal error occurs. Next reports the same error afterwards.
@@ -844,13 +861,17 @@ func (s *Stream) handleWAL(ctx context.Context, conn *pgconn.PgConn, xld pglogre
 	switch m := msg.(type) {
 	case *pglogrepl.BeginMessage:
 		s.txn = &pipeline.TxnInfo{Xid: m.Xid, CommitLSN: pipeline.LSN(m.FinalLSN), CommitTime: m.CommitTime}
-		s.open = true
+		s.open, s.chunkTxn = true, nil
 		return s.emit(ctx, conn, pipeline.Event{Kind: pipeline.EventBegin, Txn: s.txn})
 	case *pglogrepl.CommitMessage:
 		if s.txn == nil {
 			return fmt.Errorf("%w: commit at %s without begin", ErrTerminal, xld.WALStart)
 		}
 		s.txn.EndLSN = pipeline.LSN(m.TransactionEndLSN)
+		s.recordCommit(s.txn.Xid, s.txn.CommitLSN)
+		if s.chunkTxn != nil {
+			s.commitChunk(s.txn.EndLSN)
+		}
 		ev := pipeline.Event{Kind: pipeline.EventCommit, Txn: s.txn}
 		s.pendingEnd, s.receivedEnd = s.txn.EndLSN, s.txn.EndLSN
 		s.stats.ReceivedLSN.Store(uint64(s.txn.EndLSN))
@@ -873,6 +894,9 @@ func (s *Stream) handleWAL(ctx context.Context, conn *pgconn.PgConn, xld pglogre
 		// local ones.
 	case *pglogrepl.LogicalDecodingMessage:
 		s.stats.LogicalMsgs.Add(1)
+		if m.Prefix == WatermarkPrefix {
+			return s.handleWatermark(ctx, conn, m, at)
+		}
 		if !m.Transactional && m.Prefix == HeartbeatPrefix {
 			if sent, ok := parseHeartbeat(m.Content, s.cfg.Slot); ok {
 				s.stats.HeartbeatsSeen.Add(1)
@@ -1155,6 +1179,9 @@ func (s *Stream) relation(id uint32, at pipeline.LSN) (*pipeline.Relation, error
 func (s *Stream) change(ctx context.Context, conn *pgconn.PgConn, ch pipeline.Change) error {
 	if s.txn == nil {
 		return fmt.Errorf("%w: change on %s at %s outside a transaction", ErrTerminal, ch.Rel.QualifiedName(), ch.WALLSN)
+	}
+	if len(s.windows) > 0 && ch.Op != pipeline.OpRead {
+		s.touch(&ch)
 	}
 	return s.emit(ctx, conn, pipeline.Event{Kind: pipeline.EventChange, Txn: s.txn, Change: ch})
 }

@@ -206,6 +206,12 @@ const (
 	SnapshotFirst
 	SnapshotRow
 	SnapshotLast
+	// SnapshotIncremental marks a row of an incremental snapshot
+	// (source.snapshot "incremental", Debezium's value); the first row of
+	// such a snapshot is SnapshotIncrementalFirst (rendered the same: the
+	// mark lets consumers see where a table's snapshot began).
+	SnapshotIncremental
+	SnapshotIncrementalFirst
 )
 
 // TxnInfo describes one transaction. It is shared by the events of the

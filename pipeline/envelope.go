@@ -114,6 +114,8 @@ func (l *envelopeLayout) append(dst []byte, txn *txnDigits, ch *Change, op Op, b
 			dst = append(dst, `,"snapshot":"first"},"transaction":{"id":"`...)
 		case SnapshotLast:
 			dst = append(dst, `,"snapshot":"last"},"transaction":{"id":"`...)
+		case SnapshotIncremental, SnapshotIncrementalFirst:
+			dst = append(dst, `,"snapshot":"incremental"},"transaction":{"id":"`...)
 		default:
 			dst = append(dst, `,"snapshot":"true"},"transaction":{"id":"`...)
 		}

@@ -171,7 +171,11 @@ func runCmd() *cobra.Command {
 				})
 			}
 			if *cfg.HTTP.Listen != "" {
-				admin := app.AdminHandler(adminDeps(cfg, log), log)
+				deps := adminDeps(cfg, log)
+				if a != nil && a.Incremental != nil {
+					deps.Snapshot = a.Incremental.Enqueue
+				}
+				admin := app.AdminHandler(deps, log)
 				if cfg.HTTP.AdminToken != "" {
 					log.Info("admin API enabled", zap.String("listen", *cfg.HTTP.Listen), zap.String("path", "/admin/"))
 				} else {

@@ -82,6 +82,29 @@ func statusCmd() *cobra.Command {
 					}
 					fmt.Fprintln(out)
 				}
+				for _, s := range r.Snapshots {
+					fmt.Fprintf(out, "snapshot     %d %s", s.ID, s.Table)
+					if s.Where != "" {
+						fmt.Fprintf(out, " where %s", s.Where)
+					}
+					fmt.Fprintf(out, ": %s, %d row(s) in %d chunk(s)", s.State, s.Rows, s.Chunks)
+					if s.Dropped > 0 {
+						fmt.Fprintf(out, " (%d left to live changes)", s.Dropped)
+					}
+					if s.Percent != nil {
+						fmt.Fprintf(out, ", %.1f%%", *s.Percent)
+					}
+					if s.Rate > 0 {
+						fmt.Fprintf(out, ", %.0f rows/s", s.Rate)
+					}
+					if s.ETA != "" {
+						fmt.Fprintf(out, ", ETA %s", s.ETA)
+					}
+					if s.Error != "" {
+						fmt.Fprintf(out, ": %s", s.Error)
+					}
+					fmt.Fprintln(out)
+				}
 				if len(r.Problems) == 0 {
 					fmt.Fprintln(out, "no problems found")
 				} else {

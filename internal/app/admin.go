@@ -5,7 +5,9 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -14,6 +16,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/tidemark/tidemark/capture"
 	"github.com/tidemark/tidemark/invalidation/integrity"
 	"github.com/tidemark/tidemark/invalidation/targets"
 )
@@ -51,6 +54,9 @@ type AdminDeps struct {
 	// AuditTargets compares sample rooms (all when 0) with the database
 	// (POST /admin/audit/targets).
 	AuditTargets func(ctx context.Context, sample int) (targets.AuditReport, error)
+	// Snapshot starts incremental snapshots (POST /admin/snapshot); a
+	// *capture.RequestError is the request's fault (400).
+	Snapshot func(ctx context.Context, req capture.SnapshotRequest) ([]int64, error)
 }
 
 // AdminHandler serves the admin API under /admin/:
@@ -59,6 +65,7 @@ type AdminDeps struct {
 //	GET  /admin/violations?rule=R&status=open|resolved|all&since=1h|RFC3339&limit=N
 //	POST /admin/rebuild/targets?room=A&room=B  or  ?all=true
 //	POST /admin/audit/targets?sample=N
+//	POST /admin/snapshot  {"tables": ["public.x"], "where": "..."}  (or ?table=public.x&where=...)
 //
 // Every request needs "Authorization: Bearer <token>" (401 otherwise);
 // without a token every path answers 404. Answers are JSON, errors
@@ -78,8 +85,9 @@ func AdminHandler(d AdminDeps, log *zap.Logger) http.Handler {
 	mux.Handle("/admin/violations", a.endpoint(http.MethodGet, adminShortTimeout, d.Violations != nil, "integrity", a.violations))
 	mux.Handle("/admin/rebuild/targets", a.endpoint(http.MethodPost, adminLongTimeout, d.RebuildTargets != nil, "targets", a.rebuild))
 	mux.Handle("/admin/audit/targets", a.endpoint(http.MethodPost, adminLongTimeout, d.AuditTargets != nil, "targets", a.audit))
+	mux.Handle("/admin/snapshot", a.endpoint(http.MethodPost, adminShortTimeout, d.Snapshot != nil, "", a.snapshot))
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, http.StatusNotFound, fmt.Sprintf("no admin endpoint %s (see GET /admin/status, /admin/violations; POST /admin/rebuild/targets, /admin/audit/targets)", r.URL.Path))
+		writeError(w, http.StatusNotFound, fmt.Sprintf("no admin endpoint %s (see GET /admin/status, /admin/violations; POST /admin/rebuild/targets, /admin/audit/targets, /admin/snapshot)", r.URL.Path))
 	})
 	return a.authenticate(mux)
 }
@@ -331,4 +339,42 @@ func writeError(w http.ResponseWriter, code int, msg string) {
 	w.Header().Set("Cache-Control", "no-store")
 	w.WriteHeader(code)
 	_, _ = w.Write(append(b, '\n'))
+}
+
+// snapshot starts incremental snapshots: tables and where from a JSON
+// body or from the query (table may repeat).
+func (a *admin) snapshot(ctx context.Context, r *http.Request) (any, error) {
+	q, err := query(r, map[string]bool{"table": true}, "where")
+	if err != nil {
+		return nil, err
+	}
+	req := capture.SnapshotRequest{Tables: q["table"], Where: q.Get("where"), By: "admin"}
+	if r.Body != nil {
+		body, err := io.ReadAll(io.LimitReader(r.Body, 1<<20))
+		if err != nil {
+			return nil, badParam("reading the body: %v", err)
+		}
+		if len(strings.TrimSpace(string(body))) > 0 {
+			var b capture.SnapshotRequest
+			dec := json.NewDecoder(strings.NewReader(string(body)))
+			dec.DisallowUnknownFields()
+			if err := dec.Decode(&b); err != nil {
+				return nil, badParam("the body is not {\"tables\": [...], \"where\": \"...\"}: %v", err)
+			}
+			req.Tables = append(req.Tables, b.Tables...)
+			if b.Where != "" {
+				req.Where = b.Where
+			}
+		}
+	}
+	ids, err := a.d.Snapshot(ctx, req)
+	var re *capture.RequestError
+	if errors.As(err, &re) {
+		return nil, badParam("%s", re.Msg)
+	}
+	if err != nil {
+		return nil, err
+	}
+	a.log.Info("incremental snapshot requested through the admin API", zap.Strings("tables", req.Tables), zap.String("where", req.Where), zap.Int64s("ids", ids))
+	return map[string]any{"snapshots": ids, "status": "queued (GET /admin/status or tidemark status shows progress)"}, nil
 }

@@ -47,7 +47,10 @@ type App struct {
 	Snapshot *capture.InitialSnapshot
 	// SnapshotRows is the number of rows the initial snapshot published
 	// (set by Run).
-	SnapshotRows  int64
+	SnapshotRows int64
+	// Incremental runs incremental snapshots on demand (nil with
+	// snapshot.incremental: false).
+	Incremental   *capture.Incremental
 	keys          map[string][]string
 	snapFailAfter int64
 }
@@ -262,8 +265,14 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger, opts ...P
 	for name, ti := range infos {
 		keys[name] = ti.KeyColumns()
 	}
+	var board *capture.ChunkBoard
+	var incr *capture.Incremental
+	if cfg.Snapshot.Incremental == nil || *cfg.Snapshot.Incremental {
+		board = capture.NewChunkBoard(cfg.Postgres.Slot)
+	}
 	stream, err := capture.New(capture.Config{
-		DSN: cfg.Postgres.DSN, Slot: cfg.Postgres.Slot, Publication: cfg.Postgres.Publication,
+		Chunks: board,
+		DSN:    cfg.Postgres.DSN, Slot: cfg.Postgres.Slot, Publication: cfg.Postgres.Publication,
 		StandbyInterval: cfg.Postgres.StandbyInterval, KeyColumns: keys, ConfirmedLSN: confirmed,
 		Tables: cfg.Postgres.Tables, UnknownTables: cfg.Postgres.UnknownTables,
 		BufferBytes: HandoverBytes(cfg), MaxRowBytes: int(cfg.Kafka.BatchBytes),
@@ -299,12 +308,19 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger, opts ...P
 	if err != nil {
 		return nil, err
 	}
+	if board != nil {
+		incr = capture.NewIncremental(capture.IncrementalConfig{
+			DSN: cfg.Postgres.DSN, Slot: cfg.Postgres.Slot, Tables: configuredTables(cfg, infos), KeyColumns: keys,
+			ChunkSize: cfg.Snapshot.ChunkSize, ChunkBytes: cfg.Snapshot.ChunkBytes, MaxRowsPerSecond: cfg.Snapshot.MaxRowsPerSecond,
+			SignalInterval: cfg.Snapshot.SignalInterval, Board: board, Acked: stream.AckedLSN,
+		}, log.With(zap.String("component", "incremental-snapshot")))
+	}
 	watcher := capture.NewWatcher(capture.WatcherConfig{
 		DSN: cfg.Postgres.DSN, Slot: cfg.Postgres.Slot, Interval: cfg.Postgres.SlotCheckInterval, Heartbeat: *cfg.Postgres.HeartbeatInterval,
 	}, log.With(zap.String("component", "slot-watch")))
 	ok = true
 	return &App{Cfg: cfg, Log: log, Stream: stream, Pipeline: pipe, Sink: sink, Watcher: watcher, Tables: infos, Database: db,
-		Topics: topics, CommitToAck: commitToAck, Snapshot: snap, keys: keys, snapFailAfter: o.snapFailAfter}, nil
+		Topics: topics, CommitToAck: commitToAck, Snapshot: snap, Incremental: incr, keys: keys, snapFailAfter: o.snapFailAfter}, nil
 }
 
 // EnsureTopics creates missing topics, retrying while Kafka is unreachable.
@@ -411,6 +427,9 @@ func (a *App) Run(ctx context.Context) error {
 		return a.Pipeline.Run(gctx)
 	})
 	g.Go(func() error { return a.Watcher.Run(gctx) })
+	if a.Incremental != nil {
+		g.Go(func() error { return ignoreCanceled(a.Incremental.Run(gctx)) })
+	}
 	err := g.Wait()
 	closeCtx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()

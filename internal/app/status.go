@@ -25,6 +25,9 @@ type StatusReport struct {
 	Slot        *capture.SlotHealth `json:"slot,omitempty"`
 	Publication *PublicationStatus  `json:"publication,omitempty"`
 	Groups      []GroupStatus       `json:"consumer_groups"`
+	// Snapshots are the incremental snapshots queued or running, and the
+	// last few that ended.
+	Snapshots []capture.IncrementalSnapshot `json:"snapshots"`
 	Problems    []string            `json:"problems"`
 	CheckedAt   time.Time           `json:"checked_at"`
 }
@@ -53,7 +56,7 @@ type GroupStatus struct {
 // CollectStatus gathers the report. It fails only when the config cannot
 // be used at all; unreachable parts are reported in the sections.
 func CollectStatus(ctx context.Context, cfg *config.Config) (*StatusReport, error) {
-	r := &StatusReport{Database: config.Redact(cfg.Postgres.DSN), Groups: []GroupStatus{}, Problems: []string{}, CheckedAt: time.Now()}
+	r := &StatusReport{Database: config.Redact(cfg.Postgres.DSN), Groups: []GroupStatus{}, Snapshots: []capture.IncrementalSnapshot{}, Problems: []string{}, CheckedAt: time.Now()}
 	pgCtx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
 	if conn, err := pgx.Connect(pgCtx, cfg.Postgres.DSN); err != nil {
@@ -84,6 +87,16 @@ func (r *StatusReport) postgres(ctx context.Context, conn *pgx.Conn, cfg *config
 	}
 	r.Slot = &h
 	r.Problems = append(r.Problems, h.Problems()...)
+	if snaps, err := capture.ReadIncrementalSnapshots(ctx, conn, cfg.Postgres.Slot, 5); err != nil {
+		r.Problems = append(r.Problems, fmt.Sprintf("postgres: %v", err))
+	} else {
+		r.Snapshots = snaps
+		for _, s := range snaps {
+			if s.State == capture.IncrementalFailed && s.CompletedAt != nil && time.Since(*s.CompletedAt) < 24*time.Hour {
+				r.Problems = append(r.Problems, fmt.Sprintf("incremental snapshot %d of %s failed: %s", s.ID, s.Table, s.Error))
+			}
+		}
+	}
 	if h.Exists && !h.Active {
 		r.Problems = append(r.Problems, fmt.Sprintf("replication slot %q has no active consumer: is `tidemark run` (capture) running?", h.Slot))
 	}

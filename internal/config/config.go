@@ -41,6 +41,8 @@ type Config struct {
 	Pipeline Pipeline `yaml:"pipeline"`
 	HTTP     HTTP     `yaml:"http"`
 	Log      Log      `yaml:"log"`
+	// Snapshot configures incremental snapshots (see the README).
+	Snapshot Snapshot `yaml:"snapshot"`
 	// Invalidation configures the cache-invalidation consumer (optional).
 	Invalidation *Invalidation `yaml:"invalidation"`
 	// Targets configures the notification-targets consumer (optional).
@@ -184,6 +186,24 @@ type Postgres struct {
 	// (tidemark_heartbeat_lag_seconds). Default 1m; 0s disables (needs
 	// EXECUTE on pg_logical_emit_message, which PUBLIC has by default).
 	HeartbeatInterval *time.Duration `yaml:"heartbeat_interval"`
+}
+
+// Snapshot configures incremental snapshots on demand (tidemark snapshot,
+// POST /admin/snapshot, the signal table).
+type Snapshot struct {
+	// Incremental runs the incremental snapshot runner in `tidemark run`
+	// (it creates tidemark.incremental_snapshots and
+	// tidemark.tidemark_signals and reads the signal table). Default true.
+	Incremental *bool `yaml:"incremental"`
+	// ChunkSize is the most rows one chunk reads. Default 2000.
+	ChunkSize int `yaml:"chunk_size"`
+	// ChunkBytes ends a chunk early once its rows hold this many bytes.
+	// Default 8 MiB.
+	ChunkBytes int64 `yaml:"chunk_bytes"`
+	// MaxRowsPerSecond bounds the read rate; 0 (default) is unbounded.
+	MaxRowsPerSecond float64 `yaml:"max_rows_per_second"`
+	// SignalInterval is how often the signal table is read. Default 1s.
+	SignalInterval time.Duration `yaml:"signal_interval"`
 }
 
 // The values of postgres.snapshot.
@@ -458,6 +478,18 @@ func (c *Config) ApplyDefaults() {
 	if p.UnknownTables == "" {
 		p.UnknownTables = "skip"
 	}
+	if c.Snapshot.Incremental == nil {
+		c.Snapshot.Incremental = boolPtr(true)
+	}
+	if c.Snapshot.ChunkSize == 0 {
+		c.Snapshot.ChunkSize = 2000
+	}
+	if c.Snapshot.ChunkBytes == 0 {
+		c.Snapshot.ChunkBytes = 8 << 20
+	}
+	if c.Snapshot.SignalInterval == 0 {
+		c.Snapshot.SignalInterval = time.Second
+	}
 	if p.StandbyInterval == 0 {
 		p.StandbyInterval = 10 * time.Second
 	}
@@ -628,6 +660,18 @@ func (c *Config) Validate() []FieldError {
 	case "", SnapshotInitial, SnapshotNever, SnapshotInitialOnly:
 	default:
 		add("postgres.snapshot", "%q is not one of initial, never, initial_only", p.Snapshot)
+	}
+	if n := c.Snapshot.ChunkSize; n < 0 || n > 1000000 {
+		add("snapshot.chunk_size", "%d is outside 1..1000000", n)
+	}
+	if n := c.Snapshot.ChunkBytes; n < 0 || (n > 0 && n < 64<<10) || n > 1<<30 {
+		add("snapshot.chunk_bytes", "%d is outside 64 KiB..1 GiB", n)
+	}
+	if c.Snapshot.MaxRowsPerSecond < 0 {
+		add("snapshot.max_rows_per_second", "%v is negative (0 means unbounded)", c.Snapshot.MaxRowsPerSecond)
+	}
+	if d := c.Snapshot.SignalInterval; d < 0 || (d > 0 && d < 10*time.Millisecond) || d > time.Hour {
+		add("snapshot.signal_interval", "%s is outside 10ms..1h", d)
 	}
 	if p.UnknownTables != "" && p.UnknownTables != "skip" && p.UnknownTables != "stop" {
 		add("postgres.unknown_tables", "%q is neither skip nor stop", p.UnknownTables)

@@ -1,0 +1,1001 @@
+package capture
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"go.uber.org/zap"
+	"golang.org/x/time/rate"
+
+	"github.com/tidemark/tidemark/pipeline"
+)
+
+// Incremental snapshots on demand (DESIGN §8; see watermark.go for how a
+// chunk meets the stream). Requests come from the admin API, from
+// `tidemark snapshot` and from rows inserted into the signal table
+// <SnapshotSchema>.tidemark_signals (Debezium's signalling table shape:
+// id, type, data). Each requested table becomes a row of
+// <SnapshotSchema>.incremental_snapshots, which also holds its progress
+// (the key of the last row of the last durable chunk): after a crash or a
+// restart the runner continues from the next chunk.
+
+// Incremental snapshot states.
+const (
+	IncrementalQueued    = "queued"
+	IncrementalRunning   = "running"
+	IncrementalDone      = "done"
+	IncrementalFailed    = "failed"
+	IncrementalCancelled = "cancelled"
+)
+
+const (
+	incrementalTable = SnapshotSchema + ".incremental_snapshots"
+	// SignalTable is the signal table: insert a row (type
+	// 'execute-snapshot' or 'stop-snapshot', data as Debezium's) to
+	// request or stop an incremental snapshot.
+	SignalTable = SnapshotSchema + ".tidemark_signals"
+)
+
+// IncrementalConfig configures an Incremental runner.
+type IncrementalConfig struct {
+	DSN  string
+	Slot string
+	// Tables are the configured tables; only they can be snapshotted.
+	Tables []TableInfo
+	// KeyColumns by "schema.table", as Config.KeyColumns (the columns that
+	// key the rows' messages).
+	KeyColumns map[string][]string
+	// ChunkSize is the most rows a chunk reads (default 2000).
+	ChunkSize int
+	// ChunkBytes ends a chunk early once its rows hold this many bytes
+	// (default 8 MiB), so memory is bounded for any row size.
+	ChunkBytes int64
+	// MaxRowsPerSecond bounds the read rate (0: unbounded).
+	MaxRowsPerSecond float64
+	// SignalInterval is how often the signal table is read (default 1s).
+	SignalInterval time.Duration
+	// Board is shared with the Stream (Config.Chunks).
+	Board *ChunkBoard
+	// Acked returns what the pipeline acknowledged (Stream.AckedLSN).
+	Acked func() pipeline.LSN
+}
+
+func (c *IncrementalConfig) defaults() {
+	if c.ChunkSize <= 0 {
+		c.ChunkSize = 2000
+	}
+	if c.ChunkBytes <= 0 {
+		c.ChunkBytes = 8 << 20
+	}
+	if c.SignalInterval <= 0 {
+		c.SignalInterval = time.Second
+	}
+}
+
+// IncrementalStats are the runner's counters.
+type IncrementalStats struct {
+	Running atomic.Int64 // snapshots running (0 or 1) or queued
+	Retries atomic.Uint64
+	tables  sync.Map // table -> *TableSnapshotStats
+}
+
+// TableSnapshotStats are one table's incremental snapshot counters.
+type TableSnapshotStats struct {
+	Rows, Dropped, Chunks atomic.Uint64
+}
+
+// Table returns the counters of table.
+func (st *IncrementalStats) Table(table string) *TableSnapshotStats {
+	v, ok := st.tables.Load(table)
+	if !ok {
+		v, _ = st.tables.LoadOrStore(table, new(TableSnapshotStats))
+	}
+	return v.(*TableSnapshotStats)
+}
+
+// Tables returns the counters by table.
+func (st *IncrementalStats) Tables() map[string]*TableSnapshotStats {
+	out := map[string]*TableSnapshotStats{}
+	st.tables.Range(func(k, v any) bool {
+		out[k.(string)] = v.(*TableSnapshotStats)
+		return true
+	})
+	return out
+}
+
+// Incremental runs the incremental snapshots of one slot's capture.
+type Incremental struct {
+	cfg    IncrementalConfig
+	log    *zap.Logger
+	tables map[string]TableInfo
+	stats  IncrementalStats
+	wake   chan struct{}
+	dec    *decoder
+	seq    atomic.Int64 // chunk attempts (watermark chunk numbers)
+	limit  *rate.Limiter
+	warned map[string]bool
+}
+
+// NewIncremental builds a runner; Run starts it.
+func NewIncremental(cfg IncrementalConfig, log *zap.Logger) *Incremental {
+	cfg.defaults()
+	if log == nil {
+		log = zap.NewNop()
+	}
+	r := &Incremental{cfg: cfg, log: log, tables: map[string]TableInfo{}, wake: make(chan struct{}, 1), dec: newDecoder(), warned: map[string]bool{}}
+	for _, t := range cfg.Tables {
+		r.tables[t.Qualified()] = t
+	}
+	if cfg.MaxRowsPerSecond > 0 {
+		r.limit = rate.NewLimiter(rate.Limit(cfg.MaxRowsPerSecond), max(cfg.ChunkSize, 1))
+	}
+	// Chunk numbers are unique per process: a watermark of an earlier
+	// process never matches a chunk of this one.
+	r.seq.Store(time.Now().UnixNano())
+	return r
+}
+
+// Stats returns the runner's counters.
+func (r *Incremental) Stats() *IncrementalStats { return &r.stats }
+
+// SnapshotRequest asks for incremental snapshots of Tables, each limited
+// by Where (an SQL condition; empty: every row).
+type SnapshotRequest struct {
+	Tables []string `json:"tables"`
+	Where  string   `json:"where,omitempty"`
+	// By says who asked (admin, cli, signal <id>), for the record.
+	By string `json:"-"`
+}
+
+// RequestError is a request refused for what it asks (not for a failure
+// to reach the database).
+type RequestError struct{ Msg string }
+
+func (e *RequestError) Error() string { return e.Msg }
+
+// chunkColumns returns the columns by which ti is read in chunks and by
+// which a chunk row is matched with live changes: the primary key when
+// old-row images carry it, else the key's unique index (the replica
+// identity index or a unique index over NOT NULL columns); nil when the
+// table has none (it can then be snapshotted only with a where clause,
+// whose rows are read as one chunk).
+func chunkColumns(ti TableInfo) []string {
+	if len(ti.PrimaryKey) > 0 && !slices.ContainsFunc(ti.PrimaryKey, func(c string) bool { return !ti.HasIdentityColumn(c) }) {
+		return ti.PrimaryKey
+	}
+	if ti.Key != nil && (ti.Key.Source == "replica identity index" || strings.HasPrefix(ti.Key.Source, "unique index")) {
+		return ti.Key.Columns
+	}
+	return nil
+}
+
+// ensureSchema creates the bookkeeping and signal tables.
+func ensureIncrementalSchema(ctx context.Context, conn *pgx.Conn) error {
+	for _, q := range []string{
+		"CREATE SCHEMA IF NOT EXISTS " + SnapshotSchema,
+		"CREATE TABLE IF NOT EXISTS " + incrementalTable + ` (
+			id bigserial PRIMARY KEY, slot text NOT NULL, table_name text NOT NULL, where_clause text,
+			state text NOT NULL, last_key text[], rows bigint NOT NULL DEFAULT 0, dropped bigint NOT NULL DEFAULT 0,
+			chunks bigint NOT NULL DEFAULT 0, estimate bigint, requested_by text, error text,
+			requested_at timestamptz NOT NULL DEFAULT now(), started_at timestamptz, updated_at timestamptz, completed_at timestamptz)`,
+		"CREATE TABLE IF NOT EXISTS " + SignalTable + ` (
+			id text PRIMARY KEY DEFAULT gen_random_uuid()::text, type text NOT NULL, data jsonb,
+			requested_at timestamptz NOT NULL DEFAULT now(), processed_at timestamptz, result text)`,
+	} {
+		if _, err := conn.Exec(ctx, q); err != nil {
+			var pe *pgconn.PgError
+			if errors.As(err, &pe) && pe.Code == "23505" {
+				continue // created concurrently
+			}
+			return fmt.Errorf("creating %s and %s for incremental snapshots (the role needs CREATE on the database, or create them beforehand): %w", incrementalTable, SignalTable, err)
+		}
+	}
+	return nil
+}
+
+// validate checks req against the configuration and the database (the
+// where clause must compile): a *RequestError names what is wrong.
+func (r *Incremental) validate(ctx context.Context, q interface {
+	Exec(context.Context, string, ...any) (pgconn.CommandTag, error)
+}, req SnapshotRequest) error {
+	if len(req.Tables) == 0 {
+		return &RequestError{"a snapshot request names no table"}
+	}
+	if strings.Contains(req.Where, ";") {
+		return &RequestError{fmt.Sprintf("the where clause %q holds a ';': give one condition", req.Where)}
+	}
+	for _, t := range req.Tables {
+		name := pipeline.QualifyTable(t)
+		ti, ok := r.tables[name]
+		if !ok {
+			known := make([]string, 0, len(r.tables))
+			for k := range r.tables {
+				known = append(known, k)
+			}
+			slices.Sort(known)
+			return &RequestError{fmt.Sprintf("table %s is not in postgres.tables (%s): only captured tables can be snapshotted", t, strings.Join(known, ", "))}
+		}
+		if chunkColumns(ti) == nil && strings.TrimSpace(req.Where) == "" {
+			return &RequestError{fmt.Sprintf("table %s has no primary key or unique index to read it in chunks by: give a where clause that selects at most snapshot.chunk_size rows, or add a primary key", name)}
+		}
+		if req.Where != "" {
+			sql := "EXPLAIN SELECT 1 FROM " + pgx.Identifier{ti.Schema, ti.Table}.Sanitize() + " WHERE (" + req.Where + ")"
+			if _, err := q.Exec(ctx, sql, pgx.QueryExecModeExec); err != nil {
+				var pe *pgconn.PgError
+				if errors.As(err, &pe) {
+					return &RequestError{fmt.Sprintf("the where clause %q does not compile on %s: %s", req.Where, name, pe.Message)}
+				}
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// Enqueue validates req and records its snapshots (one per table) as
+// queued; the runner starts them in order. It returns their ids.
+func (r *Incremental) Enqueue(ctx context.Context, req SnapshotRequest) ([]int64, error) {
+	conn, err := r.connect(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close(context.Background())
+	if err := ensureIncrementalSchema(ctx, conn); err != nil {
+		return nil, err
+	}
+	tx, err := conn.Begin(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer tx.Rollback(context.Background()) //nolint:errcheck
+	ids, err := r.enqueueTx(ctx, tx, req)
+	if err != nil {
+		return nil, err
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return nil, err
+	}
+	r.Wake()
+	return ids, nil
+}
+
+func (r *Incremental) enqueueTx(ctx context.Context, tx pgx.Tx, req SnapshotRequest) ([]int64, error) {
+	// Validation's errors must not abort the transaction.
+	sp, err := tx.Begin(ctx)
+	if err != nil {
+		return nil, err
+	}
+	verr := r.validate(ctx, sp, req)
+	_ = sp.Rollback(ctx)
+	if verr != nil {
+		return nil, verr
+	}
+	var ids []int64
+	for _, t := range req.Tables {
+		name := pipeline.QualifyTable(t)
+		var where *string
+		if w := strings.TrimSpace(req.Where); w != "" {
+			where = &w
+		}
+		var id int64
+		if err := tx.QueryRow(ctx, "INSERT INTO "+incrementalTable+` (slot, table_name, where_clause, state, requested_by)
+			VALUES ($1, $2, $3, $4, $5) RETURNING id`, r.cfg.Slot, name, where, IncrementalQueued, req.By).Scan(&id); err != nil {
+			return nil, fmt.Errorf("recording the snapshot of %s in %s: %w", name, incrementalTable, err)
+		}
+		ids = append(ids, id)
+	}
+	return ids, nil
+}
+
+// Wake makes the runner look for work at once.
+func (r *Incremental) Wake() {
+	select {
+	case r.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (r *Incremental) connect(ctx context.Context) (*pgx.Conn, error) {
+	cfg, err := pgx.ParseConfig(r.cfg.DSN)
+	if err != nil {
+		return nil, errors.New("parsing the postgres DSN failed") // the DSN may hold a password
+	}
+	cfg.RuntimeParams["application_name"] = "tidemark-incremental-snapshot"
+	pinTextFormats(cfg.RuntimeParams)
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("connecting for incremental snapshots: %w", ExplainTLS(err))
+	}
+	return conn, nil
+}
+
+// IncrementalSnapshot is a row of <SnapshotSchema>.incremental_snapshots.
+type IncrementalSnapshot struct {
+	ID          int64      `json:"id"`
+	Table       string     `json:"table"`
+	Where       string     `json:"where,omitempty"`
+	State       string     `json:"state"`
+	LastKey     []string   `json:"last_key,omitempty"`
+	Rows        int64      `json:"rows"`
+	Dropped     int64      `json:"dropped"`
+	Chunks      int64      `json:"chunks"`
+	Estimate    *int64     `json:"estimate,omitempty"`
+	RequestedBy string     `json:"requested_by,omitempty"`
+	Error       string     `json:"error,omitempty"`
+	RequestedAt time.Time  `json:"requested_at"`
+	StartedAt   *time.Time `json:"started_at,omitempty"`
+	UpdatedAt   *time.Time `json:"updated_at,omitempty"`
+	CompletedAt *time.Time `json:"completed_at,omitempty"`
+	// Derived for display: percent done (of the estimate), rows per
+	// second since the start, and the estimated time left.
+	Percent *float64 `json:"percent,omitempty"`
+	Rate    float64  `json:"rows_per_second,omitempty"`
+	ETA     string   `json:"eta,omitempty"`
+}
+
+// ReadIncrementalSnapshots returns slot's incremental snapshots: every
+// queued or running one and the last limit ended ones, newest first.
+func ReadIncrementalSnapshots(ctx context.Context, conn *pgx.Conn, slot string, limit int) ([]IncrementalSnapshot, error) {
+	var reg *string
+	if err := conn.QueryRow(ctx, "SELECT to_regclass($1)::text", incrementalTable).Scan(&reg); err != nil {
+		return nil, fmt.Errorf("looking for %s: %w", incrementalTable, err)
+	}
+	if reg == nil {
+		return nil, nil
+	}
+	rows, err := conn.Query(ctx, `SELECT id, table_name, coalesce(where_clause, ''), state, last_key, rows, dropped, chunks, estimate,
+		coalesce(requested_by, ''), coalesce(error, ''), requested_at, started_at, updated_at, completed_at
+		FROM `+incrementalTable+` WHERE slot = $1 AND (state IN ('queued', 'running') OR id IN (
+			SELECT id FROM `+incrementalTable+` WHERE slot = $1 AND state NOT IN ('queued', 'running') ORDER BY id DESC LIMIT $2))
+		ORDER BY id DESC`, slot, limit)
+	if err != nil {
+		return nil, fmt.Errorf("reading %s: %w", incrementalTable, err)
+	}
+	out, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (IncrementalSnapshot, error) {
+		var s IncrementalSnapshot
+		err := row.Scan(&s.ID, &s.Table, &s.Where, &s.State, &s.LastKey, &s.Rows, &s.Dropped, &s.Chunks, &s.Estimate,
+			&s.RequestedBy, &s.Error, &s.RequestedAt, &s.StartedAt, &s.UpdatedAt, &s.CompletedAt)
+		return s, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("reading %s: %w", incrementalTable, err)
+	}
+	now := time.Now()
+	for i := range out {
+		s := &out[i]
+		if s.Estimate != nil && *s.Estimate > 0 {
+			p := min(100, 100*float64(s.Rows+s.Dropped)/float64(*s.Estimate))
+			if s.State == IncrementalDone {
+				p = 100
+			}
+			s.Percent = &p
+		}
+		if s.StartedAt != nil {
+			end := now
+			if s.CompletedAt != nil {
+				end = *s.CompletedAt
+			}
+			if d := end.Sub(*s.StartedAt).Seconds(); d > 0 {
+				s.Rate = float64(s.Rows+s.Dropped) / d
+			}
+			if s.State == IncrementalRunning && s.Rate > 0 && s.Estimate != nil && *s.Estimate > s.Rows+s.Dropped {
+				s.ETA = (time.Duration(float64(*s.Estimate-s.Rows-s.Dropped)/s.Rate) * time.Second).Round(time.Second).String()
+			}
+		}
+	}
+	return out, nil
+}
+
+// Run works the snapshots off, one at a time in request order, reading
+// the signal table every SignalInterval, until ctx ends. Failures to reach
+// the database are retried (with a warning and Stats.Retries); a snapshot
+// that cannot go on (its table dropped, its where clause broken) is
+// marked failed with the reason, and the others go on. Run returns only
+// ctx's error.
+func (r *Incremental) Run(ctx context.Context) error {
+	bo := backoff.NewExponentialBackOff()
+	bo.InitialInterval = 500 * time.Millisecond
+	bo.MaxInterval = 30 * time.Second
+	bo.MaxElapsedTime = 0
+	bo.Reset()
+	failing := false
+	for {
+		err := r.session(ctx)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		r.stats.Retries.Add(1)
+		if !failing {
+			failing = true
+			r.log.Warn("incremental snapshots: database unreachable or failing; retrying (tidemark_snapshot_retries_total)", zap.Error(err))
+		}
+		select {
+		case <-time.After(bo.NextBackOff()):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// session runs until ctx ends or the connection fails.
+func (r *Incremental) session(ctx context.Context) error {
+	conn, err := r.connect(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	if err := ensureIncrementalSchema(ctx, conn); err != nil {
+		return err
+	}
+	// Snapshots left running by an earlier process continue where their
+	// last durable chunk ended.
+	lastSignals := time.Time{}
+	for {
+		if time.Since(lastSignals) >= r.cfg.SignalInterval {
+			if err := r.processSignals(ctx, conn); err != nil {
+				return err
+			}
+			lastSignals = time.Now()
+		}
+		snap, ok, err := r.next(ctx, conn)
+		if err != nil {
+			return err
+		}
+		if !ok {
+			r.stats.Running.Store(0)
+			select {
+			case <-r.wake:
+			case <-time.After(r.cfg.SignalInterval):
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+			continue
+		}
+		if err := r.runOne(ctx, conn, &snap, &lastSignals); err != nil {
+			return err
+		}
+	}
+}
+
+// next returns the oldest running or queued snapshot of the slot.
+func (r *Incremental) next(ctx context.Context, conn *pgx.Conn) (IncrementalSnapshot, bool, error) {
+	var s IncrementalSnapshot
+	var n int64
+	err := conn.QueryRow(ctx, `SELECT id, table_name, coalesce(where_clause, ''), state, last_key, rows, dropped, chunks,
+		(SELECT count(*) FROM `+incrementalTable+` WHERE slot = $1 AND state IN ('queued', 'running'))
+		FROM `+incrementalTable+` WHERE slot = $1 AND state IN ('queued', 'running') ORDER BY state = 'running' DESC, id LIMIT 1`, r.cfg.Slot).
+		Scan(&s.ID, &s.Table, &s.Where, &s.State, &s.LastKey, &s.Rows, &s.Dropped, &s.Chunks, &n)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return s, false, nil
+	}
+	if err != nil {
+		return s, false, fmt.Errorf("reading %s: %w", incrementalTable, err)
+	}
+	r.stats.Running.Store(n)
+	return s, true, nil
+}
+
+// runOne runs snapshot s to its end (or until ctx ends or the connection
+// fails), chunk after chunk.
+func (r *Incremental) runOne(ctx context.Context, conn *pgx.Conn, s *IncrementalSnapshot, lastSignals *time.Time) error {
+	ti, ok := r.tables[s.Table]
+	if !ok {
+		return r.fail(ctx, conn, s, fmt.Sprintf("table %s is no longer in postgres.tables", s.Table))
+	}
+	if s.State == IncrementalQueued {
+		var est *int64
+		if s.Where == "" {
+			var n float64
+			if err := conn.QueryRow(ctx, "SELECT reltuples FROM pg_class WHERE oid = $1", ti.OID).Scan(&n); err == nil && n > 0 {
+				v := int64(n)
+				est = &v
+			}
+		}
+		if _, err := conn.Exec(ctx, "UPDATE "+incrementalTable+" SET state = $2, started_at = now(), updated_at = now(), estimate = $3 WHERE id = $1",
+			s.ID, IncrementalRunning, est); err != nil {
+			return err
+		}
+		s.State = IncrementalRunning
+		r.log.Info("incremental snapshot started", zap.Int64("id", s.ID), zap.String("table", s.Table), zap.String("where", s.Where))
+	} else {
+		r.log.Info("incremental snapshot resumed after its last durable chunk", zap.Int64("id", s.ID), zap.String("table", s.Table),
+			zap.Int64("rows", s.Rows), zap.Int64("chunks", s.Chunks))
+	}
+	retries := 0
+	for {
+		if time.Since(*lastSignals) >= r.cfg.SignalInterval {
+			if err := r.processSignals(ctx, conn); err != nil {
+				return err
+			}
+			*lastSignals = time.Now()
+			var state string
+			if err := conn.QueryRow(ctx, "SELECT state FROM "+incrementalTable+" WHERE id = $1", s.ID).Scan(&state); err != nil {
+				return err
+			}
+			if state != IncrementalRunning {
+				r.log.Info("incremental snapshot stopped", zap.Int64("id", s.ID), zap.String("table", s.Table), zap.String("state", state))
+				return nil
+			}
+		}
+		res, err := r.chunk(ctx, conn, s, ti)
+		if err != nil {
+			var pe *pgconn.PgError
+			if errors.As(err, &pe) && permanentSnapshotError(pe) || errors.As(err, new(*RequestError)) {
+				return r.fail(ctx, conn, s, err.Error())
+			}
+			return err
+		}
+		if res.retry {
+			retries++
+			r.stats.Retries.Add(1)
+			if retries == 1 || retries%100 == 0 {
+				r.log.Warn("incremental snapshot: a chunk's snapshot missed a transaction committed before its low watermark; reading the chunk again",
+					zap.Int64("id", s.ID), zap.String("table", s.Table), zap.Int("attempts", retries))
+			}
+			continue
+		}
+		retries = 0
+		if res.done {
+			r.log.Info("incremental snapshot done", zap.Int64("id", s.ID), zap.String("table", s.Table),
+				zap.Int64("rows", s.Rows), zap.Int64("dropped", s.Dropped), zap.Int64("chunks", s.Chunks))
+			return nil
+		}
+	}
+}
+
+// permanentSnapshotError reports whether a chunk's error cannot heal by
+// waiting: the table or a column is gone, the where clause is broken, the
+// role lacks a privilege.
+func permanentSnapshotError(pe *pgconn.PgError) bool {
+	switch pe.Code {
+	case "42P01", "42703", "42601", "42883", "42804", "42501", "22P02":
+		return true
+	}
+	return false
+}
+
+func (r *Incremental) fail(ctx context.Context, conn *pgx.Conn, s *IncrementalSnapshot, why string) error {
+	r.log.Error("incremental snapshot failed", zap.Int64("id", s.ID), zap.String("table", s.Table), zap.String("error", why))
+	_, err := conn.Exec(ctx, "UPDATE "+incrementalTable+" SET state = $2, error = $3, updated_at = now(), completed_at = now() WHERE id = $1",
+		s.ID, IncrementalFailed, why)
+	return err
+}
+
+type chunkResult struct{ retry, done bool }
+
+// describe builds the relation of ti as the table is now, with the
+// columns' SQL types (for the chunk query's key casts).
+func (r *Incremental) describe(ctx context.Context, tx pgx.Tx, ti TableInfo) (*pipeline.Relation, map[string]string, error) {
+	rows, err := tx.Query(ctx, `SELECT attname, atttypid, format_type(atttypid, atttypmod) FROM pg_catalog.pg_attribute
+		WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum`, ti.OID)
+	if err != nil {
+		return nil, nil, err
+	}
+	rel := &pipeline.Relation{OID: ti.OID, Schema: ti.Schema, Table: ti.Table, ReplicaIdentity: ti.ReplicaIdentity}
+	keys := r.cfg.KeyColumns[ti.Qualified()]
+	types := map[string]string{}
+	var name, typ string
+	var oid uint32
+	if _, err := pgx.ForEachRow(rows, []any{&name, &oid, &typ}, func() error {
+		identity := slices.Contains(ti.IdentityColumns, name)
+		key := identity
+		if len(keys) > 0 {
+			key = slices.Contains(keys, name)
+		}
+		rel.Columns = append(rel.Columns, pipeline.Column{Name: name, TypeOID: oid, Key: key, Identity: identity})
+		types[name] = typ
+		return nil
+	}); err != nil {
+		return nil, nil, err
+	}
+	if len(rel.Columns) == 0 {
+		return nil, nil, &RequestError{fmt.Sprintf("table %s (relation %d) is gone", ti.Qualified(), ti.OID)}
+	}
+	oids := make([]uint32, len(rel.Columns))
+	for i, c := range rel.Columns {
+		oids[i] = c.TypeOID
+	}
+	lookup := func(ctx context.Context, oids []uint32) (map[uint32]pgType, error) {
+		rows, err := tx.Query(ctx, typesQuery, oids)
+		if err != nil {
+			return nil, err
+		}
+		out := map[uint32]pgType{}
+		var oid uint32
+		var t pgType
+		_, err = pgx.ForEachRow(rows, []any{&oid, &t.Domain, &t.Base, &t.Elem}, func() error {
+			out[oid] = t
+			return nil
+		})
+		return out, err
+	}
+	if err := r.dec.resolveTypes(ctx, oids, lookup); err != nil {
+		return nil, nil, err
+	}
+	return rel, types, nil
+}
+
+// chunk reads, hands over and waits for one chunk of s, then records its
+// progress.
+func (r *Incremental) chunk(ctx context.Context, conn *pgx.Conn, s *IncrementalSnapshot, ti TableInfo) (chunkResult, error) {
+	cols := chunkColumns(ti)
+	keyless := cols == nil
+	c := &chunk{key: chunkKey{s.ID, r.seq.Add(1)}, first: s.Rows == 0 && s.Chunks == 0, done: make(chan struct{})}
+	durable := false
+	defer func() {
+		if !durable {
+			c.abandoned.Store(true)
+		}
+		r.cfg.Board.remove(c)
+	}()
+
+	// The relation first (its own short transaction), so that the window
+	// between the watermarks holds only the chunk's read.
+	tx, err := conn.BeginTx(ctx, pgx.TxOptions{AccessMode: pgx.ReadOnly})
+	if err != nil {
+		return chunkResult{}, err
+	}
+	rel, types, err := r.describe(ctx, tx, ti)
+	_ = tx.Rollback(ctx)
+	if err != nil {
+		return chunkResult{}, err
+	}
+	if keyless {
+		for _, col := range rel.Columns {
+			cols = append(cols, col.Name)
+		}
+	}
+	c.rel, c.cols = rel, cols
+	r.cfg.Board.arm(c)
+
+	wm := watermark{Slot: r.cfg.Slot, ID: c.key.id, Chunk: c.key.n, Kind: "low"}
+	low, _ := json.Marshal(wm)
+	if _, err := conn.Exec(ctx, "SELECT pg_logical_emit_message(false, $1, $2)", WatermarkPrefix, string(low)); err != nil {
+		return chunkResult{}, fmt.Errorf("writing the low watermark of a chunk of %s: %w", s.Table, err)
+	}
+
+	// The chunk, in a short read-only transaction of its own.
+	q, args := r.chunkQuery(rel, types, ti, cols, keyless, s)
+	tx, err = conn.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
+	if err != nil {
+		return chunkResult{}, err
+	}
+	defer tx.Rollback(context.Background()) //nolint:errcheck
+	var snapText string
+	if err := tx.QueryRow(ctx, "SELECT pg_current_snapshot()::text").Scan(&snapText); err != nil {
+		return chunkResult{}, fmt.Errorf("reading the chunk's snapshot: %w", err)
+	}
+	xip, err := parseSnapshotXip(snapText)
+	if err != nil {
+		return chunkResult{}, err
+	}
+	rows, err := tx.Query(ctx, q, append([]any{pgx.QueryExecModeExec, pgx.QueryResultFormats{pgx.TextFormatCode}}, args...)...)
+	if err != nil {
+		return chunkResult{}, fmt.Errorf("reading a chunk of %s: %w", s.Table, err)
+	}
+	keyIdx := columnIndexes(rel, cols)
+	var tuples []pipeline.Tuple
+	var lastKey []string
+	var bytes int64
+	full := false
+	for rows.Next() {
+		raw := rows.RawValues()
+		n := 0
+		for _, v := range raw {
+			n += len(v)
+		}
+		buf := make([]byte, 0, n)
+		rc := make([]rawCol, len(raw))
+		for i, v := range raw {
+			if v == nil {
+				rc[i] = rawCol{kind: pglogrepl.TupleDataTypeNull}
+				continue
+			}
+			start := len(buf)
+			buf = append(buf, v...)
+			rc[i] = rawCol{kind: pglogrepl.TupleDataTypeText, data: buf[start:len(buf):len(buf)]}
+		}
+		t, err := r.dec.decodeTuple(rel, rc, false)
+		if err != nil {
+			rows.Close()
+			return chunkResult{}, fmt.Errorf("decoding a row of %s: %w", s.Table, err)
+		}
+		tuples = append(tuples, t)
+		bytes += int64(n) + int64(len(raw))*16
+		if !keyless {
+			lastKey = lastKey[:0]
+			for _, i := range keyIdx {
+				lastKey = append(lastKey, string(raw[i]))
+			}
+		}
+		if !keyless && (len(tuples) >= r.cfg.ChunkSize || bytes >= r.cfg.ChunkBytes) {
+			full = true
+			break
+		}
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return chunkResult{}, fmt.Errorf("reading a chunk of %s: %w", s.Table, err)
+	}
+	_ = tx.Rollback(ctx)
+	if keyless && len(tuples) > r.cfg.ChunkSize {
+		return chunkResult{}, &RequestError{fmt.Sprintf("table %s has no primary key or unique index to read it in chunks by, and more than snapshot.chunk_size (%d) rows match the where clause %q: narrow it, raise chunk_size, or add a primary key",
+			s.Table, r.cfg.ChunkSize, s.Where)}
+	}
+	r.cfg.Board.setRows(c, tuples, bytes)
+
+	wm.Kind, wm.Xip = "high", xip
+	high, _ := json.Marshal(wm)
+	if _, err := conn.Exec(ctx, "SELECT pg_logical_emit_message(true, $1, $2)", WatermarkPrefix, string(high)); err != nil {
+		return chunkResult{}, fmt.Errorf("writing the high watermark of a chunk of %s: %w", s.Table, err)
+	}
+	// The stream publishes the chunk at the high watermark; wait until it
+	// is durable.
+	select {
+	case <-c.done:
+	case <-ctx.Done():
+		return chunkResult{}, ctx.Err()
+	}
+	end := pipeline.LSN(c.end.Load())
+	for r.cfg.Acked() < end {
+		select {
+		case <-time.After(5 * time.Millisecond):
+		case <-ctx.Done():
+			return chunkResult{}, ctx.Err()
+		}
+	}
+	durable = true
+	if c.retry.Load() {
+		return chunkResult{retry: true}, nil
+	}
+	pub, drop := c.published.Load(), c.dropped.Load()
+	st := r.stats.Table(s.Table)
+	st.Rows.Add(uint64(pub))
+	st.Dropped.Add(uint64(drop))
+	st.Chunks.Add(1)
+	s.Rows += pub
+	s.Dropped += drop
+	s.Chunks++
+	done := keyless || !full
+	state := IncrementalRunning
+	if done {
+		state = IncrementalDone
+	}
+	var lk any
+	if len(lastKey) > 0 {
+		lk = lastKey
+		s.LastKey = slices.Clone(lastKey)
+	} else {
+		lk = s.LastKey
+	}
+	if _, err := conn.Exec(ctx, "UPDATE "+incrementalTable+` SET last_key = $2, rows = $3, dropped = $4, chunks = $5, state = $6, updated_at = now(),
+		completed_at = CASE WHEN $6 = 'done' THEN now() END WHERE id = $1`, s.ID, lk, s.Rows, s.Dropped, s.Chunks, state); err != nil {
+		return chunkResult{}, fmt.Errorf("recording the progress of the snapshot of %s: %w", s.Table, err)
+	}
+	if r.limit != nil && len(tuples) > 0 {
+		if err := r.limit.WaitN(ctx, min(len(tuples), r.limit.Burst())); err != nil {
+			return chunkResult{}, ctx.Err()
+		}
+	}
+	return chunkResult{done: done}, nil
+}
+
+// chunkQuery returns the query of s's next chunk and its arguments.
+func (r *Incremental) chunkQuery(rel *pipeline.Relation, types map[string]string, ti TableInfo, cols []string, keyless bool, s *IncrementalSnapshot) (string, []any) {
+	sel := make([]string, len(rel.Columns))
+	for i, c := range rel.Columns {
+		sel[i] = pgx.Identifier{c.Name}.Sanitize()
+	}
+	q := "SELECT " + strings.Join(sel, ", ") + " FROM " + pgx.Identifier{ti.Schema, ti.Table}.Sanitize()
+	var conds []string
+	var args []any
+	if !keyless && len(s.LastKey) == len(cols) {
+		l, rr := make([]string, len(cols)), make([]string, len(cols))
+		for i, c := range cols {
+			l[i] = pgx.Identifier{c}.Sanitize()
+			rr[i] = "$" + strconv.Itoa(i+1) + "::" + types[c]
+			args = append(args, s.LastKey[i])
+		}
+		conds = append(conds, "("+strings.Join(l, ", ")+") > ("+strings.Join(rr, ", ")+")")
+	}
+	if s.Where != "" {
+		conds = append(conds, "("+s.Where+")")
+	}
+	if len(conds) > 0 {
+		q += " WHERE " + strings.Join(conds, " AND ")
+	}
+	if keyless {
+		return q + " LIMIT " + strconv.Itoa(r.cfg.ChunkSize+1), args
+	}
+	order := make([]string, len(cols))
+	for i, c := range cols {
+		order[i] = pgx.Identifier{c}.Sanitize()
+	}
+	return q + " ORDER BY " + strings.Join(order, ", ") + " LIMIT " + strconv.Itoa(r.cfg.ChunkSize), args
+}
+
+// parseSnapshotXip returns the in-progress xids of a pg_snapshot's text
+// form ("xmin:xmax:xip,..."), as the 32-bit xids pgoutput's BEGIN carries.
+func parseSnapshotXip(s string) ([]uint32, error) {
+	parts := strings.Split(s, ":")
+	if len(parts) != 3 {
+		return nil, fmt.Errorf("unexpected pg_current_snapshot() %q", s)
+	}
+	var out []uint32
+	if parts[2] == "" {
+		return nil, nil
+	}
+	for _, x := range strings.Split(parts[2], ",") {
+		v, err := strconv.ParseUint(x, 10, 64)
+		if err != nil {
+			return nil, fmt.Errorf("unexpected pg_current_snapshot() %q: %w", s, err)
+		}
+		out = append(out, uint32(v))
+	}
+	return out, nil
+}
+
+// signalData is the data of an execute-snapshot or stop-snapshot signal,
+// in Debezium's shape, plus an optional slot (the signal is for the
+// Tidemark of that slot only).
+type signalData struct {
+	DataCollections      []string `json:"data-collections"`
+	Type                 string   `json:"type"`
+	AdditionalConditions []struct {
+		DataCollection string `json:"data-collection"`
+		Filter         string `json:"filter"`
+	} `json:"additional-conditions"`
+	Slot string `json:"slot"`
+}
+
+// processSignals handles the signal table's unprocessed rows: each is
+// answered in its result column ("accepted: snapshot 12" or "refused:
+// why") and stamped processed_at.
+func (r *Incremental) processSignals(ctx context.Context, conn *pgx.Conn) error {
+	tx, err := conn.Begin(ctx)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback(context.Background()) //nolint:errcheck
+	rows, err := tx.Query(ctx, "SELECT id, type, coalesce(data::text, '') FROM "+SignalTable+
+		" WHERE processed_at IS NULL ORDER BY requested_at, id LIMIT 100 FOR UPDATE SKIP LOCKED")
+	if err != nil {
+		return fmt.Errorf("reading %s: %w", SignalTable, err)
+	}
+	type sig struct{ id, typ, data string }
+	sigs, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (sig, error) {
+		var s sig
+		err := row.Scan(&s.id, &s.typ, &s.data)
+		return s, err
+	})
+	if err != nil {
+		return fmt.Errorf("reading %s: %w", SignalTable, err)
+	}
+	if len(sigs) == 0 {
+		return nil
+	}
+	for _, sg := range sigs {
+		var d signalData
+		result := ""
+		if sg.data != "" {
+			if err := json.Unmarshal([]byte(sg.data), &d); err != nil {
+				result = "refused: data is not the JSON of a signal: " + err.Error()
+			}
+		}
+		if result == "" && d.Slot != "" && d.Slot != r.cfg.Slot {
+			continue // for another Tidemark
+		}
+		if result == "" {
+			switch sg.typ {
+			case "execute-snapshot":
+				result = r.executeSignal(ctx, tx, sg.id, d)
+			case "stop-snapshot":
+				result = r.stopSignal(ctx, tx, d)
+			default:
+				result = fmt.Sprintf("refused: unknown signal type %q (execute-snapshot, stop-snapshot)", sg.typ)
+			}
+		}
+		if strings.HasPrefix(result, "refused") {
+			r.log.Warn("signal refused", zap.String("id", sg.id), zap.String("type", sg.typ), zap.String("result", result))
+		}
+		if _, err := tx.Exec(ctx, "UPDATE "+SignalTable+" SET processed_at = now(), result = $2 WHERE id = $1", sg.id, result); err != nil {
+			return fmt.Errorf("answering signal %s in %s: %w", sg.id, SignalTable, err)
+		}
+	}
+	return tx.Commit(ctx)
+}
+
+func (r *Incremental) executeSignal(ctx context.Context, tx pgx.Tx, id string, d signalData) string {
+	if d.Type != "" && !strings.EqualFold(d.Type, "incremental") {
+		return fmt.Sprintf("refused: snapshot type %q: only incremental snapshots can be requested while running", d.Type)
+	}
+	// One request per distinct condition (tables without one share it).
+	byWhere := map[string][]string{}
+	var order []string
+	for _, t := range d.DataCollections {
+		where := ""
+		for _, c := range d.AdditionalConditions {
+			if pipeline.QualifyTable(c.DataCollection) == pipeline.QualifyTable(t) {
+				where = c.Filter
+			}
+		}
+		if _, ok := byWhere[where]; !ok {
+			order = append(order, where)
+		}
+		byWhere[where] = append(byWhere[where], t)
+	}
+	if len(order) == 0 {
+		return "refused: data-collections names no table"
+	}
+	var ids []string
+	for _, where := range order {
+		got, err := r.enqueueTx(ctx, tx, SnapshotRequest{Tables: byWhere[where], Where: where, By: "signal " + id})
+		if err != nil {
+			return "refused: " + err.Error()
+		}
+		for _, g := range got {
+			ids = append(ids, strconv.FormatInt(g, 10))
+		}
+	}
+	r.Wake()
+	return "accepted: snapshot " + strings.Join(ids, ", ")
+}
+
+func (r *Incremental) stopSignal(ctx context.Context, tx pgx.Tx, d signalData) string {
+	tables := make([]string, len(d.DataCollections))
+	for i, t := range d.DataCollections {
+		tables[i] = pipeline.QualifyTable(t)
+	}
+	tag, err := tx.Exec(ctx, "UPDATE "+incrementalTable+` SET state = 'cancelled', updated_at = now(), completed_at = now()
+		WHERE slot = $1 AND state IN ('queued', 'running') AND (cardinality($2::text[]) = 0 OR table_name = ANY($2))`, r.cfg.Slot, tables)
+	if err != nil {
+		return "refused: " + err.Error()
+	}
+	return fmt.Sprintf("accepted: %d snapshot(s) cancelled", tag.RowsAffected())
+}
+
+// InsertSignal inserts an execute-snapshot signal for req (what `tidemark
+// snapshot` does) and returns its id.
+func InsertSignal(ctx context.Context, conn *pgx.Conn, slot string, req SnapshotRequest) (string, error) {
+	if err := ensureIncrementalSchema(ctx, conn); err != nil {
+		return "", err
+	}
+	d := map[string]any{"data-collections": req.Tables, "type": "incremental", "slot": slot}
+	if req.Where != "" {
+		var conds []map[string]string
+		for _, t := range req.Tables {
+			conds = append(conds, map[string]string{"data-collection": t, "filter": req.Where})
+		}
+		d["additional-conditions"] = conds
+	}
+	data, _ := json.Marshal(d)
+	var id string
+	if err := conn.QueryRow(ctx, "INSERT INTO "+SignalTable+" (type, data) VALUES ('execute-snapshot', $1) RETURNING id", string(data)).Scan(&id); err != nil {
+		return "", fmt.Errorf("inserting the signal into %s: %w", SignalTable, err)
+	}
+	return id, nil
+}
+
+// SignalResult returns a signal's result ("" while unprocessed).
+func SignalResult(ctx context.Context, conn *pgx.Conn, id string) (string, error) {
+	var res *string
+	if err := conn.QueryRow(ctx, "SELECT result FROM "+SignalTable+" WHERE id = $1", id).Scan(&res); err != nil {
+		return "", err
+	}
+	if res == nil {
+		return "", nil
+	}
+	return *res, nil
+}
