@@ -219,13 +219,13 @@ func (s *Stream) handleWatermark(ctx context.Context, conn *pgconn.PgConn, m *pg
 		}
 		idx := columnIndexes(c.rel, c.cols)
 		var published, dropped int64
-		for i, row := range c.rows {
+		for _, row := range c.rows {
 			if _, hit := c.touched[rowKey(row, idx)]; hit {
 				dropped++
 				continue
 			}
 			mark := pipeline.SnapshotIncremental
-			if c.first && i == 0 {
+			if c.first && published == 0 {
 				mark = pipeline.SnapshotIncrementalFirst
 			}
 			s.pendingBytes += c.bytes / int64(max(len(c.rows), 1))

@@ -28,8 +28,8 @@ type StatusReport struct {
 	// Snapshots are the incremental snapshots queued or running, and the
 	// last few that ended.
 	Snapshots []capture.IncrementalSnapshot `json:"snapshots"`
-	Problems    []string            `json:"problems"`
-	CheckedAt   time.Time           `json:"checked_at"`
+	Problems  []string                      `json:"problems"`
+	CheckedAt time.Time                     `json:"checked_at"`
 }
 
 // PublicationStatus compares the publication's tables with postgres.tables.

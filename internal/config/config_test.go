@@ -75,8 +75,9 @@ func TestLoadGoodConfigAppliesDefaults(t *testing.T) {
 			MaxInFlightBytes:    8 << 20,
 			MaxBatchMessages:    4000,
 		},
-		HTTP: config.HTTP{Listen: &listen},
-		Log:  config.Log{Level: "info", Format: "console"},
+		HTTP:     config.HTTP{Listen: &listen},
+		Log:      config.Log{Level: "info", Format: "console"},
+		Snapshot: config.Snapshot{Incremental: ptr(true), ChunkSize: 2000, ChunkBytes: 8 << 20, SignalInterval: time.Second},
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Errorf("Load:\n got %+v\nwant %+v", c, want)

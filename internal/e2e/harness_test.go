@@ -48,6 +48,9 @@ type env struct {
 	// secure, when set, is how every client reaches kafka (TLS, SASL);
 	// e.config puts it in the configs it returns.
 	secure *secureKafka
+	// external, when set, are the brokers of a Kafka outside the test
+	// process (e.g. startDevKafka's) that the env's reads go to.
+	external []string
 }
 
 // secureKafka is a TLS + SASL cluster's client side.
@@ -69,6 +72,9 @@ func (e *env) transport() kafkago.RoundTripper {
 
 // brokers are the addresses clients dial.
 func (e *env) brokers() []string {
+	if e.external != nil {
+		return e.external
+	}
 	if e.secure != nil {
 		return e.secure.brokers
 	}
