@@ -731,5 +731,6 @@ func CreateSlot(ctx context.Context, conn *pgx.Conn, slot string) error {
 // LostSlotAdvice says what an invalidated slot means and how to go on.
 func LostSlotAdvice(slot string) string {
 	return fmt.Sprintf("Postgres removed WAL it still needed, so changes committed after its confirmed_flush_lsn are lost to capture; "+
-		"to continue from now, leaving that gap, drop it (SELECT pg_drop_replication_slot('%s');) and start with `tidemark run --accept-gap`", slot)
+		"to continue from now, leaving that gap, drop it (SELECT pg_drop_replication_slot('%s');) and start with `tidemark run --accept-gap`, "+
+		"or start with `tidemark run --resnapshot`, which drops it and publishes every table again from a snapshot at the new slot's start", slot)
 }

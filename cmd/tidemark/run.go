@@ -40,7 +40,7 @@ func cpuProfile(env string) (stop func(), err error) {
 
 func runCmd() *cobra.Command {
 	var path, role string
-	var acceptGap bool
+	var acceptGap, resnapshot bool
 	cmd := &cobra.Command{
 		Use:   "run",
 		Short: "Capture the configured tables into Kafka until interrupted",
@@ -99,9 +99,16 @@ func runCmd() *cobra.Command {
 				if acceptGap {
 					opts = append(opts, app.AcceptGap())
 				}
+				if resnapshot {
+					opts = append(opts, app.Resnapshot())
+				}
 				if a, err = app.Prepare(ctx, cfg, log, opts...); err != nil {
 					var pe *capture.PreflightError
 					var gap *app.SlotGapError
+					var rs *app.ResnapshotError
+					if errors.As(err, &rs) {
+						return &exitError{2, err}
+					}
 					if errors.As(err, &pe) || errors.As(err, &gap) {
 						return &exitError{3, err}
 					}
@@ -208,6 +215,8 @@ func runCmd() *cobra.Command {
 	cmd.Flags().StringVarP(&path, "config", "c", "", "YAML config file (required)")
 	cmd.Flags().BoolVar(&acceptGap, "accept-gap", false,
 		"when the replication slot is missing although the topic prefix has published, create a new one at the current WAL position anyway, knowingly leaving the changes committed in between uncaptured")
+	cmd.Flags().BoolVar(&resnapshot, "resnapshot", false,
+		"recover from a dropped or invalidated replication slot: drop an invalidated one, create it with an exported snapshot and publish every table again before streaming")
 	return cmd
 }
 

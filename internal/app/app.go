@@ -138,7 +138,27 @@ type PrepareOption func(*prepareOptions)
 
 type prepareOptions struct {
 	acceptGap     bool
+	resnapshot    bool
 	snapFailAfter int64
+}
+
+// Resnapshot is the recovery from a dropped or invalidated slot (`tidemark
+// run --resnapshot`): an invalidated slot is dropped, and the missing slot
+// is created with an exported snapshot whose rows Run publishes before it
+// streams, whatever postgres.snapshot says, so every table is published
+// again consistently at the new slot's consistent point (which sorts after
+// everything published before). Changes committed in the gap are not
+// published as changes, but their result is in the snapshot. A slot that
+// exists and is healthy is refused (*ResnapshotError): incremental
+// snapshots (tidemark snapshot) re-publish tables while streaming.
+func Resnapshot() PrepareOption { return func(o *prepareOptions) { o.resnapshot = true } }
+
+// ResnapshotError refuses --resnapshot on a healthy slot.
+type ResnapshotError struct{ Slot string }
+
+func (e *ResnapshotError) Error() string {
+	return fmt.Sprintf("--resnapshot: replication slot %q exists and is not invalidated: nothing was lost, so there is nothing to recover; "+
+		"to publish tables again while streaming, request an incremental snapshot (tidemark snapshot --table ...)", e.Slot)
 }
 
 // SnapshotFailAfter makes Run's initial snapshot fail after n rows, as if
@@ -194,8 +214,24 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger, opts ...P
 	topics := rc.Topics(cfg.Postgres.Tables)
 	var accepted *Published
 	var snap *capture.InitialSnapshot
+	if o.resnapshot {
+		s, err := capture.ReadSlot(ctx, conn, cfg.Postgres.Slot)
+		if err != nil {
+			return nil, err
+		}
+		switch {
+		case s.Exists && s.WALStatus == "lost":
+			log.Warn("--resnapshot: dropping the invalidated replication slot, to create it again with a snapshot",
+				zap.String("slot", cfg.Postgres.Slot), zap.String("confirmed_flush_lsn", s.ConfirmedFlush))
+			if _, err := conn.Exec(ctx, "SELECT pg_drop_replication_slot($1)", cfg.Postgres.Slot); err != nil {
+				return nil, fmt.Errorf("--resnapshot: dropping the invalidated replication slot %q: %w", cfg.Postgres.Slot, err)
+			}
+		case s.Exists:
+			return nil, &ResnapshotError{Slot: cfg.Postgres.Slot}
+		}
+	}
 	create := func(ctx context.Context) error {
-		if cfg.Postgres.Snapshot == config.SnapshotNever || accepted != nil {
+		if !o.resnapshot && (cfg.Postgres.Snapshot == config.SnapshotNever || accepted != nil) {
 			// No snapshot: with postgres.snapshot never, or when the slot
 			// is recreated accepting a gap (--accept-gap streams from now,
 			// as before; re-publishing the tables is a re-snapshot, which
@@ -223,7 +259,7 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger, opts ...P
 				zap.String("slot", cfg.Postgres.Slot), zap.String("incomplete_consistent_point", rec.ConsistentPoint))
 			return nil
 		}
-		if !o.acceptGap {
+		if !o.acceptGap && !o.resnapshot {
 			return &SlotGapError{Slot: cfg.Postgres.Slot, Prefix: cfg.Kafka.TopicPrefix, Last: p}
 		}
 		accepted = &p
@@ -254,6 +290,10 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger, opts ...P
 		return nil, fmt.Errorf("replication slot %q: confirmed_flush_lsn: %w", cfg.Postgres.Slot, err)
 	}
 	switch {
+	case created && accepted != nil && o.resnapshot:
+		log.Warn("replication slot was missing although the topic prefix had published; created a new one with a snapshot (--resnapshot): every table is published again at its consistent point before the stream starts; the changes committed since the last published transaction are not published one by one, only their result (rows deleted meanwhile stay in a fold of the topics: consumers that keep state rebuild it, e.g. tidemark rebuild targets --all)",
+			zap.String("slot", cfg.Postgres.Slot), zap.String("topic_prefix", cfg.Kafka.TopicPrefix),
+			zap.String("last_published_lsn", accepted.lsnText()), zap.Stringer("consistent_point", confirmed))
 	case created && accepted != nil:
 		log.Warn("replication slot was missing although the topic prefix had published; created a new one at the current WAL position, accepting the gap (--accept-gap): changes committed after the last published transaction until the new slot's start are not captured",
 			zap.String("slot", cfg.Postgres.Slot), zap.String("topic_prefix", cfg.Kafka.TopicPrefix),
