@@ -73,7 +73,7 @@ func (e *SlotGapError) Error() string {
 	}
 	fmt.Fprintf(&b, ". A new slot would start at the current WAL position, so the changes committed %s until now would never be captured (a gap); Tidemark does not create one silently. ", since)
 	b.WriteString("If postgres.slot or postgres.dsn names the wrong slot or database, correct it. ")
-	b.WriteString("To continue from now, knowingly leaving that gap, run `tidemark run --accept-gap`; what consumers derived from these topics may then need rebuilding (e.g. `tidemark rebuild targets --all`). "+
+	b.WriteString("To continue from now, knowingly leaving that gap, run `tidemark run --accept-gap`; what consumers derived from these topics may then need rebuilding (e.g. `tidemark rebuild targets --all`). " +
 		"To publish every table again instead, from a snapshot at the new slot's start, run `tidemark run --resnapshot`")
 	return b.String()
 }
