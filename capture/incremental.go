@@ -416,6 +416,14 @@ func (r *Incremental) Run(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
+		var pe *pgconn.PgError
+		if errors.As(err, &pe) && pe.Code == "42501" {
+			// Waiting does not grant a privilege: the runner stops (the
+			// stream goes on) and says what to grant.
+			r.log.Error("incremental snapshots are off: Tidemark's role may not create or use their tables; grant CREATE on the database (or create the tidemark schema for the role) and restart, or set snapshot.incremental: false",
+				zap.Error(err))
+			return nil
+		}
 		r.stats.Retries.Add(1)
 		if !failing {
 			failing = true
@@ -998,4 +1006,64 @@ func SignalResult(ctx context.Context, conn *pgx.Conn, id string) (string, error
 		return "", nil
 	}
 	return *res, nil
+}
+
+const coveredTable = SnapshotSchema + ".snapshot_tables"
+
+// NewTables records which configured tables a slot's topics cover, and
+// returns those that are new: configured now, but not when the slot last
+// started (a table added to postgres.tables). When the slot was just
+// created (created), or when nothing is recorded for it yet (it predates
+// this bookkeeping), every configured table counts as covered and none is
+// new. The new tables are not recorded: call CoverTables once they are
+// handled (their snapshot queued).
+func NewTables(ctx context.Context, conn *pgx.Conn, slot string, configured []string, created bool) ([]string, error) {
+	for _, q := range []string{
+		"CREATE SCHEMA IF NOT EXISTS " + SnapshotSchema,
+		"CREATE TABLE IF NOT EXISTS " + coveredTable + ` (slot text NOT NULL, table_name text NOT NULL, how text NOT NULL,
+			covered_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (slot, table_name))`,
+	} {
+		if _, err := conn.Exec(ctx, q); err != nil {
+			var pe *pgconn.PgError
+			if errors.As(err, &pe) && pe.Code == "23505" {
+				continue
+			}
+			return nil, fmt.Errorf("creating %s (the tables a slot's topics cover; the role needs CREATE on the database): %w", coveredTable, err)
+		}
+	}
+	if created {
+		_, err := conn.Exec(ctx, "DELETE FROM "+coveredTable+" WHERE slot = $1", slot)
+		if err != nil {
+			return nil, err
+		}
+		return nil, CoverTables(ctx, conn, slot, configured, "slot created")
+	}
+	rows, err := conn.Query(ctx, "SELECT table_name FROM "+coveredTable+" WHERE slot = $1", slot)
+	if err != nil {
+		return nil, err
+	}
+	known, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, err
+	}
+	if len(known) == 0 {
+		return nil, CoverTables(ctx, conn, slot, configured, "recorded at start")
+	}
+	var out []string
+	for _, t := range configured {
+		if !slices.Contains(known, t) {
+			out = append(out, t)
+		}
+	}
+	return out, nil
+}
+
+// CoverTables records tables as covered by slot's topics.
+func CoverTables(ctx context.Context, conn *pgx.Conn, slot string, tables []string, how string) error {
+	for _, t := range tables {
+		if _, err := conn.Exec(ctx, "INSERT INTO "+coveredTable+" (slot, table_name, how) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING", slot, t, how); err != nil {
+			return fmt.Errorf("recording %s in %s: %w", t, coveredTable, err)
+		}
+	}
+	return nil
 }

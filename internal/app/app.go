@@ -12,6 +12,7 @@ import (
 
 	"github.com/cenkalti/backoff/v4"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"golang.org/x/sync/errgroup"
@@ -131,6 +132,53 @@ func streamProblems(cfg *config.Config, infos map[string]capture.TableInfo) []ca
 		}
 	}
 	return ps
+}
+
+// coverNewTables finds the configured tables the slot's topics did not
+// cover at the last start (added to postgres.tables since) and queues an
+// incremental snapshot of each (snapshot.new_tables), with one line per
+// table; a table that cannot be snapshotted that way (no key to chunk by)
+// is warned about, naming how to request one.
+func coverNewTables(ctx context.Context, conn *pgx.Conn, cfg *config.Config, incr *capture.Incremental, created bool, log *zap.Logger) error {
+	added, err := capture.NewTables(ctx, conn, cfg.Postgres.Slot, cfg.Postgres.Tables, created)
+	var pe *pgconn.PgError
+	if errors.As(err, &pe) && pe.Code == "42501" {
+		log.Warn("cannot record which tables the slot's topics cover, so tables added to postgres.tables later are not snapshotted automatically (grant CREATE on the database, or create the tidemark schema for Tidemark's role)",
+			zap.Error(err))
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if len(added) == 0 {
+		return nil
+	}
+	if incr == nil || (cfg.Snapshot.NewTables != nil && !*cfg.Snapshot.NewTables) {
+		log.Info("tables added to postgres.tables since the last start get only their live changes (snapshot.new_tables false or snapshot.incremental false); request a snapshot with tidemark snapshot",
+			zap.Strings("tables", added))
+		return capture.CoverTables(ctx, conn, cfg.Postgres.Slot, added, "added, not snapshotted")
+	}
+	for _, t := range added {
+		ids, err := incr.Enqueue(ctx, capture.SnapshotRequest{Tables: []string{t}, By: "new table"})
+		var re *capture.RequestError
+		switch {
+		case errors.As(err, &re):
+			log.Warn("a table added to postgres.tables cannot be snapshotted automatically: only its live changes are published; request a snapshot with a condition (tidemark snapshot --table ... --where ...)",
+				zap.String("table", t), zap.String("reason", re.Msg))
+			if err := capture.CoverTables(ctx, conn, cfg.Postgres.Slot, []string{t}, "added, not snapshotted: "+re.Msg); err != nil {
+				return err
+			}
+			continue
+		case err != nil:
+			return fmt.Errorf("queueing the snapshot of %s, added to postgres.tables: %w", t, err)
+		}
+		log.Info("table added to postgres.tables since the last start: queued an incremental snapshot of it (snapshot.new_tables)",
+			zap.String("table", t), zap.Int64s("snapshot", ids))
+		if err := capture.CoverTables(ctx, conn, cfg.Postgres.Slot, []string{t}, fmt.Sprintf("incremental snapshot %d", ids[0])); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // PrepareOption changes what Prepare may do.
@@ -354,6 +402,9 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger, opts ...P
 			ChunkSize: cfg.Snapshot.ChunkSize, ChunkBytes: cfg.Snapshot.ChunkBytes, MaxRowsPerSecond: cfg.Snapshot.MaxRowsPerSecond,
 			SignalInterval: cfg.Snapshot.SignalInterval, Board: board, Acked: stream.AckedLSN,
 		}, log.With(zap.String("component", "incremental-snapshot")))
+	}
+	if err := coverNewTables(ctx, conn, cfg, incr, created, log); err != nil {
+		return nil, err
 	}
 	watcher := capture.NewWatcher(capture.WatcherConfig{
 		DSN: cfg.Postgres.DSN, Slot: cfg.Postgres.Slot, Interval: cfg.Postgres.SlotCheckInterval, Heartbeat: *cfg.Postgres.HeartbeatInterval,

@@ -204,6 +204,9 @@ type Snapshot struct {
 	MaxRowsPerSecond float64 `yaml:"max_rows_per_second"`
 	// SignalInterval is how often the signal table is read. Default 1s.
 	SignalInterval time.Duration `yaml:"signal_interval"`
+	// NewTables: a table added to postgres.tables after the slot was
+	// created is snapshotted incrementally on the next start. Default true.
+	NewTables *bool `yaml:"new_tables"`
 }
 
 // The values of postgres.snapshot.
@@ -489,6 +492,9 @@ func (c *Config) ApplyDefaults() {
 	}
 	if c.Snapshot.SignalInterval == 0 {
 		c.Snapshot.SignalInterval = time.Second
+	}
+	if c.Snapshot.NewTables == nil {
+		c.Snapshot.NewTables = boolPtr(true)
 	}
 	if p.StandbyInterval == 0 {
 		p.StandbyInterval = 10 * time.Second

@@ -77,7 +77,7 @@ func TestLoadGoodConfigAppliesDefaults(t *testing.T) {
 		},
 		HTTP:     config.HTTP{Listen: &listen},
 		Log:      config.Log{Level: "info", Format: "console"},
-		Snapshot: config.Snapshot{Incremental: ptr(true), ChunkSize: 2000, ChunkBytes: 8 << 20, SignalInterval: time.Second},
+		Snapshot: config.Snapshot{Incremental: ptr(true), ChunkSize: 2000, ChunkBytes: 8 << 20, SignalInterval: time.Second, NewTables: ptr(true)},
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Errorf("Load:\n got %+v\nwant %+v", c, want)
