@@ -746,7 +746,17 @@ func (r *Incremental) chunk(ctx context.Context, conn *pgx.Conn, s *IncrementalS
 
 	wm.Kind, wm.Xip = "high", xip
 	high, _ := json.Marshal(wm)
-	if _, err := conn.Exec(ctx, "SELECT pg_logical_emit_message(true, $1, $2)", WatermarkPrefix, string(high)); err != nil {
+	// Committed with a local WAL flush whatever the database's
+	// synchronous_commit: the walsender sends only flushed WAL, so under
+	// synchronous_commit off the chunk would otherwise wait for the WAL
+	// writer (wal_writer_delay, 200 ms by default) every time.
+	if err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "SET LOCAL synchronous_commit = local"); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, "SELECT pg_logical_emit_message(true, $1, $2)", WatermarkPrefix, string(high))
+		return err
+	}); err != nil {
 		return chunkResult{}, fmt.Errorf("writing the high watermark of a chunk of %s: %w", s.Table, err)
 	}
 	// The stream publishes the chunk at the high watermark; wait until it
