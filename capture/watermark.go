@@ -218,6 +218,13 @@ func (s *Stream) handleWatermark(ctx context.Context, conn *pgconn.PgConn, m *pg
 			return nil
 		}
 		idx := columnIndexes(c.rel, c.cols)
+		// The rows go out under the stream's own relation of the table
+		// when it has the chunk's shape: keyed exactly as the live
+		// changes, and the router keeps one relation per table.
+		rel := c.rel
+		if live, ok := s.rels[c.rel.OID]; ok && sameShape(live, c.rel) {
+			rel = live
+		}
 		var published, dropped int64
 		for _, row := range c.rows {
 			if _, hit := c.touched[rowKey(row, idx)]; hit {
@@ -229,7 +236,7 @@ func (s *Stream) handleWatermark(ctx context.Context, conn *pgconn.PgConn, m *pg
 				mark = pipeline.SnapshotIncrementalFirst
 			}
 			s.pendingBytes += c.bytes / int64(max(len(c.rows), 1))
-			if err := s.change(ctx, conn, pipeline.Change{Op: pipeline.OpRead, Rel: c.rel, After: row, WALLSN: at, Snapshot: mark}); err != nil {
+			if err := s.change(ctx, conn, pipeline.Change{Op: pipeline.OpRead, Rel: rel, After: row, WALLSN: at, Snapshot: mark}); err != nil {
 				return err
 			}
 			published++
@@ -271,6 +278,20 @@ func (s *Stream) commitChunk(end pipeline.LSN) {
 	s.chunkTxn = nil
 	c.end.Store(uint64(end))
 	c.doneOnce.Do(func() { close(c.done) })
+}
+
+// sameShape reports whether a and b have the same columns (names and
+// types, in order).
+func sameShape(a, b *pipeline.Relation) bool {
+	if len(a.Columns) != len(b.Columns) {
+		return false
+	}
+	for i := range a.Columns {
+		if a.Columns[i].Name != b.Columns[i].Name || a.Columns[i].TypeOID != b.Columns[i].TypeOID {
+			return false
+		}
+	}
+	return true
 }
 
 // columnIndexes returns the indexes of cols in rel (-1 for a missing one).

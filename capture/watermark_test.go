@@ -6,6 +6,8 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/jackc/pgx/v5/pgtype"
+
 	"github.com/tidemark/tidemark/pipeline"
 )
 
@@ -40,7 +42,7 @@ func wmBytes(t *testing.T, w watermark) []byte {
 // chunkOf arms a chunk of relation 42 (public.items, key "id") holding
 // rows with the given ids.
 func chunkOf(b *ChunkBoard, id, n int64, ids ...string) *chunk {
-	rel := &pipeline.Relation{OID: 42, Schema: "public", Table: "items", Columns: []pipeline.Column{{Name: "id", Key: true, Identity: true}}}
+	rel := &pipeline.Relation{OID: 42, Schema: "public", Table: "items", Columns: []pipeline.Column{{Name: "id", TypeOID: pgtype.TextOID, Key: true, Identity: true}}}
 	c := &chunk{key: chunkKey{id, n}, rel: rel, cols: []string{"id"}, done: make(chan struct{}), first: true}
 	b.arm(c)
 	rows := make([]pipeline.Tuple, len(ids))
@@ -95,6 +97,9 @@ func TestWatermarkDropsTouchedKeys(t *testing.T) {
 	}
 	for _, ev := range evs {
 		if ev.Kind == pipeline.EventChange && ev.Change.Op == pipeline.OpRead {
+			if ev.Change.Rel != s.rels[42] {
+				t.Errorf("snapshot row under the chunk's relation, not the stream's one of the same shape")
+			}
 			if ev.Txn.Xid != 82 || ev.Txn.CommitLSN != 0x1700 {
 				t.Errorf("snapshot row in transaction %d at %s, want the high watermark's (82 at 0/1700)", ev.Txn.Xid, ev.Txn.CommitLSN)
 			}
