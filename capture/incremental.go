@@ -126,6 +126,9 @@ type Incremental struct {
 	seq    atomic.Int64 // chunk attempts (watermark chunk numbers)
 	limit  *rate.Limiter
 	warned map[string]bool
+	// progress counts durable chunks and handled signals (Run's retry
+	// episodes end with progress).
+	progress atomic.Int64
 }
 
 // NewIncremental builds a runner; Run starts it.
@@ -178,13 +181,80 @@ func chunkColumns(ti TableInfo) []string {
 	if ti.Key != nil && (ti.Key.Source == "replica identity index" || strings.HasPrefix(ti.Key.Source, "unique index")) {
 		return ti.Key.Columns
 	}
+	if ti.ReplicaIdentity == 'i' && len(ti.IdentityColumns) > 0 {
+		return ti.IdentityColumns // the identity index (a configured key chose other columns)
+	}
 	return nil
+}
+
+// checkCondition refuses a where clause that is not one condition: a ';',
+// a comment, or parentheses that do not balance outside quoted text (a
+// clause like "x = 1) OR (true" would undo the chunk's key bound).
+func checkCondition(w string) error {
+	depth := 0
+	for i := 0; i < len(w); i++ {
+		switch c := w[i]; c {
+		case '\'', '"':
+			j := i + 1
+			for ; j < len(w); j++ {
+				if w[j] == c {
+					if j+1 < len(w) && w[j+1] == c { // a doubled quote
+						j++
+						continue
+					}
+					break
+				}
+			}
+			if j >= len(w) {
+				return fmt.Errorf("a %c quote is not closed", c)
+			}
+			i = j
+		case '$':
+			if i == 0 || !isIdentChar(w[i-1]) {
+				return errors.New("it holds a '$' (dollar quoting, parameters): use single-quoted literals")
+			}
+		case ';':
+			return errors.New("it holds a ';': give one condition")
+		case '(':
+			depth++
+		case ')':
+			depth--
+			if depth < 0 {
+				return errors.New("a ')' closes a '(' the condition did not open")
+			}
+		case '-':
+			if i+1 < len(w) && w[i+1] == '-' {
+				return errors.New("it holds a comment (--)")
+			}
+		case '/':
+			if i+1 < len(w) && w[i+1] == '*' {
+				return errors.New("it holds a comment (/*)")
+			}
+		}
+	}
+	if depth != 0 {
+		return errors.New("its parentheses do not balance")
+	}
+	return nil
+}
+
+func isIdentChar(c byte) bool {
+	return c == '_' || c >= '0' && c <= '9' || c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z'
 }
 
 // ensureSchema creates the bookkeeping and signal tables.
 func ensureIncrementalSchema(ctx context.Context, conn *pgx.Conn) error {
+	var have bool
+	if err := conn.QueryRow(ctx, "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL", incrementalTable, SignalTable).Scan(&have); err != nil {
+		return err
+	}
+	if have {
+		return nil // created before (possibly by an administrator: no CREATE needed)
+	}
+	if err := ensureSchema(ctx, conn); err != nil {
+		return err
+	}
 	for _, q := range []string{
-		"CREATE SCHEMA IF NOT EXISTS " + SnapshotSchema,
 		"CREATE TABLE IF NOT EXISTS " + incrementalTable + ` (
 			id bigserial PRIMARY KEY, slot text NOT NULL, table_name text NOT NULL, where_clause text,
 			state text NOT NULL, last_key text[], rows bigint NOT NULL DEFAULT 0, dropped bigint NOT NULL DEFAULT 0,
@@ -213,8 +283,8 @@ func (r *Incremental) validate(ctx context.Context, q interface {
 	if len(req.Tables) == 0 {
 		return &RequestError{"a snapshot request names no table"}
 	}
-	if strings.Contains(req.Where, ";") {
-		return &RequestError{fmt.Sprintf("the where clause %q holds a ';': give one condition", req.Where)}
+	if err := checkCondition(req.Where); err != nil {
+		return &RequestError{fmt.Sprintf("the where clause %q: %v", req.Where, err)}
 	}
 	for _, t := range req.Tables {
 		name := pipeline.QualifyTable(t)
@@ -297,6 +367,26 @@ func (r *Incremental) enqueueTx(ctx context.Context, tx pgx.Tx, req SnapshotRequ
 		ids = append(ids, id)
 	}
 	return ids, nil
+}
+
+// ensureSchema creates SnapshotSchema unless it exists (CREATE SCHEMA IF
+// NOT EXISTS needs CREATE on the database even when it does).
+func ensureSchema(ctx context.Context, conn *pgx.Conn) error {
+	var have bool
+	if err := conn.QueryRow(ctx, "SELECT to_regnamespace($1) IS NOT NULL", SnapshotSchema).Scan(&have); err != nil {
+		return err
+	}
+	if have {
+		return nil
+	}
+	if _, err := conn.Exec(ctx, "CREATE SCHEMA IF NOT EXISTS "+SnapshotSchema); err != nil {
+		var pe *pgconn.PgError
+		if errors.As(err, &pe) && pe.Code == "23505" {
+			return nil
+		}
+		return fmt.Errorf("creating schema %s (the role needs CREATE on the database, or create the schema for it): %w", SnapshotSchema, err)
+	}
+	return nil
 }
 
 // Wake makes the runner look for work at once.
@@ -410,11 +500,18 @@ func (r *Incremental) Run(ctx context.Context) error {
 	bo.MaxInterval = 30 * time.Second
 	bo.MaxElapsedTime = 0
 	bo.Reset()
-	failing := false
+	failures := 0
 	for {
+		before := r.progress.Load()
 		err := r.session(ctx)
 		if ctx.Err() != nil {
 			return ctx.Err()
+		}
+		if r.progress.Load() != before {
+			// The session got something done before it failed: a new
+			// episode, warned about and backed off from afresh.
+			failures = 0
+			bo.Reset()
 		}
 		var pe *pgconn.PgError
 		if errors.As(err, &pe) && pe.Code == "42501" {
@@ -425,9 +522,10 @@ func (r *Incremental) Run(ctx context.Context) error {
 			return nil
 		}
 		r.stats.Retries.Add(1)
-		if !failing {
-			failing = true
-			r.log.Warn("incremental snapshots: database unreachable or failing; retrying (tidemark_snapshot_retries_total)", zap.Error(err))
+		failures++
+		if failures == 1 || failures%10 == 0 {
+			r.log.Warn("incremental snapshots: database unreachable or failing; retrying (tidemark_snapshot_retries_total)",
+				zap.Error(err), zap.Int("attempts", failures))
 		}
 		select {
 		case <-time.After(bo.NextBackOff()):
@@ -522,6 +620,7 @@ func (r *Incremental) runOne(ctx context.Context, conn *pgx.Conn, s *Incremental
 			zap.Int64("rows", s.Rows), zap.Int64("chunks", s.Chunks))
 	}
 	retries := 0
+	var retrySince time.Time
 	for {
 		if time.Since(*lastSignals) >= r.cfg.SignalInterval {
 			if err := r.processSignals(ctx, conn); err != nil {
@@ -540,7 +639,7 @@ func (r *Incremental) runOne(ctx context.Context, conn *pgx.Conn, s *Incremental
 		res, err := r.chunk(ctx, conn, s, ti)
 		if err != nil {
 			var pe *pgconn.PgError
-			if errors.As(err, &pe) && permanentSnapshotError(pe) || errors.As(err, new(*RequestError)) {
+			if errors.As(err, &pe) && permanentSnapshotError(pe) || errors.As(err, new(*RequestError)) || errors.As(err, new(*permanentError)) {
 				return r.fail(ctx, conn, s, err.Error())
 			}
 			return err
@@ -548,9 +647,21 @@ func (r *Incremental) runOne(ctx context.Context, conn *pgx.Conn, s *Incremental
 		if res.retry {
 			retries++
 			r.stats.Retries.Add(1)
+			if retries == 1 {
+				retrySince = time.Now()
+			}
 			if retries == 1 || retries%100 == 0 {
-				r.log.Warn("incremental snapshot: a chunk's snapshot missed a transaction committed before its low watermark; reading the chunk again",
-					zap.Int64("id", s.ID), zap.String("table", s.Table), zap.Int("attempts", retries))
+				r.log.Warn("incremental snapshot: a transaction that had committed was not yet visible to a chunk's snapshot (waiting for a synchronous standby?); reading the chunk again",
+					zap.Int64("id", s.ID), zap.String("table", s.Table), zap.Int("attempts", retries), zap.Uint32("xid", res.xid))
+			}
+			if time.Since(retrySince) > maxInvisibleWait {
+				return r.fail(ctx, conn, s, fmt.Sprintf("transaction %d committed but stayed invisible to new snapshots for more than %s (a synchronous standby that does not answer?); request the snapshot again once it is visible",
+					res.xid, maxInvisibleWait))
+			}
+			select {
+			case <-time.After(min(time.Duration(retries)*5*time.Millisecond, time.Second)):
+			case <-ctx.Done():
+				return ctx.Err()
 			}
 			continue
 		}
@@ -567,21 +678,33 @@ func (r *Incremental) runOne(ctx context.Context, conn *pgx.Conn, s *Incremental
 // waiting: the table or a column is gone, the where clause is broken, the
 // role lacks a privilege.
 func permanentSnapshotError(pe *pgconn.PgError) bool {
-	switch pe.Code {
-	case "42P01", "42703", "42601", "42883", "42804", "42501", "22P02":
-		return true
-	}
-	return false
+	// Class 22 (data exception: a condition's cast failing on some row)
+	// and 42 (syntax error or access rule violation: a table or column
+	// gone, a privilege missing) do not heal by waiting.
+	return strings.HasPrefix(pe.Code, "22") || strings.HasPrefix(pe.Code, "42")
 }
 
 func (r *Incremental) fail(ctx context.Context, conn *pgx.Conn, s *IncrementalSnapshot, why string) error {
 	r.log.Error("incremental snapshot failed", zap.Int64("id", s.ID), zap.String("table", s.Table), zap.String("error", why))
-	_, err := conn.Exec(ctx, "UPDATE "+incrementalTable+" SET state = $2, error = $3, updated_at = now(), completed_at = now() WHERE id = $1",
+	_, err := conn.Exec(ctx, "UPDATE "+incrementalTable+" SET state = $2, error = $3, updated_at = now(), completed_at = now() WHERE id = $1 AND state = 'running'",
 		s.ID, IncrementalFailed, why)
 	return err
 }
 
-type chunkResult struct{ retry, done bool }
+type chunkResult struct {
+	retry, done bool
+	xid         uint32 // the invisible transaction a retry waits for
+}
+
+// maxInvisibleWait bounds how long a chunk is read again while a committed
+// transaction stays invisible to it.
+const maxInvisibleWait = 10 * time.Minute
+
+// permanentError is a chunk failure that reading again cannot fix.
+type permanentError struct{ err error }
+
+func (e *permanentError) Error() string { return e.err.Error() }
+func (e *permanentError) Unwrap() error { return e.err }
 
 // describe builds the relation of ti as the table is now, with the
 // columns' SQL types (for the chunk query's key casts).
@@ -685,15 +808,30 @@ func (r *Incremental) chunk(ctx context.Context, conn *pgx.Conn, s *IncrementalS
 	if err := tx.QueryRow(ctx, "SELECT pg_current_snapshot()::text").Scan(&snapText); err != nil {
 		return chunkResult{}, fmt.Errorf("reading the chunk's snapshot: %w", err)
 	}
-	xip, err := parseSnapshotXip(snapText)
+	xip, xmax, err := parseSnapshot(snapText)
 	if err != nil {
 		return chunkResult{}, err
+	}
+	// A transaction that the chunk's snapshot cannot see (in its xip, or
+	// at or after its xmax) but whose commit record is written (it waits
+	// for a synchronous standby) may have been streamed before the low
+	// watermark: the chunk would lack its changes without the stream
+	// recording them. Read the chunk again later. (The stream checks the
+	// same for the commits it received shortly before the low watermark.)
+	if x, err := invisibleCommitted(ctx, tx, snapText); err != nil {
+		return chunkResult{}, fmt.Errorf("checking the chunk's snapshot: %w", err)
+	} else if x != 0 {
+		return chunkResult{retry: true, xid: x}, nil
 	}
 	rows, err := tx.Query(ctx, q, append([]any{pgx.QueryExecModeExec, pgx.QueryResultFormats{pgx.TextFormatCode}}, args...)...)
 	if err != nil {
 		return chunkResult{}, fmt.Errorf("reading a chunk of %s: %w", s.Table, err)
 	}
 	keyIdx := columnIndexes(rel, cols)
+	if slices.Contains(keyIdx, -1) {
+		rows.Close()
+		return chunkResult{}, &RequestError{fmt.Sprintf("table %s: a column of its key (%s) is not among the columns Tidemark publishes (generated or dropped?)", s.Table, strings.Join(cols, ", "))}
+	}
 	var tuples []pipeline.Tuple
 	var lastKey []string
 	var bytes int64
@@ -718,7 +856,7 @@ func (r *Incremental) chunk(ctx context.Context, conn *pgx.Conn, s *IncrementalS
 		t, err := r.dec.decodeTuple(rel, rc, false)
 		if err != nil {
 			rows.Close()
-			return chunkResult{}, fmt.Errorf("decoding a row of %s: %w", s.Table, err)
+			return chunkResult{}, &permanentError{fmt.Errorf("decoding a row of %s: %w", s.Table, err)}
 		}
 		tuples = append(tuples, t)
 		bytes += int64(n) + int64(len(raw))*16
@@ -744,7 +882,7 @@ func (r *Incremental) chunk(ctx context.Context, conn *pgx.Conn, s *IncrementalS
 	}
 	r.cfg.Board.setRows(c, tuples, bytes)
 
-	wm.Kind, wm.Xip = "high", xip
+	wm.Kind, wm.Xip, wm.Xmax = "high", xip, xmax
 	high, _ := json.Marshal(wm)
 	// Committed with a local WAL flush whatever the database's
 	// synchronous_commit: the walsender sends only flushed WAL, so under
@@ -776,7 +914,7 @@ func (r *Incremental) chunk(ctx context.Context, conn *pgx.Conn, s *IncrementalS
 	}
 	durable = true
 	if c.retry.Load() {
-		return chunkResult{retry: true}, nil
+		return chunkResult{retry: true, xid: c.retryXid.Load()}, nil
 	}
 	pub, drop := c.published.Load(), c.dropped.Load()
 	st := r.stats.Table(s.Table)
@@ -799,9 +937,10 @@ func (r *Incremental) chunk(ctx context.Context, conn *pgx.Conn, s *IncrementalS
 		lk = s.LastKey
 	}
 	if _, err := conn.Exec(ctx, "UPDATE "+incrementalTable+` SET last_key = $2, rows = $3, dropped = $4, chunks = $5, state = $6, updated_at = now(),
-		completed_at = CASE WHEN $6 = 'done' THEN now() END WHERE id = $1`, s.ID, lk, s.Rows, s.Dropped, s.Chunks, state); err != nil {
+		completed_at = CASE WHEN $6 = 'done' THEN now() END WHERE id = $1 AND state = 'running'`, s.ID, lk, s.Rows, s.Dropped, s.Chunks, state); err != nil {
 		return chunkResult{}, fmt.Errorf("recording the progress of the snapshot of %s: %w", s.Table, err)
 	}
+	r.progress.Add(1)
 	if r.limit != nil && len(tuples) > 0 {
 		if err := r.limit.WaitN(ctx, min(len(tuples), r.limit.Burst())); err != nil {
 			return chunkResult{}, ctx.Err()
@@ -844,25 +983,85 @@ func (r *Incremental) chunkQuery(rel *pipeline.Relation, types map[string]string
 	return q + " ORDER BY " + strings.Join(order, ", ") + " LIMIT " + strconv.Itoa(r.cfg.ChunkSize), args
 }
 
-// parseSnapshotXip returns the in-progress xids of a pg_snapshot's text
-// form ("xmin:xmax:xip,..."), as the 32-bit xids pgoutput's BEGIN carries.
-func parseSnapshotXip(s string) ([]uint32, error) {
+// invisibleCommitted returns a transaction that the transaction snapshot
+// snapText cannot see although it has committed: its backend waits for a
+// synchronous standby (wait event SyncRep), which happens only after the
+// commit record is written; 0 when there is none. (pg_xact_status cannot
+// tell: it reports a transaction still in the process array as in
+// progress.) Other roles' sessions are visible in pg_stat_activity only
+// with pg_read_all_stats (or pg_monitor): without it, the stream's check
+// of recent commits is what remains.
+func invisibleCommitted(ctx context.Context, tx pgx.Tx, snapText string) (uint32, error) {
+	parts := strings.Split(snapText, ":")
+	if len(parts) != 3 {
+		return 0, fmt.Errorf("unexpected pg_current_snapshot() %q", snapText)
+	}
+	xmax, err := strconv.ParseUint(parts[1], 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("unexpected pg_current_snapshot() %q", snapText)
+	}
+	xip := map[uint64]bool{}
+	if parts[2] != "" {
+		for _, x := range strings.Split(parts[2], ",") {
+			v, err := strconv.ParseUint(x, 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("unexpected pg_current_snapshot() %q", snapText)
+			}
+			xip[v] = true
+		}
+	}
+	rows, err := tx.Query(ctx, `SELECT backend_xid::text FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND wait_event = 'SyncRep'`)
+	if err != nil {
+		return 0, err
+	}
+	waiting, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return 0, err
+	}
+	for _, w := range waiting {
+		x32, err := strconv.ParseUint(w, 10, 32)
+		if err != nil {
+			continue
+		}
+		// The full xid: the one with this low half nearest xmax.
+		x := xmax&^0xffffffff | x32
+		switch {
+		case x > xmax+1<<31:
+			x -= 1 << 32
+		case x+1<<31 < xmax:
+			x += 1 << 32
+		}
+		if x >= xmax || xip[x] {
+			return uint32(x32), nil
+		}
+	}
+	return 0, nil
+}
+
+// parseSnapshot returns the in-progress xids and the xmax of a
+// pg_snapshot's text form ("xmin:xmax:xip,..."), as the 32-bit xids
+// pgoutput's BEGIN carries.
+func parseSnapshot(s string) ([]uint32, uint32, error) {
 	parts := strings.Split(s, ":")
 	if len(parts) != 3 {
-		return nil, fmt.Errorf("unexpected pg_current_snapshot() %q", s)
+		return nil, 0, fmt.Errorf("unexpected pg_current_snapshot() %q", s)
+	}
+	xmax, err := strconv.ParseUint(parts[1], 10, 64)
+	if err != nil {
+		return nil, 0, fmt.Errorf("unexpected pg_current_snapshot() %q: %w", s, err)
 	}
 	var out []uint32
 	if parts[2] == "" {
-		return nil, nil
+		return nil, uint32(xmax), nil
 	}
 	for _, x := range strings.Split(parts[2], ",") {
 		v, err := strconv.ParseUint(x, 10, 64)
 		if err != nil {
-			return nil, fmt.Errorf("unexpected pg_current_snapshot() %q: %w", s, err)
+			return nil, 0, fmt.Errorf("unexpected pg_current_snapshot() %q: %w", s, err)
 		}
 		out = append(out, uint32(v))
 	}
-	return out, nil
+	return out, uint32(xmax), nil
 }
 
 // signalData is the data of an execute-snapshot or stop-snapshot signal,
@@ -888,7 +1087,7 @@ func (r *Incremental) processSignals(ctx context.Context, conn *pgx.Conn) error 
 	}
 	defer tx.Rollback(context.Background()) //nolint:errcheck
 	rows, err := tx.Query(ctx, "SELECT id, type, coalesce(data::text, '') FROM "+SignalTable+
-		" WHERE processed_at IS NULL ORDER BY requested_at, id LIMIT 100 FOR UPDATE SKIP LOCKED")
+		" WHERE processed_at IS NULL AND (data->>'slot' IS NULL OR data->>'slot' = $1) ORDER BY requested_at, id LIMIT 100 FOR UPDATE SKIP LOCKED", r.cfg.Slot)
 	if err != nil {
 		return fmt.Errorf("reading %s: %w", SignalTable, err)
 	}
@@ -912,9 +1111,6 @@ func (r *Incremental) processSignals(ctx context.Context, conn *pgx.Conn) error 
 				result = "refused: data is not the JSON of a signal: " + err.Error()
 			}
 		}
-		if result == "" && d.Slot != "" && d.Slot != r.cfg.Slot {
-			continue // for another Tidemark
-		}
 		if result == "" {
 			switch sg.typ {
 			case "execute-snapshot":
@@ -932,7 +1128,11 @@ func (r *Incremental) processSignals(ctx context.Context, conn *pgx.Conn) error 
 			return fmt.Errorf("answering signal %s in %s: %w", sg.id, SignalTable, err)
 		}
 	}
-	return tx.Commit(ctx)
+	if err := tx.Commit(ctx); err != nil {
+		return err
+	}
+	r.progress.Add(1)
+	return nil
 }
 
 func (r *Incremental) executeSignal(ctx context.Context, tx pgx.Tx, id string, d signalData) string {
@@ -1028,19 +1228,23 @@ const coveredTable = SnapshotSchema + ".snapshot_tables"
 // new. The new tables are not recorded: call CoverTables once they are
 // handled (their snapshot queued).
 func NewTables(ctx context.Context, conn *pgx.Conn, slot string, configured []string, created bool) ([]string, error) {
-	for _, q := range []string{
-		"CREATE SCHEMA IF NOT EXISTS " + SnapshotSchema,
-		"CREATE TABLE IF NOT EXISTS " + coveredTable + ` (slot text NOT NULL, table_name text NOT NULL, how text NOT NULL,
-			covered_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (slot, table_name))`,
-	} {
-		if _, err := conn.Exec(ctx, q); err != nil {
+	var have bool
+	if err := conn.QueryRow(ctx, "SELECT to_regclass($1) IS NOT NULL", coveredTable).Scan(&have); err != nil {
+		return nil, err
+	}
+	if !have {
+		if err := ensureSchema(ctx, conn); err != nil {
+			return nil, err
+		}
+		if _, err := conn.Exec(ctx, "CREATE TABLE IF NOT EXISTS "+coveredTable+` (slot text NOT NULL, table_name text NOT NULL, how text NOT NULL,
+			covered_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (slot, table_name))`); err != nil {
 			var pe *pgconn.PgError
-			if errors.As(err, &pe) && pe.Code == "23505" {
-				continue
+			if !errors.As(err, &pe) || pe.Code != "23505" {
+				return nil, fmt.Errorf("creating %s (the tables a slot's topics cover; the role needs CREATE on the database): %w", coveredTable, err)
 			}
-			return nil, fmt.Errorf("creating %s (the tables a slot's topics cover; the role needs CREATE on the database): %w", coveredTable, err)
 		}
 	}
+
 	if created {
 		_, err := conn.Exec(ctx, "DELETE FROM "+coveredTable+" WHERE slot = $1", slot)
 		if err != nil {
@@ -1059,6 +1263,11 @@ func NewTables(ctx context.Context, conn *pgx.Conn, slot string, configured []st
 	if len(known) == 0 {
 		return nil, CoverTables(ctx, conn, slot, configured, "recorded at start")
 	}
+	// A table no longer configured is not covered any more: added back
+	// later, it is new again (its topic missed what happened meanwhile).
+	if _, err := conn.Exec(ctx, "DELETE FROM "+coveredTable+" WHERE slot = $1 AND NOT table_name = ANY($2)", slot, configured); err != nil {
+		return nil, err
+	}
 	var out []string
 	for _, t := range configured {
 		if !slices.Contains(known, t) {
@@ -1070,10 +1279,9 @@ func NewTables(ctx context.Context, conn *pgx.Conn, slot string, configured []st
 
 // CoverTables records tables as covered by slot's topics.
 func CoverTables(ctx context.Context, conn *pgx.Conn, slot string, tables []string, how string) error {
-	for _, t := range tables {
-		if _, err := conn.Exec(ctx, "INSERT INTO "+coveredTable+" (slot, table_name, how) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING", slot, t, how); err != nil {
-			return fmt.Errorf("recording %s in %s: %w", t, coveredTable, err)
-		}
+	// One statement, one transaction.
+	if _, err := conn.Exec(ctx, "INSERT INTO "+coveredTable+" (slot, table_name, how) SELECT $1, t, $3 FROM unnest($2::text[]) t ON CONFLICT DO NOTHING", slot, tables, how); err != nil {
+		return fmt.Errorf("recording %v in %s: %w", tables, coveredTable, err)
 	}
 	return nil
 }

@@ -151,11 +151,6 @@ type Stats struct {
 	HeartbeatsSeen atomic.Uint64
 	HeartbeatLag   atomic.Int64
 	Connected      atomic.Bool
-	// SnapshotRows counts incremental snapshot rows published at their
-	// high watermarks; SnapshotDropped the chunk rows left out because a
-	// live change touched their key between the watermarks.
-	SnapshotRows    atomic.Uint64
-	SnapshotDropped atomic.Uint64
 
 	skipped sync.Map // "schema.table" -> *atomic.Uint64 (see Skipped)
 }

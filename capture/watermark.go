@@ -54,11 +54,15 @@ const WatermarkPrefix = "tidemark.snapshot"
 
 // watermark is a watermark message's content.
 type watermark struct {
-	Slot  string   `json:"slot"`
-	ID    int64    `json:"id"`    // the snapshot (tidemark.incremental_snapshots.id)
-	Chunk int64    `json:"chunk"` // the chunk's attempt number (unique per runner)
-	Kind  string   `json:"kind"`  // "low" or "high"
-	Xip   []uint32 `json:"xip,omitempty"`
+	Slot  string `json:"slot"`
+	ID    int64  `json:"id"`    // the snapshot (tidemark.incremental_snapshots.id)
+	Chunk int64  `json:"chunk"` // the chunk's attempt number (unique per runner)
+	Kind  string `json:"kind"`  // "low" or "high"
+	// Xip and Xmax are the chunk snapshot's in-progress transactions and
+	// its xmax (as 32-bit xids): every xid in Xip, or at or after Xmax, was
+	// invisible to the chunk.
+	Xip  []uint32 `json:"xip,omitempty"`
+	Xmax uint32   `json:"xmax,omitempty"`
 }
 
 // chunk is one chunk of an incremental snapshot, from its arming to its
@@ -85,6 +89,7 @@ type chunk struct {
 	published atomic.Int64
 	dropped   atomic.Int64
 	retry     atomic.Bool
+	retryXid  atomic.Uint32 // the transaction that made the chunk retry
 	abandoned atomic.Bool   // the runner gave it up (its windows close)
 	done      chan struct{} // closed when end is set
 	doneOnce  sync.Once
@@ -157,16 +162,24 @@ func (s *Stream) recordCommit(xid uint32, commit pipeline.LSN) {
 	s.recentPos++
 }
 
-// committedBefore reports whether xid was received committing before lsn
-// (among the last recentCommits commits).
-func (s *Stream) committedBefore(xid uint32, lsn pipeline.LSN) bool {
+// invisibleCommitted returns a transaction received committing before lsn
+// (among the last recentCommits commits) that the chunk snapshot of w
+// could not see: in its xip, or at or after its xmax (Postgres leaves
+// those out of xip).
+func (s *Stream) invisibleCommitted(w watermark, lsn pipeline.LSN) (uint32, bool) {
 	for _, m := range s.recent {
-		if m.xid == xid && m.commit != 0 && m.commit < lsn {
-			return true
+		if m.commit == 0 || m.commit >= lsn {
+			continue
+		}
+		if w.Xmax != 0 && xidFollowsOrEquals(m.xid, w.Xmax) || slices.Contains(w.Xip, m.xid) {
+			return m.xid, true
 		}
 	}
-	return false
+	return 0, false
 }
+
+// xidFollowsOrEquals compares 32-bit xids as Postgres does (modulo 2^32).
+func xidFollowsOrEquals(a, b uint32) bool { return int32(a-b) >= 0 }
 
 // handleWatermark handles a watermark message of the stream.
 func (s *Stream) handleWatermark(ctx context.Context, conn *pgconn.PgConn, m *pglogrepl.LogicalDecodingMessage, at pipeline.LSN) error {
@@ -207,11 +220,10 @@ func (s *Stream) handleWatermark(ctx context.Context, conn *pgconn.PgConn, m *pg
 			s.windows = slices.DeleteFunc(s.windows, func(o *chunk) bool { return o == c })
 		}
 		s.chunkTxn = c
-		for _, x := range w.Xip {
-			if s.committedBefore(x, c.lowLSN) {
-				c.retry.Store(true)
-				return nil
-			}
+		if x, ok := s.invisibleCommitted(w, c.lowLSN); ok {
+			c.retry.Store(true)
+			c.retryXid.Store(x)
+			return nil
 		}
 		if c.trunc {
 			c.dropped.Store(int64(len(c.rows)))
@@ -243,8 +255,6 @@ func (s *Stream) handleWatermark(ctx context.Context, conn *pgconn.PgConn, m *pg
 		}
 		c.published.Store(published)
 		c.dropped.Store(dropped)
-		s.stats.SnapshotRows.Add(uint64(published))
-		s.stats.SnapshotDropped.Add(uint64(dropped))
 	}
 	return nil
 }
@@ -252,7 +262,12 @@ func (s *Stream) handleWatermark(ctx context.Context, conn *pgconn.PgConn, m *pg
 // touch records the keys a live change touched in the open windows of its
 // table.
 func (s *Stream) touch(ch *pipeline.Change) {
+	prune := false
 	for _, c := range s.windows {
+		if c.abandoned.Load() {
+			prune = true
+			continue
+		}
 		if c.rel.OID != ch.Rel.OID {
 			continue
 		}
@@ -269,6 +284,9 @@ func (s *Stream) touch(ch *pipeline.Change) {
 				c.touched[k] = struct{}{}
 			}
 		}
+	}
+	if prune {
+		s.windows = slices.DeleteFunc(s.windows, func(o *chunk) bool { return o.abandoned.Load() })
 	}
 }
 
@@ -326,7 +344,7 @@ func tupleKey(t pipeline.Tuple, idx []int) (string, bool) {
 		case d.Value == nil:
 			b.WriteString("null")
 		default:
-			fmt.Fprintf(&b, "%T:%v", d.Value, d.Value)
+			fmt.Fprintf(&b, "%T:%#v", d.Value, d.Value)
 		}
 		b.WriteByte(0)
 	}

@@ -142,8 +142,15 @@ func TestWatermarkRetriesOnInvisibleCommit(t *testing.T) {
 		{"in progress, committed before the low watermark", []uint32{90}, true},
 		{"in progress, committed between the watermarks", []uint32{91}, false},
 		{"in progress, not streamed", []uint32{12345}, false},
+		// Postgres leaves a transaction at or after xmax out of xip: 90
+		// is invisible to a snapshot with xmax 90 and an empty xip.
+		{"at or after xmax, committed before the low watermark", nil, true},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
+			xmax := uint32(93) // after every xid here
+			if tt.xip == nil {
+				xmax = 90
+			}
 			board := NewChunkBoard("s")
 			s := receiverWith(t, func(c *Config) { c.Chunks = board })
 			c := chunkOf(board, 1, 2, "a", "b")
@@ -154,7 +161,7 @@ func TestWatermarkRetriesOnInvisibleCommit(t *testing.T) {
 			feed(t, s, xlogData(0x1400, beginBytes(0x1500, 91)))
 			feed(t, s, xlogData(0x1500, commitBytes(0x1500, 0x1510)))
 			feed(t, s, xlogData(0x1600, beginBytes(0x1700, 92)))
-			feed(t, s, xlogData(0x1610, messageBytes(true, 0x1610, WatermarkPrefix, wmBytes(t, watermark{Slot: "s", ID: 1, Chunk: 2, Kind: "high", Xip: tt.xip}))))
+			feed(t, s, xlogData(0x1610, messageBytes(true, 0x1610, WatermarkPrefix, wmBytes(t, watermark{Slot: "s", ID: 1, Chunk: 2, Kind: "high", Xip: tt.xip, Xmax: xmax}))))
 			feed(t, s, xlogData(0x1700, commitBytes(0x1700, 0x1710)))
 			got := snapshotIDs(emitted(s))
 			if c.retry.Load() != tt.retry || (tt.retry && len(got) != 0) || (!tt.retry && len(got) != 2) {
@@ -186,19 +193,68 @@ func TestWatermarkTruncateDropsChunk(t *testing.T) {
 	}
 }
 
-func TestParseSnapshotXip(t *testing.T) {
-	for in, want := range map[string][]uint32{
-		"100:100:":                         nil,
-		"100:105:101,103":                  {101, 103},
-		"4294967396:4294967400:4294967397": {101},
+func TestParseSnapshot(t *testing.T) {
+	for in, want := range map[string]struct {
+		xip  []uint32
+		xmax uint32
+	}{
+		"100:100:":                         {nil, 100},
+		"100:105:101,103":                  {[]uint32{101, 103}, 105},
+		"4294967396:4294967400:4294967397": {[]uint32{101}, 104},
 	} {
-		got, err := parseSnapshotXip(in)
-		if err != nil || !slices.Equal(got, want) {
-			t.Errorf("parseSnapshotXip(%q) = %v, %v; want %v", in, got, err, want)
+		xip, xmax, err := parseSnapshot(in)
+		if err != nil || !slices.Equal(xip, want.xip) || xmax != want.xmax {
+			t.Errorf("parseSnapshot(%q) = %v, %d, %v; want %v, %d", in, xip, xmax, err, want.xip, want.xmax)
 		}
 	}
-	if _, err := parseSnapshotXip("garbage"); err == nil {
+	if _, _, err := parseSnapshot("garbage"); err == nil {
 		t.Error("garbage parsed")
+	}
+}
+
+// TestCheckCondition: a where clause is one condition; quoted text may
+// hold anything.
+func TestCheckCondition(t *testing.T) {
+	for _, ok := range []string{"", "room_id = '!r:x'", "a = 'it''s; fine (really'", `"odd;col" > 3`, "(a = 1 OR b = 2) AND c", "col$x = 1"} {
+		if err := checkCondition(ok); err != nil {
+			t.Errorf("checkCondition(%q) = %v, want nil", ok, err)
+		}
+	}
+	for _, bad := range []string{"true; DROP TABLE t", "x = 1) OR (true", "(a", "a = 1 -- x", "a = 1 /* x */", "a = $$x$$", "a = 'open"} {
+		if err := checkCondition(bad); err == nil {
+			t.Errorf("checkCondition(%q) = nil, want an error", bad)
+		}
+	}
+}
+
+// TestTupleKeyDistinguishesArrays: the dedupe key of array values keeps
+// element boundaries ({"a b"} is not {"a","b"}).
+func TestTupleKeyDistinguishesArrays(t *testing.T) {
+	a, _ := tupleKey(pipeline.Tuple{{Value: []any{"a b"}}}, []int{0})
+	b, _ := tupleKey(pipeline.Tuple{{Value: []any{"a", "b"}}}, []int{0})
+	if a == b {
+		t.Errorf("both arrays key as %q", a)
+	}
+}
+
+// TestWatermarkAbandonedWindowCloses: a chunk the runner gave up between
+// its watermarks (its high watermark never comes) stops collecting keys
+// at the next change of any table.
+func TestWatermarkAbandonedWindowCloses(t *testing.T) {
+	board := NewChunkBoard("s")
+	s := receiverWith(t, func(c *Config) { c.Chunks = board })
+	c := chunkOf(board, 1, 4, "a")
+	feed(t, s, xlogData(0x1000, relationBytes(42)))
+	feed(t, s, xlogData(0x1100, messageBytes(false, 0x1100, WatermarkPrefix, wmBytes(t, watermark{Slot: "s", ID: 1, Chunk: 4, Kind: "low"}))))
+	if len(s.windows) != 1 {
+		t.Fatalf("%d windows after the low watermark", len(s.windows))
+	}
+	c.abandoned.Store(true)
+	board.remove(c)
+	feed(t, s, xlogData(0x1200, beginBytes(0x1300, 80)))
+	feed(t, s, xlogData(0x1210, cat([]byte{'U'}, relBytes(42), []byte{'N'}, tupleBytes(sp("a")))))
+	if len(s.windows) != 0 || len(c.touched) != 0 {
+		t.Errorf("abandoned window: %d windows open, %d keys collected", len(s.windows), len(c.touched))
 	}
 }
 

@@ -12,7 +12,6 @@ import (
 
 	"github.com/cenkalti/backoff/v4"
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"golang.org/x/sync/errgroup"
@@ -140,23 +139,18 @@ func streamProblems(cfg *config.Config, infos map[string]capture.TableInfo) []ca
 // table; a table that cannot be snapshotted that way (no key to chunk by)
 // is warned about, naming how to request one.
 func coverNewTables(ctx context.Context, conn *pgx.Conn, cfg *config.Config, incr *capture.Incremental, created bool, log *zap.Logger) error {
+	if incr == nil || (cfg.Snapshot.NewTables != nil && !*cfg.Snapshot.NewTables) {
+		return nil // snapshot.new_tables or snapshot.incremental false
+	}
 	added, err := capture.NewTables(ctx, conn, cfg.Postgres.Slot, cfg.Postgres.Tables, created)
-	var pe *pgconn.PgError
-	if errors.As(err, &pe) && pe.Code == "42501" {
-		log.Warn("cannot record which tables the slot's topics cover, so tables added to postgres.tables later are not snapshotted automatically (grant CREATE on the database, or create the tidemark schema for Tidemark's role)",
+	if err != nil {
+		// Bookkeeping only: the start goes on.
+		log.Warn("cannot record which tables the slot's topics cover, so a table added to postgres.tables is not snapshotted automatically this time (a missing CREATE privilege: grant CREATE on the database, or create the tidemark schema for Tidemark's role)",
 			zap.Error(err))
 		return nil
 	}
-	if err != nil {
-		return err
-	}
 	if len(added) == 0 {
 		return nil
-	}
-	if incr == nil || (cfg.Snapshot.NewTables != nil && !*cfg.Snapshot.NewTables) {
-		log.Info("tables added to postgres.tables since the last start get only their live changes (snapshot.new_tables false or snapshot.incremental false); request a snapshot with tidemark snapshot",
-			zap.Strings("tables", added))
-		return capture.CoverTables(ctx, conn, cfg.Postgres.Slot, added, "added, not snapshotted")
 	}
 	for _, t := range added {
 		ids, err := incr.Enqueue(ctx, capture.SnapshotRequest{Tables: []string{t}, By: "new table"})

@@ -41,9 +41,12 @@ func (e *env) newTruth(name string) *truth {
 func (tr *truth) txns() []truthTxn {
 	tr.e.t.Helper()
 	rows, err := tr.e.pool.Query(context.Background(), `
-		SELECT xid::text, count(*) FILTER (WHERE data LIKE 'table %'), max(lsn) FILTER (WHERE data LIKE 'COMMIT%')::text
+		SELECT xid::text, count(*) FILTER (WHERE data LIKE 'table %' AND data NOT LIKE 'table tidemark.%'), max(lsn) FILTER (WHERE data LIKE 'COMMIT%')::text
 		FROM pg_logical_slot_peek_changes($1, NULL, NULL, 'include-xids', '1', 'skip-empty-xacts', '1')
-		GROUP BY xid ORDER BY max(lsn) FILTER (WHERE data LIKE 'COMMIT%')`, tr.slot)
+		GROUP BY xid
+		-- Tidemark's own bookkeeping (schema tidemark) is not captured.
+		HAVING NOT (count(*) FILTER (WHERE data LIKE 'table tidemark.%') > 0 AND count(*) FILTER (WHERE data LIKE 'table %' AND data NOT LIKE 'table tidemark.%') = 0)
+		ORDER BY max(lsn) FILTER (WHERE data LIKE 'COMMIT%')`, tr.slot)
 	if err != nil {
 		tr.e.t.Fatalf("peeking truth slot: %v", err)
 	}
