@@ -337,6 +337,11 @@ func TestIntegrityPrecisionRecall(t *testing.T) {
 	after := e.violations()
 	if len(after) != len(vs) {
 		t.Errorf("after the replay %d violations are stored, before %d", len(after), len(vs))
+		for _, v := range after {
+			if !got[identity(t, v)] {
+				t.Logf("stored by the replay only: %+v", v)
+			}
+		}
 	}
 	rst := rg.Checker.Stats()
 	if rst.Violations != 0 || rst.Redetected != int64(injected) {
