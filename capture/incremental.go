@@ -1285,3 +1285,24 @@ func CoverTables(ctx context.Context, conn *pgx.Conn, slot string, tables []stri
 	}
 	return nil
 }
+
+// SyncRepVisibility returns a warning when incremental snapshots cannot
+// see every session waiting for a synchronous standby: the server has
+// synchronous_standby_names set, and the role is neither a superuser nor
+// a member of pg_read_all_stats, so pg_stat_activity hides other roles'
+// sessions (see invisibleCommitted). "" when there is nothing to say.
+func SyncRepVisibility(ctx context.Context, conn *pgx.Conn) (string, error) {
+	var names string
+	var sees bool
+	err := conn.QueryRow(ctx, `SELECT current_setting('synchronous_standby_names'),
+		(SELECT rolsuper FROM pg_roles WHERE rolname = current_user) OR pg_has_role(current_user, 'pg_read_all_stats', 'USAGE')`).Scan(&names, &sees)
+	if err != nil {
+		return "", err
+	}
+	if strings.TrimSpace(names) == "" || sees {
+		return "", nil
+	}
+	return fmt.Sprintf("synchronous_standby_names is set (%q) but Tidemark's role cannot see other roles' sessions in pg_stat_activity: "+
+		"an incremental snapshot chunk then cannot tell that a committed transaction still waits for a standby, and relies on the stream's memory of recent commits (lost on restart); "+
+		"GRANT pg_read_all_stats TO <tidemark role>", names), nil
+}

@@ -400,6 +400,13 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger, opts ...P
 	if err := coverNewTables(ctx, conn, cfg, incr, created, log); err != nil {
 		return nil, err
 	}
+	if incr != nil {
+		if w, err := capture.SyncRepVisibility(ctx, conn); err != nil {
+			log.Warn("could not check what incremental snapshots can see of sessions waiting for a synchronous standby", zap.Error(err))
+		} else if w != "" {
+			log.Warn("incremental snapshots: " + w)
+		}
+	}
 	watcher := capture.NewWatcher(capture.WatcherConfig{
 		DSN: cfg.Postgres.DSN, Slot: cfg.Postgres.Slot, Interval: cfg.Postgres.SlotCheckInterval, Heartbeat: *cfg.Postgres.HeartbeatInterval,
 	}, log.With(zap.String("component", "slot-watch")))

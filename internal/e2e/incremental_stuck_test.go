@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"context"
+	"regexp"
+	"strings"
 	"testing"
 	"time"
 
@@ -46,6 +48,23 @@ func TestIncrementalSnapshotWaitsForInvisibleCommit(t *testing.T) {
 		c.Snapshot.ChunkSize = 100
 		c.Snapshot.SignalInterval = 50 * time.Millisecond
 	})
+	// What a role without pg_read_all_stats is told (a superuser, the
+	// harness's role, needs nothing).
+	if w, err := capture.SyncRepVisibility(ctx, mustConn(t, e.dsn)); err != nil || w != "" {
+		t.Errorf("superuser: %q, %v; want no warning", w, err)
+	}
+	e.exec(`CREATE ROLE plain LOGIN`)
+	plainDSN := strings.Replace(e.dsn, "://", "://plain@", 1)
+	if strings.Contains(e.dsn, "@") {
+		plainDSN = regexp.MustCompile(`://[^@]*@`).ReplaceAllString(e.dsn, "://plain@")
+	}
+	if w, err := capture.SyncRepVisibility(ctx, mustConn(t, plainDSN)); err != nil || !strings.Contains(w, "GRANT pg_read_all_stats") {
+		t.Errorf("a role without pg_read_all_stats: %q, %v; want the grant named", w, err)
+	}
+	e.exec(`GRANT pg_read_all_stats TO plain`)
+	if w, err := capture.SyncRepVisibility(ctx, mustConn(t, plainDSN)); err != nil || w != "" {
+		t.Errorf("a role with pg_read_all_stats: %q, %v; want no warning", w, err)
+	}
 	r := e.start(cfg)
 
 	// The stuck transaction: synchronous_commit on, with a synchronous
@@ -108,4 +127,14 @@ func TestIncrementalSnapshotWaitsForInvisibleCommit(t *testing.T) {
 	e.waitSlot(cfg.Postgres.Slot, e.currentLSN(), 30*time.Second)
 	t.Logf("%d retries while the transaction was invisible", retries)
 	e.foldCheck("stuck.public.items")
+}
+
+func mustConn(t *testing.T, dsn string) *pgx.Conn {
+	t.Helper()
+	conn, err := pgx.Connect(context.Background(), dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close(context.Background()) })
+	return conn
 }
