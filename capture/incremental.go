@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
-	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"go.uber.org/zap"
@@ -738,20 +737,7 @@ func (r *Incremental) describe(ctx context.Context, tx pgx.Tx, ti TableInfo) (*p
 	for i, c := range rel.Columns {
 		oids[i] = c.TypeOID
 	}
-	lookup := func(ctx context.Context, oids []uint32) (map[uint32]pgType, error) {
-		rows, err := tx.Query(ctx, typesQuery, oids)
-		if err != nil {
-			return nil, err
-		}
-		out := map[uint32]pgType{}
-		var oid uint32
-		var t pgType
-		_, err = pgx.ForEachRow(rows, []any{&oid, &t.Domain, &t.Base, &t.Elem}, func() error {
-			out[oid] = t
-			return nil
-		})
-		return out, err
-	}
+	lookup := func(ctx context.Context, oids []uint32) (map[uint32]pgType, error) { return queryTypes(ctx, tx, oids) }
 	if err := r.dec.resolveTypes(ctx, oids, lookup); err != nil {
 		return nil, nil, err
 	}
@@ -838,21 +824,7 @@ func (r *Incremental) chunk(ctx context.Context, conn *pgx.Conn, s *IncrementalS
 	full := false
 	for rows.Next() {
 		raw := rows.RawValues()
-		n := 0
-		for _, v := range raw {
-			n += len(v)
-		}
-		buf := make([]byte, 0, n)
-		rc := make([]rawCol, len(raw))
-		for i, v := range raw {
-			if v == nil {
-				rc[i] = rawCol{kind: pglogrepl.TupleDataTypeNull}
-				continue
-			}
-			start := len(buf)
-			buf = append(buf, v...)
-			rc[i] = rawCol{kind: pglogrepl.TupleDataTypeText, data: buf[start:len(buf):len(buf)]}
-		}
+		rc, n := copyRawRow(raw)
 		t, err := r.dec.decodeTuple(rel, rc, false)
 		if err != nil {
 			rows.Close()

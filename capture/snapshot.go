@@ -397,18 +397,29 @@ func (s *SnapshotSource) openTable(ctx context.Context) (bool, error) {
 // lookupTypes is the decoder's typeLookup, on the snapshot transaction
 // (called between tables, never while a table's rows are read).
 func (s *SnapshotSource) lookupTypes(ctx context.Context, oids []uint32) (map[uint32]pgType, error) {
-	rows, err := s.tx.Query(ctx, typesQuery, oids)
-	if err != nil {
-		return nil, err
+	return queryTypes(ctx, s.tx, oids)
+}
+
+// copyRawRow copies a text-format result row (pgx reuses its buffers) into
+// one buffer that the decoded values may alias, and returns its columns
+// and their byte count.
+func copyRawRow(raw [][]byte) ([]rawCol, int) {
+	n := 0
+	for _, v := range raw {
+		n += len(v)
 	}
-	out := map[uint32]pgType{}
-	var oid uint32
-	var t pgType
-	_, err = pgx.ForEachRow(rows, []any{&oid, &t.Domain, &t.Base, &t.Elem}, func() error {
-		out[oid] = t
-		return nil
-	})
-	return out, err
+	buf := make([]byte, 0, n)
+	cols := make([]rawCol, len(raw))
+	for i, v := range raw {
+		if v == nil {
+			cols[i] = rawCol{kind: pglogrepl.TupleDataTypeNull}
+			continue
+		}
+		start := len(buf)
+		buf = append(buf, v...)
+		cols[i] = rawCol{kind: pglogrepl.TupleDataTypeText, data: buf[start:len(buf):len(buf)]}
+	}
+	return cols, n
 }
 
 // readRow returns the next row of the snapshot, or nil after the last.
@@ -421,24 +432,7 @@ func (s *SnapshotSource) readRow(ctx context.Context) (*pipeline.Change, int, er
 			}
 		}
 		if s.rows.Next() {
-			raw := s.rows.RawValues()
-			n := 0
-			for _, v := range raw {
-				n += len(v)
-			}
-			// One copy per row: decoded values alias it, and pgx reuses
-			// its buffers.
-			buf := make([]byte, 0, n)
-			cols := make([]rawCol, len(raw))
-			for i, v := range raw {
-				if v == nil {
-					cols[i] = rawCol{kind: pglogrepl.TupleDataTypeNull}
-					continue
-				}
-				start := len(buf)
-				buf = append(buf, v...)
-				cols[i] = rawCol{kind: pglogrepl.TupleDataTypeText, data: buf[start:len(buf):len(buf)]}
-			}
+			cols, n := copyRawRow(s.rows.RawValues())
 			t, err := s.dec.decodeTuple(s.rel, cols, false)
 			if err != nil {
 				return nil, 0, err

@@ -59,7 +59,15 @@ func (s *Stream) lookupTypes(ctx context.Context, oids []uint32) (map[uint32]pgT
 		return nil, fmt.Errorf("connecting: %w", ExplainTLS(err))
 	}
 	defer conn.Close(context.Background())
-	rows, err := conn.Query(cctx, typesQuery, oids)
+	return queryTypes(cctx, conn, oids)
+}
+
+// queryTypes runs typesQuery for oids on q (a connection or a
+// transaction).
+func queryTypes(ctx context.Context, q interface {
+	Query(context.Context, string, ...any) (pgx.Rows, error)
+}, oids []uint32) (map[uint32]pgType, error) {
+	rows, err := q.Query(ctx, typesQuery, oids)
 	if err != nil {
 		return nil, err
 	}

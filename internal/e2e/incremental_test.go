@@ -148,15 +148,7 @@ func (e *env) waitIncrementalDone(id int64, timeout time.Duration, during func(r
 func (e *env) foldCheck(topic string) (reads, again int, againChunks int) {
 	e.t.Helper()
 	ms := e.read(topic)
-	slices.SortFunc(ms, func(a, b msg) int {
-		if a.Pos.Less(b.Pos) {
-			return -1
-		}
-		if b.Pos.Less(a.Pos) {
-			return 1
-		}
-		return 0
-	})
+	sortByPosition(ms)
 	fold := map[string]map[string]json.RawMessage{}
 	lastLive := map[string]bool{}
 	deleted := map[string]bool{}
@@ -222,15 +214,7 @@ func (e *env) foldCheck(topic string) (reads, again int, againChunks int) {
 func (e *env) foldAgainstItems(topic string) (fold map[string]map[string]json.RawMessage, extra []string) {
 	e.t.Helper()
 	ms := e.read(topic)
-	slices.SortFunc(ms, func(a, b msg) int {
-		if a.Pos.Less(b.Pos) {
-			return -1
-		}
-		if b.Pos.Less(a.Pos) {
-			return 1
-		}
-		return 0
-	})
+	sortByPosition(ms)
 	fold = map[string]map[string]json.RawMessage{}
 	for _, m := range ms {
 		if m.Env.Op == "d" {
@@ -507,4 +491,17 @@ func TestIncrementalSnapshotKilledResumes(t *testing.T) {
 	if rows < n/2 {
 		t.Errorf("the snapshot published %d rows of about %d", rows, n)
 	}
+}
+
+// sortByPosition orders records by position (commit LSN, then seq).
+func sortByPosition(ms []msg) {
+	slices.SortFunc(ms, func(a, b msg) int {
+		if a.Pos.Less(b.Pos) {
+			return -1
+		}
+		if b.Pos.Less(a.Pos) {
+			return 1
+		}
+		return 0
+	})
 }

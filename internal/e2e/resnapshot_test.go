@@ -115,15 +115,7 @@ CREATE TABLE later_nokey (a int); ALTER TABLE later_nokey REPLICA IDENTITY FULL;
 	e.waitSlot(cfg2.Postgres.Slot, e.currentLSN(), 30*time.Second)
 	fold := map[string]string{}
 	ms := e.read("newtab.public.later")
-	slices.SortFunc(ms, func(a, b msg) int {
-		if a.Pos.Less(b.Pos) {
-			return -1
-		}
-		if b.Pos.Less(a.Pos) {
-			return 1
-		}
-		return 0
-	})
+	sortByPosition(ms)
 	for _, m := range ms {
 		if m.Env.Op == "d" {
 			delete(fold, string(m.Env.Before["id"]))

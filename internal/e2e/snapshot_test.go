@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"reflect"
-	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -198,15 +197,7 @@ INSERT INTO read_markers(user_id, room_id, event_id, stream_ordering)
 	var snapLSN pipeline.LSN
 	for _, table := range demo.Tables {
 		ms := e.read(cfg.Kafka.TopicPrefix + "." + table)
-		slices.SortFunc(ms, func(a, b msg) int {
-			if a.Pos.Less(b.Pos) {
-				return -1
-			}
-			if b.Pos.Less(a.Pos) {
-				return 1
-			}
-			return 0
-		})
+		sortByPosition(ms)
 		pk := canonicalPK[table]
 		fold := map[string]map[string]json.RawMessage{}
 		lastRead := map[string]pipeline.Position{}
