@@ -8,11 +8,9 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/tidemark/tidemark/capture"
 	"github.com/tidemark/tidemark/internal/config"
-	"github.com/tidemark/tidemark/internal/kafkatest"
 )
 
 // TestIncrementalSnapshotWaitsForInvisibleCommit: a transaction that has
@@ -30,17 +28,8 @@ import (
 func TestIncrementalSnapshotWaitsForInvisibleCommit(t *testing.T) {
 	srv := throwawayServer(t, nil)
 	ctx := context.Background()
-	pool, err := pgxpool.New(ctx, srv.DSN("postgres"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pool.Close)
-	kc, err := kafkatest.Start("")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(kc.Close)
-	e := &env{t: t, dsn: srv.DSN("postgres"), pool: pool, kafka: kc}
+	e := envOn(t, srv)
+	pool := e.pool
 	e.seedItems(1000)
 	e.exec(`ALTER SYSTEM SET synchronous_standby_names = 'nobody'`)
 	e.exec(`SELECT pg_reload_conf()`)

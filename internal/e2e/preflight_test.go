@@ -14,6 +14,7 @@ import (
 	"github.com/tidemark/tidemark/capture"
 	"github.com/tidemark/tidemark/internal/app"
 	"github.com/tidemark/tidemark/internal/config"
+	"github.com/tidemark/tidemark/internal/kafkatest"
 	"github.com/tidemark/tidemark/internal/pgserver"
 	"github.com/tidemark/tidemark/pipeline"
 )
@@ -31,6 +32,23 @@ import (
 func throwawayServer(t *testing.T, settings map[string]string) *pgserver.Server {
 	t.Helper()
 	return throwawayServerWith(t, pgserver.Options{ExtraConfig: settings})
+}
+
+// envOn is an env on database postgres of srv, with an in-process Kafka
+// of its own.
+func envOn(t *testing.T, srv *pgserver.Server) *env {
+	t.Helper()
+	pool, err := pgxpool.New(context.Background(), srv.DSN("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	kc, err := kafkatest.Start("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(kc.Close)
+	return &env{t: t, dsn: srv.DSN("postgres"), pool: pool, kafka: kc}
 }
 
 // throwawayServerWith is throwawayServer with all of pgserver's options

@@ -8,11 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgxpool"
-
 	"github.com/tidemark/tidemark/internal/app"
-
-	"github.com/tidemark/tidemark/internal/kafkatest"
 )
 
 // TestSlotInvalidatedWhileRunning: on a server with a small
@@ -26,17 +22,8 @@ func TestSlotInvalidatedWhileRunning(t *testing.T) {
 		"max_slot_wal_keep_size": "64MB", "max_wal_size": "32MB", "min_wal_size": "32MB", "wal_keep_size": "0",
 	})
 	ctx := context.Background()
-	pool, err := pgxpool.New(ctx, srv.DSN("postgres"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pool.Close)
-	kc, err := kafkatest.Start("")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(kc.Close)
-	e := &env{t: t, dsn: srv.DSN("postgres"), pool: pool, kafka: kc}
+	e := envOn(t, srv)
+	pool := e.pool
 	e.exec(`CREATE TABLE notes (id int PRIMARY KEY, body text); CREATE TABLE filler (id bigserial PRIMARY KEY, pad text)`)
 	cfg := e.config("lost", []string{"public.notes"}, nil)
 	// The slot and publication first, so the first row is after the slot's
@@ -74,7 +61,7 @@ func TestSlotInvalidatedWhileRunning(t *testing.T) {
 		}
 	}
 
-	kc.Stop()
+	e.kafka.Stop()
 	e.exec(`INSERT INTO notes VALUES (2, 'never acknowledged')`)
 	lost := false
 	for i := 0; i < 40 && !lost; i++ {
