@@ -618,8 +618,10 @@ func (r *Incremental) runOne(ctx context.Context, conn *pgx.Conn, s *Incremental
 		r.log.Info("incremental snapshot resumed after its last durable chunk", zap.Int64("id", s.ID), zap.String("table", s.Table),
 			zap.Int64("rows", s.Rows), zap.Int64("chunks", s.Chunks))
 	}
-	retries := 0
+	retries, repairRounds := 0, 0
 	var retrySince time.Time
+	var repair [][]string // keys to read again before the next chunk
+	lastChunk := false
 	for {
 		if time.Since(*lastSignals) >= r.cfg.SignalInterval {
 			if err := r.processSignals(ctx, conn); err != nil {
@@ -635,7 +637,7 @@ func (r *Incremental) runOne(ctx context.Context, conn *pgx.Conn, s *Incremental
 				return nil
 			}
 		}
-		res, err := r.chunk(ctx, conn, s, ti)
+		res, err := r.chunk(ctx, conn, s, ti, repair)
 		if err != nil {
 			var pe *pgconn.PgError
 			if errors.As(err, &pe) && permanentSnapshotError(pe) || errors.As(err, new(*RequestError)) || errors.As(err, new(*permanentError)) {
@@ -665,7 +667,26 @@ func (r *Incremental) runOne(ctx context.Context, conn *pgx.Conn, s *Incremental
 			continue
 		}
 		retries = 0
-		if res.done {
+		if repair != nil {
+			repairRounds++
+		} else {
+			repairRounds, lastChunk = 0, res.done
+		}
+		if len(res.repair) > 0 && repairRounds < maxRepairRounds {
+			// Rows left to live updates that did not carry all their
+			// columns (unchanged TOAST): read them again.
+			repair = res.repair
+			continue
+		}
+		if len(res.repair) > 0 {
+			r.log.Warn("incremental snapshot: rows kept changing with updates that leave TOASTed columns out; their topic records carry those columns only from earlier records",
+				zap.Int64("id", s.ID), zap.String("table", s.Table), zap.Int("rows", len(res.repair)), zap.Int("rounds", repairRounds))
+		}
+		repair = nil
+		if lastChunk {
+			if _, err := conn.Exec(ctx, "UPDATE "+incrementalTable+" SET state = 'done', completed_at = now(), updated_at = now() WHERE id = $1 AND state = 'running'", s.ID); err != nil {
+				return err
+			}
 			r.log.Info("incremental snapshot done", zap.Int64("id", s.ID), zap.String("table", s.Table),
 				zap.Int64("rows", s.Rows), zap.Int64("dropped", s.Dropped), zap.Int64("chunks", s.Chunks))
 			return nil
@@ -692,8 +713,13 @@ func (r *Incremental) fail(ctx context.Context, conn *pgx.Conn, s *IncrementalSn
 
 type chunkResult struct {
 	retry, done bool
-	xid         uint32 // the invisible transaction a retry waits for
+	xid         uint32     // the invisible transaction a retry waits for
+	repair      [][]string // keys to read again (see chunk.repairKeys)
 }
+
+// maxRepairRounds bounds how often rows left to partial live updates are
+// read again after one chunk.
+const maxRepairRounds = 3
 
 // maxInvisibleWait bounds how long a chunk is read again while a committed
 // transaction stays invisible to it.
@@ -746,9 +772,12 @@ func (r *Incremental) describe(ctx context.Context, tx pgx.Tx, ti TableInfo) (*p
 
 // chunk reads, hands over and waits for one chunk of s, then records its
 // progress.
-func (r *Incremental) chunk(ctx context.Context, conn *pgx.Conn, s *IncrementalSnapshot, ti TableInfo) (chunkResult, error) {
+func (r *Incremental) chunk(ctx context.Context, conn *pgx.Conn, s *IncrementalSnapshot, ti TableInfo, repair [][]string) (chunkResult, error) {
 	cols := chunkColumns(ti)
 	keyless := cols == nil
+	if keyless {
+		repair = nil
+	}
 	c := &chunk{key: chunkKey{s.ID, r.seq.Add(1)}, first: s.Rows == 0 && s.Chunks == 0, done: make(chan struct{})}
 	durable := false
 	defer func() {
@@ -784,7 +813,7 @@ func (r *Incremental) chunk(ctx context.Context, conn *pgx.Conn, s *IncrementalS
 	}
 
 	// The chunk, in a short read-only transaction of its own.
-	q, args := r.chunkQuery(rel, types, ti, cols, keyless, s)
+	q, args := r.chunkQuery(rel, types, ti, cols, keyless, s, repair)
 	tx, err = conn.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
 	if err != nil {
 		return chunkResult{}, err
@@ -819,6 +848,7 @@ func (r *Incremental) chunk(ctx context.Context, conn *pgx.Conn, s *IncrementalS
 		return chunkResult{}, &RequestError{fmt.Sprintf("table %s: a column of its key (%s) is not among the columns Tidemark publishes (generated or dropped?)", s.Table, strings.Join(cols, ", "))}
 	}
 	var tuples []pipeline.Tuple
+	var keys [][]string
 	var lastKey []string
 	var bytes int64
 	full := false
@@ -833,12 +863,14 @@ func (r *Incremental) chunk(ctx context.Context, conn *pgx.Conn, s *IncrementalS
 		tuples = append(tuples, t)
 		bytes += int64(n) + int64(len(raw))*16
 		if !keyless {
-			lastKey = lastKey[:0]
-			for _, i := range keyIdx {
-				lastKey = append(lastKey, string(raw[i]))
+			k := make([]string, len(keyIdx))
+			for j, i := range keyIdx {
+				k[j] = string(raw[i])
 			}
+			keys = append(keys, k)
+			lastKey = k
 		}
-		if !keyless && (len(tuples) >= r.cfg.ChunkSize || bytes >= r.cfg.ChunkBytes) {
+		if !keyless && repair == nil && (len(tuples) >= r.cfg.ChunkSize || bytes >= r.cfg.ChunkBytes) {
 			full = true
 			break
 		}
@@ -852,7 +884,7 @@ func (r *Incremental) chunk(ctx context.Context, conn *pgx.Conn, s *IncrementalS
 		return chunkResult{}, &RequestError{fmt.Sprintf("table %s has no primary key or unique index to read it in chunks by, and more than snapshot.chunk_size (%d) rows match the where clause %q: narrow it, raise chunk_size, or add a primary key",
 			s.Table, r.cfg.ChunkSize, s.Where)}
 	}
-	r.cfg.Board.setRows(c, tuples, bytes)
+	r.cfg.Board.setRows(c, tuples, keys, bytes)
 
 	wm.Kind, wm.Xip, wm.Xmax = "high", xip, xmax
 	high, _ := json.Marshal(wm)
@@ -895,18 +927,18 @@ func (r *Incremental) chunk(ctx context.Context, conn *pgx.Conn, s *IncrementalS
 	st.Chunks.Add(1)
 	s.Rows += pub
 	s.Dropped += drop
-	s.Chunks++
-	done := keyless || !full
+	last := repair == nil && (keyless || !full)
+	if repair == nil {
+		s.Chunks++
+	}
 	state := IncrementalRunning
-	if done {
+	if last && len(c.repairKeys) == 0 {
 		state = IncrementalDone
 	}
-	var lk any
-	if len(lastKey) > 0 {
+	var lk any = s.LastKey
+	if repair == nil && len(lastKey) > 0 {
 		lk = lastKey
 		s.LastKey = slices.Clone(lastKey)
-	} else {
-		lk = s.LastKey
 	}
 	if _, err := conn.Exec(ctx, "UPDATE "+incrementalTable+` SET last_key = $2, rows = $3, dropped = $4, chunks = $5, state = $6, updated_at = now(),
 		completed_at = CASE WHEN $6 = 'done' THEN now() END WHERE id = $1 AND state = 'running'`, s.ID, lk, s.Rows, s.Dropped, s.Chunks, state); err != nil {
@@ -918,11 +950,12 @@ func (r *Incremental) chunk(ctx context.Context, conn *pgx.Conn, s *IncrementalS
 			return chunkResult{}, ctx.Err()
 		}
 	}
-	return chunkResult{done: done}, nil
+	return chunkResult{done: last, repair: c.repairKeys}, nil
 }
 
 // chunkQuery returns the query of s's next chunk and its arguments.
-func (r *Incremental) chunkQuery(rel *pipeline.Relation, types map[string]string, ti TableInfo, cols []string, keyless bool, s *IncrementalSnapshot) (string, []any) {
+// With repair, it reads exactly those keys (see chunk.repairKeys).
+func (r *Incremental) chunkQuery(rel *pipeline.Relation, types map[string]string, ti TableInfo, cols []string, keyless bool, s *IncrementalSnapshot, repair [][]string) (string, []any) {
 	sel := make([]string, len(rel.Columns))
 	for i, c := range rel.Columns {
 		sel[i] = pgx.Identifier{c.Name}.Sanitize()
@@ -930,7 +963,23 @@ func (r *Incremental) chunkQuery(rel *pipeline.Relation, types map[string]string
 	q := "SELECT " + strings.Join(sel, ", ") + " FROM " + pgx.Identifier{ti.Schema, ti.Table}.Sanitize()
 	var conds []string
 	var args []any
-	if !keyless && len(s.LastKey) == len(cols) {
+	quoted := make([]string, len(cols))
+	for i, c := range cols {
+		quoted[i] = pgx.Identifier{c}.Sanitize()
+	}
+	switch {
+	case repair != nil:
+		tuples := make([]string, 0, len(repair))
+		for _, k := range repair {
+			ps := make([]string, len(cols))
+			for i, c := range cols {
+				args = append(args, k[i])
+				ps[i] = "$" + strconv.Itoa(len(args)) + "::" + types[c]
+			}
+			tuples = append(tuples, "("+strings.Join(ps, ", ")+")")
+		}
+		conds = append(conds, "("+strings.Join(quoted, ", ")+") IN ("+strings.Join(tuples, ", ")+")")
+	case !keyless && len(s.LastKey) == len(cols):
 		l, rr := make([]string, len(cols)), make([]string, len(cols))
 		for i, c := range cols {
 			l[i] = pgx.Identifier{c}.Sanitize()

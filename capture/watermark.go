@@ -73,12 +73,17 @@ type chunk struct {
 	rel   *pipeline.Relation
 	cols  []string // the columns that identify a row (see chunkColumns)
 	rows  []pipeline.Tuple
+	keys  [][]string // the text of each row's identifying columns (see repairKeys)
 	bytes int64
 	ready bool // rows are set (under the board's lock)
 	first bool // the snapshot's first chunk: its first row is marked first
 
 	// Owned by the stream goroutine.
 	touched map[string]struct{}
+	// partial holds the touched keys whose last change in the window was
+	// an update that did not carry an unchanged TOASTed column: its image
+	// is not whole, so the dropped chunk row is read again (repairKeys).
+	partial map[string]bool
 	lowLSN  pipeline.LSN
 	opened  bool
 	closed  bool
@@ -88,11 +93,14 @@ type chunk struct {
 	end       atomic.Uint64 // end LSN of the high watermark's transaction
 	published atomic.Int64
 	dropped   atomic.Int64
-	retry     atomic.Bool
-	retryXid  atomic.Uint32 // the transaction that made the chunk retry
-	abandoned atomic.Bool   // the runner gave it up (its windows close)
-	done      chan struct{} // closed when end is set
-	doneOnce  sync.Once
+	// repairKeys are the keys of the dropped rows that the live changes
+	// left without a whole image (set before done is closed).
+	repairKeys [][]string
+	retry      atomic.Bool
+	retryXid   atomic.Uint32 // the transaction that made the chunk retry
+	abandoned  atomic.Bool   // the runner gave it up (its windows close)
+	done       chan struct{} // closed when end is set
+	doneOnce   sync.Once
 }
 
 type chunkKey struct {
@@ -118,9 +126,9 @@ func (b *ChunkBoard) arm(c *chunk) {
 	b.mu.Unlock()
 }
 
-func (b *ChunkBoard) setRows(c *chunk, rows []pipeline.Tuple, bytes int64) {
+func (b *ChunkBoard) setRows(c *chunk, rows []pipeline.Tuple, keys [][]string, bytes int64) {
 	b.mu.Lock()
-	c.rows, c.bytes, c.ready = rows, bytes, true
+	c.rows, c.keys, c.bytes, c.ready = rows, keys, bytes, true
 	b.mu.Unlock()
 }
 
@@ -201,7 +209,7 @@ func (s *Stream) handleWatermark(ctx context.Context, conn *pgconn.PgConn, m *pg
 		s.windows = slices.DeleteFunc(s.windows, func(o *chunk) bool { return o.abandoned.Load() })
 		if !c.opened {
 			c.opened, c.lowLSN = true, at
-			c.touched = map[string]struct{}{}
+			c.touched, c.partial = map[string]struct{}{}, map[string]bool{}
 			s.windows = append(s.windows, c)
 		}
 	case "high":
@@ -238,9 +246,14 @@ func (s *Stream) handleWatermark(ctx context.Context, conn *pgconn.PgConn, m *pg
 			rel = live
 		}
 		var published, dropped int64
-		for _, row := range c.rows {
-			if _, hit := c.touched[rowKey(row, idx)]; hit {
+		c.repairKeys = nil
+		for i, row := range c.rows {
+			k := rowKey(row, idx)
+			if _, hit := c.touched[k]; hit {
 				dropped++
+				if c.partial[k] && i < len(c.keys) {
+					c.repairKeys = append(c.repairKeys, c.keys[i])
+				}
 				continue
 			}
 			mark := pipeline.SnapshotIncremental
@@ -282,6 +295,15 @@ func (s *Stream) touch(ch *pipeline.Change) {
 			}
 			if k, ok := tupleKey(t, idx); ok {
 				c.touched[k] = struct{}{}
+			}
+		}
+		if ch.After != nil {
+			if k, ok := tupleKey(ch.After, idx); ok {
+				if ch.Op == pipeline.OpUpdate && slices.ContainsFunc(ch.After, func(d pipeline.Datum) bool { return d.Unchanged }) {
+					c.partial[k] = true
+				} else {
+					delete(c.partial, k)
+				}
 			}
 		}
 	}

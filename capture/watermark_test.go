@@ -49,7 +49,11 @@ func chunkOf(b *ChunkBoard, id, n int64, ids ...string) *chunk {
 	for i, v := range ids {
 		rows[i] = pipeline.Tuple{{Text: v, IsText: true}}
 	}
-	b.setRows(c, rows, int64(len(ids)))
+	keys := make([][]string, len(ids))
+	for i, v := range ids {
+		keys[i] = []string{v}
+	}
+	b.setRows(c, rows, keys, int64(len(ids)))
 	return c
 }
 
@@ -275,5 +279,62 @@ func TestChunkColumns(t *testing.T) {
 	cfgKey := TableInfo{Schema: "public", Table: "t", IdentityColumns: []string{"a", "b"}, Key: &KeyChoice{Columns: []string{"a"}, Source: "postgres.key_columns"}}
 	if got := chunkColumns(cfgKey); got != nil {
 		t.Errorf("a configured (maybe not unique) key without a primary key: %v, want none", got)
+	}
+}
+
+// relationWithBody is a Relation message for relid: public.items with a
+// key column "id" and a text column "body".
+func relationWithBody(relid uint32) []byte {
+	b := binary.BigEndian.AppendUint32([]byte{'R'}, relid)
+	b = append(b, "public\x00items\x00"...)
+	b = append(b, 'd')
+	b = binary.BigEndian.AppendUint16(b, 2)
+	b = append(b, 1)
+	b = append(b, "id\x00"...)
+	b = binary.BigEndian.AppendUint32(b, pgtype.TextOID)
+	b = binary.BigEndian.AppendUint32(b, 0xffffffff)
+	b = append(b, 0)
+	b = append(b, "body\x00"...)
+	b = binary.BigEndian.AppendUint32(b, pgtype.TextOID)
+	return binary.BigEndian.AppendUint32(b, 0xffffffff)
+}
+
+// TestWatermarkRepairsPartialImages: a chunk row dropped for a live update
+// that left a TOASTed column out (unchanged) is named for reading again
+// (its image in the topic would lack that column); one dropped for an
+// update carrying every column, a delete, or a partial update followed by
+// a whole one is not.
+func TestWatermarkRepairsPartialImages(t *testing.T) {
+	board := NewChunkBoard("s")
+	s := receiverWith(t, func(c *Config) { c.Chunks = board })
+	rel := &pipeline.Relation{OID: 42, Schema: "public", Table: "items", Columns: []pipeline.Column{
+		{Name: "id", TypeOID: pgtype.TextOID, Key: true, Identity: true}, {Name: "body", TypeOID: pgtype.TextOID}}}
+	c := &chunk{key: chunkKey{1, 5}, rel: rel, cols: []string{"id"}, done: make(chan struct{})}
+	board.arm(c)
+	var rows []pipeline.Tuple
+	var keys [][]string
+	for _, id := range []string{"a", "b", "c", "d", "e"} {
+		rows = append(rows, pipeline.Tuple{{Text: id, IsText: true}, {Text: "big", IsText: true}})
+		keys = append(keys, []string{id})
+	}
+	board.setRows(c, rows, keys, 10)
+	unchanged := sp("\x00u")
+	feed(t, s, xlogData(0x1000, relationWithBody(42)))
+	feed(t, s, xlogData(0x1100, messageBytes(false, 0x1100, WatermarkPrefix, wmBytes(t, watermark{Slot: "s", ID: 1, Chunk: 5, Kind: "low"}))))
+	feed(t, s, xlogData(0x1200, beginBytes(0x1300, 80)))
+	feed(t, s, xlogData(0x1210, cat([]byte{'U'}, relBytes(42), []byte{'N'}, tupleBytes(sp("a"), unchanged))))         // partial
+	feed(t, s, xlogData(0x1220, cat([]byte{'U'}, relBytes(42), []byte{'N'}, tupleBytes(sp("b"), sp("new")))))         // whole
+	feed(t, s, xlogData(0x1230, cat([]byte{'D'}, relBytes(42), []byte{'K'}, tupleBytes(sp("c"), nil))))               // delete
+	feed(t, s, xlogData(0x1240, cat([]byte{'U'}, relBytes(42), []byte{'N'}, tupleBytes(sp("d"), unchanged))))         // partial,
+	feed(t, s, xlogData(0x1250, cat([]byte{'U'}, relBytes(42), []byte{'N'}, tupleBytes(sp("d"), sp("whole again"))))) // then whole
+	feed(t, s, xlogData(0x1300, commitBytes(0x1300, 0x1310)))
+	feed(t, s, xlogData(0x1600, beginBytes(0x1700, 82)))
+	feed(t, s, xlogData(0x1610, messageBytes(true, 0x1610, WatermarkPrefix, wmBytes(t, watermark{Slot: "s", ID: 1, Chunk: 5, Kind: "high"}))))
+	feed(t, s, xlogData(0x1700, commitBytes(0x1700, 0x1710)))
+	if got := snapshotIDs(emitted(s)); !slices.Equal(got, []string{"e"}) {
+		t.Errorf("published %v, want [e]", got)
+	}
+	if len(c.repairKeys) != 1 || c.repairKeys[0][0] != "a" {
+		t.Errorf("repair keys %v, want [[a]]", c.repairKeys)
 	}
 }
