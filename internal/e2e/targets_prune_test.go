@@ -84,7 +84,7 @@ DELETE FROM users WHERE user_id = '@u%[4]d';`, i, i%10, i-20, i-40)
 		if time.Since(next) >= 0 {
 			m, u, r := count()
 			samples = append(samples, sample{time.Since(start), m, u, r})
-			next = next.Add(soak / 20)
+			next = next.Add(soak / 60) // often enough to catch the floor right after a prune round, also when a busy machine delays rounds
 		}
 		time.Sleep(20 * time.Millisecond) // ~40 steps/s
 	}
@@ -92,8 +92,10 @@ DELETE FROM users WHERE user_id = '@u%[4]d';`, i, i%10, i-20, i-40)
 	if kept, truth := e.pairs(keptSQL(cfg)), e.pairs(canonicalTruth); !slices.Equal(kept, truth) {
 		t.Fatalf("after pruning, kept %d pairs, database %d", len(kept), len(truth))
 	}
-	for _, s := range samples {
-		t.Logf("t=%5.1fs memberships=%d users=%d rooms=%d", s.at.Seconds(), s.m, s.u, s.r)
+	for i, s := range samples {
+		if i%3 == 0 {
+			t.Logf("t=%5.1fs memberships=%d users=%d rooms=%d", s.at.Seconds(), s.m, s.u, s.r)
+		}
 	}
 	pruned := map[string]float64{}
 	for _, table := range []string{"notify_memberships", "notify_users", "notify_rooms"} {
@@ -126,7 +128,7 @@ DELETE FROM users WHERE user_id = '@u%[4]d';`, i, i%10, i-20, i-40)
 	}{{"memberships", func(s sample) int { return s.m }}, {"users", func(s sample) int { return s.u }}, {"rooms", func(s sample) int { return s.r }}} {
 		mLow, mPeak := stat(samples[third:2*third], c.f)
 		lLow, lPeak := stat(samples[2*third:], c.f)
-		if lLow > mLow+mLow/4+20 || lPeak > 2*mPeak+80 {
+		if lLow > mLow+mLow/4+40 || lPeak > 2*mPeak+80 {
 			t.Fatalf("%s grow after warm-up: middle third low %d peak %d, last third low %d peak %d", c.name, mLow, mPeak, lLow, lPeak)
 		}
 	}
