@@ -124,7 +124,6 @@ type Incremental struct {
 	dec    *decoder
 	seq    atomic.Int64 // chunk attempts (watermark chunk numbers)
 	limit  *rate.Limiter
-	warned map[string]bool
 	// progress counts durable chunks and handled signals (Run's retry
 	// episodes end with progress).
 	progress atomic.Int64
@@ -136,7 +135,7 @@ func NewIncremental(cfg IncrementalConfig, log *zap.Logger) *Incremental {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	r := &Incremental{cfg: cfg, log: log, tables: map[string]TableInfo{}, wake: make(chan struct{}, 1), dec: newDecoder(), warned: map[string]bool{}}
+	r := &Incremental{cfg: cfg, log: log, tables: map[string]TableInfo{}, wake: make(chan struct{}, 1), dec: newDecoder()}
 	for _, t := range cfg.Tables {
 		r.tables[t.Qualified()] = t
 	}
@@ -823,7 +822,7 @@ func (r *Incremental) chunk(ctx context.Context, conn *pgx.Conn, s *IncrementalS
 	if err := tx.QueryRow(ctx, "SELECT pg_current_snapshot()::text").Scan(&snapText); err != nil {
 		return chunkResult{}, fmt.Errorf("reading the chunk's snapshot: %w", err)
 	}
-	xip, xmax, err := parseSnapshot(snapText)
+	snap, err := parseSnapshot(snapText)
 	if err != nil {
 		return chunkResult{}, err
 	}
@@ -833,7 +832,7 @@ func (r *Incremental) chunk(ctx context.Context, conn *pgx.Conn, s *IncrementalS
 	// watermark: the chunk would lack its changes without the stream
 	// recording them. Read the chunk again later. (The stream checks the
 	// same for the commits it received shortly before the low watermark.)
-	if x, err := invisibleCommitted(ctx, tx, snapText); err != nil {
+	if x, err := invisibleCommitted(ctx, tx, snap); err != nil {
 		return chunkResult{}, fmt.Errorf("checking the chunk's snapshot: %w", err)
 	} else if x != 0 {
 		return chunkResult{retry: true, xid: x}, nil
@@ -886,7 +885,8 @@ func (r *Incremental) chunk(ctx context.Context, conn *pgx.Conn, s *IncrementalS
 	}
 	r.cfg.Board.setRows(c, tuples, keys, bytes)
 
-	wm.Kind, wm.Xip, wm.Xmax = "high", xip, xmax
+	wm.Kind = "high"
+	wm.Xip, wm.Xmax = snap.xids32()
 	high, _ := json.Marshal(wm)
 	// Committed with a local WAL flush whatever the database's
 	// synchronous_commit: the walsender sends only flushed WAL, so under
@@ -1012,25 +1012,7 @@ func (r *Incremental) chunkQuery(rel *pipeline.Relation, types map[string]string
 // progress.) Other roles' sessions are visible in pg_stat_activity only
 // with pg_read_all_stats (or pg_monitor): without it, the stream's check
 // of recent commits is what remains.
-func invisibleCommitted(ctx context.Context, tx pgx.Tx, snapText string) (uint32, error) {
-	parts := strings.Split(snapText, ":")
-	if len(parts) != 3 {
-		return 0, fmt.Errorf("unexpected pg_current_snapshot() %q", snapText)
-	}
-	xmax, err := strconv.ParseUint(parts[1], 10, 64)
-	if err != nil {
-		return 0, fmt.Errorf("unexpected pg_current_snapshot() %q", snapText)
-	}
-	xip := map[uint64]bool{}
-	if parts[2] != "" {
-		for _, x := range strings.Split(parts[2], ",") {
-			v, err := strconv.ParseUint(x, 10, 64)
-			if err != nil {
-				return 0, fmt.Errorf("unexpected pg_current_snapshot() %q", snapText)
-			}
-			xip[v] = true
-		}
-	}
+func invisibleCommitted(ctx context.Context, tx pgx.Tx, snap pgSnapshot) (uint32, error) {
 	rows, err := tx.Query(ctx, `SELECT backend_xid::text FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND wait_event = 'SyncRep'`)
 	if err != nil {
 		return 0, err
@@ -1045,44 +1027,59 @@ func invisibleCommitted(ctx context.Context, tx pgx.Tx, snapText string) (uint32
 			continue
 		}
 		// The full xid: the one with this low half nearest xmax.
-		x := xmax&^0xffffffff | x32
+		x := snap.xmax&^0xffffffff | x32
 		switch {
-		case x > xmax+1<<31:
+		case x > snap.xmax+1<<31:
 			x -= 1 << 32
-		case x+1<<31 < xmax:
+		case x+1<<31 < snap.xmax:
 			x += 1 << 32
 		}
-		if x >= xmax || xip[x] {
+		if x >= snap.xmax || slices.Contains(snap.xip, x) {
 			return uint32(x32), nil
 		}
 	}
 	return 0, nil
 }
 
-// parseSnapshot returns the in-progress xids and the xmax of a
-// pg_snapshot's text form ("xmin:xmax:xip,..."), as the 32-bit xids
-// pgoutput's BEGIN carries.
-func parseSnapshot(s string) ([]uint32, uint32, error) {
+// pgSnapshot is a pg_snapshot: its xmax and in-progress xids (full,
+// 64-bit xids).
+type pgSnapshot struct {
+	xmax uint64
+	xip  []uint64
+}
+
+// parseSnapshot parses a pg_snapshot's text form ("xmin:xmax:xip,...").
+func parseSnapshot(s string) (pgSnapshot, error) {
 	parts := strings.Split(s, ":")
 	if len(parts) != 3 {
-		return nil, 0, fmt.Errorf("unexpected pg_current_snapshot() %q", s)
+		return pgSnapshot{}, fmt.Errorf("unexpected pg_current_snapshot() %q", s)
 	}
 	xmax, err := strconv.ParseUint(parts[1], 10, 64)
 	if err != nil {
-		return nil, 0, fmt.Errorf("unexpected pg_current_snapshot() %q: %w", s, err)
+		return pgSnapshot{}, fmt.Errorf("unexpected pg_current_snapshot() %q: %w", s, err)
 	}
-	var out []uint32
+	snap := pgSnapshot{xmax: xmax}
 	if parts[2] == "" {
-		return nil, uint32(xmax), nil
+		return snap, nil
 	}
 	for _, x := range strings.Split(parts[2], ",") {
 		v, err := strconv.ParseUint(x, 10, 64)
 		if err != nil {
-			return nil, 0, fmt.Errorf("unexpected pg_current_snapshot() %q: %w", s, err)
+			return pgSnapshot{}, fmt.Errorf("unexpected pg_current_snapshot() %q: %w", s, err)
 		}
-		out = append(out, uint32(v))
+		snap.xip = append(snap.xip, v)
 	}
-	return out, uint32(xmax), nil
+	return snap, nil
+}
+
+// xids32 returns the snapshot's in-progress xids and xmax as the 32-bit
+// xids pgoutput's BEGIN carries (for the high watermark).
+func (p pgSnapshot) xids32() ([]uint32, uint32) {
+	var xip []uint32
+	for _, x := range p.xip {
+		xip = append(xip, uint32(x))
+	}
+	return xip, uint32(p.xmax)
 }
 
 // signalData is the data of an execute-snapshot or stop-snapshot signal,

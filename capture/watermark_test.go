@@ -206,12 +206,13 @@ func TestParseSnapshot(t *testing.T) {
 		"100:105:101,103":                  {[]uint32{101, 103}, 105},
 		"4294967396:4294967400:4294967397": {[]uint32{101}, 104},
 	} {
-		xip, xmax, err := parseSnapshot(in)
+		snap, err := parseSnapshot(in)
+		xip, xmax := snap.xids32()
 		if err != nil || !slices.Equal(xip, want.xip) || xmax != want.xmax {
 			t.Errorf("parseSnapshot(%q) = %v, %d, %v; want %v, %d", in, xip, xmax, err, want.xip, want.xmax)
 		}
 	}
-	if _, _, err := parseSnapshot("garbage"); err == nil {
+	if _, err := parseSnapshot("garbage"); err == nil {
 		t.Error("garbage parsed")
 	}
 }

@@ -11,7 +11,6 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -823,17 +822,7 @@ func TestAbortedHugeTransactionPublishesNothing(t *testing.T) {
 // drain of a big transaction takes long enough to interrupt.
 func writeBigConfig(t *testing.T, cfg *config.Config, maxInFlight, maxBatch int) string {
 	t.Helper()
-	var b strings.Builder
-	fmt.Fprintf(&b, "postgres:\n  dsn: %q\n  slot: %s\n  publication: %s\n  standby_interval: 1s\n  snapshot: %s\n  tables:\n", cfg.Postgres.DSN, cfg.Postgres.Slot, cfg.Postgres.Publication, cfg.Postgres.Snapshot)
-	for _, tb := range cfg.Postgres.Tables {
-		fmt.Fprintf(&b, "    - %s\n", tb)
-	}
-	fmt.Fprintf(&b, "kafka:\n  brokers: [%q]\n  topic_prefix: %s\n  partitions: %d\n", cfg.Kafka.Brokers[0], cfg.Kafka.TopicPrefix, cfg.Kafka.Partitions)
-	fmt.Fprintf(&b, "pipeline:\n  max_inflight_messages: %d\n  max_batch_messages: %d\nhttp:\n  listen: \"\"\nlog:\n  level: warn\n", maxInFlight, maxBatch)
-	path := filepath.Join(t.TempDir(), "tidemark.yml")
-	if err := os.WriteFile(path, []byte(b.String()), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	path := writeConfigWith(t, cfg, fmt.Sprintf("pipeline:\n  max_inflight_messages: %d\n  max_batch_messages: %d\nhttp:\n  listen: \"\"\nlog:\n  level: warn\n", maxInFlight, maxBatch))
 	loaded, err := config.Load(path)
 	if err != nil {
 		t.Fatalf("config: %v", err)

@@ -276,13 +276,20 @@ func (v heldView) lacks(tt truthTxn, ends map[string][]int64) string {
 
 func writeConfig(t *testing.T, cfg *config.Config) string {
 	t.Helper()
+	return writeConfigWith(t, cfg, "pipeline:\n  max_batch_messages: 500\nhttp:\n  listen: \"\"\nlog:\n  level: warn\n")
+}
+
+// writeConfigWith writes cfg's postgres and kafka essentials, then tail
+// (more sections, as YAML), to a file and returns its path.
+func writeConfigWith(t *testing.T, cfg *config.Config, tail string) string {
+	t.Helper()
 	var b strings.Builder
 	fmt.Fprintf(&b, "postgres:\n  dsn: %q\n  slot: %s\n  publication: %s\n  standby_interval: 1s\n  snapshot: %s\n  tables:\n", cfg.Postgres.DSN, cfg.Postgres.Slot, cfg.Postgres.Publication, cfg.Postgres.Snapshot)
 	for _, tb := range cfg.Postgres.Tables {
 		fmt.Fprintf(&b, "    - %s\n", tb)
 	}
 	fmt.Fprintf(&b, "kafka:\n  brokers: [%q]\n  topic_prefix: %s\n  partitions: %d\n", cfg.Kafka.Brokers[0], cfg.Kafka.TopicPrefix, cfg.Kafka.Partitions)
-	fmt.Fprintf(&b, "pipeline:\n  max_batch_messages: 500\nhttp:\n  listen: \"\"\nlog:\n  level: warn\n")
+	b.WriteString(tail)
 	path := filepath.Join(t.TempDir(), "tidemark.yml")
 	if err := os.WriteFile(path, []byte(b.String()), 0o600); err != nil {
 		t.Fatal(err)

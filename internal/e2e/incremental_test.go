@@ -5,9 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -314,17 +312,7 @@ func TestIncrementalSnapshotUnderWorkload(t *testing.T) {
 // as a YAML file for the binary.
 func writeIncrementalConfig(t *testing.T, cfg *config.Config, chunkSize int, listen string) string {
 	t.Helper()
-	var b strings.Builder
-	fmt.Fprintf(&b, "postgres:\n  dsn: %q\n  slot: %s\n  publication: %s\n  standby_interval: 1s\n  snapshot: %s\n  tables:\n", cfg.Postgres.DSN, cfg.Postgres.Slot, cfg.Postgres.Publication, cfg.Postgres.Snapshot)
-	for _, tb := range cfg.Postgres.Tables {
-		fmt.Fprintf(&b, "    - %s\n", tb)
-	}
-	fmt.Fprintf(&b, "kafka:\n  brokers: [%q]\n  topic_prefix: %s\n  partitions: %d\n", cfg.Kafka.Brokers[0], cfg.Kafka.TopicPrefix, cfg.Kafka.Partitions)
-	fmt.Fprintf(&b, "snapshot:\n  chunk_size: %d\n  signal_interval: 100ms\nhttp:\n  listen: %q\n  admin_token: test-admin-token-0123456789\nlog:\n  level: warn\n", chunkSize, listen)
-	path := filepath.Join(t.TempDir(), "tidemark.yml")
-	if err := os.WriteFile(path, []byte(b.String()), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	path := writeConfigWith(t, cfg, fmt.Sprintf("snapshot:\n  chunk_size: %d\n  signal_interval: 100ms\nhttp:\n  listen: %q\n  admin_token: test-admin-token-0123456789\nlog:\n  level: warn\n", chunkSize, listen))
 	loaded, err := config.Load(path)
 	if err != nil {
 		t.Fatalf("config: %v", err)
