@@ -62,13 +62,24 @@ func TestIncrementalSnapshotWaitsForInvisibleCommit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close(context.Background())
+	// The waiting session owns conn until it returns: a failing test
+	// cancels it and waits before closing conn.
+	stuckCtx, cancelStuck := context.WithCancel(ctx)
 	stuck := make(chan error, 1)
+	stuckDone := make(chan struct{})
+	defer func() {
+		cancelStuck()
+		<-stuckDone
+		conn.Close(context.Background())
+	}()
 	go func() {
-		_, err := conn.Exec(ctx, "SET synchronous_commit = on; UPDATE items SET v = 999 WHERE id = 5")
+		defer close(stuckDone)
+		_, err := conn.Exec(stuckCtx, "SET synchronous_commit = on; UPDATE items SET v = 999 WHERE id = 5")
 		stuck <- err
 	}()
-	// Premise: its change is streamed while it is invisible.
+	// Premise: its change is streamed while it is invisible. The topic
+	// appears with the first record the stream sends.
+	e.waitTopic("stuck.public.items", 15*time.Second)
 	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(50 * time.Millisecond) {
 		found := false
 		for _, m := range e.read("stuck.public.items") {
