@@ -180,6 +180,9 @@ var ErrTerminal = errors.New("capture: terminal error")
 // Stream is a pipeline.Source over a replication slot.
 type Stream struct {
 	cfg   Config
+	// lastCommitEnd is the end of the last commit received (Debezium's
+	// lastCommitLsn, see pipeline.TxnInfo.PrevEndLSN).
+	lastCommitEnd pipeline.LSN
 	log   *zap.Logger
 	out   chan handed           // batches, in order
 	free  chan []pipeline.Event // emptied batches, for reuse
@@ -544,6 +547,10 @@ func (s *Stream) session(ctx context.Context) error {
 	s.skipRels = map[uint32]string{}
 	s.typeNames = map[uint32]string{}
 	s.txn, s.open = nil, false
+	// The first transaction's source.sequence starts at where the stream
+	// resumes: the end of the last commit made durable (0, unknown, on a
+	// slot's first start).
+	s.lastCommitEnd = start
 	s.idleWALEnd = 0
 	s.lastStatus = time.Time{}
 	s.seenCount, s.lastRecv, s.probeAt = s.recvCount, time.Now(), time.Time{}
@@ -855,7 +862,7 @@ func (s *Stream) handleWAL(ctx context.Context, conn *pgconn.PgConn, xld pglogre
 	s.stats.Messages.Add(1)
 	switch m := msg.(type) {
 	case *pglogrepl.BeginMessage:
-		s.txn = &pipeline.TxnInfo{Xid: m.Xid, CommitLSN: pipeline.LSN(m.FinalLSN), CommitTime: m.CommitTime}
+		s.txn = &pipeline.TxnInfo{Xid: m.Xid, CommitLSN: pipeline.LSN(m.FinalLSN), CommitTime: m.CommitTime, PrevEndLSN: s.lastCommitEnd}
 		s.open, s.chunkTxn = true, nil
 		return s.emit(ctx, conn, pipeline.Event{Kind: pipeline.EventBegin, Txn: s.txn})
 	case *pglogrepl.CommitMessage:
@@ -869,6 +876,7 @@ func (s *Stream) handleWAL(ctx context.Context, conn *pgconn.PgConn, xld pglogre
 		}
 		ev := pipeline.Event{Kind: pipeline.EventCommit, Txn: s.txn}
 		s.pendingEnd, s.receivedEnd = s.txn.EndLSN, s.txn.EndLSN
+		s.lastCommitEnd = s.txn.EndLSN
 		s.stats.ReceivedLSN.Store(uint64(s.txn.EndLSN))
 		s.txn, s.open = nil, false
 		if err := s.emit(ctx, conn, ev); err != nil {
@@ -990,10 +998,25 @@ func (s *Stream) handleRow(ctx context.Context, conn *pgconn.PgConn, xld pglogre
 		ch.Op = pipeline.OpCreate
 	case 'U':
 		ch.Op = pipeline.OpUpdate
+		if m.oldKind == 'O' {
+			fillUnchanged(ch.After, ch.Before)
+		}
 	default:
 		ch.Op = pipeline.OpDelete
 	}
 	return s.change(ctx, conn, ch)
+}
+
+// fillUnchanged gives after the values of its unchanged TOASTed columns
+// from before, the whole old row that REPLICA IDENTITY FULL sends
+// (Postgres inlines its TOASTed values), as Debezium does: after is then
+// the whole new row.
+func fillUnchanged(after, before pipeline.Tuple) {
+	for i := range after {
+		if after[i].Unchanged && i < len(before) && !before[i].Unchanged && !before[i].Absent {
+			after[i] = before[i]
+		}
+	}
 }
 
 // slabSize is the unit in which own allocates copies of row messages.

@@ -110,7 +110,7 @@ type Config struct {
 	// asking for less cannot join. Default 10s.
 	SessionTimeout time.Duration
 	// Decode, for topics whose records are not change envelopes (e.g.
-	// <prefix>.transactions), decodes a record instead of
+	// <prefix>.transaction), decodes a record instead of
 	// pipeline.ParseEnvelope. The Message's Table selects the handler and
 	// its Pos is used for redelivery skipping. Default: none.
 	Decode map[string]func(m *kafkago.Message) (*Message, error)
@@ -551,6 +551,11 @@ func (c *Consumer) apply(ctx context.Context, batch []fetched) (*pendingCommit, 
 	applied := 0
 	for i := range batch {
 		m := &batch[i].m
+		if len(m.Value) == 0 {
+			// A tombstone: its delete, just before it, was the change.
+			c.stats.skip(SkipTombstone)
+			continue
+		}
 		msg, reason := c.decode(m)
 		if reason != nil {
 			dead = append(dead, c.deadLetter(m, reason))

@@ -77,6 +77,9 @@ const (
 	// SkipTruncateDuplicate: a truncate already acted on, delivered again
 	// by another partition (truncates go to every partition).
 	SkipTruncateDuplicate = "truncate_duplicate"
+	// SkipTombstone: a tombstone (a null value after a delete, for log
+	// compaction); the delete before it carried the change.
+	SkipTombstone = "tombstone"
 )
 
 // SkipError is returned by a handler for a change that is a no-op on
@@ -135,5 +138,5 @@ func (s *Stats) SkippedBy() map[string]uint64 {
 // SkipReasons are the reasons Tidemark's handlers use, for metrics that
 // export every reason from the start.
 func SkipReasons() []string {
-	return slices.Clone([]string{SkipRedelivered, SkipOpExcluded, SkipFiltered, SkipTableIgnored, SkipTruncateIgnored, SkipTruncateDuplicate})
+	return slices.Clone([]string{SkipRedelivered, SkipOpExcluded, SkipFiltered, SkipTableIgnored, SkipTruncateIgnored, SkipTruncateDuplicate, SkipTombstone})
 }

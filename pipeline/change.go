@@ -221,6 +221,10 @@ type TxnInfo struct {
 	CommitLSN  LSN
 	EndLSN     LSN
 	CommitTime time.Time
+	// PrevEndLSN is the end of the last commit the source saw before this
+	// transaction (Debezium's lastCommitLsn, the first element of
+	// source.sequence); 0 when unknown (a snapshot).
+	PrevEndLSN LSN
 }
 
 // ID is the transaction's identity in envelopes: "xid:commitLSN".

@@ -24,8 +24,13 @@ type Envelope struct {
 		Schema string `json:"schema"`
 		Table  string `json:"table"`
 		TxID   uint32 `json:"txId"`
-		LSN    uint64 `json:"lsn"`
-		TsMs   int64  `json:"ts_ms"`
+		// LSN is the change's own LSN (Debezium's meaning).
+		LSN  uint64 `json:"lsn"`
+		TsMs int64  `json:"ts_ms"`
+		// CommitLSN is the transaction's commit LSN, the position's first
+		// part. Records of Tidemark before 0.9 lack it; their source.lsn
+		// was the commit LSN (see CommitPosLSN).
+		CommitLSN uint64 `json:"commit_lsn"`
 	} `json:"source"`
 	Transaction struct {
 		ID         string `json:"id"`
@@ -35,8 +40,8 @@ type Envelope struct {
 
 // ParseEnvelope decodes and checks a change envelope: it must be a JSON
 // object with a known op, source.schema and source.table, and a position
-// (source.lsn, transaction.total_order); a transaction.id, when present,
-// must agree with source.txId and source.lsn. The error names what is
+// (source.commit_lsn, transaction.total_order); a transaction.id, when
+// present, must agree with source.txId and source.commit_lsn. The error names what is
 // wrong.
 func ParseEnvelope(b []byte) (*Envelope, error) {
 	var e Envelope
@@ -57,12 +62,12 @@ func ParseEnvelope(b []byte) (*Envelope, error) {
 		return nil, errors.New("envelope lacks source.schema")
 	case e.Source.Table == "":
 		return nil, errors.New("envelope lacks source.table")
-	case e.Source.LSN == 0:
-		return nil, errors.New("envelope lacks its position: source.lsn (the commit LSN) is missing or 0")
+	case e.CommitPosLSN() == 0:
+		return nil, errors.New("envelope lacks its position: source.commit_lsn (the commit LSN) is missing or 0")
 	case e.Transaction.TotalOrder == 0:
 		return nil, errors.New("envelope lacks its position: transaction.total_order is missing or 0")
 	}
-	if err := checkTxnID(e.Transaction.ID, e.Source.TxID, e.Source.LSN); err != nil {
+	if err := checkTxnID(e.Transaction.ID, e.Source.TxID, e.CommitPosLSN()); err != nil {
 		return nil, fmt.Errorf("envelope transaction.id: %w", err)
 	}
 	return &e, nil
@@ -144,9 +149,19 @@ func checkTxnID(id string, xid uint32, lsn uint64) error {
 // Table returns "schema.table".
 func (e *Envelope) Table() string { return e.Source.Schema + "." + e.Source.Table }
 
+// CommitPosLSN returns the transaction's commit LSN: source.commit_lsn,
+// or source.lsn in records written before commit_lsn existed (when
+// source.lsn was the commit LSN).
+func (e *Envelope) CommitPosLSN() uint64 {
+	if e.Source.CommitLSN != 0 {
+		return e.Source.CommitLSN
+	}
+	return e.Source.LSN
+}
+
 // Position returns the change's position.
 func (e *Envelope) Position() Position {
-	return Position{CommitLSN: LSN(e.Source.LSN), Seq: e.Transaction.TotalOrder - 1}
+	return Position{CommitLSN: LSN(e.CommitPosLSN()), Seq: e.Transaction.TotalOrder - 1}
 }
 
 // Text returns a column's value as text for cache keys: strings unquoted,

@@ -143,8 +143,12 @@ func TestParseEnvelope(t *testing.T) {
 		{"empty source.schema", set("source.schema", ""), "envelope lacks source.schema"},
 		{"no source.table", del("source.table"), "envelope lacks source.table"},
 		{"empty source.table", set("source.table", ""), "envelope lacks source.table"},
-		{"no source.lsn", del("source.lsn"), "source.lsn (the commit LSN) is missing or 0"},
-		{"source.lsn 0", set("source.lsn", 0), "source.lsn (the commit LSN) is missing or 0"},
+		{"no source.commit_lsn nor source.lsn", editJSON(t, del("source.commit_lsn"), func(m map[string]any) { delete(sub(m, "source"), "lsn") }),
+			"source.commit_lsn (the commit LSN) is missing or 0"},
+		{"source.commit_lsn and source.lsn 0", editJSON(t, set("source.commit_lsn", 0), func(m map[string]any) { sub(m, "source")["lsn"] = 0 }),
+			"source.commit_lsn (the commit LSN) is missing or 0"},
+		{"an older record (no commit_lsn) whose source.lsn is not the transaction's", editJSON(t, del("source.commit_lsn"), func(m map[string]any) { sub(m, "source")["lsn"] = 6999 }),
+			`names commit LSN 7000, the record says 6999`},
 		{"negative source.lsn", set("source.lsn", -7000), "envelope field source.lsn: got number -7000, want an integer from 0 to 18446744073709551615"},
 		{"fractional source.lsn", set("source.lsn", 7000.5), "envelope field source.lsn: got number 7000.5, want an integer"},
 		{"source.lsn beyond uint64", set("source.lsn", json.Number("18446744073709551616")), "envelope field source.lsn: got number 18446744073709551616, want an integer"},
@@ -443,4 +447,22 @@ func FuzzParseTxnRecord(f *testing.F) {
 			t.Fatalf("%s parses to %+v; its re-encoding %s to %+v, %v", b, r, again, r2, err)
 		}
 	})
+}
+
+// TestParseEnvelopeOlderRecords: a record of Tidemark before commit_lsn
+// existed (source.lsn was the commit LSN) keeps its position.
+func TestParseEnvelopeOlderRecords(t *testing.T) {
+	_, msgs, _ := encodeTxn(t, decodeTxn1, decodeChanges())
+	old := editJSON(t, msgs[0].Value, func(m map[string]any) {
+		src := sub(m, "source")
+		src["lsn"] = src["commit_lsn"]
+		delete(src, "commit_lsn")
+	})
+	e, err := ParseEnvelope(old)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := e.Position(), msgs[0].Pos; got != want {
+		t.Errorf("position %s, want %s", got, want)
+	}
 }

@@ -13,6 +13,7 @@ import (
 type EnvelopeSource struct {
 	Name     string // the topic prefix
 	Database string
+	Version  string // Tidemark's version (source.version)
 }
 
 // maxSafeInt is 2^53: integers beyond it are emitted as JSON strings so that
@@ -44,7 +45,13 @@ func newEnvelopeLayout(src EnvelopeSource, rel *Relation) *envelopeLayout {
 		l.colName[i] = name
 		l.colKeys[i] = append(name[:len(name):len(name)], ':')
 	}
-	b := append([]byte(nil), `,"source":{"connector":"tidemark","name":`...)
+	version := src.Version
+	if version == "" {
+		version = "dev"
+	}
+	b := append([]byte(nil), `,"source":{"version":`...)
+	b = AppendJSONString(b, version)
+	b = append(b, `,"connector":"tidemark","name":`...)
 	b = AppendJSONString(b, src.Name)
 	b = append(b, `,"db":`...)
 	b = AppendJSONString(b, src.Database)
@@ -59,16 +66,32 @@ func newEnvelopeLayout(src EnvelopeSource, rel *Relation) *envelopeLayout {
 // txnDigits holds a transaction's numbers in decimal, computed once for all
 // of its changes.
 type txnDigits struct {
-	xid, lsn, commitMs []byte
+	xid, lsn, commitMs, commitUs, commitNs []byte
+	commitLSN                              LSN
+	// prev is source.sequence's first element: `"<LSN>"`, or null when
+	// the last commit before the transaction is not known.
+	prev []byte
 }
 
 func newTxnDigits(txn *TxnInfo) *txnDigits {
-	b := strconv.AppendUint(make([]byte, 0, 48), uint64(txn.Xid), 10)
+	b := strconv.AppendUint(make([]byte, 0, 96), uint64(txn.Xid), 10)
 	x := len(b)
 	b = strconv.AppendUint(b, uint64(txn.CommitLSN), 10)
 	l := len(b)
 	b = strconv.AppendInt(b, txn.CommitTime.UnixMilli(), 10)
-	return &txnDigits{xid: b[:x:x], lsn: b[x:l:l], commitMs: b[l:]}
+	m := len(b)
+	b = strconv.AppendInt(b, txn.CommitTime.UnixMicro(), 10)
+	u := len(b)
+	b = strconv.AppendInt(b, txn.CommitTime.UnixMicro()*1000, 10)
+	n := len(b)
+	if txn.PrevEndLSN != 0 {
+		b = append(b, `\"`...) // inside the sequence string
+		b = strconv.AppendUint(b, uint64(txn.PrevEndLSN), 10)
+		b = append(b, `\"`...)
+	} else {
+		b = append(b, "null"...)
+	}
+	return &txnDigits{xid: b[:x:x], lsn: b[x:l:l], commitMs: b[l:m:m], commitUs: b[m:u:u], commitNs: b[u:n:n], prev: b[n:], commitLSN: txn.CommitLSN}
 }
 
 func (l *envelopeLayout) append(dst []byte, txn *txnDigits, ch *Change, op Op, before, after Tuple,
@@ -96,18 +119,36 @@ func (l *envelopeLayout) append(dst []byte, txn *txnDigits, ch *Change, op Op, b
 	}
 	dst = append(dst, `,"op":"`...)
 	dst = append(dst, byte(op))
+	ns := now.UnixNano()
 	dst = append(dst, `","ts_ms":`...)
-	dst = strconv.AppendInt(dst, now.UnixMilli(), 10)
+	dst = strconv.AppendInt(dst, ns/1e6, 10)
+	dst = append(dst, `,"ts_us":`...)
+	dst = strconv.AppendInt(dst, ns/1e3, 10)
+	dst = append(dst, `,"ts_ns":`...)
+	dst = strconv.AppendInt(dst, ns, 10)
+	// source.lsn is the change's own LSN and source.sequence is [the end
+	// of the last commit before this transaction, the change's LSN], as
+	// Debezium writes them; source.commit_lsn is the position's LSN.
+	at := ch.WALLSN
+	if at == 0 {
+		at = txn.commitLSN
+	}
 	dst = append(dst, l.source...)
 	dst = append(dst, txn.xid...)
 	dst = append(dst, `,"lsn":`...)
-	dst = append(dst, txn.lsn...)
-	dst = append(dst, `,"sequence":"[\"`...)
-	dst = strconv.AppendUint(dst, uint64(ch.WALLSN), 10)
-	dst = append(dst, `\",\"`...)
-	dst = append(dst, txn.lsn...)
+	dst = strconv.AppendUint(dst, uint64(at), 10)
+	dst = append(dst, `,"xmin":null,"sequence":"[`...)
+	dst = append(dst, txn.prev...)
+	dst = append(dst, `,\"`...)
+	dst = strconv.AppendUint(dst, uint64(at), 10)
 	dst = append(dst, `\"]","ts_ms":`...)
 	dst = append(dst, txn.commitMs...)
+	dst = append(dst, `,"ts_us":`...)
+	dst = append(dst, txn.commitUs...)
+	dst = append(dst, `,"ts_ns":`...)
+	dst = append(dst, txn.commitNs...)
+	dst = append(dst, `,"commit_lsn":`...)
+	dst = append(dst, txn.lsn...)
 	if op == OpRead {
 		switch ch.Snapshot {
 		case SnapshotFirst:

@@ -186,7 +186,7 @@ func TestAppendEnvelope(t *testing.T) {
 	}
 	commitTime := time.Date(2024, 11, 22, 8, 0, 0, 100_000_000, time.UTC)
 	now := time.Date(2024, 11, 22, 8, 0, 0, 123_000_000, time.UTC)
-	txn := &pipeline.TxnInfo{Xid: 1234, CommitLSN: 23456789, EndLSN: 23456900, CommitTime: commitTime}
+	txn := &pipeline.TxnInfo{Xid: 1234, CommitLSN: 23456789, EndLSN: 23456900, CommitTime: commitTime, PrevEndLSN: 23456600}
 	full := pipeline.Tuple{{Value: "$e1"}, {Value: "!r1"}, {Value: "hello"}, {Value: int64(7)}}
 
 	cases := []struct {
@@ -251,7 +251,7 @@ func TestAppendEnvelope(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			ch := &pipeline.Change{Op: tc.op, Rel: rel, Before: tc.before, After: tc.after, WALLSN: 23456700, Snapshot: tc.mark}
 			pos := pipeline.Position{CommitLSN: txn.CommitLSN, Seq: tc.seq}
-			out := pipeline.AppendEnvelope(nil, pipeline.EnvelopeSource{Name: "tm", Database: "app"},
+			out := pipeline.AppendEnvelope(nil, pipeline.EnvelopeSource{Name: "tm", Database: "app", Version: "1.2.3"},
 				txn, ch, tc.op, tc.before, tc.after, pos, tc.dco, now)
 			env, ok := decodeJSON(t, out).(map[string]any)
 			if !ok {
@@ -267,11 +267,15 @@ func TestAppendEnvelope(t *testing.T) {
 			want := map[string]any{
 				"op":    string(rune(tc.op)),
 				"ts_ms": json.Number("1732262400123"),
+				"ts_us": json.Number("1732262400123000"),
+				"ts_ns": json.Number("1732262400123000000"),
 				"source": map[string]any{
-					"connector": "tidemark", "name": "tm", "db": "app", "schema": "public", "table": "events",
-					"txId": json.Number("1234"), "lsn": json.Number("23456789"),
-					"sequence": `["23456700","23456789"]`,
-					"ts_ms":    json.Number("1732262400100"), "snapshot": tc.wantSnapshot,
+					"version": "1.2.3", "connector": "tidemark", "name": "tm", "db": "app", "schema": "public", "table": "events",
+					"txId": json.Number("1234"), "lsn": json.Number("23456700"), "xmin": nil,
+					"sequence": `["23456600","23456700"]`,
+					"ts_ms":    json.Number("1732262400100"), "ts_us": json.Number("1732262400100000"),
+					"ts_ns": json.Number("1732262400100000000"), "snapshot": tc.wantSnapshot,
+					"commit_lsn": json.Number("23456789"),
 				},
 				"transaction": map[string]any{
 					"id":                    "1234:23456789",
@@ -285,15 +289,18 @@ func TestAppendEnvelope(t *testing.T) {
 				}
 			}
 			// The sequence is itself JSON: two decimal LSN strings, the
-			// second being the commit LSN reported in source.lsn.
+			// second being the change's LSN reported in source.lsn.
 			var seqArr []string
 			src := env["source"].(map[string]any)
 			if s, ok := src["sequence"].(string); !ok || json.Unmarshal([]byte(s), &seqArr) != nil || len(seqArr) != 2 ||
-				seqArr[1] != "23456789" {
-				t.Errorf("source.sequence = %#v, want a JSON array of two LSN strings ending in the commit LSN", src["sequence"])
+				seqArr[1] != "23456700" {
+				t.Errorf("source.sequence = %#v, want a JSON array of two LSN strings ending in the change's LSN", src["sequence"])
+			}
+			if len(src) != 15 {
+				t.Errorf("source has %d fields, want 15: %v", len(src), src)
 			}
 			allowed := map[string]bool{"before": true, "after": true, "unchanged": true, "op": true, "ts_ms": true,
-				"source": true, "transaction": true}
+				"ts_us": true, "ts_ns": true, "source": true, "transaction": true}
 			for k := range env {
 				if !allowed[k] {
 					t.Errorf("unexpected top-level field %q", k)

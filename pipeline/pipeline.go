@@ -63,6 +63,8 @@ type Stats struct {
 	ReceivedLSN  atomic.Uint64 // the last commit LSN received
 	InFlight     atomic.Int64  // messages accepted and not yet durable
 	InFlightSize atomic.Int64  // their bytes
+	// SkippedTruncates counts truncates dropped by RouterConfig.SkipTruncates.
+	SkippedTruncates atomic.Uint64
 }
 
 // Pipeline moves events from a Source to a Sink in order and acknowledges
@@ -223,6 +225,13 @@ func (p *Pipeline) handle(ctx context.Context, ev *Event, st *txnState, msgs []M
 	case EventChange:
 		if st == nil || st.info != ev.Txn {
 			return st, msgs, fmt.Errorf("pipeline: change on %s outside its transaction", ev.Change.Rel.QualifiedName())
+		}
+		if ev.Change.Op == OpTruncate && p.cfg.Router.SkipTruncates {
+			if p.stats.SkippedTruncates.Add(1) == 1 {
+				p.log.Warn("a truncate was not published (pipeline.truncate: skip); later ones are counted in tidemark_truncates_skipped_total",
+					zap.String("table", ev.Change.Rel.QualifiedName()), zap.Stringer("commit_lsn", ev.Txn.CommitLSN))
+			}
+			return st, msgs, nil
 		}
 		if p.cfg.Router.TransactionsTopic && !st.begun {
 			st.begun = true

@@ -334,7 +334,7 @@ func header(m pipeline.Message, key string) (string, bool) {
 func changeMessages(msgs []pipeline.Message) []pipeline.Message {
 	var out []pipeline.Message
 	for _, m := range msgs {
-		if !strings.HasSuffix(m.Topic, ".transactions") {
+		if !strings.HasSuffix(m.Topic, ".transaction") {
 			out = append(out, m)
 		}
 	}
@@ -492,7 +492,7 @@ func TestPipelineAcks(t *testing.T) {
 				got := map[pipeline.LSN]int{}
 				ends := map[string]bool{}
 				for _, m := range written {
-					if strings.HasSuffix(m.Topic, ".transactions") {
+					if strings.HasSuffix(m.Topic, ".transaction") {
 						if s, _ := header(m, "tidemark-status"); s == "END" {
 							ends[string(m.Key)] = true
 						}
@@ -823,7 +823,7 @@ func TestEmptyTransactionPublishesNothing(t *testing.T) {
 	}
 	var txnRecords []string
 	for _, m := range sink.Written() {
-		if strings.HasSuffix(m.Topic, ".transactions") {
+		if strings.HasSuffix(m.Topic, ".transaction") {
 			r, err := pipeline.ParseTxnRecord(m.Value)
 			if err != nil {
 				t.Fatal(err)

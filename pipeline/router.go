@@ -36,8 +36,21 @@ type RouterConfig struct {
 	// only there.
 	TableTopics bool
 	// TransactionsTopic publishes BEGIN and END records to
-	// "<prefix>.transactions".
+	// TransactionTopic.
 	TransactionsTopic bool
+	// TransactionTopic names the transaction-metadata topic; empty means
+	// "<prefix>.transaction" (Debezium's name).
+	TransactionTopic string
+	// Tombstones follows each delete on a table topic with a tombstone:
+	// the same key with a null value (Debezium's tombstones.on.delete), so
+	// log compaction removes deleted keys. Entity-stream topics get none: a
+	// key there is an entity (a room), not a row.
+	Tombstones bool
+	// SkipTruncates drops truncates instead of publishing op "t" records
+	// (counted in Stats.SkippedTruncates, warned once).
+	SkipTruncates bool
+	// Version is source.version (Tidemark's version).
+	Version string
 }
 
 // TableTopic returns the default topic of a table.
@@ -49,7 +62,12 @@ func (c RouterConfig) TableTopic(schema, table string) string {
 func (c RouterConfig) StreamTopic(s EntityStream) string { return c.TopicPrefix + "." + s.Name }
 
 // TransactionsTopicName returns the transaction-metadata topic.
-func (c RouterConfig) TransactionsTopicName() string { return c.TopicPrefix + ".transactions" }
+func (c RouterConfig) TransactionsTopicName() string {
+	if c.TransactionTopic != "" {
+		return c.TransactionTopic
+	}
+	return c.TopicPrefix + ".transaction"
+}
 
 // Topics returns every topic the router can write to for the given tables.
 func (c RouterConfig) Topics(tables []string) []string {
@@ -140,7 +158,7 @@ func (r *Router) info(rel *Relation) (*relInfo, error) {
 	}
 	name := rel.QualifiedName()
 	ri := &relInfo{rel: rel, routes: rs, name: name, nameBytes: []byte(name),
-		layout: newEnvelopeLayout(EnvelopeSource{Name: r.cfg.TopicPrefix, Database: r.cfg.Database}, rel)}
+		layout: newEnvelopeLayout(EnvelopeSource{Name: r.cfg.TopicPrefix, Database: r.cfg.Database, Version: r.cfg.Version}, rel)}
 	r.cache[rel.OID] = ri
 	return ri, nil
 }
@@ -181,12 +199,57 @@ func (r *Router) encodeChange(dst []Message, st *txnState, ch *Change, now time.
 		return dst, err
 	}
 	if ch.Op == OpUpdate && ch.Before != nil && r.keyChanged(ri.routes, ch) {
+		// Debezium's key-change headers: the delete names the new key
+		// (__debezium.newkey), the create the old one (__debezium.oldkey),
+		// each route in its own key.
+		n := len(dst)
 		if dst, err = r.emit(dst, st, ch, OpDelete, ch.Before, nil, ri, now); err != nil {
 			return dst, err
 		}
-		return r.emit(dst, st, ch, OpCreate, nil, ch.After, ri, now)
+		m := len(dst)
+		if dst, err = r.emit(dst, st, ch, OpCreate, nil, ch.After, ri, now); err != nil {
+			return dst, err
+		}
+		r.keyChangeHeaders(dst[n:m], dst[m:])
+		return dst, nil
 	}
 	return r.emit(dst, st, ch, ch.Op, ch.Before, ch.After, ri, now)
+}
+
+// keyChangeHeaders adds __debezium.newkey to the delete half of a key
+// change and __debezium.oldkey to its create half. dels and creates are
+// the messages of each half: per route, the change record then, on the
+// delete half, its tombstone; both halves list the routes in order.
+func (r *Router) keyChangeHeaders(dels, creates []Message) {
+	var newKeys [][]byte
+	for i := range creates {
+		newKeys = append(newKeys, creates[i].Key)
+	}
+	var oldKeys [][]byte
+	ci := 0
+	for i := range dels {
+		if dels[i].Value == nil {
+			continue // a tombstone carries no headers of its own
+		}
+		if ci < len(newKeys) {
+			dels[i].Headers = withHeader(dels[i].Headers, "__debezium.newkey", newKeys[ci])
+		}
+		oldKeys = append(oldKeys, dels[i].Key)
+		ci++
+	}
+	for i := range creates {
+		if i < len(oldKeys) {
+			creates[i].Headers = withHeader(creates[i].Headers, "__debezium.oldkey", oldKeys[i])
+		}
+	}
+}
+
+// withHeader returns hs plus one header, in a new slice (header sets are
+// shared by a change's messages).
+func withHeader(hs []Header, k string, v []byte) []Header {
+	out := make([]Header, len(hs), len(hs)+1)
+	copy(out, hs)
+	return append(out, Header{Key: k, Value: v})
 }
 
 func (r *Router) keyChanged(rs []route, ch *Change) bool {
@@ -292,8 +355,19 @@ func (r *Router) emit(dst []Message, st *txnState, ch *Change, op Op, before, af
 		}
 		prev = ends[i]
 		dst = append(dst, m)
+		if op == OpDelete && r.cfg.Tombstones && rt.stream == "" && m.Key != nil {
+			// The tombstone: same key and position, a null value, and
+			// the headers without tidemark-op (it is no change of its own).
+			dst = append(dst, Message{Topic: rt.topic, Key: m.Key, Headers: tombstoneHeaders(hs), Pos: pos})
+		}
 	}
 	return dst, nil
+}
+
+// tombstoneHeaders are a delete's headers without tidemark-op: table, lsn
+// and seq (the delete's position).
+func tombstoneHeaders(hs *headerSet) []Header {
+	return []Header{hs.h[0], hs.h[2], hs.h[3]}
 }
 
 // approxSize estimates the encoded size of a row image from its values'

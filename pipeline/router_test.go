@@ -282,8 +282,8 @@ func TestRouterTransactionRecords(t *testing.T) {
 		m      pipeline.Message
 		status string
 	}{{begin, "BEGIN"}, {end, "END"}} {
-		if c.m.Topic != "tm.transactions" {
-			t.Errorf("%s topic %q, want tm.transactions", c.status, c.m.Topic)
+		if c.m.Topic != "tm.transaction" {
+			t.Errorf("%s topic %q, want tm.transaction", c.status, c.m.Topic)
 		}
 		if string(c.m.Key) != wantKey {
 			t.Errorf("%s key %s, want %s", c.status, c.m.Key, wantKey)
@@ -406,7 +406,7 @@ func TestRouterConfigTopics(t *testing.T) {
 		{"streams replace table topics", pipeline.RouterConfig{TopicPrefix: "tm", EntityStreams: []pipeline.EntityStream{roomsStream}},
 			[]string{"tm.rooms", "tm.public.users"}},
 		{"streams and table topics", pipeline.RouterConfig{TopicPrefix: "tm", EntityStreams: []pipeline.EntityStream{roomsStream}, TableTopics: true, TransactionsTopic: true},
-			[]string{"tm.rooms", "tm.public.events", "tm.public.room_memberships", "tm.public.users", "tm.transactions"}},
+			[]string{"tm.rooms", "tm.public.events", "tm.public.room_memberships", "tm.public.users", "tm.transaction"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -250,7 +250,7 @@ func summary(ctx context.Context, out io.Writer, a *app.App, counts *demo.Counts
 	show := []string{
 		a.Cfg.Kafka.TopicPrefix + ".public.room_memberships/u",
 		a.Cfg.Kafka.TopicPrefix + ".rooms/c",
-		a.Cfg.Kafka.TopicPrefix + ".transactions/END",
+		a.Cfg.RouterConfig("").TransactionsTopicName() + "/END",
 	}
 	for _, k := range show {
 		r, ok := samples[k]

@@ -40,6 +40,7 @@ func (a *App) Register(reg prometheus.Registerer) {
 	counter("changes_total", "Row changes received from Postgres.", func() float64 { return float64(ps.Changes.Load()) })
 	counter("transactions_total", "Transactions received from Postgres.", func() float64 { return float64(ps.Transactions.Load()) })
 	counter("messages_published_total", "Messages acknowledged by Kafka.", func() float64 { return float64(ps.Published.Load()) })
+	counter("truncates_skipped_total", "Truncates not published (pipeline.truncate: skip).", func() float64 { return float64(ps.SkippedTruncates.Load()) })
 	counter("sink_batches_total", "Successful writes to Kafka.", func() float64 { return float64(ps.Batches.Load()) })
 	counter("sink_retries_total", "Failed Kafka write attempts (retried).", func() float64 { return float64(a.Sink.Retries()) })
 	counter("kafka_metadata_refreshes_total", "Times the Kafka producer re-read the cluster metadata after a failed write (moved leaders, lost brokers).", func() float64 { return float64(a.Sink.MetadataRefreshes()) })

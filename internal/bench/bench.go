@@ -538,7 +538,7 @@ func (e *env) createTopics(ctx context.Context, prefix string) error {
 	for _, t := range e.tableTopics(prefix) {
 		req.Topics = append(req.Topics, kafkago.TopicConfig{Topic: t, NumPartitions: e.o.Partitions, ReplicationFactor: 1})
 	}
-	req.Topics = append(req.Topics, kafkago.TopicConfig{Topic: prefix + ".transactions", NumPartitions: 1, ReplicationFactor: 1})
+	req.Topics = append(req.Topics, kafkago.TopicConfig{Topic: prefix + ".transaction", NumPartitions: 1, ReplicationFactor: 1})
 	resp, err := client.CreateTopics(ctx, req)
 	if err != nil {
 		return fmt.Errorf("creating the round's topics: %w", err)
@@ -652,7 +652,7 @@ func (e *env) tidemarkDrain(ctx context.Context, r *Round, slot, prefix string, 
 		return err
 	}
 	client := &kafkago.Client{Addr: kafkago.TCP(e.brokers...), Timeout: 10 * time.Second}
-	_, _ = client.DeleteTopics(ctx, &kafkago.DeleteTopicsRequest{Topics: append(topics, prefix+".transactions")})
+	_, _ = client.DeleteTopics(ctx, &kafkago.DeleteTopicsRequest{Topics: append(topics, prefix+".transaction")})
 	return nil
 }
 
@@ -1178,7 +1178,7 @@ func (e *env) huge(ctx context.Context) (*Huge, error) {
 		complete = complete && ok
 	}
 	h.Complete = complete && r.Delivered == int64(n)
-	_, _ = client.DeleteTopics(ctx, &kafkago.DeleteTopicsRequest{Topics: append(topics, prefix+".transactions")})
+	_, _ = client.DeleteTopics(ctx, &kafkago.DeleteTopicsRequest{Topics: append(topics, prefix+".transaction")})
 	e.printf("  %d rows in %.1fs (%.0f rows/s), %.2f µs CPU/row, peak RSS %.0f MB, complete and in order: %v\n",
 		n, h.Seconds, h.RowsPerSec, h.CPUMicros, h.MaxRSSMB, h.Complete)
 	return h, nil

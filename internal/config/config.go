@@ -7,6 +7,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"github.com/tidemark/tidemark/internal/buildinfo"
 	"io"
 	"net/url"
 	"os"
@@ -239,6 +240,10 @@ type Kafka struct {
 	TLS *TLS `yaml:"tls"`
 	// SASL authenticates every Kafka connection.
 	SASL *SASL `yaml:"sasl"`
+	// Tombstones follows each delete on a table topic with a record of the
+	// same key and a null value (Debezium's tombstones.on.delete), so log
+	// compaction removes deleted keys. Default true.
+	Tombstones *bool `yaml:"tombstones"`
 }
 
 // SASL is the Kafka SASL login shared by every Kafka client.
@@ -295,9 +300,16 @@ type Pipeline struct {
 	// TableTopics publishes every table to <prefix>.<schema>.<table>, also
 	// when it belongs to an entity stream. Default true.
 	TableTopics *bool `yaml:"table_topics"`
-	// TransactionsTopic publishes BEGIN/END records to <prefix>.transactions.
+	// TransactionsTopic publishes BEGIN/END records to TransactionTopic.
 	// Default true.
 	TransactionsTopic *bool `yaml:"transactions_topic"`
+	// TransactionTopic names that topic. Default "<prefix>.transaction"
+	// (Debezium's name; Tidemark before 0.9 wrote "<prefix>.transactions").
+	TransactionTopic string `yaml:"transaction_topic"`
+	// Truncate: publish (op "t" records, which the targets consumer needs)
+	// or skip (counted and warned once; Debezium's default). Default
+	// publish.
+	Truncate string `yaml:"truncate"`
 	// EntityStreams put several tables in one topic keyed by a shared column.
 	EntityStreams []pipeline.EntityStream `yaml:"entity_streams"`
 	// MaxInFlightMessages bounds unacknowledged messages. Default 50000.
@@ -542,6 +554,12 @@ func (c *Config) ApplyDefaults() {
 	if pl.TransactionsTopic == nil {
 		pl.TransactionsTopic = boolPtr(true)
 	}
+	if pl.Truncate == "" {
+		pl.Truncate = "publish"
+	}
+	if k.Tombstones == nil {
+		k.Tombstones = boolPtr(true)
+	}
 	if pl.MaxInFlightMessages == 0 {
 		pl.MaxInFlightMessages = 50000
 	}
@@ -741,6 +759,18 @@ func (c *Config) Validate() []FieldError {
 	if pl.MaxBatchMessages < 1 || pl.MaxBatchMessages > pl.MaxInFlightMessages {
 		add("pipeline.max_batch_messages", "%d must be between 1 and max_inflight_messages (%d)", pl.MaxBatchMessages, pl.MaxInFlightMessages)
 	}
+	if pl.TransactionTopic != "" && (!topicRe.MatchString(pl.TransactionTopic) || len(pl.TransactionTopic) > 249) {
+		add("pipeline.transaction_topic", "%q is not a valid Kafka topic name", pl.TransactionTopic)
+	}
+	switch pl.Truncate {
+	case "publish":
+	case "skip":
+		if c.Targets != nil {
+			add("pipeline.truncate", "skip drops the truncates the targets consumer needs (a truncated memberships table must empty its rooms); use publish, and configure readers that reject op \"t\" to drop it (see the README)")
+		}
+	default:
+		add("pipeline.truncate", "%q is not publish or skip", pl.Truncate)
+	}
 	names := map[string]bool{}
 	for i, s := range pl.EntityStreams {
 		path := fmt.Sprintf("pipeline.entity_streams[%d]", i)
@@ -751,8 +781,8 @@ func (c *Config) Validate() []FieldError {
 			add(path+".name", "%q is used twice", s.Name)
 		}
 		names[s.Name] = true
-		if s.Name == "transactions" {
-			add(path+".name", "\"transactions\" is reserved for the transaction-metadata topic")
+		if c.Kafka.TopicPrefix+"."+s.Name == c.RouterConfig("").TransactionsTopicName() {
+			add(path+".name", "%q is the transaction-metadata topic's name (pipeline.transaction_topic)", s.Name)
 		}
 		if !pipeline.IsIdentifier(s.Key) {
 			add(path+".key", "%q is not a column name", s.Key)
@@ -903,6 +933,10 @@ func (c *Config) RouterConfig(database string) pipeline.RouterConfig {
 		EntityStreams:     c.Pipeline.EntityStreams,
 		TableTopics:       *c.Pipeline.TableTopics,
 		TransactionsTopic: *c.Pipeline.TransactionsTopic,
+		TransactionTopic:  c.Pipeline.TransactionTopic,
+		Tombstones:        c.Kafka.Tombstones == nil || *c.Kafka.Tombstones,
+		SkipTruncates:     c.Pipeline.Truncate == "skip",
+		Version:           buildinfo.Version(),
 	}
 }
 

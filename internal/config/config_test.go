@@ -64,10 +64,12 @@ func TestLoadGoodConfigAppliesDefaults(t *testing.T) {
 			Compression:       "none",
 			BatchBytes:        1 << 20,
 			ClientID:          "tidemark",
+			Tombstones:        ptr(true),
 		},
 		Pipeline: config.Pipeline{
 			TableTopics:       ptr(true),
 			TransactionsTopic: ptr(true),
+			Truncate:          "publish",
 			EntityStreams: []pipeline.EntityStream{
 				{Name: "rooms", Key: "room_id", Tables: []string{"public.events", "public.room_memberships"}},
 			},
@@ -84,6 +86,7 @@ func TestLoadGoodConfigAppliesDefaults(t *testing.T) {
 	}
 	rc := c.RouterConfig("chat")
 	if rc.TopicPrefix != "tidemark" || rc.Database != "chat" || !rc.TableTopics || !rc.TransactionsTopic ||
+		!rc.Tombstones || rc.SkipTruncates || rc.TransactionsTopicName() != "tidemark.transaction" ||
 		!reflect.DeepEqual(rc.EntityStreams, want.Pipeline.EntityStreams) {
 		t.Errorf("RouterConfig = %+v", rc)
 	}
@@ -193,11 +196,24 @@ func TestBadConfigs(t *testing.T) {
 			paths: []string{"pipeline.entity_streams[0].tables[0]"},
 		},
 		{
+			file: "records.bad.yml",
+			errs: []string{
+				`pipeline.truncate: "sometimes" is not publish or skip`,
+				`pipeline.transaction_topic: "bad/name" is not a valid Kafka topic name`,
+			},
+			paths: []string{"pipeline.transaction_topic", "pipeline.truncate"},
+		},
+		{
+			file:  "truncate_skip_targets.bad.yml",
+			errs:  []string{`pipeline.truncate: skip drops the truncates the targets consumer needs`},
+			paths: []string{"pipeline.truncate"},
+		},
+		{
 			file: "stream_names.bad.yml",
 			errs: []string{
 				`pipeline.entity_streams[0].key: "room id" is not a column name`,
 				`pipeline.entity_streams[1].name: "rooms" is used twice`,
-				`pipeline.entity_streams[2].name: "transactions" is reserved`,
+				`pipeline.entity_streams[2].name: "transaction" is the transaction-metadata topic's name`,
 				`pipeline.entity_streams[2].tables: required`,
 				`pipeline.entity_streams[3].name: "bad/name" is not a valid topic suffix`,
 			},

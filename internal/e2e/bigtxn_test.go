@@ -619,7 +619,7 @@ func TestHugeTransactionBounded(t *testing.T) {
 	for _, m := range msgs {
 		txBytes += int64(len(m.Key) + len(m.Value))
 	}
-	checkEnd(t, readTxnsAt(t, brokers, "huge.transactions"), big, commitLSN, false)
+	checkEnd(t, readTxnsAt(t, brokers, "huge.transaction"), big, commitLSN, false)
 	checkKeyOrderAt(t, brokers, topic, msgs, false)
 	checkPartitionOrder(t, topic, msgs, false)
 
@@ -651,8 +651,8 @@ func TestHugeTransactionBounded(t *testing.T) {
 	if err := json.Unmarshal(msgs[len(msgs)-1].Value, &env); err != nil {
 		t.Fatal(err)
 	}
-	if env.Op != "c" || env.Source.TxID != xid || env.Source.Table != "big" || pipeline.LSN(env.Source.LSN) != commitLSN {
-		t.Errorf("last envelope: op %q txId %d table %q lsn %d", env.Op, env.Source.TxID, env.Source.Table, env.Source.LSN)
+	if env.Op != "c" || env.Source.TxID != xid || env.Source.Table != "big" || pipeline.LSN(env.Source.CommitLSN) != commitLSN {
+		t.Errorf("last envelope: op %q txId %d table %q lsn %d", env.Op, env.Source.TxID, env.Source.Table, env.Source.CommitLSN)
 	}
 
 	// Heap. Kafka runs in a child process, so this process's heap is
@@ -795,7 +795,7 @@ func TestAbortedHugeTransactionPublishesNothing(t *testing.T) {
 	if len(msgs) != committedRows {
 		t.Errorf("table topic holds %d messages, want the %d committed rows", len(msgs), committedRows)
 	}
-	recs := e.readTxns("abort.transactions")
+	recs := e.readTxns("abort.transaction")
 	for _, rec := range recs {
 		if rec.TxID == uint32(abortedXid) {
 			t.Errorf("transactions topic has a %s record for the rolled-back xid %d", rec.Status, abortedXid)
@@ -930,7 +930,7 @@ func TestCrashDuringHugeTransaction(t *testing.T) {
 	if atKill >= rows {
 		t.Fatalf("the whole transaction (%d messages) was in Kafka before the kill; make it bigger", atKill)
 	}
-	for _, rec := range readTxnsAt(t, brokers, "crashbig.transactions") {
+	for _, rec := range readTxnsAt(t, brokers, "crashbig.transaction") {
 		if rec.TxID == xid && rec.Status == "END" {
 			t.Fatalf("END of xid %d published although only %d of %d changes were in Kafka", xid, atKill, rows)
 		}
@@ -983,7 +983,7 @@ func TestCrashDuringHugeTransaction(t *testing.T) {
 	if int64(dups) != atKill || int64(len(msgs)) != rows+atKill {
 		t.Errorf("%d records, %d of them redelivered positions; want %d + %d at the kill", len(msgs), dups, rows, atKill)
 	}
-	checkEnd(t, readTxnsAt(t, brokers, "crashbig.transactions"), big, commitLSN, true)
+	checkEnd(t, readTxnsAt(t, brokers, "crashbig.transaction"), big, commitLSN, true)
 	checkKeyOrderAt(t, brokers, topic, msgs, true)
 	checkPartitionOrder(t, topic, msgs, true)
 	if n := e.spilledTxns(cfg.Postgres.Slot); n == 0 {

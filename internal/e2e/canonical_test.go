@@ -92,8 +92,8 @@ COMMIT;`)
 		if m.Headers["tidemark-table"] != "public.room_memberships" || m.Headers["tidemark-op"] != m.Env.Op {
 			t.Errorf("headers wrong: %v", m.Headers)
 		}
-		if m.Env.Source.LSN != uint64(m.Pos.CommitLSN) || m.Env.Transaction.TotalOrder != int(m.Pos.Seq)+1 {
-			t.Errorf("envelope position (lsn %d, total_order %d) disagrees with headers %s", m.Env.Source.LSN, m.Env.Transaction.TotalOrder, m.Pos)
+		if m.Env.Source.CommitLSN != uint64(m.Pos.CommitLSN) || m.Env.Transaction.TotalOrder != int(m.Pos.Seq)+1 {
+			t.Errorf("envelope position (lsn %d, total_order %d) disagrees with headers %s", m.Env.Source.CommitLSN, m.Env.Transaction.TotalOrder, m.Pos)
 		}
 		if !strings.HasPrefix(m.Env.Transaction.ID, fmt.Sprint(m.Env.Source.TxID)+":") {
 			t.Errorf("transaction id %q does not start with txId %d", m.Env.Transaction.ID, m.Env.Source.TxID)
@@ -204,7 +204,7 @@ COMMIT;`)
 			perTxn[lsn][name][m.Pos.Seq] = true
 		}
 	}
-	txns := e.readTxns("canon.transactions")
+	txns := e.readTxns("canon.transaction")
 	begins := map[string]bool{}
 	ends := 0
 	var lastLSN uint64

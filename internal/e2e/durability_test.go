@@ -72,7 +72,7 @@ func TestCheckpointPrecision(t *testing.T) {
 	if err := demo.Seed(context.Background(), e.pool); err != nil {
 		t.Fatal(err)
 	}
-	topics := []string{"ckpt.transactions"}
+	topics := []string{"ckpt.transaction"}
 	for _, tb := range canonicalTopics {
 		topics = append(topics, "ckpt."+tb)
 	}
@@ -217,7 +217,7 @@ func (e *env) heldAt(prefix string, tables []string, parts map[string]int, upTo 
 		}
 	}
 	xidOf := map[uint64]uint32{} // commit LSN -> xid
-	txTopic := prefix + ".transactions"
+	txTopic := prefix + ".transaction"
 	for _, r := range e.readRaw(txTopic) {
 		var tr txnRecord
 		if err := json.Unmarshal(r.Value, &tr); err != nil {

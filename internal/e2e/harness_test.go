@@ -264,8 +264,9 @@ type envelope struct {
 		Schema    string `json:"schema"`
 		Table     string `json:"table"`
 		TxID      uint32 `json:"txId"`
-		LSN       uint64 `json:"lsn"`
+		LSN       uint64 `json:"lsn"` // the change's own LSN
 		Sequence  string `json:"sequence"`
+		CommitLSN uint64 `json:"commit_lsn"`
 		TsMs      int64  `json:"ts_ms"`
 		Snapshot  string `json:"snapshot"`
 	} `json:"source"`

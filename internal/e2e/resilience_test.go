@@ -176,7 +176,7 @@ func TestDemoCommand(t *testing.T) {
 	if err != nil {
 		t.Fatalf("demo: %v\n%s", err, out)
 	}
-	for _, want := range []string{"summary", "caught up: true", `"connector": "tidemark"`, ".transactions", `"status": "END"`} {
+	for _, want := range []string{"summary", "caught up: true", `"connector": "tidemark"`, ".transaction", `"status": "END"`} {
 		if !strings.Contains(string(out), want) {
 			t.Errorf("demo output lacks %q:\n%s", want, out)
 		}

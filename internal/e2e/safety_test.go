@@ -155,7 +155,7 @@ func TestKcatReadsTopics(t *testing.T) {
 		if m.Partition != km.Partition || string(m.Value) != km.Payload {
 			t.Errorf("kcat sees partition %d payload %s; we wrote partition %d payload %s", km.Partition, km.Payload, m.Partition, m.Value)
 		}
-		if env.Source.Table != "rooms" || pipeline.LSN(env.Source.LSN) == 0 {
+		if env.Source.Table != "rooms" || pipeline.LSN(env.Source.CommitLSN) == 0 {
 			t.Errorf("source block: %+v", env.Source)
 		}
 		ops[env.Op]++

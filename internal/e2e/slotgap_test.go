@@ -85,9 +85,9 @@ func TestMissingSlotNotRecreated(t *testing.T) {
 	if out := stop(); strings.Contains(out, "WARN") || strings.Contains(out, "ERROR") {
 		t.Errorf("first start logged above Info:\n%s", out)
 	}
-	txns := e.readTxns("gap.transactions")
+	txns := e.readTxns("gap.transaction")
 	if len(txns) == 0 {
-		t.Fatal("nothing in gap.transactions after the first run")
+		t.Fatal("nothing in gap.transaction after the first run")
 	}
 	last := pipeline.LSN(txns[len(txns)-1].LSN)
 
@@ -108,7 +108,7 @@ func TestMissingSlotNotRecreated(t *testing.T) {
 	}
 	for _, want := range []string{
 		`replication slot "gap_slot" does not exist, but topic prefix "gap" has published before`,
-		"the last published transaction committed at LSN " + last.String() + " (gap.transactions)",
+		"the last published transaction committed at LSN " + last.String() + " (gap.transaction)",
 		"the changes committed after " + last.String() + " until now would never be captured",
 		"`tidemark run --accept-gap`",
 	} {

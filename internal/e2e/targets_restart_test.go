@@ -39,7 +39,7 @@ func TestTargetsRestartMidRewrite(t *testing.T) {
 	cfg := targetsConfig(e, "rwtg", tables, tc)
 	memberTopic := func(prefix string) string { return prefix + ".public.current_state_events" }
 	usersTopic := func(prefix string) string { return prefix + ".public.synapse_users" }
-	txnTopic := func(prefix string) string { return prefix + ".transactions" }
+	txnTopic := func(prefix string) string { return prefix + ".transaction" }
 
 	// The seed, then rewrites of @a's unchanged join: one of them has its
 	// DELETE and INSERT on different partitions (the key is the whole row).

@@ -88,7 +88,7 @@ type kafkaView struct {
 func (e *env) kafkaView(prefix string, tables []string) kafkaView {
 	e.t.Helper()
 	v := kafkaView{ends: map[uint32]txnRecord{}, positions: map[uint64]map[uint32]bool{}}
-	for _, tr := range e.readTxns(prefix + ".transactions") {
+	for _, tr := range e.readTxns(prefix + ".transaction") {
 		if tr.Status == "END" {
 			v.ends[tr.TxID] = tr
 		}

@@ -145,7 +145,7 @@ func TestUnknownAndRenamedTables(t *testing.T) {
 	// The transactions of skipped changes only publish no BEGIN or END:
 	// one END per transaction of notes, each naming only public.notes.
 	var ends int
-	for _, tr := range e.readTxns("unk.transactions") {
+	for _, tr := range e.readTxns("unk.transaction") {
 		if tr.Status != "END" {
 			continue
 		}

@@ -6,7 +6,7 @@
 //
 // It runs on the consumer runtime (package invalidation) over the rule
 // tables' own topics and the transaction-metadata topic
-// (<prefix>.transactions, DESIGN §2):
+// (<prefix>.transaction, DESIGN §2):
 //
 //   - A same_transaction rule is decided when the transaction is complete: its
 //     END record has arrived and, for every subscribed table, as many changes

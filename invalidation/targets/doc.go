@@ -8,7 +8,7 @@
 // a fact only replaces an older one, so redeliveries and changes arriving
 // out of order across partitions are no-ops. A room's targets are derived
 // from the facts once every transaction that touched it is whole (TxnIndex
-// reads the END records of <prefix>.transactions), so a transaction's net
+// reads the END records of <prefix>.transaction), so a transaction's net
 // effect is published, never its intermediate states; what a dirty room
 // waits for is kept with the facts, so this holds across restarts too
 // (Store.Waiting, Handler.Recover). Derived changes are

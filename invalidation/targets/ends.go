@@ -16,7 +16,7 @@ import (
 	"github.com/tidemark/tidemark/pipeline"
 )
 
-// TxnIndex follows the transaction-metadata topic (<prefix>.transactions,
+// TxnIndex follows the transaction-metadata topic (<prefix>.transaction,
 // one partition) and remembers, per commit LSN, how many changes each
 // mapped table has in that transaction (from its END record), so the
 // handler knows when it has seen a whole transaction.
