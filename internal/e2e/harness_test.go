@@ -291,8 +291,19 @@ func (e *env) read(topic string) []msg {
 	e.t.Helper()
 	recs := e.readRaw(topic)
 	out := make([]msg, 0, len(recs))
+	lastIn := map[int]*msg{} // partition -> its last change record
 	for _, r := range recs {
 		at := fmt.Sprintf("%s/%d@%d", topic, r.Partition, r.Offset)
+		if len(r.Value) == 0 {
+			// A tombstone: it must follow its delete (same key and
+			// position) in its partition; it is not a change.
+			d := lastIn[r.Partition]
+			pos, err := pipeline.ParsePositionHeaders(r.Headers["tidemark-lsn"], r.Headers["tidemark-seq"])
+			if err != nil || d == nil || d.Env.Op != "d" || d.Pos != pos || !bytes.Equal(d.Key, r.Key) || d.Offset != r.Offset-1 {
+				e.t.Fatalf("%s: a tombstone (key %s, headers %v, %v) that does not follow its delete", at, r.Key, r.Headers, err)
+			}
+			continue
+		}
 		m := msg{Record: r}
 		if err := json.Unmarshal(r.Value, &m.Env); err != nil {
 			e.t.Fatalf("%s: value is not JSON: %v", at, err)
@@ -310,6 +321,7 @@ func (e *env) read(topic string) []msg {
 			e.t.Fatalf("%s: header tidemark-op %q, envelope op %q", at, got, m.Env.Op)
 		}
 		out = append(out, m)
+		lastIn[r.Partition] = &out[len(out)-1]
 	}
 	return out
 }
