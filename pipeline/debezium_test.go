@@ -2,6 +2,8 @@ package pipeline_test
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"strings"
 	"testing"
@@ -110,5 +112,60 @@ func TestSkipTruncates(t *testing.T) {
 	}
 	if acks := src.Acks(); len(acks) == 0 || acks[len(acks)-1] != 2008 {
 		t.Errorf("acks %v, want the last at 2008", acks)
+	}
+}
+
+// TestColumnPolicy: an excluded column is in no image, key or unchanged
+// list; a masked one is its salted SHA-256 in images and keys, the same
+// hash whichever form the decoder left the value in; NULL stays null; an
+// excluded key column is refused by name.
+func TestColumnPolicy(t *testing.T) {
+	rel := &pipeline.Relation{OID: 9, Schema: "public", Table: "accounts", ReplicaIdentity: 'f',
+		Columns: []pipeline.Column{{Name: "email", Key: true}, {Name: "password_hash"}, {Name: "note"}, {Name: "phone"}}}
+	const salt = "0123456789abcdef"
+	cfg := pipeline.Config{Router: pipeline.RouterConfig{TableTopics: true, Tombstones: true,
+		Columns: map[string]pipeline.ColumnPolicy{"public.accounts": {Exclude: []string{"password_hash"}, Mask: []string{"email", "phone"}, Salt: salt}}}}
+	secret := "$argon2id$v=19$SECRET"
+	msgs, _, err := runAll(t, cfg, buildEvents(txnN(1,
+		pipeline.Change{Op: pipeline.OpCreate, Rel: rel, After: pipeline.Tuple{{Text: "a@x.org", IsText: true}, {Text: secret, IsText: true}, {Value: "n"}, {Value: nil}}},
+		pipeline.Change{Op: pipeline.OpUpdate, Rel: rel, Before: pipeline.Tuple{{Value: "a@x.org"}, {Value: secret}, {Value: "n"}, {Value: nil}},
+			After: pipeline.Tuple{{Value: "a@x.org"}, {Unchanged: true}, {Value: "m"}, {Value: "+1 555"}}},
+		pipeline.Change{Op: pipeline.OpDelete, Rel: rel, Before: pipeline.Tuple{{Value: "a@x.org"}, {Value: secret}, {Value: "m"}, {Value: "+1 555"}}},
+	)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256([]byte(salt + "\x00a@x.org"))
+	hash := hex.EncodeToString(sum[:])
+	phone := sha256.Sum256([]byte(salt + "\x00+1 555"))
+	changes := changeMessages(msgs)
+	if len(changes) != 4 {
+		t.Fatalf("%d records:\n%s", len(changes), show(changes))
+	}
+	for _, m := range changes {
+		all := string(m.Key) + string(m.Value)
+		for _, h := range m.Headers {
+			all += h.Key + string(h.Value)
+		}
+		if strings.Contains(all, "SECRET") || strings.Contains(all, "password_hash") || strings.Contains(all, "a@x.org") {
+			t.Errorf("record leaks an excluded or masked column: key %s value %s", m.Key, m.Value)
+		}
+		if string(m.Key) != `{"email":"`+hash+`"}` {
+			t.Errorf("key %s, want the masked email", m.Key)
+		}
+	}
+	if v := string(changes[0].Value); !strings.Contains(v, `"after":{"email":"`+hash+`","note":"n","phone":null}`) {
+		t.Errorf("insert: %s", v)
+	}
+	if v := string(changes[1].Value); !strings.Contains(v, `"after":{"email":"`+hash+`","note":"m","phone":"`+hex.EncodeToString(phone[:])+`"}`) ||
+		strings.Contains(v, `"unchanged"`) {
+		t.Errorf("update: %s", v)
+	}
+
+	cfg.Router.Columns = map[string]pipeline.ColumnPolicy{"public.accounts": {Exclude: []string{"email"}}}
+	_, _, err = runAll(t, cfg, buildEvents(txnN(1,
+		pipeline.Change{Op: pipeline.OpCreate, Rel: rel, After: pipeline.Tuple{{Value: "a@x.org"}, {Value: secret}, {Value: "n"}, {Value: nil}}})))
+	if err == nil || !strings.Contains(err.Error(), `postgres.columns.public.accounts.exclude: "email" keys the messages of topic tm.public.accounts`) {
+		t.Errorf("an excluded key column: %v", err)
 	}
 }

@@ -2,6 +2,8 @@ package pipeline
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -51,6 +53,18 @@ type RouterConfig struct {
 	SkipTruncates bool
 	// Version is source.version (Tidemark's version).
 	Version string
+	// Columns keeps columns out of records, by "schema.table".
+	Columns map[string]ColumnPolicy
+}
+
+// ColumnPolicy keeps a table's columns out of its records: an excluded
+// column is in no image, key or header (it may not be a key column); a
+// masked one is published as the hex SHA-256 of Salt, a zero byte and its
+// value's text (NULL stays null), in images and keys alike.
+type ColumnPolicy struct {
+	Exclude []string
+	Mask    []string
+	Salt    string
 }
 
 // TableTopic returns the default topic of a table.
@@ -116,6 +130,10 @@ type relInfo struct {
 	name      string // schema.table
 	nameBytes []byte
 	layout    *envelopeLayout
+	// exclude and mask are column indexes (ColumnPolicy); salt is the
+	// mask's.
+	exclude, mask []int
+	salt          string
 }
 
 // NewRouter builds a Router.
@@ -159,8 +177,84 @@ func (r *Router) info(rel *Relation) (*relInfo, error) {
 	name := rel.QualifiedName()
 	ri := &relInfo{rel: rel, routes: rs, name: name, nameBytes: []byte(name),
 		layout: newEnvelopeLayout(EnvelopeSource{Name: r.cfg.TopicPrefix, Database: r.cfg.Database, Version: r.cfg.Version}, rel)}
+	if cp, ok := r.cfg.Columns[name]; ok {
+		ri.salt = cp.Salt
+		for _, c := range cp.Exclude {
+			i := rel.ColumnIndex(c)
+			if i < 0 {
+				continue // not published, or gone: nothing to keep out
+			}
+			for _, rt := range rs {
+				if slices.Contains(rt.keyCols, i) {
+					return nil, fmt.Errorf("postgres.columns.%s.exclude: %q keys the messages of topic %s; "+
+						"a key column cannot be excluded: mask it, or key the table by other columns (postgres.key_columns)", name, c, rt.topic)
+				}
+			}
+			ri.exclude = append(ri.exclude, i)
+		}
+		for _, c := range cp.Mask {
+			if i := rel.ColumnIndex(c); i >= 0 {
+				ri.mask = append(ri.mask, i)
+			}
+		}
+	}
 	r.cache[rel.OID] = ri
 	return ri, nil
+}
+
+// applyPolicy returns t with the relation's excluded columns absent and
+// its masked ones hashed: a copy, so that the source's tuple is left as
+// it is (t itself when the table has no policy).
+func (ri *relInfo) applyPolicy(t Tuple) Tuple {
+	if t == nil || (len(ri.exclude) == 0 && len(ri.mask) == 0) {
+		return t
+	}
+	out := slices.Clone(t)
+	for _, i := range ri.exclude {
+		if i < len(out) {
+			out[i] = Datum{Absent: true}
+		}
+	}
+	for _, i := range ri.mask {
+		if i >= len(out) {
+			continue
+		}
+		d := &out[i]
+		if d.Absent || d.Unchanged || (!d.IsText && !d.IsInt && d.Value == nil) {
+			continue
+		}
+		*d = Datum{Text: maskText(ri.salt, d), IsText: true}
+	}
+	return out
+}
+
+// maskText is the hex SHA-256 of salt, a zero byte and d's text.
+func maskText(salt string, d *Datum) string {
+	h := sha256.New()
+	h.Write([]byte(salt))
+	h.Write([]byte{0})
+	switch {
+	case d.IsText:
+		h.Write([]byte(d.Text))
+	case d.IsInt:
+		h.Write(strconv.AppendInt(nil, d.Int, 10))
+	default:
+		// The same text whichever form a decoder chose (the stream keeps
+		// text and integers unboxed, a snapshot may box them).
+		switch v := d.Value.(type) {
+		case string:
+			h.Write([]byte(v))
+		case int64:
+			h.Write(strconv.AppendInt(nil, v, 10))
+		case int32:
+			h.Write(strconv.AppendInt(nil, int64(v), 10))
+		case int16:
+			h.Write(strconv.AppendInt(nil, int64(v), 10))
+		default:
+			h.Write(AppendValue(nil, d.Value))
+		}
+	}
+	return hex.EncodeToString(h.Sum(nil))
 }
 
 // txnState accumulates what the END record needs.
@@ -197,6 +291,11 @@ func (r *Router) encodeChange(dst []Message, st *txnState, ch *Change, now time.
 	ri, err := r.info(ch.Rel)
 	if err != nil {
 		return dst, err
+	}
+	if ri.exclude != nil || ri.mask != nil {
+		c := *ch
+		c.Before, c.After = ri.applyPolicy(ch.Before), ri.applyPolicy(ch.After)
+		ch = &c
 	}
 	if ch.Op == OpUpdate && ch.Before != nil && r.keyChanged(ri.routes, ch) {
 		// Debezium's key-change headers: the delete names the new key

@@ -1,8 +1,8 @@
 // Package buildinfo says which build of Tidemark is running: the version
 // stamped at build time (-ldflags "-X
 // github.com/tidemark/tidemark/internal/buildinfo.version=1.2.3"), else the
-// module version Go recorded, else "dev"; and the VCS revision Go
-// recorded.
+// module version Go recorded, else Release with "-dev"; and the VCS
+// revision Go recorded.
 package buildinfo
 
 import (
@@ -11,12 +11,15 @@ import (
 	"sync"
 )
 
+// Release is the release this source tree is, or leads to.
+const Release = "0.9.0"
+
 // version is set by the linker; empty in a plain go build.
 var version string
 
 // Info is what a build records about itself.
 type Info struct {
-	Version   string // e.g. "0.9.0", or "dev"
+	Version   string // e.g. "0.9.0", or "0.9.0-dev"
 	Revision  string // the VCS revision, "unknown" when not recorded
 	Modified  bool   // the work tree had uncommitted changes
 	GoVersion string
@@ -46,7 +49,7 @@ func Get() Info {
 			}
 		}
 		if info.Version == "" {
-			info.Version = "dev"
+			info.Version = Release + "-dev"
 		}
 	})
 	return info

@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"os"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -35,8 +36,22 @@ const (
 	EnvKafkaSASLPassword = "TIDEMARK_KAFKA_SASL_PASSWORD"
 )
 
+// EnvMaskSalt is the salt of masked columns (postgres.columns.*.mask).
+const EnvMaskSalt = "TIDEMARK_MASK_SALT"
+
+// ColumnPolicy is one table's postgres.columns entry.
+type ColumnPolicy struct {
+	// Exclude lists columns that never leave Tidemark.
+	Exclude []string `yaml:"exclude"`
+	// Mask maps a column to its hash: sha256 (the only one).
+	Mask map[string]string `yaml:"mask"`
+}
+
 // Config is the whole file.
 type Config struct {
+	// MaskSalt is the salt of masked columns, from env TIDEMARK_MASK_SALT
+	// only (never in the file, never printed).
+	MaskSalt string   `yaml:"-"`
 	Postgres Postgres `yaml:"postgres"`
 	Kafka    Kafka    `yaml:"kafka"`
 	Pipeline Pipeline `yaml:"pipeline"`
@@ -174,6 +189,10 @@ type Postgres struct {
 	// message.key.columns). The columns must be sent in deletes (be in the
 	// replica identity). Default: see the README on keys.
 	KeyColumns map[string][]string `yaml:"key_columns"`
+	// Columns keeps columns out of the topics, by table: exclude drops a
+	// column from every image (never a key column), mask publishes it as a
+	// salted SHA-256 (salt from env TIDEMARK_MASK_SALT).
+	Columns map[string]ColumnPolicy `yaml:"columns"`
 	// StandbyInterval is the longest gap between standby status messages.
 	// Default 10s.
 	StandbyInterval time.Duration `yaml:"standby_interval"`
@@ -423,6 +442,7 @@ func (c *Config) ApplyEnv(getenv func(string) string) {
 	if v := getenv(EnvAdminToken); v != "" {
 		c.HTTP.AdminToken = v
 	}
+	c.MaskSalt = getenv(EnvMaskSalt)
 	c.applyTargetsEnv(getenv)
 	c.applyIntegrityEnv(getenv)
 	if v := getenv(EnvKafkaSASLPassword); v != "" {
@@ -527,6 +547,13 @@ func (c *Config) ApplyDefaults() {
 			qualified[pipeline.QualifyTable(t)] = cols
 		}
 		p.KeyColumns = qualified
+	}
+	if len(p.Columns) > 0 {
+		qualified := make(map[string]ColumnPolicy, len(p.Columns))
+		for t, cp := range p.Columns {
+			qualified[pipeline.QualifyTable(t)] = cp
+		}
+		p.Columns = qualified
 	}
 	k := &c.Kafka
 	if k.TopicPrefix == "" {
@@ -680,6 +707,7 @@ func (c *Config) Validate() []FieldError {
 			dup[c] = true
 		}
 	}
+	c.validateColumns(seen, add)
 	switch p.Snapshot {
 	case "", SnapshotInitial, SnapshotNever, SnapshotInitialOnly:
 	default:
@@ -925,6 +953,64 @@ func Redact(dsn string) string {
 	return kvPasswordRe.ReplaceAllString(dsn, "password=xxxxx")
 }
 
+// validateColumns checks postgres.columns: known tables, column names, a
+// column excluded or masked once, sha256 as the only mask, the salt set
+// when anything is masked, and no key_columns excluded.
+func (c *Config) validateColumns(seen map[string]bool, add func(path, format string, args ...any)) {
+	p := c.Postgres
+	tables := make([]string, 0, len(p.Columns))
+	for t := range p.Columns {
+		tables = append(tables, t)
+	}
+	sort.Strings(tables)
+	masked := false
+	for _, t := range tables {
+		path := "postgres.columns." + t
+		cp := p.Columns[t]
+		if !seen[t] {
+			add(path, "%q is not in postgres.tables", t)
+		}
+		if len(cp.Exclude) == 0 && len(cp.Mask) == 0 {
+			add(path, "lists no column to exclude or mask")
+		}
+		used := map[string]bool{}
+		for i, col := range cp.Exclude {
+			at := fmt.Sprintf("%s.exclude[%d]", path, i)
+			switch {
+			case !pipeline.IsIdentifier(col):
+				add(at, "%q is not a column name", col)
+			case used[col]:
+				add(at, "%q is listed twice", col)
+			case slices.Contains(p.KeyColumns[t], col):
+				add(at, "%q is in postgres.key_columns: a key column cannot be excluded (mask it instead)", col)
+			}
+			used[col] = true
+		}
+		cols := make([]string, 0, len(cp.Mask))
+		for col := range cp.Mask {
+			cols = append(cols, col)
+		}
+		sort.Strings(cols)
+		for _, col := range cols {
+			at := path + ".mask." + col
+			switch {
+			case !pipeline.IsIdentifier(col):
+				add(at, "%q is not a column name", col)
+			case used[col]:
+				add(at, "%q is also excluded", col)
+			case cp.Mask[col] != "sha256":
+				add(at, "%q is not a mask (want sha256)", cp.Mask[col])
+			}
+			masked = true
+		}
+	}
+	if masked && c.MaskSalt == "" {
+		add("postgres.columns", "masked columns need a salt: set %s (at least 16 characters, kept secret)", EnvMaskSalt)
+	} else if masked && len(c.MaskSalt) < 16 {
+		add("postgres.columns", "%s is shorter than 16 characters", EnvMaskSalt)
+	}
+}
+
 // RouterConfig derives the pipeline's routing from the file.
 func (c *Config) RouterConfig(database string) pipeline.RouterConfig {
 	return pipeline.RouterConfig{
@@ -937,7 +1023,24 @@ func (c *Config) RouterConfig(database string) pipeline.RouterConfig {
 		Tombstones:        c.Kafka.Tombstones == nil || *c.Kafka.Tombstones,
 		SkipTruncates:     c.Pipeline.Truncate == "skip",
 		Version:           buildinfo.Version(),
+		Columns:           c.columnPolicies(),
 	}
+}
+
+func (c *Config) columnPolicies() map[string]pipeline.ColumnPolicy {
+	if len(c.Postgres.Columns) == 0 {
+		return nil
+	}
+	out := make(map[string]pipeline.ColumnPolicy, len(c.Postgres.Columns))
+	for t, cp := range c.Postgres.Columns {
+		pc := pipeline.ColumnPolicy{Exclude: cp.Exclude, Salt: c.MaskSalt}
+		for col := range cp.Mask {
+			pc.Mask = append(pc.Mask, col)
+		}
+		sort.Strings(pc.Mask)
+		out[t] = pc
+	}
+	return out
 }
 
 // validateInvalidationTopics refuses dead rules (a rule on a table that no

@@ -196,6 +196,23 @@ func TestBadConfigs(t *testing.T) {
 			paths: []string{"pipeline.entity_streams[0].tables[0]"},
 		},
 		{
+			file: "columns.bad.yml",
+			errs: []string{
+				`postgres.columns.public.users.exclude[1]: "name" is in postgres.key_columns: a key column cannot be excluded (mask it instead)`,
+				`postgres.columns.public.users.exclude[2]: "bad col" is not a column name`,
+				`postgres.columns.public.users.exclude[3]: "password_hash" is listed twice`,
+				`postgres.columns.public.users.mask.email: "md5" is not a mask (want sha256)`,
+				`postgres.columns.public.users.mask.password_hash: "password_hash" is also excluded`,
+				`postgres.columns.public.rooms: "public.rooms" is not in postgres.tables`,
+				`postgres.columns.public.users_empty: lists no column to exclude or mask`,
+				`postgres.columns: masked columns need a salt: set TIDEMARK_MASK_SALT`,
+			},
+			paths: []string{"postgres.columns", "postgres.columns.public.rooms", "postgres.columns.public.users.exclude[1]",
+				"postgres.columns.public.users.exclude[2]", "postgres.columns.public.users.exclude[3]",
+				"postgres.columns.public.users.mask.email", "postgres.columns.public.users.mask.password_hash",
+				"postgres.columns.public.users_empty", "postgres.columns.public.users_empty"},
+		},
+		{
 			file: "records.bad.yml",
 			errs: []string{
 				`pipeline.truncate: "sometimes" is not publish or skip`,

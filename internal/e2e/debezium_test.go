@@ -1,0 +1,118 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tidemark/tidemark/internal/config"
+)
+
+// TestCompactedTopicForgetsDeletedKeys (issue 17, acceptance 2): a table
+// topic created with cleanup.policy=compact, after inserts, updates, key
+// changes and deletes and a compaction, holds exactly the keys of the rows
+// that exist, each with its current row. Without the tombstones that
+// follow deletes, compaction keeps each deleted key's delete record.
+func TestCompactedTopicForgetsDeletedKeys(t *testing.T) {
+	e := newEnv(t, "")
+	e.exec(`CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL, pad text NOT NULL)`)
+	cfg := e.config("compact", []string{"public.items"}, func(c *config.Config) {
+		c.Kafka.TopicConfigs = map[string]string{"cleanup.policy": "compact", "delete.retention.ms": "0", "min.compaction.lag.ms": "0"}
+	})
+	r := e.start(cfg)
+	defer r.stop(t)
+	// Each statement is written on its own (the slot confirms it before
+	// the next), so that it lands in batches of its own: compaction never
+	// touches a partition's last batch, and the last transaction, updating
+	// every row, makes everything before it cleanable.
+	for _, sql := range []string{
+		`INSERT INTO items SELECT g, 0, 'p' FROM generate_series(1, 300) g`,
+		`UPDATE items SET v = v + 1 WHERE id % 3 = 0`,
+		`DELETE FROM items WHERE id % 5 = 0`,
+		`UPDATE items SET id = id + 1000 WHERE id % 7 = 0`, // key changes: old keys are gone
+		`DELETE FROM items WHERE id BETWEEN 100 AND 120`,
+		`INSERT INTO items VALUES (105, 42, 'back')`, // deleted, then back
+		`UPDATE items SET v = v + 1000`,
+	} {
+		e.exec(sql)
+		e.waitSlot(cfg.Postgres.Slot, e.currentLSN(), 30*time.Second)
+	}
+
+	const topic = "compact.public.items"
+	// (The broker's cleaner may have compacted some already.)
+	before := len(e.readRaw(topic))
+	e.kafka.Fake().Compact()
+	recs := e.readRaw(topic)
+	latest := map[string][]byte{}
+	for _, rec := range recs {
+		latest[string(rec.Key)] = rec.Value
+	}
+	want := map[string]string{}
+	rows, err := e.pool.Query(t.Context(), `SELECT id, v FROM items`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var id, v int
+		if err := rows.Scan(&id, &v); err != nil {
+			t.Fatal(err)
+		}
+		want[fmt.Sprintf(`{"id":%d}`, id)] = fmt.Sprint(v)
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	var stale []string
+	for k, v := range latest {
+		if _, ok := want[k]; !ok {
+			stale = append(stale, k)
+			continue
+		}
+		var env envelope
+		if err := json.Unmarshal(v, &env); err != nil || env.After == nil || string(env.After["v"]) != want[k] {
+			t.Errorf("key %s: latest record %s, want v=%s", k, v, want[k])
+		}
+	}
+	if len(stale) > 0 {
+		t.Errorf("%d deleted keys are still in the compacted topic, e.g. %s", len(stale), strings.Join(stale[:min(5, len(stale))], " "))
+	}
+	for k := range want {
+		if _, ok := latest[k]; !ok {
+			t.Errorf("key %s of an existing row is missing from the compacted topic", k)
+		}
+	}
+	t.Logf("%d records before compaction, %d after, %d rows", before, len(recs), len(want))
+}
+
+// TestFullIdentityFillsUnchangedToast: under REPLICA IDENTITY FULL, an
+// update that leaves a TOASTed column alone still carries it in after
+// (filled from before, as Debezium does), with no "unchanged" list.
+func TestFullIdentityFillsUnchangedToast(t *testing.T) {
+	e := newEnv(t, "")
+	e.exec(`CREATE TABLE docs (id int PRIMARY KEY, title text, body text)`)
+	e.exec(`ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL`)
+	e.exec(`CREATE TABLE docs_default (id int PRIMARY KEY, title text, body text)`)
+	e.exec(`ALTER TABLE docs_default ALTER COLUMN body SET STORAGE EXTERNAL`)
+	cfg := e.config("toast", []string{"public.docs", "public.docs_default"}, nil)
+	e.exec(`ALTER TABLE docs REPLICA IDENTITY FULL`)
+	r := e.start(cfg)
+	defer r.stop(t)
+	body := strings.Repeat("0123456789", 1000) // 10 kB: stored out of line
+	e.exec(`INSERT INTO docs VALUES (1, 'a', $1)`, body)
+	e.exec(`INSERT INTO docs_default VALUES (1, 'a', $1)`, body)
+	e.exec(`UPDATE docs SET title = 'b'`)
+	e.exec(`UPDATE docs_default SET title = 'b'`)
+	ms := e.waitRecords("toast.public.docs", 2, 30*time.Second)
+	u := ms[1].Env
+	var got string
+	if u.Op != "u" || json.Unmarshal(u.After["body"], &got) != nil || got != body || len(u.Unchanged) != 0 {
+		t.Errorf("FULL: update after has body %d bytes, unchanged %v; want the whole body and no unchanged list", len(got), u.Unchanged)
+	}
+	// The premise: without FULL, Postgres leaves the body out.
+	ms = e.waitRecords("toast.public.docs_default", 2, 30*time.Second)
+	if d := ms[1].Env; d.Op != "u" || d.After["body"] != nil || len(d.Unchanged) != 1 || d.Unchanged[0] != "body" {
+		t.Errorf("default identity: after %v, unchanged %v; want body absent and listed as unchanged", d.After, d.Unchanged)
+	}
+}
