@@ -123,8 +123,8 @@ func TestKcatReadsTopics(t *testing.T) {
 		Headers   []string `json:"headers"`
 	}
 	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
-	if len(lines) != 4 {
-		t.Fatalf("kcat read %d messages, want 4:\n%s", len(lines), out)
+	if len(lines) != 5 {
+		t.Fatalf("kcat read %d messages, want 5 (4 changes, 1 tombstone):\n%s", len(lines), out)
 	}
 	ours := map[string]msg{}
 	for _, m := range e.read("kc.public.rooms") {
@@ -135,6 +135,13 @@ func TestKcatReadsTopics(t *testing.T) {
 		var km kcatMsg
 		if err := json.Unmarshal([]byte(l), &km); err != nil {
 			t.Fatalf("kcat line is not JSON: %v\n%s", err, l)
+		}
+		if strings.Contains(l, `"payload":null`) {
+			if km.Key != `{"room_id":"!b"}` {
+				t.Errorf("tombstone for key %s, want the deleted room's", km.Key)
+			}
+			ops["tombstone"]++
+			continue
 		}
 		var env envelope
 		if err := json.Unmarshal([]byte(km.Payload), &env); err != nil {
@@ -160,7 +167,7 @@ func TestKcatReadsTopics(t *testing.T) {
 		}
 		ops[env.Op]++
 	}
-	if ops["c"] != 2 || ops["u"] != 1 || ops["d"] != 1 {
+	if ops["c"] != 2 || ops["u"] != 1 || ops["d"] != 1 || ops["tombstone"] != 1 {
 		t.Errorf("ops read by kcat: %v", ops)
 	}
 }
