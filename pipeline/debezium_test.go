@@ -169,3 +169,47 @@ func TestColumnPolicy(t *testing.T) {
 		t.Errorf("an excluded key column: %v", err)
 	}
 }
+
+// TestRowsFormat: a rows-format table topic gets the flattened row with
+// __op, __deleted, __lsn and __ts_ms (a delete: the old row, deleted
+// "true", then a tombstone), no truncate (counted); its entity stream
+// keeps envelopes.
+func TestRowsFormat(t *testing.T) {
+	cfg := pipeline.Config{Router: pipeline.RouterConfig{EntityStreams: []pipeline.EntityStream{roomsStream},
+		TableTopics: true, Tombstones: true, RowsTables: map[string]bool{"public.room_memberships": true}}}
+	src, sink := newFakeSource(buildEvents(txnN(1,
+		pipeline.Change{Op: pipeline.OpCreate, Rel: relMembers, After: row("join", "@u:x", "!a")},
+		pipeline.Change{Op: pipeline.OpUpdate, Rel: relMembers, Before: row("join", "@u:x", "!a"), After: row("leave", "@u:x", "!a")},
+		pipeline.Change{Op: pipeline.OpDelete, Rel: relMembers, Before: row("leave", "@u:x", "!a")},
+		pipeline.Change{Op: pipeline.OpTruncate, Rel: relMembers},
+	))), newFakeSink()
+	p := newPipeline(t, cfg, src, sink)
+	if err := p.Run(testCtx(t)); err != nil && !errors.Is(err, errDrained) && !errors.Is(err, context.Canceled) {
+		t.Fatal(err)
+	}
+	var rows []string
+	streamOps := ""
+	for _, m := range changeMessages(sink.Written()) {
+		switch m.Topic {
+		case "tm.public.room_memberships":
+			rows = append(rows, string(m.Value))
+		case "tm.rooms":
+			streamOps += strings.Trim(envelopeField(t, m, "op"), `"`)
+		}
+	}
+	want := []string{
+		`{"membership":"join","user_id":"@u:x","room_id":"!a","__op":"c","__deleted":"false","__lsn":900,"__ts_ms":1732262400501}`,
+		`{"membership":"leave","user_id":"@u:x","room_id":"!a","__op":"u","__deleted":"false","__lsn":901,"__ts_ms":1732262400501}`,
+		`{"membership":"leave","user_id":"@u:x","room_id":"!a","__op":"d","__deleted":"true","__lsn":902,"__ts_ms":1732262400501}`,
+		``, // the tombstone
+	}
+	if strings.Join(rows, "\n") != strings.Join(want, "\n") {
+		t.Errorf("rows topic:\n%s\nwant:\n%s", strings.Join(rows, "\n"), strings.Join(want, "\n"))
+	}
+	if streamOps != "cudt" {
+		t.Errorf("entity stream ops %q, want cudt (envelopes)", streamOps)
+	}
+	if n := p.Stats().SkippedTruncates.Load(); n != 1 {
+		t.Errorf("SkippedTruncates %d, want 1", n)
+	}
+}

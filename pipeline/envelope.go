@@ -432,3 +432,36 @@ func AppendJSONString(dst []byte, s string) []byte {
 	dst = append(dst, s[start:]...)
 	return append(dst, '"')
 }
+
+// appendRows appends the "rows" form of a change (Debezium's
+// ExtractNewRecordState with delete rewriting): the new row (for a delete,
+// the old one) flattened, plus "__op", "__deleted" ("true" for a delete),
+// "__lsn" (the change's LSN) and "__ts_ms" (the commit time).
+func (l *envelopeLayout) appendRows(dst []byte, txn *txnDigits, ch *Change, op Op, before, after Tuple) []byte {
+	img, deleted := after, op == OpDelete
+	if deleted || img == nil {
+		img = before
+	}
+	if img == nil {
+		dst = append(dst, '{')
+	} else if dst = l.appendImage(dst, img); dst[len(dst)-2] != '{' {
+		dst[len(dst)-1] = ','
+	} else {
+		dst = dst[:len(dst)-1]
+	}
+	dst = append(dst, `"__op":"`...)
+	dst = append(dst, byte(op))
+	if deleted {
+		dst = append(dst, `","__deleted":"true","__lsn":`...)
+	} else {
+		dst = append(dst, `","__deleted":"false","__lsn":`...)
+	}
+	at := ch.WALLSN
+	if at == 0 {
+		at = txn.commitLSN
+	}
+	dst = strconv.AppendUint(dst, uint64(at), 10)
+	dst = append(dst, `,"__ts_ms":`...)
+	dst = append(dst, txn.commitMs...)
+	return append(dst, '}')
+}

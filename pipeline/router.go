@@ -55,6 +55,11 @@ type RouterConfig struct {
 	Version string
 	// Columns keeps columns out of records, by "schema.table".
 	Columns map[string]ColumnPolicy
+	// RowsTables publishes these tables ("schema.table") to their table
+	// topics in the "rows" format (see appendRows) instead of envelopes;
+	// their truncates are not published there (counted in
+	// Stats.SkippedTruncates). Entity streams keep envelopes.
+	RowsTables map[string]bool
 }
 
 // ColumnPolicy keeps a table's columns out of its records: an excluded
@@ -108,6 +113,7 @@ type route struct {
 	topic   string
 	keyCols []int // nil: no key
 	stream  string
+	rows    bool // the "rows" format (RouterConfig.RowsTables)
 }
 
 // Router maps changes to topics and keys. It is used by one goroutine.
@@ -121,6 +127,8 @@ type Router struct {
 	kscratch  []byte      // keyChanged's scratch
 	kscratch2 []byte
 	txnTopic  string
+	// skippedTruncates counts truncates left out of rows-format topics.
+	skippedTruncates uint64
 }
 
 // relInfo is what the router derives once per relation shape.
@@ -134,6 +142,7 @@ type relInfo struct {
 	// mask's.
 	exclude, mask []int
 	salt          string
+	rows          bool // a route uses the rows format
 }
 
 // NewRouter builds a Router.
@@ -172,11 +181,14 @@ func (r *Router) info(rel *Relation) (*relInfo, error) {
 				keys = append(keys, i)
 			}
 		}
-		rs = append(rs, route{topic: r.cfg.TableTopic(rel.Schema, rel.Table), keyCols: keys})
+		rs = append(rs, route{topic: r.cfg.TableTopic(rel.Schema, rel.Table), keyCols: keys, rows: r.cfg.RowsTables[rel.QualifiedName()]})
 	}
 	name := rel.QualifiedName()
 	ri := &relInfo{rel: rel, routes: rs, name: name, nameBytes: []byte(name),
 		layout: newEnvelopeLayout(EnvelopeSource{Name: r.cfg.TopicPrefix, Database: r.cfg.Database, Version: r.cfg.Version}, rel)}
+	for _, rt := range rs {
+		ri.rows = ri.rows || rt.rows
+	}
 	if cp, ok := r.cfg.Columns[name]; ok {
 		ri.salt = cp.Salt
 		for _, c := range cp.Exclude {
@@ -391,6 +403,11 @@ func (r *Router) emit(dst []Message, st *txnState, ch *Change, op Op, before, af
 		st.digits = newTxnDigits(st.info)
 	}
 	b := ri.layout.append(buf, st.digits, ch, op, before, after, pos, order, now)
+	rowsStart := len(b)
+	if ri.rows && op != OpTruncate {
+		b = ri.layout.appendRows(b, st.digits, ch, op, before, after)
+	}
+	rowsEnd := len(b)
 	valueEnd := len(b)
 	b = append(b, st.digits.lsn...)
 	lsnEnd := len(b)
@@ -433,6 +450,7 @@ func (r *Router) emit(dst []Message, st *txnState, ch *Change, op Op, before, af
 		}
 	}
 	valueEnd, lsnEnd, seqEnd = valueEnd-base, lsnEnd-base, seqEnd-base
+	rowsStart, rowsEnd = rowsStart-base, rowsEnd-base
 	for i := range ends {
 		ends[i] -= base
 	}
@@ -443,10 +461,19 @@ func (r *Router) emit(dst []Message, st *txnState, ch *Change, op Op, before, af
 		{Key: "tidemark-lsn", Value: mem[valueEnd:lsnEnd:lsnEnd]},
 		{Key: "tidemark-seq", Value: mem[lsnEnd:seqEnd:seqEnd]},
 	}
-	value := mem[:valueEnd:valueEnd]
+	value := mem[:rowsStart:rowsStart]
+	rowsValue := mem[rowsStart:rowsEnd:rowsEnd]
 	prev := seqEnd
 	for i, rt := range ri.routes {
 		m := Message{Topic: rt.topic, Value: value, Headers: hs.h[:], Pos: pos}
+		if rt.rows {
+			if op == OpTruncate {
+				r.skippedTruncates++
+				prev = ends[i]
+				continue
+			}
+			m.Value = rowsValue
+		}
 		if op == OpTruncate {
 			m.Broadcast = true
 		} else if ends[i] > prev {

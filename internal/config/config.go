@@ -325,6 +325,13 @@ type Pipeline struct {
 	// TransactionTopic names that topic. Default "<prefix>.transaction"
 	// (Debezium's name; Tidemark before 0.9 wrote "<prefix>.transactions").
 	TransactionTopic string `yaml:"transaction_topic"`
+	// Format of table topics: debezium (envelopes) or rows (the flattened
+	// row with __op, __deleted, __lsn, __ts_ms: Debezium's
+	// ExtractNewRecordState, for databases that upsert rows). Default
+	// debezium.
+	Format string `yaml:"format"`
+	// Formats overrides Format per table ("schema.table": debezium|rows).
+	Formats map[string]string `yaml:"formats"`
 	// Truncate: publish (op "t" records, which the targets consumer needs)
 	// or skip (counted and warned once; Debezium's default). Default
 	// publish.
@@ -584,6 +591,16 @@ func (c *Config) ApplyDefaults() {
 	if pl.Truncate == "" {
 		pl.Truncate = "publish"
 	}
+	if pl.Format == "" {
+		pl.Format = "debezium"
+	}
+	if len(pl.Formats) > 0 {
+		qualified := make(map[string]string, len(pl.Formats))
+		for t, f := range pl.Formats {
+			qualified[pipeline.QualifyTable(t)] = f
+		}
+		pl.Formats = qualified
+	}
 	if k.Tombstones == nil {
 		k.Tombstones = boolPtr(true)
 	}
@@ -799,6 +816,7 @@ func (c *Config) Validate() []FieldError {
 	default:
 		add("pipeline.truncate", "%q is not publish or skip", pl.Truncate)
 	}
+	c.validateFormats(seen, add)
 	names := map[string]bool{}
 	for i, s := range pl.EntityStreams {
 		path := fmt.Sprintf("pipeline.entity_streams[%d]", i)
@@ -1011,6 +1029,86 @@ func (c *Config) validateColumns(seen map[string]bool, add func(path, format str
 	}
 }
 
+// RowsTables are the captured tables whose table topics use the rows
+// format (pipeline.format, pipeline.formats).
+func (c *Config) RowsTables() map[string]bool {
+	out := map[string]bool{}
+	for _, t := range c.Postgres.Tables {
+		f := c.Pipeline.Format
+		if o, ok := c.Pipeline.Formats[t]; ok {
+			f = o
+		}
+		if f == "rows" {
+			out[t] = true
+		}
+	}
+	return out
+}
+
+// validateFormats checks pipeline.format and pipeline.formats, and that
+// no Tidemark consumer reads a rows-format table topic (they read
+// envelopes).
+func (c *Config) validateFormats(seen map[string]bool, add func(path, format string, args ...any)) {
+	pl := c.Pipeline
+	if pl.Format != "" && pl.Format != "debezium" && pl.Format != "rows" {
+		add("pipeline.format", "%q is not debezium or rows", pl.Format)
+	}
+	tables := make([]string, 0, len(pl.Formats))
+	for t := range pl.Formats {
+		tables = append(tables, t)
+	}
+	sort.Strings(tables)
+	for _, t := range tables {
+		if !seen[t] {
+			add("pipeline.formats."+t, "%q is not in postgres.tables", t)
+		}
+		if f := pl.Formats[t]; f != "debezium" && f != "rows" {
+			add("pipeline.formats."+t, "%q is not debezium or rows", f)
+		}
+	}
+	rows := c.RowsTables()
+	if len(rows) == 0 {
+		return
+	}
+	readers := map[string][]string{} // table -> the consumers that read its table topic
+	if inv := c.Invalidation; inv != nil && len(inv.Streams) == 0 {
+		for _, r := range inv.Rules {
+			readers[pipeline.QualifyTable(r.Table)] = append(readers[pipeline.QualifyTable(r.Table)], "invalidation")
+		}
+	}
+	if tg := c.Targets; tg != nil {
+		m := tg.Mapping()
+		m.ApplyDefaults()
+		for _, t := range []string{m.Membership.Table, m.Users.Table} {
+			readers[t] = append(readers[t], "targets")
+		}
+	}
+	if ig := c.Integrity; ig != nil {
+		for _, r := range ig.Rules {
+			ts := []string{r.Table}
+			if r.Expect != nil {
+				ts = append(ts, r.Expect.Table)
+			}
+			if r.Forbid != nil {
+				ts = append(ts, r.Forbid.Table)
+			}
+			for _, t := range ts {
+				readers[pipeline.QualifyTable(t)] = append(readers[pipeline.QualifyTable(t)], "integrity")
+			}
+		}
+	}
+	var bad []string
+	for t := range rows {
+		if rs := readers[t]; len(rs) > 0 {
+			bad = append(bad, fmt.Sprintf("%s (read by %s)", t, strings.Join(slices.Compact(rs), ", ")))
+		}
+	}
+	sort.Strings(bad)
+	if len(bad) > 0 {
+		add("pipeline.formats", "the rows format is for other databases' readers; Tidemark's consumers read envelopes from %s: keep those tables in the debezium format", strings.Join(bad, ", "))
+	}
+}
+
 // RouterConfig derives the pipeline's routing from the file.
 func (c *Config) RouterConfig(database string) pipeline.RouterConfig {
 	return pipeline.RouterConfig{
@@ -1024,6 +1122,7 @@ func (c *Config) RouterConfig(database string) pipeline.RouterConfig {
 		SkipTruncates:     c.Pipeline.Truncate == "skip",
 		Version:           buildinfo.Version(),
 		Columns:           c.columnPolicies(),
+		RowsTables:        c.RowsTables(),
 	}
 }
 

@@ -70,6 +70,7 @@ func TestLoadGoodConfigAppliesDefaults(t *testing.T) {
 			TableTopics:       ptr(true),
 			TransactionsTopic: ptr(true),
 			Truncate:          "publish",
+			Format:            "debezium",
 			EntityStreams: []pipeline.EntityStream{
 				{Name: "rooms", Key: "room_id", Tables: []string{"public.events", "public.room_memberships"}},
 			},
@@ -211,6 +212,16 @@ func TestBadConfigs(t *testing.T) {
 				"postgres.columns.public.users.exclude[2]", "postgres.columns.public.users.exclude[3]",
 				"postgres.columns.public.users.mask.email", "postgres.columns.public.users.mask.password_hash",
 				"postgres.columns.public.users_empty", "postgres.columns.public.users_empty"},
+		},
+		{
+			file: "formats.bad.yml",
+			errs: []string{
+				`pipeline.format: "columns" is not debezium or rows`,
+				`pipeline.formats.public.nope: "public.nope" is not in postgres.tables`,
+				`pipeline.formats.public.users: "flat" is not debezium or rows`,
+				`pipeline.formats: the rows format is for other databases' readers; Tidemark's consumers read envelopes from public.room_memberships (read by targets): keep those tables in the debezium format`,
+			},
+			paths: []string{"pipeline.format", "pipeline.formats", "pipeline.formats.public.nope", "pipeline.formats.public.users"},
 		},
 		{
 			file: "records.bad.yml",
