@@ -133,7 +133,7 @@ func relationFromMessage(m *pglogrepl.RelationMessage, keys []string) *pipeline.
 		if len(keys) > 0 {
 			key = slices.Contains(keys, c.Name)
 		}
-		r.Columns[i] = pipeline.Column{Name: c.Name, TypeOID: c.DataType, Key: key, Identity: identity}
+		r.Columns[i] = pipeline.Column{Name: c.Name, TypeOID: c.DataType, TypeMod: c.TypeModifier, Key: key, Identity: identity}
 	}
 	return r
 }

@@ -733,7 +733,7 @@ func (e *permanentError) Unwrap() error { return e.err }
 // describe builds the relation of ti as the table is now, with the
 // columns' SQL types (for the chunk query's key casts).
 func (r *Incremental) describe(ctx context.Context, tx pgx.Tx, ti TableInfo) (*pipeline.Relation, map[string]string, error) {
-	rows, err := tx.Query(ctx, `SELECT attname, atttypid, format_type(atttypid, atttypmod) FROM pg_catalog.pg_attribute
+	rows, err := tx.Query(ctx, `SELECT attname, atttypid, format_type(atttypid, atttypmod), atttypmod FROM pg_catalog.pg_attribute
 		WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum`, ti.OID)
 	if err != nil {
 		return nil, nil, err
@@ -743,13 +743,14 @@ func (r *Incremental) describe(ctx context.Context, tx pgx.Tx, ti TableInfo) (*p
 	types := map[string]string{}
 	var name, typ string
 	var oid uint32
-	if _, err := pgx.ForEachRow(rows, []any{&name, &oid, &typ}, func() error {
+	var typmod int32
+	if _, err := pgx.ForEachRow(rows, []any{&name, &oid, &typ, &typmod}, func() error {
 		identity := slices.Contains(ti.IdentityColumns, name)
 		key := identity
 		if len(keys) > 0 {
 			key = slices.Contains(keys, name)
 		}
-		rel.Columns = append(rel.Columns, pipeline.Column{Name: name, TypeOID: oid, Key: key, Identity: identity})
+		rel.Columns = append(rel.Columns, pipeline.Column{Name: name, TypeOID: oid, TypeMod: typmod, Key: key, Identity: identity})
 		types[name] = typ
 		return nil
 	}); err != nil {

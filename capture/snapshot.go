@@ -353,7 +353,7 @@ func (s *SnapshotSource) openTable(ctx context.Context) (bool, error) {
 	s.next++
 	name := ti.Schema + "." + ti.Table
 	// The columns pgoutput sends: not dropped, not generated.
-	rows, err := s.tx.Query(ctx, `SELECT attname, atttypid FROM pg_catalog.pg_attribute
+	rows, err := s.tx.Query(ctx, `SELECT attname, atttypid, atttypmod FROM pg_catalog.pg_attribute
 		WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum`, ti.OID)
 	if err != nil {
 		return false, fmt.Errorf("reading the columns of %s: %w", name, err)
@@ -362,13 +362,14 @@ func (s *SnapshotSource) openTable(ctx context.Context) (bool, error) {
 	keys := s.cfg.KeyColumns[name]
 	var cname string
 	var oid uint32
-	if _, err := pgx.ForEachRow(rows, []any{&cname, &oid}, func() error {
+	var typmod int32
+	if _, err := pgx.ForEachRow(rows, []any{&cname, &oid, &typmod}, func() error {
 		identity := slices.Contains(ti.IdentityColumns, cname)
 		key := identity
 		if len(keys) > 0 {
 			key = slices.Contains(keys, cname)
 		}
-		rel.Columns = append(rel.Columns, pipeline.Column{Name: cname, TypeOID: oid, Key: key, Identity: identity})
+		rel.Columns = append(rel.Columns, pipeline.Column{Name: cname, TypeOID: oid, TypeMod: typmod, Key: key, Identity: identity})
 		return nil
 	}); err != nil {
 		return false, fmt.Errorf("reading the columns of %s: %w", name, err)

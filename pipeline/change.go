@@ -69,6 +69,9 @@ func (o Op) String() string { return string(rune(o)) }
 type Column struct {
 	Name    string
 	TypeOID uint32
+	// TypeMod is the column's type modifier (atttypmod; -1 for none), e.g.
+	// a numeric's declared precision and scale.
+	TypeMod int32
 	// Key is true when the column keys the table's messages (see the
 	// README on keys: the primary key, the replica identity index, a
 	// unique index, postgres.key_columns or the whole row).

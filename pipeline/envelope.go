@@ -14,6 +14,7 @@ type EnvelopeSource struct {
 	Name     string // the topic prefix
 	Database string
 	Version  string // Tidemark's version (source.version)
+	Modes    ValueModes
 }
 
 // maxSafeInt is 2^53: integers beyond it are emitted as JSON strings so that
@@ -36,6 +37,7 @@ type envelopeLayout struct {
 	colKeys [][]byte // `"name":` per column
 	colName [][]byte // `"name"` per column (for "unchanged")
 	source  []byte   // `,"source":{...,"table":"t","txId":`
+	kinds   []uint8  // per column, how its values are written (ValueModes); nil: all default
 }
 
 func newEnvelopeLayout(src EnvelopeSource, rel *Relation) *envelopeLayout {
@@ -44,6 +46,12 @@ func newEnvelopeLayout(src EnvelopeSource, rel *Relation) *envelopeLayout {
 		name := AppendJSONString(nil, c.Name)
 		l.colName[i] = name
 		l.colKeys[i] = append(name[:len(name):len(name)], ':')
+		if k := columnKind(c, src.Modes); k != kindDefault {
+			if l.kinds == nil {
+				l.kinds = make([]uint8, len(rel.Columns))
+			}
+			l.kinds[i] = k
+		}
 	}
 	version := src.Version
 	if version == "" {
@@ -193,6 +201,12 @@ func (l *envelopeLayout) appendImage(dst []byte, t Tuple) []byte {
 		} else {
 			dst = AppendJSONString(dst, l.rel.Columns[i].Name)
 			dst = append(dst, ':')
+		}
+		if l.kinds != nil && i < len(l.kinds) && l.kinds[i] != kindDefault {
+			var ok bool
+			if dst, ok = appendKind(dst, l.kinds[i], &t[i]); ok {
+				continue
+			}
 		}
 		dst = appendDatum(dst, &t[i])
 	}

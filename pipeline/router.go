@@ -53,6 +53,8 @@ type RouterConfig struct {
 	SkipTruncates bool
 	// Version is source.version (Tidemark's version).
 	Version string
+	// Modes choose how some types are written (see ValueModes).
+	Modes ValueModes
 	// Columns keeps columns out of records, by "schema.table".
 	Columns map[string]ColumnPolicy
 	// RowsTables publishes these tables ("schema.table") to their table
@@ -185,7 +187,7 @@ func (r *Router) info(rel *Relation) (*relInfo, error) {
 	}
 	name := rel.QualifiedName()
 	ri := &relInfo{rel: rel, routes: rs, name: name, nameBytes: []byte(name),
-		layout: newEnvelopeLayout(EnvelopeSource{Name: r.cfg.TopicPrefix, Database: r.cfg.Database, Version: r.cfg.Version}, rel)}
+		layout: newEnvelopeLayout(EnvelopeSource{Name: r.cfg.TopicPrefix, Database: r.cfg.Database, Version: r.cfg.Version, Modes: r.cfg.Modes}, rel)}
 	for _, rt := range rs {
 		ri.rows = ri.rows || rt.rows
 	}

@@ -332,6 +332,18 @@ type Pipeline struct {
 	Format string `yaml:"format"`
 	// Formats overrides Format per table ("schema.table": debezium|rows).
 	Formats map[string]string `yaml:"formats"`
+	// JSONMode: embed (default) or string (json/jsonb as JSON strings, as
+	// Debezium writes them).
+	JSONMode string `yaml:"json_mode"`
+	// DecimalMode: number (default: numeric columns declared with at most
+	// 15 digits of precision as JSON numbers, other numeric columns as
+	// strings), string (always strings) or double (always numbers).
+	DecimalMode string `yaml:"decimal_mode"`
+	// TimeMode: iso (default) or micros (Debezium's integer microseconds
+	// for timestamp, time and interval; days for date).
+	TimeMode string `yaml:"time_mode"`
+	// BigintMode: number (default: every digit) or string.
+	BigintMode string `yaml:"bigint_mode"`
 	// Truncate: publish (op "t" records, which the targets consumer needs)
 	// or skip (counted and warned once; Debezium's default). Default
 	// publish.
@@ -817,6 +829,18 @@ func (c *Config) Validate() []FieldError {
 		add("pipeline.truncate", "%q is not publish or skip", pl.Truncate)
 	}
 	c.validateFormats(seen, add)
+	modes := []struct {
+		name string
+		vm   pipeline.ValueModes
+	}{
+		{"json_mode", pipeline.ValueModes{JSON: pl.JSONMode}}, {"decimal_mode", pipeline.ValueModes{Decimal: pl.DecimalMode}},
+		{"time_mode", pipeline.ValueModes{Time: pl.TimeMode}}, {"bigint_mode", pipeline.ValueModes{Bigint: pl.BigintMode}},
+	}
+	for _, m := range modes {
+		if err := m.vm.Validate(); err != nil {
+			add("pipeline."+m.name, "%s", strings.TrimPrefix(err.Error(), m.name+": "))
+		}
+	}
 	names := map[string]bool{}
 	for i, s := range pl.EntityStreams {
 		path := fmt.Sprintf("pipeline.entity_streams[%d]", i)
@@ -1123,6 +1147,8 @@ func (c *Config) RouterConfig(database string) pipeline.RouterConfig {
 		Version:           buildinfo.Version(),
 		Columns:           c.columnPolicies(),
 		RowsTables:        c.RowsTables(),
+		Modes: pipeline.ValueModes{JSON: c.Pipeline.JSONMode, Decimal: c.Pipeline.DecimalMode,
+			Time: c.Pipeline.TimeMode, Bigint: c.Pipeline.BigintMode},
 	}
 }
 

@@ -228,8 +228,12 @@ func TestBadConfigs(t *testing.T) {
 			errs: []string{
 				`pipeline.truncate: "sometimes" is not publish or skip`,
 				`pipeline.transaction_topic: "bad/name" is not a valid Kafka topic name`,
+				`pipeline.json_mode: "text" is not one of embed, string`,
+				`pipeline.decimal_mode: "precise" is not one of number, string, precise-string, double`,
+				`pipeline.time_mode: "nanos" is not one of iso, micros`,
+				`pipeline.bigint_mode: "float" is not one of number, string`,
 			},
-			paths: []string{"pipeline.transaction_topic", "pipeline.truncate"},
+			paths: []string{"pipeline.bigint_mode", "pipeline.decimal_mode", "pipeline.json_mode", "pipeline.time_mode", "pipeline.transaction_topic", "pipeline.truncate"},
 		},
 		{
 			file:  "truncate_skip_targets.bad.yml",
