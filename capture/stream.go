@@ -69,6 +69,12 @@ type Config struct {
 	MaxRowBytes int
 	// ReconnectMax bounds the backoff between reconnect attempts. Default 30s.
 	ReconnectMax time.Duration
+	// Messages forwards logical decoding messages (pg_logical_emit_message)
+	// other than Tidemark's own (prefixes starting "tidemark.") as
+	// OpMessage changes: a transactional one inside its transaction, a
+	// non-transactional one as a transaction of its own (commit LSN its
+	// LSN, no xid). Off: they are counted only.
+	Messages bool
 	// ReadCoalesce is how long the receive loop lets the walsender's
 	// messages gather when it is flowing and Tidemark has caught up with it
 	// (see wireReader): it bounds wake-ups per second instead of per
@@ -179,18 +185,18 @@ var ErrTerminal = errors.New("capture: terminal error")
 
 // Stream is a pipeline.Source over a replication slot.
 type Stream struct {
-	cfg   Config
+	cfg Config
 	// lastCommitEnd is the end of the last commit received (Debezium's
 	// lastCommitLsn, see pipeline.TxnInfo.PrevEndLSN).
 	lastCommitEnd pipeline.LSN
-	log   *zap.Logger
-	out   chan handed           // batches, in order
-	free  chan []pipeline.Event // emptied batches, for reuse
-	done  chan struct{}
-	err   error
-	acked atomic.Uint64
-	ackCh chan struct{}
-	stats Stats
+	log           *zap.Logger
+	out           chan handed           // batches, in order
+	free          chan []pipeline.Event // emptied batches, for reuse
+	done          chan struct{}
+	err           error
+	acked         atomic.Uint64
+	ackCh         chan struct{}
+	stats         Stats
 
 	// Owned by the Run goroutine.
 	handedEnd     pipeline.LSN // end LSN of the last commit handed to the pipeline
@@ -900,6 +906,9 @@ func (s *Stream) handleWAL(ctx context.Context, conn *pgconn.PgConn, xld pglogre
 		if m.Prefix == WatermarkPrefix {
 			return s.handleWatermark(ctx, conn, m, at)
 		}
+		if s.cfg.Messages && !strings.HasPrefix(m.Prefix, "tidemark.") {
+			return s.logicalMessage(ctx, conn, m, at)
+		}
 		if !m.Transactional && m.Prefix == HeartbeatPrefix {
 			if sent, ok := parseHeartbeat(m.Content, s.cfg.Slot); ok {
 				s.stats.HeartbeatsSeen.Add(1)
@@ -1005,6 +1014,38 @@ func (s *Stream) handleRow(ctx context.Context, conn *pgconn.PgConn, xld pglogre
 		ch.Op = pipeline.OpDelete
 	}
 	return s.change(ctx, conn, ch)
+}
+
+// logicalMessage forwards a pg_logical_emit_message record (Config.Messages).
+func (s *Stream) logicalMessage(ctx context.Context, conn *pgconn.PgConn, m *pglogrepl.LogicalDecodingMessage, at pipeline.LSN) error {
+	if n := len(m.Content); s.cfg.MaxRowBytes > 0 && n > s.cfg.MaxRowBytes {
+		return fmt.Errorf("%w: the logical message with prefix %q at %s is %d bytes, more than the %d a message may have (kafka.batch_bytes): it cannot be published; raise kafka.batch_bytes (and the topic's max.message.bytes), or turn pipeline.messages off",
+			ErrTerminal, m.Prefix, at, n, s.cfg.MaxRowBytes)
+	}
+	s.pendingBytes += int64(len(m.Content))
+	ch := pipeline.Change{Op: pipeline.OpMessage, WALLSN: at, Message: &pipeline.LogicalMessage{
+		Prefix: m.Prefix, Content: append([]byte(nil), m.Content...), Transactional: m.Transactional}}
+	if m.Transactional {
+		if s.txn == nil {
+			return fmt.Errorf("%w: a transactional logical message (prefix %q) at %s outside a transaction", ErrTerminal, m.Prefix, at)
+		}
+		return s.emit(ctx, conn, pipeline.Event{Kind: pipeline.EventChange, Txn: s.txn, Change: ch})
+	}
+	if s.open {
+		return fmt.Errorf("%w: a non-transactional logical message (prefix %q) at %s inside a transaction", ErrTerminal, m.Prefix, at)
+	}
+	// A transaction of its own. Its end is just past the message, so that
+	// once it is confirmed a restart does not send the message again (and
+	// every later commit still is).
+	txn := &pipeline.TxnInfo{CommitLSN: at, EndLSN: at + 1, CommitTime: time.Now(), PrevEndLSN: s.lastCommitEnd}
+	for _, ev := range []pipeline.Event{{Kind: pipeline.EventBegin, Txn: txn}, {Kind: pipeline.EventChange, Txn: txn, Change: ch}} {
+		if err := s.emit(ctx, conn, ev); err != nil {
+			return err
+		}
+	}
+	s.pendingEnd, s.receivedEnd = txn.EndLSN, txn.EndLSN
+	s.stats.ReceivedLSN.Store(uint64(txn.EndLSN))
+	return s.emit(ctx, conn, pipeline.Event{Kind: pipeline.EventCommit, Txn: txn})
 }
 
 // fillUnchanged gives after the values of its unchanged TOASTed columns

@@ -60,7 +60,18 @@ const (
 	OpDelete   Op = 'd'
 	OpRead     Op = 'r' // snapshot read
 	OpTruncate Op = 't'
+	// OpMessage is a logical decoding message (pg_logical_emit_message),
+	// published with RouterConfig.Messages; Change.Message carries it and
+	// Rel is nil.
+	OpMessage Op = 'm'
 )
+
+// LogicalMessage is a pg_logical_emit_message record.
+type LogicalMessage struct {
+	Prefix        string
+	Content       []byte
+	Transactional bool
+}
 
 // String returns the one-letter form.
 func (o Op) String() string { return string(rune(o)) }
@@ -194,6 +205,8 @@ type Change struct {
 	Before, After Tuple
 	// WALLSN is the LSN of the change's own WAL record.
 	WALLSN LSN
+	// Message is the logical decoding message of an OpMessage change.
+	Message *LogicalMessage
 	// Snapshot marks a snapshot read (Op OpRead): the envelope's
 	// source.snapshot is "first", "true" or "last" by it (Debezium's
 	// values). Live changes leave it zero ("false").

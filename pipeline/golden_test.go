@@ -47,6 +47,16 @@ var debeziumFields = map[string]string{
 	"transaction.data_collection_order": "number",
 }
 
+// debeziumMessageFields is Debezium's op "m" record (a logical decoding
+// message).
+var debeziumMessageFields = map[string]string{
+	"op": "string", "ts_ms": "number", "ts_us": "number", "ts_ns": "number",
+	"source.version": "string", "source.connector": "string", "source.name": "string", "source.db": "string",
+	"source.schema": "string", "source.table": "string", "source.txId": "number", "source.lsn": "number",
+	"source.xmin": "null", "source.sequence": "string", "source.ts_ms": "number", "source.ts_us": "number",
+	"source.ts_ns": "number", "source.snapshot": "string", "message": "object",
+}
+
 // tidemarkAdditions are the fields Tidemark adds (README: the field table).
 var tidemarkAdditions = map[string]string{
 	"unchanged":         "array",
@@ -112,6 +122,8 @@ func TestGoldenRecords(t *testing.T) {
 		ch.WALLSN = 24023128 + pipeline.LSN(i*8)
 		evs = append(evs, pipeline.Event{Kind: pipeline.EventChange, Txn: info, Change: ch})
 	}
+	evs = append(evs, pipeline.Event{Kind: pipeline.EventChange, Txn: info, Change: pipeline.Change{Op: pipeline.OpMessage,
+		WALLSN: 24023190, Message: &pipeline.LogicalMessage{Prefix: "outbox", Content: []byte("bar"), Transactional: true}}})
 	evs = append(evs, pipeline.Event{Kind: pipeline.EventCommit, Txn: info})
 	snapInfo := &pipeline.TxnInfo{Xid: 0, CommitLSN: 24023000, EndLSN: 24023000, CommitTime: info.CommitTime}
 	snap := []pipeline.Event{{Kind: pipeline.EventBegin, Txn: snapInfo},
@@ -125,7 +137,7 @@ func TestGoldenRecords(t *testing.T) {
 		t.Fatal(err)
 	}
 	names := []string{"read", "create", "update_unchanged_toast", "keychange_delete", "keychange_tombstone",
-		"keychange_create", "delete", "tombstone", "truncate"}
+		"keychange_create", "delete", "tombstone", "truncate", "message"}
 	if len(msgs) != len(names) {
 		t.Fatalf("%d records, want %d:\n%s", len(msgs), len(names), show(msgs))
 	}
@@ -169,6 +181,25 @@ func TestGoldenRecords(t *testing.T) {
 			continue
 		}
 		env := flatten(decodeJSON(t, m.Value).(map[string]any))
+		if name == "message" {
+			// Debezium's message record: no images and no transaction
+			// block, a message block, empty schema and table.
+			fields := debeziumMessageFields
+			for f, typ := range fields {
+				if got := jsonType(env[f]); got != typ {
+					t.Errorf("message: %s is %s, Debezium's is %s", f, got, typ)
+				}
+			}
+			for f := range env {
+				if _, ok := fields[f]; !ok && f != "source.commit_lsn" {
+					t.Errorf("message: field %s is neither Debezium's nor a documented addition", f)
+				}
+			}
+			if string(m.Key) != `{"prefix":"outbox"}` || env["message"].(map[string]any)["content"] != "YmFy" {
+				t.Errorf("message: key %s, message %v", m.Key, env["message"])
+			}
+			continue
+		}
 		for f, typ := range debeziumFields {
 			v, ok := env[f]
 			if !ok {

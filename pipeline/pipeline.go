@@ -65,6 +65,8 @@ type Stats struct {
 	InFlightSize atomic.Int64  // their bytes
 	// SkippedTruncates counts truncates dropped by RouterConfig.SkipTruncates.
 	SkippedTruncates atomic.Uint64
+	// Messages counts logical decoding messages published.
+	Messages atomic.Uint64
 }
 
 // Pipeline moves events from a Source to a Sink in order and acknowledges
@@ -225,6 +227,22 @@ func (p *Pipeline) handle(ctx context.Context, ev *Event, st *txnState, msgs []M
 	case EventChange:
 		if st == nil || st.info != ev.Txn {
 			return st, msgs, fmt.Errorf("pipeline: change on %s outside its transaction", ev.Change.Rel.QualifiedName())
+		}
+		if ev.Change.Op == OpMessage {
+			// A logical message: no BEGIN/END of its own (the END record
+			// counts row changes), a position apart from the changes'.
+			if ev.Change.Message == nil {
+				return st, msgs, errors.New("pipeline: a logical message change without its message")
+			}
+			msgs = p.router.encodeMessage(msgs[:0], st, &ev.Change, now)
+			for i := range msgs {
+				if err := p.q.push(ctx, entry{msg: msgs[i]}); err != nil {
+					return st, msgs, err
+				}
+				msgs[i] = Message{}
+			}
+			p.stats.Messages.Add(1)
+			return st, msgs, nil
 		}
 		if ev.Change.Op == OpTruncate && p.cfg.Router.SkipTruncates {
 			if p.stats.SkippedTruncates.Add(1) == 1 {

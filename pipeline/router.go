@@ -3,6 +3,7 @@ package pipeline
 import (
 	"bytes"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -55,6 +56,11 @@ type RouterConfig struct {
 	Version string
 	// Modes choose how some types are written (see ValueModes).
 	Modes ValueModes
+	// Messages publishes logical decoding messages (OpMessage changes, which
+	// capture sends only then) to MessageTopic as Debezium's op "m"
+	// records; "" means "<prefix>.message".
+	Messages     bool
+	MessageTopic string
 	// Columns keeps columns out of records, by "schema.table".
 	Columns map[string]ColumnPolicy
 	// RowsTables publishes these tables ("schema.table") to their table
@@ -72,6 +78,14 @@ type ColumnPolicy struct {
 	Exclude []string
 	Mask    []string
 	Salt    string
+}
+
+// MessageTopicName returns the logical-decoding-message topic.
+func (c RouterConfig) MessageTopicName() string {
+	if c.MessageTopic != "" {
+		return c.MessageTopic
+	}
+	return c.TopicPrefix + ".message"
 }
 
 // TableTopic returns the default topic of a table.
@@ -108,6 +122,9 @@ func (c RouterConfig) Topics(tables []string) []string {
 	if c.TransactionsTopic {
 		out = append(out, c.TransactionsTopicName())
 	}
+	if c.Messages {
+		out = append(out, c.MessageTopicName())
+	}
 	return out
 }
 
@@ -129,6 +146,7 @@ type Router struct {
 	kscratch  []byte      // keyChanged's scratch
 	kscratch2 []byte
 	txnTopic  string
+	msgTopic  string
 	// skippedTruncates counts truncates left out of rows-format topics.
 	skippedTruncates uint64
 }
@@ -149,7 +167,7 @@ type relInfo struct {
 
 // NewRouter builds a Router.
 func NewRouter(cfg RouterConfig) *Router {
-	r := &Router{cfg: cfg, byName: map[string][]EntityStream{}, cache: map[uint32]*relInfo{}, txnTopic: cfg.TransactionsTopicName()}
+	r := &Router{cfg: cfg, byName: map[string][]EntityStream{}, cache: map[uint32]*relInfo{}, txnTopic: cfg.TransactionsTopicName(), msgTopic: cfg.MessageTopicName()}
 	for _, s := range cfg.EntityStreams {
 		for _, t := range s.Tables {
 			r.byName[t] = append(r.byName[t], s)
@@ -278,7 +296,15 @@ type txnState struct {
 	seq    uint32
 	tables []tableCount
 	begun  bool // its BEGIN record is queued
+	// msgs numbers the transaction's logical messages: their positions
+	// are (commit LSN, messageSeq + n), apart from its changes', which
+	// the END record counts.
+	msgs uint32
 }
+
+// messageSeq is where the positions of a transaction's logical messages
+// start (far above any change's).
+const messageSeq = 1 << 31
 
 type tableCount struct {
 	name  string
@@ -327,6 +353,76 @@ func (r *Router) encodeChange(dst []Message, st *txnState, ch *Change, now time.
 		return dst, nil
 	}
 	return r.emit(dst, st, ch, ch.Op, ch.Before, ch.After, ri, now)
+}
+
+// encodeMessage publishes a logical decoding message as Debezium's op "m"
+// record, keyed by its prefix.
+func (r *Router) encodeMessage(dst []Message, st *txnState, ch *Change, now time.Time) []Message {
+	m := ch.Message
+	pos := Position{CommitLSN: st.info.CommitLSN, Seq: messageSeq + st.msgs}
+	st.msgs++
+	if st.digits == nil {
+		st.digits = newTxnDigits(st.info)
+	}
+	d := st.digits
+	b := make([]byte, 0, 512+len(m.Content)*4/3)
+	b = append(b, `{"op":"m"`...)
+	ns := now.UnixNano()
+	b = append(b, `,"ts_ms":`...)
+	b = strconv.AppendInt(b, ns/1e6, 10)
+	b = append(b, `,"ts_us":`...)
+	b = strconv.AppendInt(b, ns/1e3, 10)
+	b = append(b, `,"ts_ns":`...)
+	b = strconv.AppendInt(b, ns, 10)
+	version := r.cfg.Version
+	if version == "" {
+		version = "dev"
+	}
+	b = append(b, `,"source":{"version":`...)
+	b = AppendJSONString(b, version)
+	b = append(b, `,"connector":"tidemark","name":`...)
+	b = AppendJSONString(b, r.cfg.TopicPrefix)
+	b = append(b, `,"db":`...)
+	b = AppendJSONString(b, r.cfg.Database)
+	b = append(b, `,"schema":"","table":"","txId":`...)
+	if m.Transactional {
+		b = append(b, d.xid...)
+	} else {
+		b = append(b, "null"...)
+	}
+	b = append(b, `,"lsn":`...)
+	b = strconv.AppendUint(b, uint64(ch.WALLSN), 10)
+	b = append(b, `,"xmin":null,"sequence":"[`...)
+	b = append(b, d.prev...)
+	b = append(b, `,\"`...)
+	b = strconv.AppendUint(b, uint64(ch.WALLSN), 10)
+	b = append(b, `\"]","ts_ms":`...)
+	b = append(b, d.commitMs...)
+	b = append(b, `,"ts_us":`...)
+	b = append(b, d.commitUs...)
+	b = append(b, `,"ts_ns":`...)
+	b = append(b, d.commitNs...)
+	b = append(b, `,"commit_lsn":`...)
+	b = append(b, d.lsn...)
+	b = append(b, `,"snapshot":"false"},"message":{"prefix":`...)
+	b = AppendJSONString(b, m.Prefix)
+	b = append(b, `,"content":"`...)
+	b = base64.StdEncoding.AppendEncode(b, m.Content)
+	b = append(b, `"}}`...)
+	valueEnd := len(b)
+	b = append(b, `{"prefix":`...)
+	b = AppendJSONString(b, m.Prefix)
+	b = append(b, '}')
+	keyEnd := len(b)
+	b = append(b, d.lsn...)
+	lsnEnd := len(b)
+	b = strconv.AppendUint(b, uint64(pos.Seq), 10)
+	hs := []Header{
+		{Key: "tidemark-op", Value: opBytes[OpMessage]},
+		{Key: "tidemark-lsn", Value: b[keyEnd:lsnEnd:lsnEnd]},
+		{Key: "tidemark-seq", Value: b[lsnEnd:]},
+	}
+	return append(dst, Message{Topic: r.msgTopic, Key: b[valueEnd:keyEnd:keyEnd], Value: b[:valueEnd:valueEnd], Headers: hs, Pos: pos})
 }
 
 // keyChangeHeaders adds __debezium.newkey to the delete half of a key
@@ -382,7 +478,7 @@ func (r *Router) keyChanged(rs []route, ch *Change) bool {
 	return false
 }
 
-var opBytes = map[Op][]byte{OpCreate: []byte("c"), OpUpdate: []byte("u"), OpDelete: []byte("d"), OpRead: []byte("r"), OpTruncate: []byte("t")}
+var opBytes = map[Op][]byte{OpCreate: []byte("c"), OpUpdate: []byte("u"), OpDelete: []byte("d"), OpRead: []byte("r"), OpTruncate: []byte("t"), OpMessage: []byte("m")}
 
 func (r *Router) emit(dst []Message, st *txnState, ch *Change, op Op, before, after Tuple, ri *relInfo, now time.Time) ([]Message, error) {
 	pos := Position{CommitLSN: st.info.CommitLSN, Seq: st.seq}

@@ -356,7 +356,7 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger, opts ...P
 		Chunks: board,
 		DSN:    cfg.Postgres.DSN, Slot: cfg.Postgres.Slot, Publication: cfg.Postgres.Publication,
 		StandbyInterval: cfg.Postgres.StandbyInterval, KeyColumns: keys, ConfirmedLSN: confirmed,
-		Tables: cfg.Postgres.Tables, UnknownTables: cfg.Postgres.UnknownTables,
+		Tables: cfg.Postgres.Tables, UnknownTables: cfg.Postgres.UnknownTables, Messages: cfg.Pipeline.Messages,
 		BufferBytes: HandoverBytes(cfg), MaxRowBytes: int(cfg.Kafka.BatchBytes),
 		ReadCoalesce: readCoalesce(log),
 	}, log.With(zap.String("component", "capture")))

@@ -344,6 +344,12 @@ type Pipeline struct {
 	TimeMode string `yaml:"time_mode"`
 	// BigintMode: number (default: every digit) or string.
 	BigintMode string `yaml:"bigint_mode"`
+	// Messages publishes logical decoding messages (pg_logical_emit_message,
+	// the outbox pattern) to MessageTopic as Debezium's op "m" records.
+	// Tidemark's own (prefixes "tidemark.") stay internal. Default false.
+	Messages bool `yaml:"messages"`
+	// MessageTopic names that topic. Default "<prefix>.message".
+	MessageTopic string `yaml:"message_topic"`
 	// Truncate: publish (op "t" records, which the targets consumer needs)
 	// or skip (counted and warned once; Debezium's default). Default
 	// publish.
@@ -819,6 +825,9 @@ func (c *Config) Validate() []FieldError {
 	if pl.TransactionTopic != "" && (!topicRe.MatchString(pl.TransactionTopic) || len(pl.TransactionTopic) > 249) {
 		add("pipeline.transaction_topic", "%q is not a valid Kafka topic name", pl.TransactionTopic)
 	}
+	if pl.MessageTopic != "" && (!topicRe.MatchString(pl.MessageTopic) || len(pl.MessageTopic) > 249) {
+		add("pipeline.message_topic", "%q is not a valid Kafka topic name", pl.MessageTopic)
+	}
 	switch pl.Truncate {
 	case "publish":
 	case "skip":
@@ -1147,6 +1156,8 @@ func (c *Config) RouterConfig(database string) pipeline.RouterConfig {
 		Version:           buildinfo.Version(),
 		Columns:           c.columnPolicies(),
 		RowsTables:        c.RowsTables(),
+		Messages:          c.Pipeline.Messages,
+		MessageTopic:      c.Pipeline.MessageTopic,
 		Modes: pipeline.ValueModes{JSON: c.Pipeline.JSONMode, Decimal: c.Pipeline.DecimalMode,
 			Time: c.Pipeline.TimeMode, Bigint: c.Pipeline.BigintMode},
 	}

@@ -116,3 +116,68 @@ func TestFullIdentityFillsUnchangedToast(t *testing.T) {
 		t.Errorf("default identity: after %v, unchanged %v; want body absent and listed as unchanged", d.After, d.Unchanged)
 	}
 }
+
+// TestLogicalMessagesPublished: with pipeline.messages, a transactional
+// and a non-transactional pg_logical_emit_message reach <prefix>.message
+// as op "m" records (key {"prefix":...}, content base64, the transactional
+// one with its transaction's xid and commit LSN); Tidemark's own prefixes
+// stay internal; the transaction's END record counts only its row
+// changes; and the slot moves past both.
+func TestLogicalMessagesPublished(t *testing.T) {
+	e := newEnv(t, "")
+	e.exec(`CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL, pad text NOT NULL)`)
+	cfg := e.config("msg", []string{"public.items"}, func(c *config.Config) { c.Pipeline.Messages = true })
+	r := e.start(cfg)
+	defer r.stop(t)
+	e.exec(`BEGIN; INSERT INTO items VALUES (1, 1, 'x'); SELECT pg_logical_emit_message(true, 'outbox', 'order 1 placed'); COMMIT`)
+	e.exec(`SELECT pg_logical_emit_message(false, 'audit', '\x00ff'::bytea)`)
+	e.exec(`SELECT pg_logical_emit_message(false, 'tidemark.private', 'internal')`)
+	e.waitSlot(cfg.Postgres.Slot, e.currentLSN(), 30*time.Second)
+	recs := e.readRaw("msg.message")
+	if len(recs) != 2 {
+		t.Fatalf("msg.message holds %d records, want 2: %v", len(recs), recs)
+	}
+	type rec struct {
+		Op     string
+		Source struct {
+			TxID      *uint32 `json:"txId"`
+			LSN       uint64  `json:"lsn"`
+			CommitLSN uint64  `json:"commit_lsn"`
+			Table     string  `json:"table"`
+		}
+		Message struct{ Prefix, Content string }
+	}
+	var got []rec
+	for _, r := range recs {
+		var m rec
+		if err := json.Unmarshal(r.Value, &m); err != nil {
+			t.Fatal(err)
+		}
+		if string(r.Key) != `{"prefix":"`+m.Message.Prefix+`"}` || r.Headers["tidemark-op"] != "m" {
+			t.Errorf("key %s headers %v for prefix %s", r.Key, r.Headers, m.Message.Prefix)
+		}
+		got = append(got, m)
+	}
+	sortByPrefix := func(i int) int {
+		if got[i].Message.Prefix == "outbox" {
+			return 0
+		}
+		return 1
+	}
+	if sortByPrefix(0) == 1 {
+		got[0], got[1] = got[1], got[0]
+	}
+	ins := e.read("msg.public.items")[0]
+	if o := got[0]; o.Op != "m" || o.Message.Content != "b3JkZXIgMSBwbGFjZWQ=" || o.Source.TxID == nil || *o.Source.TxID != ins.Env.Source.TxID ||
+		o.Source.CommitLSN != ins.Env.Source.CommitLSN || o.Source.LSN == 0 || o.Source.Table != "" {
+		t.Errorf("transactional message: %+v (its transaction: xid %d, commit %d)", o, ins.Env.Source.TxID, ins.Env.Source.CommitLSN)
+	}
+	if a := got[1]; a.Message.Prefix != "audit" || a.Message.Content != "AP8=" || a.Source.TxID != nil || a.Source.CommitLSN != a.Source.LSN {
+		t.Errorf("non-transactional message: %+v", a)
+	}
+	for _, tr := range e.readTxns("msg.transaction") {
+		if tr.Status == "END" && (tr.EventCount == nil || *tr.EventCount != 1) {
+			t.Errorf("END record counts %v changes, want 1 (the insert, not the message)", tr.EventCount)
+		}
+	}
+}
