@@ -213,3 +213,50 @@ func TestRowsFormat(t *testing.T) {
 		t.Errorf("SkippedTruncates %d, want 1", n)
 	}
 }
+
+// colFilter matches rows whose column col is not skip (a test RowFilter);
+// an image without the column is unknown.
+type colFilter struct {
+	col  int
+	skip string
+}
+
+func (f colFilter) Match(_ *pipeline.Relation, t pipeline.Tuple) (bool, bool) {
+	if f.col >= len(t) || t[f.col].Absent {
+		return false, false
+	}
+	return t[f.col].Value != f.skip, true
+}
+
+// TestRowFilter: rows that do not match are not published (counted); an
+// update leaving the filter is a delete, one entering it an insert; a
+// delete with a key-only image (the filter cannot tell) is published.
+func TestRowFilter(t *testing.T) {
+	cfg := pipeline.Config{Router: pipeline.RouterConfig{TableTopics: true,
+		Filters: map[string]pipeline.RowFilter{"public.events": colFilter{col: 2, skip: "redacted"}}}}
+	src, sink := newFakeSource(buildEvents(txnN(1,
+		pipeline.Change{Op: pipeline.OpCreate, Rel: relEvents, After: row("$1", "!a", "hello")},
+		pipeline.Change{Op: pipeline.OpCreate, Rel: relEvents, After: row("$2", "!a", "redacted")},
+		pipeline.Change{Op: pipeline.OpUpdate, Rel: relEvents, Before: row("$1", "!a", "hello"), After: row("$1", "!a", "redacted")},
+		pipeline.Change{Op: pipeline.OpUpdate, Rel: relEvents, Before: row("$2", "!a", "redacted"), After: row("$2", "!a", "back")},
+		pipeline.Change{Op: pipeline.OpUpdate, Rel: relEvents, Before: row("$3", "!a", "redacted"), After: row("$3", "!a", "redacted")},
+		pipeline.Change{Op: pipeline.OpDelete, Rel: relEvents, Before: keyRow(relEvents, "$2", nil, nil)},
+		pipeline.Change{Op: pipeline.OpCreate, Rel: relUsers, After: row("@u", false)},
+	))), newFakeSink()
+	p := newPipeline(t, cfg, src, sink)
+	if err := p.Run(testCtx(t)); err != nil && !errors.Is(err, errDrained) && !errors.Is(err, context.Canceled) {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, m := range changeMessages(sink.Written()) {
+		op, _ := header(m, "tidemark-op")
+		got = append(got, op+" "+string(m.Key))
+	}
+	want := `c {"event_id":"$1"}|d {"event_id":"$1"}|c {"event_id":"$2"}|d {"event_id":"$2"}|c {"name":"@u"}`
+	if strings.Join(got, "|") != want {
+		t.Errorf("published %s\nwant      %s", strings.Join(got, "|"), want)
+	}
+	if f := p.Stats().Filtered(); f["public.events"] != 2 || len(f) != 1 {
+		t.Errorf("Filtered %v, want public.events: 2", f)
+	}
+}

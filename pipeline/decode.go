@@ -185,6 +185,25 @@ func Text(img map[string]json.RawMessage, col string) (string, bool) {
 	return string(raw), true
 }
 
+// DatumText returns a value's text as Text reads it from an envelope:
+// strings unquoted, numbers and booleans as written; ok is false for NULL,
+// absent and unchanged values.
+func DatumText(d *Datum) (string, bool) {
+	switch {
+	case d.Absent || d.Unchanged || (!d.IsText && !d.IsInt && d.Value == nil):
+		return "", false
+	case d.IsText:
+		return d.Text, true
+	case d.IsInt:
+		return strconv.FormatInt(d.Int, 10), true
+	}
+	if s, ok := d.Value.(string); ok {
+		return s, true
+	}
+	raw := AppendValue(nil, d.Value)
+	return Text(map[string]json.RawMessage{"v": raw}, "v")
+}
+
 // ParsePositionHeaders reads tidemark-lsn and tidemark-seq.
 func ParsePositionHeaders(lsn, seq string) (Position, error) {
 	l, err := strconv.ParseUint(lsn, 10, 64)

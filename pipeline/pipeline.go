@@ -67,6 +67,27 @@ type Stats struct {
 	SkippedTruncates atomic.Uint64
 	// Messages counts logical decoding messages published.
 	Messages atomic.Uint64
+	// filteredBy counts changes dropped by row filters, by table
+	// (*atomic.Uint64); see Filtered.
+	filteredBy sync.Map
+}
+
+func (s *Stats) filtered(table string) {
+	n, ok := s.filteredBy.Load(table)
+	if !ok {
+		n, _ = s.filteredBy.LoadOrStore(table, new(atomic.Uint64))
+	}
+	n.(*atomic.Uint64).Add(1)
+}
+
+// Filtered returns the changes dropped by row filters, by table.
+func (s *Stats) Filtered() map[string]uint64 {
+	out := map[string]uint64{}
+	s.filteredBy.Range(func(k, v any) bool {
+		out[k.(string)] = v.(*atomic.Uint64).Load()
+		return true
+	})
+	return out
 }
 
 // Pipeline moves events from a Source to a Sink in order and acknowledges
@@ -244,6 +265,15 @@ func (p *Pipeline) handle(ctx context.Context, ev *Event, st *txnState, msgs []M
 			p.stats.Messages.Add(1)
 			return st, msgs, nil
 		}
+		ch := &ev.Change
+		if f := p.cfg.Router.Filters[ch.Rel.QualifiedName()]; f != nil {
+			c, keep := filterChange(f, ch)
+			if !keep {
+				p.stats.filtered(ch.Rel.QualifiedName())
+				return st, msgs, nil
+			}
+			ch = &c
+		}
 		if ev.Change.Op == OpTruncate && p.cfg.Router.SkipTruncates {
 			if p.stats.SkippedTruncates.Add(1) == 1 {
 				p.log.Warn("a truncate was not published (pipeline.truncate: skip); later ones are counted in tidemark_truncates_skipped_total",
@@ -258,7 +288,7 @@ func (p *Pipeline) handle(ctx context.Context, ev *Event, st *txnState, msgs []M
 			}
 		}
 		p.stats.Changes.Add(1)
-		msgs, err = p.router.encodeChange(msgs[:0], st, &ev.Change, now)
+		msgs, err = p.router.encodeChange(msgs[:0], st, ch, now)
 		if err != nil {
 			return st, msgs, err
 		}

@@ -56,6 +56,12 @@ type RouterConfig struct {
 	Version string
 	// Modes choose how some types are written (see ValueModes).
 	Modes ValueModes
+	// Filters keep only the rows of a table ("schema.table") that match
+	// (postgres.filters), with Postgres' publication row-filter rules for
+	// updates: a row that stops matching is published as a delete, one
+	// that starts matching as an insert. Dropped changes are counted in
+	// Stats.Filtered.
+	Filters map[string]RowFilter
 	// Messages publishes logical decoding messages (OpMessage changes, which
 	// capture sends only then) to MessageTopic as Debezium's op "m"
 	// records; "" means "<prefix>.message".
@@ -68,6 +74,52 @@ type RouterConfig struct {
 	// their truncates are not published there (counted in
 	// Stats.SkippedTruncates). Entity streams keep envelopes.
 	RowsTables map[string]bool
+}
+
+// RowFilter decides whether a row image is published. known is false when
+// the image lacks a column the filter needs (an old-key image): the
+// change is then published.
+type RowFilter interface {
+	Match(rel *Relation, t Tuple) (match, known bool)
+}
+
+// filterChange applies f to ch: ok is false when the change is not
+// published; otherwise out is the change to publish (an update may become
+// a delete or an insert).
+func filterChange(f RowFilter, ch *Change) (out Change, ok bool) {
+	matches := func(t Tuple) bool {
+		if t == nil {
+			return false
+		}
+		m, known := f.Match(ch.Rel, t)
+		return m || !known
+	}
+	switch ch.Op {
+	case OpCreate, OpRead:
+		return *ch, matches(ch.After)
+	case OpDelete:
+		return *ch, ch.Before == nil || matches(ch.Before)
+	case OpUpdate:
+		newOK := matches(ch.After)
+		if ch.Before == nil {
+			return *ch, newOK
+		}
+		oldOK := matches(ch.Before)
+		switch {
+		case oldOK && newOK:
+			return *ch, true
+		case oldOK:
+			c := *ch
+			c.Op, c.After = OpDelete, nil
+			return c, true
+		case newOK:
+			c := *ch
+			c.Op, c.Before = OpCreate, nil
+			return c, true
+		}
+		return *ch, false
+	}
+	return *ch, true
 }
 
 // ColumnPolicy keeps a table's columns out of its records: an excluded

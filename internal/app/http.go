@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/tidemark/tidemark/pipeline"
 	"math"
 	"net"
 	"net/http"
@@ -46,6 +47,8 @@ func (a *App) Register(reg prometheus.Registerer) {
 	counter("kafka_metadata_refreshes_total", "Times the Kafka producer re-read the cluster metadata after a failed write (moved leaders, lost brokers).", func() float64 { return float64(a.Sink.MetadataRefreshes()) })
 	counter("replication_reconnects_total", "Replication connection re-establishments.", func() float64 { return float64(cs.Reconnects.Load()) })
 	reg.MustRegister(skippedCollector{cs})
+	reg.MustRegister(filteredCollector{ps})
+	counter("logical_messages_published_total", "Logical decoding messages published (pipeline.messages).", func() float64 { return float64(ps.Messages.Load()) })
 	if a.Incremental != nil {
 		is := a.Incremental.Stats()
 		reg.MustRegister(snapshotCollector{is})
@@ -175,6 +178,20 @@ func (c skippedCollector) Describe(ch chan<- *prometheus.Desc) { ch <- skippedDe
 func (c skippedCollector) Collect(ch chan<- prometheus.Metric) {
 	for table, n := range c.st.Skipped() {
 		ch <- prometheus.MustNewConstMetric(skippedDesc, prometheus.CounterValue, float64(n), table)
+	}
+}
+
+// filteredCollector exports the changes postgres.filters dropped.
+type filteredCollector struct{ st *pipeline.Stats }
+
+var filteredDesc = prometheus.NewDesc("tidemark_filtered_changes_total",
+	"Changes not published because their rows do not match the table's postgres.filters condition.", []string{"table"}, nil)
+
+func (c filteredCollector) Describe(ch chan<- *prometheus.Desc) { ch <- filteredDesc }
+
+func (c filteredCollector) Collect(ch chan<- prometheus.Metric) {
+	for table, n := range c.st.Filtered() {
+		ch <- prometheus.MustNewConstMetric(filteredDesc, prometheus.CounterValue, float64(n), table)
 	}
 }
 

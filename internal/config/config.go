@@ -189,6 +189,12 @@ type Postgres struct {
 	// message.key.columns). The columns must be sent in deletes (be in the
 	// replica identity). Default: see the README on keys.
 	KeyColumns map[string][]string `yaml:"key_columns"`
+	// Filters publish only the rows of a table that match a condition in
+	// the rules' expression language, e.g. {public.events: "type <>
+	// 'm.room.redaction'"}; an update that leaves the condition becomes a
+	// delete, one that enters it an insert (Postgres' row-filter rules).
+	// Applied in Tidemark; dropped changes are counted.
+	Filters map[string]string `yaml:"filters"`
 	// Columns keeps columns out of the topics, by table: exclude drops a
 	// column from every image (never a key column), mask publishes it as a
 	// salted SHA-256 (salt from env TIDEMARK_MASK_SALT).
@@ -573,6 +579,13 @@ func (c *Config) ApplyDefaults() {
 		}
 		p.KeyColumns = qualified
 	}
+	if len(p.Filters) > 0 {
+		qualified := make(map[string]string, len(p.Filters))
+		for t, f := range p.Filters {
+			qualified[pipeline.QualifyTable(t)] = f
+		}
+		p.Filters = qualified
+	}
 	if len(p.Columns) > 0 {
 		qualified := make(map[string]ColumnPolicy, len(p.Columns))
 		for t, cp := range p.Columns {
@@ -743,6 +756,22 @@ func (c *Config) Validate() []FieldError {
 		}
 	}
 	c.validateColumns(seen, add)
+	filterTables := make([]string, 0, len(p.Filters))
+	for t := range p.Filters {
+		filterTables = append(filterTables, t)
+	}
+	sort.Strings(filterTables)
+	for _, t := range filterTables {
+		path := "postgres.filters." + t
+		if !seen[t] {
+			add(path, "%q is not in postgres.tables", t)
+		}
+		if strings.TrimSpace(p.Filters[t]) == "" {
+			add(path, "is empty")
+		} else if _, err := expr.Parse(p.Filters[t]); err != nil {
+			add(path, "%q: %v", p.Filters[t], err)
+		}
+	}
 	switch p.Snapshot {
 	case "", SnapshotInitial, SnapshotNever, SnapshotInitialOnly:
 	default:
@@ -1157,10 +1186,45 @@ func (c *Config) RouterConfig(database string) pipeline.RouterConfig {
 		Columns:           c.columnPolicies(),
 		RowsTables:        c.RowsTables(),
 		Messages:          c.Pipeline.Messages,
+		Filters:           c.rowFilters(),
 		MessageTopic:      c.Pipeline.MessageTopic,
 		Modes: pipeline.ValueModes{JSON: c.Pipeline.JSONMode, Decimal: c.Pipeline.DecimalMode,
 			Time: c.Pipeline.TimeMode, Bigint: c.Pipeline.BigintMode},
 	}
+}
+
+// exprRowFilter is a postgres.filters condition.
+type exprRowFilter struct{ e *expr.Expr }
+
+func (f exprRowFilter) Match(rel *pipeline.Relation, t pipeline.Tuple) (match, known bool) {
+	o := f.e.Eval(func(col string) (string, bool, bool) {
+		i := rel.ColumnIndex(col)
+		if i < 0 || i >= len(t) || t[i].Absent || t[i].Unchanged {
+			return "", false, false
+		}
+		v, ok := pipeline.DatumText(&t[i])
+		return v, !ok, true
+	})
+	switch {
+	case o.Definitely():
+		return true, true
+	case !o.Possibly():
+		return false, true
+	}
+	return false, false
+}
+
+func (c *Config) rowFilters() map[string]pipeline.RowFilter {
+	if len(c.Postgres.Filters) == 0 {
+		return nil
+	}
+	out := make(map[string]pipeline.RowFilter, len(c.Postgres.Filters))
+	for t, s := range c.Postgres.Filters {
+		if e, err := expr.Parse(s); err == nil {
+			out[t] = exprRowFilter{e}
+		}
+	}
+	return out
 }
 
 func (c *Config) columnPolicies() map[string]pipeline.ColumnPolicy {

@@ -3,6 +3,7 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
+	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -179,5 +180,35 @@ func TestLogicalMessagesPublished(t *testing.T) {
 		if tr.Status == "END" && (tr.EventCount == nil || *tr.EventCount != 1) {
 			t.Errorf("END record counts %v changes, want 1 (the insert, not the message)", tr.EventCount)
 		}
+	}
+}
+
+// TestRowFilterConfigured: postgres.filters in the rules' expression
+// language keeps redactions out of the events topic; an update into the
+// filtered set is published as a delete, and the dropped changes are
+// counted per table.
+func TestRowFilterConfigured(t *testing.T) {
+	e := newEnv(t, "")
+	e.exec(`CREATE TABLE events (event_id text PRIMARY KEY, type text NOT NULL, body text)`)
+	e.exec(`ALTER TABLE events REPLICA IDENTITY FULL`)
+	cfg := e.config("flt", []string{"public.events"}, func(c *config.Config) {
+		c.Postgres.Filters = map[string]string{"public.events": "type <> 'm.room.redaction'"}
+	})
+	r := e.start(cfg)
+	defer r.stop(t)
+	e.exec(`INSERT INTO events VALUES ('$1', 'm.room.message', 'hi'), ('$2', 'm.room.redaction', NULL), ('$3', 'm.room.message', 'yo')`)
+	e.exec(`UPDATE events SET type = 'm.room.redaction' WHERE event_id = '$3'`)
+	e.exec(`UPDATE events SET body = 'x' WHERE event_id = '$2'`)
+	e.waitSlot(cfg.Postgres.Slot, e.currentLSN(), 30*time.Second)
+	var got []string
+	for _, m := range e.read("flt.public.events") {
+		got = append(got, m.Env.Op+string(m.Key))
+	}
+	sort.Strings(got)
+	if want := `c{"event_id":"$1"} c{"event_id":"$3"} d{"event_id":"$3"}`; strings.Join(got, " ") != want {
+		t.Errorf("published %v, want %s", got, want)
+	}
+	if f := r.Pipeline.Stats().Filtered(); f["public.events"] != 2 {
+		t.Errorf("filtered %v, want public.events: 2", f)
 	}
 }
