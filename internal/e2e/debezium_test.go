@@ -212,3 +212,40 @@ func TestRowFilterConfigured(t *testing.T) {
 		t.Errorf("filtered %v, want public.events: 2", f)
 	}
 }
+
+// TestDebeziumValueModes: with Debezium's representations selected, real
+// Postgres values come out as Debezium writes them: json as a string,
+// numerics as strings, int8 as a string, timestamps as epoch
+// microseconds, time as microseconds since midnight, interval as
+// microseconds (a month 30.4375 days), date as epoch days; each checked
+// against Postgres' own arithmetic.
+func TestDebeziumValueModes(t *testing.T) {
+	e := newEnv(t, "")
+	e.exec(`CREATE TABLE vals (id int PRIMARY KEY, ts timestamptz, tsl timestamp, tod time, iv interval, d date,
+		j jsonb, n numeric(10,2), i8 int8)`)
+	cfg := e.config("modes", []string{"public.vals"}, func(c *config.Config) {
+		c.Pipeline.JSONMode, c.Pipeline.DecimalMode, c.Pipeline.TimeMode, c.Pipeline.BigintMode = "string", "string", "micros", "string"
+	})
+	r := e.start(cfg)
+	defer r.stop(t)
+	e.exec(`INSERT INTO vals VALUES (1, '2024-03-01 12:34:56.123456+02', '1999-12-31 23:59:59.5', '13:14:15.25',
+		'1 year 2 mons 3 days 04:05:06.5', '1960-06-15', '{"a": [1, 2]}', 12.5, 9007199254740993)`)
+	ms := e.waitRecords("modes.public.vals", 1, 30*time.Second)
+	var ts, tsl, tod, iv, d string
+	if err := e.pool.QueryRow(t.Context(), `SELECT
+		(extract(epoch FROM ts) * 1000000)::bigint::text, (extract(epoch FROM tsl) * 1000000)::bigint::text,
+		(extract(epoch FROM tod) * 1000000)::bigint::text,
+		round((extract(year FROM iv) * 12 + extract(month FROM iv)) * 30.4375 * 86400000000
+			+ extract(day FROM iv) * 86400000000 + extract(epoch FROM (iv - date_trunc('day', iv))) * 1000000)::bigint::text,
+		(d - DATE '1970-01-01')::text FROM vals`).Scan(&ts, &tsl, &tod, &iv, &d); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{"ts": ts, "tsl": tsl, "tod": tod, "iv": iv, "d": d,
+		"j": `"{\"a\": [1, 2]}"`, "n": `"12.50"`, "i8": `"9007199254740993"`}
+	after := ms[0].Env.After
+	for col, w := range want {
+		if got := string(after[col]); got != w {
+			t.Errorf("%s = %s, want %s", col, got, w)
+		}
+	}
+}
