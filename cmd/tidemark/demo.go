@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -257,12 +258,13 @@ func summary(ctx context.Context, out io.Writer, a *app.App, counts *demo.Counts
 		if !ok {
 			continue
 		}
-		var pretty any
-		if err := json.Unmarshal(r.Value, &pretty); err != nil {
-			return fmt.Errorf("envelope in %s does not parse: %w", r.Topic, err)
+		if !json.Valid(r.Value) {
+			return fmt.Errorf("envelope in %s does not parse", r.Topic)
 		}
-		b, _ := json.MarshalIndent(pretty, "    ", "  ")
-		fmt.Fprintf(out, "\n  %s  partition %d offset %d key %s\n    %s\n", r.Topic, r.Partition, r.Offset, r.Key, b)
+		// Indented as written (field order and every digit of ts_ns kept).
+		var b bytes.Buffer
+		_ = json.Indent(&b, r.Value, "    ", "  ")
+		fmt.Fprintf(out, "\n  %s  partition %d offset %d key %s\n    %s\n", r.Topic, r.Partition, r.Offset, r.Key, b.String())
 	}
 	if !caughtUp {
 		return errors.New("the pipeline did not catch up within 30s after the workload stopped")
