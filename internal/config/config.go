@@ -569,6 +569,9 @@ func (c *Config) ApplyDefaults() {
 		d := time.Minute
 		p.HeartbeatInterval = &d
 	}
+	// A copy: the caller's slice (shared by configs built from one list)
+	// is left as it was.
+	p.Tables = slices.Clone(p.Tables)
 	for i, t := range p.Tables {
 		p.Tables[i] = pipeline.QualifyTable(t)
 	}
