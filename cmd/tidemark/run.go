@@ -8,6 +8,7 @@ import (
 	"runtime/debug"
 	"runtime/pprof"
 	"strings"
+	"sync/atomic"
 
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
@@ -94,27 +95,50 @@ func runCmd() *cobra.Command {
 			var ready []func() error
 			var a *app.App
 			var inv *app.Invalidation
-			if runCapture {
-				var opts []app.PrepareOption
-				if acceptGap {
-					opts = append(opts, app.AcceptGap())
-				}
-				if resnapshot {
-					opts = append(opts, app.Resnapshot())
-				}
-				if a, err = app.Prepare(ctx, cfg, log, opts...); err != nil {
+			var opts []app.PrepareOption
+			if acceptGap {
+				opts = append(opts, app.AcceptGap())
+			}
+			if resnapshot {
+				opts = append(opts, app.Resnapshot())
+			}
+			prepareCapture := func(ctx context.Context, opts ...app.PrepareOption) (*app.App, error) {
+				a, err := app.Prepare(ctx, cfg, log, opts...)
+				if err != nil {
 					var pe *capture.PreflightError
 					var gap *app.SlotGapError
 					var rs *app.ResnapshotError
 					if errors.As(err, &rs) {
-						return &exitError{2, err}
+						return nil, &exitError{2, err}
 					}
 					if errors.As(err, &pe) || errors.As(err, &gap) {
-						return &exitError{3, err}
+						return nil, &exitError{3, err}
 					}
-					return err
+					return nil, err
 				}
 				a.Register(reg)
+				return a, nil
+			}
+			// Under ha, capture is prepared once this process holds the
+			// capture lock (see the capture goroutine below); until then
+			// it stands by, and is ready in that role.
+			var leader *app.Leader
+			var led atomic.Pointer[app.App]
+			if runCapture && *cfg.HA.Enabled {
+				leader = &app.Leader{DSN: cfg.Postgres.DSN, Slot: cfg.Postgres.Slot, Retry: cfg.HA.Retry, LockTTL: cfg.HA.LockTTL,
+					Log: log.With(zap.String("component", "ha"))}
+				defer leader.Close()
+				leader.Register(reg)
+				ready = append(ready, func() error {
+					if a := led.Load(); a != nil {
+						return a.Ready()
+					}
+					return nil // a standby serves its role
+				})
+			} else if runCapture {
+				if a, err = prepareCapture(ctx, opts...); err != nil {
+					return err
+				}
 				ready = append(ready, a.Ready)
 			}
 			if runInvalidation {
@@ -156,9 +180,45 @@ func runCmd() *cobra.Command {
 					return err
 				})
 			}
-			if a != nil {
+			if a != nil || leader != nil {
 				g.Go(func() error {
-					err := a.Run(gctx)
+					a := a
+					cctx := gctx
+					var held chan error
+					if leader != nil {
+						if err := leader.Acquire(gctx); err != nil {
+							return nil // stopped while standing by
+						}
+						// The lock is confirmed while capture prepares and
+						// runs; losing it stops capture at once (its
+						// writes are fenced by the lease).
+						var cancel context.CancelCauseFunc
+						cctx, cancel = context.WithCancelCause(gctx)
+						defer cancel(nil)
+						held = make(chan error, 1)
+						go func() {
+							err := leader.Hold(cctx)
+							if err != nil {
+								cancel(err)
+							}
+							held <- err
+						}()
+						var err error
+						if a, err = prepareCapture(cctx, append(opts, app.WithLeader(leader))...); err != nil {
+							if cause := context.Cause(cctx); errors.Is(cause, app.ErrLeadershipLost) {
+								err = cause
+							}
+							log.Error("capture stopped", zap.Error(err))
+							return err
+						}
+						led.Store(a)
+					}
+					err := a.Run(cctx)
+					if held != nil {
+						if cause := context.Cause(cctx); errors.Is(cause, app.ErrLeadershipLost) {
+							err = errors.Join(cause, err) // exit non-zero: a supervisor restarts it as a standby
+						}
+					}
 					if err != nil {
 						log.Error("capture stopped", zap.Error(err))
 					}
@@ -181,6 +241,17 @@ func runCmd() *cobra.Command {
 				deps := adminDeps(cfg, log)
 				if a != nil && a.Incremental != nil {
 					deps.Snapshot = a.Incremental.Enqueue
+				} else if leader != nil {
+					deps.Snapshot = func(ctx context.Context, req capture.SnapshotRequest) ([]int64, error) {
+						if a := led.Load(); a != nil && a.Incremental != nil {
+							return a.Incremental.Enqueue(ctx, req)
+						}
+						return nil, errors.New("this process is a capture standby: send the request to the leader (GET /leader), or use the signal table")
+					}
+				}
+				var routes []app.Route
+				if leader != nil {
+					routes = append(routes, app.Route{Path: "/leader", Handler: leader.Handler()})
 				}
 				admin := app.AdminHandler(deps, log)
 				if cfg.HTTP.AdminToken != "" {
@@ -196,7 +267,7 @@ func runCmd() *cobra.Command {
 							}
 						}
 						return nil
-					}, admin)
+					}, admin, routes...)
 					if err != nil {
 						return fmt.Errorf("http listener %s: %w", *cfg.HTTP.Listen, err)
 					}

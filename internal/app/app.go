@@ -25,6 +25,8 @@ import (
 
 // App is one capture-to-Kafka pipeline.
 type App struct {
+	// Leader is the capture lock this process holds (nil without ha).
+	Leader   *Leader
 	Cfg      *config.Config
 	Log      *zap.Logger
 	Stream   *capture.Stream
@@ -182,7 +184,14 @@ type prepareOptions struct {
 	acceptGap     bool
 	resnapshot    bool
 	snapFailAfter int64
+	leader        *Leader
 }
+
+// WithLeader makes the prepared capture a leader's (see Leader): it must
+// hold the lock already. Its Kafka writes stop once the lease runs out,
+// Run confirms the lock and ends with ErrLeadershipLost when it cannot,
+// and Prepare ends a walsender a previous leader left on the slot.
+func WithLeader(l *Leader) PrepareOption { return func(o *prepareOptions) { o.leader = l } }
 
 // Resnapshot is the recovery from a dropped or invalidated slot (`tidemark
 // run --resnapshot`): an invalidated slot is dropped, and the missing slot
@@ -254,6 +263,9 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger, opts ...P
 	}
 	rc := cfg.RouterConfig(db)
 	topics := rc.Topics(cfg.Postgres.Tables)
+	if o.leader != nil {
+		takeOverSlot(ctx, conn, cfg.Postgres.Slot, log)
+	}
 	var accepted *Published
 	var snap *capture.InitialSnapshot
 	if o.resnapshot {
@@ -380,12 +392,16 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger, opts ...P
 		Help:    "Seconds from a transaction's commit in Postgres to its acknowledgement by Kafka.",
 		Buckets: []float64{.001, .002, .003, .005, .0075, .01, .015, .02, .03, .05, .075, .1, .2, .5, 1, 2, 5, 10, 30, 60},
 	})
+	var out pipeline.Sink = sink
+	if o.leader != nil {
+		out = fencedSink{Sink: sink, leader: o.leader}
+	}
 	pipe, err := pipeline.New(pipeline.Config{
 		Router:              rc,
 		MaxInFlightMessages: cfg.Pipeline.MaxInFlightMessages,
 		MaxInFlightBytes:    cfg.Pipeline.MaxInFlightBytes,
 		MaxBatchMessages:    cfg.Pipeline.MaxBatchMessages,
-	}, stream, sink, pipeline.WithLogger(log.With(zap.String("component", "pipeline"))),
+	}, stream, out, pipeline.WithLogger(log.With(zap.String("component", "pipeline"))),
 		pipeline.WithAckHook(func(commit, acked time.Time) { commitToAck.Observe(acked.Sub(commit).Seconds()) }))
 	if err != nil {
 		return nil, err
@@ -411,7 +427,7 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger, opts ...P
 		DSN: cfg.Postgres.DSN, Slot: cfg.Postgres.Slot, Interval: cfg.Postgres.SlotCheckInterval, Heartbeat: *cfg.Postgres.HeartbeatInterval,
 	}, log.With(zap.String("component", "slot-watch")))
 	ok = true
-	return &App{Cfg: cfg, Log: log, Stream: stream, Pipeline: pipe, Sink: sink, Watcher: watcher, Tables: infos, Database: db,
+	return &App{Leader: o.leader, Cfg: cfg, Log: log, Stream: stream, Pipeline: pipe, Sink: sink, Watcher: watcher, Tables: infos, Database: db,
 		Topics: topics, CommitToAck: commitToAck, Snapshot: snap, Incremental: incr, keys: keys, snapFailAfter: o.snapFailAfter}, nil
 }
 
@@ -574,7 +590,7 @@ func (a *App) runSnapshot(ctx context.Context) error {
 		MaxInFlightMessages: a.Cfg.Pipeline.MaxInFlightMessages,
 		MaxInFlightBytes:    a.Cfg.Pipeline.MaxInFlightBytes,
 		MaxBatchMessages:    a.Cfg.Pipeline.MaxBatchMessages,
-	}, src, a.Sink, pipeline.WithLogger(a.Log.With(zap.String("component", "snapshot-pipeline"))))
+	}, src, a.out(), pipeline.WithLogger(a.Log.With(zap.String("component", "snapshot-pipeline"))))
 	if err != nil {
 		return err
 	}
@@ -595,4 +611,32 @@ func (a *App) runSnapshot(ctx context.Context) error {
 	a.Log.Info("initial snapshot published", zap.Int64("rows", src.Rows), zap.Any("tables", src.PerTable),
 		zap.Duration("took", time.Since(start)))
 	return nil
+}
+
+// out is the sink the pipelines write to: fenced by the leader's lease
+// under ha.
+func (a *App) out() pipeline.Sink {
+	if a.Leader != nil {
+		return fencedSink{Sink: a.Sink, leader: a.Leader}
+	}
+	return a.Sink
+}
+
+// takeOverSlot ends the walsender that still serves the slot for a
+// previous leader: this process holds the capture lock, so that leader
+// lost it (paused or cut off) and its connection would otherwise keep the
+// slot busy until wal_sender_timeout. Failure (no privilege) is a warning:
+// the stream retries until the slot is free.
+func takeOverSlot(ctx context.Context, conn *pgx.Conn, slot string, log *zap.Logger) {
+	var pid *int32
+	if err := conn.QueryRow(ctx, `SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND active`, slot).Scan(&pid); err != nil || pid == nil {
+		return
+	}
+	var ok bool
+	if err := conn.QueryRow(ctx, `SELECT pg_terminate_backend($1)`, *pid).Scan(&ok); err != nil || !ok {
+		log.Warn("the replication slot is still in use by a previous leader's connection and it could not be ended; waiting for the server to time it out (wal_sender_timeout)",
+			zap.String("slot", slot), zap.Int32("pid", *pid), zap.Error(err))
+		return
+	}
+	log.Info("ended the previous leader's replication connection", zap.String("slot", slot), zap.Int32("pid", *pid))
 }

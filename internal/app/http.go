@@ -130,12 +130,21 @@ func (a *App) Ready() error {
 	return nil
 }
 
+// Route is one more path of the listener.
+type Route struct {
+	Path    string
+	Handler http.Handler
+}
+
 // Serve serves /healthz, /readyz (ready returns nil), /metrics (reg) and
 // the admin API under /admin/ (admin, see AdminHandler; nil answers every
 // /admin/ request that the API is disabled) on addr until ctx ends, which
 // also cancels requests in progress.
-func Serve(ctx context.Context, addr string, reg *prometheus.Registry, ready func() error, admin http.Handler) error {
+func Serve(ctx context.Context, addr string, reg *prometheus.Registry, ready func() error, admin http.Handler, routes ...Route) error {
 	mux := http.NewServeMux()
+	for _, r := range routes {
+		mux.Handle(r.Path, r.Handler)
+	}
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if err := ready(); err != nil {

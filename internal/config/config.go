@@ -65,6 +65,24 @@ type Config struct {
 	Targets *Targets `yaml:"targets"`
 	// Integrity configures the integrity consumer (optional).
 	Integrity *Integrity `yaml:"integrity"`
+	// HA elects one capture process per slot (see the README on high
+	// availability).
+	HA HA `yaml:"ha"`
+}
+
+// HA is leader election for capture.
+type HA struct {
+	// Enabled takes a session-level advisory lock on the source database,
+	// keyed by the slot, before capturing; processes that do not get it
+	// stand by. Default true.
+	Enabled *bool `yaml:"enabled"`
+	// Retry is how often a standby tries the lock and the leader confirms
+	// it. Default 1s.
+	Retry time.Duration `yaml:"retry"`
+	// LockTTL is how long Postgres keeps the lock of a leader that stopped
+	// confirming it (its session's idle_session_timeout); the leader stops
+	// writing after half of it. Default 5 x retry.
+	LockTTL time.Duration `yaml:"lock_ttl"`
 }
 
 // Invalidation is the cache-invalidation consumer.
@@ -596,6 +614,15 @@ func (c *Config) ApplyDefaults() {
 		}
 		p.Columns = qualified
 	}
+	if c.HA.Enabled == nil {
+		c.HA.Enabled = boolPtr(true)
+	}
+	if c.HA.Retry == 0 {
+		c.HA.Retry = time.Second
+	}
+	if c.HA.LockTTL == 0 {
+		c.HA.LockTTL = max(5*c.HA.Retry, 2*time.Second)
+	}
 	k := &c.Kafka
 	if k.TopicPrefix == "" {
 		k.TopicPrefix = "tidemark"
@@ -759,6 +786,12 @@ func (c *Config) Validate() []FieldError {
 		}
 	}
 	c.validateColumns(seen, add)
+	if c.HA.Retry < 10*time.Millisecond || c.HA.Retry > time.Minute {
+		add("ha.retry", "%s is outside 10ms..1m", c.HA.Retry)
+	}
+	if c.HA.LockTTL < 2*c.HA.Retry {
+		add("ha.lock_ttl", "%s must be at least twice ha.retry (%s): the leader confirms its lock every retry", c.HA.LockTTL, c.HA.Retry)
+	}
 	filterTables := make([]string, 0, len(p.Filters))
 	for t := range p.Filters {
 		filterTables = append(filterTables, t)

@@ -81,6 +81,7 @@ func TestLoadGoodConfigAppliesDefaults(t *testing.T) {
 		HTTP:     config.HTTP{Listen: &listen},
 		Log:      config.Log{Level: "info", Format: "console"},
 		Snapshot: config.Snapshot{Incremental: ptr(true), ChunkSize: 2000, ChunkBytes: 8 << 20, SignalInterval: time.Second, NewTables: ptr(true)},
+		HA:       config.HA{Enabled: ptr(true), Retry: time.Second, LockTTL: 5 * time.Second},
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Errorf("Load:\n got %+v\nwant %+v", c, want)
