@@ -39,7 +39,7 @@ func main() {
 	root.AddCommand(runCmd(), checkCmd(), demoCmd(), devKafkaCmd(), benchCmd())
 	root.AddCommand(rebuildCmd(), auditCmd())
 	root.AddCommand(violationsCmd(), statusCmd())
-	root.AddCommand(dlqCmd(), snapshotCmd())
+	root.AddCommand(dlqCmd(), snapshotCmd(), versionCmd())
 	cmd, err := root.ExecuteContextC(ctx)
 	if err == nil {
 		return

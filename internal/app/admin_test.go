@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"github.com/tidemark/tidemark/internal/buildinfo"
 	"io"
 	"net"
 	"net/http"
@@ -369,4 +370,27 @@ func TestParseSince(t *testing.T) {
 			t.Errorf("ParseSince(%q) accepted", in)
 		}
 	}
+}
+
+// TestBuildInfoMetric: every registry exports tidemark_build_info with the
+// build's version.
+func TestBuildInfoMetric(t *testing.T) {
+	mfs, err := NewRegistry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "tidemark_build_info" {
+			continue
+		}
+		labels := map[string]string{}
+		for _, l := range mf.GetMetric()[0].GetLabel() {
+			labels[l.GetName()] = l.GetValue()
+		}
+		if labels["version"] != buildinfo.Version() || labels["go_version"] == "" || labels["revision"] == "" || mf.GetMetric()[0].GetGauge().GetValue() != 1 {
+			t.Errorf("tidemark_build_info %v", mf.GetMetric()[0])
+		}
+		return
+	}
+	t.Error("no tidemark_build_info")
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/tidemark/tidemark/internal/buildinfo"
 	"github.com/tidemark/tidemark/pipeline"
 	"math"
 	"net"
@@ -22,6 +23,12 @@ import (
 func NewRegistry() *prometheus.Registry {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	bi := buildinfo.Get()
+	build := prometheus.NewGauge(prometheus.GaugeOpts{Namespace: "tidemark", Name: "build_info",
+		Help:        "Which build is running (always 1): version, VCS revision and Go version.",
+		ConstLabels: prometheus.Labels{"version": bi.Version, "revision": bi.Revision, "go_version": bi.GoVersion}})
+	build.Set(1)
+	reg.MustRegister(build)
 	return reg
 }
 
