@@ -75,21 +75,6 @@ func (h SlotHealth) MarshalJSON() ([]byte, error) {
 	}{plain(h), h.ConfirmedFlush.String(), h.RestartLSN.String(), h.CurrentLSN.String()})
 }
 
-// WALStatusCode maps WALStatus to a number for a metric: 0 reserved,
-// 1 extended, 2 unreserved, 3 lost, -1 unknown (or no slot).
-func (h SlotHealth) WALStatusCode() float64 {
-	switch h.WALStatus {
-	case "reserved":
-		return 0
-	case "extended":
-		return 1
-	case "unreserved":
-		return 2
-	case "lost":
-		return 3
-	}
-	return -1
-}
 
 // safeWarnFraction: below this share of max_slot_wal_keep_size left, the
 // slot is reported at risk.

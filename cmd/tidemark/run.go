@@ -133,6 +133,9 @@ func runCmd() *cobra.Command {
 					if a := led.Load(); a != nil {
 						return a.Ready()
 					}
+					if leader.IsLeader() {
+						return errors.New("capture leader: starting")
+					}
 					return nil // a standby serves its role
 				})
 			} else if runCapture {

@@ -97,8 +97,7 @@ func (a *App) Register(reg prometheus.Registerer) {
 		}))
 	gauge("slot_checked_timestamp_seconds", "Unix time of the last successful slot check (the slot metrics are that old).",
 		slot(func(h *capture.SlotHealth) float64 { return float64(h.CheckedAt.UnixNano()) / 1e9 }))
-	gauge("slot_wal_status", "pg_replication_slots.wal_status: 0 reserved, 1 extended, 2 unreserved, 3 lost, -1 unknown or no slot.",
-		slot(func(h *capture.SlotHealth) float64 { return h.WALStatusCode() }))
+	reg.MustRegister(walStatusCollector{a.Watcher})
 	gauge("slot_active", "1 while the slot has an active walsender.", slot(func(h *capture.SlotHealth) float64 {
 		if h.Active {
 			return 1
@@ -194,6 +193,33 @@ func (c skippedCollector) Describe(ch chan<- *prometheus.Desc) { ch <- skippedDe
 func (c skippedCollector) Collect(ch chan<- prometheus.Metric) {
 	for table, n := range c.st.Skipped() {
 		ch <- prometheus.MustNewConstMetric(skippedDesc, prometheus.CounterValue, float64(n), table)
+	}
+}
+
+// walStatusCollector exports tidemark_slot_wal_status{status}: 1 for the
+// slot's pg_replication_slots.wal_status, 0 for the others (an enum as a
+// label, so alerts select by name); "unknown" before the first check.
+type walStatusCollector struct{ w *capture.Watcher }
+
+var walStatusDesc = prometheus.NewDesc("tidemark_slot_wal_status",
+	"The slot's pg_replication_slots.wal_status (1 for the current one): reserved, extended, unreserved, lost; unknown before the first check or without a slot.", []string{"status"}, nil)
+
+func (c walStatusCollector) Describe(ch chan<- *prometheus.Desc) { ch <- walStatusDesc }
+
+func (c walStatusCollector) Collect(ch chan<- prometheus.Metric) {
+	cur := "unknown"
+	if h := c.w.Last(); h != nil {
+		switch h.WALStatus {
+		case "reserved", "extended", "unreserved", "lost":
+			cur = h.WALStatus
+		}
+	}
+	for _, s := range []string{"reserved", "extended", "unreserved", "lost", "unknown"} {
+		v := 0.0
+		if s == cur {
+			v = 1
+		}
+		ch <- prometheus.MustNewConstMetric(walStatusDesc, prometheus.GaugeValue, v, s)
 	}
 }
 
