@@ -34,6 +34,9 @@ const (
 	EnvWebhookSecret     = "TIDEMARK_WEBHOOK_SECRET"
 	EnvAdminToken        = "TIDEMARK_ADMIN_TOKEN"
 	EnvKafkaSASLPassword = "TIDEMARK_KAFKA_SASL_PASSWORD"
+	// EnvHTTPListen overrides http.listen (e.g. one port per role when
+	// several run side by side, as containers of one pod).
+	EnvHTTPListen = "TIDEMARK_HTTP_LISTEN"
 )
 
 // EnvMaskSalt is the salt of masked columns (postgres.columns.*.mask).
@@ -474,6 +477,16 @@ var yamlValue = regexp.MustCompile("(?s)`.*`")
 // not put its password in an error message.
 func hideValues(msg string) string { return yamlValue.ReplaceAllString(msg, "(value hidden)") }
 
+// lookup reads an environment variable through getenv; set means non-empty
+// or the literal "none" (which asks for an empty value).
+func lookup(getenv func(string) string, name string) (string, bool) {
+	v := getenv(name)
+	if v == "none" {
+		return "", true
+	}
+	return v, v != ""
+}
+
 // ApplyEnv applies the environment overrides.
 func (c *Config) ApplyEnv(getenv func(string) string) {
 	if v := getenv(EnvPostgresDSN); v != "" {
@@ -492,6 +505,9 @@ func (c *Config) ApplyEnv(getenv func(string) string) {
 		c.HTTP.AdminToken = v
 	}
 	c.MaskSalt = getenv(EnvMaskSalt)
+	if v, ok := lookup(getenv, EnvHTTPListen); ok {
+		c.HTTP.Listen = &v
+	}
 	c.applyTargetsEnv(getenv)
 	c.applyIntegrityEnv(getenv)
 	if v := getenv(EnvKafkaSASLPassword); v != "" {
