@@ -1,11 +1,15 @@
 package main
 
 import (
+	"crypto/rand"
+	"encoding/hex"
+
 	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/tidemark/tidemark/internal/freeport"
 	"io"
 	"os"
 	"sort"
@@ -123,6 +127,20 @@ func runDemo(ctx context.Context, out io.Writer, pgDSN string, brokers []string,
 	defer stopRun()
 	runErr := make(chan error, 1)
 	go func() { runErr <- a.Run(runCtx) }()
+
+	// The operator console and metrics, on a free local port, with an admin
+	// token made for this run.
+	if port, err := freeport.Get(); err == nil {
+		listen := fmt.Sprintf("127.0.0.1:%d", port)
+		tok := make([]byte, 16)
+		_, _ = rand.Read(tok)
+		cfg.HTTP.AdminToken = hex.EncodeToString(tok)
+		reg := app.NewRegistry()
+		a.Register(reg)
+		admin := app.AdminHandler(adminDeps(cfg, log), log)
+		go func() { _ = app.Serve(runCtx, listen, reg, a.Ready, admin) }()
+		fmt.Fprintf(out, "operator console: http://%s/#token=%s (metrics at /metrics)\n", listen, cfg.HTTP.AdminToken)
+	}
 
 	// Cache invalidation: a throwaway Redis (when redis-server is installed)
 	// whose keys the invalidation consumer deletes as memberships change.

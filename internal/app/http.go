@@ -164,6 +164,7 @@ func Serve(ctx context.Context, addr string, reg *prometheus.Registry, ready fun
 		admin = AdminHandler(AdminDeps{}, nil)
 	}
 	mux.Handle("/admin/", admin)
+	mux.Handle("/", ConsoleHandler())
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return err
