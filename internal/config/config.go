@@ -477,9 +477,9 @@ var yamlValue = regexp.MustCompile("(?s)`.*`")
 // not put its password in an error message.
 func hideValues(msg string) string { return yamlValue.ReplaceAllString(msg, "(value hidden)") }
 
-// lookup reads an environment variable through getenv; set means non-empty
+// envLookup reads an environment variable through getenv; set means non-empty
 // or the literal "none" (which asks for an empty value).
-func lookup(getenv func(string) string, name string) (string, bool) {
+func envLookup(getenv func(string) string, name string) (string, bool) {
 	v := getenv(name)
 	if v == "none" {
 		return "", true
@@ -505,7 +505,7 @@ func (c *Config) ApplyEnv(getenv func(string) string) {
 		c.HTTP.AdminToken = v
 	}
 	c.MaskSalt = getenv(EnvMaskSalt)
-	if v, ok := lookup(getenv, EnvHTTPListen); ok {
+	if v, ok := envLookup(getenv, EnvHTTPListen); ok {
 		c.HTTP.Listen = &v
 	}
 	c.applyTargetsEnv(getenv)
