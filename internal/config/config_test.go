@@ -722,3 +722,21 @@ func TestHeartbeatZeroDisables(t *testing.T) {
 		t.Fatalf("heartbeat_interval 0s became %v", c.Postgres.HeartbeatInterval)
 	}
 }
+
+// TestHTTPListenEnv: TIDEMARK_HTTP_LISTEN overrides http.listen; "none"
+// disables the listener.
+func TestHTTPListenEnv(t *testing.T) {
+	for env, want := range map[string]string{"0.0.0.0:9190": "0.0.0.0:9190", "none": "", "": "127.0.0.1:9187"} {
+		c := &config.Config{}
+		c.ApplyEnv(func(k string) string {
+			if k == config.EnvHTTPListen {
+				return env
+			}
+			return ""
+		})
+		c.ApplyDefaults()
+		if got := *c.HTTP.Listen; got != want {
+			t.Errorf("TIDEMARK_HTTP_LISTEN=%q: http.listen %q, want %q", env, got, want)
+		}
+	}
+}
