@@ -260,3 +260,25 @@ func TestRowFilter(t *testing.T) {
 		t.Errorf("Filtered %v, want public.events: 2", f)
 	}
 }
+
+// TestTableCounts: row changes are counted per table and op, a key change
+// once (as the update it was), a filtered one not at all.
+func TestTableCounts(t *testing.T) {
+	cfg := pipeline.Config{Router: pipeline.RouterConfig{TableTopics: true,
+		Filters: map[string]pipeline.RowFilter{"public.events": colFilter{col: 2, skip: "redacted"}}}}
+	src, sink := newFakeSource(buildEvents(txnN(1,
+		insertEvent("$1", "!a"),
+		pipeline.Change{Op: pipeline.OpCreate, Rel: relEvents, After: row("$2", "!a", "redacted")},
+		pipeline.Change{Op: pipeline.OpUpdate, Rel: relMembers, Before: row("join", "@v:x", "!a"), After: row("join", "@v:x", "!b")},
+		pipeline.Change{Op: pipeline.OpDelete, Rel: relMembers, Before: row("join", "@v:x", "!b")},
+	))), newFakeSink()
+	p := newPipeline(t, cfg, src, sink)
+	if err := p.Run(testCtx(t)); err != nil && !errors.Is(err, errDrained) && !errors.Is(err, context.Canceled) {
+		t.Fatal(err)
+	}
+	got := p.Stats().Tables()
+	ev, mem := got["public.events"], got["public.room_memberships"]
+	if ev == nil || mem == nil || ev.Create.Load() != 1 || mem.Update.Load() != 1 || mem.Delete.Load() != 1 || mem.Create.Load() != 0 {
+		t.Errorf("table counts: events %+v, memberships %+v", ev, mem)
+	}
+}

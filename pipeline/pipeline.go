@@ -70,6 +70,44 @@ type Stats struct {
 	// filteredBy counts changes dropped by row filters, by table
 	// (*atomic.Uint64); see Filtered.
 	filteredBy sync.Map
+	byTable    sync.Map // table -> *TableCounts
+}
+
+// TableCounts counts one table's row changes by op (c, u, d, r, t as
+// received; a key change counts once, as u).
+type TableCounts struct{ Create, Update, Delete, Read, Truncate atomic.Uint64 }
+
+func (c *TableCounts) add(op Op) {
+	switch op {
+	case OpCreate:
+		c.Create.Add(1)
+	case OpUpdate:
+		c.Update.Add(1)
+	case OpDelete:
+		c.Delete.Add(1)
+	case OpRead:
+		c.Read.Add(1)
+	case OpTruncate:
+		c.Truncate.Add(1)
+	}
+}
+
+func (s *Stats) tableCounts(table string) *TableCounts {
+	n, ok := s.byTable.Load(table)
+	if !ok {
+		n, _ = s.byTable.LoadOrStore(table, new(TableCounts))
+	}
+	return n.(*TableCounts)
+}
+
+// Tables returns the row changes published per table ("schema.table").
+func (s *Stats) Tables() map[string]*TableCounts {
+	out := map[string]*TableCounts{}
+	s.byTable.Range(func(k, v any) bool {
+		out[k.(string)] = v.(*TableCounts)
+		return true
+	})
+	return out
 }
 
 func (s *Stats) filtered(table string) {
@@ -127,6 +165,7 @@ func New(cfg Config, src Source, sink Sink, opts ...Option) (*Pipeline, error) {
 	}
 	cfg.defaults()
 	p := &Pipeline{cfg: cfg, src: src, sink: sink, router: NewRouter(cfg.Router), log: zap.NewNop(), now: time.Now}
+	p.router.counts = p.stats.tableCounts
 	for _, o := range opts {
 		o(p)
 	}

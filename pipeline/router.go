@@ -201,6 +201,8 @@ type Router struct {
 	msgTopic  string
 	// skippedTruncates counts truncates left out of rows-format topics.
 	skippedTruncates uint64
+	// counts gives a table's counters (the pipeline's Stats); nil: none.
+	counts func(table string) *TableCounts
 }
 
 // relInfo is what the router derives once per relation shape.
@@ -214,7 +216,8 @@ type relInfo struct {
 	// mask's.
 	exclude, mask []int
 	salt          string
-	rows          bool // a route uses the rows format
+	rows          bool         // a route uses the rows format
+	counts        *TableCounts // nil without Router.counts
 }
 
 // NewRouter builds a Router.
@@ -260,6 +263,9 @@ func (r *Router) info(rel *Relation) (*relInfo, error) {
 		layout: newEnvelopeLayout(EnvelopeSource{Name: r.cfg.TopicPrefix, Database: r.cfg.Database, Version: r.cfg.Version, Modes: r.cfg.Modes}, rel)}
 	for _, rt := range rs {
 		ri.rows = ri.rows || rt.rows
+	}
+	if r.counts != nil {
+		ri.counts = r.counts(name)
 	}
 	if cp, ok := r.cfg.Columns[name]; ok {
 		ri.salt = cp.Salt
@@ -383,6 +389,9 @@ func (r *Router) encodeChange(dst []Message, st *txnState, ch *Change, now time.
 	ri, err := r.info(ch.Rel)
 	if err != nil {
 		return dst, err
+	}
+	if ri.counts != nil {
+		ri.counts.add(ch.Op)
 	}
 	if ri.exclude != nil || ri.mask != nil {
 		c := *ch

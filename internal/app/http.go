@@ -55,6 +55,7 @@ func (a *App) Register(reg prometheus.Registerer) {
 	counter("replication_reconnects_total", "Replication connection re-establishments.", func() float64 { return float64(cs.Reconnects.Load()) })
 	reg.MustRegister(skippedCollector{cs})
 	reg.MustRegister(filteredCollector{ps})
+	reg.MustRegister(tableCollector{st: ps, tables: a.Cfg.Postgres.Tables})
 	counter("logical_messages_published_total", "Logical decoding messages published (pipeline.messages).", func() float64 { return float64(ps.Messages.Load()) })
 	if a.Incremental != nil {
 		is := a.Incremental.Stats()
@@ -221,6 +222,45 @@ func (c walStatusCollector) Collect(ch chan<- prometheus.Metric) {
 			v = 1
 		}
 		ch <- prometheus.MustNewConstMetric(walStatusDesc, prometheus.GaugeValue, v, s)
+	}
+}
+
+// tableCollector exports tidemark_table_changes_total{table,op}: row
+// changes published per captured table, every configured table from the
+// start.
+type tableCollector struct {
+	st     *pipeline.Stats
+	tables []string
+}
+
+var tableChangesDesc = prometheus.NewDesc("tidemark_table_changes_total",
+	"Row changes published, per captured table and op (c insert, u update, d delete, r snapshot read, t truncate).", []string{"table", "op"}, nil)
+
+func (c tableCollector) Describe(ch chan<- *prometheus.Desc) { ch <- tableChangesDesc }
+
+func (c tableCollector) Collect(ch chan<- prometheus.Metric) {
+	got := c.st.Tables()
+	seen := map[string]bool{}
+	emit := func(table string, tc *pipeline.TableCounts) {
+		seen[table] = true
+		for _, v := range []struct {
+			op string
+			n  uint64
+		}{{"c", tc.Create.Load()}, {"u", tc.Update.Load()}, {"d", tc.Delete.Load()}, {"r", tc.Read.Load()}, {"t", tc.Truncate.Load()}} {
+			ch <- prometheus.MustNewConstMetric(tableChangesDesc, prometheus.CounterValue, float64(v.n), table, v.op)
+		}
+	}
+	for _, t := range c.tables {
+		tc := got[t]
+		if tc == nil {
+			tc = &pipeline.TableCounts{}
+		}
+		emit(t, tc)
+	}
+	for t, tc := range got {
+		if !seen[t] {
+			emit(t, tc)
+		}
 	}
 }
 
