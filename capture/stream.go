@@ -1034,10 +1034,11 @@ func (s *Stream) logicalMessage(ctx context.Context, conn *pgconn.PgConn, m *pgl
 	if s.open {
 		return fmt.Errorf("%w: a non-transactional logical message (prefix %q) at %s inside a transaction", ErrTerminal, m.Prefix, at)
 	}
-	// A transaction of its own. Its end is just past the message, so that
-	// once it is confirmed a restart does not send the message again (and
-	// every later commit still is).
-	txn := &pipeline.TxnInfo{CommitLSN: at, EndLSN: at + 1, CommitTime: time.Now(), PrevEndLSN: s.lastCommitEnd}
+	// A transaction of its own, ending at at: the walsender reports a
+	// message at the end of its record, so once at is confirmed a restart
+	// does not send the message again (its record starts before at), while
+	// a commit whose record starts at at is still sent.
+	txn := &pipeline.TxnInfo{CommitLSN: at, EndLSN: at, CommitTime: time.Now(), PrevEndLSN: s.lastCommitEnd}
 	for _, ev := range []pipeline.Event{{Kind: pipeline.EventBegin, Txn: txn}, {Kind: pipeline.EventChange, Txn: txn, Change: ch}} {
 		if err := s.emit(ctx, conn, ev); err != nil {
 			return err

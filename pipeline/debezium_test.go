@@ -241,6 +241,8 @@ func TestRowFilter(t *testing.T) {
 		pipeline.Change{Op: pipeline.OpUpdate, Rel: relEvents, Before: row("$2", "!a", "redacted"), After: row("$2", "!a", "back")},
 		pipeline.Change{Op: pipeline.OpUpdate, Rel: relEvents, Before: row("$3", "!a", "redacted"), After: row("$3", "!a", "redacted")},
 		pipeline.Change{Op: pipeline.OpDelete, Rel: relEvents, Before: keyRow(relEvents, "$2", nil, nil)},
+		pipeline.Change{Op: pipeline.OpUpdate, Rel: relEvents, After: row("$4", "!a", "redacted")}, // no old row: leaves
+		pipeline.Change{Op: pipeline.OpUpdate, Rel: relEvents, After: row("$5", "!a", "kept")},
 		pipeline.Change{Op: pipeline.OpCreate, Rel: relUsers, After: row("@u", false)},
 	))), newFakeSink()
 	p := newPipeline(t, cfg, src, sink)
@@ -251,8 +253,11 @@ func TestRowFilter(t *testing.T) {
 	for _, m := range changeMessages(sink.Written()) {
 		op, _ := header(m, "tidemark-op")
 		got = append(got, op+" "+string(m.Key))
+		if op == "d" && strings.Contains(string(m.Value), "redacted") {
+			t.Errorf("a delete for a row leaving the filter carries the filtered row: %s", m.Value)
+		}
 	}
-	want := `c {"event_id":"$1"}|d {"event_id":"$1"}|c {"event_id":"$2"}|d {"event_id":"$2"}|c {"name":"@u"}`
+	want := `c {"event_id":"$1"}|d {"event_id":"$1"}|c {"event_id":"$2"}|d {"event_id":"$2"}|d {"event_id":"$4"}|u {"event_id":"$5"}|c {"name":"@u"}`
 	if strings.Join(got, "|") != want {
 		t.Errorf("published %s\nwant      %s", strings.Join(got, "|"), want)
 	}

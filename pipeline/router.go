@@ -102,7 +102,15 @@ func filterChange(f RowFilter, ch *Change) (out Change, ok bool) {
 	case OpUpdate:
 		newOK := matches(ch.After)
 		if ch.Before == nil {
-			return *ch, newOK
+			if newOK {
+				return *ch, true
+			}
+			// No old row (default identity): it may have matched, so the
+			// row leaves as a delete of its key (key columns only: what the
+			// filter keeps out is not published).
+			c := *ch
+			c.Op, c.After, c.Before = OpDelete, nil, keyImage(ch.Rel, ch.After)
+			return c, true
 		}
 		oldOK := matches(ch.Before)
 		switch {
@@ -120,6 +128,19 @@ func filterChange(f RowFilter, ch *Change) (out Change, ok bool) {
 		return *ch, false
 	}
 	return *ch, true
+}
+
+// keyImage is t with only rel's key columns (the others absent).
+func keyImage(rel *Relation, t Tuple) Tuple {
+	out := make(Tuple, len(t))
+	for i := range t {
+		if i < len(rel.Columns) && rel.Columns[i].Key {
+			out[i] = t[i]
+		} else {
+			out[i] = Datum{Absent: true}
+		}
+	}
+	return out
 }
 
 // ColumnPolicy keeps a table's columns out of its records: an excluded
@@ -420,7 +441,14 @@ func (r *Router) encodeChange(dst []Message, st *txnState, ch *Change, now time.
 // record, keyed by its prefix.
 func (r *Router) encodeMessage(dst []Message, st *txnState, ch *Change, now time.Time) []Message {
 	m := ch.Message
+	// A transactional message takes (commit LSN, 2^31 + n). A
+	// non-transactional one is a transaction of its own at its LSN, which
+	// may be the commit LSN of the transaction that follows it: it takes
+	// (LSN, 0), below that transaction's messages.
 	pos := Position{CommitLSN: st.info.CommitLSN, Seq: messageSeq + st.msgs}
+	if !m.Transactional {
+		pos.Seq = st.msgs
+	}
 	st.msgs++
 	if st.digits == nil {
 		st.digits = newTxnDigits(st.info)

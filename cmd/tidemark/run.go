@@ -190,22 +190,30 @@ func runCmd() *cobra.Command {
 					var held chan error
 					if leader != nil {
 						if err := leader.Acquire(gctx); err != nil {
-							return nil // stopped while standing by
+							if gctx.Err() != nil {
+								return nil // stopped while standing by
+							}
+							log.Error("capture cannot take part in leader election", zap.Error(err))
+							return err
 						}
-						// The lock is confirmed while capture prepares and
-						// runs; losing it stops capture at once (its
-						// writes are fenced by the lease).
+						// The lock is confirmed while capture prepares, runs
+						// and drains on a stop (so a clean stop keeps its
+						// lease while it writes what it holds); losing it
+						// stops capture at once, and the Kafka sink's fence
+						// refuses every further produce attempt.
 						var cancel context.CancelCauseFunc
 						cctx, cancel = context.WithCancelCause(gctx)
 						defer cancel(nil)
+						hctx, stopHold := context.WithCancel(context.WithoutCancel(gctx))
 						held = make(chan error, 1)
 						go func() {
-							err := leader.Hold(cctx)
+							err := leader.Hold(hctx)
 							if err != nil {
 								cancel(err)
 							}
 							held <- err
 						}()
+						defer func() { stopHold(); <-held }()
 						var err error
 						if a, err = prepareCapture(cctx, append(opts, app.WithLeader(leader))...); err != nil {
 							if cause := context.Cause(cctx); errors.Is(cause, app.ErrLeadershipLost) {

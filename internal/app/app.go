@@ -392,16 +392,15 @@ func Prepare(ctx context.Context, cfg *config.Config, log *zap.Logger, opts ...P
 		Help:    "Seconds from a transaction's commit in Postgres to its acknowledgement by Kafka.",
 		Buckets: []float64{.001, .002, .003, .005, .0075, .01, .015, .02, .03, .05, .075, .1, .2, .5, 1, 2, 5, 10, 30, 60},
 	})
-	var out pipeline.Sink = sink
 	if o.leader != nil {
-		out = fencedSink{Sink: sink, leader: o.leader}
+		sink.SetFence(o.leader.Fence)
 	}
 	pipe, err := pipeline.New(pipeline.Config{
 		Router:              rc,
 		MaxInFlightMessages: cfg.Pipeline.MaxInFlightMessages,
 		MaxInFlightBytes:    cfg.Pipeline.MaxInFlightBytes,
 		MaxBatchMessages:    cfg.Pipeline.MaxBatchMessages,
-	}, stream, out, pipeline.WithLogger(log.With(zap.String("component", "pipeline"))),
+	}, stream, sink, pipeline.WithLogger(log.With(zap.String("component", "pipeline"))),
 		pipeline.WithAckHook(func(commit, acked time.Time) { commitToAck.Observe(acked.Sub(commit).Seconds()) }))
 	if err != nil {
 		return nil, err
@@ -590,7 +589,7 @@ func (a *App) runSnapshot(ctx context.Context) error {
 		MaxInFlightMessages: a.Cfg.Pipeline.MaxInFlightMessages,
 		MaxInFlightBytes:    a.Cfg.Pipeline.MaxInFlightBytes,
 		MaxBatchMessages:    a.Cfg.Pipeline.MaxBatchMessages,
-	}, src, a.out(), pipeline.WithLogger(a.Log.With(zap.String("component", "snapshot-pipeline"))))
+	}, src, a.Sink, pipeline.WithLogger(a.Log.With(zap.String("component", "snapshot-pipeline"))))
 	if err != nil {
 		return err
 	}
@@ -611,15 +610,6 @@ func (a *App) runSnapshot(ctx context.Context) error {
 	a.Log.Info("initial snapshot published", zap.Int64("rows", src.Rows), zap.Any("tables", src.PerTable),
 		zap.Duration("took", time.Since(start)))
 	return nil
-}
-
-// out is the sink the pipelines write to: fenced by the leader's lease
-// under ha.
-func (a *App) out() pipeline.Sink {
-	if a.Leader != nil {
-		return fencedSink{Sink: a.Sink, leader: a.Leader}
-	}
-	return a.Sink
 }
 
 // takeOverSlot ends the walsender that still serves the slot for a

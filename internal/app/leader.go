@@ -15,8 +15,6 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
-
-	"github.com/tidemark/tidemark/pipeline"
 )
 
 // ErrLeadershipLost ends capture when its lock on the source database is
@@ -43,11 +41,18 @@ type Leader struct {
 	LockTTL time.Duration
 	Log     *zap.Logger
 
-	conn   *pgx.Conn
-	leader atomic.Bool
-	lease  atomic.Int64 // unix nanos until which writes are allowed
-	key    int64
+	conn      *pgx.Conn
+	connected bool // a lock connection was made once
+	leader    atomic.Bool
+	// lease is when writes stop being allowed, in nanoseconds since epoch
+	// (monotonic: a wall-clock step does not stretch it).
+	lease atomic.Int64
+	epoch time.Time
+	key   int64
 }
+
+// since returns the monotonic nanoseconds from l.epoch to t.
+func (l *Leader) since(t time.Time) int64 { return int64(t.Sub(l.epoch)) }
 
 func (l *Leader) defaults() {
 	if l.Retry <= 0 {
@@ -62,13 +67,28 @@ func (l *Leader) defaults() {
 	h := fnv.New64a()
 	h.Write([]byte("tidemark capture\x00" + l.Slot))
 	l.key = int64(h.Sum64())
+	if l.epoch.IsZero() {
+		l.epoch = time.Now()
+	}
 }
+
+// Key is the advisory lock's key (after Acquire).
+func (l *Leader) Key() int64 { return l.key }
 
 // IsLeader reports whether this process holds the lock.
 func (l *Leader) IsLeader() bool { return l.leader.Load() }
 
 // Valid reports whether the leader may write now (its lease runs).
-func (l *Leader) Valid() bool { return l.leader.Load() && time.Now().UnixNano() < l.lease.Load() }
+func (l *Leader) Valid() bool { return l.leader.Load() && l.since(time.Now()) < l.lease.Load() }
+
+// Fence is nil while the leader may write, else ErrLeadershipLost (the
+// Kafka sink calls it before every produce attempt).
+func (l *Leader) Fence() error {
+	if l.Valid() {
+		return nil
+	}
+	return fmt.Errorf("%w: refusing to write to Kafka: the capture lease ran out", ErrLeadershipLost)
+}
 
 // Acquire waits until this process holds the lock (standing by meanwhile,
 // trying every Retry) or ctx ends.
@@ -77,9 +97,15 @@ func (l *Leader) Acquire(ctx context.Context) error {
 	standing, failing := false, false
 	for {
 		ok, err := l.try(ctx)
+		var first *firstConnectError
 		switch {
 		case err != nil && ctx.Err() != nil:
 			return ctx.Err()
+		case errors.As(err, &first):
+			// The first connection fails: a bad DSN, certificate or
+			// password does not heal by waiting (as before election,
+			// the start fails and names it).
+			return first.err
 		case err != nil:
 			if !failing {
 				failing = true
@@ -115,9 +141,13 @@ func (l *Leader) try(ctx context.Context) (bool, error) {
 		cfg.RuntimeParams["idle_session_timeout"] = strconv.FormatInt(l.LockTTL.Milliseconds(), 10)
 		conn, err := pgx.ConnectConfig(cctx, cfg)
 		if err != nil {
-			return false, fmt.Errorf("connecting for the capture lock: %w", err)
+			err = fmt.Errorf("connecting for the capture lock: %w", err)
+			if !l.connected {
+				return false, &firstConnectError{err}
+			}
+			return false, err
 		}
-		l.conn = conn
+		l.conn, l.connected = conn, true
 	}
 	sent := time.Now()
 	qctx, cancel := context.WithTimeout(ctx, l.LockTTL/2)
@@ -129,7 +159,7 @@ func (l *Leader) try(ctx context.Context) (bool, error) {
 		return false, err
 	}
 	if ok {
-		l.lease.Store(sent.Add(l.LockTTL / 2).UnixNano())
+		l.lease.Store(l.since(sent.Add(l.LockTTL / 2)))
 		l.leader.Store(true)
 	}
 	return ok, nil
@@ -155,7 +185,7 @@ func (l *Leader) Hold(ctx context.Context) error {
 		qctx, cancel := context.WithTimeout(ctx, l.LockTTL/2)
 		var held bool
 		err := l.conn.QueryRow(qctx, `SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()
-			AND granted AND classid = ($1::bigint >> 32)::oid AND objid = ($1::bigint & 4294967295)::oid AND objsubid = 1)`, l.key).Scan(&held)
+			AND granted AND classid = (($1::bigint >> 32) & 4294967295)::oid AND objid = ($1::bigint & 4294967295)::oid AND objsubid = 1)`, l.key).Scan(&held)
 		cancel()
 		if ctx.Err() != nil {
 			return nil
@@ -167,7 +197,7 @@ func (l *Leader) Hold(ctx context.Context) error {
 			}
 			return fmt.Errorf("%w: %v", ErrLeadershipLost, err)
 		}
-		l.lease.Store(sent.Add(l.LockTTL / 2).UnixNano())
+		l.lease.Store(l.since(sent.Add(l.LockTTL / 2)))
 	}
 }
 
@@ -209,17 +239,7 @@ func (l *Leader) Register(reg prometheus.Registerer) {
 		}))
 }
 
-// fencedSink refuses writes once the leader's lease has run out, so that a
-// process that lost its lock (paused past the TTL) never writes after a new
-// leader did.
-type fencedSink struct {
-	pipeline.Sink
-	leader *Leader
-}
+// firstConnectError is the failure of the first lock connection.
+type firstConnectError struct{ err error }
 
-func (s fencedSink) Write(ctx context.Context, msgs []pipeline.Message) error {
-	if !s.leader.Valid() {
-		return fmt.Errorf("%w: refusing to write %d messages to Kafka: the capture lease ran out", ErrLeadershipLost, len(msgs))
-	}
-	return s.Sink.Write(ctx, msgs)
-}
+func (e *firstConnectError) Error() string { return e.err.Error() }

@@ -805,8 +805,8 @@ func (c *Config) Validate() []FieldError {
 	if c.HA.Retry < 10*time.Millisecond || c.HA.Retry > time.Minute {
 		add("ha.retry", "%s is outside 10ms..1m", c.HA.Retry)
 	}
-	if c.HA.LockTTL < 2*c.HA.Retry {
-		add("ha.lock_ttl", "%s must be at least twice ha.retry (%s): the leader confirms its lock every retry", c.HA.LockTTL, c.HA.Retry)
+	if c.HA.LockTTL < 3*c.HA.Retry {
+		add("ha.lock_ttl", "%s must be at least 3 x ha.retry (%s): the leader confirms its lock every retry and may write for half the TTL after a confirmation", c.HA.LockTTL, c.HA.Retry)
 	}
 	filterTables := make([]string, 0, len(p.Filters))
 	for t := range p.Filters {

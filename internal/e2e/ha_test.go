@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"errors"
 	"os/exec"
 	"sort"
@@ -8,6 +9,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/tidemark/tidemark/internal/app"
 )
 
 // haProc is one `tidemark run` of the HA test.
@@ -33,6 +36,25 @@ func TestHATakeover(t *testing.T) {
 		t.Skip("builds and kills the binary; skipped in -short")
 	}
 	e := newEnv(t, "")
+	// A slot whose lock key is negative (the default slot name's is): the
+	// leader confirms its lock for several rounds.
+	l := &app.Leader{DSN: e.dsn, Slot: "tidemark", Retry: 50 * time.Millisecond}
+	lctx, lcancel := context.WithCancel(context.Background())
+	if err := l.Acquire(lctx); err != nil {
+		t.Fatal(err)
+	}
+	held := make(chan error, 1)
+	go func() { held <- l.Hold(lctx) }()
+	time.Sleep(400 * time.Millisecond)
+	if !l.Valid() || l.Key() >= 0 {
+		t.Errorf("leader of slot tidemark (key %d): valid %v after 8 confirmations", l.Key(), l.Valid())
+	}
+	lcancel()
+	if err := <-held; err != nil {
+		t.Errorf("Hold: %v", err)
+	}
+	l.Close()
+
 	cfg, tr, _ := e.binaryUnderWorkload("ha")
 	path := writeConfigWith(t, cfg, "pipeline:\n  max_batch_messages: 500\nhttp:\n  listen: \"\"\nlog:\n  level: info\nha:\n  retry: 200ms\n  lock_ttl: 2s\n")
 	bin := binary(t)

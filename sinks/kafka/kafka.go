@@ -132,6 +132,7 @@ type Stats struct {
 type Sink struct {
 	cfg   Config
 	log   *zap.Logger
+	fence atomic.Pointer[func() error] // see SetFence
 	codec kafkago.Compression
 	addr  net.Addr
 
@@ -503,6 +504,20 @@ func (s *Sink) plan(recs []record) [][]partBatch {
 // writeRound produces one round: a produce request per partition leader,
 // carrying one record batch per partition, sent concurrently. Partitions
 // that fail are retried, in their original order, until they succeed.
+// SetFence makes every produce attempt (the first and each retry) call
+// fence first, and stop with its error, unretried, when it returns one: a
+// capture leader whose lease ran out must not send another request.
+func (s *Sink) SetFence(fence func() error) { s.fence.Store(&fence) }
+
+func (s *Sink) fenced() error {
+	if f := s.fence.Load(); f != nil {
+		if err := (*f)(); err != nil {
+			return &terminalError{err}
+		}
+	}
+	return nil
+}
+
 func (s *Sink) writeRound(ctx context.Context, batches []partBatch) error {
 	// Encode every batch of the round once; a retry resends a re-stamped
 	// copy of the same records (below), never re-encodes them.
@@ -536,6 +551,9 @@ func (s *Sink) writeRound(ctx context.Context, batches []partBatch) error {
 	failures := 0
 	pending := batches
 	for {
+		if err := s.fenced(); err != nil {
+			return err
+		}
 		failed, err := s.produce(ctx, pending)
 		if err == nil && len(failed) == 0 {
 			if failures > 0 {
