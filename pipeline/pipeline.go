@@ -286,7 +286,11 @@ func (p *Pipeline) handle(ctx context.Context, ev *Event, st *txnState, msgs []M
 		p.stats.ReceivedLSN.Store(uint64(ev.Txn.CommitLSN))
 	case EventChange:
 		if st == nil || st.info != ev.Txn {
-			return st, msgs, fmt.Errorf("pipeline: change on %s outside its transaction", ev.Change.Rel.QualifiedName())
+			what := "a logical message"
+			if ev.Change.Rel != nil {
+				what = ev.Change.Rel.QualifiedName()
+			}
+			return st, msgs, fmt.Errorf("pipeline: change on %s outside its transaction", what)
 		}
 		if ev.Change.Op == OpMessage {
 			// A logical message: no BEGIN/END of its own (the END record
@@ -305,13 +309,15 @@ func (p *Pipeline) handle(ctx context.Context, ev *Event, st *txnState, msgs []M
 			return st, msgs, nil
 		}
 		ch := &ev.Change
-		if f := p.cfg.Router.Filters[ch.Rel.QualifiedName()]; f != nil {
-			c, keep := filterChange(f, ch)
-			if !keep {
-				p.stats.filtered(ch.Rel.QualifiedName())
-				return st, msgs, nil
+		if len(p.cfg.Router.Filters) > 0 { // (the table's name is built only then: no allocation per change)
+			if f := p.cfg.Router.Filters[ch.Rel.QualifiedName()]; f != nil {
+				c, keep := filterChange(f, ch)
+				if !keep {
+					p.stats.filtered(ch.Rel.QualifiedName())
+					return st, msgs, nil
+				}
+				ch = &c
 			}
-			ch = &c
 		}
 		if ev.Change.Op == OpTruncate && p.cfg.Router.SkipTruncates {
 			if p.stats.SkippedTruncates.Add(1) == 1 {
