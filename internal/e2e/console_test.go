@@ -94,6 +94,36 @@ func TestConsoleInBrowser(t *testing.T) {
 		return st
 	}
 
+	// The integrity consumer flags the orphan first (on a loaded machine
+	// its group join can take a while); then the page must show it.
+	openViolations := func() int {
+		req, _ := http.NewRequest(http.MethodGet, "http://"+listen+"/admin/violations?status=open", nil)
+		req.Header.Set("Authorization", "Bearer "+token)
+		r, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return 0
+		}
+		defer r.Body.Close()
+		var v any
+		if r.StatusCode != 200 || json.NewDecoder(r.Body).Decode(&v) != nil {
+			return 0
+		}
+		switch x := v.(type) {
+		case []any:
+			return len(x)
+		case map[string]any:
+			if l, ok := x["violations"].([]any); ok {
+				return len(l)
+			}
+		}
+		return 0
+	}
+	for deadline := time.Now().Add(3 * time.Minute); openViolations() == 0; time.Sleep(200 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("premise: no open violation after 3 minutes\ntidemark's log:\n%s", out)
+		}
+	}
+
 	opts := append(chromedp.DefaultExecAllocatorOptions[:], chromedp.ExecPath(browser), chromedp.NoSandbox,
 		chromedp.Flag("headless", "new"), chromedp.WindowSize(1400, 1000), chromedp.DisableGPU)
 	actx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
@@ -104,7 +134,7 @@ func TestConsoleInBrowser(t *testing.T) {
 	if _, err := chromedp.Run(bctx, chromedp.Navigate("http://"+listen+"/#token="+token)); err != nil {
 		t.Fatalf("chromium: %v", err)
 	}
-	ctx, cancel := context.WithTimeout(bctx, 90*time.Second)
+	ctx, cancel := context.WithTimeout(bctx, 2*time.Minute)
 	defer cancel()
 	must := func(what string, err error) {
 		t.Helper()
