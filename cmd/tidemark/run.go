@@ -136,7 +136,10 @@ func runCmd() *cobra.Command {
 					if leader.IsLeader() {
 						return errors.New("capture leader: starting")
 					}
-					return nil // a standby serves its role
+					if leader.IsStandby() {
+						return nil // a standby serves its role
+					}
+					return errors.New("capture: electing a leader")
 				})
 			} else if runCapture {
 				if a, err = prepareCapture(ctx, opts...); err != nil {

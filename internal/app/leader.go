@@ -44,6 +44,7 @@ type Leader struct {
 	conn      *pgx.Conn
 	connected bool // a lock connection was made once
 	leader    atomic.Bool
+	standby   atomic.Bool // tried the lock and another process holds it
 	// lease is when writes stop being allowed, in nanoseconds since epoch
 	// (monotonic: a wall-clock step does not stretch it).
 	lease atomic.Int64
@@ -74,6 +75,11 @@ func (l *Leader) defaults() {
 
 // Key is the advisory lock's key (after Acquire).
 func (l *Leader) Key() int64 { return l.key }
+
+// IsStandby reports whether this process tried the lock and another
+// process holds it (before the first try it is neither leader nor
+// standby).
+func (l *Leader) IsStandby() bool { return l.standby.Load() }
 
 // IsLeader reports whether this process holds the lock.
 func (l *Leader) IsLeader() bool { return l.leader.Load() }
@@ -112,10 +118,12 @@ func (l *Leader) Acquire(ctx context.Context) error {
 				l.Log.Warn("cannot try the capture lock on the source database; retrying", zap.String("slot", l.Slot), zap.Error(err))
 			}
 		case ok:
+			l.standby.Store(false)
 			l.Log.Info("capture leader: holding the capture lock", zap.String("slot", l.Slot), zap.Int64("lock", l.key))
 			return nil
 		case !standing:
 			standing = true
+			l.standby.Store(true)
 			l.Log.Info("standing by: another Tidemark process holds the capture lock for this slot; trying again every ha.retry",
 				zap.String("slot", l.Slot), zap.Int64("lock", l.key), zap.Duration("retry", l.Retry))
 		}
