@@ -75,7 +75,6 @@ func (h SlotHealth) MarshalJSON() ([]byte, error) {
 	}{plain(h), h.ConfirmedFlush.String(), h.RestartLSN.String(), h.CurrentLSN.String()})
 }
 
-
 // safeWarnFraction: below this share of max_slot_wal_keep_size left, the
 // slot is reported at risk.
 const safeWarnFraction = 0.2
