@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"github.com/tidemark/tidemark/internal/buildinfo"
 	"io"
+	"maps"
 	"net/url"
 	"os"
 	"regexp"
@@ -808,11 +809,7 @@ func (c *Config) Validate() []FieldError {
 	if c.HA.LockTTL < 3*c.HA.Retry {
 		add("ha.lock_ttl", "%s must be at least 3 x ha.retry (%s): the leader confirms its lock every retry and may write for half the TTL after a confirmation", c.HA.LockTTL, c.HA.Retry)
 	}
-	filterTables := make([]string, 0, len(p.Filters))
-	for t := range p.Filters {
-		filterTables = append(filterTables, t)
-	}
-	sort.Strings(filterTables)
+	filterTables := slices.Sorted(maps.Keys(p.Filters))
 	for _, t := range filterTables {
 		path := "postgres.filters." + t
 		if !seen[t] {
@@ -1090,11 +1087,7 @@ func Redact(dsn string) string {
 // when anything is masked, and no key_columns excluded.
 func (c *Config) validateColumns(seen map[string]bool, add func(path, format string, args ...any)) {
 	p := c.Postgres
-	tables := make([]string, 0, len(p.Columns))
-	for t := range p.Columns {
-		tables = append(tables, t)
-	}
-	sort.Strings(tables)
+	tables := slices.Sorted(maps.Keys(p.Columns))
 	masked := false
 	for _, t := range tables {
 		path := "postgres.columns." + t
@@ -1118,11 +1111,7 @@ func (c *Config) validateColumns(seen map[string]bool, add func(path, format str
 			}
 			used[col] = true
 		}
-		cols := make([]string, 0, len(cp.Mask))
-		for col := range cp.Mask {
-			cols = append(cols, col)
-		}
-		sort.Strings(cols)
+		cols := slices.Sorted(maps.Keys(cp.Mask))
 		for _, col := range cols {
 			at := path + ".mask." + col
 			switch {
@@ -1167,11 +1156,7 @@ func (c *Config) validateFormats(seen map[string]bool, add func(path, format str
 	if pl.Format != "" && pl.Format != "debezium" && pl.Format != "rows" {
 		add("pipeline.format", "%q is not debezium or rows", pl.Format)
 	}
-	tables := make([]string, 0, len(pl.Formats))
-	for t := range pl.Formats {
-		tables = append(tables, t)
-	}
-	sort.Strings(tables)
+	tables := slices.Sorted(maps.Keys(pl.Formats))
 	for _, t := range tables {
 		if !seen[t] {
 			add("pipeline.formats."+t, "%q is not in postgres.tables", t)
