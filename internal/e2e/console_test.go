@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/chromedp/chromedp"
-	"gopkg.in/yaml.v3"
 
 	"github.com/tidemark/tidemark/internal/config"
 	"github.com/tidemark/tidemark/internal/demo"
@@ -52,29 +51,7 @@ func TestConsoleInBrowser(t *testing.T) {
 		c.HTTP.AdminToken = token
 		c.Log = config.Log{Level: "warn"}
 	})
-	data, err := yaml.Marshal(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	path := filepath.Join(t.TempDir(), "cons.yml")
-	if err := os.WriteFile(path, data, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(binary(t), "run", "--config", path)
-	out := &syncBuffer{}
-	cmd.Stdout, cmd.Stderr = out, out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { kill(t, cmd) })
-	waitUntil(t, 60*time.Second, "tidemark ready", func() bool {
-		r, err := http.Get("http://" + listen + "/readyz")
-		if err != nil {
-			return false
-		}
-		r.Body.Close()
-		return r.StatusCode == 200
-	})
+	_, out := runReady(t, cfg)
 	if err := demo.Seed(context.Background(), e.pool); err != nil {
 		t.Fatal(err)
 	}

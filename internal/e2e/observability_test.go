@@ -102,21 +102,7 @@ func TestObservability(t *testing.T) {
 		c.Postgres.ManagePublication = &off
 		c.Postgres.Filters = map[string]string{"public.rooms": "room_id <> '!hidden'"}
 	})
-	data, err := yaml.Marshal(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	path := filepath.Join(t.TempDir(), "obs.yml")
-	if err := os.WriteFile(path, data, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(binary(t), "run", "--config", path)
-	out := &syncBuffer{}
-	cmd.Stdout, cmd.Stderr = out, out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { kill(t, cmd) })
+	path, out := runReady(t, cfg)
 	get := func(u string) (int, string) {
 		resp, err := http.Get(u)
 		if err != nil {
@@ -126,7 +112,6 @@ func TestObservability(t *testing.T) {
 		b, _ := io.ReadAll(resp.Body)
 		return resp.StatusCode, string(b)
 	}
-	waitUntil(t, 60*time.Second, "tidemark ready", func() bool { code, _ := get("http://" + listen + "/readyz"); return code == 200 })
 	if err := demo.Seed(context.Background(), e.pool); err != nil {
 		t.Fatal(err)
 	}
@@ -236,4 +221,36 @@ func TestObservability(t *testing.T) {
 	}
 	sort.Strings(names)
 	t.Logf("%d metrics queried, all exported: %s; Prometheus loaded %d rules", len(names), strings.Join(names, " "), n)
+}
+
+// runReady writes cfg (whole, as YAML) to a file, starts `tidemark run`
+// on it (killed at cleanup) and waits until its /readyz, on
+// cfg.HTTP.Listen, answers 200. It returns the config's path and the
+// process's output.
+func runReady(t *testing.T, cfg *config.Config) (string, *syncBuffer) {
+	t.Helper()
+	data, err := yaml.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "tidemark.yml")
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(binary(t), "run", "--config", path)
+	out := &syncBuffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { kill(t, cmd) })
+	waitUntil(t, 60*time.Second, "tidemark ready", func() bool {
+		r, err := http.Get("http://" + *cfg.HTTP.Listen + "/readyz")
+		if err != nil {
+			return false
+		}
+		r.Body.Close()
+		return r.StatusCode == 200
+	})
+	return path, out
 }
