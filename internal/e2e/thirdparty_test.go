@@ -120,6 +120,9 @@ func TestThirdPartyConsumersBuildReplicas(t *testing.T) {
 	}
 	e.waitSlot(cfg.Postgres.Slot, e.currentLSN(), 30*time.Second)
 	topics := []string{"tp.public.acct", "tp.public.acct_rows"}
+	for _, tp := range topics {
+		e.waitTopic(tp, 30*time.Second) // a broker under load may not list it at once
+	}
 	total := len(e.readRaw(topics[0])) + len(e.readRaw(topics[1]))
 
 	// kafkajs: half, stop, then the rest with the same group.
